@@ -1,0 +1,922 @@
+//! The TOML configuration: model, defaults, `${ENV}` expansion and validation.
+//!
+//! Loading is two steps: serde parses the text (so unknown keys and wrong types
+//! are reported with their key and line), then [`Config::resolve`] expands
+//! `${VAR}` references and checks every value, failing on the first bad key
+//! with a message that names it. Secrets are wrapped in [`Secret`] so they never
+//! reach a log line, an error or `Debug` output.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// A configuration error, always naming the key it is about.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A string that must never be printed (passwords, tokens).
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+/// A duration written as `500ms`, `5s`, `2m`, `1h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `500ms`, `5s`, `2m`, `1h`, `1d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (examples: 500ms, 5s, 2m, 1h)"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown duration unit `{other}` (use ms, s, m, h, d)"
+            ));
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{s}` is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// A byte size written as `16MB`, `1GB`, `512kB` or a plain number of bytes.
+/// Units are binary (1 kB = 1024 bytes), as in PostgreSQL's own settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => parse_bytes(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `16MB`, `1GB`, `512kB`, `1TB`, `100` (bytes).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (examples: 16MB, 1GB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" | "kib" => 1 << 10,
+        "mb" | "m" | "mib" => 1 << 20,
+        "gb" | "g" | "gib" => 1 << 30,
+        "tb" | "t" | "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown size unit `{other}` (use B, kB, MB, GB, TB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    #[default]
+    ScramSha256,
+    Md5,
+    Trust,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyUser {
+    pub name: String,
+    pub password: Secret,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:6432".into()
+}
+fn default_max_clients() -> usize {
+    1000
+}
+fn default_max_message() -> ByteSize {
+    ByteSize(1 << 30)
+}
+fn default_startup_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_shutdown_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub auth: AuthMethod,
+    #[serde(default = "default_max_clients")]
+    pub max_client_connections: usize,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Largest message a client or server may send (PostgreSQL's own limit is 1 GiB).
+    #[serde(default = "default_max_message")]
+    pub max_message_size: ByteSize,
+    /// A client that has not finished startup and authentication by then is dropped.
+    #[serde(default = "default_startup_timeout")]
+    pub startup_timeout: HumanDuration,
+    /// On SIGTERM, how long open transactions may run before sessions are closed.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: HumanDuration,
+    /// Timeout for opening a backend connection to a server.
+    #[serde(default = "default_connect_timeout")]
+    pub server_connect_timeout: HumanDuration,
+    #[serde(default)]
+    pub users: Vec<ProxyUser>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// May carry a password, so it is a secret as a whole.
+    pub url: Secret,
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9432".into()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    /// Bearer token required by the POST endpoints when set.
+    pub token: Option<Secret>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+            token: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationMode {
+    #[default]
+    Online,
+    Offline,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationOption {
+    Validate,
+    Migrate,
+    #[default]
+    ValidateAndMigrate,
+}
+
+fn default_copy_jobs() -> usize {
+    4
+}
+fn default_split() -> ByteSize {
+    ByteSize(1 << 30)
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    pub name: String,
+    pub databases: Vec<String>,
+    #[serde(default)]
+    pub mode: MigrationMode,
+    #[serde(default)]
+    pub option: MigrationOption,
+    /// Drop and recreate a target database of the same name; false refuses a non-empty one.
+    #[serde(default)]
+    pub overwrite: bool,
+    #[serde(default = "default_copy_jobs")]
+    pub copy_jobs: usize,
+    #[serde(default = "default_split")]
+    pub split_tables_larger_than: ByteSize,
+    /// Only these tables ("schema.table", globs with `*`). Empty: all.
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub exclude_tables: Vec<String>,
+    /// Also copy roles (`pg_dumpall --roles-only`).
+    #[serde(default)]
+    pub copy_roles: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CutoverTrigger {
+    #[default]
+    Manual,
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDrainTimeout {
+    #[default]
+    Abort,
+    Cancel,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CutoverVerify {
+    #[default]
+    Off,
+    Counts,
+    Checksums,
+}
+
+/// One or several maintenance windows.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Windows {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Windows {
+    pub fn list(&self) -> Vec<String> {
+        match self {
+            Windows::One(s) => vec![s.clone()],
+            Windows::Many(v) => v.clone(),
+        }
+    }
+}
+
+fn default_lag_below() -> ByteSize {
+    ByteSize(16 << 20)
+}
+fn default_drain() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_catchup() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CutoverConfig {
+    #[serde(default)]
+    pub trigger: CutoverTrigger,
+    pub window: Option<Windows>,
+    #[serde(default = "default_lag_below")]
+    pub start_when_lag_below: ByteSize,
+    #[serde(default = "default_drain")]
+    pub drain_timeout: HumanDuration,
+    #[serde(default)]
+    pub on_drain_timeout: OnDrainTimeout,
+    #[serde(default = "default_catchup")]
+    pub catchup_timeout: HumanDuration,
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    #[serde(default)]
+    pub verify: CutoverVerify,
+    /// Roles set to NOLOGIN on the source while it is fenced.
+    #[serde(default)]
+    pub fence_roles: Vec<String>,
+    /// Drop the slot and publication on the source after the switch.
+    #[serde(default = "default_true")]
+    pub drop_slot_after_cutover: bool,
+}
+
+impl Default for CutoverConfig {
+    fn default() -> Self {
+        CutoverConfig {
+            trigger: CutoverTrigger::Manual,
+            window: None,
+            start_when_lag_below: default_lag_below(),
+            drain_timeout: default_drain(),
+            on_drain_timeout: OnDrainTimeout::Abort,
+            catchup_timeout: default_catchup(),
+            max_attempts: default_attempts(),
+            verify: CutoverVerify::Off,
+            fence_roles: vec![],
+            drop_slot_after_cutover: true,
+        }
+    }
+}
+
+/// The file as written.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub proxy: ProxyConfig,
+    pub source: ServerSection,
+    pub target: ServerSection,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    pub migration: Option<MigrationConfig>,
+    #[serde(default)]
+    pub cutover: CutoverConfig,
+}
+
+/// TLS toward a server, from the URL's `sslmode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+}
+
+/// A server to connect to: where and as whom. Built from `[source].url` / `[target].url`.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub dbname: String,
+    pub sslmode: SslMode,
+}
+
+impl Endpoint {
+    /// Parses a `postgres://` URL or a `key=value` connection string.
+    pub fn parse(key: &str, url: &str) -> Result<Endpoint, ConfigError> {
+        let cfg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
+            // Never echo the URL itself: it may hold a password.
+            ConfigError::invalid(key, format!("not a valid PostgreSQL connection URL ({e})"))
+        })?;
+        let host = match cfg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "127.0.0.1".to_string(),
+        };
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let user = cfg
+            .get_user()
+            .ok_or_else(|| ConfigError::invalid(key, "the URL names no user"))?
+            .to_string();
+        let password = cfg
+            .get_password()
+            .map(|p| Secret::new(String::from_utf8_lossy(p).into_owned()));
+        let dbname = cfg.get_dbname().unwrap_or("postgres").to_string();
+        let sslmode = match cfg.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Disable => SslMode::Disable,
+            tokio_postgres::config::SslMode::Require => SslMode::Require,
+            _ => SslMode::Prefer,
+        };
+        Ok(Endpoint {
+            host,
+            port,
+            user,
+            password,
+            dbname,
+            sslmode,
+        })
+    }
+
+    /// The same server and credentials, another database.
+    pub fn with_dbname(&self, dbname: &str) -> Endpoint {
+        Endpoint {
+            dbname: dbname.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// A tokio-postgres config for ordinary SQL connections.
+    pub fn pg_config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.dbname)
+            .application_name("pgshift")
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(p) = &self.password {
+            c.password(p.expose());
+        }
+        // The admin connections use no TLS through tokio-postgres (NoTls):
+        // "prefer" falls back to plaintext; "require" is served by the wire client.
+        c.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        c
+    }
+
+    /// host:port for messages (never includes credentials).
+    pub fn display(&self) -> String {
+        format!("{}:{}/{}", self.host, self.port, self.dbname)
+    }
+}
+
+/// The resolved configuration: every `${VAR}` expanded, every value checked.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub file: FileConfig,
+    pub proxy_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub source: Endpoint,
+    pub target: Endpoint,
+    pub path: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut c = Config::from_toml(&text, &|k| std::env::var(k).ok()).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })?;
+        c.path = Some(path.to_path_buf());
+        Ok(c)
+    }
+
+    /// Parses and resolves config text; `env` looks up `${VAR}` references.
+    pub fn from_toml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Config::resolve(file, env)
+    }
+
+    fn resolve(
+        mut file: FileConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        // Expand ${VAR} in every string that may carry a secret or a location.
+        file.proxy.listen = expand("proxy.listen", &file.proxy.listen, env)?;
+        for (i, u) in file.proxy.users.iter_mut().enumerate() {
+            u.name = expand(&format!("proxy.users[{i}].name"), &u.name, env)?;
+            u.password = Secret(expand(
+                &format!("proxy.users[{i}].password"),
+                u.password.expose(),
+                env,
+            )?);
+        }
+        if let Some(p) = &file.proxy.tls_cert {
+            file.proxy.tls_cert = Some(PathBuf::from(expand(
+                "proxy.tls_cert",
+                &p.to_string_lossy(),
+                env,
+            )?));
+        }
+        if let Some(p) = &file.proxy.tls_key {
+            file.proxy.tls_key = Some(PathBuf::from(expand(
+                "proxy.tls_key",
+                &p.to_string_lossy(),
+                env,
+            )?));
+        }
+        file.source.url = Secret(expand("source.url", file.source.url.expose(), env)?);
+        file.target.url = Secret(expand("target.url", file.target.url.expose(), env)?);
+        file.admin.listen = expand("admin.listen", &file.admin.listen, env)?;
+        if let Some(t) = &file.admin.token {
+            file.admin.token = Some(Secret(expand("admin.token", t.expose(), env)?));
+        }
+
+        let proxy_listen = parse_addr("proxy.listen", &file.proxy.listen)?;
+        let admin_listen = parse_addr("admin.listen", &file.admin.listen)?;
+        if proxy_listen == admin_listen {
+            return Err(ConfigError::invalid(
+                "admin.listen",
+                "must differ from proxy.listen",
+            ));
+        }
+        let source = Endpoint::parse("source.url", file.source.url.expose())?;
+        let target = Endpoint::parse("target.url", file.target.url.expose())?;
+
+        validate_proxy(&file.proxy)?;
+        if let Some(m) = &file.migration {
+            validate_migration(m)?;
+        }
+        validate_cutover(&file.cutover)?;
+
+        Ok(Config {
+            file,
+            proxy_listen,
+            admin_listen,
+            source,
+            target,
+            path: None,
+        })
+    }
+
+    pub fn proxy(&self) -> &ProxyConfig {
+        &self.file.proxy
+    }
+
+    pub fn migration(&self) -> Option<&MigrationConfig> {
+        self.file.migration.as_ref()
+    }
+
+    pub fn cutover(&self) -> &CutoverConfig {
+        &self.file.cutover
+    }
+
+    /// The password the proxy uses for `user` (None: not a configured user).
+    pub fn user_password(&self, user: &str) -> Option<&Secret> {
+        self.file
+            .proxy
+            .users
+            .iter()
+            .find(|u| u.name == user)
+            .map(|u| &u.password)
+    }
+}
+
+fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| ConfigError::invalid(key, format!("`{s}` is not a host:port address ({e})")))?
+        .next()
+        .ok_or_else(|| ConfigError::invalid(key, format!("`{s}` resolves to no address")))
+}
+
+fn validate_proxy(p: &ProxyConfig) -> Result<(), ConfigError> {
+    if p.max_client_connections == 0 {
+        return Err(ConfigError::invalid(
+            "proxy.max_client_connections",
+            "must be at least 1",
+        ));
+    }
+    if p.max_message_size.0 < 1024 {
+        return Err(ConfigError::invalid(
+            "proxy.max_message_size",
+            "must be at least 1kB",
+        ));
+    }
+    match (&p.tls_cert, &p.tls_key) {
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                "proxy.tls_key",
+                "tls_cert is set but tls_key is not",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "proxy.tls_cert",
+                "tls_key is set but tls_cert is not",
+            ));
+        }
+        (Some(c), Some(k)) => {
+            for (key, path) in [("proxy.tls_cert", c), ("proxy.tls_key", k)] {
+                if !path.is_file() {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("file {} does not exist", path.display()),
+                    ));
+                }
+            }
+        }
+        _ => {}
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, u) in p.users.iter().enumerate() {
+        if u.name.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("proxy.users[{i}].name"),
+                "must not be empty",
+            ));
+        }
+        if !seen.insert(u.name.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("proxy.users[{i}].name"),
+                format!("user `{}` is listed twice", u.name),
+            ));
+        }
+        if u.password.expose().is_empty() && p.auth != AuthMethod::Trust {
+            return Err(ConfigError::invalid(
+                format!("proxy.users[{i}].password"),
+                "must not be empty",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Migration names become parts of slot, publication and origin names.
+pub fn valid_migration_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 40
+        && !name.starts_with('-')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+fn validate_migration(m: &MigrationConfig) -> Result<(), ConfigError> {
+    if !valid_migration_name(&m.name) {
+        return Err(ConfigError::invalid(
+            "migration.name",
+            format!(
+                "`{}` must be 1-40 letters, digits or hyphens, not starting with a hyphen",
+                m.name
+            ),
+        ));
+    }
+    if m.databases.is_empty() {
+        return Err(ConfigError::invalid(
+            "migration.databases",
+            "list at least one database",
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, d) in m.databases.iter().enumerate() {
+        if d.is_empty() || d.len() > 63 {
+            return Err(ConfigError::invalid(
+                format!("migration.databases[{i}]"),
+                "must be 1-63 characters",
+            ));
+        }
+        if !seen.insert(d.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("migration.databases[{i}]"),
+                format!("database `{d}` is listed twice"),
+            ));
+        }
+        if matches!(d.as_str(), "template0" | "template1") {
+            return Err(ConfigError::invalid(
+                format!("migration.databases[{i}]"),
+                "template databases cannot be migrated",
+            ));
+        }
+    }
+    if m.copy_jobs == 0 || m.copy_jobs > 64 {
+        return Err(ConfigError::invalid(
+            "migration.copy_jobs",
+            "must be between 1 and 64",
+        ));
+    }
+    if m.split_tables_larger_than.0 == 0 {
+        return Err(ConfigError::invalid(
+            "migration.split_tables_larger_than",
+            "must be larger than 0",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_cutover(c: &CutoverConfig) -> Result<(), ConfigError> {
+    if c.trigger == CutoverTrigger::Auto && c.window.is_none() {
+        return Err(ConfigError::invalid(
+            "cutover.window",
+            "trigger = \"auto\" needs at least one window",
+        ));
+    }
+    if c.max_attempts == 0 {
+        return Err(ConfigError::invalid(
+            "cutover.max_attempts",
+            "must be at least 1",
+        ));
+    }
+    if c.drain_timeout.0.is_zero() {
+        return Err(ConfigError::invalid(
+            "cutover.drain_timeout",
+            "must be larger than 0",
+        ));
+    }
+    if c.catchup_timeout.0.is_zero() {
+        return Err(ConfigError::invalid(
+            "cutover.catchup_timeout",
+            "must be larger than 0",
+        ));
+    }
+    Ok(())
+}
+
+/// Expands `${VAR}` references; `$$` is a literal `$`.
+pub fn expand(
+    key: &str,
+    s: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(r) = after.strip_prefix('$') {
+            out.push('$');
+            rest = r;
+        } else if let Some(r) = after.strip_prefix('{') {
+            let end = r.find('}').ok_or_else(|| {
+                ConfigError::invalid(key, "unterminated `${` (expected `${NAME}`)")
+            })?;
+            let name = &r[..end];
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("`${{{name}}}` is not a valid variable name"),
+                ));
+            }
+            let v = env(name).ok_or_else(|| {
+                ConfigError::invalid(key, format!("environment variable `{name}` is not set"))
+            })?;
+            out.push_str(&v);
+            rest = &r[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[proxy]
+listen = "127.0.0.1:6432"
+auth = "md5"
+[[proxy.users]]
+name = "app"
+password = "${APP_PASSWORD}"
+[source]
+url = "postgres://postgres:${SRC}@127.0.0.1:5432/postgres"
+[target]
+url = "postgres://postgres:pw@127.0.0.1:5433/postgres"
+"#;
+
+    fn env(k: &str) -> Option<String> {
+        match k {
+            "APP_PASSWORD" => Some("s3cret".into()),
+            "SRC" => Some("srcpw".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn loads_minimal_with_env() {
+        let c = Config::from_toml(MINIMAL, &env).unwrap();
+        assert_eq!(c.proxy().auth, AuthMethod::Md5);
+        assert_eq!(c.user_password("app").unwrap().expose(), "s3cret");
+        assert_eq!(c.source.password.as_ref().unwrap().expose(), "srcpw");
+        assert_eq!(c.source.port, 5432);
+        assert_eq!(c.admin_listen.port(), 9432);
+        assert_eq!(c.proxy().max_message_size.0, 1 << 30);
+        // Debug output never carries a secret.
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cret") && !dbg.contains("srcpw"), "{dbg}");
+    }
+
+    #[test]
+    fn missing_variable_names_key() {
+        let e = Config::from_toml(MINIMAL, &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("proxy.users[0].password") && e.contains("APP_PASSWORD"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let t = MINIMAL.replace("auth = \"md5\"", "auth = \"md5\"\nlisten_port = 5");
+        let e = Config::from_toml(&t, &env).unwrap_err().to_string();
+        assert!(e.contains("listen_port"), "{e}");
+    }
+
+    #[test]
+    fn bad_url_names_key_without_password() {
+        let t = MINIMAL.replace(
+            "postgres://postgres:pw@127.0.0.1:5433/postgres",
+            "postgres://postgres:pw@127.0.0.1:notaport/x",
+        );
+        let e = Config::from_toml(&t, &env).unwrap_err().to_string();
+        assert!(e.contains("target.url"), "{e}");
+        assert!(!e.contains("pw@"), "{e}");
+    }
+
+    #[test]
+    fn bad_auth_method() {
+        let t = MINIMAL.replace("auth = \"md5\"", "auth = \"password\"");
+        let e = Config::from_toml(&t, &env).unwrap_err().to_string();
+        assert!(e.contains("auth") || e.contains("password"), "{e}");
+    }
+
+    #[test]
+    fn migration_name_rules() {
+        assert!(valid_migration_name("orders-to-flex"));
+        assert!(!valid_migration_name("-x"));
+        assert!(!valid_migration_name("a_b"));
+        assert!(!valid_migration_name(""));
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_bytes("16MB").unwrap(), 16 << 20);
+        assert_eq!(parse_bytes("1GB").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("100").unwrap(), 100);
+        assert!(parse_bytes("1XB").is_err());
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn expand_rules() {
+        assert_eq!(expand("k", "a$$b", &env).unwrap(), "a$b");
+        assert_eq!(expand("k", "x${SRC}y", &env).unwrap(), "xsrcpwy");
+        assert!(expand("k", "${SRC", &env).is_err());
+        assert!(expand("k", "${NOPE}", &env).is_err());
+    }
+
+    #[test]
+    fn auto_trigger_needs_window() {
+        let t = format!("{MINIMAL}\n[cutover]\ntrigger = \"auto\"\n");
+        let e = Config::from_toml(&t, &env).unwrap_err().to_string();
+        assert!(e.contains("cutover.window"), "{e}");
+    }
+}

@@ -1,0 +1,25 @@
+//! The shared context every long-running part receives as an `Arc<Context>`.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+pub struct Context {
+    pub config: Config,
+    /// Every pgshift metric is registered here; `/metrics` renders it.
+    pub registry: prometheus::Registry,
+    /// Cancelled on SIGTERM / SIGINT: parts stop accepting work and wind down.
+    pub shutdown: CancellationToken,
+}
+
+impl Context {
+    pub fn new(config: Config) -> Arc<Context> {
+        Arc::new(Context {
+            config,
+            registry: prometheus::Registry::new(),
+            shutdown: CancellationToken::new(),
+        })
+    }
+}
