@@ -4,7 +4,10 @@
 pub mod admin;
 pub mod config;
 pub mod context;
+pub mod db;
 pub mod pgbin;
+pub mod proxy;
+pub mod replication;
 pub mod run;
 pub mod wire;
 

@@ -1,0 +1,1 @@
+//! The proxy: listener, sessions, backends, route, pause gate, cancel keys, TLS.

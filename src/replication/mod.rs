@@ -1,0 +1,6 @@
+//! The replication engine: replication connection and slot, consistent
+//! initial copy, pgoutput decoding, apply to the target, lag.
+
+pub mod lsn;
+
+pub use lsn::Lsn;
