@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::status::StatusBoard;
 use crate::config::Config;
 
 pub struct Context {
@@ -12,6 +13,8 @@ pub struct Context {
     pub registry: prometheus::Registry,
     /// Cancelled on SIGTERM / SIGINT: parts stop accepting work and wind down.
     pub shutdown: CancellationToken,
+    /// Providers behind `GET /status`.
+    pub status: StatusBoard,
 }
 
 impl Context {
@@ -20,6 +23,7 @@ impl Context {
             config,
             registry: prometheus::Registry::new(),
             shutdown: CancellationToken::new(),
+            status: StatusBoard::default(),
         })
     }
 }

@@ -2,6 +2,7 @@
 //! the POST endpoints that drive the migration.
 
 pub mod metrics;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ pub fn base_router(ctx: Arc<Context>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/status", get(status_handler))
         .with_state(ctx)
 }
 
@@ -40,6 +42,10 @@ async fn metrics_handler(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
         )
             .into_response(),
     }
+}
+
+async fn status_handler(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+    axum::Json(ctx.status.render())
 }
 
 /// Serves `router` on an already bound listener until shutdown.
