@@ -763,6 +763,10 @@ fn validate_cutover(c: &CutoverConfig) -> Result<(), ConfigError> {
             "trigger = \"auto\" needs at least one window",
         ));
     }
+    if let Some(w) = &c.window {
+        crate::cutover::window::parse_all(&w.list())
+            .map_err(|e| ConfigError::invalid("cutover.window", e))?;
+    }
     if c.max_attempts == 0 {
         return Err(ConfigError::invalid(
             "cutover.max_attempts",

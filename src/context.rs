@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::commands::CommandSender;
 use crate::admin::status::StatusBoard;
 use crate::config::Config;
 
@@ -15,6 +16,8 @@ pub struct Context {
     pub shutdown: CancellationToken,
     /// Providers behind `GET /status`.
     pub status: StatusBoard,
+    /// Where `POST /cutover` and `/cancel` go; set by the migration runner.
+    pub commands: std::sync::OnceLock<CommandSender>,
 }
 
 impl Context {
@@ -24,6 +27,7 @@ impl Context {
             registry: prometheus::Registry::new(),
             shutdown: CancellationToken::new(),
             status: StatusBoard::default(),
+            commands: std::sync::OnceLock::new(),
         })
     }
 }

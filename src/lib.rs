@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod context;
+pub mod cutover;
 pub mod db;
 pub mod migration;
 pub mod pgbin;

@@ -1,0 +1,3 @@
+//! The cutover protocol (DESIGN.md, "Cutover") and its triggers.
+
+pub mod window;
