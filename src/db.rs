@@ -55,3 +55,23 @@ pub fn quote_ident(s: &str) -> String {
 pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
+
+/// A one-line description of a tokio-postgres error, including the server's
+/// message and SQLSTATE when there is one (its Display alone says only "db error").
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => {
+            let mut s = format!(
+                "{}: {} (SQLSTATE {})",
+                d.severity(),
+                d.message(),
+                d.code().code()
+            );
+            if let Some(detail) = d.detail() {
+                s.push_str(&format!(" DETAIL: {detail}"));
+            }
+            s
+        }
+        None => e.to_string(),
+    }
+}

@@ -1,3 +1,4 @@
 //! The cutover protocol (DESIGN.md, "Cutover") and its triggers.
 
+pub mod fence;
 pub mod window;
