@@ -253,6 +253,21 @@ impl<H: CutoverHost> Attempt<'_, H> {
                     "terminated {} session(s) that bypassed the proxy",
                     rec.terminated_sessions
                 );
+                // Persisted at once: a pgshift killed from here on lifts this
+                // fence when it comes back (unless it had already switched).
+                let mut doc = serde_json::to_value(&self.report).unwrap_or_default();
+                doc["fence"] = serde_json::to_value(&rec).unwrap_or_default();
+                if let Err(e) = self
+                    .migration
+                    .control()
+                    .save_cutover_attempt(&self.report.id, "running", None, &doc)
+                    .await
+                {
+                    let reason = format!("cannot persist the fence record: {e}");
+                    self.fence = Some(rec);
+                    self.record("fence", t, "failed", Some(reason.clone()));
+                    return Err(Abort { reason });
+                }
                 self.fence = Some(rec);
                 self.record("fence", t, "ok", Some(detail));
                 Ok(())

@@ -254,6 +254,24 @@ impl ControlStore {
         Ok(())
     }
 
+    /// A cutover attempt that never finished (pgshift stopped inside it):
+    /// its id and the fence record it persisted, if any.
+    pub async fn unfinished_cutover(&self) -> Result<Option<(String, Option<serde_json::Value>)>, ControlError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT id, (report -> 'fence')::text FROM pgshift.cutover_attempt
+                 WHERE migration = $1 AND outcome = 'running' ORDER BY started_at DESC LIMIT 1",
+                &[&self.migration],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        Ok(row.map(|r| {
+            let fence: Option<String> = r.get(1);
+            (r.get(0), fence.and_then(|f| serde_json::from_str(&f).ok()))
+        }))
+    }
+
     /// The last cutover attempt's report, if any.
     pub async fn last_cutover_attempt(&self) -> Result<Option<serde_json::Value>, ControlError> {
         let row = self
