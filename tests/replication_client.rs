@@ -373,6 +373,20 @@ async fn errors_are_typed_and_cleanup_is_idempotent() {
         .get(0);
     assert_eq!(published, "a,b");
 
+    let err = create_publication(&db, "p2", Some(&["public.missing".to_string()]))
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient());
+    assert!(
+        err.to_string()
+            .contains("relation \"public.missing\" does not exist"),
+        "{err}"
+    );
+    let err = create_publication(&db, "p2", Some(&["a; DROP TABLE a".to_string()]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ReplicationError::Invalid { .. }), "{err:?}");
+
     // Slots: a second create is SlotExists; streaming holds the slot.
     let mut repl = ReplicationConnection::connect(&ep, "Db-1", "pgshift-test")
         .await
@@ -474,4 +488,7 @@ async fn errors_are_typed_and_cleanup_is_idempotent() {
         "{err:?}"
     );
     assert!(err.is_transient());
+    // So is a SQL helper's lost connection.
+    let err = slot_state(&db, &other.slot).await.unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
 }

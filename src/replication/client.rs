@@ -79,7 +79,7 @@ pub enum ReplicationError {
     Invalid { what: String, message: String },
     #[error(transparent)]
     Db(#[from] DbError),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", crate::db::describe(.source))]
     Sql {
         context: String,
         source: tokio_postgres::Error,
@@ -89,7 +89,12 @@ pub enum ReplicationError {
 impl ReplicationError {
     /// Is this worth retrying after a pause (the server or network went away)?
     pub fn is_transient(&self) -> bool {
-        matches!(self, ReplicationError::ServerGone { .. })
+        match self {
+            ReplicationError::ServerGone { .. } => true,
+            ReplicationError::Sql { source, .. }
+            | ReplicationError::Db(DbError::Connect { source, .. }) => connection_lost(source),
+            _ => false,
+        }
     }
 
     /// The SQLSTATE the server sent, if the error came from the server.
@@ -180,6 +185,18 @@ impl ReplicationError {
                 }
             }
             other => other,
+        }
+    }
+}
+
+/// Did a SQL call fail because the server or the network went away (rather
+/// than the server rejecting the statement)?
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => true,
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03")
         }
     }
 }
