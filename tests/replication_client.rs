@@ -190,10 +190,18 @@ async fn exported_snapshot_stream_keepalives_and_status() {
         if let ReplicationMessage::Keepalive {
             reply_requested: true,
             wal_end,
-            ..
+            server_time,
         } = next(&mut stream).await
         {
             assert!(wal_end >= first_commit);
+            // PostgreSQL-epoch timestamps decode to the present.
+            let skew = std::time::SystemTime::now()
+                .duration_since(server_time)
+                .unwrap_or_else(|e| e.duration());
+            assert!(
+                skew < Duration::from_secs(60),
+                "server time off by {skew:?}"
+            );
             break;
         }
     }
@@ -491,4 +499,64 @@ async fn errors_are_typed_and_cleanup_is_idempotent() {
     // So is a SQL helper's lost connection.
     let err = slot_state(&db, &other.slot).await.unwrap_err();
     assert!(err.is_transient(), "{err:?}");
+}
+
+#[tokio::test]
+async fn protocol_v2_streams_large_in_progress_transactions() {
+    let c = Cluster::start_with(ClusterOptions {
+        conf: vec!["logical_decoding_work_mem = '64kB'".into()],
+        ..Default::default()
+    });
+    c.psql("postgres", "CREATE TABLE big (id int PRIMARY KEY, v text)");
+    let admin = c.client("postgres").await;
+    create_publication(&admin, "pub", None).await.unwrap();
+    let ep = endpoint(&c.url("postgres"));
+    let mut repl = ReplicationConnection::connect(&ep, "postgres", "pgshift-test")
+        .await
+        .unwrap();
+    let slot = repl
+        .create_slot("v2", SnapshotAction::NoExport, true)
+        .await
+        .unwrap();
+    let mut opts = StreamOptions::new("v2", slot.consistent_point, "pub");
+    opts.proto_version = 2;
+    opts.streaming = true;
+    let mut stream = repl.start_replication(&opts).await.unwrap();
+    // Far more than 64kB of changes in one transaction.
+    admin
+        .batch_execute("INSERT INTO big SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g")
+        .await
+        .unwrap();
+    // Stream Start 'S' … Stream Stop 'E' chunks, then Stream Commit 'c'.
+    let mut tags = Vec::new();
+    loop {
+        if let ReplicationMessage::XLogData { data, .. } = next(&mut stream).await {
+            tags.push(data[0]);
+            if data[0] == b'c' {
+                break;
+            }
+        }
+    }
+    assert_eq!(tags[0], b'S', "first message {:?}", tags[0] as char);
+    assert!(tags.contains(&b'E'));
+    assert!(!tags.contains(&b'B'), "a streamed transaction has no Begin");
+    assert!(tags.iter().filter(|&&t| t == b'I').count() == 5000);
+
+    // Protocol 1 cannot stream: the server's refusal comes back typed.
+    let mut conn = ReplicationConnection::connect(&ep, "postgres", "pgshift-test")
+        .await
+        .unwrap();
+    let slot = conn
+        .create_slot("v1", SnapshotAction::NoExport, true)
+        .await
+        .unwrap();
+    let mut opts = StreamOptions::new("v1", slot.consistent_point, "pub");
+    opts.streaming = true;
+    let err = conn
+        .start_replication(&opts)
+        .await
+        .err()
+        .expect("v1 streamed");
+    assert!(matches!(err, ReplicationError::Server { .. }), "{err:?}");
+    assert!(err.to_string().contains("proto_version"), "{err}");
 }
