@@ -308,8 +308,9 @@ impl ReplicationConnection {
     /// The server waits for every transaction running at this moment to end
     /// before it answers (that is how it finds the consistent point), so an
     /// idle-in-transaction session on the source delays this call; wrap it in
-    /// a timeout if needed. A temporary slot is dropped when this connection
-    /// closes.
+    /// a timeout if needed (and then drop the connection: it is mid-command,
+    /// and the server finishes creating the slot, so clean it up). A
+    /// temporary slot is dropped when this connection closes.
     pub async fn create_slot(
         &mut self,
         name: &str,
@@ -604,8 +605,10 @@ struct StatusPositions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StreamState {
     Streaming,
-    /// The server sent CopyDone / CommandComplete.
-    ServerDone,
+    /// The server sent CopyDone; ours is still owed.
+    ServerCopyDone,
+    /// The server sent CommandComplete: the command is over.
+    ServerFinished,
     /// An error ended the stream.
     Failed,
 }
@@ -630,7 +633,7 @@ impl ReplicationStream {
     pub async fn next(&mut self) -> Result<Option<ReplicationMessage>, ReplicationError> {
         match self.state {
             StreamState::Streaming => {}
-            StreamState::ServerDone => return Ok(None),
+            StreamState::ServerCopyDone | StreamState::ServerFinished => return Ok(None),
             StreamState::Failed => {
                 return Err(ReplicationError::ServerGone {
                     addr: self.conn.addr.clone(),
@@ -659,8 +662,12 @@ impl ReplicationStream {
                 }
                 // Logical walsenders end with CopyDone when asked, and with
                 // CommandComplete (no CopyDone) when the server shuts down.
-                b'c' | b'C' => {
-                    self.state = StreamState::ServerDone;
+                b'c' => {
+                    self.state = StreamState::ServerCopyDone;
+                    return Ok(None);
+                }
+                b'C' => {
+                    self.state = StreamState::ServerFinished;
                     return Ok(None);
                 }
                 b'E' => {
@@ -741,7 +748,8 @@ impl ReplicationStream {
             });
         }
         let context = "ending replication";
-        if self.state == StreamState::Streaming {
+        // CopyBoth ends when both sides have sent CopyDone.
+        if self.state != StreamState::ServerFinished {
             self.conn
                 .write(&messages::message(b'c', &[]), context)
                 .await?;
