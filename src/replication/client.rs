@@ -309,7 +309,7 @@ impl ReplicationConnection {
     /// before it answers (that is how it finds the consistent point), so an
     /// idle-in-transaction session on the source delays this call; wrap it in
     /// a timeout if needed (and then drop the connection: it is mid-command,
-    /// and the server finishes creating the slot, so clean it up). A
+    /// and the server may still finish creating the slot: clean it up). A
     /// temporary slot is dropped when this connection closes.
     pub async fn create_slot(
         &mut self,
