@@ -1,6 +1,10 @@
 //! The replication engine: replication connection and slot, consistent
 //! initial copy, pgoutput decoding, apply to the target, lag.
 
+pub mod client;
 pub mod lsn;
+pub mod names;
+pub mod publication;
+pub mod slot;
 
 pub use lsn::Lsn;
