@@ -37,20 +37,7 @@ enum Command {
         config: PathBuf,
     },
     /// Check that a migration can run: servers, settings, privileges, databases, extensions, tables.
-    #[command(
-        long_about = "Runs the premigration checks for the [migration] in the config file against the \
-source and target servers and prints a checklist: each check is Succeeded, Warning or Failed, with what \
-it found and, for warnings and failures, the corrective action (the SQL or setting to change).\n\n\
-Checks: both servers reachable with the configured credentials; source wal_level, replication slots and \
-WAL senders, REPLICATION and publication privileges; target version >= source, CREATEDB, replication \
-origins, session_replication_role; each database present on the source and its state on the target \
-against `overwrite`; encoding and locale available on the target; extensions available on the target and \
-their shared_preload_libraries loaded; tables without a primary key or replica identity (online mode); \
-unlogged tables, large objects and materialized views; pg_dump present and new enough.\n\n\
-Nothing is changed on either server.\n\n\
-Exit status: 0 when no check failed (warnings allowed), 1 when a check failed, 2 when the command line \
-or the configuration file is invalid."
-    )]
+    #[command(long_about = pgshift::validate::CLI_HELP)]
     Validate {
         /// The TOML configuration file (needs a [migration] section).
         #[arg(long, short)]

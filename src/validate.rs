@@ -205,6 +205,30 @@ pub async fn validate(config: &Config) -> ValidationReport {
     report
 }
 
+/// The long help of `pgshift validate`.
+pub const CLI_HELP: &str = "\
+Runs the premigration checks of the config file's [migration] against the source and target
+servers and prints a checklist. Each check is Succeeded, Warning or Failed, says what it found
+and, when it is not Succeeded, the corrective action: the SQL or setting to change.
+Nothing is changed on either server.
+
+Checks:
+  - both servers reachable with the configured credentials; target version >= source
+  - source: wal_level = logical, free replication slots and WAL senders (one per database),
+    REPLICATION, the right to create publications
+  - target: CREATEDB, replication origins, SET session_replication_role, the pgshift schema
+  - every database exists on the source; on the target it is absent, empty, or overwrite = true
+  - encoding and locale of each database available on the target
+  - extensions available on the target, with their shared_preload_libraries loaded there
+  - tables without a primary key or usable replica identity (a failure in online mode)
+  - unlogged tables, large objects, materialized views: what is and is not carried
+  - pg_dump present and at least the source's major version
+
+Exit status:
+  0  no check failed (warnings allowed)
+  1  at least one check failed
+  2  invalid command line or configuration file";
+
 /// `pgshift validate`: loads the config, validates, prints, and returns the
 /// exit code (0 nothing failed, 1 a check failed, 2 the config is unusable).
 pub async fn cli(path: &Path, json: bool) -> u8 {

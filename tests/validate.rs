@@ -100,6 +100,7 @@ async fn healthy_pair_passes_and_reports_what_is_not_carried() {
         );
     }
     for name in [
+        "distinct_servers",
         "server_version",
         "create_database_privilege",
         "replication_origin_privilege",
@@ -618,6 +619,19 @@ async fn unreachable_or_refused_servers_are_failed_rows() {
     assert_eq!(
         status_of(&report, "database_on_target", "app"),
         Status::Succeeded
+    );
+    assert!(report.has_failures());
+
+    // The same server on both sides is refused before anything could be dropped.
+    let same = config_text(
+        &dst.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app"], "overwrite = true"),
+    );
+    let report = validate(&load(&same)).await;
+    assert_eq!(
+        status_of(&report, "distinct_servers", "target"),
+        Status::Failed
     );
     assert!(report.has_failures());
 

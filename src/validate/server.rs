@@ -46,6 +46,9 @@ pub struct Server {
     /// `shared_preload_libraries`, split and without paths; None when the
     /// user may not read it (it is visible to superusers and pg_read_all_settings).
     pub preload: Option<Vec<String>>,
+    /// System identifier and postmaster start time: equal only for the same
+    /// running server (a restored clone shares the identifier, not the start).
+    pub instance: Option<String>,
 }
 
 impl Server {
@@ -73,7 +76,17 @@ impl Server {
             )
             .await
             .map_err(map)?;
+        // pg_control_system() may have been revoked: then the identity is unknown.
+        let instance = client
+            .query_one(
+                "SELECT (SELECT system_identifier::text FROM pg_control_system()) || '@' || pg_postmaster_start_time()::text",
+                &[],
+            )
+            .await
+            .ok()
+            .and_then(|r| r.get::<_, Option<String>>(0));
         Ok(Server {
+            instance,
             side,
             endpoint: ep.clone(),
             version_num: row.get(0),
@@ -382,12 +395,34 @@ pub async fn target_checks(
     };
     let mut out = Vec::new();
     if let Some(s) = source {
+        out.extend(distinct_servers_check(s, t));
         out.push(version_check(s, t));
         out.push(preload_libraries_check(s, t));
     }
     out.push(createdb_check(t));
     out.extend(target_privilege_checks(t, m, ep).await);
     out
+}
+
+/// Migrating a server onto itself would drop the source databases (overwrite)
+/// or refuse them; either way it is a configuration mistake.
+fn distinct_servers_check(s: &Server, t: &Server) -> Option<Check> {
+    const NAME: &str = "distinct_servers";
+    let (si, ti) = (s.instance.as_ref()?, t.instance.as_ref()?);
+    Some(if si == ti {
+        Check::failed(
+            NAME,
+            "target",
+            format!(
+                "[source].url and [target].url reach the same running server ({} and {})",
+                s.endpoint.display(),
+                t.endpoint.display()
+            ),
+            "point [target].url at the new server",
+        )
+    } else {
+        Check::succeeded(NAME, "target", "source and target are different servers")
+    })
 }
 
 fn version_check(s: &Server, t: &Server) -> Check {
