@@ -75,10 +75,14 @@ async fn healthy_pair_passes_and_reports_what_is_not_carried() {
          CREATE MATERIALIZED VIEW item_count AS SELECT count(*) FROM items; \
          SELECT lo_from_bytea(0, 'blob');",
     );
+    src.psql(
+        "postgres",
+        "CREATE DATABASE latin TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'",
+    );
     let text = config_text(
         &src.url("postgres"),
         &dst.url("postgres"),
-        &migration(&["app", "extras"], ""),
+        &migration(&["app", "extras", "latin"], ""),
     );
 
     let report = validate(&load(&text)).await;
@@ -125,6 +129,9 @@ async fn healthy_pair_passes_and_reports_what_is_not_carried() {
     ] {
         assert_eq!(status_of(&report, name, "app"), Status::Succeeded, "{name}");
     }
+    let latin = report.get("encoding_locale", "latin").unwrap();
+    assert_eq!(latin.status, Status::Succeeded);
+    assert!(latin.found.contains("encoding LATIN1"), "{latin:?}");
     assert!(
         report
             .get("connection", "source")

@@ -7,10 +7,10 @@ use std::collections::HashMap;
 use tokio_postgres::Client;
 
 use super::objects;
-use super::server::{Server, connect_error_text, query_failed};
+use super::server::{Server, connect_error_text, open, query_failed};
 use super::{Check, TableFilter};
 use crate::config::MigrationConfig;
-use crate::db::{self, quote_ident, quote_literal};
+use crate::db::{quote_ident, quote_literal};
 
 /// A database as listed in `pg_database`.
 #[derive(Clone, Debug)]
@@ -205,7 +205,7 @@ impl<'a> Environment<'a> {
                 fix,
             );
         }
-        let client = match db::connect(
+        let client = match open(
             &t.endpoint.with_dbname(db),
             &format!("target database {db}"),
         )
@@ -287,7 +287,7 @@ impl<'a> Environment<'a> {
         let Some(s) = self.source else {
             return vec![];
         };
-        let client = match db::connect(
+        let client = match open(
             &s.endpoint.with_dbname(db),
             &format!("source database {db}"),
         )

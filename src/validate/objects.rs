@@ -185,7 +185,7 @@ async fn publication_check(ctx: &DbContext<'_>, rels: &[Relation]) -> Check {
             NAME,
             ctx.db,
             format!(
-                "user {} may create a publication listing its tables (it owns all of them)",
+                "user {} owns all tables and may create a publication listing them (FOR ALL TABLES would need a superuser)",
                 s.user
             ),
         );

@@ -53,19 +53,12 @@ pub struct Server {
 
 impl Server {
     pub async fn connect(ep: &Endpoint, side: &'static str) -> Result<Server, DbError> {
-        let client = db::connect(ep, side).await?;
+        let client = open(ep, side).await?;
         let map = |e: tokio_postgres::Error| DbError::Connect {
             what: side.to_string(),
             addr: ep.display(),
             source: e,
         };
-        client
-            .batch_execute(&format!(
-                "SET statement_timeout = {}",
-                quote_literal(STATEMENT_TIMEOUT)
-            ))
-            .await
-            .map_err(map)?;
         let row = client
             .query_one(
                 "SELECT current_setting('server_version_num')::int, current_setting('server_version'), \
@@ -116,6 +109,23 @@ impl Server {
             format!("user {}", self.user)
         }
     }
+}
+
+/// A SQL connection for the checks, with a statement timeout.
+pub async fn open(ep: &Endpoint, what: &str) -> Result<Client, DbError> {
+    let client = db::connect(ep, what).await?;
+    client
+        .batch_execute(&format!(
+            "SET statement_timeout = {}",
+            quote_literal(STATEMENT_TIMEOUT)
+        ))
+        .await
+        .map_err(|e| DbError::Connect {
+            what: what.to_string(),
+            addr: ep.display(),
+            source: e,
+        })?;
+    Ok(client)
 }
 
 /// The major version number comparable across the 9.x / 10+ schemes (906, 1500, …).
