@@ -508,6 +508,24 @@ async fn databases_missing_on_source_or_busy_on_target() {
         "{out}"
     );
 
+    // A locale the target does not have (the source's catalog is edited to name
+    // one no host has: no system directory is touched).
+    src.create_db("badloc");
+    src.psql(
+        "postgres",
+        "UPDATE pg_database SET datcollate = 'xx_XX.UTF-8', datctype = 'xx_XX.UTF-8' WHERE datname = 'badloc'",
+    );
+    let locale = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["badloc"], ""),
+    );
+    let report = validate(&load(&locale)).await;
+    let check = report.get("encoding_locale", "badloc").unwrap();
+    assert_eq!(check.status, Status::Failed, "{check:?}");
+    assert!(check.found.contains("xx_XX.UTF-8"), "{check:?}");
+    assert!(action_of(&report, "encoding_locale", "badloc").contains("locale-gen"));
+
     let overwrite = config_text(
         &src.url("postgres"),
         &dst.url("postgres"),
