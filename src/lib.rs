@@ -16,6 +16,7 @@ pub mod pgbin;
 pub mod proxy;
 pub mod replication;
 pub mod run;
+pub mod validate;
 pub mod wire;
 
 pub use config::Config;

@@ -51,6 +51,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Check that a migration can run: servers, settings, privileges, databases, extensions, tables.
+    #[command(long_about = pgshift::validate::CLI_HELP)]
+    Validate {
+        /// The TOML configuration file (needs a [migration] section).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the report as a JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the state of a running pgshift: migration state, per-database
     /// copy and lag, proxy sessions, the last cutover's phases.
     Status {
@@ -110,6 +120,7 @@ fn main() -> ExitCode {
             Command::Status { admin, json, watch } => status(admin, json, watch).await,
             Command::Cutover { admin, wait } => cutover(admin, wait).await,
             Command::Cancel { admin } => cancel(admin).await,
+            Command::Validate { config, json } => Ok(pgshift::validate::cli(&config, json).await),
         }
     });
     match result {
