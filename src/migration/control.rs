@@ -256,7 +256,9 @@ impl ControlStore {
 
     /// A cutover attempt that never finished (pgshift stopped inside it):
     /// its id and the fence record it persisted, if any.
-    pub async fn unfinished_cutover(&self) -> Result<Option<(String, Option<serde_json::Value>)>, ControlError> {
+    pub async fn unfinished_cutover(
+        &self,
+    ) -> Result<Option<(String, Option<serde_json::Value>)>, ControlError> {
         let row = self
             .client
             .query_opt(
