@@ -124,6 +124,24 @@ async fn tls_only_server_gets_tls_from_every_connection_kind() {
 }
 
 #[tokio::test]
+async fn tls_optional_server_serves_each_mode_as_asked() {
+    let c = Cluster::start_with(ClusterOptions {
+        tls: ClusterTls::On,
+        ..Default::default()
+    });
+    let host = "127.0.0.1";
+    for (mode, tls) in [("disable", false), ("prefer", true), ("require", true)] {
+        let ep = endpoint(&c, host, &format!("sslmode={mode}"));
+        assert_eq!(db_ssl(&ep).await, Ok(tls), "db::connect, sslmode={mode}");
+        assert_eq!(
+            wire_ssl(&ep).await,
+            Ok(tls),
+            "ServerConnection, sslmode={mode}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn plaintext_server_refuses_require_and_prefer_falls_back() {
     let c = Cluster::start();
     let host = "127.0.0.1";
