@@ -55,6 +55,8 @@ pub struct ClusterOptions {
     /// initdb --encoding (e.g. "LATIN1"); with --locale=C.
     pub encoding: Option<String>,
     pub wal_level: String,
+    /// TLS toward clients (see [`ClusterTls`]).
+    pub tls: ClusterTls,
 }
 
 impl Default for ClusterOptions {
@@ -63,6 +65,7 @@ impl Default for ClusterOptions {
             conf: vec![],
             encoding: None,
             wal_level: "logical".into(),
+            tls: ClusterTls::Off,
         }
     }
 }
@@ -92,6 +95,9 @@ impl ClusterOptions {
 pub struct Cluster {
     inner: LocalCluster,
     pub socket_dir: PathBuf,
+    /// With TLS on: the PEM file of the CA that signed the server certificate
+    /// (for `sslrootcert`).
+    pub tls_root_cert: Option<PathBuf>,
 }
 
 impl std::ops::Deref for Cluster {
@@ -162,10 +168,14 @@ impl Cluster {
         let template = template_for(&opts);
         let inner =
             LocalCluster::create(&opts.local(), Some(&template)).unwrap_or_else(|e| panic!("{e}"));
-        let c = Cluster {
+        let mut c = Cluster {
             socket_dir: inner.socket_dir().to_path_buf(),
             inner,
+            tls_root_cert: None,
         };
+        if opts.tls != ClusterTls::Off {
+            c.enable_tls(opts.tls == ClusterTls::Only);
+        }
         c.create_users();
         c
     }
@@ -316,4 +326,114 @@ listen = "127.0.0.1:{admin_port}"
 pub fn config_for(source: &Cluster, target: &Cluster, extra: &str) -> pgshift::Config {
     let text = config_text(source, target, free_port(), free_port(), extra);
     pgshift::Config::from_toml(&text, &|k| std::env::var(k).ok()).expect("test config is valid")
+}
+
+/// TLS on a harness cluster. The server certificate is issued by a fresh
+/// test CA ([`Cluster::tls_root_cert`]) for the name `localhost` only, so
+/// `sslmode=verify-full` succeeds with host `localhost` and fails with
+/// `127.0.0.1` (a name mismatch), while `verify-ca` accepts both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClusterTls {
+    #[default]
+    Off,
+    /// `ssl = on`; TCP clients may use TLS or not.
+    On,
+    /// `ssl = on` and only `hostssl` lines in pg_hba.conf: plaintext TCP is refused.
+    Only,
+}
+
+/// A throwaway certificate authority for TLS tests.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// A new self-signed CA with common name `name`.
+    pub fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        TestCa {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("CA certificate"),
+        }
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// Writes the CA certificate to `path` and returns it.
+    pub fn write_cert(&self, path: &std::path::Path) -> PathBuf {
+        std::fs::write(path, self.cert_pem()).expect("write CA certificate");
+        path.to_path_buf()
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses) and its
+    /// private key, both PEM.
+    pub fn issue_server(&self, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names.clone()).expect("server params");
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("server certificate");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+impl Cluster {
+    /// Turns TLS on: a certificate for `localhost` from a fresh [`TestCa`]
+    /// in the data directory (owned by the server user, mode 0600), `ssl = on`,
+    /// with `only` a pg_hba.conf of `hostssl` lines; then restarts.
+    fn enable_tls(&mut self, only: bool) {
+        use std::os::unix::fs::PermissionsExt;
+        let ca = TestCa::new("pgshift test CA");
+        let (cert, key) = ca.issue_server(&["localhost"]);
+        let data = self.data.clone();
+        for (name, pem) in [("server.crt", &cert), ("server.key", &key)] {
+            let path = data.join(name);
+            std::fs::write(&path, pem).expect("write server certificate");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod server certificate");
+            // As root the server runs as `postgres` and must own its key.
+            let _ = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&path)
+                .status();
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .expect("open postgresql.conf");
+        std::io::Write::write_all(
+            &mut conf,
+            b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        )
+        .expect("write postgresql.conf");
+        if only {
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\n\
+                 hostssl all trustuser 127.0.0.1/32 trust\n\
+                 hostssl all md5user 127.0.0.1/32 md5\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256\n\
+                 hostssl replication all 127.0.0.1/32 scram-sha-256\n",
+            )
+            .expect("write pg_hba.conf");
+        }
+        self.tls_root_cert = Some(ca.write_cert(&self.dir.path().join("root.crt")));
+        self.restart();
+    }
 }
