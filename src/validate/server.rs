@@ -219,8 +219,8 @@ fn connection_action(side: &str, ep: &Endpoint, e: &DbError) -> String {
     let key = format!("[{side}].url");
     let code = match e {
         DbError::Connect { source, .. } => source.code().map(|c| c.code().to_string()),
-        DbError::TlsRequired { .. } => {
-            return format!("set sslmode=prefer or sslmode=disable in {key}");
+        DbError::TlsConfig { message, .. } => {
+            return format!("fix the TLS settings (sslmode, sslrootcert) in {key}: {message}");
         }
     };
     match code.as_deref() {
