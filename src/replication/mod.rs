@@ -2,5 +2,6 @@
 //! initial copy, pgoutput decoding, apply to the target, lag.
 
 pub mod lsn;
+pub mod pgoutput;
 
 pub use lsn::Lsn;
