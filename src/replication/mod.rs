@@ -8,5 +8,6 @@ pub mod names;
 pub mod pgoutput;
 pub mod publication;
 pub mod slot;
+pub mod stream;
 
 pub use lsn::Lsn;

@@ -432,6 +432,16 @@ impl Applier {
         self.progress.subscribe()
     }
 
+    /// Nothing received is still unapplied: no transaction half received,
+    /// none waiting to be committed, no streamed (v2) transaction open. Only
+    /// then may a keepalive's position be reported as flushed.
+    pub fn is_idle(&self) -> bool {
+        self.current.is_none()
+            && self.group.transactions == 0
+            && self.streams.is_empty()
+            && self.stream_xid.is_none()
+    }
+
     /// Complete transactions received but not yet committed on the target.
     pub fn has_pending(&self) -> bool {
         self.group.transactions > 0
