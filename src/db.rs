@@ -14,7 +14,9 @@ pub enum DbError {
         addr: String,
         source: tokio_postgres::Error,
     },
-    #[error("{what}: sslmode=require is not supported for pgshift's SQL connections yet; use prefer or disable")]
+    #[error(
+        "{what}: sslmode=require is not supported for pgshift's SQL connections yet; use prefer or disable"
+    )]
     TlsRequired { what: String },
 }
 
@@ -22,7 +24,9 @@ pub enum DbError {
 /// `what` names the connection in errors ("source database app").
 pub async fn connect(ep: &Endpoint, what: &str) -> Result<Client, DbError> {
     if ep.sslmode == SslMode::Require {
-        return Err(DbError::TlsRequired { what: what.to_string() });
+        return Err(DbError::TlsRequired {
+            what: what.to_string(),
+        });
     }
     let (client, conn) = ep
         .pg_config()
@@ -50,4 +54,28 @@ pub fn quote_ident(s: &str) -> String {
 /// Quotes a string literal for SQL (`'it''s'`).
 pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The full text of a tokio-postgres error: its Display says only "db error",
+/// the server's message, SQLSTATE, detail and hint are in its cause.
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
+        if let Some(d) = db.detail() {
+            s.push_str(&format!("; DETAIL: {d}"));
+        }
+        if let Some(h) = db.hint() {
+            s.push_str(&format!("; HINT: {h}"));
+        }
+        return s;
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }

@@ -9,6 +9,8 @@ pub mod pgbin;
 pub mod proxy;
 pub mod replication;
 pub mod run;
+pub mod schema;
+pub mod verify;
 pub mod wire;
 
 pub use config::Config;

@@ -36,6 +36,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Compare every table on source and target (row counts and checksums);
+    /// exits 1 when any table differs.
+    Verify {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Verify only this database (repeatable); default: migration.databases.
+        #[arg(long = "database", short = 'd')]
+        databases: Vec<String>,
+        /// Print a JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Compare row counts only, without checksums.
+        #[arg(long)]
+        counts_only: bool,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -65,7 +81,22 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Run { config } => pgshift::run::run(&config).await,
+            Command::Run { config } => pgshift::run::run(&config).await.map_err(|e| e.to_string()),
+            Command::Verify {
+                config,
+                databases,
+                json,
+                counts_only,
+            } => {
+                let mode = if counts_only {
+                    pgshift::verify::VerifyMode::Counts
+                } else {
+                    pgshift::verify::VerifyMode::Checksums
+                };
+                pgshift::verify::run_cli(&config, databases, json, mode)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
         }
     });
     match result {

@@ -23,8 +23,12 @@ pub fn find_dir(program: &str) -> Option<PathBuf> {
                 // Follow symlinks so sibling programs are found in the real bin dir.
                 let real = std::fs::canonicalize(&cand).unwrap_or(cand);
                 if let Some(parent) = real.parent() {
-                    return Some(parent.to_path_buf());
+                    // A wrapper (Debian's pg_wrapper) lives elsewhere than the programs.
+                    if parent.join(program).is_file() {
+                        return Some(parent.to_path_buf());
+                    }
                 }
+                return Some(dir);
             }
         }
     }
