@@ -148,6 +148,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMethod {
     #[default]
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
     Md5,
     Trust,
@@ -577,6 +578,18 @@ impl Config {
         validate_proxy(&file.proxy)?;
         if let Some(m) = &file.migration {
             validate_migration(m)?;
+            // The control schema lives in the target URL's database; overwriting a
+            // migrated database must never destroy pgshift's own state.
+            if m.databases.contains(&target.dbname) {
+                return Err(ConfigError::invalid(
+                    "target.url",
+                    format!(
+                        "its database `{}` holds pgshift's control schema and must not be one of migration.databases; \
+                         point target.url at another database (e.g. postgres)",
+                        target.dbname
+                    ),
+                ));
+            }
         }
         validate_cutover(&file.cutover)?;
 
@@ -750,6 +763,10 @@ fn validate_cutover(c: &CutoverConfig) -> Result<(), ConfigError> {
             "trigger = \"auto\" needs at least one window",
         ));
     }
+    if let Some(w) = &c.window {
+        crate::cutover::window::parse_all(&w.list())
+            .map_err(|e| ConfigError::invalid("cutover.window", e))?;
+    }
     if c.max_attempts == 0 {
         return Err(ConfigError::invalid(
             "cutover.max_attempts",
@@ -879,6 +896,15 @@ url = "postgres://postgres:pw@127.0.0.1:5433/postgres"
     }
 
     #[test]
+    fn scram_method_name() {
+        let t = MINIMAL.replace("auth = \"md5\"", "auth = \"scram-sha-256\"");
+        assert_eq!(
+            Config::from_toml(&t, &env).unwrap().proxy().auth,
+            AuthMethod::ScramSha256
+        );
+    }
+
+    #[test]
     fn bad_auth_method() {
         let t = MINIMAL.replace("auth = \"md5\"", "auth = \"password\"");
         let e = Config::from_toml(&t, &env).unwrap_err().to_string();
@@ -911,6 +937,13 @@ url = "postgres://postgres:pw@127.0.0.1:5433/postgres"
         assert_eq!(expand("k", "x${SRC}y", &env).unwrap(), "xsrcpwy");
         assert!(expand("k", "${SRC", &env).is_err());
         assert!(expand("k", "${NOPE}", &env).is_err());
+    }
+
+    #[test]
+    fn control_database_is_not_migrated() {
+        let t = format!("{MINIMAL}\n[migration]\nname = \"m\"\ndatabases = [\"postgres\"]\n");
+        let e = Config::from_toml(&t, &env).unwrap_err().to_string();
+        assert!(e.contains("target.url"), "{e}");
     }
 
     #[test]

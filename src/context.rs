@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::commands::CommandSender;
+use crate::admin::status::StatusBoard;
 use crate::config::Config;
 
 pub struct Context {
@@ -12,6 +14,10 @@ pub struct Context {
     pub registry: prometheus::Registry,
     /// Cancelled on SIGTERM / SIGINT: parts stop accepting work and wind down.
     pub shutdown: CancellationToken,
+    /// Providers behind `GET /status`.
+    pub status: StatusBoard,
+    /// Where `POST /cutover` and `/cancel` go; set by the migration runner.
+    pub commands: std::sync::OnceLock<CommandSender>,
 }
 
 impl Context {
@@ -20,6 +26,8 @@ impl Context {
             config,
             registry: prometheus::Registry::new(),
             shutdown: CancellationToken::new(),
+            status: StatusBoard::default(),
+            commands: std::sync::OnceLock::new(),
         })
     }
 }

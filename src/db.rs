@@ -56,26 +56,22 @@ pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// The full text of a tokio-postgres error: its Display says only "db error",
-/// the server's message, SQLSTATE, detail and hint are in its cause.
-pub fn error_text(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        let mut s = format!(
-            "{}: {} (SQLSTATE {})",
-            db.severity(),
-            db.message(),
-            db.code().code()
-        );
-        if let Some(d) = db.detail() {
-            s.push_str(&format!("; DETAIL: {d}"));
+/// A one-line description of a tokio-postgres error, including the server's
+/// message and SQLSTATE when there is one (its Display alone says only "db error").
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => {
+            let mut s = format!(
+                "{}: {} (SQLSTATE {})",
+                d.severity(),
+                d.message(),
+                d.code().code()
+            );
+            if let Some(detail) = d.detail() {
+                s.push_str(&format!(" DETAIL: {detail}"));
+            }
+            s
         }
-        if let Some(h) = db.hint() {
-            s.push_str(&format!("; HINT: {h}"));
-        }
-        return s;
-    }
-    match std::error::Error::source(e) {
-        Some(cause) => format!("{e}: {cause}"),
         None => e.to_string(),
     }
 }

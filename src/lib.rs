@@ -1,10 +1,16 @@
 //! pgshift: move a live PostgreSQL database to another server with a write
 //! pause of well under a second. See `../shared/DESIGN.md` for the map.
 
+// Server errors carry their fields so they can be relayed to clients as is;
+// the larger Err variant is cheaper than allocating on every error path.
+#![allow(clippy::result_large_err)]
+
 pub mod admin;
 pub mod config;
 pub mod context;
+pub mod cutover;
 pub mod db;
+pub mod migration;
 pub mod pgbin;
 pub mod proxy;
 pub mod replication;

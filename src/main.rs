@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use pgshift::admin::client::{AdminClient, render_status};
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +27,20 @@ struct Cli {
 enum LogFormat {
     Text,
     Json,
+}
+
+/// How to reach a running pgshift's admin API.
+#[derive(clap::Args, Clone)]
+struct AdminArgs {
+    /// Admin API URL [default: from --config's [admin].listen, else http://127.0.0.1:9432]
+    #[arg(long)]
+    admin: Option<String>,
+    /// The configuration file, used to find the admin address and token.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Bearer token for the admin API's POST endpoints ([admin].token).
+    #[arg(long, env = "PGSHIFT_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -51,6 +66,32 @@ enum Command {
         /// Compare row counts only, without checksums.
         #[arg(long)]
         counts_only: bool,
+    },
+    /// Show the state of a running pgshift: migration state, per-database
+    /// copy and lag, proxy sessions, the last cutover's phases.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every N seconds until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
+    },
+    /// Start the cutover now (allowed in WaitingForCutoverTrigger).
+    Cutover {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Follow the cutover to its end, printing each phase.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel the migration (before the point of no return): releases the
+    /// slot and publication on the source and leaves the target as it is.
+    Cancel {
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -81,7 +122,10 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Run { config } => pgshift::run::run(&config).await.map_err(|e| e.to_string()),
+            Command::Run { config } => pgshift::run::run(&config).await.map_err(Into::into),
+            Command::Status { admin, json, watch } => status(admin, json, watch).await,
+            Command::Cutover { admin, wait } => cutover(admin, wait).await,
+            Command::Cancel { admin } => cancel(admin).await,
             Command::Verify {
                 config,
                 databases,
@@ -95,7 +139,7 @@ fn main() -> ExitCode {
                 };
                 pgshift::verify::run_cli(&config, databases, json, mode)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(Into::into)
             }
         }
     });
@@ -106,4 +150,108 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+type CliResult = Result<u8, Box<dyn std::error::Error>>;
+
+/// Builds the admin client from --admin / --config / --token.
+fn admin_client(a: &AdminArgs) -> Result<AdminClient, Box<dyn std::error::Error>> {
+    let mut url = a.admin.clone();
+    let mut token = a.token.clone();
+    if let Some(path) = &a.config {
+        let cfg = pgshift::Config::load(path)?;
+        if url.is_none() {
+            url = Some(format!("http://{}", cfg.admin_listen));
+        }
+        if token.is_none() {
+            token = cfg
+                .file
+                .admin
+                .token
+                .as_ref()
+                .map(|t| t.expose().to_string());
+        }
+    }
+    let url = url.unwrap_or_else(|| "http://127.0.0.1:9432".into());
+    Ok(AdminClient::new(&url, token)?)
+}
+
+async fn status(a: AdminArgs, json: bool, watch: Option<u64>) -> CliResult {
+    let client = admin_client(&a)?;
+    loop {
+        let doc = client.get("/status").await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        } else {
+            if watch.is_some() {
+                // Clear the screen so the table refreshes in place.
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", render_status(&doc));
+        }
+        match watch {
+            Some(secs) => tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))).await,
+            None => return Ok(0),
+        }
+    }
+}
+
+async fn cutover(a: AdminArgs, wait: bool) -> CliResult {
+    let client = admin_client(&a)?;
+    let started = client.post("/cutover").await?;
+    let id = started
+        .get("id")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    println!("cutover {id} started");
+    if !wait {
+        return Ok(0);
+    }
+    let mut printed = 0usize;
+    loop {
+        let doc = client.get("/status").await?;
+        let c = &doc["last_cutover"];
+        let same = c.get("id").and_then(|v| v.as_str()) == Some(id.as_str());
+        if same {
+            if let Some(phases) = c.get("phases").and_then(|p| p.as_array()) {
+                for ph in phases.iter().skip(printed) {
+                    println!(
+                        "  {:<12} {:>8.3}s  {}",
+                        ph["phase"].as_str().unwrap_or("?"),
+                        ph["seconds"].as_f64().unwrap_or(0.0),
+                        ph["outcome"].as_str().unwrap_or("")
+                    );
+                }
+                printed = phases.len();
+            }
+            match c.get("outcome").and_then(|o| o.as_str()) {
+                Some("succeeded") => {
+                    println!("cutover succeeded: every session now runs on the target");
+                    return Ok(0);
+                }
+                Some(o) if o != "running" => {
+                    println!(
+                        "cutover {o}: {} (clients stay on the source)",
+                        c["reason"].as_str().unwrap_or("no reason recorded")
+                    );
+                    return Ok(1);
+                }
+                _ => {}
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+async fn cancel(a: AdminArgs) -> CliResult {
+    let client = admin_client(&a)?;
+    let r = client.post("/cancel").await?;
+    println!(
+        "{}",
+        r.get("message")
+            .and_then(|m| m.as_str())
+            .unwrap_or("migration canceled")
+    );
+    Ok(0)
 }

@@ -22,7 +22,7 @@ use crate::db::{self, DbError, quote_ident, quote_literal};
 pub enum SchemaError {
     #[error("{0}")]
     Connect(#[from] DbError),
-    #[error("{what}: {}", crate::db::error_text(.source))]
+    #[error("{what}: {}", crate::db::describe(.source))]
     Sql {
         what: String,
         source: tokio_postgres::Error,

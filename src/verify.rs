@@ -30,7 +30,7 @@ pub enum VerifyError {
     Connect(#[from] DbError),
     #[error("{0}")]
     List(#[from] CopyError),
-    #[error("{what}: {}", crate::db::error_text(.source))]
+    #[error("{what}: {}", crate::db::describe(.source))]
     Sql {
         what: String,
         source: tokio_postgres::Error,

@@ -2,8 +2,8 @@
 //! named `pgshift_…`, carries a help text and its unit in its name.
 
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 fn check(name: &str) {
@@ -24,6 +24,14 @@ pub fn int_gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
 pub fn int_gauge_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     check(name);
     let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    reg.register(Box::new(m.clone()))
+        .expect("metric registered once");
+    m
+}
+
+pub fn gauge(reg: &Registry, name: &str, help: &str) -> Gauge {
+    check(name);
+    let m = Gauge::new(name, help).expect("valid metric");
     reg.register(Box::new(m.clone()))
         .expect("metric registered once");
     m

@@ -36,12 +36,12 @@ const BATCH_BYTES: usize = 256 * 1024;
 pub enum CopyError {
     #[error("{0}")]
     Connect(#[from] DbError),
-    #[error("{what}: {}", crate::db::error_text(.source))]
+    #[error("{what}: {}", crate::db::describe(.source))]
     Sql {
         what: String,
         source: tokio_postgres::Error,
     },
-    #[error("copying table {table}: {}", crate::db::error_text(.source))]
+    #[error("copying table {table}: {}", crate::db::describe(.source))]
     Table {
         table: String,
         source: tokio_postgres::Error,
@@ -583,6 +583,14 @@ impl CopyProgress {
     }
 }
 
+/// `/status` shows a database's copy as its progress snapshot
+/// (attach with `Migration::attach(db, "copy", progress)`).
+impl crate::admin::status::Report for CopyProgress {
+    fn report(&self) -> serde_json::Value {
+        serde_json::to_value(self.snapshot()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
 /// What [`copy_database`] did.
 #[derive(Clone, Debug, Serialize)]
 pub struct CopyReport {
@@ -844,8 +852,7 @@ async fn worker(id: usize, s: Arc<Shared>) {
         match result {
             Ok(rows) => s.progress.part_done(item.table, rows),
             Err(source) => {
-                s.progress
-                    .failed(item.table, &crate::db::error_text(&source));
+                s.progress.failed(item.table, &crate::db::describe(&source));
                 return s.record_error(CopyError::Table {
                     table: t.display(),
                     source,

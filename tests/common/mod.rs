@@ -452,3 +452,48 @@ pub fn table_fingerprints(c: &Cluster, db: &str) -> Vec<(String, i64, String)> {
 pub fn pgshift_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_pgshift"))
 }
+
+/// A config text for a source/target pair, with proxy users app (SCRAM) and
+/// md5user and the given extra TOML appended (e.g. a [migration] section).
+pub fn config_text(
+    source: &Cluster,
+    target: &Cluster,
+    proxy_port: u16,
+    admin_port: u16,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:{proxy_port}"
+auth = "scram-sha-256"
+
+[[proxy.users]]
+name = "{APP_USER}"
+password = "{APP_PW}"
+
+[[proxy.users]]
+name = "{MD5_USER}"
+password = "{MD5_PW}"
+
+[source]
+url = "{}"
+
+[target]
+url = "{}"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+{extra}
+"#,
+        source.url("postgres"),
+        target.url("postgres")
+    )
+}
+
+/// A resolved config for a source/target pair (see [`config_text`]).
+pub fn config_for(source: &Cluster, target: &Cluster, extra: &str) -> pgshift::Config {
+    let text = config_text(source, target, free_port(), free_port(), extra);
+    pgshift::Config::from_toml(&text, &|k| std::env::var(k).ok()).expect("test config is valid")
+}

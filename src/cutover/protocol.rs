@@ -1,0 +1,513 @@
+//! The cutover protocol (DESIGN.md "Cutover", issue 5):
+//! 1 gate → 2 drain → 3 fence → 4 marker → 5 sequences → 6 verify →
+//! 7 point of no return (persist "switched", swap route, move sessions, open
+//! the gate) → finish (stop streaming, drop slot and publication).
+//! Every phase is timed, logged and exported; any failure or timeout before 7
+//! reopens the gate on the source and lifts the fence: clients saw a pause.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec};
+use serde::Serialize;
+use serde_json::Value;
+
+use super::fence::{self, FenceRecord};
+use crate::admin::status::Report;
+use crate::config::{CutoverConfig, CutoverVerify, OnDrainTimeout};
+use crate::context::Context;
+use crate::migration::{Migration, State, Substate};
+
+/// What the cutover needs from the rest of pgshift. Implemented by the
+/// runner over the proxy handle and the per-database streams.
+pub trait CutoverHost: Send + Sync {
+    /// Holds every session's next transaction (idle ones at their next request).
+    fn close_gate(&self);
+    /// Releases held sessions on whatever the route points at.
+    fn open_gate(&self);
+    /// Sessions still inside a transaction.
+    fn in_transaction(&self) -> usize;
+    /// Resolves true when no session is inside a transaction, false on timeout.
+    fn wait_idle(&self, timeout: Duration) -> impl Future<Output = bool> + Send;
+    /// Cancels the running query of every session inside a transaction.
+    fn cancel_in_transaction(&self) -> impl Future<Output = usize> + Send;
+    /// Closes every session still inside a transaction (with an ErrorResponse).
+    fn terminate_in_transaction(&self) -> impl Future<Output = usize> + Send;
+    /// Source backend pids of the proxy's sessions: spared by the fence.
+    fn source_backend_pids(&self) -> Vec<i32>;
+    /// Emits the marker `id` on every source database and waits until apply
+    /// has committed it on the target.
+    fn wait_caught_up(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Copies every sequence's last_value / is_called to the target; returns how many.
+    fn sync_sequences(&self) -> impl Future<Output = Result<u64, String>> + Send;
+    /// Compares source and target while both are still.
+    fn verify(&self, mode: CutoverVerify) -> impl Future<Output = Result<String, String>> + Send;
+    /// Swaps the route to the target, moves idle sessions, opens the gate.
+    /// Returns (sessions moved, sessions dropped).
+    fn switch_to_target(&self) -> impl Future<Output = (u64, u64)> + Send;
+    /// After the switch: stops streaming and releases the source's slot and
+    /// publication (when configured).
+    fn finish_replication(
+        &self,
+        drop_slot: bool,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PhaseReport {
+    pub phase: &'static str,
+    pub seconds: f64,
+    pub outcome: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CutoverReport {
+    pub id: String,
+    pub started_at: String,
+    /// running | succeeded | aborted | failed
+    pub outcome: String,
+    pub reason: Option<String>,
+    pub phases: Vec<PhaseReport>,
+    /// Gate closed → gate opened, as clients experienced it.
+    pub pause_seconds: Option<f64>,
+    pub sessions_moved: u64,
+    pub sessions_dropped: u64,
+}
+
+/// The cutover's metrics.
+#[derive(Clone)]
+pub struct CutoverMetrics {
+    pub phase_seconds: GaugeVec,
+    pub pause_seconds: Gauge,
+    pub attempts: IntCounterVec,
+    pub moved: IntCounter,
+    pub dropped: IntCounter,
+}
+
+impl CutoverMetrics {
+    pub fn new(reg: &prometheus::Registry) -> CutoverMetrics {
+        use crate::admin::metrics as m;
+        CutoverMetrics {
+            phase_seconds: m::gauge_vec(
+                reg,
+                "pgshift_cutover_phase_seconds",
+                "Duration of each phase of the last cutover attempt, in seconds",
+                &["phase"],
+            ),
+            pause_seconds: m::gauge(
+                reg,
+                "pgshift_cutover_pause_seconds",
+                "Write pause of the last cutover attempt (gate closed to gate opened), in seconds",
+            ),
+            attempts: m::int_counter_vec(
+                reg,
+                "pgshift_cutover_attempts_total",
+                "Cutover attempts by outcome (succeeded, aborted, failed)",
+                &["outcome"],
+            ),
+            moved: m::int_counter(
+                reg,
+                "pgshift_cutover_sessions_moved_total",
+                "Client sessions moved to the target at cutover",
+            ),
+            dropped: m::int_counter(
+                reg,
+                "pgshift_cutover_sessions_dropped_total",
+                "Client sessions that could not move (temporary tables, WITH HOLD cursors, session advisory locks) and were closed",
+            ),
+        }
+    }
+}
+
+/// The last attempt's live report, shown in /status as `last_cutover`.
+#[derive(Clone, Default)]
+pub struct LastCutover(pub Arc<Mutex<Option<CutoverReport>>>);
+
+impl LastCutover {
+    pub fn set(&self, r: CutoverReport) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+    }
+    pub fn get(&self) -> Option<CutoverReport> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Report for LastCutover {
+    fn report(&self) -> Value {
+        serde_json::to_value(self.get()).unwrap_or(Value::Null)
+    }
+}
+
+/// Why an attempt stopped before the point of no return.
+#[derive(Debug)]
+struct Abort {
+    reason: String,
+}
+
+/// One cutover attempt in progress.
+struct Attempt<'a, H: CutoverHost> {
+    ctx: &'a Arc<Context>,
+    migration: &'a Migration,
+    host: &'a H,
+    cfg: &'a CutoverConfig,
+    metrics: &'a CutoverMetrics,
+    last: &'a LastCutover,
+    report: CutoverReport,
+    gate_closed_at: Option<Instant>,
+    fence: Option<FenceRecord>,
+}
+
+impl<H: CutoverHost> Attempt<'_, H> {
+    fn publish(&self) {
+        self.last.set(self.report.clone());
+    }
+
+    fn record(
+        &mut self,
+        phase: &'static str,
+        started: Instant,
+        outcome: &str,
+        detail: Option<String>,
+    ) {
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics
+            .phase_seconds
+            .with_label_values(&[phase])
+            .set(seconds);
+        tracing::info!(
+            cutover = %self.report.id,
+            phase,
+            seconds = format!("{seconds:.3}"),
+            outcome,
+            detail = detail.as_deref().unwrap_or(""),
+            "cutover phase"
+        );
+        self.report.phases.push(PhaseReport {
+            phase,
+            seconds,
+            outcome: outcome.to_string(),
+            detail,
+        });
+        self.publish();
+    }
+
+    async fn gate(&mut self) {
+        let t = Instant::now();
+        self.host.close_gate();
+        self.gate_closed_at = Some(t);
+        self.record("gate", t, "ok", None);
+    }
+
+    async fn drain(&mut self) -> Result<(), Abort> {
+        let t = Instant::now();
+        if self.host.wait_idle(self.cfg.drain_timeout.0).await {
+            self.record("drain", t, "ok", None);
+            return Ok(());
+        }
+        let open = self.host.in_transaction();
+        match self.cfg.on_drain_timeout {
+            OnDrainTimeout::Abort => {
+                let reason = format!(
+                    "{open} session(s) still inside a transaction after drain_timeout {:?}",
+                    self.cfg.drain_timeout.0
+                );
+                self.record("drain", t, "timeout", Some(reason.clone()));
+                Err(Abort { reason })
+            }
+            OnDrainTimeout::Cancel => {
+                let canceled = self.host.cancel_in_transaction().await;
+                let grace = Duration::from_secs(2);
+                let terminated = if self.host.wait_idle(grace).await {
+                    0
+                } else {
+                    self.host.terminate_in_transaction().await
+                };
+                let detail =
+                    format!("canceled {canceled} query(ies), terminated {terminated} session(s)");
+                if !self.host.wait_idle(grace).await {
+                    let reason =
+                        format!("sessions still inside a transaction after cancel: {detail}");
+                    self.record("drain", t, "timeout", Some(reason.clone()));
+                    return Err(Abort { reason });
+                }
+                self.record("drain", t, "ok", Some(detail));
+                Ok(())
+            }
+        }
+    }
+
+    async fn fence(&mut self, admin: &tokio_postgres::Client) -> Result<(), Abort> {
+        let t = Instant::now();
+        let dbs = self.migration.cfg.databases.clone();
+        let spare = self.host.source_backend_pids();
+        match fence::fence(admin, &dbs, &self.cfg.fence_roles, &spare).await {
+            Ok(rec) => {
+                let detail = format!(
+                    "terminated {} session(s) that bypassed the proxy",
+                    rec.terminated_sessions
+                );
+                // Persisted at once: a pgshift killed from here on lifts this
+                // fence when it comes back (unless it had already switched).
+                let mut doc = serde_json::to_value(&self.report).unwrap_or_default();
+                doc["fence"] = serde_json::to_value(&rec).unwrap_or_default();
+                if let Err(e) = self
+                    .migration
+                    .control()
+                    .save_cutover_attempt(&self.report.id, "running", None, &doc)
+                    .await
+                {
+                    let reason = format!("cannot persist the fence record: {e}");
+                    self.fence = Some(rec);
+                    self.record("fence", t, "failed", Some(reason.clone()));
+                    return Err(Abort { reason });
+                }
+                self.fence = Some(rec);
+                self.record("fence", t, "ok", Some(detail));
+                Ok(())
+            }
+            Err(e) => {
+                self.record("fence", t, "failed", Some(e.to_string()));
+                Err(Abort {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    async fn catch_up(&mut self) -> Result<(), Abort> {
+        let t = Instant::now();
+        match self
+            .host
+            .wait_caught_up(&self.report.id, self.cfg.catchup_timeout.0)
+            .await
+        {
+            Ok(()) => {
+                self.record("marker", t, "ok", None);
+                Ok(())
+            }
+            Err(e) => {
+                let reason = format!("target did not catch up: {e}");
+                self.record("marker", t, "timeout", Some(reason.clone()));
+                Err(Abort { reason })
+            }
+        }
+    }
+
+    async fn sequences(&mut self) -> Result<(), Abort> {
+        let t = Instant::now();
+        match self.host.sync_sequences().await {
+            Ok(n) => {
+                self.record("sequences", t, "ok", Some(format!("{n} sequence(s)")));
+                Ok(())
+            }
+            Err(e) => {
+                self.record("sequences", t, "failed", Some(e.clone()));
+                Err(Abort {
+                    reason: format!("sequence sync failed: {e}"),
+                })
+            }
+        }
+    }
+
+    async fn verify(&mut self) -> Result<(), Abort> {
+        if self.cfg.verify == CutoverVerify::Off {
+            return Ok(());
+        }
+        let t = Instant::now();
+        match self.host.verify(self.cfg.verify).await {
+            Ok(summary) => {
+                self.record("verify", t, "ok", Some(summary));
+                Ok(())
+            }
+            Err(e) => {
+                self.record("verify", t, "failed", Some(e.clone()));
+                Err(Abort {
+                    reason: format!("verification found differences: {e}"),
+                })
+            }
+        }
+    }
+
+    /// Point of no return: persisted first, so a restart never comes back on the source.
+    async fn switch(&mut self) -> Result<(), String> {
+        let t = Instant::now();
+        self.migration
+            .mark_switched()
+            .await
+            .map_err(|e| format!("cannot persist the switch: {e}"))?;
+        let (moved, dropped) = self.host.switch_to_target().await;
+        let pause = self.gate_closed_at.map(|g| g.elapsed().as_secs_f64());
+        self.report.pause_seconds = pause;
+        self.report.sessions_moved = moved;
+        self.report.sessions_dropped = dropped;
+        self.metrics.moved.inc_by(moved);
+        self.metrics.dropped.inc_by(dropped);
+        if let Some(p) = pause {
+            self.metrics.pause_seconds.set(p);
+        }
+        self.record(
+            "switch",
+            t,
+            "ok",
+            Some(format!("{moved} session(s) moved, {dropped} dropped")),
+        );
+        Ok(())
+    }
+
+    /// Undoes everything before the point of no return.
+    async fn abort(&mut self, admin: Option<&tokio_postgres::Client>, reason: String) {
+        let t = Instant::now();
+        let mut detail = Vec::new();
+        if let (Some(rec), Some(admin)) = (self.fence.take(), admin)
+            && let Err(e) = fence::lift(admin, &rec).await
+        {
+            // The gate still opens: clients get the source back even if an
+            // operator must lift the read-only setting by hand.
+            detail.push(format!("LIFTING THE FENCE FAILED, run ALTER DATABASE … RESET default_transaction_read_only: {e}"));
+        }
+        self.host.open_gate();
+        if let Some(g) = self.gate_closed_at {
+            let p = g.elapsed().as_secs_f64();
+            self.report.pause_seconds = Some(p);
+            self.metrics.pause_seconds.set(p);
+        }
+        self.record(
+            "abort",
+            t,
+            "ok",
+            (!detail.is_empty()).then(|| detail.join("; ")),
+        );
+        self.report.outcome = "aborted".into();
+        self.report.reason = Some(reason);
+    }
+}
+
+/// Runs one cutover attempt to its end. The migration must be in
+/// WaitingForCutoverTrigger; afterwards it is Succeeded/Completed, or back in
+/// WaitingForCutoverTrigger with the reason recorded.
+pub async fn run<H: CutoverHost>(
+    ctx: &Arc<Context>,
+    migration: &Migration,
+    host: &H,
+    metrics: &CutoverMetrics,
+    last: &LastCutover,
+    id: String,
+) -> CutoverReport {
+    let cfg = ctx.config.cutover().clone();
+    let mut a = Attempt {
+        ctx,
+        migration,
+        host,
+        cfg: &cfg,
+        metrics,
+        last,
+        report: CutoverReport {
+            id: id.clone(),
+            started_at: chrono::Utc::now().to_rfc3339(),
+            outcome: "running".into(),
+            reason: None,
+            phases: vec![],
+            pause_seconds: None,
+            sessions_moved: 0,
+            sessions_dropped: 0,
+        },
+        gate_closed_at: None,
+        fence: None,
+    };
+    a.publish();
+    tracing::info!(cutover = %id, "cutover started");
+    if let Err(e) = migration
+        .transition(State::InProgress, Substate::CompletingMigration, None)
+        .await
+    {
+        a.report.outcome = "failed".into();
+        a.report.reason = Some(format!("cannot persist state: {e}"));
+        a.publish();
+        return finish(a).await;
+    }
+
+    let admin = match crate::db::connect(&a.ctx.config.source, "source (cutover)").await {
+        Ok(c) => c,
+        Err(e) => {
+            a.abort(None, e.to_string()).await;
+            return finish(a).await;
+        }
+    };
+
+    a.gate().await;
+    let before_switch: Result<(), Abort> = async {
+        a.drain().await?;
+        a.fence(&admin).await?;
+        a.catch_up().await?;
+        a.sequences().await?;
+        a.verify().await?;
+        Ok(())
+    }
+    .await;
+    if let Err(Abort { reason }) = before_switch {
+        a.abort(Some(&admin), reason).await;
+        return finish(a).await;
+    }
+    if let Err(reason) = a.switch().await {
+        a.abort(Some(&admin), reason).await;
+        return finish(a).await;
+    }
+
+    // Past the point of no return: clients run on the target. What follows
+    // is cleanup; a failure is reported but never undoes the switch.
+    let t = Instant::now();
+    match host.finish_replication(cfg.drop_slot_after_cutover).await {
+        Ok(()) => a.record("cleanup", t, "ok", None),
+        Err(e) => a.record("cleanup", t, "failed", Some(e)),
+    }
+    a.report.outcome = "succeeded".into();
+    finish(a).await
+}
+
+/// Persists the outcome and moves the migration to its next state.
+async fn finish<H: CutoverHost>(a: Attempt<'_, H>) -> CutoverReport {
+    let r = a.report.clone();
+    a.metrics
+        .attempts
+        .with_label_values(&[r.outcome.as_str()])
+        .inc();
+    a.last.set(r.clone());
+    let json = serde_json::to_value(&r).unwrap_or(Value::Null);
+    if let Err(e) = a
+        .migration
+        .control()
+        .save_cutover_attempt(&r.id, &r.outcome, r.reason.as_deref(), &json)
+        .await
+    {
+        tracing::error!("cannot record the cutover attempt: {e}");
+    }
+    let next = if r.outcome == "succeeded" {
+        (State::Succeeded, Substate::Completed, None)
+    } else {
+        (
+            State::WaitingForUserAction,
+            Substate::WaitingForCutoverTrigger,
+            r.reason
+                .clone()
+                .map(|x| format!("last cutover attempt {}: {x}", r.outcome)),
+        )
+    };
+    if let Err(e) = a.migration.transition(next.0, next.1, next.2).await {
+        tracing::error!("cannot persist the state after cutover: {e}");
+    }
+    tracing::info!(
+        cutover = %r.id,
+        outcome = %r.outcome,
+        pause_seconds = r.pause_seconds.map(|p| format!("{p:.3}")).unwrap_or_default(),
+        reason = r.reason.as_deref().unwrap_or(""),
+        "cutover finished"
+    );
+    r
+}

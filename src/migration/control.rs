@@ -1,0 +1,291 @@
+//! The control schema `pgshift` in the target URL's database: the migration's
+//! persisted state, one row per database, and cutover attempts. It lives
+//! outside every migrated database, so overwriting one never loses it.
+
+use serde::Serialize;
+use thiserror::Error;
+use tokio_postgres::Client;
+
+use super::state::{DatabasePhase, State, Substate};
+use crate::config::Endpoint;
+use crate::db::{self, DbError};
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("control schema: {0}")]
+    Connect(#[from] DbError),
+    #[error("control schema on {addr}: {source}")]
+    Sql {
+        addr: String,
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "another pgshift process is already running migration `{0}` (it holds the control lock on the target); stop it first"
+    )]
+    Locked(String),
+    #[error("control schema holds an invalid value: {0}")]
+    Corrupt(String),
+}
+
+const SCHEMA_SQL: &str = r#"
+CREATE SCHEMA IF NOT EXISTS pgshift;
+CREATE TABLE IF NOT EXISTS pgshift.migration (
+    name        text PRIMARY KEY,
+    state       text NOT NULL,
+    substate    text NOT NULL,
+    reason      text,
+    mode        text NOT NULL,
+    switched    boolean NOT NULL DEFAULT false,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS pgshift.database (
+    migration        text NOT NULL,
+    database         text NOT NULL,
+    phase            text NOT NULL,
+    consistent_point pg_lsn,
+    copy_restarts    integer NOT NULL DEFAULT 0,
+    last_error       text,
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (migration, database)
+);
+CREATE TABLE IF NOT EXISTS pgshift.cutover_attempt (
+    migration   text NOT NULL,
+    id          text NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    outcome     text,
+    reason      text,
+    report      jsonb,
+    PRIMARY KEY (migration, id)
+);
+CREATE TABLE IF NOT EXISTS pgshift.event (
+    id        bigserial PRIMARY KEY,
+    migration text NOT NULL,
+    at        timestamptz NOT NULL DEFAULT now(),
+    state     text NOT NULL,
+    substate  text NOT NULL,
+    message   text
+);
+"#;
+
+/// The persisted migration row.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MigrationRow {
+    pub state: State,
+    pub substate: Substate,
+    pub reason: Option<String>,
+    pub switched: bool,
+}
+
+/// The persisted row of one database.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DatabaseRow {
+    pub database: String,
+    pub phase: DatabasePhase,
+    pub consistent_point: Option<String>,
+    pub copy_restarts: i32,
+    pub last_error: Option<String>,
+}
+
+/// A connection to the control schema, holding the migration's lock.
+pub struct ControlStore {
+    client: Client,
+    addr: String,
+    migration: String,
+}
+
+impl ControlStore {
+    /// Connects, creates the schema if needed and takes the migration's
+    /// session-level advisory lock (released when pgshift's connection ends,
+    /// also when pgshift is killed).
+    pub async fn open(target: &Endpoint, migration: &str) -> Result<ControlStore, ControlError> {
+        let client = db::connect(target, "target control database").await?;
+        let store = ControlStore {
+            client,
+            addr: target.display(),
+            migration: migration.to_string(),
+        };
+        let locked: bool = store
+            .client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext('pgshift:' || $1::text)::bigint)",
+                &[&migration],
+            )
+            .await
+            .map_err(|e| store.sql(e))?
+            .get(0);
+        if !locked {
+            return Err(ControlError::Locked(migration.to_string()));
+        }
+        // Serialise schema creation between concurrent first starts.
+        store
+            .client
+            .batch_execute(&format!(
+                "BEGIN; SELECT pg_advisory_xact_lock(hashtext('pgshift:schema')::bigint); {SCHEMA_SQL} COMMIT;"
+            ))
+            .await
+            .map_err(|e| store.sql(e))?;
+        Ok(store)
+    }
+
+    fn sql(&self, source: tokio_postgres::Error) -> ControlError {
+        ControlError::Sql {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The persisted state, or None for a migration never started.
+    pub async fn load(&self) -> Result<Option<MigrationRow>, ControlError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT state, substate, reason, switched FROM pgshift.migration WHERE name = $1",
+                &[&self.migration],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        let Some(r) = row else { return Ok(None) };
+        let state: String = r.get(0);
+        let substate: String = r.get(1);
+        Ok(Some(MigrationRow {
+            state: state.parse().map_err(ControlError::Corrupt)?,
+            substate: substate.parse().map_err(ControlError::Corrupt)?,
+            reason: r.get(2),
+            switched: r.get(3),
+        }))
+    }
+
+    /// Persists the state and appends it to the event history, in one transaction.
+    pub async fn save(&self, row: &MigrationRow, mode: &str) -> Result<(), ControlError> {
+        let (state, substate) = (row.state.as_str(), row.substate.as_str());
+        self.client
+            .execute(
+                "WITH up AS (
+                   INSERT INTO pgshift.migration (name, state, substate, reason, mode, switched)
+                   VALUES ($1, $2, $3, $4, $5, $6)
+                   ON CONFLICT (name) DO UPDATE SET state = $2, substate = $3, reason = $4,
+                     mode = $5, switched = $6, updated_at = now()
+                   RETURNING 1)
+                 INSERT INTO pgshift.event (migration, state, substate, message)
+                 SELECT $1, $2, $3, $4 FROM up",
+                &[
+                    &self.migration,
+                    &state,
+                    &substate,
+                    &row.reason,
+                    &mode,
+                    &row.switched,
+                ],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    pub async fn databases(&self) -> Result<Vec<DatabaseRow>, ControlError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT database, phase, consistent_point::text, copy_restarts, last_error
+                 FROM pgshift.database WHERE migration = $1 ORDER BY database",
+                &[&self.migration],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        rows.iter()
+            .map(|r| {
+                let phase: String = r.get(1);
+                Ok(DatabaseRow {
+                    database: r.get(0),
+                    phase: phase.parse().map_err(ControlError::Corrupt)?,
+                    consistent_point: r.get(2),
+                    copy_restarts: r.get(3),
+                    last_error: r.get(4),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn save_database(&self, row: &DatabaseRow) -> Result<(), ControlError> {
+        self.client
+            .execute(
+                "INSERT INTO pgshift.database (migration, database, phase, consistent_point, copy_restarts, last_error)
+                 VALUES ($1, $2, $3, $4::text::pg_lsn, $5, $6)
+                 ON CONFLICT (migration, database) DO UPDATE SET phase = $3, consistent_point = $4::text::pg_lsn,
+                   copy_restarts = $5, last_error = $6, updated_at = now()",
+                &[
+                    &self.migration,
+                    &row.database,
+                    &row.phase.as_str(),
+                    &row.consistent_point,
+                    &row.copy_restarts,
+                    &row.last_error,
+                ],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Records a cutover attempt's outcome and report.
+    pub async fn save_cutover_attempt(
+        &self,
+        id: &str,
+        outcome: &str,
+        reason: Option<&str>,
+        report: &serde_json::Value,
+    ) -> Result<(), ControlError> {
+        let report = report.to_string();
+        self.client
+            .execute(
+                "INSERT INTO pgshift.cutover_attempt (migration, id, finished_at, outcome, reason, report)
+                 VALUES ($1, $2, now(), $3, $4, $5::text::jsonb)
+                 ON CONFLICT (migration, id) DO UPDATE SET finished_at = now(), outcome = $3, reason = $4, report = $5::text::jsonb",
+                &[&self.migration, &id, &outcome, &reason, &report],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// A cutover attempt that never finished (pgshift stopped inside it):
+    /// its id and the fence record it persisted, if any.
+    pub async fn unfinished_cutover(
+        &self,
+    ) -> Result<Option<(String, Option<serde_json::Value>)>, ControlError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT id, (report -> 'fence')::text FROM pgshift.cutover_attempt
+                 WHERE migration = $1 AND outcome = 'running' ORDER BY started_at DESC LIMIT 1",
+                &[&self.migration],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        Ok(row.map(|r| {
+            let fence: Option<String> = r.get(1);
+            (r.get(0), fence.and_then(|f| serde_json::from_str(&f).ok()))
+        }))
+    }
+
+    /// The last cutover attempt's report, if any.
+    pub async fn last_cutover_attempt(&self) -> Result<Option<serde_json::Value>, ControlError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT report::text FROM pgshift.cutover_attempt WHERE migration = $1 ORDER BY started_at DESC LIMIT 1",
+                &[&self.migration],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        Ok(row
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .and_then(|s| serde_json::from_str(&s).ok()))
+    }
+}

@@ -1,0 +1,230 @@
+//! The migration state machine (DESIGN.md, "The life of a migration") and
+//! its persisted state. Every transition is logged once, persisted in the
+//! control schema on the target, and exported as `pgshift_migration_state`.
+
+pub mod control;
+pub mod state;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use prometheus::IntGaugeVec;
+use serde_json::{Value, json};
+
+use crate::admin::status::Report;
+use crate::config::MigrationConfig;
+use crate::context::Context;
+pub use control::{ControlError, ControlStore, DatabaseRow, MigrationRow};
+pub use state::{DatabasePhase, State, Substate};
+
+struct DbEntry {
+    row: DatabaseRow,
+    /// Live detail providers (copy progress, streaming status), by key.
+    providers: BTreeMap<String, Arc<dyn Report>>,
+}
+
+struct Inner {
+    row: MigrationRow,
+    databases: BTreeMap<String, DbEntry>,
+}
+
+pub struct Migration {
+    pub cfg: MigrationConfig,
+    control: ControlStore,
+    inner: RwLock<Inner>,
+    state_metric: IntGaugeVec,
+}
+
+impl Migration {
+    /// Opens the control store (taking the migration's lock) and loads the
+    /// persisted state; a new migration starts in InProgress /
+    /// PerformingPrerequisiteSteps. Registers itself on the status board.
+    pub async fn open(
+        ctx: &Arc<Context>,
+        cfg: &MigrationConfig,
+    ) -> Result<Arc<Migration>, ControlError> {
+        let control = ControlStore::open(&ctx.config.target, &cfg.name).await?;
+        let row = control.load().await?.unwrap_or(MigrationRow {
+            state: State::InProgress,
+            substate: Substate::PerformingPrerequisiteSteps,
+            reason: None,
+            switched: false,
+        });
+        let persisted = control.databases().await?;
+        let mut databases = BTreeMap::new();
+        for db in &cfg.databases {
+            let row = persisted
+                .iter()
+                .find(|r| &r.database == db)
+                .cloned()
+                .unwrap_or(DatabaseRow {
+                    database: db.clone(),
+                    phase: DatabasePhase::Pending,
+                    consistent_point: None,
+                    copy_restarts: 0,
+                    last_error: None,
+                });
+            databases.insert(
+                db.clone(),
+                DbEntry {
+                    row,
+                    providers: BTreeMap::new(),
+                },
+            );
+        }
+        let state_metric = crate::admin::metrics::int_gauge_vec(
+            &ctx.registry,
+            "pgshift_migration_state",
+            "1 for the migration's current state and substate, 0 otherwise",
+            &["state", "substate"],
+        );
+        let m = Arc::new(Migration {
+            cfg: cfg.clone(),
+            control,
+            inner: RwLock::new(Inner { row, databases }),
+            state_metric,
+        });
+        m.export_state();
+        ctx.status.register_top(m.clone());
+        Ok(m)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn control(&self) -> &ControlStore {
+        &self.control
+    }
+
+    pub fn state(&self) -> (State, Substate) {
+        let i = self.read();
+        (i.row.state, i.row.substate)
+    }
+
+    pub fn row(&self) -> MigrationRow {
+        self.read().row.clone()
+    }
+
+    pub fn switched(&self) -> bool {
+        self.read().row.switched
+    }
+
+    fn mode(&self) -> &'static str {
+        match self.cfg.mode {
+            crate::config::MigrationMode::Online => "online",
+            crate::config::MigrationMode::Offline => "offline",
+        }
+    }
+
+    fn export_state(&self) {
+        let (state, substate) = self.state();
+        for s in State::ALL {
+            for ss in Substate::ALL {
+                let v = i64::from(s == state && ss == substate);
+                self.state_metric
+                    .with_label_values(&[s.as_str(), ss.as_str()])
+                    .set(v);
+            }
+        }
+    }
+
+    /// Moves to a new state: logged, persisted, exported.
+    pub async fn transition(
+        &self,
+        state: State,
+        substate: Substate,
+        reason: Option<String>,
+    ) -> Result<(), ControlError> {
+        let row = {
+            let mut i = self.write();
+            let from = (i.row.state, i.row.substate);
+            i.row.state = state;
+            i.row.substate = substate;
+            i.row.reason = reason.clone();
+            tracing::info!(
+                migration = %self.cfg.name,
+                from = %format!("{}/{}", from.0, from.1),
+                to = %format!("{state}/{substate}"),
+                reason = reason.as_deref().unwrap_or(""),
+                "migration state changed"
+            );
+            i.row.clone()
+        };
+        self.export_state();
+        self.control.save(&row, self.mode()).await
+    }
+
+    /// Records the point of no return: from now on a restart comes back switched.
+    pub async fn mark_switched(&self) -> Result<(), ControlError> {
+        let row = {
+            let mut i = self.write();
+            i.row.switched = true;
+            i.row.clone()
+        };
+        self.control.save(&row, self.mode()).await
+    }
+
+    pub fn database_row(&self, db: &str) -> Option<DatabaseRow> {
+        self.read().databases.get(db).map(|e| e.row.clone())
+    }
+
+    /// Updates one database's persisted phase (and error).
+    pub async fn set_database(
+        &self,
+        db: &str,
+        f: impl FnOnce(&mut DatabaseRow),
+    ) -> Result<(), ControlError> {
+        let row = {
+            let mut i = self.write();
+            let Some(e) = i.databases.get_mut(db) else {
+                return Ok(());
+            };
+            f(&mut e.row);
+            e.row.clone()
+        };
+        self.control.save_database(&row).await
+    }
+
+    /// Attaches a live provider (e.g. "copy", "stream") to a database's status.
+    pub fn attach(&self, db: &str, key: &str, provider: Arc<dyn Report>) {
+        if let Some(e) = self.write().databases.get_mut(db) {
+            e.providers.insert(key.to_string(), provider);
+        }
+    }
+}
+
+impl Report for Migration {
+    fn report(&self) -> Value {
+        let i = self.read();
+        let mut dbs = serde_json::Map::new();
+        for (name, e) in &i.databases {
+            let mut d = json!({
+                "phase": e.row.phase.as_str(),
+                "consistent_point": e.row.consistent_point,
+                "copy_restarts": e.row.copy_restarts,
+                "last_error": e.row.last_error,
+            });
+            if let Value::Object(m) = &mut d {
+                for (k, p) in &e.providers {
+                    m.insert(k.clone(), p.report());
+                }
+            }
+            dbs.insert(name.clone(), d);
+        }
+        json!({
+            "migration": self.cfg.name,
+            "mode": self.cfg.mode,
+            "option": self.cfg.option,
+            "state": i.row.state.as_str(),
+            "substate": i.row.substate.as_str(),
+            "reason": i.row.reason,
+            "switched": i.row.switched,
+            "databases": dbs,
+        })
+    }
+}

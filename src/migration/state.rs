@@ -1,0 +1,190 @@
+//! The migration's states and substates, spelled as the managed migration
+//! services (and DESIGN.md) spell them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum State {
+    InProgress,
+    WaitingForUserAction,
+    Succeeded,
+    Failed,
+    ValidationFailed,
+    Canceled,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Substate {
+    PerformingPrerequisiteSteps,
+    ValidationInProgress,
+    MigratingData,
+    WaitingForCutoverTrigger,
+    CompletingMigration,
+    Completed,
+    /// Terminal failure states carry no substate.
+    None,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::InProgress,
+        State::WaitingForUserAction,
+        State::Succeeded,
+        State::Failed,
+        State::ValidationFailed,
+        State::Canceled,
+    ];
+
+    /// No further transitions happen by themselves from here.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            State::Succeeded | State::Failed | State::ValidationFailed | State::Canceled
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::InProgress => "InProgress",
+            State::WaitingForUserAction => "WaitingForUserAction",
+            State::Succeeded => "Succeeded",
+            State::Failed => "Failed",
+            State::ValidationFailed => "ValidationFailed",
+            State::Canceled => "Canceled",
+        }
+    }
+}
+
+impl Substate {
+    pub const ALL: [Substate; 7] = [
+        Substate::PerformingPrerequisiteSteps,
+        Substate::ValidationInProgress,
+        Substate::MigratingData,
+        Substate::WaitingForCutoverTrigger,
+        Substate::CompletingMigration,
+        Substate::Completed,
+        Substate::None,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Substate::PerformingPrerequisiteSteps => "PerformingPrerequisiteSteps",
+            Substate::ValidationInProgress => "ValidationInProgress",
+            Substate::MigratingData => "MigratingData",
+            Substate::WaitingForCutoverTrigger => "WaitingForCutoverTrigger",
+            Substate::CompletingMigration => "CompletingMigration",
+            Substate::Completed => "Completed",
+            Substate::None => "None",
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for Substate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> Result<State, String> {
+        State::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| format!("unknown migration state `{s}`"))
+    }
+}
+
+impl FromStr for Substate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Substate, String> {
+        Substate::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| format!("unknown migration substate `{s}`"))
+    }
+}
+
+/// Where one database is in its own pipeline (persisted, so a restart knows
+/// whether to start the copy over or resume streaming).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatabasePhase {
+    Pending,
+    /// Schema and data copy under way; a restart here starts the copy over cleanly.
+    Copying,
+    /// The copy is complete and consistent with the slot's consistent point.
+    Copied,
+    Streaming,
+    /// Apply stopped on an error the operator must fix; streaming resumes after it.
+    ApplyStopped,
+    Switched,
+    Failed,
+}
+
+impl DatabasePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatabasePhase::Pending => "pending",
+            DatabasePhase::Copying => "copying",
+            DatabasePhase::Copied => "copied",
+            DatabasePhase::Streaming => "streaming",
+            DatabasePhase::ApplyStopped => "apply_stopped",
+            DatabasePhase::Switched => "switched",
+            DatabasePhase::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for DatabasePhase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<DatabasePhase, String> {
+        use DatabasePhase::*;
+        [
+            Pending,
+            Copying,
+            Copied,
+            Streaming,
+            ApplyStopped,
+            Switched,
+            Failed,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+        .ok_or_else(|| format!("unknown database phase `{s}`"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spelled_as_in_design() {
+        for s in State::ALL {
+            assert_eq!(s.as_str().parse::<State>().unwrap(), s);
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        for s in Substate::ALL {
+            assert_eq!(s.as_str().parse::<Substate>().unwrap(), s);
+        }
+        assert_eq!(State::ValidationFailed.to_string(), "ValidationFailed");
+        assert_eq!(
+            Substate::WaitingForCutoverTrigger.to_string(),
+            "WaitingForCutoverTrigger"
+        );
+        assert!("Running".parse::<State>().is_err());
+    }
+}
