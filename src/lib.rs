@@ -16,7 +16,9 @@ pub mod pgbin;
 pub mod proxy;
 pub mod replication;
 pub mod run;
+pub mod schema;
 pub mod validate;
+pub mod verify;
 pub mod wire;
 
 pub use config::Config;

@@ -61,6 +61,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare every table on source and target (row counts and checksums);
+    /// exits 1 when any table differs.
+    Verify {
+        /// The TOML configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Verify only this database (repeatable); default: migration.databases.
+        #[arg(long = "database", short = 'd')]
+        databases: Vec<String>,
+        /// Print a JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Compare row counts only, without checksums.
+        #[arg(long)]
+        counts_only: bool,
+    },
     /// Show the state of a running pgshift: migration state, per-database
     /// copy and lag, proxy sessions, the last cutover's phases.
     Status {
@@ -121,6 +137,21 @@ fn main() -> ExitCode {
             Command::Cutover { admin, wait } => cutover(admin, wait).await,
             Command::Cancel { admin } => cancel(admin).await,
             Command::Validate { config, json } => Ok(pgshift::validate::cli(&config, json).await),
+            Command::Verify {
+                config,
+                databases,
+                json,
+                counts_only,
+            } => {
+                let mode = if counts_only {
+                    pgshift::verify::VerifyMode::Counts
+                } else {
+                    pgshift::verify::VerifyMode::Checksums
+                };
+                pgshift::verify::run_cli(&config, databases, json, mode)
+                    .await
+                    .map_err(Into::into)
+            }
         }
     });
     match result {

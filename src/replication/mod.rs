@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod client;
+pub mod copy;
 pub mod lsn;
 pub mod names;
 pub mod pgoutput;

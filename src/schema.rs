@@ -1,0 +1,728 @@
+//! Schema copy: creating the target database, `pg_dump --schema-only`
+//! pre-data before the data and post-data (indexes, constraints, triggers)
+//! after it, optional roles, and sequence values.
+//!
+//! Dumps are taken with the migration's exported snapshot, so the schema is
+//! exactly the one the data copy sees. The dump is held in memory and only
+//! applied once pg_dump has succeeded: a pg_dump that dies half-way must not
+//! leave a half-restored schema behind (schema dumps are small).
+
+use std::collections::HashSet;
+use std::process::Stdio;
+
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use tokio_postgres::Client;
+
+use crate::config::Endpoint;
+use crate::db::{self, DbError, quote_ident, quote_literal};
+
+#[derive(Debug, Error)]
+pub enum SchemaError {
+    #[error("{0}")]
+    Connect(#[from] DbError),
+    #[error("{what}: {}", crate::db::describe(.source))]
+    Sql {
+        what: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("database `{database}` does not exist on the source")]
+    NoSourceDatabase { database: String },
+    #[error(
+        "target database `{database}` already exists and is not empty ({found}); \
+         set migration.overwrite = true to drop and recreate it, or empty it first"
+    )]
+    TargetNotEmpty { database: String, found: String },
+    #[error("{program} not found: {hint}")]
+    ProgramMissing { program: String, hint: String },
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{step} failed ({program} {status}): {stderr}")]
+    Program {
+        step: String,
+        program: String,
+        status: String,
+        stderr: String,
+    },
+}
+
+fn sql_err(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SchemaError {
+    let what = what.into();
+    move |source| SchemaError::Sql { what, source }
+}
+
+/// What [`prepare_target_database`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum TargetPrepared {
+    /// The database did not exist and was created.
+    Created,
+    /// It existed and was dropped and created again (overwrite = true).
+    Recreated,
+    /// It existed, was empty, and is used as it is (overwrite = false).
+    Reused,
+}
+
+/// Encoding and locale of a source database, as the target must have them.
+#[derive(Clone, Debug)]
+struct DbLocale {
+    encoding: String,
+    collate: String,
+    ctype: String,
+    owner: String,
+    /// `Some(locale)` when the database uses the ICU provider (PG15+).
+    icu_locale: Option<String>,
+}
+
+/// The maintenance connection of a server: its configured database, unless
+/// that is the database being (re)created, which cannot be dropped while connected.
+fn maintenance(ep: &Endpoint, db: &str) -> Endpoint {
+    if ep.dbname == db {
+        ep.with_dbname("postgres")
+    } else {
+        ep.clone()
+    }
+}
+
+async fn source_locale(source: &Endpoint, db: &str) -> Result<DbLocale, SchemaError> {
+    let c = db::connect(&maintenance(source, db), "source").await?;
+    let version: i32 = c
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(sql_err("reading the source version"))?
+        .get(0);
+    let icu = if version >= 150000 {
+        "CASE WHEN d.datlocprovider = 'i' THEN d.daticulocale END"
+    } else {
+        "NULL::text"
+    };
+    let row = c
+        .query_opt(
+            &format!(
+                "SELECT pg_encoding_to_char(d.encoding)::text, d.datcollate::text, d.datctype::text, \
+                 pg_get_userbyid(d.datdba)::text, {icu} FROM pg_database d WHERE d.datname = $1"
+            ),
+            &[&db],
+        )
+        .await
+        .map_err(sql_err("reading the source database's encoding"))?
+        .ok_or_else(|| SchemaError::NoSourceDatabase {
+            database: db.to_string(),
+        })?;
+    Ok(DbLocale {
+        encoding: row.get(0),
+        collate: row.get(1),
+        ctype: row.get(2),
+        owner: row.get(3),
+        icu_locale: row.get(4),
+    })
+}
+
+/// Creates database `db` on the target with the source's encoding and
+/// locale. An existing one is dropped and recreated when `overwrite`, else
+/// reused only if it holds no user objects.
+pub async fn prepare_target_database(
+    target: &Endpoint,
+    source: &Endpoint,
+    db: &str,
+    overwrite: bool,
+) -> Result<TargetPrepared, SchemaError> {
+    let locale = source_locale(source, db).await?;
+    let admin = db::connect(&maintenance(target, db), "target").await?;
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+        .await
+        .map_err(sql_err("looking for the target database"))?
+        .is_some();
+    if exists && !overwrite {
+        let client = db::connect(&target.with_dbname(db), "target database").await?;
+        if let Some(found) = user_objects(&client).await? {
+            return Err(SchemaError::TargetNotEmpty {
+                database: db.to_string(),
+                found,
+            });
+        }
+        let enc: String = client
+            .query_one("SELECT pg_encoding_to_char(encoding)::text FROM pg_database WHERE datname = current_database()", &[])
+            .await
+            .map_err(sql_err("reading the target database's encoding"))?
+            .get(0);
+        if enc != locale.encoding {
+            tracing::warn!(database = db, source = %locale.encoding, target = %enc,
+                "reusing an empty target database whose encoding differs from the source");
+        }
+        return Ok(TargetPrepared::Reused);
+    }
+    if exists {
+        drop_database(&admin, db).await?;
+    }
+    create_database(&admin, db, &locale).await?;
+    Ok(if exists {
+        TargetPrepared::Recreated
+    } else {
+        TargetPrepared::Created
+    })
+}
+
+/// A short description of the user objects in the connected database, or None.
+async fn user_objects(c: &Client) -> Result<Option<String>, SchemaError> {
+    // Objects created by extensions (pg_depend deptype 'e') do not count:
+    // CREATE EXTENSION in the restored schema brings them anyway.
+    let row = c
+        .query_one(
+            "WITH ext AS (SELECT objid, classid FROM pg_depend WHERE deptype = 'e'),
+                  user_ns AS (SELECT oid FROM pg_namespace
+                              WHERE nspname NOT IN ('pg_catalog', 'information_schema')
+                                AND nspname NOT LIKE 'pg_toast%' AND nspname NOT LIKE 'pg_temp%')
+             SELECT
+               (SELECT count(*) FROM pg_class c WHERE c.relnamespace IN (SELECT oid FROM user_ns)
+                  AND c.relkind IN ('r','p','f','v','m')
+                  AND NOT EXISTS (SELECT 1 FROM ext WHERE ext.classid = 'pg_class'::regclass AND ext.objid = c.oid)),
+               (SELECT count(*) FROM pg_class c WHERE c.relnamespace IN (SELECT oid FROM user_ns)
+                  AND c.relkind = 'S'
+                  AND NOT EXISTS (SELECT 1 FROM ext WHERE ext.classid = 'pg_class'::regclass AND ext.objid = c.oid)),
+               (SELECT count(*) FROM pg_type t WHERE t.typnamespace IN (SELECT oid FROM user_ns)
+                  AND t.typtype IN ('e','d','r','m','b') AND t.typelem = 0
+                  AND NOT EXISTS (SELECT 1 FROM ext WHERE ext.classid = 'pg_type'::regclass AND ext.objid = t.oid)),
+               (SELECT count(*) FROM pg_proc p WHERE p.pronamespace IN (SELECT oid FROM user_ns)
+                  AND NOT EXISTS (SELECT 1 FROM ext WHERE ext.classid = 'pg_proc'::regclass AND ext.objid = p.oid))",
+            &[],
+        )
+        .await
+        .map_err(sql_err("checking whether the target database is empty"))?;
+    let names = ["tables/views", "sequences", "types", "functions"];
+    let found: Vec<String> = names
+        .iter()
+        .enumerate()
+        .filter_map(|(i, name)| {
+            let n: i64 = row.get(i);
+            (n > 0).then(|| format!("{n} {name}"))
+        })
+        .collect();
+    Ok((!found.is_empty()).then(|| found.join(", ")))
+}
+
+async fn drop_database(admin: &Client, db: &str) -> Result<(), SchemaError> {
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(sql_err("reading the target version"))?
+        .get(0);
+    // Terminating first also serves servers before 13, which lack WITH (FORCE).
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db],
+        )
+        .await
+        .map_err(sql_err(format!(
+            "terminating connections to target database {db}"
+        )))?;
+    let force = if version >= 130000 {
+        " WITH (FORCE)"
+    } else {
+        ""
+    };
+    admin
+        .batch_execute(&format!("DROP DATABASE {}{force}", quote_ident(db)))
+        .await
+        .map_err(sql_err(format!("dropping target database {db}")))?;
+    tracing::info!(database = db, "dropped the existing target database");
+    Ok(())
+}
+
+async fn create_database(admin: &Client, db: &str, l: &DbLocale) -> Result<(), SchemaError> {
+    // The source's owner is kept when that role exists on the target and the
+    // connected user may create objects for it.
+    let owner_ok: bool = admin
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1) \
+             AND pg_has_role(current_user, (SELECT oid FROM pg_roles WHERE rolname = $1), 'MEMBER')",
+            &[&l.owner],
+        )
+        .await
+        .map_err(sql_err("checking the database owner on the target"))?
+        .get(0);
+    let mut sql = format!(
+        "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",
+        quote_ident(db),
+        quote_literal(&l.encoding),
+        quote_literal(&l.collate),
+        quote_literal(&l.ctype)
+    );
+    if let Some(icu) = &l.icu_locale {
+        sql.push_str(&format!(
+            " LOCALE_PROVIDER icu ICU_LOCALE {}",
+            quote_literal(icu)
+        ));
+    }
+    if owner_ok {
+        sql.push_str(&format!(" OWNER {}", quote_ident(&l.owner)));
+    }
+    admin
+        .batch_execute(&sql)
+        .await
+        .map_err(sql_err(format!("creating target database {db}")))?;
+    tracing::info!(database = db, encoding = %l.encoding, collate = %l.collate, "created the target database");
+    Ok(())
+}
+
+/// How the schema dump treats ownership and privileges.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct DumpPlan {
+    /// Owners and GRANTs are restored as on the source.
+    pub keep_owners: bool,
+    /// Roles the source's objects reference that the target lacks (or the
+    /// target user cannot act as); when any, `--no-owner --no-privileges`.
+    pub missing_roles: Vec<String>,
+}
+
+/// Decides whether owners and privileges can be kept: only when every role
+/// that owns or is granted something in `db` exists on the target.
+pub async fn plan_dump(
+    source: &Endpoint,
+    target: &Endpoint,
+    db: &str,
+) -> Result<DumpPlan, SchemaError> {
+    let src = db::connect(&source.with_dbname(db), "source database").await?;
+    // pg_shdepend records owners and grantees, except the bootstrap superuser.
+    let roles: Vec<String> = src
+        .query(
+            "SELECT DISTINCT r.rolname::text FROM pg_shdepend d JOIN pg_roles r ON r.oid = d.refobjid \
+             WHERE d.refclassid = 'pg_authid'::regclass \
+               AND d.dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             UNION SELECT rolname::text FROM pg_roles WHERE oid = 10",
+            &[],
+        )
+        .await
+        .map_err(sql_err("listing the roles the source objects use"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let tgt = db::connect(&maintenance(target, db), "target").await?;
+    let missing: Vec<String> = tgt
+        .query(
+            "SELECT r FROM unnest($1::text[]) r \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) \
+                OR NOT pg_has_role(current_user, (SELECT oid FROM pg_roles WHERE rolname = r), 'MEMBER') \
+             ORDER BY 1",
+            &[&roles],
+        )
+        .await
+        .map_err(sql_err("checking the roles on the target"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !missing.is_empty() {
+        tracing::warn!(database = db, roles = ?missing,
+            "roles missing on the target (or not usable by the target user): objects will be owned by the target user and GRANTs are not copied; set migration.copy_roles = true to copy roles");
+    }
+    Ok(DumpPlan {
+        keep_owners: missing.is_empty(),
+        missing_roles: missing,
+    })
+}
+
+/// Restores the pre-data section (types, functions, tables, sequences, …)
+/// of `db` as of `snapshot` into the same-named target database.
+pub async fn dump_restore_pre_data(
+    source: &Endpoint,
+    target: &Endpoint,
+    db: &str,
+    snapshot: Option<&str>,
+    plan: &DumpPlan,
+) -> Result<(), SchemaError> {
+    dump_restore_section(source, target, db, snapshot, plan, "pre-data").await
+}
+
+/// Restores the post-data section (indexes, constraints, triggers, replica
+/// identities, …). Run after the data copy: building indexes once is faster
+/// than maintaining them row by row.
+pub async fn dump_restore_post_data(
+    source: &Endpoint,
+    target: &Endpoint,
+    db: &str,
+    snapshot: Option<&str>,
+    plan: &DumpPlan,
+) -> Result<(), SchemaError> {
+    dump_restore_section(source, target, db, snapshot, plan, "post-data").await
+}
+
+async fn dump_restore_section(
+    source: &Endpoint,
+    target: &Endpoint,
+    db: &str,
+    snapshot: Option<&str>,
+    plan: &DumpPlan,
+    section: &str,
+) -> Result<(), SchemaError> {
+    let started = std::time::Instant::now();
+    let mut args: Vec<String> = vec![
+        "--schema-only".into(),
+        format!("--section={section}"),
+        // The migration's own publication must not reach the target, and a
+        // subscription copied there would start replicating on its own.
+        "--no-publications".into(),
+        "--no-subscriptions".into(),
+    ];
+    if let Some(s) = snapshot {
+        args.push(format!("--snapshot={s}"));
+    }
+    if !plan.keep_owners {
+        args.push("--no-owner".into());
+        args.push("--no-privileges".into());
+    }
+    let dump = run_program(
+        "pg_dump",
+        &args,
+        &source.with_dbname(db),
+        None,
+        &format!("pg_dump {section} of {db}"),
+    )
+    .await?;
+    // Index builds dominate post-data: give them memory and parallel workers.
+    let options = (section == "post-data")
+        .then_some("-c maintenance_work_mem=256MB -c max_parallel_maintenance_workers=4");
+    let psql_args: Vec<String> = [
+        "-X",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "--single-transaction",
+        "-o",
+        "/dev/null",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    run_program_with_input(
+        "psql",
+        &psql_args,
+        &target.with_dbname(db),
+        options,
+        dump,
+        &format!("restoring the {section} schema of {db}"),
+    )
+    .await?;
+    tracing::info!(
+        database = db,
+        section,
+        seconds = started.elapsed().as_secs_f64(),
+        "schema section restored"
+    );
+    Ok(())
+}
+
+/// Result of [`copy_roles`].
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct RolesReport {
+    /// Roles created on the target.
+    pub created: Vec<String>,
+    /// Roles that already existed there and were left untouched.
+    pub existing: Vec<String>,
+    /// Statements the target refused (logged as warnings, not fatal).
+    pub errors: Vec<String>,
+}
+
+/// Copies roles (`pg_dumpall --roles-only`) to the target. Roles that
+/// already exist there are not altered (their passwords and attributes stay
+/// as they are); memberships are granted where possible.
+pub async fn copy_roles(source: &Endpoint, target: &Endpoint) -> Result<RolesReport, SchemaError> {
+    let dump = match run_program(
+        "pg_dumpall",
+        &["--roles-only".to_string()],
+        source,
+        None,
+        "pg_dumpall --roles-only",
+    )
+    .await
+    {
+        Ok(d) => d,
+        // Managed servers do not let anyone read pg_authid.
+        Err(SchemaError::Program { stderr, .. }) if stderr.contains("pg_authid") => {
+            run_program(
+                "pg_dumpall",
+                &["--roles-only".into(), "--no-role-passwords".into()],
+                source,
+                None,
+                "pg_dumpall --roles-only --no-role-passwords",
+            )
+            .await?
+        }
+        Err(e) => return Err(e),
+    };
+    let tgt = db::connect(target, "target").await?;
+    let existing: HashSet<String> = tgt
+        .query("SELECT rolname::text FROM pg_roles", &[])
+        .await
+        .map_err(sql_err("listing target roles"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let text = String::from_utf8_lossy(&dump);
+    let mut report = RolesReport::default();
+    let mut script = String::new();
+    for line in text.lines() {
+        let role = line
+            .strip_prefix("CREATE ROLE ")
+            .or_else(|| line.strip_prefix("ALTER ROLE "))
+            .map(leading_ident);
+        if let Some(role) = role {
+            if existing.contains(&role) {
+                if line.starts_with("CREATE ROLE ") {
+                    report.existing.push(role);
+                }
+                continue;
+            }
+            if line.starts_with("CREATE ROLE ") {
+                report.created.push(role);
+            }
+        }
+        script.push_str(line);
+        script.push('\n');
+    }
+    // Without ON_ERROR_STOP: a membership or setting the target refuses must
+    // not stop the other roles; each error is reported.
+    let out = run_program_output(
+        "psql",
+        &["-X".into(), "-q".into(), "-o".into(), "/dev/null".into()],
+        target,
+        None,
+        script.into_bytes(),
+        "restoring roles",
+    )
+    .await?;
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        if line.contains("ERROR:") && !line.contains("already exists") {
+            tracing::warn!("copying roles: {line}");
+            report.errors.push(line.to_string());
+        }
+    }
+    Ok(report)
+}
+
+/// The identifier at the start of `s` (quoted or bare), unquoted.
+fn leading_ident(s: &str) -> String {
+    if let Some(rest) = s.strip_prefix('"') {
+        let mut out = String::new();
+        let mut chars = rest.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '"' {
+                if chars.peek() == Some(&'"') {
+                    chars.next();
+                    out.push('"');
+                } else {
+                    break;
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    } else {
+        s.split([' ', ';']).next().unwrap_or("").to_string()
+    }
+}
+
+/// A PostgreSQL client program connected to `ep` through libpq environment
+/// variables, so the password never appears on a command line.
+fn command(program: &str, ep: &Endpoint, options: Option<&str>) -> Result<Command, SchemaError> {
+    let path = crate::pgbin::find(program).ok_or_else(|| SchemaError::ProgramMissing {
+        program: program.to_string(),
+        hint: crate::pgbin::INSTALL_HINT.to_string(),
+    })?;
+    let mut c = Command::new(path);
+    for var in [
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGOPTIONS",
+        "PGPASSFILE",
+        "PGHOSTADDR",
+    ] {
+        c.env_remove(var);
+    }
+    c.env("PGHOST", &ep.host)
+        .env("PGPORT", ep.port.to_string())
+        .env("PGUSER", &ep.user)
+        .env("PGDATABASE", &ep.dbname)
+        .env("PGAPPNAME", "pgshift")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGSSLMODE", ep.sslmode.as_str());
+    // pg_dump and psql verify the server exactly as pgshift's own connections do.
+    match &ep.sslrootcert {
+        Some(root) => c.env("PGSSLROOTCERT", root),
+        None => c.env_remove("PGSSLROOTCERT"),
+    };
+    match &ep.password {
+        Some(p) => c.env("PGPASSWORD", p.expose()),
+        None => c.env_remove("PGPASSWORD"),
+    };
+    if let Some(o) = options {
+        c.env("PGOPTIONS", o);
+    }
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    Ok(c)
+}
+
+/// Runs a program to completion and returns its stdout; a failure carries stderr.
+async fn run_program(
+    program: &str,
+    args: &[String],
+    ep: &Endpoint,
+    options: Option<&str>,
+    step: &str,
+) -> Result<Vec<u8>, SchemaError> {
+    let mut c = command(program, ep, options)?;
+    c.args(args);
+    let out = c.output().await.map_err(|source| SchemaError::Spawn {
+        program: program.to_string(),
+        source,
+    })?;
+    check_status(program, step, &out)?;
+    Ok(out.stdout)
+}
+
+/// Runs a program feeding `input` on stdin; fails when it exits non-zero.
+async fn run_program_with_input(
+    program: &str,
+    args: &[String],
+    ep: &Endpoint,
+    options: Option<&str>,
+    input: Vec<u8>,
+    step: &str,
+) -> Result<(), SchemaError> {
+    let out = run_program_output(program, args, ep, options, input, step).await?;
+    check_status(program, step, &out)
+}
+
+async fn run_program_output(
+    program: &str,
+    args: &[String],
+    ep: &Endpoint,
+    options: Option<&str>,
+    input: Vec<u8>,
+    step: &str,
+) -> Result<std::process::Output, SchemaError> {
+    let mut c = command(program, ep, options)?;
+    c.args(args).stdin(Stdio::piped());
+    let spawn_err = |source| SchemaError::Spawn {
+        program: program.to_string(),
+        source,
+    };
+    let mut child = c.spawn().map_err(spawn_err)?;
+    let mut stdin = child.stdin.take().ok_or_else(|| SchemaError::Program {
+        step: step.to_string(),
+        program: program.to_string(),
+        status: "without stdin".into(),
+        stderr: String::new(),
+    })?;
+    // Feed stdin while collecting the output, so neither pipe can fill up and block.
+    let writer = async move {
+        let r = stdin.write_all(&input).await;
+        drop(stdin);
+        r
+    };
+    let (written, out) = tokio::join!(writer, child.wait_with_output());
+    let out = out.map_err(spawn_err)?;
+    if let Err(e) = written {
+        // A program that stops reading early has failed; its stderr says why.
+        if out.status.success() {
+            return Err(spawn_err(e));
+        }
+    }
+    Ok(out)
+}
+
+fn check_status(program: &str, step: &str, out: &std::process::Output) -> Result<(), SchemaError> {
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The first error lines say what happened; a schema restore can be long.
+    let stderr: String = stderr.lines().take(20).collect::<Vec<_>>().join("\n");
+    Err(SchemaError::Program {
+        step: step.to_string(),
+        program: program.to_string(),
+        status: out.status.to_string(),
+        stderr,
+    })
+}
+
+/// Result of [`copy_sequences`].
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SequencesReport {
+    /// Sequences whose value was set on the target.
+    pub copied: usize,
+    /// Source sequences absent on the target (not set).
+    pub missing_on_target: Vec<String>,
+}
+
+/// Copies `last_value` / `is_called` of every sequence (owned by a column or
+/// not) from source to target: one query on each side, so the cutover can
+/// afford it while writes are paused.
+pub async fn copy_sequences(
+    source: &Client,
+    target: &Client,
+) -> Result<SequencesReport, SchemaError> {
+    // pg_sequence_last_value is NULL for a sequence never called (is_called = false);
+    // the pg_sequences view hides is_called, so its building blocks are used.
+    let rows = source
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname), \
+                    pg_sequence_last_value(c.oid), s.seqstart \
+             FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_sequence s ON s.seqrelid = c.oid \
+             WHERE c.relkind = 'S' AND c.relpersistence <> 't' \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgshift') \
+               AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast%' \
+               AND CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, 'SELECT, USAGE') END",
+            &[],
+        )
+        .await
+        .map_err(sql_err("reading source sequences"))?;
+    let mut names = Vec::with_capacity(rows.len());
+    let mut values = Vec::with_capacity(rows.len());
+    let mut called = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let last: Option<i64> = r.get(1);
+        names.push(r.get::<_, String>(0));
+        values.push(last.unwrap_or_else(|| r.get(2)));
+        called.push(last.is_some());
+    }
+    let missing: Vec<String> = target
+        .query(
+            "SELECT x.name FROM unnest($1::text[], $2::int8[], $3::bool[]) AS x(name, v, called) \
+             WHERE CASE WHEN to_regclass(x.name) IS NULL THEN true \
+                        ELSE setval(to_regclass(x.name), x.v, x.called) IS NULL END",
+            &[&names, &values, &called],
+        )
+        .await
+        .map_err(sql_err("setting target sequences"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(SequencesReport {
+        copied: names.len() - missing.len(),
+        missing_on_target: missing,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::leading_ident;
+
+    #[test]
+    fn role_names_from_dump_lines() {
+        assert_eq!(leading_ident("app;"), "app");
+        assert_eq!(leading_ident("app WITH LOGIN;"), "app");
+        assert_eq!(leading_ident("\"We\"\"ird\" WITH LOGIN;"), "We\"ird");
+    }
+}
