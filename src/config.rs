@@ -147,7 +147,9 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMethod {
+    /// kebab-case alone would spell it `scram-sha256`.
     #[default]
+    #[serde(rename = "scram-sha-256")]
     ScramSha256,
     Md5,
     Trust,
@@ -876,6 +878,13 @@ url = "postgres://postgres:pw@127.0.0.1:5433/postgres"
         let e = Config::from_toml(&t, &env).unwrap_err().to_string();
         assert!(e.contains("target.url"), "{e}");
         assert!(!e.contains("pw@"), "{e}");
+    }
+
+    #[test]
+    fn scram_auth_is_spelled_like_postgres() {
+        let t = MINIMAL.replace("auth = \"md5\"", "auth = \"scram-sha-256\"");
+        let c = Config::from_toml(&t, &env).unwrap();
+        assert_eq!(c.proxy().auth, AuthMethod::ScramSha256);
     }
 
     #[test]

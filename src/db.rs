@@ -14,7 +14,9 @@ pub enum DbError {
         addr: String,
         source: tokio_postgres::Error,
     },
-    #[error("{what}: sslmode=require is not supported for pgshift's SQL connections yet; use prefer or disable")]
+    #[error(
+        "{what}: sslmode=require is not supported for pgshift's SQL connections yet; use prefer or disable"
+    )]
     TlsRequired { what: String },
 }
 
@@ -22,7 +24,9 @@ pub enum DbError {
 /// `what` names the connection in errors ("source database app").
 pub async fn connect(ep: &Endpoint, what: &str) -> Result<Client, DbError> {
     if ep.sslmode == SslMode::Require {
-        return Err(DbError::TlsRequired { what: what.to_string() });
+        return Err(DbError::TlsRequired {
+            what: what.to_string(),
+        });
     }
     let (client, conn) = ep
         .pg_config()

@@ -15,8 +15,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 pub const SUPERUSER: &str = "postgres";
@@ -126,7 +126,14 @@ fn template_for(opts: &ClusterOptions) -> PathBuf {
     let version = Command::new(pg_bin().join("postgres"))
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().last().unwrap_or("x").trim_end_matches(')').to_string())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .last()
+                .unwrap_or("x")
+                .trim_end_matches(')')
+                .to_string()
+        })
         .unwrap_or_else(|_| "x".into());
     let root = std::env::temp_dir().join("pgshift-test-templates");
     let _ = std::fs::create_dir_all(&root);
@@ -134,7 +141,10 @@ fn template_for(opts: &ClusterOptions) -> PathBuf {
     if final_dir.join("data/PG_VERSION").is_file() {
         return final_dir.join("data");
     }
-    let dir = tempfile::Builder::new().prefix("tpl-").tempdir_in(&root).expect("temp dir");
+    let dir = tempfile::Builder::new()
+        .prefix("tpl-")
+        .tempdir_in(&root)
+        .expect("temp dir");
     chown_to_server_user(dir.path());
     let data = dir.path().join("data");
     let pwfile = dir.path().join("pw");
@@ -190,9 +200,17 @@ impl Cluster {
 
     pub fn start_with(opts: ClusterOptions) -> Cluster {
         let template = template_for(&opts);
-        let dir = tempfile::Builder::new().prefix("pgshift-pg-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("pgshift-pg-")
+            .tempdir()
+            .expect("temp dir");
         let data = dir.path().join("data");
-        let st = Command::new("cp").arg("-a").arg(&template).arg(&data).status().expect("cp");
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(&template)
+            .arg(&data)
+            .status()
+            .expect("cp");
         assert!(st.success(), "copying the template cluster failed");
         let socket_dir = dir.path().to_path_buf();
         chown_to_server_user(dir.path());
@@ -227,7 +245,11 @@ impl Cluster {
 
     fn start_server(&mut self) {
         for attempt in 0..5 {
-            let port = if self.port == 0 || attempt > 0 { free_port() } else { self.port };
+            let port = if self.port == 0 || attempt > 0 {
+                free_port()
+            } else {
+                self.port
+            };
             let out = as_server_user(&pg_bin().join("pg_ctl"))
                 .arg("-D")
                 .arg(&self.data)
@@ -246,9 +268,13 @@ impl Cluster {
                 self.running = true;
                 return;
             }
-            let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            let log =
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
             if !log.contains("could not bind") && !log.contains("already in use") {
-                panic!("pg_ctl start failed: {}\n{log}", String::from_utf8_lossy(&out.stderr));
+                panic!(
+                    "pg_ctl start failed: {}\n{log}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
         }
         panic!("could not find a free port for PostgreSQL");
@@ -316,7 +342,10 @@ impl Cluster {
 
     /// A URL for `user`/`password` on `db`.
     pub fn url_as(&self, user: &str, password: &str, db: &str) -> String {
-        format!("postgres://{user}:{password}@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+        format!(
+            "postgres://{user}:{password}@127.0.0.1:{}/{db}?sslmode=disable",
+            self.port
+        )
     }
 
     /// The superuser URL for `db`.
