@@ -161,3 +161,61 @@ pub fn metric(ctx: &Context, name: &str, label: &str) -> f64 {
     let text = pgshift::admin::metrics::render(&ctx.registry).unwrap();
     metric_in(&text, name, label)
 }
+
+/// Reads one backend message (tag, body) from a raw socket; None on EOF.
+pub async fn read_msg(s: &mut tokio::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head).await.ok()?;
+    let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len.saturating_sub(4)];
+    s.read_exact(&mut body).await.ok()?;
+    Some((head[0], body))
+}
+
+/// The SQLSTATE of an ErrorResponse body.
+pub fn sqlstate(body: &[u8]) -> String {
+    body.split(|b| *b == 0)
+        .find_map(|f| f.strip_prefix(b"C"))
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .unwrap_or_default()
+}
+
+/// A raw protocol session through a proxy with `auth = "trust"`: startup
+/// sent and read up to ReadyForQuery.
+pub async fn raw_session(port: u16, user: &str, db: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let params = vec![
+        ("user".to_string(), user.to_string()),
+        ("database".to_string(), db.to_string()),
+    ];
+    s.write_all(&pgshift::wire::messages::startup_message(&params))
+        .await
+        .unwrap();
+    loop {
+        let (tag, body) = read_msg(&mut s).await.expect("startup answer");
+        match tag {
+            b'Z' => return s,
+            b'E' => panic!("startup failed: {}", String::from_utf8_lossy(&body)),
+            _ => {}
+        }
+    }
+}
+
+/// Reads messages until EOF and returns the first ErrorResponse's SQLSTATE (if any).
+pub async fn error_then_eof(s: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut code = None;
+    while let Some((tag, body)) =
+        tokio::time::timeout(std::time::Duration::from_secs(10), read_msg(s))
+            .await
+            .expect("connection closed within 10s")
+    {
+        if tag == b'E' && code.is_none() {
+            code = Some(sqlstate(&body));
+        }
+    }
+    code
+}
