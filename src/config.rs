@@ -149,6 +149,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMethod {
+    /// kebab-case alone would spell it `scram-sha256`.
     #[default]
     #[serde(rename = "scram-sha-256")]
     ScramSha256,

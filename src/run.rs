@@ -16,6 +16,8 @@ pub enum RunError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Proxy(#[from] crate::proxy::ProxyError),
 }
 
 /// Binds `addr`, naming the config key when that fails.
@@ -27,12 +29,20 @@ pub async fn bind(key: &str, addr: std::net::SocketAddr) -> Result<TcpListener, 
 
 pub async fn run(path: &Path) -> Result<u8, RunError> {
     let config = Config::load(path)?;
+    // Bind both ports before anything starts, so a port in use refuses the
+    // start cleanly and names its key.
+    let proxy_listener = bind("proxy.listen", config.proxy_listen).await?;
     let admin_listener = bind("admin.listen", config.admin_listen).await?;
     let ctx = Context::new(config);
+    let proxy = crate::proxy::Proxy::build(ctx.clone())?;
     let router = crate::admin::base_router(ctx.clone());
     let admin = tokio::spawn(crate::admin::serve(admin_listener, router, ctx.clone()));
+    // On SIGTERM the proxy task stops accepting and drains for proxy.shutdown_timeout.
+    let proxy_task = proxy.serve(proxy_listener);
     wait_for_signal(&ctx).await;
+    let _ = proxy_task.await;
     let _ = admin.await;
+    tracing::info!("pgshift stopped");
     Ok(0)
 }
 
