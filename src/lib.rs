@@ -10,6 +10,7 @@ pub mod config;
 pub mod context;
 pub mod cutover;
 pub mod db;
+pub mod demo;
 pub mod localpg;
 pub mod migration;
 pub mod pgbin;

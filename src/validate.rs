@@ -185,8 +185,11 @@ pub async fn validate(config: &Config) -> ValidationReport {
     let env = database::Environment::load(m, source.as_ref(), target.as_ref()).await;
     checks.extend(env.checks.iter().cloned());
     // A few databases at a time: each one holds a source connection while checked.
-    let per_db: Vec<Vec<Check>> = futures_util::stream::iter(m.databases.iter())
-        .map(|db| env.check_database(db))
+    // Owned names: a closure over borrowed ones makes this future not Send
+    // for a spawned task (a known rustc limitation with higher-ranked lifetimes).
+    let env = &env;
+    let per_db: Vec<Vec<Check>> = futures_util::stream::iter(m.databases.clone())
+        .map(|db| async move { env.check_database(&db).await })
         .buffered(4)
         .collect()
         .await;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::fence::{self, FenceRecord};
@@ -58,16 +58,16 @@ pub trait CutoverHost: Send + Sync {
     ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PhaseReport {
-    pub phase: &'static str,
+    pub phase: String,
     pub seconds: f64,
     pub outcome: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CutoverReport {
     pub id: String,
     pub started_at: String,
@@ -190,7 +190,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
             "cutover phase"
         );
         self.report.phases.push(PhaseReport {
-            phase,
+            phase: phase.to_string(),
             seconds,
             outcome: outcome.to_string(),
             detail,

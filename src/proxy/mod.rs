@@ -70,6 +70,8 @@ pub struct Shared {
     pub(crate) kill: CancellationToken,
     /// Bumped on route swaps and gate openings to wake idle sessions.
     pub(crate) epoch: watch::Sender<u64>,
+    /// Sessions that could not move to a new route and were closed.
+    pub(crate) moves_failed: std::sync::atomic::AtomicU64,
 }
 
 pub struct Proxy;
@@ -116,6 +118,7 @@ impl Proxy {
             draining: CancellationToken::new(),
             kill: CancellationToken::new(),
             epoch,
+            moves_failed: std::sync::atomic::AtomicU64::new(0),
             ctx,
         };
         Ok(ProxyHandle {
@@ -172,6 +175,60 @@ impl ProxyHandle {
 
     pub fn metrics(&self) -> &ProxyMetrics {
         &self.shared.metrics
+    }
+
+    /// Sessions that could not move to a new route and were closed, so far.
+    pub fn moves_failed(&self) -> u64 {
+        self.shared
+            .moves_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Cancels the running query of every session inside a transaction or
+    /// request (as a client's CancelRequest would). Returns how many.
+    pub async fn cancel_busy_sessions(&self) -> usize {
+        let busy: Vec<_> = self
+            .sessions()
+            .sessions()
+            .into_iter()
+            .filter(|s| s.busy())
+            .collect();
+        for s in &busy {
+            let b = s.backend();
+            let opts = backend::connect_options(&self.shared, &b.route);
+            if let Err(e) = crate::wire::connect::send_cancel(&opts, b.pid, b.secret).await {
+                tracing::warn!(session = s.id, "cannot cancel the running query: {e}");
+            }
+        }
+        busy.len()
+    }
+
+    /// Closes every session still inside a transaction or request, with an
+    /// ErrorResponse carrying `message`; their transactions roll back.
+    pub fn terminate_busy_sessions(&self, message: &str) -> usize {
+        let busy: Vec<_> = self
+            .sessions()
+            .sessions()
+            .into_iter()
+            .filter(|s| s.busy())
+            .collect();
+        for s in &busy {
+            s.terminate(message);
+        }
+        busy.len()
+    }
+
+    /// What `/status` shows under `proxy`.
+    pub fn status(&self) -> serde_json::Value {
+        let gate = self.gate();
+        serde_json::json!({
+            "route": self.router().current().name,
+            "sessions": self.sessions().len(),
+            "sessions_in_transaction": gate.sessions_in_transaction(),
+            "paused": gate.is_closed(),
+            "waiting_at_gate": gate.waiting_sessions(),
+            "sessions_dropped_on_move": self.moves_failed(),
+        })
     }
 
     /// Stops accepting, closes idle sessions, lets open transactions finish

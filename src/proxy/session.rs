@@ -299,6 +299,7 @@ impl Session {
         let drain = shared.draining.cancelled();
         tokio::pin!(kill, drain);
         let mut epoch = shared.epoch.subscribe();
+        let info = self.info.clone();
         loop {
             reserve(&mut self.cbuf, CLIENT_READ_RESERVE);
             reserve(&mut self.sbuf, SERVER_READ_RESERVE);
@@ -319,6 +320,11 @@ impl Session {
                 _ = epoch.changed(), if resting => self.move_if_rerouted().await,
                 _ = &mut drain, if resting => return self.close_for_shutdown().await,
                 _ = &mut kill => return self.close_for_shutdown().await,
+                _ = info.killed() => {
+                    let message = info.kill_message();
+                    self.fatal("57P01", &message).await;
+                    return End::Closed;
+                }
             }
         }
     }
@@ -413,6 +419,9 @@ impl Session {
             && let Err(e) = self.move_backend().await
         {
             self.shared.metrics.error("backend_connect");
+            self.shared
+                .moves_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let route = self.shared.router.current();
             tracing::warn!(session = self.info.id, route = %route.name, "cannot move session: {e}");
             self.fatal(

@@ -33,6 +33,10 @@ pub struct SessionInfo {
     status: AtomicU8,
     busy: AtomicBool,
     backend: ArcSwap<BackendRef>,
+    /// Cancelled to close this one session (e.g. a cutover that cannot wait
+    /// for its transaction); the message goes to the client.
+    kill: tokio_util::sync::CancellationToken,
+    kill_message: Mutex<String>,
 }
 
 impl SessionInfo {
@@ -55,6 +59,23 @@ impl SessionInfo {
     }
     pub(crate) fn set_backend(&self, b: BackendRef) {
         self.backend.store(Arc::new(b));
+    }
+
+    /// Closes this session with an ErrorResponse carrying `message`.
+    pub fn terminate(&self, message: &str) {
+        *self.kill_message.lock().unwrap_or_else(|e| e.into_inner()) = message.to_string();
+        self.kill.cancel();
+    }
+
+    pub(crate) fn killed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.kill.cancelled()
+    }
+
+    pub(crate) fn kill_message(&self) -> String {
+        self.kill_message
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn snapshot(&self) -> SessionSnapshot {
@@ -127,6 +148,8 @@ impl Registry {
             status: AtomicU8::new(s.status.byte()),
             busy: AtomicBool::new(false),
             backend: ArcSwap::from_pointee(s.backend),
+            kill: tokio_util::sync::CancellationToken::new(),
+            kill_message: Mutex::new(String::new()),
         });
         map.insert(pid, info.clone());
         info
