@@ -113,7 +113,9 @@ impl ApplyOptions {
         ApplyOptions {
             migration: migration.to_string(),
             database: database.to_string(),
-            max_batch_transactions: 1000,
+            // Small groups: a row updated by every transaction (a hot counter)
+            // grows a version chain within the target transaction.
+            max_batch_transactions: 100,
             max_round_bytes: 512 * 1024,
             client_encoding: None,
         }
@@ -477,7 +479,9 @@ impl Applier {
             self.stopped = true;
             self.pipe.clear();
             if self.pipe.conn.status != TxStatus::Idle {
-                let _ = self.pipe.conn.simple_query("ROLLBACK").await;
+                // The connection may be gone: do not wait on it for long.
+                let rollback = self.pipe.conn.simple_query("ROLLBACK");
+                let _ = tokio::time::timeout(Duration::from_secs(5), rollback).await;
             }
             if let Some(m) = &self.metrics {
                 m.errors.with_label_values(&[&self.opts.database]).inc();
@@ -544,6 +548,12 @@ impl Applier {
             PgOutputMessage::StreamStart(s) => {
                 if s.first_segment {
                     self.streams.insert(s.xid, Vec::new());
+                } else if !self.streams.contains_key(&s.xid) {
+                    // Applying the rest of a transaction would apply part of it.
+                    return Err(self.protocol(format!(
+                        "streamed transaction {} continues without its first segment",
+                        s.xid
+                    )));
                 }
                 self.stream_xid = Some(s.xid);
                 Ok(())
@@ -561,7 +571,16 @@ impl Applier {
                 Ok(())
             }
             PgOutputMessage::StreamCommit(c) => {
-                let msgs = self.streams.remove(&c.xid).unwrap_or_default();
+                let msgs = match self.streams.remove(&c.xid) {
+                    Some(m) => m,
+                    None if c.commit_lsn <= self.applied => Vec::new(),
+                    None => {
+                        return Err(self.protocol(format!(
+                            "Stream Commit of transaction {} that was never streamed",
+                            c.xid
+                        )));
+                    }
+                };
                 self.begin(Begin {
                     final_lsn: c.commit_lsn,
                     commit_time: c.commit_time,
