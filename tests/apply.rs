@@ -28,6 +28,11 @@ impl Pair {
     }
 
     fn with_source_conf(schema_and_data: &str, conf: Vec<String>) -> Pair {
+        Pair::build(schema_and_data, conf, "")
+    }
+
+    /// `target_first` runs on the target before the schema (to shift its OIDs).
+    fn build(schema_and_data: &str, conf: Vec<String>, target_first: &str) -> Pair {
         // Decoding reads only flushed WAL; the harness turns synchronous_commit off.
         let mut conf = conf;
         conf.push("synchronous_commit = on".into());
@@ -36,6 +41,9 @@ impl Pair {
             ..Default::default()
         });
         let dst = Cluster::start();
+        if !target_first.is_empty() {
+            dst.psql(DB, target_first);
+        }
         src.psql(DB, schema_and_data);
         dst.psql(DB, schema_and_data);
         src.psql(DB, "CREATE PUBLICATION pub FOR ALL TABLES");
@@ -210,19 +218,28 @@ async fn unchanged_toast_columns_are_left_alone() {
 
 #[tokio::test]
 async fn replica_identity_full_with_duplicates_and_nulls_and_using_index() {
-    let p = Pair::new(
-        "CREATE TABLE nokey (a int, b text, j json);
+    let p = Pair::build(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE nokey (a int, b text, j json, m mood);
          ALTER TABLE nokey REPLICA IDENTITY FULL;
-         INSERT INTO nokey VALUES (1, NULL, '{\"x\": 1}'), (1, NULL, '{\"x\": 1}'), (2, 'x', NULL), (NULL, NULL, NULL), (NULL, NULL, NULL);
+         INSERT INTO nokey VALUES (1, NULL, '{\"x\": 1}', 'sad'), (1, NULL, '{\"x\": 1}', 'sad'), (2, 'x', NULL, NULL), (NULL, NULL, NULL, NULL), (NULL, NULL, NULL, NULL);
+         CREATE TABLE fullbig (n int, body text);
+         ALTER TABLE fullbig REPLICA IDENTITY FULL;
+         ALTER TABLE fullbig ALTER body SET STORAGE EXTERNAL;
+         INSERT INTO fullbig SELECT 1, string_agg(md5(g::text), '') FROM generate_series(1, 4096) g;
          CREATE TABLE byidx (id int, code text NOT NULL, v text);
          CREATE UNIQUE INDEX byidx_code ON byidx (code);
          ALTER TABLE byidx REPLICA IDENTITY USING INDEX byidx_code;
          INSERT INTO byidx VALUES (1, 'a', 'v1'), (2, 'b', 'v2'), (NULL, 'n', NULL);",
+        vec![],
+        // User types get other OIDs on the target.
+        "CREATE TYPE unrelated AS ENUM ('x'); CREATE TYPE unrelated2 AS ENUM ('y');",
     );
     p.run(&[
         "UPDATE nokey SET b = 'y' WHERE ctid = (SELECT ctid FROM nokey WHERE a = 1 LIMIT 1)",
         "DELETE FROM nokey WHERE ctid = (SELECT ctid FROM nokey WHERE a IS NULL LIMIT 1)",
-        "UPDATE nokey SET a = 3 WHERE a = 2",
+        "UPDATE nokey SET a = 3, m = 'happy' WHERE a = 2",
+        "UPDATE fullbig SET n = 2",
         "UPDATE nokey SET j = '{\"x\": 2}' WHERE b IS NULL AND a = 1",
         "INSERT INTO nokey VALUES (NULL, NULL, NULL)",
         "UPDATE byidx SET code = 'c' WHERE code = 'a'",
@@ -287,6 +304,27 @@ async fn relation_mismatch_stops_with_the_fix_and_resumes_after_it() {
         ),
         "1:7,2:5"
     );
+}
+
+#[tokio::test]
+async fn a_column_type_difference_names_both_types() {
+    let p = Pair::new("CREATE TABLE t (id int PRIMARY KEY, v int);");
+    p.dst.psql(DB, "ALTER TABLE t ALTER v TYPE bigint");
+    p.run(&["INSERT INTO t VALUES (1, 1)"]).await;
+    let msgs = p.changes("1").await;
+    let mut a = p.applier(opts()).await;
+    let err = apply_all(&mut a, &msgs).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("table public.t"), "{text}");
+    assert!(
+        text.contains("column \"v\" is integer on the source but bigint on the target"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ALTER TABLE \"public\".\"t\" ALTER COLUMN \"v\" TYPE integer;"),
+        "{text}"
+    );
+    assert_eq!(p.dst.psql(DB, "SELECT count(*) FROM t"), "0");
 }
 
 #[tokio::test]
