@@ -432,6 +432,18 @@ async fn restart_after_a_crash_applies_each_transaction_exactly_once() {
     );
     assert_eq!(p.dst.psql(DB, "SELECT n FROM counter"), "400");
     p.same_data();
+    // The position is where the last commit record ends (what the source
+    // reports as its WAL end when idle, so lag can reach zero).
+    let mut d = Decoder::new();
+    let last_end = msgs
+        .iter()
+        .filter_map(|m| match d.decode(m.clone()).unwrap() {
+            PgOutputMessage::Commit(c) => Some(c.end_lsn),
+            _ => None,
+        })
+        .last()
+        .unwrap();
+    assert_eq!(a.applied_position(), last_end);
     // Once more from the start: nothing left to apply.
     drop(a);
     let mut a = p.applier(opts()).await;

@@ -2,10 +2,11 @@
 //! commit order, applied to the target exactly once.
 //!
 //! Rows and progress are one atomic fact: consecutive source transactions
-//! are grouped into one target transaction that also records the last one's
-//! commit LSN in a replication origin (`pg_replication_origin_xact_setup`).
-//! A restarted applier reads the origin's position and skips every
-//! transaction whose commit LSN is at or before it.
+//! are grouped into one target transaction that also records where the
+//! last one's commit record ends in a replication origin
+//! (`pg_replication_origin_xact_setup`), as PostgreSQL's own apply does. A
+//! restarted applier reads the origin's position and skips every
+//! transaction whose commit record starts before it.
 //!
 //! Feeding: [`Applier::handle_xlogdata`] (raw XLogData payloads) or
 //! [`Applier::handle`] (decoded messages), then [`Applier::flush`] whenever
@@ -140,7 +141,8 @@ pub struct ApplyStats {
     pub deletes: u64,
     /// Relations truncated.
     pub truncates: u64,
-    /// The commit LSN of the last source transaction committed on the target.
+    /// The end of the commit record of the last source transaction
+    /// committed on the target (the replication origin's position).
     pub applied_lsn: Lsn,
 }
 
@@ -292,7 +294,10 @@ struct Group {
     open: bool,
     transactions: u64,
     statements: usize,
+    /// The last complete transaction's commit record end and commit time.
     last_commit: Option<(Lsn, i64)>,
+    /// The last complete transaction's commit LSN, for errors.
+    last_commit_lsn: Lsn,
     markers: Vec<Marker>,
     counts: OpCounts,
 }
@@ -419,8 +424,9 @@ impl Applier {
         &self.origin
     }
 
-    /// The commit LSN of the last source transaction committed on the target:
-    /// stream from here after a restart; report it as flushed to the source.
+    /// The end of the last applied source transaction's commit record (the
+    /// origin's position): stream from here after a restart, report it as
+    /// written/flushed to the source, and compute lag from it.
     pub fn applied_position(&self) -> Lsn {
         self.applied
     }
@@ -573,7 +579,7 @@ impl Applier {
             PgOutputMessage::StreamCommit(c) => {
                 let msgs = match self.streams.remove(&c.xid) {
                     Some(m) => m,
-                    None if c.commit_lsn <= self.applied => Vec::new(),
+                    None if c.commit_lsn < self.applied => Vec::new(),
                     None => {
                         return Err(self.protocol(format!(
                             "Stream Commit of transaction {} that was never streamed",
@@ -610,7 +616,9 @@ impl Applier {
             .map_or(self.applied, |(l, _)| l.max(self.applied));
         self.current = Some(Current {
             commit_lsn: b.final_lsn,
-            skip: b.final_lsn <= done,
+            // Progress is the end of a commit record; the next transaction's
+            // commit record may start exactly there, so the test is strict.
+            skip: b.final_lsn < done,
             markers: Vec::new(),
             counts: OpCounts::default(),
             statements: 0,
@@ -635,7 +643,8 @@ impl Applier {
         }
         let g = &mut self.group;
         g.transactions += 1;
-        g.last_commit = Some((c.commit_lsn, c.commit_time));
+        g.last_commit = Some((c.end_lsn, c.commit_time));
+        g.last_commit_lsn = c.commit_lsn;
         g.counts.add(cur.counts);
         g.markers.extend(cur.markers.into_iter().map(|id| Marker {
             id,
@@ -694,7 +703,7 @@ impl Applier {
                 },
                 other => ApplyError::Row {
                     database,
-                    commit_lsn: self.group.last_commit.map_or(Lsn::ZERO, |(l, _)| l),
+                    commit_lsn: self.group.last_commit_lsn,
                     table: "-".into(),
                     op: other.map_or("statement", |o| o.what),
                     error: Box::new(error),
