@@ -123,7 +123,10 @@ async fn mixed_workload_with_truncate_cascade_and_key_changes_converges() {
          CREATE TABLE child (id serial PRIMARY KEY, pid int REFERENCES parent, v text);
          INSERT INTO parent VALUES (1, 'p1'), (2, 'p2');
          INSERT INTO child (pid, v) SELECT 1 + g % 2, 'c' FROM generate_series(1, 10) g;
-         CREATE TABLE ledger (id bigint PRIMARY KEY, account int, delta numeric);",
+         CREATE TABLE ledger (id bigint PRIMARY KEY, account int, delta numeric);
+         CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v int);
+         CREATE TABLE keysonly (a int, b int, PRIMARY KEY (a, b));
+         INSERT INTO keysonly VALUES (1, 1);",
     );
     let mut w: Vec<String> = Vec::new();
     for i in 0..200 {
@@ -144,6 +147,10 @@ async fn mixed_workload_with_truncate_cascade_and_key_changes_converges() {
         "INSERT INTO parent VALUES (3, 'p3'); INSERT INTO child (pid, v) VALUES (3, 'after')"
             .into(),
     );
+    w.push("INSERT INTO ident (v) SELECT g FROM generate_series(1, 5) g".into());
+    w.push("UPDATE ident SET v = v * 10".into());
+    w.push("UPDATE keysonly SET a = 1".into());
+    w.push("UPDATE keysonly SET b = 2".into());
     w.push("TRUNCATE ledger".into());
     w.push("INSERT INTO ledger VALUES (1, 1, 1)".into());
     let refs: Vec<&str> = w.iter().map(String::as_str).collect();
@@ -163,10 +170,10 @@ async fn mixed_workload_with_truncate_cascade_and_key_changes_converges() {
     p.same_data();
 
     let s = a.stats().clone();
-    assert_eq!(s.transactions, 208);
+    assert_eq!(s.transactions, 212);
     // 200 ledger + 200 accounts + 3 after the truncates; 200 + 18 + 10 key
     // changes of rows that survived the delete of every 7th id (42 rows).
-    assert_eq!((s.inserts, s.updates, s.deletes), (403, 228, 42), "{s:?}");
+    assert_eq!((s.inserts, s.updates, s.deletes), (408, 235, 42), "{s:?}");
     assert_eq!(s.truncates, 3);
     let progress: String = p.dst.psql(
         DB,
@@ -183,7 +190,7 @@ async fn mixed_workload_with_truncate_cascade_and_key_changes_converges() {
     );
     let text = pgshift::admin::metrics::render(&reg).unwrap();
     assert!(
-        text.contains("pgshift_apply_transactions_total{database=\"postgres\"} 208"),
+        text.contains("pgshift_apply_transactions_total{database=\"postgres\"} 212"),
         "{text}"
     );
     assert!(text.contains("pgshift_apply_rows_total{database=\"postgres\",op=\"truncate\"} 3"));

@@ -877,17 +877,31 @@ impl Applier {
                 if bad_width(new) || old_tuple.is_some_and(bad_width) {
                     return Err(self.protocol(format!("malformed Update for {table}")));
                 }
-                let set: Vec<bool> = new
+                // Unchanged TOAST values stay as they are; without an old key
+                // tuple the key did not change, so it is not set either (an
+                // identity column GENERATED ALWAYS could not be).
+                let keep_key = old.is_none() && !entry.full_identity();
+                let mut set: Vec<bool> = new
                     .0
                     .iter()
-                    .map(|v| *v != TupleValue::UnchangedToast)
+                    .zip(&entry.source.columns)
+                    .map(|(v, c)| *v != TupleValue::UnchangedToast && !(keep_key && c.key))
                     .collect();
+                if !set.iter().any(|s| *s) {
+                    // Only key columns: set them to themselves (the row must still exist).
+                    set = new
+                        .0
+                        .iter()
+                        .map(|v| *v != TupleValue::UnchangedToast)
+                        .collect();
+                }
                 let (by, by_values) = self.locate(oid, old_tuple, Some(new))?;
                 let mut p: Vec<Param<'_>> = new
                     .0
                     .iter()
-                    .filter(|v| **v != TupleValue::UnchangedToast)
-                    .map(param)
+                    .zip(&set)
+                    .filter(|(_, s)| **s)
+                    .map(|(v, _)| param(v))
                     .collect();
                 p.extend(by_values);
                 key = StmtKey::Update { set, by };
