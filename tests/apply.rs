@@ -529,3 +529,43 @@ async fn streamed_large_transactions_apply_once_and_aborts_are_dropped() {
     assert_eq!(a.stats().transactions, 3);
     assert_eq!(p.dst.psql(DB, "SELECT count(*) FROM t"), "3002");
 }
+
+#[tokio::test]
+async fn applies_from_a_channel_committing_when_it_runs_empty() {
+    let p = Pair::new("CREATE TABLE t (id int PRIMARY KEY, v text);");
+    p.run(&[
+        "INSERT INTO t SELECT g, 'a' FROM generate_series(1, 100) g",
+        "UPDATE t SET v = 'b' WHERE id % 2 = 0",
+    ])
+    .await;
+    let msgs = p.changes("1").await;
+    let mut a = p.applier(opts()).await;
+    let mut progress = a.subscribe();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        let r = a.apply_channel(&mut rx).await;
+        (a, r)
+    });
+    // The first transaction.
+    let cut = msgs.iter().position(|m| m[0] == b'C').unwrap() + 1;
+    for m in &msgs[..cut] {
+        tx.send(m.clone()).await.unwrap();
+    }
+    // The first transaction is committed while the channel waits for more.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        progress.wait_for(|p| p.stats.transactions == 1),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(p.dst.psql(DB, "SELECT count(*) FROM t"), "100");
+    for m in &msgs[cut..] {
+        tx.send(m.clone()).await.unwrap();
+    }
+    drop(tx);
+    let (a, r) = task.await.unwrap();
+    r.unwrap();
+    assert_eq!(a.stats().transactions, 2);
+    p.same_data();
+}

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use prometheus::{IntCounterVec, Registry};
 use thiserror::Error;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use self::pipeline::{Op, Param, Pipeline, RoundError};
 use self::relation::{RelEntry, StmtKey};
@@ -449,6 +449,37 @@ impl Applier {
     pub async fn handle_xlogdata(&mut self, data: Bytes) -> Result<(), ApplyError> {
         let msg = self.decoder.decode(data)?;
         self.handle(msg).await
+    }
+
+    /// Applies XLogData payloads from a channel until it closes, committing
+    /// whenever the channel runs empty, so a caught-up stream is applied at
+    /// once while a backlog is applied in groups. Progress is seen through
+    /// [`subscribe`](Self::subscribe) (e.g. by the task sending standby
+    /// status updates).
+    pub async fn apply_channel(
+        &mut self,
+        rx: &mut mpsc::Receiver<Bytes>,
+    ) -> Result<(), ApplyError> {
+        loop {
+            let data = match rx.try_recv() {
+                Ok(d) => d,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    self.flush().await?;
+                    match rx.recv().await {
+                        Some(d) => d,
+                        None => break,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            };
+            // A transaction starting with nothing behind it: commit the
+            // complete ones first rather than hold them while it arrives.
+            if data.first() == Some(&b'B') && rx.is_empty() && !self.decoder.in_stream() {
+                self.flush().await?;
+            }
+            self.handle_xlogdata(data).await?;
+        }
+        self.flush().await.map(|_| ())
     }
 
     /// Applies one decoded message. Messages must come in the order the
