@@ -510,6 +510,36 @@ impl Applier {
         Ok(self.applied)
     }
 
+    /// Forgets everything not yet committed on the target, for when the
+    /// source stream restarts (after losing the source connection): stream
+    /// again from the returned position.
+    pub async fn restart_stream(&mut self) -> Result<Lsn, ApplyError> {
+        if self.stopped {
+            return Err(ApplyError::Stopped {
+                database: self.opts.database.clone(),
+            });
+        }
+        self.pipe.clear();
+        // Parses that were queued are gone with the queue: prepare anew.
+        for r in self.relations.values_mut() {
+            r.statements.clear();
+        }
+        self.group = Group::default();
+        self.current = None;
+        self.streams.clear();
+        self.stream_xid = None;
+        self.decoder = Decoder::new();
+        if self.pipe.conn.status != TxStatus::Idle {
+            let r = self.pipe.conn.simple_query("ROLLBACK").await;
+            let r = r.map(|_| ()).map_err(|source| ApplyError::Connection {
+                database: self.opts.database.clone(),
+                source: Box::new(source),
+            });
+            self.check(r).await?;
+        }
+        Ok(self.applied)
+    }
+
     /// On error: roll back the open target transaction, count, stop.
     async fn check<T>(&mut self, r: Result<T, ApplyError>) -> Result<T, ApplyError> {
         if r.is_err() {
