@@ -28,6 +28,11 @@ impl Pair {
     }
 
     fn with_source_conf(schema_and_data: &str, conf: Vec<String>) -> Pair {
+        Pair::build(schema_and_data, conf, "")
+    }
+
+    /// `target_first` runs on the target before the schema (to shift its OIDs).
+    fn build(schema_and_data: &str, conf: Vec<String>, target_first: &str) -> Pair {
         // Decoding reads only flushed WAL; the harness turns synchronous_commit off.
         let mut conf = conf;
         conf.push("synchronous_commit = on".into());
@@ -36,6 +41,9 @@ impl Pair {
             ..Default::default()
         });
         let dst = Cluster::start();
+        if !target_first.is_empty() {
+            dst.psql(DB, target_first);
+        }
         src.psql(DB, schema_and_data);
         dst.psql(DB, schema_and_data);
         src.psql(DB, "CREATE PUBLICATION pub FOR ALL TABLES");
@@ -115,7 +123,10 @@ async fn mixed_workload_with_truncate_cascade_and_key_changes_converges() {
          CREATE TABLE child (id serial PRIMARY KEY, pid int REFERENCES parent, v text);
          INSERT INTO parent VALUES (1, 'p1'), (2, 'p2');
          INSERT INTO child (pid, v) SELECT 1 + g % 2, 'c' FROM generate_series(1, 10) g;
-         CREATE TABLE ledger (id bigint PRIMARY KEY, account int, delta numeric);",
+         CREATE TABLE ledger (id bigint PRIMARY KEY, account int, delta numeric);
+         CREATE TABLE ident (id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v int);
+         CREATE TABLE keysonly (a int, b int, PRIMARY KEY (a, b));
+         INSERT INTO keysonly VALUES (1, 1);",
     );
     let mut w: Vec<String> = Vec::new();
     for i in 0..200 {
@@ -136,6 +147,10 @@ async fn mixed_workload_with_truncate_cascade_and_key_changes_converges() {
         "INSERT INTO parent VALUES (3, 'p3'); INSERT INTO child (pid, v) VALUES (3, 'after')"
             .into(),
     );
+    w.push("INSERT INTO ident (v) SELECT g FROM generate_series(1, 5) g".into());
+    w.push("UPDATE ident SET v = v * 10".into());
+    w.push("UPDATE keysonly SET a = 1".into());
+    w.push("UPDATE keysonly SET b = 2".into());
     w.push("TRUNCATE ledger".into());
     w.push("INSERT INTO ledger VALUES (1, 1, 1)".into());
     let refs: Vec<&str> = w.iter().map(String::as_str).collect();
@@ -155,10 +170,10 @@ async fn mixed_workload_with_truncate_cascade_and_key_changes_converges() {
     p.same_data();
 
     let s = a.stats().clone();
-    assert_eq!(s.transactions, 208);
+    assert_eq!(s.transactions, 212);
     // 200 ledger + 200 accounts + 3 after the truncates; 200 + 18 + 10 key
     // changes of rows that survived the delete of every 7th id (42 rows).
-    assert_eq!((s.inserts, s.updates, s.deletes), (403, 228, 42), "{s:?}");
+    assert_eq!((s.inserts, s.updates, s.deletes), (408, 235, 42), "{s:?}");
     assert_eq!(s.truncates, 3);
     let progress: String = p.dst.psql(
         DB,
@@ -175,7 +190,7 @@ async fn mixed_workload_with_truncate_cascade_and_key_changes_converges() {
     );
     let text = pgshift::admin::metrics::render(&reg).unwrap();
     assert!(
-        text.contains("pgshift_apply_transactions_total{database=\"postgres\"} 208"),
+        text.contains("pgshift_apply_transactions_total{database=\"postgres\"} 212"),
         "{text}"
     );
     assert!(text.contains("pgshift_apply_rows_total{database=\"postgres\",op=\"truncate\"} 3"));
@@ -210,19 +225,28 @@ async fn unchanged_toast_columns_are_left_alone() {
 
 #[tokio::test]
 async fn replica_identity_full_with_duplicates_and_nulls_and_using_index() {
-    let p = Pair::new(
-        "CREATE TABLE nokey (a int, b text, j json);
+    let p = Pair::build(
+        "CREATE TYPE mood AS ENUM ('sad', 'happy');
+         CREATE TABLE nokey (a int, b text, j json, m mood);
          ALTER TABLE nokey REPLICA IDENTITY FULL;
-         INSERT INTO nokey VALUES (1, NULL, '{\"x\": 1}'), (1, NULL, '{\"x\": 1}'), (2, 'x', NULL), (NULL, NULL, NULL), (NULL, NULL, NULL);
+         INSERT INTO nokey VALUES (1, NULL, '{\"x\": 1}', 'sad'), (1, NULL, '{\"x\": 1}', 'sad'), (2, 'x', NULL, NULL), (NULL, NULL, NULL, NULL), (NULL, NULL, NULL, NULL);
+         CREATE TABLE fullbig (n int, body text);
+         ALTER TABLE fullbig REPLICA IDENTITY FULL;
+         ALTER TABLE fullbig ALTER body SET STORAGE EXTERNAL;
+         INSERT INTO fullbig SELECT 1, string_agg(md5(g::text), '') FROM generate_series(1, 4096) g;
          CREATE TABLE byidx (id int, code text NOT NULL, v text);
          CREATE UNIQUE INDEX byidx_code ON byidx (code);
          ALTER TABLE byidx REPLICA IDENTITY USING INDEX byidx_code;
          INSERT INTO byidx VALUES (1, 'a', 'v1'), (2, 'b', 'v2'), (NULL, 'n', NULL);",
+        vec![],
+        // User types get other OIDs on the target.
+        "CREATE TYPE unrelated AS ENUM ('x'); CREATE TYPE unrelated2 AS ENUM ('y');",
     );
     p.run(&[
         "UPDATE nokey SET b = 'y' WHERE ctid = (SELECT ctid FROM nokey WHERE a = 1 LIMIT 1)",
         "DELETE FROM nokey WHERE ctid = (SELECT ctid FROM nokey WHERE a IS NULL LIMIT 1)",
-        "UPDATE nokey SET a = 3 WHERE a = 2",
+        "UPDATE nokey SET a = 3, m = 'happy' WHERE a = 2",
+        "UPDATE fullbig SET n = 2",
         "UPDATE nokey SET j = '{\"x\": 2}' WHERE b IS NULL AND a = 1",
         "INSERT INTO nokey VALUES (NULL, NULL, NULL)",
         "UPDATE byidx SET code = 'c' WHERE code = 'a'",
@@ -287,6 +311,27 @@ async fn relation_mismatch_stops_with_the_fix_and_resumes_after_it() {
         ),
         "1:7,2:5"
     );
+}
+
+#[tokio::test]
+async fn a_column_type_difference_names_both_types() {
+    let p = Pair::new("CREATE TABLE t (id int PRIMARY KEY, v int);");
+    p.dst.psql(DB, "ALTER TABLE t ALTER v TYPE bigint");
+    p.run(&["INSERT INTO t VALUES (1, 1)"]).await;
+    let msgs = p.changes("1").await;
+    let mut a = p.applier(opts()).await;
+    let err = apply_all(&mut a, &msgs).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("table public.t"), "{text}");
+    assert!(
+        text.contains("column \"v\" is integer on the source but bigint on the target"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ALTER TABLE \"public\".\"t\" ALTER COLUMN \"v\" TYPE integer;"),
+        "{text}"
+    );
+    assert_eq!(p.dst.psql(DB, "SELECT count(*) FROM t"), "0");
 }
 
 #[tokio::test]
@@ -383,10 +428,16 @@ async fn restart_after_a_crash_applies_each_transaction_exactly_once() {
         assert_ne!(progress, from.to_string());
     }
     let mut a = p.applier(opts()).await;
+    // The source stream breaks mid-transaction and restarts from the position.
+    for m in &msgs[..msgs.len() * 9 / 10 + 1] {
+        a.handle_xlogdata(m.clone()).await.unwrap();
+    }
+    let from = a.restart_stream().await.unwrap();
+    assert_eq!(from, a.applied_position());
     apply_all(&mut a, &msgs).await.unwrap();
     let s = a.stats().clone();
     assert!(s.skipped_transactions > 0);
-    assert_eq!(s.skipped_transactions + s.transactions, 400);
+    assert!(s.skipped_transactions + s.transactions >= 400);
     assert_eq!(
         p.dst
             .psql(DB, "SELECT count(*) || ',' || max(id) FROM ledger"),
@@ -394,6 +445,18 @@ async fn restart_after_a_crash_applies_each_transaction_exactly_once() {
     );
     assert_eq!(p.dst.psql(DB, "SELECT n FROM counter"), "400");
     p.same_data();
+    // The position is where the last commit record ends (what the source
+    // reports as its WAL end when idle, so lag can reach zero).
+    let mut d = Decoder::new();
+    let last_end = msgs
+        .iter()
+        .filter_map(|m| match d.decode(m.clone()).unwrap() {
+            PgOutputMessage::Commit(c) => Some(c.end_lsn),
+            _ => None,
+        })
+        .last()
+        .unwrap();
+    assert_eq!(a.applied_position(), last_end);
     // Once more from the start: nothing left to apply.
     drop(a);
     let mut a = p.applier(opts()).await;
@@ -471,4 +534,44 @@ async fn streamed_large_transactions_apply_once_and_aborts_are_dropped() {
     p.same_data();
     assert_eq!(a.stats().transactions, 3);
     assert_eq!(p.dst.psql(DB, "SELECT count(*) FROM t"), "3002");
+}
+
+#[tokio::test]
+async fn applies_from_a_channel_committing_when_it_runs_empty() {
+    let p = Pair::new("CREATE TABLE t (id int PRIMARY KEY, v text);");
+    p.run(&[
+        "INSERT INTO t SELECT g, 'a' FROM generate_series(1, 100) g",
+        "UPDATE t SET v = 'b' WHERE id % 2 = 0",
+    ])
+    .await;
+    let msgs = p.changes("1").await;
+    let mut a = p.applier(opts()).await;
+    let mut progress = a.subscribe();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        let r = a.apply_channel(&mut rx).await;
+        (a, r)
+    });
+    // The first transaction.
+    let cut = msgs.iter().position(|m| m[0] == b'C').unwrap() + 1;
+    for m in &msgs[..cut] {
+        tx.send(m.clone()).await.unwrap();
+    }
+    // The first transaction is committed while the channel waits for more.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        progress.wait_for(|p| p.stats.transactions == 1),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(p.dst.psql(DB, "SELECT count(*) FROM t"), "100");
+    for m in &msgs[cut..] {
+        tx.send(m.clone()).await.unwrap();
+    }
+    drop(tx);
+    let (a, r) = task.await.unwrap();
+    r.unwrap();
+    assert_eq!(a.stats().transactions, 2);
+    p.same_data();
 }

@@ -2,10 +2,11 @@
 //! commit order, applied to the target exactly once.
 //!
 //! Rows and progress are one atomic fact: consecutive source transactions
-//! are grouped into one target transaction that also records the last one's
-//! commit LSN in a replication origin (`pg_replication_origin_xact_setup`).
-//! A restarted applier reads the origin's position and skips every
-//! transaction whose commit LSN is at or before it.
+//! are grouped into one target transaction that also records where the
+//! last one's commit record ends in a replication origin
+//! (`pg_replication_origin_xact_setup`), as PostgreSQL's own apply does. A
+//! restarted applier reads the origin's position and skips every
+//! transaction whose commit record starts before it.
 //!
 //! Feeding: [`Applier::handle_xlogdata`] (raw XLogData payloads) or
 //! [`Applier::handle`] (decoded messages), then [`Applier::flush`] whenever
@@ -22,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use prometheus::{IntCounterVec, Registry};
 use thiserror::Error;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use self::pipeline::{Op, Param, Pipeline, RoundError};
 use self::relation::{RelEntry, StmtKey};
@@ -113,7 +114,9 @@ impl ApplyOptions {
         ApplyOptions {
             migration: migration.to_string(),
             database: database.to_string(),
-            max_batch_transactions: 1000,
+            // Small groups: a row updated by every transaction (a hot counter)
+            // grows a version chain within the target transaction.
+            max_batch_transactions: 100,
             max_round_bytes: 512 * 1024,
             client_encoding: None,
         }
@@ -138,7 +141,8 @@ pub struct ApplyStats {
     pub deletes: u64,
     /// Relations truncated.
     pub truncates: u64,
-    /// The commit LSN of the last source transaction committed on the target.
+    /// The end of the commit record of the last source transaction
+    /// committed on the target (the replication origin's position).
     pub applied_lsn: Lsn,
 }
 
@@ -290,7 +294,10 @@ struct Group {
     open: bool,
     transactions: u64,
     statements: usize,
+    /// The last complete transaction's commit record end and commit time.
     last_commit: Option<(Lsn, i64)>,
+    /// The last complete transaction's commit LSN, for errors.
+    last_commit_lsn: Lsn,
     markers: Vec<Marker>,
     counts: OpCounts,
 }
@@ -417,8 +424,9 @@ impl Applier {
         &self.origin
     }
 
-    /// The commit LSN of the last source transaction committed on the target:
-    /// stream from here after a restart; report it as flushed to the source.
+    /// The end of the last applied source transaction's commit record (the
+    /// origin's position): stream from here after a restart, report it as
+    /// written/flushed to the source, and compute lag from it.
     pub fn applied_position(&self) -> Lsn {
         self.applied
     }
@@ -453,6 +461,37 @@ impl Applier {
         self.handle(msg).await
     }
 
+    /// Applies XLogData payloads from a channel until it closes, committing
+    /// whenever the channel runs empty, so a caught-up stream is applied at
+    /// once while a backlog is applied in groups. Progress is seen through
+    /// [`subscribe`](Self::subscribe) (e.g. by the task sending standby
+    /// status updates).
+    pub async fn apply_channel(
+        &mut self,
+        rx: &mut mpsc::Receiver<Bytes>,
+    ) -> Result<(), ApplyError> {
+        loop {
+            let data = match rx.try_recv() {
+                Ok(d) => d,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    self.flush().await?;
+                    match rx.recv().await {
+                        Some(d) => d,
+                        None => break,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            };
+            // A transaction starting with nothing behind it: commit the
+            // complete ones first rather than hold them while it arrives.
+            if data.first() == Some(&b'B') && rx.is_empty() && !self.decoder.in_stream() {
+                self.flush().await?;
+            }
+            self.handle_xlogdata(data).await?;
+        }
+        self.flush().await.map(|_| ())
+    }
+
     /// Applies one decoded message. Messages must come in the order the
     /// server sent them; whole transactions are committed in groups.
     pub async fn handle(&mut self, msg: PgOutputMessage) -> Result<(), ApplyError> {
@@ -481,13 +520,45 @@ impl Applier {
         Ok(self.applied)
     }
 
+    /// Forgets everything not yet committed on the target, for when the
+    /// source stream restarts (after losing the source connection): stream
+    /// again from the returned position.
+    pub async fn restart_stream(&mut self) -> Result<Lsn, ApplyError> {
+        if self.stopped {
+            return Err(ApplyError::Stopped {
+                database: self.opts.database.clone(),
+            });
+        }
+        self.pipe.clear();
+        // Parses that were queued are gone with the queue: prepare anew.
+        for r in self.relations.values_mut() {
+            r.statements.clear();
+        }
+        self.group = Group::default();
+        self.current = None;
+        self.streams.clear();
+        self.stream_xid = None;
+        self.decoder = Decoder::new();
+        if self.pipe.conn.status != TxStatus::Idle {
+            let r = self.pipe.conn.simple_query("ROLLBACK").await;
+            let r = r.map(|_| ()).map_err(|source| ApplyError::Connection {
+                database: self.opts.database.clone(),
+                source: Box::new(source),
+            });
+            self.check(r).await?;
+        }
+        Ok(self.applied)
+    }
+
     /// On error: roll back the open target transaction, count, stop.
     async fn check<T>(&mut self, r: Result<T, ApplyError>) -> Result<T, ApplyError> {
         if r.is_err() {
             self.stopped = true;
             self.pipe.clear();
             if self.pipe.conn.status != TxStatus::Idle {
-                let _ = self.pipe.conn.simple_query("ROLLBACK").await;
+                // The connection may be gone: do not wait on it for long.
+                let rollback = self.pipe.conn.simple_query("ROLLBACK");
+                let _ = tokio::time::timeout(Duration::from_secs(5), rollback).await;
             }
             if let Some(m) = &self.metrics {
                 m.errors.with_label_values(&[&self.opts.database]).inc();
@@ -554,6 +625,12 @@ impl Applier {
             PgOutputMessage::StreamStart(s) => {
                 if s.first_segment {
                     self.streams.insert(s.xid, Vec::new());
+                } else if !self.streams.contains_key(&s.xid) {
+                    // Applying the rest of a transaction would apply part of it.
+                    return Err(self.protocol(format!(
+                        "streamed transaction {} continues without its first segment",
+                        s.xid
+                    )));
                 }
                 self.stream_xid = Some(s.xid);
                 Ok(())
@@ -571,7 +648,16 @@ impl Applier {
                 Ok(())
             }
             PgOutputMessage::StreamCommit(c) => {
-                let msgs = self.streams.remove(&c.xid).unwrap_or_default();
+                let msgs = match self.streams.remove(&c.xid) {
+                    Some(m) => m,
+                    None if c.commit_lsn < self.applied => Vec::new(),
+                    None => {
+                        return Err(self.protocol(format!(
+                            "Stream Commit of transaction {} that was never streamed",
+                            c.xid
+                        )));
+                    }
+                };
                 self.begin(Begin {
                     final_lsn: c.commit_lsn,
                     commit_time: c.commit_time,
@@ -601,7 +687,9 @@ impl Applier {
             .map_or(self.applied, |(l, _)| l.max(self.applied));
         self.current = Some(Current {
             commit_lsn: b.final_lsn,
-            skip: b.final_lsn <= done,
+            // Progress is the end of a commit record; the next transaction's
+            // commit record may start exactly there, so the test is strict.
+            skip: b.final_lsn < done,
             markers: Vec::new(),
             counts: OpCounts::default(),
             statements: 0,
@@ -626,7 +714,8 @@ impl Applier {
         }
         let g = &mut self.group;
         g.transactions += 1;
-        g.last_commit = Some((c.commit_lsn, c.commit_time));
+        g.last_commit = Some((c.end_lsn, c.commit_time));
+        g.last_commit_lsn = c.commit_lsn;
         g.counts.add(cur.counts);
         g.markers.extend(cur.markers.into_iter().map(|id| Marker {
             id,
@@ -685,7 +774,7 @@ impl Applier {
                 },
                 other => ApplyError::Row {
                     database,
-                    commit_lsn: self.group.last_commit.map_or(Lsn::ZERO, |(l, _)| l),
+                    commit_lsn: self.group.last_commit_lsn,
                     table: "-".into(),
                     op: other.map_or("statement", |o| o.what),
                     error: Box::new(error),
@@ -859,17 +948,31 @@ impl Applier {
                 if bad_width(new) || old_tuple.is_some_and(bad_width) {
                     return Err(self.protocol(format!("malformed Update for {table}")));
                 }
-                let set: Vec<bool> = new
+                // Unchanged TOAST values stay as they are; without an old key
+                // tuple the key did not change, so it is not set either (an
+                // identity column GENERATED ALWAYS could not be).
+                let keep_key = old.is_none() && !entry.full_identity();
+                let mut set: Vec<bool> = new
                     .0
                     .iter()
-                    .map(|v| *v != TupleValue::UnchangedToast)
+                    .zip(&entry.source.columns)
+                    .map(|(v, c)| *v != TupleValue::UnchangedToast && !(keep_key && c.key))
                     .collect();
+                if !set.iter().any(|s| *s) {
+                    // Only key columns: set them to themselves (the row must still exist).
+                    set = new
+                        .0
+                        .iter()
+                        .map(|v| *v != TupleValue::UnchangedToast)
+                        .collect();
+                }
                 let (by, by_values) = self.locate(oid, old_tuple, Some(new))?;
                 let mut p: Vec<Param<'_>> = new
                     .0
                     .iter()
-                    .filter(|v| **v != TupleValue::UnchangedToast)
-                    .map(param)
+                    .zip(&set)
+                    .filter(|(_, s)| **s)
+                    .map(|(v, _)| param(v))
                     .collect();
                 p.extend(by_values);
                 key = StmtKey::Update { set, by };

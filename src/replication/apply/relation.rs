@@ -174,8 +174,9 @@ impl RelEntry {
                 let params: Vec<String> = (0..cols.len())
                     .map(|i| format!("${}", next(i, &mut types)))
                     .collect();
+                // Rows carry their identity values: keep them, as native apply does.
                 let sql = format!(
-                    "INSERT INTO {} ({}) VALUES ({})",
+                    "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE VALUES ({})",
                     self.quoted,
                     names.join(", "),
                     params.join(", ")
