@@ -514,7 +514,10 @@ impl Endpoint {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name("pgshift")
-            .connect_timeout(Duration::from_secs(10));
+            .connect_timeout(Duration::from_secs(10))
+            // pgshift's own connections must keep working on a fenced source
+            // (default_transaction_read_only = on for every other session).
+            .options("-c default_transaction_read_only=off");
         if let Some(p) = &self.password {
             c.password(p.expose());
         }

@@ -23,8 +23,20 @@ use crate::proxy::route::Route;
 use crate::replication::Lsn;
 use crate::replication::stream::{DatabaseStream, StreamConfig, StreamMetrics};
 
+/// Connections the cutover uses inside the pause, opened before it.
+struct CutoverConns {
+    /// (database, source connection for markers, source, target) per database.
+    dbs: Vec<(
+        String,
+        tokio_postgres::Client,
+        tokio_postgres::Client,
+        tokio_postgres::Client,
+    )>,
+}
+
 pub struct Runner {
     pipeline: Pipeline,
+    cutover_conns: Mutex<Option<CutoverConns>>,
     streams: Mutex<Vec<DatabaseStream>>,
     stream_metrics: StreamMetrics,
     cutover_metrics: CutoverMetrics,
@@ -66,6 +78,7 @@ pub async fn start(
             copy_metrics: crate::replication::copy::CopyMetrics::register(&ctx.registry).ok(),
         },
         streams: Mutex::new(Vec::new()),
+        cutover_conns: Mutex::new(None),
         stream_metrics: StreamMetrics::register(&ctx.registry),
         cutover_metrics: CutoverMetrics::new(&ctx.registry),
         last_cutover,
@@ -419,6 +432,24 @@ impl Runner {
 }
 
 impl CutoverHost for Runner {
+    async fn prepare(&self) -> Result<(), String> {
+        let c = &self.ctx().config;
+        let mut dbs = Vec::new();
+        for db in &self.migration().cfg.databases {
+            let marker =
+                crate::replication::stream::marker_connection(&c.source.with_dbname(db)).await?;
+            let source = crate::db::connect(&c.source.with_dbname(db), "source (sequences)")
+                .await
+                .map_err(|e| e.to_string())?;
+            let target = crate::db::connect(&c.target.with_dbname(db), "target (sequences)")
+                .await
+                .map_err(|e| e.to_string())?;
+            dbs.push((db.clone(), marker, source, target));
+        }
+        *self.cutover_conns.lock().await = Some(CutoverConns { dbs });
+        Ok(())
+    }
+
     fn close_gate(&self) {
         self.pipeline.proxy.gate().close();
     }
@@ -461,7 +492,14 @@ impl CutoverHost for Runner {
 
     async fn wait_caught_up(&self, id: &str, timeout: Duration) -> Result<(), String> {
         let streams = self.streams.lock().await;
-        let waits = streams.iter().map(|s| s.catch_up(id, timeout));
+        let conns = self.cutover_conns.lock().await;
+        let conns = conns.as_ref().ok_or("the cutover was not prepared")?;
+        let waits = streams.iter().map(|s| async {
+            match conns.dbs.iter().find(|(db, ..)| *db == s.database) {
+                Some((_, marker, _, _)) => s.catch_up_on(marker, id, timeout).await.map(|_| ()),
+                None => Err(format!("no marker connection for database {}", s.database)),
+            }
+        });
         let results = futures_util::future::join_all(waits).await;
         let errors: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
         if errors.is_empty() {
@@ -472,13 +510,14 @@ impl CutoverHost for Runner {
     }
 
     async fn sync_sequences(&self) -> Result<u64, String> {
+        let conns = self.cutover_conns.lock().await;
+        let conns = conns.as_ref().ok_or("the cutover was not prepared")?;
         let mut n = 0;
-        for db in &self.migration().cfg.databases {
-            n += self
-                .pipeline
-                .sync_sequences(db)
+        for (db, _, source, target) in &conns.dbs {
+            let r = crate::schema::copy_sequences(source, target)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| format!("database {db}: {e}"))?;
+            n += r.copied as u64;
         }
         Ok(n)
     }

@@ -197,22 +197,21 @@ impl DatabaseStream {
 
     /// Emits a marker on the source database and waits until apply has
     /// committed it on the target: then every transaction committed on the
-    /// source before it is on the target.
+    /// source before it is on the target. Opens its own source connection.
     pub async fn catch_up(&self, id: &str, timeout: Duration) -> Result<Lsn, String> {
+        let src = marker_connection(&self.cfg.source.with_dbname(&self.database)).await?;
+        self.catch_up_on(&src, id, timeout).await
+    }
+
+    /// Like [`catch_up`](Self::catch_up) on a connection from [`marker_connection`].
+    pub async fn catch_up_on(
+        &self,
+        src: &tokio_postgres::Client,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Lsn, String> {
         let deadline = Instant::now() + timeout;
-        let src = crate::db::connect(
-            &self.cfg.source.with_dbname(&self.database),
-            "source (marker)",
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        // pgshift's own writes must pass the fence.
-        src.batch_execute(
-            "SET default_transaction_read_only = off; SET application_name = 'pgshift-marker'",
-        )
-        .await
-        .map_err(|e| crate::db::describe(&e))?;
-        let lsn = apply::emit_marker(&src, id)
+        let lsn = apply::emit_marker(src, id)
             .await
             .map_err(|e| crate::db::describe(&e))?;
         let mut rx = self.markers.clone();
@@ -261,6 +260,21 @@ impl Drop for DatabaseStream {
         }
         self.lag_task.abort();
     }
+}
+
+/// A source connection for markers: it must write through the fence, and
+/// its commit is flushed at once so the walsender sends it without waiting
+/// for the WAL writer (the source may run with synchronous_commit = off).
+pub async fn marker_connection(source_db: &Endpoint) -> Result<tokio_postgres::Client, String> {
+    let src = crate::db::connect(source_db, "source (marker)")
+        .await
+        .map_err(|e| e.to_string())?;
+    src.batch_execute(
+        "SET default_transaction_read_only = off; SET synchronous_commit = on; SET application_name = 'pgshift-marker'",
+    )
+    .await
+    .map_err(|e| crate::db::describe(&e))?;
+    Ok(src)
 }
 
 /// The outer loop: run a session, and on any error wait and start again
