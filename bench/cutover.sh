@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Cutover write pause under load: pgbench TPC-B through the pgshift proxy at
+# a steady rate (-R, -M prepared, persistent connections), `pgshift cutover`
+# triggered mid-run, REPS times with a fresh migration each; versus
+# PgBouncer's manual procedure (transaction mode; PAUSE → marker row applied
+# by a native subscription → sequences → repoint → RELOAD → RESUME) on a
+# fresh pair of clusters each time. Reports the write pause (median, max),
+# the client-side latency spike (max per-transaction latency, from
+# pgbench -l) and failed transactions. The first pgshift run's
+# /status is recorded every 200 ms to bench/results/lag-cutover.csv for
+# bench/lag_plot.py. Appends JSON lines to bench/results/cutover.jsonl.
+#
+#   bench/cutover.sh                   # 5 reps, scale 5, 4 clients at 100 tx/s, 20 s runs
+#   REPS=7 RATE=400 bench/cutover.sh
+#
+# PgBouncer 1.18 cannot keep prepared statements in transaction mode, so its
+# clients run -M simple (BOUNCER_MODE); in session mode its PAUSE waits for
+# the clients to disconnect, which pgbench's persistent clients never do.
+set -euo pipefail
+REPS=${REPS:-5}
+SCALE=${SCALE:-5}
+CLIENTS=${CLIENTS:-4}
+RATE=${RATE:-100}
+DURATION=${DURATION:-20}
+BOUNCER_MODE=${BOUNCER_MODE:-simple}
+SYSTEMS=${SYSTEMS:-pgshift pgbouncer}
+DB=bench
+source "$(dirname "$0")/lib.sh"
+build_pgshift
+command -v pgbouncer >/dev/null || { echo "pgbouncer not found (apt-get install -y pgbouncer): compared with nothing" >&2; SYSTEMS=pgshift; }
+
+# A fresh source (pgbench data) and an empty target.
+fresh_pair() {
+  [ -n "${src_PORT:-}" ] && { stop_cluster src; stop_cluster tgt; rm -rf "$WORK/src" "$WORK/tgt"; }
+  start_cluster src
+  start_cluster tgt
+  SRC=$src_PORT TGT=$tgt_PORT
+  q "$SRC" postgres "CREATE DATABASE $DB"
+  "$PGBIN/pgbench" -h 127.0.0.1 -p "$SRC" -i -q -s "$SCALE" "$DB" >/dev/null 2>&1
+  add_history_key "$SRC" "$DB"
+}
+
+# load PORT MODE PREFIX: pgbench in the background → LOAD_PID; per-transaction log under PREFIX.
+load() {
+  "$PGBIN/pgbench" -h 127.0.0.1 -p "$1" -n -M "$2" -c "$CLIENTS" -j 2 -R "$RATE" -T "$DURATION" \
+    -l --log-prefix="$3" "$DB" >"$3.out" 2>&1 &
+  LOAD_PID=$!
+  BG_PIDS+=("$LOAD_PID")
+}
+
+# client_stats PREFIX → "processed failed aborted_clients spike_ms p50_ms": the longest and
+# the median transaction latency (without -R schedule lag, which on a busy
+# machine is noise; a transaction held by a pause counts its wait).
+client_stats() {
+  local processed failed aborted
+  processed=$(awk '/number of transactions actually processed/{split($NF,a,"/"); print a[1]}' "$1.out")
+  failed=$(awk '/number of failed transactions/{print $5}' "$1.out")
+  aborted=$(grep -c 'aborted' "$1.out" || true)
+  # -l lines: client tx_no time_us script epoch_s epoch_us [schedule_lag_us]
+  cat "$1".* 2>/dev/null | python3 -c '
+import sys
+v = sorted(int(f[2]) / 1000 for f in (l.split() for l in sys.stdin) if len(f) >= 6 and f[2].isdigit())
+print(f"{max(v):.1f} {v[len(v)//2]:.1f}" if v else "0 0")' | { read -r spike p50; echo "${processed:-0} ${failed:-0} $aborted $spike $p50"; }
+}
+
+RES="$WORK/cutover.txt"; : > "$RES"
+
+run_pgshift() { # rep
+  fresh_pair
+  write_pgshift_config "$WORK/cut.toml" "$SRC" "$TGT" "$DB" online
+  local log="$WORK/pgshift-cut-$1.log" rec=""
+  start_pgshift "$WORK/cut.toml" "$log"
+  if [ "$1" = 1 ]; then
+    python3 "$BENCH_DIR/lag_record.py" "http://127.0.0.1:$ADMIN_PORT/status" "$WORK/lag.csv" & rec=$!
+    BG_PIDS+=("$rec")
+  fi
+  wait_status "$ADMIN_PORT" 's.get("substate")=="WaitingForCutoverTrigger"' 600 >/dev/null ||
+    { tail -30 "$log" >&2; return 1; }
+  local prefix="$WORK/pgb-shift-$1"
+  load "$SHIFT_PORT" prepared "$prefix"
+  sleep $((DURATION / 2))
+  "$PGSHIFT" cutover --config "$WORK/cut.toml" >/dev/null 2>&1 || true
+  wait_status "$ADMIN_PORT" 's.get("state")=="Succeeded" or (s.get("last_cutover") or {}).get("outcome") in ("aborted","failed")' 120 >/dev/null || true
+  local outcome pause
+  read -r outcome pause < <(status_json "$ADMIN_PORT" | python3 -c '
+import json,sys; c=json.load(sys.stdin).get("last_cutover") or {}; print(c.get("outcome","none"), c.get("pause_seconds") or 0)')
+  wait "$LOAD_PID" || true
+  sleep 1
+  if [ -n "$rec" ]; then kill "$rec"; wait "$rec" 2>/dev/null || true; cp "$WORK/lag.csv" "$RESULTS_DIR/lag-cutover.csv"; fi
+  stop_pgshift
+  [ "$outcome" = succeeded ] || echo "  !! pgshift cutover $outcome; see log tail:" >&2
+  [ "$outcome" = succeeded ] || tail -5 "$log" >&2
+  echo "pgshift $1 $outcome $pause $(client_stats "$prefix")" | tee -a "$RES" >&2
+}
+
+run_pgbouncer() { # rep
+  fresh_pair
+  # Native subscription to the target; the marker table exists on both sides.
+  q "$SRC" "$DB" "CREATE TABLE bench_switch_marker (id int PRIMARY KEY)"
+  q "$TGT" postgres "CREATE DATABASE $DB"
+  "$PGBIN/pg_dump" -h 127.0.0.1 -p "$SRC" -s "$DB" | "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$TGT" -d "$DB" >/dev/null
+  q "$SRC" "$DB" "CREATE PUBLICATION bench_pub FOR ALL TABLES" >/dev/null
+  q "$TGT" "$DB" "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port=$SRC dbname=$DB user=postgres password=$PW' PUBLICATION bench_pub" >/dev/null
+  until [ "$(q "$TGT" "$DB" "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'")" = 0 ]; do sleep 0.2; done
+  local bport; bport=$(free_port)
+  printf '"postgres" "%s"\n' "$PW" > "$WORK/userlist.txt"
+  cat > "$WORK/pgbouncer.ini" <<CONF
+[databases]
+$DB = host=127.0.0.1 port=$SRC dbname=$DB
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bport
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+admin_users = postgres
+pool_mode = transaction
+max_client_conn = 200
+default_pool_size = 20
+logfile = $WORK/pgbouncer.log
+pidfile =
+CONF
+  [ "$(id -u)" = 0 ] && chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
+  as_pg pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+  local bpid=$!
+  BG_PIDS+=("$bpid")
+  for _ in $(seq 100); do "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$bport" && break; sleep 0.1; done
+  local prefix="$WORK/pgb-bouncer-$1"
+  load "$bport" "$BOUNCER_MODE" "$prefix"
+  sleep $((DURATION / 2))
+  local pause catchup outcome=succeeded
+  read -r pause catchup < <(python3 "$BENCH_DIR/bouncer_switch.py" "$bport" "$SRC" "$TGT" "$DB" "$WORK/pgbouncer.ini" "$PW") ||
+    { outcome=failed; pause=0; }
+  wait "$LOAD_PID" || true
+  # The load really moved: the target got rows the source did not.
+  local after_src after_tgt
+  after_src=$(q "$SRC" "$DB" "SELECT max(id) FROM pgbench_history")
+  after_tgt=$(q "$TGT" "$DB" "SELECT max(id) FROM pgbench_history")
+  [ "${after_tgt:-0}" -gt "${after_src:-0}" ] || { outcome=not-moved; echo "  !! load did not move to the target" >&2; }
+  kill "$bpid" 2>/dev/null || true; wait "$bpid" 2>/dev/null || true
+  echo "pgbouncer $1 $outcome $pause $(client_stats "$prefix")" | tee -a "$RES" >&2
+}
+
+echo "cutover under load: pgbench TPC-B scale $SCALE, $CLIENTS clients at $RATE tx/s for ${DURATION}s, cutover at $((DURATION / 2))s, $REPS reps" >&2
+echo "  columns: system rep outcome pause_s processed failed aborted_clients spike_ms p50_ms" >&2
+for rep in $(seq "$REPS"); do
+  for sys in $SYSTEMS; do "run_$sys" "$rep" || echo "$sys $rep error 0 0 0 0 0 0" >> "$RES"; done
+done
+
+CMD="REPS=$REPS SCALE=$SCALE CLIENTS=$CLIENTS RATE=$RATE DURATION=$DURATION bench/cutover.sh"
+M=$(machine_json)
+echo
+echo "cutover write pause, $REPS reps; ratio = PgBouncer / pgshift (> 1: pgshift pauses less)"
+printf '%-10s %-9s %10s %10s %12s %10s %8s %8s %s\n' system mode pause_p50 pause_max spike_max_ms p50_ms failed aborted ok/reps
+summ() { # system → med max spike p50lat failed aborted ok n
+  python3 - "$1" "$RES" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[2]) if l.split()[0] == sys.argv[1]]
+ok = sorted(float(r[3]) for r in rows if r[2] == "succeeded")
+spike = max((float(r[7]) for r in rows), default=0)
+lat = statistics.mean(float(r[8]) for r in rows) if rows else 0
+print(f"{statistics.median(ok) if ok else 0:.3f} {max(ok) if ok else 0:.3f} {spike:.1f} {lat:.1f}",
+      sum(int(r[5]) for r in rows), sum(int(r[6]) for r in rows), len(ok), len(rows))
+PY
+}
+declare -A MED
+for sys in $SYSTEMS; do
+  read -r med max spike lat failed aborted ok n < <(summ "$sys")
+  MED[$sys]=$med
+  mode=prepared; [ "$sys" = pgbouncer ] && mode=$BOUNCER_MODE
+  printf '%-10s %-9s %9ss %9ss %12s %10s %8s %8s %s\n' "$sys" "$mode" "$med" "$max" "$spike" "$lat" "$failed" "$aborted" "$ok/$n"
+  record cutover.jsonl "{\"bench\":\"cutover\",\"system\":\"$sys\",\"mode\":\"$mode\",\"reps\":$n,\"succeeded\":$ok,\"pause_median_s\":$med,\"pause_max_s\":$max,\"spike_max_ms\":$spike,\"latency_p50_ms\":$lat,\"failed_tx\":$failed,\"aborted_clients\":$aborted,\"command\":\"$CMD\",\"machine\":$M}"
+done
+[ -n "${MED[pgbouncer]:-}" ] && [ "${MED[pgshift]:-0}" != 0.000 ] &&
+  echo "pause median ratio PgBouncer/pgshift: $(ratio "${MED[pgbouncer]}" "${MED[pgshift]}")"
+exit 0
