@@ -117,8 +117,9 @@ live() { # who → LAG_MAX_MB LAG_MEAN_MB LIVE_TPS DRAIN_S
     python3 "$BENCH_DIR/lag_record.py" "http://127.0.0.1:$ADMIN_PORT/status" "$csv" &
     sampler=$!
   else
+    q "$SRC" "$DB" "INSERT INTO bench_marker (id) VALUES ($((id + 5000)))"
     q "$NAT" "$DB" "ALTER SUBSCRIPTION bench_sub ENABLE" >/dev/null
-    sleep 1
+    wait_marker "$NAT" $((id + 5000))
     ( echo "t,lag_bytes"; s0=$(now)
       while :; do
         cur=$(q "$SRC" "$DB" "SELECT pg_current_wal_lsn()")

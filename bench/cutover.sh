@@ -14,7 +14,8 @@
 #   REPS=7 RATE=400 bench/cutover.sh
 #
 # PgBouncer 1.18 cannot keep prepared statements in transaction mode, so its
-# clients run -M simple (BOUNCER_MODE); in session mode its PAUSE waits for
+# clients run -M simple (BOUNCER_MODE), and pgshift is also measured with
+# -M simple (pgshift_simple) for a like-for-like row; in session mode its PAUSE waits for
 # the clients to disconnect, which pgbench's persistent clients never do.
 set -euo pipefail
 REPS=${REPS:-5}
@@ -23,7 +24,7 @@ CLIENTS=${CLIENTS:-4}
 RATE=${RATE:-100}
 DURATION=${DURATION:-20}
 BOUNCER_MODE=${BOUNCER_MODE:-simple}
-SYSTEMS=${SYSTEMS:-pgshift pgbouncer}
+SYSTEMS=${SYSTEMS:-pgshift pgshift_simple pgbouncer}
 DB=bench
 source "$(dirname "$0")/lib.sh"
 build_pgshift
@@ -55,7 +56,7 @@ client_stats() {
   local processed failed aborted
   processed=$(awk '/number of transactions actually processed/{split($NF,a,"/"); print a[1]}' "$1.out")
   failed=$(awk '/number of failed transactions/{print $5}' "$1.out")
-  aborted=$(grep -c 'aborted' "$1.out" || true)
+  aborted=$(grep -c 'client [0-9]* .*aborted' "$1.out" || true)
   # -l lines: client tx_no time_us script epoch_s epoch_us [schedule_lag_us]
   cat "$1".* 2>/dev/null | python3 -c '
 import sys
@@ -65,19 +66,20 @@ print(f"{max(v):.1f} {v[len(v)//2]:.1f}" if v else "0 0")' | { read -r spike p50
 
 RES="$WORK/cutover.txt"; : > "$RES"
 
-run_pgshift() { # rep
+run_pgshift() { # rep [label mode]
+  local label=${2:-pgshift} mode=${3:-prepared}
   fresh_pair
   write_pgshift_config "$WORK/cut.toml" "$SRC" "$TGT" "$DB" online
   local log="$WORK/pgshift-cut-$1.log" rec=""
   start_pgshift "$WORK/cut.toml" "$log"
-  if [ "$1" = 1 ]; then
+  if [ "$1" = 1 ] && [ "$label" = pgshift ]; then
     python3 "$BENCH_DIR/lag_record.py" "http://127.0.0.1:$ADMIN_PORT/status" "$WORK/lag.csv" & rec=$!
     BG_PIDS+=("$rec")
   fi
   wait_status "$ADMIN_PORT" 's.get("substate")=="WaitingForCutoverTrigger"' 600 >/dev/null ||
     { tail -30 "$log" >&2; return 1; }
-  local prefix="$WORK/pgb-shift-$1"
-  load "$SHIFT_PORT" prepared "$prefix"
+  local prefix="$WORK/pgb-$label-$1"
+  load "$SHIFT_PORT" "$mode" "$prefix"
   sleep $((DURATION / 2))
   "$PGSHIFT" cutover --config "$WORK/cut.toml" >/dev/null 2>&1 || true
   wait_status "$ADMIN_PORT" 's.get("state")=="Succeeded" or (s.get("last_cutover") or {}).get("outcome") in ("aborted","failed")' 120 >/dev/null || true
@@ -90,8 +92,11 @@ import json,sys; c=json.load(sys.stdin).get("last_cutover") or {}; print(c.get("
   stop_pgshift
   [ "$outcome" = succeeded ] || echo "  !! pgshift cutover $outcome; see log tail:" >&2
   [ "$outcome" = succeeded ] || tail -5 "$log" >&2
-  echo "pgshift $1 $outcome $pause $(client_stats "$prefix")" | tee -a "$RES" >&2
+  echo "$label $1 $outcome $pause $(client_stats "$prefix")" | tee -a "$RES" >&2
 }
+
+# The same with -M simple: like for like with PgBouncer in transaction mode.
+run_pgshift_simple() { run_pgshift "$1" pgshift_simple simple; }
 
 run_pgbouncer() { # rep
   fresh_pair
@@ -167,10 +172,10 @@ declare -A MED
 for sys in $SYSTEMS; do
   read -r med max spike lat failed aborted ok n < <(summ "$sys")
   MED[$sys]=$med
-  mode=prepared; [ "$sys" = pgbouncer ] && mode=$BOUNCER_MODE
+  mode=prepared; [ "$sys" = pgbouncer ] && mode=$BOUNCER_MODE; [ "$sys" = pgshift_simple ] && mode=simple
   printf '%-10s %-9s %9ss %9ss %12s %10s %8s %8s %s\n' "$sys" "$mode" "$med" "$max" "$spike" "$lat" "$failed" "$aborted" "$ok/$n"
   record cutover.jsonl "{\"bench\":\"cutover\",\"system\":\"$sys\",\"mode\":\"$mode\",\"reps\":$n,\"succeeded\":$ok,\"pause_median_s\":$med,\"pause_max_s\":$max,\"spike_max_ms\":$spike,\"latency_p50_ms\":$lat,\"failed_tx\":$failed,\"aborted_clients\":$aborted,\"command\":\"$CMD\",\"machine\":$M}"
 done
-[ -n "${MED[pgbouncer]:-}" ] && [ "${MED[pgshift]:-0}" != 0.000 ] &&
-  echo "pause median ratio PgBouncer/pgshift: $(ratio "${MED[pgbouncer]}" "${MED[pgshift]}")"
+for s in pgshift pgshift_simple; do [ -n "${MED[pgbouncer]:-}" ] && [ "${MED[$s]:-0}" != 0.000 ] && [ -n "${MED[$s]:-}" ] &&
+  echo "pause median ratio PgBouncer/$s: $(ratio "${MED[pgbouncer]}" "${MED[$s]}")"; done
 exit 0

@@ -65,6 +65,9 @@ max_wal_senders = 20
 max_replication_slots = 20
 max_logical_replication_workers = 8
 max_sync_workers_per_subscription = 2
+# Native apply workers restart at most this often (default 5s): an
+# ENABLE right after a DISABLE would otherwise wait seconds.
+wal_retrieve_retry_interval = 200ms
 max_wal_size = 8GB
 checkpoint_timeout = 30min
 log_min_messages = warning
