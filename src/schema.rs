@@ -693,11 +693,32 @@ pub async fn copy_sequences(
     let mut names = Vec::with_capacity(rows.len());
     let mut values = Vec::with_capacity(rows.len());
     let mut called = Vec::with_capacity(rows.len());
-    for r in &rows {
+    let mut uncalled = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
         let last: Option<i64> = r.get(1);
         names.push(r.get::<_, String>(0));
         values.push(last.unwrap_or_else(|| r.get(2)));
         called.push(last.is_some());
+        if last.is_none() {
+            uncalled.push(i);
+        }
+    }
+    // A sequence with is_called = false may still have been set to a value
+    // (setval(s, v, false)); read those few directly, in one more query.
+    if !uncalled.is_empty() {
+        let sql = uncalled
+            .iter()
+            .map(|&i| format!("SELECT {i}, last_value FROM {}", names[i]))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        for r in source
+            .query(&sql, &[])
+            .await
+            .map_err(sql_err("reading unused source sequences"))?
+        {
+            let i: i32 = r.get(0);
+            values[i as usize] = r.get(1);
+        }
     }
     let missing: Vec<String> = target
         .query(

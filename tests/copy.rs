@@ -131,6 +131,8 @@ INSERT INTO nokey SELECT i % 10, 'dup' FROM generate_series(1, 40) i;
 CREATE SEQUENCE free_seq START 100;
 SELECT nextval('free_seq'), nextval('free_seq'), nextval('free_seq');
 CREATE SEQUENCE never_called_seq START 7;
+CREATE SEQUENCE "reset Seq";
+SELECT setval('"reset Seq"', 50, false);
 CREATE VIEW v AS SELECT count(*) FROM parted;
 "#;
 
@@ -140,6 +142,7 @@ async fn sequence_state(c: &Cluster, db: &str) -> Vec<(String, i64, bool)> {
     for seq in [
         "free_seq",
         "never_called_seq",
+        "\"reset Seq\"",
         "toasty_id_seq",
         "\"Mixed Case\".\"Types Table_id_seq\"",
     ] {

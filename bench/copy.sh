@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Initial-copy benchmark: one source and one target cluster, `pgbench -i -s $SCALE`
+# on the source, then the same database copied (schema + data + indexes) by
+#   1. pgshift's initial copy (examples/initial_copy.rs: the migration's copy path)
+#   2. pg_dump -Fd -j $JOBS, then pg_restore -j $JOBS
+#   3. pgcopydb clone --table-jobs $JOBS --index-jobs $JOBS (if installed)
+#   4. native logical replication: CREATE SUBSCRIPTION until every table is ready
+#      (schema restored beforehand, not timed)
+# and prints each time and its ratio to pgshift's.
+#
+# usage: SCALE=50 JOBS=2 bench/copy.sh        (run as root or as a user that can run initdb)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SCALE=${SCALE:-50}
+JOBS=${JOBS:-2}
+SPLIT=${SPLIT:-64MB}
+SRC_PORT=${SRC_PORT:-55432}
+TGT_PORT=${TGT_PORT:-55433}
+BIN=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}
+WORK=$(mktemp -d /tmp/pgshift-bench.XXXXXX)
+SRC="postgres://postgres@127.0.0.1:$SRC_PORT/postgres"
+TGT="postgres://postgres@127.0.0.1:$TGT_PORT/postgres"
+
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+psql_src() { "$BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$SRC_PORT" -U postgres "$@"; }
+psql_tgt() { "$BIN/psql" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$TGT_PORT" -U postgres "$@"; }
+
+cleanup() {
+  for c in src tgt; do
+    [ -f "$WORK/$c/postmaster.pid" ] && as_pg "$BIN/pg_ctl" -D "$WORK/$c" -m immediate stop >/dev/null 2>&1 || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+[ "$(id -u)" = 0 ] && chown postgres "$WORK"
+for c in src tgt; do
+  as_pg "$BIN/initdb" -D "$WORK/$c" -U postgres --auth=trust --encoding=UTF8 --locale=C.UTF-8 --no-sync --no-instructions >/dev/null
+  cat >>"$WORK/$c/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK'
+wal_level = logical
+max_wal_senders = 20
+max_replication_slots = 20
+max_worker_processes = 16
+shared_buffers = 256MB
+max_wal_size = 8GB
+checkpoint_timeout = 30min
+EOF
+done
+as_pg "$BIN/pg_ctl" -D "$WORK/src" -l "$WORK/src.log" -o "-p $SRC_PORT" -w start >/dev/null
+as_pg "$BIN/pg_ctl" -D "$WORK/tgt" -l "$WORK/tgt.log" -o "-p $TGT_PORT" -w start >/dev/null
+
+echo "loading pgbench -i -s $SCALE on the source ..."
+psql_src -d postgres -c "CREATE DATABASE bench"
+"$BIN/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$SRC_PORT" -U postgres bench >/dev/null 2>&1
+psql_src -d bench -c "VACUUM ANALYZE" -c "CHECKPOINT"
+SIZE=$(psql_src -d bench -c "SELECT pg_size_pretty(pg_database_size('bench'))")
+ROWS=$((SCALE * 100000))
+echo "source: $SIZE, $ROWS rows in pgbench_accounts; jobs=$JOBS"
+
+cargo build --release --quiet --example initial_copy
+PGSHIFT=target/release/examples/initial_copy
+
+reset_target() {
+  psql_tgt -d postgres -c "DROP DATABASE IF EXISTS bench WITH (FORCE)" -c "CHECKPOINT"
+  psql_src -d postgres -c "CHECKPOINT"
+}
+check_target() {
+  local n
+  n=$(psql_tgt -d bench -c "SELECT count(*) FROM pgbench_accounts")
+  local idx
+  idx=$(psql_tgt -d bench -c "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid WHERE c.relname LIKE 'pgbench_%' AND i.indisprimary")
+  if [ "$n" != "$ROWS" ] || [ "$idx" != "3" ]; then
+    echo "  WRONG RESULT: $n rows, $idx primary keys" >&2
+    exit 1
+  fi
+}
+now() { date +%s.%N; }
+declare -A T
+
+echo "1. pgshift initial copy"
+reset_target
+s=$(now)
+"$PGSHIFT" "${SRC%/postgres}/bench" "$TGT" bench "$JOBS" "$SPLIT"
+T[pgshift]=$(echo "$(now) - $s" | bc)
+check_target
+# PGSHIFT_ONLY=1: measure pgshift alone (when tuning), with each split setting in $SPLITS.
+if [ -n "${PGSHIFT_ONLY:-}" ]; then
+  for sp in ${SPLITS:-}; do
+    reset_target
+    echo "pgshift with split at $sp:"
+    "$PGSHIFT" "${SRC%/postgres}/bench" "$TGT" bench "$JOBS" "$sp"
+  done
+  exit 0
+fi
+
+echo "2. pg_dump -Fd -j $JOBS + pg_restore -j $JOBS"
+reset_target
+s=$(now)
+"$BIN/pg_dump" -Fd -j "$JOBS" -h 127.0.0.1 -p "$SRC_PORT" -U postgres -f "$WORK/dump" bench
+psql_tgt -d postgres -c "CREATE DATABASE bench"
+"$BIN/pg_restore" -j "$JOBS" -h 127.0.0.1 -p "$TGT_PORT" -U postgres -d bench "$WORK/dump"
+T[pg_dump_restore]=$(echo "$(now) - $s" | bc)
+rm -rf "$WORK/dump"
+check_target
+
+if command -v pgcopydb >/dev/null 2>&1; then
+  echo "3. pgcopydb clone"
+  reset_target
+  psql_tgt -d postgres -c "CREATE DATABASE bench"
+  s=$(now)
+  PGCOPYDB_SOURCE_PGURI="postgres://postgres@127.0.0.1:$SRC_PORT/bench" \
+  PGCOPYDB_TARGET_PGURI="postgres://postgres@127.0.0.1:$TGT_PORT/bench" \
+    pgcopydb clone --table-jobs "$JOBS" --index-jobs "$JOBS" --dir "$WORK/pgcopydb" >"$WORK/pgcopydb.log" 2>&1 \
+    || { tail -20 "$WORK/pgcopydb.log"; exit 1; }
+  T[pgcopydb]=$(echo "$(now) - $s" | bc)
+  check_target
+else
+  echo "3. pgcopydb not installed (apt-get install -y pgcopydb): skipped"
+fi
+
+echo "4. native logical replication initial sync"
+reset_target
+psql_tgt -d postgres -c "CREATE DATABASE bench"
+"$BIN/pg_dump" -s -h 127.0.0.1 -p "$SRC_PORT" -U postgres bench | psql_tgt -d bench >/dev/null
+psql_src -d bench -c "DROP PUBLICATION IF EXISTS bench_pub" -c "CREATE PUBLICATION bench_pub FOR ALL TABLES"
+s=$(now)
+psql_tgt -d bench -c "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port=$SRC_PORT dbname=bench user=postgres' PUBLICATION bench_pub"
+until [ "$(psql_tgt -d bench -c "SELECT count(*) FILTER (WHERE srsubstate = 'r') = 4 FROM pg_subscription_rel")" = "t" ]; do
+  sleep 0.05
+done
+T[native_logical]=$(echo "$(now) - $s" | bc)
+psql_tgt -d bench -c "DROP SUBSCRIPTION bench_sub"
+check_target
+
+echo
+printf "%-20s %10s %14s\n" "method" "seconds" "vs pgshift"
+for k in pgshift pg_dump_restore pgcopydb native_logical; do
+  [ -n "${T[$k]:-}" ] || continue
+  printf "%-20s %10.2f %13.2fx\n" "$k" "${T[$k]}" "$(echo "${T[$k]} / ${T[pgshift]}" | bc -l)"
+done
