@@ -91,7 +91,7 @@ if [ -n "${PGSHIFT_ONLY:-}" ]; then
   for sp in ${SPLITS:-}; do
     reset_target
     echo "pgshift with split at $sp:"
-    "$PGSHIFT" "${SRC%/postgres}/bench" "$TGT" bench "$JOBS" "$sp"
+    TIMEFORMAT="  (pgshift process: %U s user, %S s system CPU)"; time "$PGSHIFT" "${SRC%/postgres}/bench" "$TGT" bench "$JOBS" "$sp"
   done
   exit 0
 fi

@@ -14,7 +14,7 @@ use pgshift::schema::{
     self, SchemaError, TargetPrepared, copy_sequences, dump_restore_post_data,
     dump_restore_pre_data, plan_dump, prepare_target_database,
 };
-use pgshift::verify::{VerifyMode, verify_database, verify_database_chunked};
+use pgshift::verify::{VerifyMode, VerifyOptions, verify_database, verify_database_with};
 use tokio_util::sync::CancellationToken;
 
 fn endpoint(c: &Cluster, db: &str) -> Endpoint {
@@ -294,26 +294,26 @@ async fn large_table_is_split_into_ranges_and_copies_exactly() {
         table_fingerprints(&tgt, "app")
     );
     // Small chunks make verify walk many key ranges.
-    let v = verify_database_chunked(
+    let small_chunks = VerifyOptions {
+        chunk_rows: 1000,
+        ..VerifyOptions::new(VerifyMode::Checksums)
+    };
+    let v = verify_database_with(
         &endpoint(&src, "postgres"),
         &endpoint(&tgt, "postgres"),
         "app",
-        VerifyMode::Checksums,
-        &TableFilter::default(),
-        1000,
+        &small_chunks,
     )
     .await
     .unwrap();
     assert!(v.ok(), "{v:?}");
     // A change in the middle of the table is found in its chunk.
     tgt.psql("app", "UPDATE big SET n = n + 1 WHERE id = 9001");
-    let v = verify_database_chunked(
+    let v = verify_database_with(
         &endpoint(&src, "postgres"),
         &endpoint(&tgt, "postgres"),
         "app",
-        VerifyMode::Checksums,
-        &TableFilter::default(),
-        1000,
+        &small_chunks,
     )
     .await
     .unwrap();
