@@ -6,15 +6,16 @@
 #   3. pgcopydb clone --table-jobs $JOBS --index-jobs $JOBS (if installed)
 #   4. native logical replication: CREATE SUBSCRIPTION until every table is ready
 #      (schema restored beforehand, not timed)
-# and prints each time and its ratio to pgshift's.
+# in ROUNDS interleaved rounds, and prints each method's median time and its
+# ratio to pgshift's (above 1: pgshift is faster).
 #
-# usage: SCALE=50 JOBS=2 bench/copy.sh        (run as root or as a user that can run initdb)
+# usage: SCALE=50 JOBS=2 ROUNDS=3 bench/copy.sh   (as root or a user that can run initdb)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SCALE=${SCALE:-50}
 JOBS=${JOBS:-2}
-SPLIT=${SPLIT:-64MB}
+SPLIT=${SPLIT:-64MB}  # migration.split_tables_larger_than (and pgcopydb's --split-tables-larger-than)
 SRC_PORT=${SRC_PORT:-55432}
 TGT_PORT=${TGT_PORT:-55433}
 BIN=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}
@@ -80,15 +81,9 @@ check_target() {
 now() { date +%s.%N; }
 declare -A T
 
-echo "1. pgshift initial copy"
-reset_target
-s=$(now)
-"$PGSHIFT" "${SRC%/postgres}/bench" "$TGT" bench "$JOBS" "$SPLIT"
-T[pgshift]=$(echo "$(now) - $s" | bc)
-check_target
 # PGSHIFT_ONLY=1: measure pgshift alone (when tuning), with each split setting in $SPLITS.
 if [ -n "${PGSHIFT_ONLY:-}" ]; then
-  for sp in ${SPLITS:-}; do
+  for sp in ${SPLITS:-$SPLIT}; do
     reset_target
     echo "pgshift with split at $sp:"
     TIMEFORMAT="  (pgshift process: %U s user, %S s system CPU)"; time "$PGSHIFT" "${SRC%/postgres}/bench" "$TGT" bench "$JOBS" "$sp"
@@ -96,48 +91,80 @@ if [ -n "${PGSHIFT_ONLY:-}" ]; then
   exit 0
 fi
 
-echo "2. pg_dump -Fd -j $JOBS + pg_restore -j $JOBS"
-reset_target
-s=$(now)
-"$BIN/pg_dump" -Fd -j "$JOBS" -h 127.0.0.1 -p "$SRC_PORT" -U postgres -f "$WORK/dump" bench
-psql_tgt -d postgres -c "CREATE DATABASE bench"
-"$BIN/pg_restore" -j "$JOBS" -h 127.0.0.1 -p "$TGT_PORT" -U postgres -d bench "$WORK/dump"
-T[pg_dump_restore]=$(echo "$(now) - $s" | bc)
-rm -rf "$WORK/dump"
-check_target
-
-if command -v pgcopydb >/dev/null 2>&1; then
-  echo "3. pgcopydb clone"
+run_pgshift() {
   reset_target
+  local s; s=$(now)
+  "$PGSHIFT" "${SRC%/postgres}/bench" "$TGT" bench "$JOBS" "$SPLIT" >&2
+  echo "$(now) - $s" | bc
+  check_target
+}
+
+run_pg_dump_restore() {
+  reset_target
+  rm -rf "$WORK/dump"
+  local s; s=$(now)
+  "$BIN/pg_dump" -Fd -j "$JOBS" -h 127.0.0.1 -p "$SRC_PORT" -U postgres -f "$WORK/dump" bench
   psql_tgt -d postgres -c "CREATE DATABASE bench"
-  s=$(now)
+  "$BIN/pg_restore" -j "$JOBS" -h 127.0.0.1 -p "$TGT_PORT" -U postgres -d bench "$WORK/dump"
+  echo "$(now) - $s" | bc
+  check_target
+}
+
+run_pgcopydb() {
+  reset_target
+  rm -rf "$WORK/pgcopydb"
+  psql_tgt -d postgres -c "CREATE DATABASE bench"
+  local s; s=$(now)
   PGCOPYDB_SOURCE_PGURI="postgres://postgres@127.0.0.1:$SRC_PORT/bench" \
   PGCOPYDB_TARGET_PGURI="postgres://postgres@127.0.0.1:$TGT_PORT/bench" \
-    pgcopydb clone --table-jobs "$JOBS" --index-jobs "$JOBS" --dir "$WORK/pgcopydb" >"$WORK/pgcopydb.log" 2>&1 \
-    || { tail -20 "$WORK/pgcopydb.log"; exit 1; }
-  T[pgcopydb]=$(echo "$(now) - $s" | bc)
+    pgcopydb clone --table-jobs "$JOBS" --index-jobs "$JOBS" --split-tables-larger-than "$SPLIT_BYTES" \
+      --dir "$WORK/pgcopydb" >"$WORK/pgcopydb.log" 2>&1 \
+    || { tail -20 "$WORK/pgcopydb.log" >&2; exit 1; }
+  echo "$(now) - $s" | bc
   check_target
+}
+
+run_native_logical() {
+  reset_target
+  psql_tgt -d postgres -c "CREATE DATABASE bench"
+  "$BIN/pg_dump" -s -h 127.0.0.1 -p "$SRC_PORT" -U postgres bench | psql_tgt -d bench >/dev/null
+  psql_src -d bench -c "DROP PUBLICATION IF EXISTS bench_pub" -c "CREATE PUBLICATION bench_pub FOR ALL TABLES"
+  local s; s=$(now)
+  psql_tgt -d bench -c "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port=$SRC_PORT dbname=bench user=postgres' PUBLICATION bench_pub" 2>/dev/null
+  until [ "$(psql_tgt -d bench -c "SELECT count(*) FILTER (WHERE srsubstate = 'r') = 4 FROM pg_subscription_rel")" = "t" ]; do
+    sleep 0.05
+  done
+  echo "$(now) - $s" | bc
+  psql_tgt -d bench -c "DROP SUBSCRIPTION bench_sub" 2>/dev/null
+  check_target
+}
+
+# pgcopydb takes the split threshold in bytes.
+SPLIT_BYTES=$(echo "$SPLIT" | sed -E 's/[kK][bB]$/*1024/; s/MB$/*1048576/; s/GB$/*1073741824/' | bc)
+METHODS="pgshift pg_dump_restore native_logical"
+if command -v pgcopydb >/dev/null 2>&1; then
+  METHODS="pgshift pg_dump_restore pgcopydb native_logical"
 else
-  echo "3. pgcopydb not installed (apt-get install -y pgcopydb): skipped"
+  echo "pgcopydb not installed (apt-get install -y pgcopydb): skipped"
 fi
-
-echo "4. native logical replication initial sync"
-reset_target
-psql_tgt -d postgres -c "CREATE DATABASE bench"
-"$BIN/pg_dump" -s -h 127.0.0.1 -p "$SRC_PORT" -U postgres bench | psql_tgt -d bench >/dev/null
-psql_src -d bench -c "DROP PUBLICATION IF EXISTS bench_pub" -c "CREATE PUBLICATION bench_pub FOR ALL TABLES"
-s=$(now)
-psql_tgt -d bench -c "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port=$SRC_PORT dbname=bench user=postgres' PUBLICATION bench_pub"
-until [ "$(psql_tgt -d bench -c "SELECT count(*) FILTER (WHERE srsubstate = 'r') = 4 FROM pg_subscription_rel")" = "t" ]; do
-  sleep 0.05
+ROUNDS=${ROUNDS:-3}
+declare -A T
+# Rounds interleave the methods so that load from elsewhere on the machine
+# hits all of them alike; the median of each is reported.
+for r in $(seq 1 "$ROUNDS"); do
+  for m in $METHODS; do
+    t=$("run_$m")
+    printf "round %d  %-18s %8.2f s\n" "$r" "$m" "$t"
+    T[$m]="${T[$m]:-} $t"
+  done
 done
-T[native_logical]=$(echo "$(now) - $s" | bc)
-psql_tgt -d bench -c "DROP SUBSCRIPTION bench_sub"
-check_target
 
+median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 echo
-printf "%-20s %10s %14s\n" "method" "seconds" "vs pgshift"
-for k in pgshift pg_dump_restore pgcopydb native_logical; do
-  [ -n "${T[$k]:-}" ] || continue
-  printf "%-20s %10.2f %13.2fx\n" "$k" "${T[$k]}" "$(echo "${T[$k]} / ${T[pgshift]}" | bc -l)"
+echo "scale $SCALE ($SIZE), jobs $JOBS, split tables larger than $SPLIT, $ROUNDS rounds (median)"
+printf "%-20s %10s %16s\n" "method" "seconds" "time / pgshift"
+P=$(echo "${T[pgshift]}" | median)
+for m in $METHODS; do
+  v=$(echo "${T[$m]}" | median)
+  printf "%-20s %10.2f %15.2fx\n" "$m" "$v" "$(echo "$v / $P" | bc -l)"
 done

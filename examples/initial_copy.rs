@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use pgshift::config::{Endpoint, parse_bytes};
 use pgshift::replication::copy::{CopyOptions, CopyProgress, TableFilter, copy_database};
-use pgshift::schema;
+use pgshift::schema::{self, Section};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
@@ -47,9 +47,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .get(0);
 
     let step = Instant::now();
-    schema::prepare_target_database(&target, &source, db, true).await?;
-    let plan = schema::plan_dump(&source, &target, db).await?;
-    schema::dump_restore_pre_data(&source, &target, db, Some(&snapshot), &plan).await?;
+    let (_, plan) = tokio::try_join!(
+        schema::prepare_target_database(&target, &source, db, true),
+        schema::plan_dump(&source, &target, db)
+    )?;
+    // Both sections are dumped while the snapshot is held; post-data waits in memory.
+    let (pre_data, post_data) = tokio::try_join!(
+        schema::dump_section(&source, db, Some(&snapshot), &plan, Section::PreData),
+        schema::dump_section(&source, db, Some(&snapshot), &plan, Section::PostData)
+    )?;
+    schema::restore_section(&target, &pre_data).await?;
     let pre = step.elapsed().as_secs_f64();
 
     let step = Instant::now();
@@ -72,7 +79,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data = step.elapsed().as_secs_f64();
 
     let step = Instant::now();
-    schema::dump_restore_post_data(&source, &target, db, Some(&snapshot), &plan).await?;
+    schema::restore_section(&target, &post_data).await?;
     let post = step.elapsed().as_secs_f64();
     let src = pgshift::db::connect(&source.with_dbname(db), "source").await?;
     let tgt = pgshift::db::connect(&target.with_dbname(db), "target").await?;

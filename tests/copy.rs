@@ -11,8 +11,8 @@ use pgshift::replication::copy::{
     CopyMetrics, CopyOptions, CopyProgress, CopyReport, TableFilter, TableState, copy_database,
 };
 use pgshift::schema::{
-    self, SchemaError, TargetPrepared, copy_sequences, dump_restore_post_data,
-    dump_restore_pre_data, plan_dump, prepare_target_database,
+    self, SchemaError, Section, TargetPrepared, copy_sequences, dump_restore_pre_data,
+    dump_section, plan_dump, prepare_target_database, restore_section,
 };
 use pgshift::verify::{VerifyMode, VerifyOptions, verify_database, verify_database_with};
 use tokio_util::sync::CancellationToken;
@@ -60,6 +60,10 @@ async fn migrate(
     dump_restore_pre_data(&s, &t, db, Some(snapshot), &plan)
         .await
         .unwrap();
+    // Post-data is dumped while the snapshot is valid and restored after the copy.
+    let post_data = dump_section(&s, db, Some(snapshot), &plan, Section::PostData)
+        .await
+        .unwrap();
     let registry = prometheus::Registry::new();
     let metrics = CopyMetrics::register(&registry).unwrap();
     let progress = CopyProgress::new(db, Some(metrics));
@@ -74,9 +78,7 @@ async fn migrate(
     )
     .await
     .unwrap();
-    dump_restore_post_data(&s, &t, db, Some(snapshot), &plan)
-        .await
-        .unwrap();
+    restore_section(&t, &post_data).await.unwrap();
     let seqs = copy_sequences(&src.client(db).await, &tgt.client(db).await)
         .await
         .unwrap();
