@@ -14,6 +14,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+mod tls_params;
+
 /// A configuration error, always naming the key it is about.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -147,6 +149,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum AuthMethod {
+    /// kebab-case alone would spell it `scram-sha256`.
     #[default]
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
@@ -401,12 +404,48 @@ pub struct FileConfig {
     pub cutover: CutoverConfig,
 }
 
-/// TLS toward a server, from the URL's `sslmode`.
+/// TLS toward a server, from the URL's `sslmode` (libpq's meanings; `allow` is not supported).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SslMode {
+    /// Never TLS.
     Disable,
+    /// TLS if the server offers it, else plaintext (libpq's default).
     Prefer,
+    /// TLS or fail; the certificate is checked only if `sslrootcert` is given.
     Require,
+    /// TLS with the certificate chain verified against `sslrootcert`.
+    VerifyCa,
+    /// As verify-ca, and the certificate must name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The URL spelling (`verify-full`), e.g. for PGSSLMODE.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// Whether a server without TLS must be refused.
+    pub fn requires_tls(self) -> bool {
+        !matches!(self, SslMode::Disable | SslMode::Prefer)
+    }
 }
 
 /// A server to connect to: where and as whom. Built from `[source].url` / `[target].url`.
@@ -418,11 +457,17 @@ pub struct Endpoint {
     pub password: Option<Secret>,
     pub dbname: String,
     pub sslmode: SslMode,
+    /// `sslrootcert`: PEM file of the CA certificate(s) the server's certificate
+    /// must chain to; when set, the chain is verified whenever TLS is used.
+    pub sslrootcert: Option<PathBuf>,
 }
 
 impl Endpoint {
     /// Parses a `postgres://` URL or a `key=value` connection string.
     pub fn parse(key: &str, url: &str) -> Result<Endpoint, ConfigError> {
+        // tokio-postgres knows neither verify-* nor sslrootcert: they are taken out first.
+        let (url, tls) = tls_params::take(url);
+        let (sslmode, sslrootcert) = tls.resolve(key)?;
         let cfg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| {
             // Never echo the URL itself: it may hold a password.
             ConfigError::invalid(key, format!("not a valid PostgreSQL connection URL ({e})"))
@@ -442,11 +487,6 @@ impl Endpoint {
             .get_password()
             .map(|p| Secret::new(String::from_utf8_lossy(p).into_owned()));
         let dbname = cfg.get_dbname().unwrap_or("postgres").to_string();
-        let sslmode = match cfg.get_ssl_mode() {
-            tokio_postgres::config::SslMode::Disable => SslMode::Disable,
-            tokio_postgres::config::SslMode::Require => SslMode::Require,
-            _ => SslMode::Prefer,
-        };
         Ok(Endpoint {
             host,
             port,
@@ -454,6 +494,7 @@ impl Endpoint {
             password,
             dbname,
             sslmode,
+            sslrootcert,
         })
     }
 
@@ -473,13 +514,22 @@ impl Endpoint {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name("pgshift")
-            .connect_timeout(Duration::from_secs(10));
+            .connect_timeout(Duration::from_secs(10))
+            // pgshift's own connections must keep working on a fenced source
+            // (default_transaction_read_only = on for every other session).
+            .options("-c default_transaction_read_only=off");
         if let Some(p) = &self.password {
             c.password(p.expose());
         }
-        // The admin connections use no TLS through tokio-postgres (NoTls):
-        // "prefer" falls back to plaintext; "require" is served by the wire client.
-        c.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        // Certificate checks are the TLS connector's (db::tls); tokio-postgres
+        // only needs to know whether plaintext is acceptable. libpq never uses
+        // TLS on a Unix socket.
+        c.ssl_mode(match self.sslmode {
+            _ if self.host.starts_with('/') => tokio_postgres::config::SslMode::Disable,
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
         c
     }
 

@@ -6,31 +6,43 @@ use tokio_postgres::Client;
 
 use crate::config::{Endpoint, SslMode};
 
+pub mod tls;
+
 #[derive(Debug, Error)]
 pub enum DbError {
-    #[error("cannot connect to {what} ({addr}): {source}")]
+    #[error("cannot connect to {what} ({addr}): {}", describe_chain(.source))]
     Connect {
         what: String,
         addr: String,
         source: tokio_postgres::Error,
     },
-    #[error(
-        "{what}: sslmode=require is not supported for pgshift's SQL connections yet; use prefer or disable"
-    )]
-    TlsRequired { what: String },
+    #[error("cannot connect to {what} ({addr}): {message}")]
+    TlsConfig {
+        what: String,
+        addr: String,
+        message: String,
+    },
 }
 
-/// Connects to `ep` and drives the connection on a background task.
-/// `what` names the connection in errors ("source database app").
+/// Connects to `ep` (TLS per its sslmode/sslrootcert) and drives the
+/// connection on a background task. `what` names the connection in errors
+/// ("source database app").
 pub async fn connect(ep: &Endpoint, what: &str) -> Result<Client, DbError> {
-    if ep.sslmode == SslMode::Require {
-        return Err(DbError::TlsRequired {
-            what: what.to_string(),
-        });
-    }
+    let config =
+        match ep.sslmode {
+            // Never used for a handshake: tokio-postgres is told sslmode=disable.
+            SslMode::Disable => crate::wire::tls::client_config_no_verify(),
+            mode => crate::wire::tls::client_config_for(mode, ep.sslrootcert.as_deref()).map_err(
+                |e| DbError::TlsConfig {
+                    what: what.to_string(),
+                    addr: ep.display(),
+                    message: e.to_string(),
+                },
+            )?,
+        };
     let (client, conn) = ep
         .pg_config()
-        .connect(tokio_postgres::NoTls)
+        .connect(tls::MakeRustlsConnect::new(config))
         .await
         .map_err(|source| DbError::Connect {
             what: what.to_string(),
@@ -74,4 +86,23 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         }
         None => e.to_string(),
     }
+}
+
+/// [`describe`], followed by the causes tokio-postgres keeps out of its own
+/// message ("error performing TLS handshake: invalid peer certificate: …").
+pub fn describe_chain(e: &tokio_postgres::Error) -> String {
+    let mut s = describe(e);
+    if e.as_db_error().is_some() {
+        return s;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cause = c.source();
+    }
+    s
 }

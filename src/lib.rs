@@ -10,12 +10,15 @@ pub mod config;
 pub mod context;
 pub mod cutover;
 pub mod db;
+pub mod demo;
+pub mod localpg;
 pub mod migration;
 pub mod pgbin;
 pub mod proxy;
 pub mod replication;
 pub mod run;
 pub mod schema;
+pub mod validate;
 pub mod verify;
 pub mod wire;
 

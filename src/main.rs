@@ -51,6 +51,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Check that a migration can run: servers, settings, privileges, databases, extensions, tables.
+    #[command(long_about = pgshift::validate::CLI_HELP)]
+    Validate {
+        /// The TOML configuration file (needs a [migration] section).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the report as a JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare every table on source and target (row counts and checksums);
     /// exits 1 when any table differs.
     Verify {
@@ -66,6 +76,20 @@ enum Command {
         /// Compare row counts only, without checksums.
         #[arg(long)]
         counts_only: bool,
+    },
+    /// Watch a whole online migration and cutover on two throwaway local
+    /// clusters, under a write load, and print a report (needs the PostgreSQL
+    /// server programs; everything started is removed on exit).
+    Demo {
+        /// Size of the sample data (pgbench scale; 1 ≈ 15 MB).
+        #[arg(long, default_value_t = 10)]
+        scale: u32,
+        /// Concurrent client sessions of the write load.
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+        /// Seconds to stream under load before cutting over.
+        #[arg(long, default_value_t = 8)]
+        stream_seconds: u64,
     },
     /// Show the state of a running pgshift: migration state, per-database
     /// copy and lag, proxy sessions, the last cutover's phases.
@@ -123,9 +147,21 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Run { config } => pgshift::run::run(&config).await.map_err(Into::into),
+            Command::Demo {
+                scale,
+                clients,
+                stream_seconds,
+            } => pgshift::demo::run(pgshift::demo::DemoOptions {
+                scale,
+                clients,
+                stream_for: std::time::Duration::from_secs(stream_seconds),
+            })
+            .await
+            .map_err(Into::into),
             Command::Status { admin, json, watch } => status(admin, json, watch).await,
             Command::Cutover { admin, wait } => cutover(admin, wait).await,
             Command::Cancel { admin } => cancel(admin).await,
+            Command::Validate { config, json } => Ok(pgshift::validate::cli(&config, json).await),
             Command::Verify {
                 config,
                 databases,

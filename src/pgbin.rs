@@ -21,14 +21,15 @@ pub fn find_dir(program: &str) -> Option<PathBuf> {
             let cand = dir.join(program);
             if cand.is_file() {
                 // Follow symlinks so sibling programs are found in the real bin dir.
-                let real = std::fs::canonicalize(&cand).unwrap_or(cand);
-                if let Some(parent) = real.parent() {
-                    // A wrapper (Debian's pg_wrapper) lives elsewhere than the programs.
-                    if parent.join(program).is_file() {
+                let real = std::fs::canonicalize(&cand).unwrap_or_else(|_| cand.clone());
+                // A wrapper (Debian's pg_wrapper) resolves to a directory without
+                // the program: then the PATH directory itself is the answer.
+                match real.parent() {
+                    Some(parent) if parent.join(program).is_file() => {
                         return Some(parent.to_path_buf());
                     }
+                    _ => return Some(dir),
                 }
-                return Some(dir);
             }
         }
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
 use crate::context::Context;
@@ -16,6 +17,10 @@ pub enum RunError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Proxy(#[from] crate::proxy::ProxyError),
+    #[error("{0}")]
+    Migration(#[from] crate::migration::ControlError),
 }
 
 /// Binds `addr`, naming the config key when that fails.
@@ -25,14 +30,59 @@ pub async fn bind(key: &str, addr: std::net::SocketAddr) -> Result<TcpListener, 
         .map_err(|e| ConfigError::invalid(key, format!("cannot listen on {addr}: {e}")))
 }
 
-pub async fn run(path: &Path) -> Result<u8, RunError> {
-    let config = Config::load(path)?;
+/// The parts of a running pgshift.
+pub struct Running {
+    pub ctx: Arc<Context>,
+    pub proxy: crate::proxy::ProxyHandle,
+    proxy_task: JoinHandle<()>,
+    admin_task: JoinHandle<std::io::Result<()>>,
+    migration_task: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops everything: the proxy drains open transactions
+    /// (`proxy.shutdown_timeout`), the migration stops its streams.
+    pub async fn shutdown(self) {
+        self.ctx.shutdown.cancel();
+        let _ = self.proxy_task.await;
+        if let Some(m) = self.migration_task {
+            let _ = m.await;
+        }
+        let _ = self.admin_task.await;
+        tracing::info!("pgshift stopped");
+    }
+}
+
+/// Starts pgshift from a resolved config: both ports are bound before
+/// anything starts, so a port in use refuses the start cleanly and names its
+/// key; the migration's persisted state is read before the proxy serves, so
+/// a switched migration routes to the target from the first connection.
+pub async fn start(config: Config) -> Result<Running, RunError> {
+    let proxy_listener = bind("proxy.listen", config.proxy_listen).await?;
     let admin_listener = bind("admin.listen", config.admin_listen).await?;
     let ctx = Context::new(config);
+    let proxy = crate::proxy::Proxy::build(ctx.clone())?;
+    let p = proxy.clone();
+    ctx.status.register("proxy", Arc::new(move || p.status()));
+    let migration_task = crate::migration::runner::start(&ctx, &proxy).await?;
     let router = crate::admin::base_router(ctx.clone());
-    let admin = tokio::spawn(crate::admin::serve(admin_listener, router, ctx.clone()));
-    wait_for_signal(&ctx).await;
-    let _ = admin.await;
+    let admin_task = tokio::spawn(crate::admin::serve(admin_listener, router, ctx.clone()));
+    // On shutdown the proxy task stops accepting and drains for proxy.shutdown_timeout.
+    let proxy_task = proxy.serve(proxy_listener);
+    Ok(Running {
+        ctx,
+        proxy,
+        proxy_task,
+        admin_task,
+        migration_task,
+    })
+}
+
+pub async fn run(path: &Path) -> Result<u8, RunError> {
+    let config = Config::load(path)?;
+    let running = start(config).await?;
+    wait_for_signal(&running.ctx).await;
+    running.shutdown().await;
     Ok(0)
 }
 

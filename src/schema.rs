@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tokio_postgres::Client;
 
-use crate::config::{Endpoint, SslMode};
+use crate::config::Endpoint;
 use crate::db::{self, DbError, quote_ident, quote_literal};
 
 #[derive(Debug, Error)]
@@ -596,14 +596,12 @@ fn command(program: &str, ep: &Endpoint, options: Option<&str>) -> Result<Comman
         .env("PGDATABASE", &ep.dbname)
         .env("PGAPPNAME", "pgshift")
         .env("PGCONNECT_TIMEOUT", "10")
-        .env(
-            "PGSSLMODE",
-            match ep.sslmode {
-                SslMode::Disable => "disable",
-                SslMode::Prefer => "prefer",
-                SslMode::Require => "require",
-            },
-        );
+        .env("PGSSLMODE", ep.sslmode.as_str());
+    // pg_dump and psql verify the server exactly as pgshift's own connections do.
+    match &ep.sslrootcert {
+        Some(root) => c.env("PGSSLROOTCERT", root),
+        None => c.env_remove("PGSSLROOTCERT"),
+    };
     match &ep.password {
         Some(p) => c.env("PGPASSWORD", p.expose()),
         None => c.env_remove("PGPASSWORD"),

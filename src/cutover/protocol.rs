@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus::{Gauge, GaugeVec, IntCounter, IntCounterVec};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::fence::{self, FenceRecord};
@@ -22,6 +22,9 @@ use crate::migration::{Migration, State, Substate};
 /// What the cutover needs from the rest of pgshift. Implemented by the
 /// runner over the proxy handle and the per-database streams.
 pub trait CutoverHost: Send + Sync {
+    /// Before the gate closes (not part of the pause): opens every connection
+    /// the cutover will need, so the pause pays no connection set-up.
+    fn prepare(&self) -> impl Future<Output = Result<(), String>> + Send;
     /// Holds every session's next transaction (idle ones at their next request).
     fn close_gate(&self);
     /// Releases held sessions on whatever the route points at.
@@ -58,16 +61,16 @@ pub trait CutoverHost: Send + Sync {
     ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PhaseReport {
-    pub phase: &'static str,
+    pub phase: String,
     pub seconds: f64,
     pub outcome: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CutoverReport {
     pub id: String,
     pub started_at: String,
@@ -190,7 +193,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
             "cutover phase"
         );
         self.report.phases.push(PhaseReport {
-            phase,
+            phase: phase.to_string(),
             seconds,
             outcome: outcome.to_string(),
             detail,
@@ -440,6 +443,15 @@ pub async fn run<H: CutoverHost>(
             return finish(a).await;
         }
     };
+
+    let t = Instant::now();
+    if let Err(e) = host.prepare().await {
+        a.record("prepare", t, "failed", Some(e.clone()));
+        a.report.outcome = "aborted".into();
+        a.report.reason = Some(format!("cannot prepare the cutover: {e}"));
+        return finish(a).await;
+    }
+    a.record("prepare", t, "ok", None);
 
     a.gate().await;
     let before_switch: Result<(), Abort> = async {

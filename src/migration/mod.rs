@@ -3,6 +3,8 @@
 //! control schema on the target, and exported as `pgshift_migration_state`.
 
 pub mod control;
+pub mod pipeline;
+pub mod runner;
 pub mod state;
 
 use std::collections::BTreeMap;

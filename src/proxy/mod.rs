@@ -1,1 +1,262 @@
-//! The proxy: listener, sessions, backends, route, pause gate, cancel keys, TLS.
+//! The proxy: listener, one task per client session, backend connections,
+//! the route (`ArcSwap`), the pause gate, cancel-key mapping, TLS.
+//!
+//! [`Proxy::build`] builds it from the context, [`ProxyHandle::serve`] runs it
+//! on a bound listener. The cutover holds a [`ProxyHandle`] and uses
+//! [`ProxyHandle::gate`], [`ProxyHandle::router`] and [`ProxyHandle::sessions`].
+
+pub mod auth;
+pub mod backend;
+pub mod cancel;
+pub mod gate;
+pub mod listener;
+pub mod metrics;
+pub mod route;
+pub mod scan;
+pub mod session;
+pub mod sessions;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::rustls;
+use tokio_util::sync::CancellationToken;
+
+pub use gate::Gate;
+pub use metrics::ProxyMetrics;
+pub use route::{Route, Router};
+pub use sessions::{Registry, SessionInfo, SessionSnapshot};
+
+use crate::config::ConfigError;
+use crate::context::Context;
+
+#[derive(Debug, Error)]
+pub enum ProxyError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+}
+
+/// Limits from `[proxy]`, resolved once.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_clients: usize,
+    pub max_message_size: usize,
+    pub startup_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+/// State shared by the listener and every session.
+pub struct Shared {
+    pub(crate) ctx: Arc<Context>,
+    pub(crate) users: auth::Users,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    pub router: Router,
+    pub gate: Gate,
+    pub sessions: Registry,
+    pub metrics: ProxyMetrics,
+    pub limits: Limits,
+    /// Client sessions holding a place under `max_client_connections`.
+    pub(crate) clients: AtomicUsize,
+    pub(crate) stop_accepting: CancellationToken,
+    /// Shutdown: idle sessions close, busy ones at their next boundary.
+    pub(crate) draining: CancellationToken,
+    /// Shutdown timeout passed: every session closes now.
+    pub(crate) kill: CancellationToken,
+    /// Bumped on route swaps and gate openings to wake idle sessions.
+    pub(crate) epoch: watch::Sender<u64>,
+    /// Sessions that could not move to a new route and were closed.
+    pub(crate) moves_failed: std::sync::atomic::AtomicU64,
+}
+
+pub struct Proxy;
+
+impl Proxy {
+    /// Builds the proxy from `ctx.config`: SCRAM verifiers, TLS, metrics, and
+    /// the initial route (the source).
+    pub fn build(ctx: Arc<Context>) -> Result<ProxyHandle, ProxyError> {
+        let cfg = ctx.config.proxy();
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                crate::wire::tls::server_config(cert, key)
+                    .map_err(|e| ConfigError::invalid("proxy.tls_cert", e.to_string()))?,
+            ),
+            _ => None,
+        };
+        let metrics = ProxyMetrics::register(&ctx.registry);
+        let epoch = watch::Sender::new(0u64);
+        let limits = Limits {
+            max_clients: cfg.max_client_connections,
+            max_message_size: usize::try_from(cfg.max_message_size.0).unwrap_or(usize::MAX),
+            startup_timeout: cfg.startup_timeout.0,
+            connect_timeout: cfg.server_connect_timeout.0,
+            shutdown_timeout: cfg.shutdown_timeout.0,
+        };
+        let shared = Shared {
+            users: auth::Users::new(cfg.auth, &cfg.users),
+            tls,
+            router: Router::new(
+                Route::from_endpoint("source", &ctx.config.source),
+                epoch.clone(),
+            ),
+            gate: Gate::new(
+                epoch.clone(),
+                metrics.sessions_in_transaction.clone(),
+                metrics.paused.clone(),
+                metrics.pause_waiting_sessions.clone(),
+            ),
+            sessions: Registry::default(),
+            metrics,
+            limits,
+            clients: AtomicUsize::new(0),
+            stop_accepting: CancellationToken::new(),
+            draining: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            epoch,
+            moves_failed: std::sync::atomic::AtomicU64::new(0),
+            ctx,
+        };
+        Ok(ProxyHandle {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// Builds the proxy and serves it on `listener`.
+    pub fn start(
+        ctx: Arc<Context>,
+        listener: TcpListener,
+    ) -> Result<(ProxyHandle, JoinHandle<()>), ProxyError> {
+        let h = Proxy::build(ctx)?;
+        let task = h.serve(listener);
+        Ok((h, task))
+    }
+}
+
+/// What the rest of pgshift holds to steer the proxy. Cheap to clone.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    shared: Arc<Shared>,
+}
+
+impl ProxyHandle {
+    /// Accepts clients on `listener`. The task ends after the proxy has shut
+    /// down: on [`shutdown`](Self::shutdown) or when the context's shutdown
+    /// token fires (then it drains for `proxy.shutdown_timeout` first).
+    pub fn serve(&self, listener: TcpListener) -> JoinHandle<()> {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "proxy listening");
+        }
+        let shared = self.shared.clone();
+        let handle = self.clone();
+        tokio::spawn(async move {
+            listener::accept_loop(shared.clone(), listener).await;
+            if shared.ctx.shutdown.is_cancelled() {
+                handle.shutdown(shared.limits.shutdown_timeout).await;
+            }
+        })
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.shared.router
+    }
+
+    pub fn gate(&self) -> &Gate {
+        &self.shared.gate
+    }
+
+    pub fn sessions(&self) -> &Registry {
+        &self.shared.sessions
+    }
+
+    pub fn metrics(&self) -> &ProxyMetrics {
+        &self.shared.metrics
+    }
+
+    /// Sessions that could not move to a new route and were closed, so far.
+    pub fn moves_failed(&self) -> u64 {
+        self.shared
+            .moves_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Cancels the running query of every session inside a transaction or
+    /// request (as a client's CancelRequest would). Returns how many.
+    pub async fn cancel_busy_sessions(&self) -> usize {
+        let busy: Vec<_> = self
+            .sessions()
+            .sessions()
+            .into_iter()
+            .filter(|s| s.busy())
+            .collect();
+        for s in &busy {
+            let b = s.backend();
+            let opts = backend::connect_options(&self.shared, &b.route);
+            if let Err(e) = crate::wire::connect::send_cancel(&opts, b.pid, b.secret).await {
+                tracing::warn!(session = s.id, "cannot cancel the running query: {e}");
+            }
+        }
+        busy.len()
+    }
+
+    /// Closes every session still inside a transaction or request, with an
+    /// ErrorResponse carrying `message`; their transactions roll back.
+    pub fn terminate_busy_sessions(&self, message: &str) -> usize {
+        let busy: Vec<_> = self
+            .sessions()
+            .sessions()
+            .into_iter()
+            .filter(|s| s.busy())
+            .collect();
+        for s in &busy {
+            s.terminate(message);
+        }
+        busy.len()
+    }
+
+    /// What `/status` shows under `proxy`.
+    pub fn status(&self) -> serde_json::Value {
+        let gate = self.gate();
+        serde_json::json!({
+            "route": self.router().current().name,
+            "sessions": self.sessions().len(),
+            "sessions_in_transaction": gate.sessions_in_transaction(),
+            "paused": gate.is_closed(),
+            "waiting_at_gate": gate.waiting_sessions(),
+            "sessions_dropped_on_move": self.moves_failed(),
+        })
+    }
+
+    /// Stops accepting, closes idle sessions, lets open transactions finish
+    /// within `timeout`, then closes the rest. Returns how many sessions
+    /// had to be cut off.
+    pub async fn shutdown(&self, timeout: Duration) -> usize {
+        let s = &self.shared;
+        s.stop_accepting.cancel();
+        s.draining.cancel();
+        tracing::info!(
+            sessions = s.sessions.len(),
+            in_transaction = s.gate.sessions_in_transaction(),
+            "proxy draining: waiting up to {timeout:?} for open transactions"
+        );
+        if tokio::time::timeout(timeout, s.sessions.wait_empty())
+            .await
+            .is_ok()
+        {
+            tracing::info!("proxy drained");
+            return 0;
+        }
+        let left = s.sessions.len();
+        tracing::warn!(
+            sessions = left,
+            "shutdown timeout passed: closing the remaining sessions"
+        );
+        s.kill.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.sessions.wait_empty()).await;
+        left
+    }
+}

@@ -1,7 +1,14 @@
 //! The replication engine: replication connection and slot, consistent
 //! initial copy, pgoutput decoding, apply to the target, lag.
 
+pub mod apply;
+pub mod client;
 pub mod copy;
 pub mod lsn;
+pub mod names;
+pub mod pgoutput;
+pub mod publication;
+pub mod slot;
+pub mod stream;
 
 pub use lsn::Lsn;

@@ -3,6 +3,7 @@
 //! (cleartext, md5, SCRAM-SHA-256), up to the first ReadyForQuery.
 //! Used for proxy backends and replication connections.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,9 @@ pub struct ConnectOptions {
     pub sslmode: SslMode,
     pub connect_timeout: Duration,
     pub max_message_size: usize,
+    /// CA certificates (PEM) to verify the server against; see [`super::tls::client_config_for`].
+    pub sslrootcert: Option<PathBuf>,
+    /// A ready TLS config, used instead of the one sslmode/sslrootcert call for.
     pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
@@ -37,6 +41,7 @@ impl ConnectOptions {
             sslmode: ep.sslmode,
             connect_timeout: Duration::from_secs(10),
             max_message_size: 1 << 30,
+            sslrootcert: ep.sslrootcert.clone(),
             tls: None,
         }
     }
@@ -199,6 +204,10 @@ async fn negotiate_tls(mut tcp: TcpStream, opts: &ConnectOptions) -> Result<PgSt
     if opts.sslmode == SslMode::Disable {
         return Ok(PgStream::Plain(tcp));
     }
+    let cfg = match &opts.tls {
+        Some(cfg) => cfg.clone(),
+        None => super::tls::client_config_for(opts.sslmode, opts.sslrootcert.as_deref())?,
+    };
     let mut req = BytesMut::new();
     postgres_protocol::message::frontend::ssl_request(&mut req);
     tcp.write_all(&req).await?;
@@ -206,24 +215,27 @@ async fn negotiate_tls(mut tcp: TcpStream, opts: &ConnectOptions) -> Result<PgSt
     tcp.read_exact(&mut answer).await?;
     match answer[0] {
         b'S' => {
-            let cfg = opts
-                .tls
-                .clone()
-                .unwrap_or_else(super::tls::client_config_no_verify);
             let name = rustls::pki_types::ServerName::try_from(opts.host.clone())
                 .map_err(|e| WireError::Tls(format!("bad server name {}: {e}", opts.host)))?;
             let tls = tokio_rustls::TlsConnector::from(cfg)
                 .connect(name, tcp)
                 .await
-                .map_err(|e| WireError::Tls(e.to_string()))?;
+                .map_err(|e| {
+                    WireError::Tls(format!(
+                        "TLS handshake with {}:{} failed: {e}",
+                        opts.host, opts.port
+                    ))
+                })?;
             Ok(PgStream::Tls(Box::new(tokio_rustls::TlsStream::Client(
                 tls,
             ))))
         }
-        b'N' if opts.sslmode == SslMode::Prefer => Ok(PgStream::Plain(tcp)),
+        b'N' if !opts.sslmode.requires_tls() => Ok(PgStream::Plain(tcp)),
         b'N' => Err(WireError::Tls(format!(
-            "server {}:{} does not support SSL, but sslmode=require",
-            opts.host, opts.port
+            "server {}:{} does not support SSL, but sslmode={}",
+            opts.host,
+            opts.port,
+            opts.sslmode.as_str()
         ))),
         other => Err(WireError::Protocol(format!(
             "unexpected answer {other:#x} to SSLRequest"

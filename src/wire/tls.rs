@@ -1,6 +1,7 @@
 //! TLS configuration: toward clients (a certificate and key from PEM files)
-//! and toward servers (libpq `sslmode=prefer/require` semantics: encrypt,
-//! do not verify the certificate).
+//! and toward servers (libpq `sslmode` semantics: `prefer`/`require` encrypt
+//! without checking the certificate, `verify-ca`/`verify-full` check it
+//! against the CA certificates of `sslrootcert`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use super::WireError;
+use crate::config::SslMode;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -46,23 +48,110 @@ pub fn client_config_no_verify() -> Arc<rustls::ClientConfig> {
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoVerify(p)))
+        .with_custom_certificate_verifier(Arc::new(ChainVerifier {
+            provider: p,
+            roots: None,
+        }))
         .with_no_client_auth();
     Arc::new(cfg)
 }
 
-#[derive(Debug)]
-struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+/// The client config for a server connection with `mode` (not `disable`):
+/// as libpq, a given root certificate file means the chain is verified
+/// (whatever the mode), and `verify-full` also checks the host name.
+pub fn client_config_for(
+    mode: SslMode,
+    rootcert: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, WireError> {
+    match rootcert {
+        Some(root) => verifying_client_config(root, mode == SslMode::VerifyFull),
+        None if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) => Err(WireError::Tls(
+            format!("sslmode={} needs sslrootcert", mode.as_str()),
+        )),
+        None => Ok(client_config_no_verify()),
+    }
+}
 
-impl rustls::client::danger::ServerCertVerifier for NoVerify {
+/// A client config that verifies the server's certificate chain against the
+/// CA certificates in the PEM file `root`, and with `check_host` also that
+/// the certificate names the host connected to (`verify-full`).
+pub fn verifying_client_config(
+    root: &Path,
+    check_host: bool,
+) -> Result<Arc<rustls::ClientConfig>, WireError> {
+    let roots = Arc::new(root_store(root)?);
+    let p = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(p.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| WireError::Tls(e.to_string()))?;
+    let cfg = if check_host {
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, p)
+            .build()
+            .map_err(|e| WireError::Tls(format!("{}: {e}", root.display())))?;
+        builder.with_webpki_verifier(verifier).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(ChainVerifier {
+                provider: p,
+                roots: Some(roots),
+            }))
+            .with_no_client_auth()
+    };
+    Ok(Arc::new(cfg))
+}
+
+/// Reads the CA certificates of a PEM file.
+pub fn root_store(path: &Path) -> Result<rustls::RootCertStore, WireError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| WireError::Tls(format!("cannot read {}: {e}", path.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| WireError::Tls(format!("bad certificate in {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(WireError::Tls(format!(
+            "no PEM certificate in {}",
+            path.display()
+        )));
+    }
+    let mut store = rustls::RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(WireError::Tls(format!(
+            "no usable CA certificate in {}",
+            path.display()
+        )));
+    }
+    Ok(store)
+}
+
+/// Checks the server certificate's chain against `roots` but not its name
+/// (`verify-ca`); with no roots, checks nothing (`prefer`/`require`).
+/// Handshake signatures are always checked.
+#[derive(Debug)]
+struct ChainVerifier {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    roots: Option<Arc<rustls::RootCertStore>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ChainVerifier {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -75,7 +164,7 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
     fn verify_tls13_signature(
@@ -88,10 +177,12 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

@@ -13,11 +13,12 @@
 //! - `trustuser` (no password; pg_hba trust)
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
+
+use pgshift::localpg::{LocalCluster, Options as LocalOptions};
 
 pub const SUPERUSER: &str = "postgres";
 pub const SUPERUSER_PW: &str = "postgres";
@@ -41,54 +42,9 @@ pub fn pg_program(name: &str) -> PathBuf {
     if p.is_file() { p } else { PathBuf::from(name) }
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe extern "C" {
-        fn geteuid() -> u32;
-    }
-    unsafe { geteuid() == 0 }
-}
-
-/// Builds a command that runs as the server's OS user.
-fn as_server_user(program: &Path) -> Command {
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.arg("-u").arg("postgres").arg("--").arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-fn chown_to_server_user(path: &Path) {
-    if is_root() {
-        let st = Command::new("chown")
-            .arg("-R")
-            .arg("postgres:postgres")
-            .arg(path)
-            .status()
-            .expect("run chown");
-        assert!(st.success(), "chown {} failed", path.display());
-    }
-}
-
 /// A loopback port nobody listens on (best effort; start retries on a clash).
 pub fn free_port() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    if NEXT.load(Ordering::Relaxed) == 0 {
-        let seed = 20000 + (std::process::id() % 2000) as u16 * 10;
-        let _ = NEXT.compare_exchange(0, seed, Ordering::Relaxed, Ordering::Relaxed);
-    }
-    loop {
-        let p = NEXT.fetch_add(1, Ordering::Relaxed);
-        if p > 60000 {
-            NEXT.store(20000, Ordering::Relaxed);
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
+    pgshift::localpg::free_port()
 }
 
 /// Options for a cluster; `Default` is what most tests want.
@@ -99,6 +55,8 @@ pub struct ClusterOptions {
     /// initdb --encoding (e.g. "LATIN1"); with --locale=C.
     pub encoding: Option<String>,
     pub wal_level: String,
+    /// TLS toward clients (see [`ClusterTls`]).
+    pub tls: ClusterTls,
 }
 
 impl Default for ClusterOptions {
@@ -107,16 +65,52 @@ impl Default for ClusterOptions {
             conf: vec![],
             encoding: None,
             wal_level: "logical".into(),
+            tls: ClusterTls::Off,
         }
     }
 }
 
+impl ClusterOptions {
+    fn local(&self) -> LocalOptions {
+        LocalOptions {
+            conf: self.conf.clone(),
+            encoding: self.encoding.clone(),
+            wal_level: self.wal_level.clone(),
+            superuser_password: SUPERUSER_PW.into(),
+            // Clients by method: trust user, md5 user, everyone else SCRAM (also replication).
+            hba: Some(
+                "local all all trust\n\
+                 host all trustuser 127.0.0.1/32 trust\n\
+                 host all md5user 127.0.0.1/32 md5\n\
+                 host all all 127.0.0.1/32 scram-sha-256\n\
+                 host replication all 127.0.0.1/32 scram-sha-256\n"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// A throwaway cluster with the test users; derefs to [`LocalCluster`]
+/// (`port`, `data`, `dir`, `stop`, `kill`, `log` …).
 pub struct Cluster {
-    pub port: u16,
-    pub dir: tempfile::TempDir,
-    pub data: PathBuf,
+    inner: LocalCluster,
     pub socket_dir: PathBuf,
-    running: bool,
+    /// With TLS on: the PEM file of the CA that signed the server certificate
+    /// (for `sslrootcert`).
+    pub tls_root_cert: Option<PathBuf>,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = LocalCluster;
+    fn deref(&self) -> &LocalCluster {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut LocalCluster {
+        &mut self.inner
+    }
 }
 
 /// initdb is the slow part of a start: one template per option set is made
@@ -137,7 +131,7 @@ fn template_for(opts: &ClusterOptions) -> PathBuf {
         .unwrap_or_else(|_| "x".into());
     let root = std::env::temp_dir().join("pgshift-test-templates");
     let _ = std::fs::create_dir_all(&root);
-    let final_dir = root.join(format!("{version}-{enc}-v1"));
+    let final_dir = root.join(format!("{version}-{enc}-v2"));
     if final_dir.join("data/PG_VERSION").is_file() {
         return final_dir.join("data");
     }
@@ -145,45 +139,17 @@ fn template_for(opts: &ClusterOptions) -> PathBuf {
         .prefix("tpl-")
         .tempdir_in(&root)
         .expect("temp dir");
-    chown_to_server_user(dir.path());
-    let data = dir.path().join("data");
-    let pwfile = dir.path().join("pw");
-    std::fs::write(&pwfile, SUPERUSER_PW).unwrap();
-    chown_to_server_user(&pwfile);
-    let mut c = as_server_user(&pg_bin().join("initdb"));
-    c.arg("-D")
-        .arg(&data)
-        .arg("-U")
-        .arg(SUPERUSER)
-        .arg("--pwfile")
-        .arg(&pwfile)
-        .arg("--auth-local=trust")
-        .arg("--auth-host=scram-sha-256")
-        .arg("--no-sync")
-        .arg("--no-instructions");
-    match &opts.encoding {
-        Some(enc) => {
-            c.arg("--encoding").arg(enc).arg("--locale=C");
-        }
-        None => {
-            c.arg("--encoding=UTF8").arg("--locale=C.UTF-8");
-        }
-    }
-    let out = c.output().expect("run initdb");
-    assert!(
-        out.status.success(),
-        "initdb failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Clients by method: trust user, md5 user, everyone else SCRAM (also for replication).
-    let hba = "local all all trust\n\
-               host all trustuser 127.0.0.1/32 trust\n\
-               host all md5user 127.0.0.1/32 md5\n\
-               host all all 127.0.0.1/32 scram-sha-256\n\
-               host replication all 127.0.0.1/32 scram-sha-256\n";
-    std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
-    chown_to_server_user(&data);
+    let _ = Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(dir.path())
+        .status();
+    pgshift::localpg::initdb(
+        &pg_bin(),
+        &dir.path().join("data"),
+        dir.path(),
+        &opts.local(),
+    )
+    .unwrap_or_else(|e| panic!("initdb: {e}"));
     let tmp = dir.keep();
     if std::fs::rename(&tmp, &final_dir).is_err() {
         // Another process published it first.
@@ -200,84 +166,18 @@ impl Cluster {
 
     pub fn start_with(opts: ClusterOptions) -> Cluster {
         let template = template_for(&opts);
-        let dir = tempfile::Builder::new()
-            .prefix("pgshift-pg-")
-            .tempdir()
-            .expect("temp dir");
-        let data = dir.path().join("data");
-        let st = Command::new("cp")
-            .arg("-a")
-            .arg(&template)
-            .arg(&data)
-            .status()
-            .expect("cp");
-        assert!(st.success(), "copying the template cluster failed");
-        let socket_dir = dir.path().to_path_buf();
-        chown_to_server_user(dir.path());
-        let mut conf = format!(
-            "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
-             wal_level = {}\nmax_wal_senders = 20\nmax_replication_slots = 20\n\
-             max_connections = 200\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
-             shared_buffers = 64MB\nmax_worker_processes = 16\nlog_min_messages = warning\n",
-            socket_dir.display(),
-            opts.wal_level
-        );
-        for line in &opts.conf {
-            conf.push_str(line);
-            conf.push('\n');
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(data.join("postgresql.conf"))
-            .unwrap();
-        std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
+        let inner =
+            LocalCluster::create(&opts.local(), Some(&template)).unwrap_or_else(|e| panic!("{e}"));
         let mut c = Cluster {
-            port: 0,
-            dir,
-            data,
-            socket_dir,
-            running: false,
+            socket_dir: inner.socket_dir().to_path_buf(),
+            inner,
+            tls_root_cert: None,
         };
-        c.start_server();
+        if opts.tls != ClusterTls::Off {
+            c.enable_tls(opts.tls == ClusterTls::Only);
+        }
         c.create_users();
         c
-    }
-
-    fn start_server(&mut self) {
-        for attempt in 0..5 {
-            let port = if self.port == 0 || attempt > 0 {
-                free_port()
-            } else {
-                self.port
-            };
-            let out = as_server_user(&pg_bin().join("pg_ctl"))
-                .arg("-D")
-                .arg(&self.data)
-                .arg("-l")
-                .arg(self.dir.path().join("server.log"))
-                .arg("-w")
-                .arg("-t")
-                .arg("60")
-                .arg("-o")
-                .arg(format!("-p {port}"))
-                .arg("start")
-                .output()
-                .expect("run pg_ctl");
-            if out.status.success() {
-                self.port = port;
-                self.running = true;
-                return;
-            }
-            let log =
-                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-            if !log.contains("could not bind") && !log.contains("already in use") {
-                panic!(
-                    "pg_ctl start failed: {}\n{log}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        }
-        panic!("could not find a free port for PostgreSQL");
     }
 
     fn create_users(&self) {
@@ -295,57 +195,15 @@ impl Cluster {
         self.psql("template1", "GRANT ALL ON SCHEMA public TO PUBLIC;");
     }
 
-    /// Restarts the server on the same port (e.g. after a config change).
+    /// Restarts the server (e.g. after a config change).
     pub fn restart(&mut self) {
-        self.stop();
-        self.start_server();
-    }
-
-    /// Stops the server (fast shutdown).
-    pub fn stop(&mut self) {
-        if self.running {
-            let _ = as_server_user(&pg_bin().join("pg_ctl"))
-                .arg("-D")
-                .arg(&self.data)
-                .arg("-m")
-                .arg("fast")
-                .arg("-w")
-                .arg("stop")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            self.running = false;
-        }
-    }
-
-    /// Stops the server abruptly, as a crash would.
-    pub fn kill(&mut self) {
-        if self.running {
-            let _ = as_server_user(&pg_bin().join("pg_ctl"))
-                .arg("-D")
-                .arg(&self.data)
-                .arg("-m")
-                .arg("immediate")
-                .arg("-w")
-                .arg("stop")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-            self.running = false;
-        }
-    }
-
-    /// The server log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+        self.inner.stop();
+        self.inner.start().unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// A URL for `user`/`password` on `db`.
     pub fn url_as(&self, user: &str, password: &str, db: &str) -> String {
-        format!(
-            "postgres://{user}:{password}@127.0.0.1:{}/{db}?sslmode=disable",
-            self.port
-        )
+        self.inner.url_as(user, password, db)
     }
 
     /// The superuser URL for `db`.
@@ -355,36 +213,14 @@ impl Cluster {
 
     /// Runs psql as the superuser over the Unix socket; panics on error.
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        let out = self.psql_output(db, sql);
-        assert!(
-            out.status.success(),
-            "psql failed on {db}: {}\nSQL: {sql}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        self.inner
+            .psql(db, sql)
+            .unwrap_or_else(|e| panic!("{e}\nSQL: {sql}"))
     }
 
     /// Runs psql and returns its raw output (for tests that expect errors).
     pub fn psql_output(&self, db: &str, sql: &str) -> Output {
-        Command::new(pg_program("psql"))
-            .arg("-X")
-            .arg("-q")
-            .arg("-A")
-            .arg("-t")
-            .arg("-v")
-            .arg("ON_ERROR_STOP=1")
-            .arg("-h")
-            .arg(&self.socket_dir)
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-U")
-            .arg(SUPERUSER)
-            .arg("-d")
-            .arg(db)
-            .arg("-c")
-            .arg(sql)
-            .output()
-            .expect("run psql")
+        self.inner.psql_output(db, sql).expect("run psql")
     }
 
     /// Creates a database owned by the superuser.
@@ -395,12 +231,6 @@ impl Cluster {
     /// A tokio-postgres client as the superuser.
     pub async fn client(&self, db: &str) -> tokio_postgres::Client {
         connect(&self.url(db)).await
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -496,4 +326,114 @@ listen = "127.0.0.1:{admin_port}"
 pub fn config_for(source: &Cluster, target: &Cluster, extra: &str) -> pgshift::Config {
     let text = config_text(source, target, free_port(), free_port(), extra);
     pgshift::Config::from_toml(&text, &|k| std::env::var(k).ok()).expect("test config is valid")
+}
+
+/// TLS on a harness cluster. The server certificate is issued by a fresh
+/// test CA ([`Cluster::tls_root_cert`]) for the name `localhost` only, so
+/// `sslmode=verify-full` succeeds with host `localhost` and fails with
+/// `127.0.0.1` (a name mismatch), while `verify-ca` accepts both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClusterTls {
+    #[default]
+    Off,
+    /// `ssl = on`; TCP clients may use TLS or not.
+    On,
+    /// `ssl = on` and only `hostssl` lines in pg_hba.conf: plaintext TCP is refused.
+    Only,
+}
+
+/// A throwaway certificate authority for TLS tests.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// A new self-signed CA with common name `name`.
+    pub fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        TestCa {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("CA certificate"),
+        }
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// Writes the CA certificate to `path` and returns it.
+    pub fn write_cert(&self, path: &std::path::Path) -> PathBuf {
+        std::fs::write(path, self.cert_pem()).expect("write CA certificate");
+        path.to_path_buf()
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses) and its
+    /// private key, both PEM.
+    pub fn issue_server(&self, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names.clone()).expect("server params");
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("server certificate");
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+impl Cluster {
+    /// Turns TLS on: a certificate for `localhost` from a fresh [`TestCa`]
+    /// in the data directory (owned by the server user, mode 0600), `ssl = on`,
+    /// with `only` a pg_hba.conf of `hostssl` lines; then restarts.
+    fn enable_tls(&mut self, only: bool) {
+        use std::os::unix::fs::PermissionsExt;
+        let ca = TestCa::new("pgshift test CA");
+        let (cert, key) = ca.issue_server(&["localhost"]);
+        let data = self.data.clone();
+        for (name, pem) in [("server.crt", &cert), ("server.key", &key)] {
+            let path = data.join(name);
+            std::fs::write(&path, pem).expect("write server certificate");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod server certificate");
+            // As root the server runs as `postgres` and must own its key.
+            let _ = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&path)
+                .status();
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .expect("open postgresql.conf");
+        std::io::Write::write_all(
+            &mut conf,
+            b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        )
+        .expect("write postgresql.conf");
+        if only {
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\n\
+                 hostssl all trustuser 127.0.0.1/32 trust\n\
+                 hostssl all md5user 127.0.0.1/32 md5\n\
+                 hostssl all all 127.0.0.1/32 scram-sha-256\n\
+                 hostssl replication all 127.0.0.1/32 scram-sha-256\n",
+            )
+            .expect("write pg_hba.conf");
+        }
+        self.tls_root_cert = Some(ca.write_cert(&self.dir.path().join("root.crt")));
+        self.restart();
+    }
 }

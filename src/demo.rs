@@ -1,0 +1,541 @@
+//! `pgshift demo`: a whole online migration and cutover on throwaway local
+//! clusters, under a write load of its own through the proxy, with a live
+//! progress view and a report. Everything it starts is stopped and removed
+//! on exit, also on Ctrl-C.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use thiserror::Error;
+use tokio::task::JoinSet;
+
+use crate::admin::client::human_bytes;
+use crate::localpg::{LocalCluster, LocalPgError, Options};
+
+#[derive(Debug, Error)]
+pub enum DemoError {
+    #[error("{0}")]
+    Cluster(#[from] LocalPgError),
+    #[error("{0}")]
+    Run(#[from] crate::run::RunError),
+    #[error("{0}")]
+    Failed(String),
+    #[error("interrupted (Ctrl-C): everything the demo started was stopped and removed")]
+    Interrupted,
+}
+
+/// What the demo is asked to do.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// pgbench scale factor of the sample data (1 ≈ 15 MB).
+    pub scale: u32,
+    /// Concurrent client sessions of the write load.
+    pub clients: usize,
+    /// How long to stream under load before the cutover may start.
+    pub stream_for: Duration,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            scale: 10,
+            clients: 4,
+            stream_for: Duration::from_secs(8),
+        }
+    }
+}
+
+const APP_PW: &str = "demo-app-password";
+const DB: &str = "shop";
+
+/// The write load's own record: what clients saw.
+#[derive(Default)]
+struct LoadStats {
+    committed: AtomicU64,
+    failed: AtomicU64,
+    /// Longest single transaction as the client saw it, in microseconds.
+    max_latency_us: AtomicU64,
+    stop: AtomicBool,
+    /// Every ledger id a client saw committed.
+    ids: std::sync::Mutex<Vec<i64>>,
+    errors: std::sync::Mutex<Vec<String>>,
+}
+
+pub async fn run(opts: DemoOptions) -> Result<u8, DemoError> {
+    let started = Instant::now();
+    println!("pgshift demo: an online migration and cutover on two throwaway local clusters\n");
+
+    // 1. Two clusters and sample data.
+    let (source, target) = tokio::task::spawn_blocking(|| -> Result<_, LocalPgError> {
+        let o = Options::default();
+        Ok((
+            LocalCluster::create(&o, None)?,
+            LocalCluster::create(&o, None)?,
+        ))
+    })
+    .await
+    .map_err(|e| DemoError::Failed(e.to_string()))??;
+    println!(
+        "• source cluster on 127.0.0.1:{}, target cluster on 127.0.0.1:{}",
+        source.port, target.port
+    );
+    load_sample_data(&source, &target, opts.scale).await?;
+
+    // 2. pgshift itself, in-process, exactly as `pgshift run` starts it.
+    let config = demo_config(&source, &target)?;
+    let proxy_addr = config.proxy_listen;
+    let running = crate::run::start(config).await?;
+    let ctx = running.ctx.clone();
+
+    // 3. A steady write load through the proxy, from before the copy to after the cutover.
+    let stats = Arc::new(LoadStats::default());
+    let mut load = JoinSet::new();
+    let url = format!("postgres://app:{APP_PW}@{proxy_addr}/{DB}");
+    for i in 0..opts.clients {
+        load.spawn(client_loop(
+            url.clone(),
+            stats.clone(),
+            opts.scale,
+            i as u64,
+        ));
+    }
+
+    let result = tokio::select! {
+        r = watch_migration(&ctx, &stats, &opts) => r,
+        _ = tokio::signal::ctrl_c() => Err(DemoError::Interrupted),
+    };
+
+    // Keep the load a moment on the target, then stop it.
+    if result.is_ok() {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    stats.stop.store(true, Ordering::Relaxed);
+    while load.join_next().await.is_some() {}
+
+    let outcome = match result {
+        Ok(watch) => {
+            let checked = check_writes(&source, &target, &stats).await;
+            print_report(
+                &ctx.status.render(),
+                &stats,
+                &watch,
+                &checked,
+                started.elapsed(),
+            );
+            if checked.is_ok() && stats.failed.load(Ordering::Relaxed) == 0 {
+                Ok(0)
+            } else {
+                Ok(1)
+            }
+        }
+        Err(e) => Err(e),
+    };
+    running.shutdown().await;
+    drop(source);
+    drop(target);
+    outcome
+}
+
+async fn load_sample_data(
+    source: &LocalCluster,
+    target: &LocalCluster,
+    scale: u32,
+) -> Result<(), DemoError> {
+    let t = Instant::now();
+    for c in [source, target] {
+        c.psql(
+            "postgres",
+            &format!("CREATE ROLE app LOGIN PASSWORD '{APP_PW}'"),
+        )?;
+    }
+    source.psql("postgres", &format!("CREATE DATABASE {DB} OWNER app"))?;
+    let out = std::process::Command::new(source.program("pgbench"))
+        .args(["-i", "-q", "--foreign-keys", "-s", &scale.to_string(), "-h"])
+        .arg(source.socket_dir())
+        .args(["-p", &source.port.to_string(), "-U", "postgres", DB])
+        .output()
+        .map_err(|e| DemoError::Failed(format!("cannot run pgbench: {e}")))?;
+    if !out.status.success() {
+        return Err(DemoError::Failed(format!(
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    // pgbench_history has no key: give it one so it can be streamed; a
+    // ledger the clients append to proves that no write is lost.
+    source.psql(
+        DB,
+        "ALTER TABLE pgbench_history ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY;
+         CREATE TABLE ledger (id bigserial PRIMARY KEY, client int NOT NULL, amount int NOT NULL,
+                              note text, at timestamptz NOT NULL DEFAULT now());
+         GRANT ALL ON ALL TABLES IN SCHEMA public TO app;
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app;",
+    )?;
+    let size = source.psql(DB, "SELECT pg_database_size(current_database())")?;
+    println!(
+        "• sample data: pgbench scale {scale} + a ledger table, {} in {:.1}s",
+        human_bytes(size.parse::<f64>().unwrap_or(0.0)),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn demo_config(source: &LocalCluster, target: &LocalCluster) -> Result<crate::Config, DemoError> {
+    let text = format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:{proxy}"
+auth = "scram-sha-256"
+[[proxy.users]]
+name = "app"
+password = "{APP_PW}"
+
+[source]
+url = "postgres://postgres:postgres@127.0.0.1:{sp}/postgres?sslmode=disable"
+[target]
+url = "postgres://postgres:postgres@127.0.0.1:{tp}/postgres?sslmode=disable"
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[migration]
+name = "demo"
+databases = ["{DB}"]
+mode = "online"
+copy_jobs = 4
+
+[cutover]
+trigger = "manual"
+drain_timeout = "5s"
+catchup_timeout = "10s"
+verify = "counts"
+"#,
+        proxy = crate::localpg::free_port(),
+        admin = crate::localpg::free_port(),
+        sp = source.port,
+        tp = target.port,
+    );
+    crate::Config::from_toml(&text, &|_| None).map_err(|e| DemoError::Failed(e.to_string()))
+}
+
+/// One client of the write load: TPC-B-like transactions plus a ledger
+/// insert whose id is recorded once the commit is acknowledged.
+async fn client_loop(url: String, stats: Arc<LoadStats>, scale: u32, seed: u64) {
+    let client = loop {
+        match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                break c;
+            }
+            Err(e) => {
+                if stats.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                stats
+                    .errors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("connect: {e}"));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let accounts = (scale as u64) * 100_000;
+    let mut x = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let Ok(update) = client
+        .prepare("UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2")
+        .await
+    else {
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let Ok(insert) = client
+        .prepare("INSERT INTO ledger (client, amount, note) VALUES ($1, $2, 'demo') RETURNING id")
+        .await
+    else {
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    while !stats.stop.load(Ordering::Relaxed) {
+        let aid = (next() % accounts) as i32 + 1;
+        let delta = (next() % 10_000) as i32 - 5_000;
+        let t = Instant::now();
+        let r: Result<i64, tokio_postgres::Error> = async {
+            client.batch_execute("BEGIN").await?;
+            client.execute(&update, &[&delta, &aid]).await?;
+            let id: i64 = client
+                .query_one(&insert, &[&(seed as i32), &delta])
+                .await?
+                .get(0);
+            client.batch_execute("COMMIT").await?;
+            Ok(id)
+        }
+        .await;
+        let us = t.elapsed().as_micros() as u64;
+        stats.max_latency_us.fetch_max(us, Ordering::Relaxed);
+        match r {
+            Ok(id) => {
+                stats.committed.fetch_add(1, Ordering::Relaxed);
+                stats.ids.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+            }
+            Err(e) => {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .errors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(crate::db::describe(&e));
+                let _ = client.batch_execute("ROLLBACK").await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// What the progress view saw.
+#[derive(Default)]
+struct Watched {
+    max_lag_seconds: f64,
+    max_lag_bytes: u64,
+    copy_seconds: f64,
+}
+
+/// Shows progress until the migration is Succeeded (triggering the cutover
+/// once caught up), or fails.
+async fn watch_migration(
+    ctx: &Arc<crate::Context>,
+    stats: &Arc<LoadStats>,
+    opts: &DemoOptions,
+) -> Result<Watched, DemoError> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    if !console_is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut watched = Watched::default();
+    let mut streaming_since: Option<Instant> = None;
+    let mut cutover_requested = false;
+    let mut last_line = Instant::now() - Duration::from_secs(10);
+    let mut last_phase = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let doc = ctx.status.render();
+        let state = doc["state"].as_str().unwrap_or("").to_string();
+        let substate = doc["substate"].as_str().unwrap_or("").to_string();
+        let db = &doc["databases"][DB];
+        let copy = &db["copy"];
+        let stream = &db["stream"];
+        if let Some(s) = copy["seconds"].as_f64() {
+            watched.copy_seconds = s;
+        }
+        let lag_b = stream["lag_bytes"].as_u64().unwrap_or(0);
+        let lag_s = stream["lag_seconds"].as_f64().unwrap_or(0.0);
+        if streaming_since.is_some() {
+            watched.max_lag_bytes = watched.max_lag_bytes.max(lag_b);
+            watched.max_lag_seconds = watched.max_lag_seconds.max(lag_s);
+        }
+        let line = match (state.as_str(), substate.as_str()) {
+            (_, "MigratingData") => format!(
+                "copying: {}/{} tables, {} rows, {}",
+                copy["tables_copied"],
+                copy["tables_total"],
+                copy["rows"],
+                human_bytes(copy["bytes"].as_f64().unwrap_or(0.0))
+            ),
+            (_, "WaitingForCutoverTrigger") => format!(
+                "streaming: lag {} / {:.2}s, {} tx applied; load: {} committed, {} failed",
+                human_bytes(lag_b as f64),
+                lag_s,
+                stream["transactions_applied"],
+                stats.committed.load(Ordering::Relaxed),
+                stats.failed.load(Ordering::Relaxed)
+            ),
+            (_, "CompletingMigration") => "cutover in progress…".to_string(),
+            _ => format!("{state} / {substate}"),
+        };
+        let phase = format!("{state}/{substate}");
+        if phase != last_phase {
+            bar.println(format!("• {state} / {substate}"));
+            last_phase = phase;
+        }
+        bar.set_message(line.clone());
+        bar.tick();
+        if !console_is_terminal() && last_line.elapsed() > Duration::from_secs(2) {
+            println!("  {line}");
+            last_line = Instant::now();
+        }
+        match (state.as_str(), substate.as_str()) {
+            ("WaitingForUserAction", "WaitingForCutoverTrigger") => {
+                let since = *streaming_since.get_or_insert_with(Instant::now);
+                let last = &doc["last_cutover"];
+                if cutover_requested && last["outcome"].as_str() == Some("aborted") {
+                    bar.finish_and_clear();
+                    return Err(DemoError::Failed(format!(
+                        "cutover aborted: {}",
+                        last["reason"].as_str().unwrap_or("?")
+                    )));
+                }
+                // Caught up after streaming a while under load: cut over.
+                if !cutover_requested && since.elapsed() >= opts.stream_for && lag_b < 16 << 20 {
+                    bar.println("• caught up: starting the cutover under load");
+                    request_cutover(ctx).await?;
+                    cutover_requested = true;
+                }
+            }
+            ("Succeeded", _) => {
+                bar.finish_and_clear();
+                return Ok(watched);
+            }
+            ("Failed" | "ValidationFailed" | "Canceled", _) => {
+                bar.finish_and_clear();
+                return Err(DemoError::Failed(format!(
+                    "migration {state}: {}",
+                    doc["reason"].as_str().unwrap_or("no reason")
+                )));
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn request_cutover(ctx: &Arc<crate::Context>) -> Result<(), DemoError> {
+    let tx = ctx
+        .commands
+        .get()
+        .ok_or_else(|| DemoError::Failed("the migration runner is not running".into()))?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    tx.send(crate::admin::commands::AdminCommand {
+        kind: crate::admin::commands::CommandKind::Cutover,
+        reply,
+    })
+    .await
+    .map_err(|_| DemoError::Failed("the migration runner stopped".into()))?;
+    rx.await
+        .map_err(|_| DemoError::Failed("the migration runner stopped".into()))?
+        .map(|_| ())
+        .map_err(|e| DemoError::Failed(e.to_string()))
+}
+
+fn console_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+/// Every id a client saw committed is on the target, and no ledger row
+/// reached the source after the switch.
+async fn check_writes(
+    source: &LocalCluster,
+    target: &LocalCluster,
+    stats: &LoadStats,
+) -> Result<String, String> {
+    let ids = stats.ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let on_target = target
+        .psql(DB, "SELECT string_agg(id::text, ',') FROM ledger")
+        .map_err(|e| e.to_string())?;
+    let target_ids: std::collections::HashSet<i64> = on_target
+        .split(',')
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let missing: Vec<i64> = ids
+        .iter()
+        .filter(|i| !target_ids.contains(i))
+        .copied()
+        .collect();
+    let source_rows: i64 = source
+        .psql(DB, "SELECT count(*) FROM ledger")
+        .map_err(|e| e.to_string())?
+        .parse()
+        .unwrap_or(-1);
+    if !missing.is_empty() {
+        return Err(format!(
+            "{} committed ledger rows missing on the target (e.g. {:?})",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        ));
+    }
+    Ok(format!(
+        "all {} ledger rows clients saw committed are on the target ({} were written before the switch, on the source)",
+        ids.len(),
+        source_rows
+    ))
+}
+
+fn print_report(
+    doc: &Value,
+    stats: &LoadStats,
+    w: &Watched,
+    checked: &Result<String, String>,
+    total: Duration,
+) {
+    let db = &doc["databases"][DB];
+    let copy = &db["copy"];
+    let bytes = copy["bytes"].as_f64().unwrap_or(0.0);
+    println!("\n── pgshift demo report ─────────────────────────────────────────");
+    println!(
+        "copy        {} tables, {} rows, {} in {:.1}s ({}/s)",
+        copy["tables_total"],
+        copy["rows"],
+        human_bytes(bytes),
+        w.copy_seconds,
+        human_bytes(if w.copy_seconds > 0.0 {
+            bytes / w.copy_seconds
+        } else {
+            0.0
+        })
+    );
+    println!(
+        "streaming   max lag {} / {:.2}s under load",
+        human_bytes(w.max_lag_bytes as f64),
+        w.max_lag_seconds
+    );
+    let c = &doc["last_cutover"];
+    println!(
+        "cutover     {} (id {})",
+        c["outcome"].as_str().unwrap_or("?"),
+        c["id"].as_str().unwrap_or("?")
+    );
+    if let Some(phases) = c["phases"].as_array() {
+        for p in phases {
+            println!(
+                "  {:<10} {:>8.1} ms  {}",
+                p["phase"].as_str().unwrap_or(""),
+                p["seconds"].as_f64().unwrap_or(0.0) * 1000.0,
+                p["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
+    println!(
+        "pause       {:.1} ms gate closed → opened; the slowest client transaction took {:.1} ms",
+        c["pause_seconds"].as_f64().unwrap_or(0.0) * 1000.0,
+        stats.max_latency_us.load(Ordering::Relaxed) as f64 / 1000.0
+    );
+    println!(
+        "load        {} transactions committed, {} failed",
+        stats.committed.load(Ordering::Relaxed),
+        stats.failed.load(Ordering::Relaxed)
+    );
+    for e in stats
+        .errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .take(5)
+    {
+        println!("  error: {e}");
+    }
+    match checked {
+        Ok(m) => println!("verified    {m}"),
+        Err(m) => println!("verified    FAILED: {m}"),
+    }
+    println!(
+        "total       {:.1}s; both clusters are stopped and removed",
+        total.as_secs_f64()
+    );
+}

@@ -1,0 +1,465 @@
+//! Drives a migration through its life (DESIGN.md): prerequisites,
+//! validation, the consistent copy, then streaming until cutover (online) or
+//! the switch (offline). A restart continues from the persisted state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+
+use super::{DatabasePhase, Migration, State, Substate};
+use crate::config::{MigrationMode, MigrationOption};
+use crate::context::Context;
+use crate::proxy::ProxyHandle;
+use crate::replication::Lsn;
+use crate::replication::client::{ReplicationConnection, SnapshotAction};
+use crate::replication::copy::{self, CopyOptions, CopyProgress};
+use crate::replication::names::ReplicationNames;
+use crate::schema;
+
+#[derive(Debug, Error)]
+pub enum PipelineError {
+    #[error("database {db}: {step}: {message}")]
+    Step {
+        db: String,
+        step: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    State(#[from] super::ControlError),
+    #[error("stopped by shutdown")]
+    Shutdown,
+}
+
+pub(crate) fn step<'a, E: std::fmt::Display>(
+    db: &'a str,
+    step: &'static str,
+) -> impl Fn(E) -> PipelineError + 'a {
+    move |e| PipelineError::Step {
+        db: db.to_string(),
+        step,
+        message: e.to_string(),
+    }
+}
+
+/// What the copy of one database leaves behind for streaming.
+pub struct Copied {
+    pub database: String,
+    pub consistent_point: Option<Lsn>,
+}
+
+/// Everything the pipeline needs, passed in as one struct.
+pub struct Pipeline {
+    pub ctx: Arc<Context>,
+    pub migration: Arc<Migration>,
+    pub proxy: ProxyHandle,
+    pub cancel: CancellationToken,
+    /// Registered once; shared by every database's copy.
+    pub copy_metrics: Option<copy::CopyMetrics>,
+}
+
+impl Pipeline {
+    pub fn cfg(&self) -> &crate::config::MigrationConfig {
+        &self.migration.cfg
+    }
+
+    /// Checks both servers answer, with the configured credentials.
+    pub async fn prerequisites(&self) -> Result<(), PipelineError> {
+        self.migration
+            .transition(
+                State::InProgress,
+                Substate::PerformingPrerequisiteSteps,
+                None,
+            )
+            .await?;
+        let c = &self.ctx.config;
+        crate::db::connect(&c.source, "source")
+            .await
+            .map_err(step("-", "connecting to the source"))?;
+        crate::db::connect(&c.target, "target")
+            .await
+            .map_err(step("-", "connecting to the target"))?;
+        Ok(())
+    }
+
+    /// Runs the premigration checks. Returns false when the migration must
+    /// stop here (option = validate, or failures).
+    pub async fn validation(&self) -> Result<bool, PipelineError> {
+        if self.cfg().option == MigrationOption::Migrate {
+            return Ok(true);
+        }
+        self.migration
+            .transition(State::InProgress, Substate::ValidationInProgress, None)
+            .await?;
+        let report = crate::validate::validate(&self.ctx.config).await;
+        let summary = serde_json::to_value(&report).unwrap_or_default();
+        self.ctx
+            .status
+            .register("validation", Arc::new(move || summary.clone()));
+        if report.has_failures() {
+            let failed: Vec<String> = report
+                .failures()
+                .map(|c| format!("{} ({}): {}", c.name, c.scope, c.found))
+                .collect();
+            self.migration
+                .transition(
+                    State::ValidationFailed,
+                    Substate::None,
+                    Some(format!("validation failed: {}", failed.join("; "))),
+                )
+                .await?;
+            return Ok(false);
+        }
+        if self.cfg().option == MigrationOption::Validate {
+            self.migration
+                .transition(
+                    State::Succeeded,
+                    Substate::Completed,
+                    Some("validation passed (option = validate)".into()),
+                )
+                .await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Copies every database that is not already copied. A database whose
+    /// copy was interrupted starts over cleanly, and the state says so.
+    pub async fn copy_all(&self) -> Result<Vec<Copied>, PipelineError> {
+        self.migration
+            .transition(State::InProgress, Substate::MigratingData, None)
+            .await?;
+        let mut out = Vec::new();
+        for db in self.cfg().databases.clone() {
+            if self.cancel.is_cancelled() {
+                return Err(PipelineError::Shutdown);
+            }
+            let row = self
+                .migration
+                .database_row(&db)
+                .expect("configured database has a row");
+            if matches!(
+                row.phase,
+                DatabasePhase::Copied | DatabasePhase::Streaming | DatabasePhase::ApplyStopped
+            ) {
+                let cp = row.consistent_point.as_deref().and_then(|s| s.parse().ok());
+                out.push(Copied {
+                    database: db,
+                    consistent_point: cp,
+                });
+                continue;
+            }
+            let restarted = row.phase == DatabasePhase::Copying;
+            if restarted {
+                tracing::warn!(database = %db, "the previous copy was interrupted: starting it over cleanly");
+            }
+            self.migration
+                .set_database(&db, |d| {
+                    d.phase = DatabasePhase::Copying;
+                    if restarted {
+                        d.copy_restarts += 1;
+                        d.last_error = Some(
+                            "previous copy was interrupted; copy restarted from scratch".into(),
+                        );
+                    }
+                })
+                .await?;
+            match self.copy_one(&db, restarted).await {
+                Ok(cp) => {
+                    self.migration
+                        .set_database(&db, |d| {
+                            d.phase = DatabasePhase::Copied;
+                            d.consistent_point = cp.map(|l| l.to_string());
+                            d.last_error = None;
+                        })
+                        .await?;
+                    out.push(Copied {
+                        database: db,
+                        consistent_point: cp,
+                    });
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    // Interrupted by shutdown: stay in Copying so a restart starts over.
+                    if !matches!(e, PipelineError::Shutdown) {
+                        self.migration
+                            .set_database(&db, |d| {
+                                d.phase = DatabasePhase::Failed;
+                                d.last_error = Some(msg);
+                            })
+                            .await?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Schema, data and post-data of one database, from one consistent
+    /// snapshot. Online: the snapshot is the slot's, so streaming starts
+    /// exactly where the copy ends. Returns the slot's consistent point.
+    async fn copy_one(&self, db: &str, restarted: bool) -> Result<Option<Lsn>, PipelineError> {
+        let c = &self.ctx.config;
+        let (source, target) = (&c.source, &c.target);
+        let names = ReplicationNames::new(&self.cfg().name, db);
+        let online = self.cfg().mode == MigrationMode::Online;
+
+        // A fresh slot and publication every time the copy (re)starts.
+        crate::replication::slot::cleanup(source, &self.cfg().name, db)
+            .await
+            .map_err(step(db, "removing an old slot"))?;
+        // Our own interrupted copy may be overwritten regardless of `overwrite`.
+        schema::prepare_target_database(target, source, db, self.cfg().overwrite || restarted)
+            .await
+            .map_err(step(db, "preparing the target database"))?;
+
+        let mut repl = None;
+        let mut snapshot_holder = None;
+        let (snapshot, consistent_point) = if online {
+            let src_db = crate::db::connect(&source.with_dbname(db), "source")
+                .await
+                .map_err(step(db, "connecting"))?;
+            let tables = self.publication_tables(&src_db, db).await?;
+            crate::replication::publication::create_publication(
+                &src_db,
+                &names.publication,
+                tables.as_deref(),
+            )
+            .await
+            .map_err(step(db, "creating the publication"))?;
+            let mut conn = ReplicationConnection::connect(source, db, "pgshift-replication")
+                .await
+                .map_err(step(db, "opening the replication connection"))?;
+            let slot = conn
+                .create_slot(&names.slot, SnapshotAction::Export, false)
+                .await
+                .map_err(step(db, "creating the replication slot"))?;
+            tracing::info!(database = db, slot = %slot.name, consistent_point = %slot.consistent_point, "slot created");
+            let snap = slot
+                .snapshot_name
+                .clone()
+                .ok_or_else(|| PipelineError::Step {
+                    db: db.into(),
+                    step: "creating the replication slot",
+                    message: "the server exported no snapshot".into(),
+                })?;
+            // The exported snapshot lives while this connection stays open and idle.
+            repl = Some(conn);
+            (snap, Some(slot.consistent_point))
+        } else {
+            let (client, snap) = export_snapshot(source, db)
+                .await
+                .map_err(step(db, "exporting a snapshot"))?;
+            snapshot_holder = Some(client);
+            (snap, None)
+        };
+
+        let plan = schema::plan_dump(source, target, db)
+            .await
+            .map_err(step(db, "planning the schema dump"))?;
+        schema::dump_restore_pre_data(source, target, db, Some(&snapshot), &plan)
+            .await
+            .map_err(step(db, "copying the schema (pre-data)"))?;
+
+        let progress = CopyProgress::new(db, self.copy_metrics.clone());
+        let p = progress.clone();
+        self.migration.attach(
+            db,
+            "copy",
+            Arc::new(move || serde_json::to_value(p.snapshot()).unwrap_or_default()),
+        );
+        // copy_database logs its own summary line.
+        copy::copy_database(
+            source,
+            target,
+            db,
+            &snapshot,
+            &CopyOptions::from_config(self.cfg()),
+            progress,
+            self.cancel.clone(),
+        )
+        .await
+        .map_err(|e| {
+            if self.cancel.is_cancelled() {
+                PipelineError::Shutdown
+            } else {
+                step(db, "copying data")(e)
+            }
+        })?;
+
+        schema::dump_restore_post_data(source, target, db, Some(&snapshot), &plan)
+            .await
+            .map_err(step(
+                db,
+                "copying the schema (post-data: indexes, constraints, triggers)",
+            ))?;
+        self.sync_sequences(db).await?;
+
+        // Everything that needed the snapshot is done.
+        if let Some(conn) = repl {
+            conn.close().await;
+        }
+        drop(snapshot_holder);
+        Ok(consistent_point)
+    }
+
+    /// The tables to publish: None for all tables (no filters).
+    async fn publication_tables(
+        &self,
+        src: &tokio_postgres::Client,
+        db: &str,
+    ) -> Result<Option<Vec<String>>, PipelineError> {
+        let cfg = self.cfg();
+        if cfg.tables.is_empty() && cfg.exclude_tables.is_empty() {
+            return Ok(None);
+        }
+        let filter = CopyOptions::from_config(cfg).filter;
+        let tables = copy::list_tables(src, &filter)
+            .await
+            .map_err(step(db, "listing tables"))?;
+        Ok(Some(tables.iter().map(|t| t.quoted()).collect()))
+    }
+
+    /// Copies every sequence's value from source to target for one database.
+    pub async fn sync_sequences(&self, db: &str) -> Result<u64, PipelineError> {
+        let c = &self.ctx.config;
+        let s = crate::db::connect(&c.source.with_dbname(db), "source")
+            .await
+            .map_err(step(db, "connecting"))?;
+        let t = crate::db::connect(&c.target.with_dbname(db), "target")
+            .await
+            .map_err(step(db, "connecting"))?;
+        let r = schema::copy_sequences(&s, &t)
+            .await
+            .map_err(step(db, "copying sequences"))?;
+        Ok(r.copied as u64)
+    }
+
+    /// Offline mode: with writes held at the proxy and the source fenced,
+    /// copy everything, point the route at the target and open the gate.
+    pub async fn offline(&self) -> Result<(), PipelineError> {
+        let gate = self.proxy.gate();
+        gate.close();
+        let drain = self.ctx.config.cutover().drain_timeout.0;
+        if tokio::time::timeout(drain, gate.drained()).await.is_err() {
+            gate.open();
+            let n = gate.sessions_in_transaction();
+            self.migration
+                .transition(
+                    State::Failed,
+                    Substate::None,
+                    Some(format!(
+                        "offline mode: {n} session(s) still inside a transaction after drain_timeout {drain:?}; nothing was changed"
+                    )),
+                )
+                .await?;
+            return Ok(());
+        }
+        let admin = crate::db::connect(&self.ctx.config.source, "source (fence)")
+            .await
+            .map_err(step("-", "connecting to fence the source"))?;
+        let spare: Vec<i32> = self
+            .proxy
+            .sessions()
+            .sessions()
+            .iter()
+            .map(|s| s.backend().pid)
+            .collect();
+        let fence = crate::cutover::fence::fence(
+            &admin,
+            &self.cfg().databases,
+            &self.ctx.config.cutover().fence_roles,
+            &spare,
+        )
+        .await
+        .map_err(step("-", "fencing the source"));
+        let fence = match fence {
+            Ok(f) => f,
+            Err(e) => {
+                gate.open();
+                return Err(e);
+            }
+        };
+        match self.copy_all().await {
+            Ok(_) => {
+                self.migration.mark_switched().await?;
+                self.proxy
+                    .router()
+                    .swap(crate::proxy::route::Route::from_endpoint(
+                        "target",
+                        &self.ctx.config.target,
+                    ));
+                gate.open();
+                for db in self.cfg().databases.clone() {
+                    self.migration
+                        .set_database(&db, |d| d.phase = DatabasePhase::Switched)
+                        .await?;
+                }
+                self.migration
+                    .transition(
+                        State::Succeeded,
+                        Substate::Completed,
+                        Some("offline migration complete".into()),
+                    )
+                    .await?;
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing switched: clients get the source back, unfenced.
+                if let Err(le) = crate::cutover::fence::lift(&admin, &fence).await {
+                    tracing::error!("lifting the fence after a failed offline copy: {le}");
+                }
+                gate.open();
+                Err(e)
+            }
+        }
+    }
+
+    /// Releases the source's slots and publications (cancel, or after cutover).
+    pub async fn release_source(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        for db in &self.cfg().databases {
+            match crate::replication::slot::cleanup(&self.ctx.config.source, &self.cfg().name, db)
+                .await
+            {
+                Ok(c) => notes.push(format!("{db}: {c:?}")),
+                Err(e) => notes.push(format!("{db}: cleanup failed: {e}")),
+            }
+        }
+        notes
+    }
+}
+
+/// Offline mode's snapshot: a REPEATABLE READ transaction that exports its
+/// snapshot and stays open (returned) until the copy no longer needs it.
+async fn export_snapshot(
+    source: &crate::config::Endpoint,
+    db: &str,
+) -> Result<(tokio_postgres::Client, String), String> {
+    let c = crate::db::connect(&source.with_dbname(db), "source (snapshot)")
+        .await
+        .map_err(|e| e.to_string())?;
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await
+        .map_err(|e| crate::db::describe(&e))?;
+    let snap: String = c
+        .query_one("SELECT pg_export_snapshot()", &[])
+        .await
+        .map_err(|e| crate::db::describe(&e))?
+        .get(0);
+    Ok((c, snap))
+}
+
+/// The JSON a cancel answers with.
+pub fn cancel_message(notes: &[String]) -> serde_json::Value {
+    json!({
+        "message": "migration canceled: replication slots and publications released on the source; the target was left as it is",
+        "details": notes,
+    })
+}
+
+/// How long start-up waits for the control schema before refusing to serve.
+pub const CONTROL_WAIT: Duration = Duration::from_secs(30);

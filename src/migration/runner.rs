@@ -1,0 +1,596 @@
+//! The migration's task inside `pgshift run`: resumes from the persisted
+//! state, drives the pipeline, keeps the streams running, and answers the
+//! operator's commands and the automatic trigger.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::pipeline::{Copied, Pipeline, PipelineError, cancel_message};
+use super::{DatabasePhase, Migration, State, Substate};
+use crate::admin::commands::{AdminCommand, CommandError, CommandKind, CommandReceiver};
+use crate::config::{CutoverTrigger, CutoverVerify, MigrationMode};
+use crate::context::Context;
+use crate::cutover::fence::{self, FenceRecord};
+use crate::cutover::protocol::{self, CutoverHost, CutoverMetrics, LastCutover};
+use crate::cutover::window::{self, Window};
+use crate::proxy::ProxyHandle;
+use crate::proxy::route::Route;
+use crate::replication::Lsn;
+use crate::replication::stream::{DatabaseStream, StreamConfig, StreamMetrics};
+
+/// Connections the cutover uses inside the pause, opened before it.
+struct CutoverConns {
+    /// (database, source connection for markers, source, target) per database.
+    dbs: Vec<(
+        String,
+        tokio_postgres::Client,
+        tokio_postgres::Client,
+        tokio_postgres::Client,
+    )>,
+}
+
+pub struct Runner {
+    pipeline: Pipeline,
+    cutover_conns: Mutex<Option<CutoverConns>>,
+    streams: Mutex<Vec<DatabaseStream>>,
+    stream_metrics: StreamMetrics,
+    cutover_metrics: CutoverMetrics,
+    last_cutover: LastCutover,
+}
+
+/// Opens the migration (before the proxy serves, so a switched migration
+/// routes to the target from the first connection) and starts its task.
+pub async fn start(
+    ctx: &Arc<Context>,
+    proxy: &ProxyHandle,
+) -> Result<Option<JoinHandle<()>>, super::ControlError> {
+    let Some(cfg) = ctx.config.migration().cloned() else {
+        return Ok(None);
+    };
+    let migration = open_with_retry(ctx, &cfg).await?;
+    if migration.switched() {
+        proxy
+            .router()
+            .swap(Route::from_endpoint("target", &ctx.config.target));
+        tracing::info!("migration already switched: every session goes to the target");
+    }
+    let (tx, rx) = crate::admin::commands::channel();
+    let _ = ctx.commands.set(tx);
+    let last_cutover = LastCutover::default();
+    if let Ok(Some(doc)) = migration.control().last_cutover_attempt().await
+        && let Ok(r) = serde_json::from_value(doc)
+    {
+        last_cutover.set(r);
+    }
+    ctx.status
+        .register("last_cutover", Arc::new(last_cutover.clone()));
+    let runner = Arc::new(Runner {
+        pipeline: Pipeline {
+            ctx: ctx.clone(),
+            migration,
+            proxy: proxy.clone(),
+            cancel: ctx.shutdown.child_token(),
+            copy_metrics: crate::replication::copy::CopyMetrics::register(&ctx.registry).ok(),
+        },
+        streams: Mutex::new(Vec::new()),
+        cutover_conns: Mutex::new(None),
+        stream_metrics: StreamMetrics::register(&ctx.registry),
+        cutover_metrics: CutoverMetrics::new(&ctx.registry),
+        last_cutover,
+    });
+    Ok(Some(tokio::spawn(runner.drive(rx))))
+}
+
+async fn open_with_retry(
+    ctx: &Arc<Context>,
+    cfg: &crate::config::MigrationConfig,
+) -> Result<Arc<Migration>, super::ControlError> {
+    let deadline = Instant::now() + super::pipeline::CONTROL_WAIT;
+    loop {
+        match Migration::open(ctx, cfg).await {
+            Ok(m) => return Ok(m),
+            Err(e @ super::ControlError::Connect(_)) if Instant::now() < deadline => {
+                tracing::warn!("waiting for the target's control schema: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+impl Runner {
+    fn ctx(&self) -> &Arc<Context> {
+        &self.pipeline.ctx
+    }
+
+    fn migration(&self) -> &Arc<Migration> {
+        &self.pipeline.migration
+    }
+
+    /// Resumes from the persisted state, then serves commands until shutdown.
+    async fn drive(self: Arc<Self>, mut commands: CommandReceiver) {
+        let work = self.clone();
+        let mut progress = tokio::spawn(async move { work.resume().await });
+        let mut progress_done = false;
+        let mut auto = tokio::time::interval(Duration::from_secs(1));
+        let mut window_attempts = 0u32;
+        let shutdown = self.ctx().shutdown.clone();
+        loop {
+            tokio::select! {
+                r = &mut progress, if !progress_done => {
+                    progress_done = true;
+                    match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(PipelineError::Shutdown)) => {}
+                        Ok(Err(e)) => self.fail(e.to_string()).await,
+                        Err(e) => self.fail(format!("migration task failed: {e}")).await,
+                    }
+                }
+                Some(cmd) = commands.recv() => self.command(cmd).await,
+                _ = auto.tick() => self.auto_trigger(&mut window_attempts).await,
+                _ = shutdown.cancelled() => break,
+            }
+        }
+        progress.abort();
+        for s in self.streams.lock().await.drain(..) {
+            s.stop().await;
+        }
+    }
+
+    async fn fail(&self, reason: String) {
+        tracing::error!("migration failed: {reason}");
+        if let Err(e) = self
+            .migration()
+            .transition(State::Failed, Substate::None, Some(reason))
+            .await
+        {
+            tracing::error!("cannot persist the failure: {e}");
+        }
+    }
+
+    /// Continues from wherever the persisted state says the migration is.
+    async fn resume(&self) -> Result<(), PipelineError> {
+        let m = self.migration();
+        let (state, substate) = m.state();
+        if m.switched() {
+            if state != State::Succeeded {
+                // Stopped after the point of no return: finish the cleanup.
+                self.finish_after_switch().await?;
+            }
+            return Ok(());
+        }
+        match (state, substate) {
+            (State::Succeeded | State::Failed | State::ValidationFailed | State::Canceled, _) => {
+                tracing::info!(state = %state, "migration is finished; the proxy keeps serving");
+                Ok(())
+            }
+            (State::InProgress, Substate::CompletingMigration)
+            | (State::WaitingForUserAction, Substate::WaitingForCutoverTrigger) => {
+                self.undo_interrupted_cutover().await?;
+                let copied = self.copied_databases();
+                self.start_streaming(copied).await
+            }
+            _ => self.start_over().await,
+        }
+    }
+
+    async fn start_over(&self) -> Result<(), PipelineError> {
+        let p = &self.pipeline;
+        p.prerequisites().await?;
+        if !p.validation().await? {
+            return Ok(());
+        }
+        match p.cfg().mode {
+            MigrationMode::Offline => p.offline().await,
+            MigrationMode::Online => {
+                let copied = p.copy_all().await?;
+                self.start_streaming(copied).await
+            }
+        }
+    }
+
+    fn copied_databases(&self) -> Vec<Copied> {
+        let m = self.migration();
+        m.cfg
+            .databases
+            .iter()
+            .map(|db| Copied {
+                database: db.clone(),
+                consistent_point: m
+                    .database_row(db)
+                    .and_then(|r| r.consistent_point)
+                    .and_then(|s| s.parse().ok()),
+            })
+            .collect()
+    }
+
+    /// A pgshift stopped inside a cutover before the point of no return:
+    /// the source may still be fenced. Lift it; clients saw only a pause.
+    async fn undo_interrupted_cutover(&self) -> Result<(), PipelineError> {
+        let m = self.migration();
+        let unfinished = m.control().unfinished_cutover().await?;
+        if let Some((id, fence_doc)) = unfinished {
+            if let Some(doc) = fence_doc
+                && let Ok(rec) = serde_json::from_value::<FenceRecord>(doc)
+            {
+                const STEP: &str = "lifting the fence of an interrupted cutover";
+                let admin = crate::db::connect(&self.ctx().config.source, "source (lift fence)")
+                    .await
+                    .map_err(super::pipeline::step("-", STEP))?;
+                fence::lift(&admin, &rec)
+                    .await
+                    .map_err(super::pipeline::step("-", STEP))?;
+            }
+            let reason = format!(
+                "cutover {id} was interrupted by a pgshift restart before the switch; fence lifted"
+            );
+            m.control()
+                .save_cutover_attempt(
+                    &id,
+                    "interrupted",
+                    Some(&reason),
+                    &json!({"id": id, "outcome": "interrupted", "reason": reason, "phases": []}),
+                )
+                .await?;
+            m.transition(
+                State::WaitingForUserAction,
+                Substate::WaitingForCutoverTrigger,
+                Some(reason),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn start_streaming(&self, copied: Vec<Copied>) -> Result<(), PipelineError> {
+        let m = self.migration();
+        let c = &self.ctx().config;
+        let mut streams = self.streams.lock().await;
+        for s in copied {
+            let stream = DatabaseStream::start(
+                StreamConfig {
+                    migration: m.cfg.name.clone(),
+                    database: s.database.clone(),
+                    source: c.source.clone(),
+                    target: c.target.clone(),
+                    consistent_point: s.consistent_point.unwrap_or(Lsn::ZERO),
+                },
+                self.stream_metrics.clone(),
+            );
+            m.attach(&s.database, "stream", stream.status.clone());
+            m.set_database(&s.database, |d| d.phase = DatabasePhase::Streaming)
+                .await?;
+            streams.push(stream);
+        }
+        drop(streams);
+        m.transition(
+            State::WaitingForUserAction,
+            Substate::WaitingForCutoverTrigger,
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn command(self: &Arc<Self>, cmd: AdminCommand) {
+        let reply = match cmd.kind {
+            CommandKind::Cutover => self.clone().start_cutover("manual"),
+            CommandKind::Cancel => self.cancel().await,
+        };
+        let _ = cmd.reply.send(reply);
+    }
+
+    /// Starts a cutover in the background; the answer carries its id.
+    fn start_cutover(self: Arc<Self>, trigger: &str) -> Result<serde_json::Value, CommandError> {
+        let (state, substate) = self.migration().state();
+        if (state, substate)
+            != (
+                State::WaitingForUserAction,
+                Substate::WaitingForCutoverTrigger,
+            )
+        {
+            return Err(CommandError::Conflict(format!(
+                "cutover is allowed only in WaitingForUserAction/WaitingForCutoverTrigger; the migration is {state}/{substate}"
+            )));
+        }
+        let id = format!(
+            "{}-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S"),
+            rand::random::<u32>() % 100_000
+        );
+        let this = self.clone();
+        let id2 = id.clone();
+        // Mark the attempt as running right away so --wait can follow it.
+        tracing::info!(trigger, cutover = %id, "cutover requested");
+        tokio::spawn(async move {
+            let ctx = this.ctx().clone();
+            protocol::run(
+                &ctx,
+                this.migration(),
+                this.as_ref(),
+                &this.cutover_metrics,
+                &this.last_cutover,
+                id2,
+            )
+            .await;
+        });
+        Ok(json!({"id": id, "message": "cutover started"}))
+    }
+
+    async fn cancel(&self) -> Result<serde_json::Value, CommandError> {
+        let m = self.migration();
+        if m.switched() {
+            return Err(CommandError::Conflict(
+                "the migration is past the point of no return (every session runs on the target); it cannot be canceled".into(),
+            ));
+        }
+        let (state, substate) = m.state();
+        if state == State::InProgress && substate == Substate::CompletingMigration {
+            return Err(CommandError::Conflict(
+                "a cutover is running; wait for it to finish or abort".into(),
+            ));
+        }
+        if state.is_terminal() {
+            return Err(CommandError::Conflict(format!(
+                "the migration is already {state}"
+            )));
+        }
+        self.pipeline.cancel.cancel();
+        for s in self.streams.lock().await.drain(..) {
+            s.stop().await;
+        }
+        let notes = self.pipeline.release_source().await;
+        m.transition(
+            State::Canceled,
+            Substate::None,
+            Some(
+                "canceled by the operator; slots and publications released, target left as is"
+                    .into(),
+            ),
+        )
+        .await
+        .map_err(|e| CommandError::Failed(e.to_string()))?;
+        Ok(cancel_message(&notes))
+    }
+
+    /// Automatic cutover: inside a window, when lag is small, at most
+    /// `max_attempts` times per window.
+    async fn auto_trigger(self: &Arc<Self>, attempts: &mut u32) {
+        let cfg = self.ctx().config.cutover();
+        if cfg.trigger != CutoverTrigger::Auto {
+            return;
+        }
+        let windows: Vec<Window> = cfg
+            .window
+            .as_ref()
+            .map(|w| window::parse_all(&w.list()).unwrap_or_default())
+            .unwrap_or_default();
+        let now = chrono::Utc::now();
+        if !windows.iter().any(|w| w.contains(now)) {
+            *attempts = 0;
+            return;
+        }
+        if self.migration().state()
+            != (
+                State::WaitingForUserAction,
+                Substate::WaitingForCutoverTrigger,
+            )
+            || *attempts >= cfg.max_attempts
+        {
+            return;
+        }
+        let streams = self.streams.lock().await;
+        if streams.is_empty() || streams.iter().any(|s| s.status.state() != "streaming") {
+            return;
+        }
+        let max_lag = streams
+            .iter()
+            .map(|s| s.status.lag_bytes())
+            .max()
+            .unwrap_or(0);
+        drop(streams);
+        if max_lag >= cfg.start_when_lag_below.0 {
+            return;
+        }
+        *attempts += 1;
+        tracing::info!(
+            attempt = *attempts,
+            max_lag,
+            "inside the maintenance window with small lag: starting the cutover"
+        );
+        let _ = self.clone().start_cutover("auto");
+    }
+
+    /// After the switch: streams stopped, slots released (if configured),
+    /// databases marked switched, state Succeeded.
+    async fn finish_after_switch(&self) -> Result<(), PipelineError> {
+        let drop_slot = self.ctx().config.cutover().drop_slot_after_cutover;
+        self.finish_replication(drop_slot)
+            .await
+            .map_err(|e| PipelineError::Step {
+                db: "-".into(),
+                step: "cleanup after the switch",
+                message: e,
+            })?;
+        self.migration()
+            .transition(State::Succeeded, Substate::Completed, None)
+            .await?;
+        Ok(())
+    }
+}
+
+impl CutoverHost for Runner {
+    async fn prepare(&self) -> Result<(), String> {
+        let c = &self.ctx().config;
+        let mut dbs = Vec::new();
+        for db in &self.migration().cfg.databases {
+            let marker =
+                crate::replication::stream::marker_connection(&c.source.with_dbname(db)).await?;
+            let source = crate::db::connect(&c.source.with_dbname(db), "source (sequences)")
+                .await
+                .map_err(|e| e.to_string())?;
+            let target = crate::db::connect(&c.target.with_dbname(db), "target (sequences)")
+                .await
+                .map_err(|e| e.to_string())?;
+            dbs.push((db.clone(), marker, source, target));
+        }
+        *self.cutover_conns.lock().await = Some(CutoverConns { dbs });
+        Ok(())
+    }
+
+    fn close_gate(&self) {
+        self.pipeline.proxy.gate().close();
+    }
+
+    fn open_gate(&self) {
+        self.pipeline.proxy.gate().open();
+    }
+
+    fn in_transaction(&self) -> usize {
+        self.pipeline.proxy.gate().sessions_in_transaction()
+    }
+
+    async fn wait_idle(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.pipeline.proxy.gate().drained())
+            .await
+            .is_ok()
+    }
+
+    async fn cancel_in_transaction(&self) -> usize {
+        self.pipeline.proxy.cancel_busy_sessions().await
+    }
+
+    async fn terminate_in_transaction(&self) -> usize {
+        self.pipeline.proxy.terminate_busy_sessions(
+            "terminating connection: pgshift cutover could not wait for this transaction",
+        )
+    }
+
+    fn source_backend_pids(&self) -> Vec<i32> {
+        self.pipeline
+            .proxy
+            .sessions()
+            .sessions()
+            .iter()
+            .map(|s| s.backend())
+            .filter(|b| b.route.name == "source")
+            .map(|b| b.pid)
+            .collect()
+    }
+
+    async fn wait_caught_up(&self, id: &str, timeout: Duration) -> Result<(), String> {
+        let streams = self.streams.lock().await;
+        let conns = self.cutover_conns.lock().await;
+        let conns = conns.as_ref().ok_or("the cutover was not prepared")?;
+        let waits = streams.iter().map(|s| async {
+            match conns.dbs.iter().find(|(db, ..)| *db == s.database) {
+                Some((_, marker, _, _)) => s.catch_up_on(marker, id, timeout).await.map(|_| ()),
+                None => Err(format!("no marker connection for database {}", s.database)),
+            }
+        });
+        let results = futures_util::future::join_all(waits).await;
+        let errors: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    async fn sync_sequences(&self) -> Result<u64, String> {
+        let conns = self.cutover_conns.lock().await;
+        let conns = conns.as_ref().ok_or("the cutover was not prepared")?;
+        let mut n = 0;
+        for (db, _, source, target) in &conns.dbs {
+            let r = crate::schema::copy_sequences(source, target)
+                .await
+                .map_err(|e| format!("database {db}: {e}"))?;
+            n += r.copied as u64;
+        }
+        Ok(n)
+    }
+
+    async fn verify(&self, mode: CutoverVerify) -> Result<String, String> {
+        let c = &self.ctx().config;
+        let vm = match mode {
+            CutoverVerify::Checksums => crate::verify::VerifyMode::Checksums,
+            _ => crate::verify::VerifyMode::Counts,
+        };
+        let mut tables = 0;
+        let mut bad = Vec::new();
+        for db in &self.migration().cfg.databases {
+            let r = crate::verify::verify_database(&c.source, &c.target, db, vm)
+                .await
+                .map_err(|e| e.to_string())?;
+            tables += r.tables.len();
+            bad.extend(r.mismatches().map(|t| format!("{db}.{}", t.table)));
+        }
+        if bad.is_empty() {
+            Ok(format!("{tables} table(s) match"))
+        } else {
+            Err(bad.join(", "))
+        }
+    }
+
+    async fn switch_to_target(&self) -> (u64, u64) {
+        let proxy = &self.pipeline.proxy;
+        proxy
+            .router()
+            .swap(Route::from_endpoint("target", &self.ctx().config.target));
+        let sessions = proxy.sessions().len() as u64;
+        let failed_before = proxy.moves_failed();
+        proxy.gate().open();
+        // Sessions move at their next boundary; give the idle ones a moment
+        // so the counts describe what happened.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline
+            && proxy
+                .sessions()
+                .sessions()
+                .iter()
+                .any(|s| s.backend().route.name != "target")
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let dropped = proxy.moves_failed() - failed_before;
+        (sessions.saturating_sub(dropped), dropped)
+    }
+
+    async fn finish_replication(&self, drop_slot: bool) -> Result<(), String> {
+        for s in self.streams.lock().await.drain(..) {
+            s.stop().await;
+        }
+        let mut errors = Vec::new();
+        if drop_slot {
+            for note in self.pipeline.release_source().await {
+                if note.contains("failed") {
+                    errors.push(note);
+                }
+            }
+        }
+        for db in self.migration().cfg.databases.clone() {
+            if let Err(e) = self
+                .migration()
+                .set_database(&db, |d| d.phase = DatabasePhase::Switched)
+                .await
+            {
+                errors.push(e.to_string());
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
+
+/// Cancels everything the runner started (used by shutdown paths).
+pub fn child_token(ctx: &Arc<Context>) -> CancellationToken {
+    ctx.shutdown.child_token()
+}

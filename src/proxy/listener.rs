@@ -1,0 +1,240 @@
+//! Accepting clients: the startup phase (SSLRequest, GSSENCRequest,
+//! CancelRequest, StartupMessage), the connection limit and client
+//! authentication, all under `proxy.startup_timeout`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::Shared;
+use crate::wire::frame::{FrameReader, read_startup_packet};
+use crate::wire::messages::StartupPacket;
+use crate::wire::{ErrorFields, PgStream, WireError};
+
+/// PostgreSQL's own limit for startup packets.
+const MAX_STARTUP_PACKET: usize = 10_000;
+
+/// A client that finished startup and authentication.
+pub(crate) struct Authed {
+    pub stream: PgStream,
+    /// Bytes the client already sent after its last authentication message.
+    pub leftover: BytesMut,
+    pub params: Vec<(String, String)>,
+    pub user: String,
+    pub database: String,
+    pub peer: SocketAddr,
+    pub slot: ClientSlot,
+}
+
+/// One place under `proxy.max_client_connections`; released on drop.
+pub(crate) struct ClientSlot(Arc<Shared>);
+
+impl ClientSlot {
+    fn acquire(shared: &Arc<Shared>) -> Option<ClientSlot> {
+        let before = shared.clients.fetch_add(1, Ordering::SeqCst);
+        if before >= shared.limits.max_clients {
+            shared.clients.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        shared.metrics.client_connections.inc();
+        Some(ClientSlot(shared.clone()))
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::SeqCst);
+        self.0.metrics.client_connections.dec();
+    }
+}
+
+pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        tokio::select! {
+            _ = shared.stop_accepting.cancelled() => break,
+            _ = shared.ctx.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((tcp, peer)) => {
+                    shared.metrics.client_connections_total.inc();
+                    tokio::spawn(handle(shared.clone(), tcp, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    tracing::info!("proxy stopped accepting connections");
+}
+
+async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let limit = shared.limits.startup_timeout;
+    match tokio::time::timeout(limit, startup(&shared, tcp, peer)).await {
+        Err(_) => {
+            tracing::debug!(%peer, "client did not finish startup within {limit:?}");
+            shared.metrics.error("startup_timeout");
+        }
+        Ok(None) => {}
+        Ok(Some(client)) => super::session::run(shared, client).await,
+    }
+}
+
+/// Sends a FATAL ErrorResponse and closes.
+pub(crate) async fn reject(stream: &mut PgStream, code: &str, message: &str) {
+    let frame = ErrorFields::new("FATAL", code, message).to_frame();
+    let _ = stream.write_all(&frame).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+}
+
+/// Negotiation, limit and authentication. None: the connection is done
+/// (cancel request, rejected, or gone).
+async fn startup(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Option<Authed> {
+    let (mut stream, params) = negotiate(shared, PgStream::Plain(tcp), peer).await?;
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
+        shared.metrics.error("protocol");
+        reject(
+            &mut stream,
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .await;
+        return None;
+    };
+    let database = get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    if shared.draining.is_cancelled() {
+        reject(&mut stream, "57P03", "the database system is shutting down").await;
+        return None;
+    }
+    let Some(slot) = ClientSlot::acquire(shared) else {
+        shared.metrics.error("limit");
+        reject(
+            &mut stream,
+            "53300",
+            &format!(
+                "sorry, too many clients already (proxy.max_client_connections = {})",
+                shared.limits.max_clients
+            ),
+        )
+        .await;
+        return None;
+    };
+    let mut reader = FrameReader::new(shared.limits.max_message_size);
+    if let Err(e) = shared
+        .users
+        .authenticate(&mut stream, &mut reader, &user)
+        .await
+    {
+        match e {
+            WireError::Auth(msg) => {
+                tracing::info!(%peer, %user, "client authentication failed");
+                shared.metrics.error("auth");
+                reject(&mut stream, "28P01", &msg).await;
+            }
+            WireError::Protocol(msg) | WireError::Tls(msg) => {
+                shared.metrics.error("protocol");
+                reject(&mut stream, "08P01", &msg).await;
+            }
+            e @ WireError::TooLarge { .. } => {
+                shared.metrics.error("too_large");
+                reject(&mut stream, "08P01", &e.to_string()).await;
+            }
+            _ => shared.metrics.error("client_lost"),
+        }
+        return None;
+    }
+    Some(Authed {
+        stream,
+        leftover: reader.buf,
+        params,
+        user,
+        database,
+        peer,
+        slot,
+    })
+}
+
+/// Reads startup packets until a StartupMessage, answering SSL and GSSENC
+/// requests and serving CancelRequests.
+async fn negotiate(
+    shared: &Arc<Shared>,
+    mut stream: PgStream,
+    peer: SocketAddr,
+) -> Option<(PgStream, Vec<(String, String)>)> {
+    let mut ssl_answered = false;
+    let mut gss_answered = false;
+    loop {
+        let body = match read_startup_packet(&mut stream, MAX_STARTUP_PACKET).await {
+            Ok(b) => b,
+            // A port probe or a client that gave up: nothing to say.
+            Err(WireError::Closed) | Err(WireError::Io(_)) => return None,
+            Err(e) => {
+                shared.metrics.error("protocol");
+                reject(&mut stream, "08P01", &e.to_string()).await;
+                return None;
+            }
+        };
+        match StartupPacket::parse(&body) {
+            Ok(StartupPacket::Startup { params }) => return Some((stream, params)),
+            Ok(StartupPacket::Cancel { pid, secret }) => {
+                super::cancel::forward(shared.clone(), pid, secret).await;
+                return None;
+            }
+            Ok(StartupPacket::Ssl) if !ssl_answered && !stream.is_tls() => {
+                ssl_answered = true;
+                stream = upgrade_tls(shared, stream, peer).await?;
+            }
+            Ok(StartupPacket::GssEnc) if !gss_answered => {
+                gss_answered = true;
+                stream.write_all(b"N").await.ok()?;
+            }
+            Ok(_) => {
+                shared.metrics.error("protocol");
+                reject(
+                    &mut stream,
+                    "08P01",
+                    "unexpected repeated encryption request",
+                )
+                .await;
+                return None;
+            }
+            Err(e) => {
+                shared.metrics.error("protocol");
+                reject(&mut stream, "08P01", &e.to_string()).await;
+                return None;
+            }
+        }
+    }
+}
+
+/// Answers an SSLRequest: 'S' and a TLS handshake when configured, else 'N'.
+async fn upgrade_tls(shared: &Arc<Shared>, stream: PgStream, peer: SocketAddr) -> Option<PgStream> {
+    let PgStream::Plain(mut tcp) = stream else {
+        return None;
+    };
+    let Some(cfg) = shared.tls.clone() else {
+        tcp.write_all(b"N").await.ok()?;
+        return Some(PgStream::Plain(tcp));
+    };
+    tcp.write_all(b"S").await.ok()?;
+    match tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await {
+        Ok(tls) => Some(PgStream::Tls(Box::new(tokio_rustls::TlsStream::Server(
+            tls,
+        )))),
+        Err(e) => {
+            tracing::debug!(%peer, "TLS handshake failed: {e}");
+            shared.metrics.error("tls");
+            None
+        }
+    }
+}

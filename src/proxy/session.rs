@@ -1,0 +1,599 @@
+//! One client session: open its backend, greet the client, then relay bytes
+//! both ways until either side ends.
+//!
+//! The relay forwards the original bytes. Per read it scans frame headers
+//! ([`Scanner`]) and writes the whole scanned chunk at once; it reads only
+//! ReadyForQuery and ParameterStatus from the server and the tags of client
+//! messages. Between requests (after ReadyForQuery 'I' with nothing pending)
+//! the session is at a transaction boundary: only there it passes the pause
+//! gate and moves to a new route.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::Shared;
+use super::backend;
+use super::listener::{Authed, reject};
+use super::route::Route;
+use super::scan::{ScanError, Scanner};
+use super::sessions::{BackendRef, NewSession, SessionInfo};
+use crate::wire::messages::{self, TxStatus};
+use crate::wire::{PgStream, ServerConnection, WireError};
+
+const CLIENT_READ_RESERVE: usize = 16 * 1024;
+const SERVER_READ_RESERVE: usize = 64 * 1024;
+
+/// Runs a session to its end.
+pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
+    let Authed {
+        mut stream,
+        leftover,
+        params,
+        user,
+        database,
+        peer,
+        slot: _slot,
+    } = a;
+    // New connections are held by a closed gate too, so they start on the
+    // route current when it opens.
+    if !wait_gate(&shared).await || shared.draining.is_cancelled() {
+        reject(&mut stream, "57P03", "the database system is shutting down").await;
+        return;
+    }
+    let route = shared.router.current();
+    let conn = match backend::open(&shared, &route, &params, &user).await {
+        Ok(c) => c,
+        Err(e) => {
+            shared.metrics.error("backend_connect");
+            report_connect_error(&mut stream, &route, e).await;
+            return;
+        }
+    };
+    let application_name = params
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let (pid, secret) = conn.key.unwrap_or((0, 0));
+    let info = shared.sessions.register(NewSession {
+        user: user.clone(),
+        database,
+        application_name,
+        peer: Some(peer),
+        status: conn.status,
+        backend: BackendRef {
+            route: route.clone(),
+            pid,
+            secret,
+        },
+    });
+    let _registered = Registered(&shared, info.proxy_key.0);
+    if greet(&mut stream, &conn, &info).await.is_err() {
+        conn.terminate().await;
+        return;
+    }
+    let max = shared.limits.max_message_size;
+    let mut cbuf = leftover;
+    cbuf.reserve(CLIENT_READ_RESERVE);
+    let ServerConnection {
+        stream: server,
+        reader,
+        params: server_params,
+        status,
+        ..
+    } = conn;
+    let mut s = Session {
+        shared: shared.clone(),
+        info,
+        user,
+        startup: params,
+        client: stream,
+        server,
+        route,
+        cbuf,
+        sbuf: reader.buf,
+        cscan: Scanner::new(max),
+        sscan: Scanner::new(max),
+        st: State::new(status, server_params),
+        entered: false,
+    };
+    let end = s.relay().await;
+    s.finish(end).await;
+}
+
+/// Removes the session from the registry when it ends, however it ends.
+struct Registered<'a>(&'a Shared, i32);
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.0.sessions.remove(self.1);
+    }
+}
+
+/// Waits for the pause gate to be open; false when the proxy is shutting down.
+async fn wait_gate(shared: &Shared) -> bool {
+    while shared.gate.is_closed() {
+        tokio::select! {
+            _ = shared.gate.wait_open() => {}
+            _ = shared.kill.cancelled() => return false,
+        }
+    }
+    true
+}
+
+/// The server's own error (unknown database, …) is relayed as it is.
+async fn report_connect_error(client: &mut PgStream, route: &Route, e: WireError) {
+    match e {
+        WireError::Server(fields) => {
+            let _ = client.write_all(&fields.to_frame()).await;
+            let _ = client.flush().await;
+        }
+        other => {
+            tracing::warn!(route = %route.name, "cannot open a backend connection: {other}");
+            reject(
+                client,
+                other.sqlstate(),
+                &format!(
+                    "pgshift cannot connect to the {} server {}:{}: {other}",
+                    route.name, route.host, route.port
+                ),
+            )
+            .await;
+        }
+    }
+}
+
+/// AuthenticationOk, the server's parameters, the proxy's key, ReadyForQuery.
+async fn greet(
+    client: &mut PgStream,
+    conn: &ServerConnection,
+    info: &SessionInfo,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::with_capacity(512);
+    out.extend_from_slice(&messages::auth_ok());
+    for (k, v) in &conn.params {
+        out.extend_from_slice(&messages::parameter_status(k, v));
+    }
+    out.extend_from_slice(&messages::backend_key_data(
+        info.proxy_key.0,
+        info.proxy_key.1,
+    ));
+    out.extend_from_slice(&messages::ready_for_query(conn.status));
+    client.write_all(&out).await?;
+    client.flush().await
+}
+
+/// Why the relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client closed its connection (with or without Terminate).
+    ClientGone,
+    /// The client sent Terminate and the server closed.
+    Terminated,
+    /// The proxy ended the session after telling the client why.
+    Closed,
+}
+
+/// What the relay learns from the messages it sees.
+struct State {
+    status: TxStatus,
+    /// Query / Sync / FunctionCall messages sent whose ReadyForQuery is outstanding.
+    pending: u32,
+    /// Extended-protocol messages sent since the last Sync.
+    unsynced: bool,
+    terminated: bool,
+    saw_ready: bool,
+    /// Server parameters as the client knows them.
+    params: Vec<(String, String)>,
+    queries: u64,
+    transactions: u64,
+    bytes_c2s: u64,
+    bytes_s2c: u64,
+}
+
+impl State {
+    fn new(status: TxStatus, params: Vec<(String, String)>) -> State {
+        State {
+            status,
+            pending: 0,
+            unsynced: false,
+            terminated: false,
+            saw_ready: false,
+            params,
+            queries: 0,
+            transactions: 0,
+            bytes_c2s: 0,
+            bytes_s2c: 0,
+        }
+    }
+
+    fn on_client(&mut self, tag: u8) {
+        match tag {
+            b'Q' => {
+                self.pending += 1;
+                self.queries += 1;
+            }
+            b'S' => {
+                self.pending += 1;
+                self.unsynced = false;
+            }
+            b'F' => self.pending += 1,
+            b'E' => {
+                self.queries += 1;
+                self.unsynced = true;
+            }
+            b'P' | b'B' | b'D' | b'C' | b'H' => self.unsynced = true,
+            b'X' => self.terminated = true,
+            _ => {}
+        }
+    }
+
+    fn on_server(&mut self, tag: u8, body: &[u8]) {
+        match tag {
+            b'Z' => {
+                if let Some(s) = body.first().and_then(|b| TxStatus::from_byte(*b)) {
+                    self.status = s;
+                }
+                self.pending = self.pending.saturating_sub(1);
+                self.saw_ready = true;
+                if self.status == TxStatus::Idle {
+                    self.transactions += 1;
+                }
+            }
+            b'S' => {
+                if let Ok((k, v)) = messages::parse_parameter_status(body) {
+                    set_param(&mut self.params, k, v);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// At a transaction boundary: nothing outstanding, no transaction open.
+    fn at_boundary(&self) -> bool {
+        self.pending == 0 && !self.unsynced && self.status == TxStatus::Idle
+    }
+}
+
+fn set_param(params: &mut Vec<(String, String)>, k: String, v: String) {
+    match params.iter_mut().find(|(n, _)| *n == k) {
+        Some(p) => p.1 = v,
+        None => params.push((k, v)),
+    }
+}
+
+/// The messages whose bodies the relay reads from the server.
+fn server_reads(tag: u8) -> bool {
+    tag == b'Z' || tag == b'S'
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    info: Arc<SessionInfo>,
+    user: String,
+    startup: Vec<(String, String)>,
+    client: PgStream,
+    server: PgStream,
+    route: Arc<Route>,
+    cbuf: BytesMut,
+    sbuf: BytesMut,
+    cscan: Scanner,
+    sscan: Scanner,
+    st: State,
+    /// Counted by the gate as inside a transaction.
+    entered: bool,
+}
+
+fn reserve(buf: &mut BytesMut, amount: usize) {
+    if buf.capacity() - buf.len() < amount / 4 {
+        buf.reserve(amount);
+    }
+}
+
+impl Session {
+    async fn relay(&mut self) -> End {
+        let shared = self.shared.clone();
+        let kill = shared.kill.cancelled();
+        let drain = shared.draining.cancelled();
+        tokio::pin!(kill, drain);
+        let mut epoch = shared.epoch.subscribe();
+        let info = self.info.clone();
+        loop {
+            reserve(&mut self.cbuf, CLIENT_READ_RESERVE);
+            reserve(&mut self.sbuf, SERVER_READ_RESERVE);
+            let resting = !self.entered;
+            tokio::select! {
+                r = self.client.read_buf(&mut self.cbuf) => match r {
+                    Ok(0) | Err(_) => return self.client_gone().await,
+                    Ok(_) => if let Some(end) = self.on_client_data().await {
+                        return end;
+                    },
+                },
+                r = self.server.read_buf(&mut self.sbuf) => match r {
+                    Ok(0) | Err(_) => return self.server_lost().await,
+                    Ok(_) => if let Some(end) = self.on_server_data().await {
+                        return end;
+                    },
+                },
+                _ = epoch.changed(), if resting => self.move_if_rerouted().await,
+                _ = &mut drain, if resting => return self.close_for_shutdown().await,
+                _ = &mut kill => return self.close_for_shutdown().await,
+                _ = info.killed() => {
+                    let message = info.kill_message();
+                    self.fatal("57P01", &message).await;
+                    return End::Closed;
+                }
+            }
+        }
+    }
+
+    /// Forwards what the client sent; at a boundary it first passes the gate.
+    async fn on_client_data(&mut self) -> Option<End> {
+        if !self.entered
+            && let Some(end) = self.begin_request().await
+        {
+            return Some(end);
+        }
+        let st = &mut self.st;
+        let n = match self
+            .cscan
+            .scan(&self.cbuf, |_| false, |tag, _| st.on_client(tag))
+        {
+            Ok(n) => n,
+            Err(e) => return Some(self.client_protocol_error(e).await),
+        };
+        if n > 0 {
+            if write_chunk(&mut self.server, &self.cbuf[..n])
+                .await
+                .is_err()
+            {
+                return Some(self.server_lost().await);
+            }
+            self.cbuf.advance(n);
+            self.st.bytes_c2s += n as u64;
+        }
+        None
+    }
+
+    /// Forwards what the server sent and notes transaction boundaries.
+    async fn on_server_data(&mut self) -> Option<End> {
+        let st = &mut self.st;
+        st.saw_ready = false;
+        let n = match self.sscan.scan(&self.sbuf, server_reads, |tag, body| {
+            st.on_server(tag, body)
+        }) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(
+                    session = self.info.id,
+                    "server sent an invalid message: {e}"
+                );
+                self.shared.metrics.error("protocol");
+                self.fatal("08P01", &format!("invalid message from the server: {e}"))
+                    .await;
+                return Some(End::Closed);
+            }
+        };
+        if n > 0 {
+            if write_chunk(&mut self.client, &self.sbuf[..n])
+                .await
+                .is_err()
+            {
+                return Some(self.client_gone().await);
+            }
+            self.sbuf.advance(n);
+            self.st.bytes_s2c += n as u64;
+        }
+        if self.st.saw_ready {
+            self.info.set_tx_status(self.st.status);
+            self.flush_metrics();
+            if self.entered && self.st.at_boundary() {
+                self.leave();
+                if self.shared.draining.is_cancelled() {
+                    return Some(self.close_for_shutdown().await);
+                }
+            }
+        }
+        None
+    }
+
+    /// Passes the gate (waiting while it is closed) and, if the route
+    /// changed meanwhile, moves to a backend on the new route.
+    async fn begin_request(&mut self) -> Option<End> {
+        loop {
+            if self.shared.draining.is_cancelled() {
+                return Some(self.close_for_shutdown().await);
+            }
+            if self.shared.gate.try_enter() {
+                break;
+            }
+            if !wait_gate(&self.shared).await {
+                return Some(self.close_for_shutdown().await);
+            }
+        }
+        self.entered = true;
+        self.info.set_busy(true);
+        if !self.shared.router.is_current(&self.route)
+            && let Err(e) = self.move_backend().await
+        {
+            self.shared.metrics.error("backend_connect");
+            self.shared
+                .moves_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let route = self.shared.router.current();
+            tracing::warn!(session = self.info.id, route = %route.name, "cannot move session: {e}");
+            self.fatal(
+                e.sqlstate(),
+                &format!(
+                    "pgshift cannot move this session to the {} server: {e}",
+                    route.name
+                ),
+            )
+            .await;
+            return Some(End::Closed);
+        }
+        None
+    }
+
+    fn leave(&mut self) {
+        self.entered = false;
+        self.info.set_busy(false);
+        self.shared.gate.leave();
+    }
+
+    /// An idle session moves as soon as the route changes and the gate lets it.
+    async fn move_if_rerouted(&mut self) {
+        if self.shared.router.is_current(&self.route)
+            || self.shared.draining.is_cancelled()
+            || !self.shared.gate.try_enter()
+        {
+            // A closed gate wakes the session again when it opens.
+            return;
+        }
+        self.entered = true;
+        self.info.set_busy(true);
+        if let Err(e) = self.move_backend().await {
+            // Retried at the next request, which fails the session if it still cannot move.
+            self.shared.metrics.error("backend_connect");
+            tracing::warn!(session = self.info.id, "cannot move idle session: {e}");
+        }
+        self.leave();
+    }
+
+    /// Opens a backend on the current route (same user, database and startup
+    /// parameters), tells the client about parameters that differ, and closes
+    /// the old backend. Only called at a transaction boundary.
+    async fn move_backend(&mut self) -> Result<(), WireError> {
+        let route = self.shared.router.current();
+        let conn = backend::open(&self.shared, &route, &self.startup, &self.user).await?;
+        let mut changed = BytesMut::new();
+        for (k, v) in &conn.params {
+            if !self.st.params.iter().any(|(n, old)| n == k && old == v) {
+                changed.extend_from_slice(&messages::parameter_status(k, v));
+            }
+        }
+        if !changed.is_empty() {
+            write_chunk(&mut self.client, &changed).await?;
+        }
+        for (k, v) in conn.params.iter().cloned() {
+            set_param(&mut self.st.params, k, v);
+        }
+        let (pid, secret) = conn.key.unwrap_or((0, 0));
+        self.info.set_backend(BackendRef {
+            route: route.clone(),
+            pid,
+            secret,
+        });
+        let old = std::mem::replace(&mut self.server, conn.stream);
+        tokio::spawn(terminate(old));
+        self.sbuf = conn.reader.buf;
+        self.sscan = Scanner::new(self.shared.limits.max_message_size);
+        tracing::info!(
+            session = self.info.id,
+            from = %self.route.name,
+            to = %route.name,
+            "session moved to a new backend"
+        );
+        self.route = route;
+        self.st.status = conn.status;
+        Ok(())
+    }
+
+    async fn client_gone(&mut self) -> End {
+        if !self.cscan.at_boundary() || !self.cbuf.is_empty() {
+            self.shared.metrics.error("client_lost");
+        }
+        End::ClientGone
+    }
+
+    async fn server_lost(&mut self) -> End {
+        if self.st.terminated {
+            return End::Terminated;
+        }
+        self.shared.metrics.error("server_lost");
+        tracing::warn!(session = self.info.id, route = %self.route.name, "server connection lost");
+        self.fatal(
+            "08006",
+            &format!(
+                "the {} server closed the connection unexpectedly",
+                self.route.name
+            ),
+        )
+        .await;
+        End::Closed
+    }
+
+    async fn client_protocol_error(&mut self, e: ScanError) -> End {
+        let kind = match e {
+            ScanError::TooLarge { .. } => "too_large",
+            ScanError::BadLength { .. } => "protocol",
+        };
+        self.shared.metrics.error(kind);
+        tracing::info!(session = self.info.id, "closing session: client sent {e}");
+        self.fatal("08P01", &e.to_string()).await;
+        End::Closed
+    }
+
+    async fn close_for_shutdown(&mut self) -> End {
+        self.fatal(
+            "57P01",
+            "terminating connection due to administrator command (pgshift is shutting down)",
+        )
+        .await;
+        End::Closed
+    }
+
+    /// Sends a FATAL error to the client if that does not cut a message in two.
+    async fn fatal(&mut self, code: &str, message: &str) {
+        if self.sscan.at_boundary() {
+            let frame = crate::wire::ErrorFields::new("FATAL", code, message).to_frame();
+            let _ = write_chunk(&mut self.client, &frame).await;
+        }
+    }
+
+    fn flush_metrics(&mut self) {
+        let m = &self.shared.metrics;
+        let st = &mut self.st;
+        if st.queries > 0 {
+            m.queries_total.inc_by(std::mem::take(&mut st.queries));
+        }
+        if st.transactions > 0 {
+            m.transactions_total
+                .inc_by(std::mem::take(&mut st.transactions));
+        }
+        if st.bytes_c2s > 0 {
+            m.bytes_client_to_server
+                .inc_by(std::mem::take(&mut st.bytes_c2s));
+        }
+        if st.bytes_s2c > 0 {
+            m.bytes_server_to_client
+                .inc_by(std::mem::take(&mut st.bytes_s2c));
+        }
+    }
+
+    async fn finish(mut self, end: End) {
+        if self.entered {
+            self.leave();
+        }
+        self.flush_metrics();
+        let _ = self.client.shutdown().await;
+        if end != End::Terminated && self.cscan.at_boundary() && !self.st.terminated {
+            // Tell the server goodbye instead of an abrupt EOF.
+            let _ = self.server.write_all(&messages::message(b'X', &[])).await;
+        }
+        let _ = self.server.shutdown().await;
+        tracing::debug!(session = self.info.id, ?end, "session ended");
+    }
+}
+
+async fn write_chunk(w: &mut PgStream, data: &[u8]) -> std::io::Result<()> {
+    w.write_all(data).await?;
+    w.flush().await
+}
+
+async fn terminate(mut old: PgStream) {
+    let _ = old.write_all(&messages::message(b'X', &[])).await;
+    let _ = old.shutdown().await;
+}

@@ -1,0 +1,204 @@
+//! The registry of live sessions: what the cutover and `/status` see, and the
+//! map from proxy-issued cancel keys to the real backend.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+
+use super::route::Route;
+use crate::wire::messages::TxStatus;
+
+/// The server process a session currently talks to.
+#[derive(Clone, Debug)]
+pub struct BackendRef {
+    pub route: Arc<Route>,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// One live client session.
+pub struct SessionInfo {
+    pub id: u64,
+    /// The BackendKeyData handed to the client (pid, secret).
+    pub proxy_key: (i32, i32),
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub peer: Option<SocketAddr>,
+    status: AtomicU8,
+    busy: AtomicBool,
+    backend: ArcSwap<BackendRef>,
+    /// Cancelled to close this one session (e.g. a cutover that cannot wait
+    /// for its transaction); the message goes to the client.
+    kill: tokio_util::sync::CancellationToken,
+    kill_message: Mutex<String>,
+}
+
+impl SessionInfo {
+    /// The transaction status of the last ReadyForQuery.
+    pub fn tx_status(&self) -> TxStatus {
+        TxStatus::from_byte(self.status.load(Ordering::Relaxed)).unwrap_or(TxStatus::Idle)
+    }
+    pub(crate) fn set_tx_status(&self, s: TxStatus) {
+        self.status.store(s.byte(), Ordering::Relaxed);
+    }
+    /// Inside a transaction or with a request in flight (counted by the gate).
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed)
+    }
+    pub(crate) fn set_busy(&self, b: bool) {
+        self.busy.store(b, Ordering::Relaxed);
+    }
+    pub fn backend(&self) -> Arc<BackendRef> {
+        self.backend.load_full()
+    }
+    pub(crate) fn set_backend(&self, b: BackendRef) {
+        self.backend.store(Arc::new(b));
+    }
+
+    /// Closes this session with an ErrorResponse carrying `message`.
+    pub fn terminate(&self, message: &str) {
+        *self.kill_message.lock().unwrap_or_else(|e| e.into_inner()) = message.to_string();
+        self.kill.cancel();
+    }
+
+    pub(crate) fn killed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.kill.cancelled()
+    }
+
+    pub(crate) fn kill_message(&self) -> String {
+        self.kill_message
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn snapshot(&self) -> SessionSnapshot {
+        let b = self.backend();
+        SessionSnapshot {
+            id: self.id,
+            user: self.user.clone(),
+            database: self.database.clone(),
+            application_name: self.application_name.clone(),
+            peer: self.peer.map(|p| p.to_string()),
+            tx_status: self.tx_status(),
+            busy: self.busy(),
+            route: b.route.name.clone(),
+            backend_pid: b.pid,
+        }
+    }
+}
+
+/// A point-in-time copy of a session's state, for status output.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SessionSnapshot {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub peer: Option<String>,
+    pub tx_status: TxStatus,
+    pub busy: bool,
+    pub route: String,
+    pub backend_pid: i32,
+}
+
+/// What a new session registers with.
+pub struct NewSession {
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub peer: Option<SocketAddr>,
+    pub status: TxStatus,
+    pub backend: BackendRef,
+}
+
+/// Live sessions keyed by their proxy-issued pid. Touched at connect,
+/// disconnect and cancel only — never per message.
+#[derive(Default)]
+pub struct Registry {
+    map: Mutex<HashMap<i32, Arc<SessionInfo>>>,
+    next_id: AtomicU64,
+    emptied: Notify,
+}
+
+impl Registry {
+    pub(crate) fn register(&self, s: NewSession) -> Arc<SessionInfo> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        // Random positive pids, unique among live sessions.
+        let pid = loop {
+            let p = (rand::random::<u32>() >> 1) as i32;
+            if p != 0 && !map.contains_key(&p) {
+                break p;
+            }
+        };
+        let info = Arc::new(SessionInfo {
+            id,
+            proxy_key: (pid, rand::random::<i32>()),
+            user: s.user,
+            database: s.database,
+            application_name: s.application_name,
+            peer: s.peer,
+            status: AtomicU8::new(s.status.byte()),
+            busy: AtomicBool::new(false),
+            backend: ArcSwap::from_pointee(s.backend),
+            kill: tokio_util::sync::CancellationToken::new(),
+            kill_message: Mutex::new(String::new()),
+        });
+        map.insert(pid, info.clone());
+        info
+    }
+
+    pub(crate) fn remove(&self, pid: i32) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(&pid);
+        if map.is_empty() {
+            self.emptied.notify_waiters();
+        }
+    }
+
+    /// The session a client's CancelRequest names, if the secret matches.
+    pub fn lookup_cancel(&self, pid: i32, secret: i32) -> Option<Arc<SessionInfo>> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&pid).filter(|s| s.proxy_key.1 == secret).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every live session.
+    pub fn sessions(&self) -> Vec<Arc<SessionInfo>> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = map.values().cloned().collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    pub fn snapshot(&self) -> Vec<SessionSnapshot> {
+        self.sessions().iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// Resolves when no session is registered.
+    pub async fn wait_empty(&self) {
+        loop {
+            let n = self.emptied.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_empty() {
+                return;
+            }
+            n.await;
+        }
+    }
+}

@@ -1,0 +1,1240 @@
+//! The apply engine for one database: decoded pgoutput transactions, in
+//! commit order, applied to the target exactly once.
+//!
+//! Rows and progress are one atomic fact: consecutive source transactions
+//! are grouped into one target transaction that also records where the
+//! last one's commit record ends in a replication origin
+//! (`pg_replication_origin_xact_setup`), as PostgreSQL's own apply does. A
+//! restarted applier reads the origin's position and skips every
+//! transaction whose commit record starts before it.
+//!
+//! Feeding: [`Applier::handle_xlogdata`] (raw XLogData payloads) or
+//! [`Applier::handle`] (decoded messages), then [`Applier::flush`] whenever
+//! the input is idle, so complete transactions are committed promptly.
+//! After any error the applier is unusable: drop it, fix the cause, connect a
+//! new one and stream again from [`Applier::applied_position`].
+
+mod pipeline;
+mod relation;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prometheus::{IntCounterVec, Registry};
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+
+use self::pipeline::{Op, Param, Pipeline, RoundError};
+use self::relation::{RelEntry, StmtKey};
+use super::Lsn;
+use super::pgoutput::{
+    Begin, Commit, DecodeError, Decoder, OldKind, PgOutputMessage, Truncate, Tuple, TupleValue,
+    TypeInfo,
+};
+use crate::config::Endpoint;
+use crate::db::quote_literal;
+use crate::wire::messages::TxStatus;
+use crate::wire::{ConnectOptions, ErrorFields, ServerConnection, WireError};
+
+/// The prefix of the logical decoding messages that mark cutover points.
+pub const MARKER_PREFIX: &str = "pgshift";
+
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    #[error("apply to target database {database}: {source}")]
+    Connection {
+        database: String,
+        #[source]
+        source: Box<WireError>,
+    },
+    #[error(
+        "apply to target database {database}: cannot set up replication origin {origin}: {error}"
+    )]
+    Origin {
+        database: String,
+        origin: String,
+        error: String,
+    },
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    #[error(
+        "table {table} no longer matches the target: {difference}. Apply is stopped; run on the target database {database}: {fix} and restart apply"
+    )]
+    SchemaMismatch {
+        database: String,
+        table: String,
+        difference: String,
+        fix: String,
+    },
+    #[error(
+        "cannot apply the source transaction committed at {commit_lsn} to {table} ({op}) in database {database}: {error}"
+    )]
+    Row {
+        database: String,
+        commit_lsn: Lsn,
+        table: String,
+        op: &'static str,
+        error: Box<ErrorFields>,
+    },
+    #[error(
+        "the source transaction committed at {commit_lsn} {op}s a row of {table} in database {database} that the target does not have ({rows} rows matched): the target has diverged"
+    )]
+    RowNotFound {
+        database: String,
+        commit_lsn: Lsn,
+        table: String,
+        op: &'static str,
+        rows: u64,
+    },
+    #[error("apply to target database {database}: unexpected stream: {detail}")]
+    Protocol { database: String, detail: String },
+    #[error(
+        "apply to target database {database} stopped after an earlier error; reconnect to resume"
+    )]
+    Stopped { database: String },
+}
+
+/// Options of one database's applier.
+#[derive(Clone, Debug)]
+pub struct ApplyOptions {
+    pub migration: String,
+    pub database: String,
+    /// Commit the target transaction after this many source transactions.
+    pub max_batch_transactions: usize,
+    /// Send queued statements once this many bytes are queued.
+    pub max_round_bytes: usize,
+    /// `client_encoding` of the target session (the source's encoding, in
+    /// which pgoutput delivers text); None leaves the server default.
+    pub client_encoding: Option<String>,
+}
+
+impl ApplyOptions {
+    pub fn new(migration: &str, database: &str) -> ApplyOptions {
+        ApplyOptions {
+            migration: migration.to_string(),
+            database: database.to_string(),
+            // Small groups: a row updated by every transaction (a hot counter)
+            // grows a version chain within the target transaction.
+            max_batch_transactions: 100,
+            max_round_bytes: 512 * 1024,
+            client_encoding: None,
+        }
+    }
+}
+
+/// A cutover marker whose transaction is committed on the target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Marker {
+    pub id: String,
+    pub commit_lsn: Lsn,
+}
+
+/// Counters of one applier, cumulative since it connected.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ApplyStats {
+    pub transactions: u64,
+    /// Transactions at or before the origin position, not applied again.
+    pub skipped_transactions: u64,
+    pub inserts: u64,
+    pub updates: u64,
+    pub deletes: u64,
+    /// Relations truncated.
+    pub truncates: u64,
+    /// The end of the commit record of the last source transaction
+    /// committed on the target (the replication origin's position).
+    pub applied_lsn: Lsn,
+}
+
+/// What other tasks (status, lag, cutover) watch.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyProgress {
+    pub stats: ApplyStats,
+    /// The most recent committed markers, oldest first (bounded).
+    pub markers: Vec<Marker>,
+}
+
+const KEPT_MARKERS: usize = 64;
+
+/// The apply metrics, registered once and shared by every database's applier.
+#[derive(Clone)]
+pub struct ApplyMetrics {
+    transactions: IntCounterVec,
+    rows: IntCounterVec,
+    errors: IntCounterVec,
+}
+
+impl ApplyMetrics {
+    pub fn register(reg: &Registry) -> ApplyMetrics {
+        use crate::admin::metrics::int_counter_vec;
+        ApplyMetrics {
+            transactions: int_counter_vec(
+                reg,
+                "pgshift_apply_transactions_total",
+                "Source transactions committed on the target",
+                &["database"],
+            ),
+            rows: int_counter_vec(
+                reg,
+                "pgshift_apply_rows_total",
+                "Row changes applied to the target, by operation (truncate counts relations)",
+                &["database", "op"],
+            ),
+            errors: int_counter_vec(
+                reg,
+                "pgshift_apply_errors_total",
+                "Errors that stopped apply",
+                &["database"],
+            ),
+        }
+    }
+}
+
+/// The replication origin of a migration's database on the target: a valid
+/// identifier of at most 63 bytes; names that had to be cleaned or shortened
+/// get a hash of the original so two databases never share an origin.
+pub fn origin_name(migration: &str, db: &str) -> String {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let name = format!("pgshift_{}_{}", clean(migration), clean(db));
+    let exact = format!("pgshift_{migration}_{db}");
+    if name == exact && name.len() <= 63 {
+        return name;
+    }
+    // FNV-1a: stable across versions and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in migration.bytes().chain([0]).chain(db.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut short: String = name.chars().take(54).collect();
+    short.push_str(&format!("_{:08x}", h as u32));
+    short
+}
+
+/// Emits a transactional cutover marker on the source; returns its LSN.
+/// When apply reports a [`Marker`] with this id, every transaction committed
+/// on the source before it is committed on the target.
+pub async fn emit_marker(
+    source: &tokio_postgres::Client,
+    id: &str,
+) -> Result<Lsn, tokio_postgres::Error> {
+    let row = source
+        .query_one(
+            "SELECT pg_logical_emit_message(true, $1, $2)::text",
+            &[&MARKER_PREFIX, &id],
+        )
+        .await?;
+    let lsn: String = row.get(0);
+    Ok(lsn.parse().unwrap_or(Lsn::ZERO))
+}
+
+/// Waits until the marker `id` is committed on the target, or `timeout`.
+pub async fn wait_for_marker(
+    progress: &mut watch::Receiver<ApplyProgress>,
+    id: &str,
+    timeout: Duration,
+) -> Option<Marker> {
+    let found = |p: &ApplyProgress| p.markers.iter().find(|m| m.id == id).cloned();
+    tokio::time::timeout(timeout, async {
+        loop {
+            if let Some(m) = found(&progress.borrow_and_update()) {
+                return Some(m);
+            }
+            if progress.changed().await.is_err() {
+                return found(&progress.borrow());
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Row operation counts of a transaction or group.
+#[derive(Clone, Copy, Debug, Default)]
+struct OpCounts {
+    inserts: u64,
+    updates: u64,
+    deletes: u64,
+    truncates: u64,
+}
+
+impl OpCounts {
+    fn add(&mut self, o: OpCounts) {
+        self.inserts += o.inserts;
+        self.updates += o.updates;
+        self.deletes += o.deletes;
+        self.truncates += o.truncates;
+    }
+}
+
+/// The source transaction being received.
+struct Current {
+    commit_lsn: Lsn,
+    skip: bool,
+    markers: Vec<String>,
+    counts: OpCounts,
+    /// Statements of this transaction already queued or sent.
+    statements: usize,
+}
+
+/// Complete source transactions applied in the open target transaction.
+#[derive(Default)]
+struct Group {
+    open: bool,
+    transactions: u64,
+    statements: usize,
+    /// The last complete transaction's commit record end and commit time.
+    last_commit: Option<(Lsn, i64)>,
+    /// The last complete transaction's commit LSN, for errors.
+    last_commit_lsn: Lsn,
+    markers: Vec<Marker>,
+    counts: OpCounts,
+}
+
+const STMT_BEGIN: &str = "pgshift_begin";
+const STMT_COMMIT: &str = "pgshift_commit";
+const STMT_ORIGIN: &str = "pgshift_origin";
+const STMT_XID: &str = "pgshift_xid";
+
+pub struct Applier {
+    pipe: Pipeline,
+    opts: ApplyOptions,
+    origin: String,
+    decoder: Decoder,
+    relations: HashMap<u32, RelEntry>,
+    types: HashMap<u32, TypeInfo>,
+    /// The origin's committed position.
+    applied: Lsn,
+    current: Option<Current>,
+    /// Streamed (v2) transactions by top-level xid, until Stream Commit.
+    streams: HashMap<u32, Vec<PgOutputMessage>>,
+    stream_xid: Option<u32>,
+    group: Group,
+    stats: ApplyStats,
+    progress: watch::Sender<ApplyProgress>,
+    metrics: Option<ApplyMetrics>,
+    next_statement: u64,
+    stopped: bool,
+}
+
+impl Applier {
+    /// Connects to the target database (`target` must name it), sets up the
+    /// replication origin and reads its position.
+    pub async fn connect(
+        target: &Endpoint,
+        opts: ApplyOptions,
+        metrics: Option<ApplyMetrics>,
+    ) -> Result<Applier, ApplyError> {
+        let database = opts.database.clone();
+        let conn_err = |source: WireError| ApplyError::Connection {
+            database: database.clone(),
+            source: Box::new(source),
+        };
+        let mut startup = vec![
+            ("user".to_string(), target.user.clone()),
+            ("database".to_string(), target.dbname.clone()),
+            ("application_name".to_string(), "pgshift apply".to_string()),
+        ];
+        if let Some(enc) = &opts.client_encoding {
+            startup.push(("client_encoding".to_string(), enc.clone()));
+        }
+        let conn = ServerConnection::connect(
+            &ConnectOptions::for_endpoint(target),
+            &startup,
+            target.password.as_ref().map(|p| p.expose()),
+        )
+        .await
+        .map_err(conn_err)?;
+        let origin = origin_name(&opts.migration, &opts.database);
+        let mut pipe = Pipeline::new(conn);
+        // Replica role: no user triggers or FK checks fire for replayed rows.
+        // synchronous_commit on: what the origin says is applied is durable.
+        pipe.conn
+            .simple_query("SET session_replication_role = replica; SET synchronous_commit = on")
+            .await
+            .map_err(conn_err)?;
+        let applied = setup_origin(&mut pipe.conn, &origin)
+            .await
+            .map_err(|error| ApplyError::Origin {
+                database: database.clone(),
+                origin: origin.clone(),
+                error,
+            })?;
+        pipe.parse(STMT_BEGIN, "BEGIN", &[]);
+        pipe.parse(STMT_COMMIT, "COMMIT", &[]);
+        // pg_lsn, timestamptz
+        pipe.parse(
+            STMT_ORIGIN,
+            "SELECT pg_replication_origin_xact_setup($1, $2)",
+            &[3220, 1184],
+        );
+        pipe.parse(STMT_XID, "SELECT pg_current_xact_id()", &[]);
+        match pipe.sync().await {
+            Ok(_) => {}
+            Err(RoundError::Wire(e)) => return Err(conn_err(e)),
+            Err(e) => {
+                return Err(ApplyError::Origin {
+                    database,
+                    origin,
+                    error: format!("{e:?}"),
+                });
+            }
+        }
+        let stats = ApplyStats {
+            applied_lsn: applied,
+            ..Default::default()
+        };
+        let (progress, _) = watch::channel(ApplyProgress {
+            stats: stats.clone(),
+            markers: Vec::new(),
+        });
+        Ok(Applier {
+            pipe,
+            opts,
+            origin,
+            decoder: Decoder::new(),
+            relations: HashMap::new(),
+            types: HashMap::new(),
+            applied,
+            current: None,
+            streams: HashMap::new(),
+            stream_xid: None,
+            group: Group::default(),
+            stats,
+            progress,
+            metrics,
+            next_statement: 0,
+            stopped: false,
+        })
+    }
+
+    /// The replication origin's name.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The end of the last applied source transaction's commit record (the
+    /// origin's position): stream from here after a restart, report it as
+    /// written/flushed to the source, and compute lag from it.
+    pub fn applied_position(&self) -> Lsn {
+        self.applied
+    }
+
+    pub fn stats(&self) -> &ApplyStats {
+        &self.stats
+    }
+
+    /// A receiver of progress (stats and committed markers) for other tasks.
+    pub fn subscribe(&self) -> watch::Receiver<ApplyProgress> {
+        self.progress.subscribe()
+    }
+
+    /// Nothing received is still unapplied: no transaction half received,
+    /// none waiting to be committed, no streamed (v2) transaction open. Only
+    /// then may a keepalive's position be reported as flushed.
+    pub fn is_idle(&self) -> bool {
+        self.current.is_none()
+            && self.group.transactions == 0
+            && self.streams.is_empty()
+            && self.stream_xid.is_none()
+    }
+
+    /// Complete transactions received but not yet committed on the target.
+    pub fn has_pending(&self) -> bool {
+        self.group.transactions > 0
+    }
+
+    /// Decodes and applies one XLogData payload.
+    pub async fn handle_xlogdata(&mut self, data: Bytes) -> Result<(), ApplyError> {
+        let msg = self.decoder.decode(data)?;
+        self.handle(msg).await
+    }
+
+    /// Applies XLogData payloads from a channel until it closes, committing
+    /// whenever the channel runs empty, so a caught-up stream is applied at
+    /// once while a backlog is applied in groups. Progress is seen through
+    /// [`subscribe`](Self::subscribe) (e.g. by the task sending standby
+    /// status updates).
+    pub async fn apply_channel(
+        &mut self,
+        rx: &mut mpsc::Receiver<Bytes>,
+    ) -> Result<(), ApplyError> {
+        loop {
+            let data = match rx.try_recv() {
+                Ok(d) => d,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    self.flush().await?;
+                    match rx.recv().await {
+                        Some(d) => d,
+                        None => break,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            };
+            // A transaction starting with nothing behind it: commit the
+            // complete ones first rather than hold them while it arrives.
+            if data.first() == Some(&b'B') && rx.is_empty() && !self.decoder.in_stream() {
+                self.flush().await?;
+            }
+            self.handle_xlogdata(data).await?;
+        }
+        self.flush().await.map(|_| ())
+    }
+
+    /// Applies one decoded message. Messages must come in the order the
+    /// server sent them; whole transactions are committed in groups.
+    pub async fn handle(&mut self, msg: PgOutputMessage) -> Result<(), ApplyError> {
+        if self.stopped {
+            return Err(ApplyError::Stopped {
+                database: self.opts.database.clone(),
+            });
+        }
+        let r = self.dispatch(msg).await;
+        self.check(r).await
+    }
+
+    /// Commits the complete transactions received so far. In the middle of
+    /// a transaction that already wrote rows, the group commits with it.
+    pub async fn flush(&mut self) -> Result<Lsn, ApplyError> {
+        if self.stopped {
+            return Err(ApplyError::Stopped {
+                database: self.opts.database.clone(),
+            });
+        }
+        if self.current.as_ref().is_some_and(|c| c.statements > 0) {
+            return Ok(self.applied);
+        }
+        let r = self.commit_group().await;
+        self.check(r).await?;
+        Ok(self.applied)
+    }
+
+    /// Forgets everything not yet committed on the target, for when the
+    /// source stream restarts (after losing the source connection): stream
+    /// again from the returned position.
+    pub async fn restart_stream(&mut self) -> Result<Lsn, ApplyError> {
+        if self.stopped {
+            return Err(ApplyError::Stopped {
+                database: self.opts.database.clone(),
+            });
+        }
+        self.pipe.clear();
+        // Parses that were queued are gone with the queue: prepare anew.
+        for r in self.relations.values_mut() {
+            r.statements.clear();
+        }
+        self.group = Group::default();
+        self.current = None;
+        self.streams.clear();
+        self.stream_xid = None;
+        self.decoder = Decoder::new();
+        if self.pipe.conn.status != TxStatus::Idle {
+            let r = self.pipe.conn.simple_query("ROLLBACK").await;
+            let r = r.map(|_| ()).map_err(|source| ApplyError::Connection {
+                database: self.opts.database.clone(),
+                source: Box::new(source),
+            });
+            self.check(r).await?;
+        }
+        Ok(self.applied)
+    }
+
+    /// On error: roll back the open target transaction, count, stop.
+    async fn check<T>(&mut self, r: Result<T, ApplyError>) -> Result<T, ApplyError> {
+        if r.is_err() {
+            self.stopped = true;
+            self.pipe.clear();
+            if self.pipe.conn.status != TxStatus::Idle {
+                // The connection may be gone: do not wait on it for long.
+                let rollback = self.pipe.conn.simple_query("ROLLBACK");
+                let _ = tokio::time::timeout(Duration::from_secs(5), rollback).await;
+            }
+            if let Some(m) = &self.metrics {
+                m.errors.with_label_values(&[&self.opts.database]).inc();
+            }
+        }
+        r
+    }
+
+    fn protocol(&self, detail: impl Into<String>) -> ApplyError {
+        ApplyError::Protocol {
+            database: self.opts.database.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    async fn dispatch(&mut self, msg: PgOutputMessage) -> Result<(), ApplyError> {
+        if let Some(xid) = self.stream_xid {
+            match msg {
+                PgOutputMessage::StreamStop => {
+                    self.stream_xid = None;
+                }
+                PgOutputMessage::Message(m) if !m.transactional => {}
+                other => self.streams.entry(xid).or_default().push(other),
+            }
+            return Ok(());
+        }
+        match msg {
+            PgOutputMessage::Begin(b) => self.begin(b),
+            PgOutputMessage::Commit(c) => self.commit(c).await,
+            PgOutputMessage::Origin(_) => Ok(()),
+            PgOutputMessage::Relation(r) => {
+                let changed = self.relations.get(&r.oid).is_none_or(|e| {
+                    e.source.columns != r.columns
+                        || e.source.name != r.name
+                        || e.source.namespace != r.namespace
+                        || e.source.replica_identity != r.replica_identity
+                });
+                if changed {
+                    self.relations.insert(r.oid, RelEntry::new(r));
+                }
+                Ok(())
+            }
+            PgOutputMessage::Type(t) => {
+                self.types.insert(t.oid, t);
+                Ok(())
+            }
+            PgOutputMessage::Insert(i) => self.row(i.relation, RowChange::Insert(i.new)).await,
+            PgOutputMessage::Update(u) => {
+                self.row(u.relation, RowChange::Update(u.old, u.new)).await
+            }
+            PgOutputMessage::Delete(d) => self.row(d.relation, RowChange::Delete(d.old)).await,
+            PgOutputMessage::Truncate(t) => self.truncate(t).await,
+            PgOutputMessage::Message(m) => {
+                if m.transactional && m.prefix == MARKER_PREFIX {
+                    let cur = self.current.as_mut().ok_or_else(|| ApplyError::Protocol {
+                        database: self.opts.database.clone(),
+                        detail: "transactional message outside a transaction".into(),
+                    })?;
+                    cur.markers
+                        .push(String::from_utf8_lossy(&m.content).into_owned());
+                }
+                Ok(())
+            }
+            PgOutputMessage::StreamStart(s) => {
+                if s.first_segment {
+                    self.streams.insert(s.xid, Vec::new());
+                } else if !self.streams.contains_key(&s.xid) {
+                    // Applying the rest of a transaction would apply part of it.
+                    return Err(self.protocol(format!(
+                        "streamed transaction {} continues without its first segment",
+                        s.xid
+                    )));
+                }
+                self.stream_xid = Some(s.xid);
+                Ok(())
+            }
+            PgOutputMessage::StreamStop => Err(self.protocol("Stream Stop outside a stream")),
+            PgOutputMessage::StreamAbort(a) => {
+                if a.xid == a.subxid {
+                    self.streams.remove(&a.xid);
+                } else if let Some(buf) = self.streams.get_mut(&a.xid) {
+                    // Everything from the subtransaction's first change on belongs to it.
+                    if let Some(pos) = buf.iter().position(|m| change_xid(m) == Some(a.subxid)) {
+                        buf.truncate(pos);
+                    }
+                }
+                Ok(())
+            }
+            PgOutputMessage::StreamCommit(c) => {
+                let msgs = match self.streams.remove(&c.xid) {
+                    Some(m) => m,
+                    None if c.commit_lsn < self.applied => Vec::new(),
+                    None => {
+                        return Err(self.protocol(format!(
+                            "Stream Commit of transaction {} that was never streamed",
+                            c.xid
+                        )));
+                    }
+                };
+                self.begin(Begin {
+                    final_lsn: c.commit_lsn,
+                    commit_time: c.commit_time,
+                    xid: c.xid,
+                })?;
+                for m in msgs {
+                    Box::pin(self.dispatch(m)).await?;
+                }
+                self.commit(Commit {
+                    flags: c.flags,
+                    commit_lsn: c.commit_lsn,
+                    end_lsn: c.end_lsn,
+                    commit_time: c.commit_time,
+                })
+                .await
+            }
+        }
+    }
+
+    fn begin(&mut self, b: Begin) -> Result<(), ApplyError> {
+        if self.current.is_some() {
+            return Err(self.protocol("Begin inside a transaction"));
+        }
+        let done = self
+            .group
+            .last_commit
+            .map_or(self.applied, |(l, _)| l.max(self.applied));
+        self.current = Some(Current {
+            commit_lsn: b.final_lsn,
+            // Progress is the end of a commit record; the next transaction's
+            // commit record may start exactly there, so the test is strict.
+            skip: b.final_lsn < done,
+            markers: Vec::new(),
+            counts: OpCounts::default(),
+            statements: 0,
+        });
+        Ok(())
+    }
+
+    async fn commit(&mut self, c: Commit) -> Result<(), ApplyError> {
+        let cur = self
+            .current
+            .take()
+            .ok_or_else(|| self.protocol("Commit outside a transaction"))?;
+        if cur.commit_lsn != c.commit_lsn {
+            return Err(self.protocol(format!(
+                "Commit at {} does not match its Begin ({})",
+                c.commit_lsn, cur.commit_lsn
+            )));
+        }
+        if cur.skip {
+            self.stats.skipped_transactions += 1;
+            return Ok(());
+        }
+        let g = &mut self.group;
+        g.transactions += 1;
+        g.last_commit = Some((c.end_lsn, c.commit_time));
+        g.last_commit_lsn = c.commit_lsn;
+        g.counts.add(cur.counts);
+        g.markers.extend(cur.markers.into_iter().map(|id| Marker {
+            id,
+            commit_lsn: c.commit_lsn,
+        }));
+        if g.transactions as usize >= self.opts.max_batch_transactions
+            || self.pipe.queued_bytes() >= self.opts.max_round_bytes
+        {
+            self.commit_group().await?;
+        }
+        Ok(())
+    }
+
+    /// The open source transaction, unless it is skipped.
+    fn applying(&mut self) -> Result<Option<Lsn>, ApplyError> {
+        match &self.current {
+            None => Err(self.protocol("row change outside a transaction")),
+            Some(c) if c.skip => Ok(None),
+            Some(c) => Ok(Some(c.commit_lsn)),
+        }
+    }
+
+    fn open_group(&mut self) {
+        if !self.group.open {
+            self.pipe.execute(STMT_BEGIN, &[], Op::control("BEGIN"));
+            self.group.open = true;
+        }
+    }
+
+    /// Sends what is queued, keeping the target transaction open.
+    async fn round(&mut self) -> Result<(), ApplyError> {
+        if self.pipe.queued_ops() == 0 && self.pipe.queued_bytes() == 0 {
+            return Ok(());
+        }
+        self.pipe
+            .sync()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.round_error(e))
+    }
+
+    fn round_error(&self, e: RoundError) -> ApplyError {
+        let database = self.opts.database.clone();
+        match e {
+            RoundError::Wire(source) => ApplyError::Connection {
+                database,
+                source: Box::new(source),
+            },
+            RoundError::Server { op, error } => match op {
+                Some(op) if op.table.is_some() => ApplyError::Row {
+                    database,
+                    commit_lsn: op.commit_lsn,
+                    table: op.table.as_deref().unwrap_or_default().to_string(),
+                    op: op.what,
+                    error: Box::new(error),
+                },
+                other => ApplyError::Row {
+                    database,
+                    commit_lsn: self.group.last_commit_lsn,
+                    table: "-".into(),
+                    op: other.map_or("statement", |o| o.what),
+                    error: Box::new(error),
+                },
+            },
+            RoundError::RowCount { op, rows } => ApplyError::RowNotFound {
+                database,
+                commit_lsn: op.commit_lsn,
+                table: op.table.as_deref().unwrap_or_default().to_string(),
+                op: op.what,
+                rows,
+            },
+        }
+    }
+
+    /// Commits the open group with its origin progress.
+    async fn commit_group(&mut self) -> Result<(), ApplyError> {
+        let Some((lsn, time)) = self.group.last_commit else {
+            return Ok(());
+        };
+        self.open_group();
+        if self.group.statements == 0 {
+            // A transaction without an xid writes no commit record, and so no
+            // origin progress: assign one.
+            self.pipe.execute(STMT_XID, &[], Op::control("assign xid"));
+        }
+        // Row counts are checked before COMMIT is sent.
+        self.round().await?;
+        let lsn_text = lsn.to_string();
+        let time_text = pg_timestamp(time);
+        self.pipe.execute(
+            STMT_ORIGIN,
+            &[
+                Param::Text(lsn_text.as_bytes()),
+                Param::Text(time_text.as_bytes()),
+            ],
+            Op::control("pg_replication_origin_xact_setup"),
+        );
+        self.pipe.execute(STMT_COMMIT, &[], Op::control("COMMIT"));
+        let status = self.pipe.sync().await.map_err(|e| self.round_error(e))?;
+        if status != TxStatus::Idle {
+            return Err(self.protocol(format!(
+                "target still in a transaction ({status:?}) after COMMIT"
+            )));
+        }
+        self.committed(lsn);
+        Ok(())
+    }
+
+    /// Records a committed group: position, counters, metrics, markers.
+    fn committed(&mut self, lsn: Lsn) {
+        let g = std::mem::take(&mut self.group);
+        self.applied = lsn;
+        let s = &mut self.stats;
+        s.applied_lsn = lsn;
+        s.transactions += g.transactions;
+        s.inserts += g.counts.inserts;
+        s.updates += g.counts.updates;
+        s.deletes += g.counts.deletes;
+        s.truncates += g.counts.truncates;
+        if let Some(m) = &self.metrics {
+            let db = self.opts.database.as_str();
+            m.transactions
+                .with_label_values(&[db])
+                .inc_by(g.transactions);
+            for (op, n) in [
+                ("insert", g.counts.inserts),
+                ("update", g.counts.updates),
+                ("delete", g.counts.deletes),
+                ("truncate", g.counts.truncates),
+            ] {
+                if n > 0 {
+                    m.rows.with_label_values(&[db, op]).inc_by(n);
+                }
+            }
+        }
+        let stats = self.stats.clone();
+        self.progress.send_modify(|p| {
+            p.stats = stats;
+            p.markers.extend(g.markers);
+            let excess = p.markers.len().saturating_sub(KEPT_MARKERS);
+            p.markers.drain(..excess);
+        });
+    }
+
+    /// Makes sure the relation's target side is known and matches.
+    async fn ensure_target(&mut self, oid: u32) -> Result<(), ApplyError> {
+        let entry = self
+            .relations
+            .get(&oid)
+            .ok_or_else(|| self.protocol(format!("change for unknown relation {oid}")))?;
+        if entry.target.is_some() {
+            return Ok(());
+        }
+        let catalog = entry.catalog_query();
+        let type_query = source_type_query(entry, &self.types);
+        // The catalog is read on the same connection: send what is queued first.
+        self.round().await?;
+        let conn_err = |source: WireError| ApplyError::Connection {
+            database: self.opts.database.clone(),
+            source: Box::new(source),
+        };
+        let rows = self
+            .pipe
+            .conn
+            .simple_query(&catalog)
+            .await
+            .map_err(conn_err)?;
+        let names = self
+            .pipe
+            .conn
+            .simple_query(&type_query)
+            .await
+            .map_err(conn_err)?;
+        let names: Vec<String> = names
+            .into_iter()
+            .map(|r| r.into_iter().next().flatten().unwrap_or_default())
+            .collect();
+        let entry = self.relations.get_mut(&oid).expect("checked above");
+        match entry.resolve(&rows, &self.types, &names) {
+            Ok(t) => {
+                entry.target = Some(t);
+                entry.statements.clear();
+                Ok(())
+            }
+            Err(m) => Err(ApplyError::SchemaMismatch {
+                database: self.opts.database.clone(),
+                table: entry.display.to_string(),
+                difference: m.difference,
+                fix: m.fix,
+            }),
+        }
+    }
+
+    /// The named statement for a shape, queuing its Parse on first use.
+    fn statement(&mut self, oid: u32, key: StmtKey) -> String {
+        let entry = self.relations.get_mut(&oid).expect("resolved");
+        if let Some(name) = entry.statements.get(&key) {
+            return name.clone();
+        }
+        self.next_statement += 1;
+        let name = format!("pgshift_s{}", self.next_statement);
+        let (sql, types) = entry.statement_sql(&key);
+        self.pipe.parse(&name, &sql, &types);
+        entry.statements.insert(key, name.clone());
+        name
+    }
+
+    async fn row(&mut self, oid: u32, change: RowChange) -> Result<(), ApplyError> {
+        let Some(commit_lsn) = self.applying()? else {
+            return Ok(());
+        };
+        self.ensure_target(oid).await?;
+        let entry = &self.relations[&oid];
+        let ncols = entry.source.columns.len();
+        let table = entry.display.clone();
+        let bad_width = |t: &Tuple| t.0.len() != ncols;
+        let (key, params, what, expect): (StmtKey, Vec<Param<'_>>, &'static str, u64);
+        match &change {
+            RowChange::Insert(new) => {
+                if bad_width(new) || new.0.contains(&TupleValue::UnchangedToast) {
+                    return Err(self.protocol(format!("malformed Insert for {table}")));
+                }
+                key = StmtKey::Insert;
+                params = new.0.iter().map(param).collect();
+                what = "insert";
+                expect = 1;
+            }
+            RowChange::Update(old, new) => {
+                let old_tuple = old.as_ref().map(|(_, t)| t);
+                if bad_width(new) || old_tuple.is_some_and(bad_width) {
+                    return Err(self.protocol(format!("malformed Update for {table}")));
+                }
+                // Unchanged TOAST values stay as they are; without an old key
+                // tuple the key did not change, so it is not set either (an
+                // identity column GENERATED ALWAYS could not be).
+                let keep_key = old.is_none() && !entry.full_identity();
+                let mut set: Vec<bool> = new
+                    .0
+                    .iter()
+                    .zip(&entry.source.columns)
+                    .map(|(v, c)| *v != TupleValue::UnchangedToast && !(keep_key && c.key))
+                    .collect();
+                if !set.iter().any(|s| *s) {
+                    // Only key columns: set them to themselves (the row must still exist).
+                    set = new
+                        .0
+                        .iter()
+                        .map(|v| *v != TupleValue::UnchangedToast)
+                        .collect();
+                }
+                let (by, by_values) = self.locate(oid, old_tuple, Some(new))?;
+                let mut p: Vec<Param<'_>> = new
+                    .0
+                    .iter()
+                    .zip(&set)
+                    .filter(|(_, s)| **s)
+                    .map(|(v, _)| param(v))
+                    .collect();
+                p.extend(by_values);
+                key = StmtKey::Update { set, by };
+                params = p;
+                what = "update";
+                expect = 1;
+            }
+            RowChange::Delete(old) => {
+                if bad_width(old) {
+                    return Err(self.protocol(format!("malformed Delete for {table}")));
+                }
+                let (by, by_values) = self.locate(oid, Some(old), None)?;
+                key = StmtKey::Delete { by };
+                params = by_values;
+                what = "delete";
+                expect = 1;
+            }
+        }
+        let stmt = self.statement(oid, key);
+        self.open_group();
+        self.pipe.execute(
+            &stmt,
+            &params,
+            Op {
+                commit_lsn,
+                table: Some(table),
+                what,
+                expect_rows: Some(expect),
+            },
+        );
+        self.group.statements += 1;
+        if let Some(c) = self.current.as_mut() {
+            c.statements += 1;
+            match what {
+                "insert" => c.counts.inserts += 1,
+                "update" => c.counts.updates += 1,
+                _ => c.counts.deletes += 1,
+            }
+        }
+        if self.pipe.queued_bytes() >= self.opts.max_round_bytes {
+            self.round().await?;
+        }
+        Ok(())
+    }
+
+    /// Which columns find the old row and their values. DEFAULT / USING
+    /// INDEX: the key columns, from the old key tuple when the key changed,
+    /// else from the new row. FULL: every old value that was sent.
+    fn locate<'a>(
+        &self,
+        oid: u32,
+        old: Option<&'a Tuple>,
+        new: Option<&'a Tuple>,
+    ) -> Result<(Vec<bool>, Vec<Param<'a>>), ApplyError> {
+        let entry = &self.relations[&oid];
+        let source = old
+            .or(new)
+            .ok_or_else(|| self.protocol("no tuple to find a row by"))?;
+        let by: Vec<bool> = if entry.full_identity() && old.is_some() {
+            source
+                .0
+                .iter()
+                .map(|v| *v != TupleValue::UnchangedToast)
+                .collect()
+        } else {
+            entry.key_mask()
+        };
+        if !by.iter().any(|b| *b) {
+            return Err(self.protocol(format!(
+                "{} has no replica identity columns to find rows by",
+                entry.display
+            )));
+        }
+        let mut values = Vec::new();
+        for (i, v) in source.0.iter().enumerate().filter(|(i, _)| by[*i]) {
+            if *v == TupleValue::UnchangedToast {
+                return Err(self.protocol(format!(
+                    "key column {} of {} was not sent (unchanged TOAST)",
+                    entry.source.columns[i].name, entry.display
+                )));
+            }
+            values.push(param(v));
+        }
+        Ok((by, values))
+    }
+
+    async fn truncate(&mut self, t: Truncate) -> Result<(), ApplyError> {
+        let Some(commit_lsn) = self.applying()? else {
+            return Ok(());
+        };
+        let mut names = Vec::new();
+        for oid in &t.relations {
+            self.ensure_target(*oid).await?;
+            let e = &self.relations[oid];
+            let only = e.target.as_ref().is_some_and(|t| t.relkind != 'p');
+            names.push(format!("{}{}", if only { "ONLY " } else { "" }, e.quoted));
+        }
+        if names.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "TRUNCATE {}{}{}",
+            names.join(", "),
+            if t.restart_identity {
+                " RESTART IDENTITY"
+            } else {
+                ""
+            },
+            if t.cascade { " CASCADE" } else { "" }
+        );
+        let table: std::sync::Arc<str> = t
+            .relations
+            .iter()
+            .map(|o| self.relations[o].display.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+            .into();
+        self.open_group();
+        self.pipe.parse("", &sql, &[]);
+        self.pipe.execute(
+            "",
+            &[],
+            Op {
+                commit_lsn,
+                table: Some(table),
+                what: "truncate",
+                expect_rows: None,
+            },
+        );
+        self.group.statements += 1;
+        if let Some(c) = self.current.as_mut() {
+            c.statements += 1;
+            c.counts.truncates += t.relations.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+enum RowChange {
+    Insert(Tuple),
+    Update(Option<(OldKind, Tuple)>, Tuple),
+    Delete(Tuple),
+}
+
+fn param(v: &TupleValue) -> Param<'_> {
+    match v {
+        TupleValue::Null | TupleValue::UnchangedToast => Param::Null,
+        TupleValue::Text(b) => Param::Text(b),
+        TupleValue::Binary(b) => Param::Binary(b),
+    }
+}
+
+/// The xid a change inside a streamed block carries.
+fn change_xid(m: &PgOutputMessage) -> Option<u32> {
+    match m {
+        PgOutputMessage::Insert(x) => x.xid,
+        PgOutputMessage::Update(x) => x.xid,
+        PgOutputMessage::Delete(x) => x.xid,
+        PgOutputMessage::Truncate(x) => x.xid,
+        PgOutputMessage::Relation(x) => x.xid,
+        PgOutputMessage::Type(x) => x.xid,
+        PgOutputMessage::Message(x) => x.xid,
+        _ => None,
+    }
+}
+
+/// A query naming each source column's type (for messages and fixes):
+/// built-in types by `format_type` (their OIDs are universal), user types by
+/// the Type message's name.
+fn source_type_query(entry: &RelEntry, types: &HashMap<u32, TypeInfo>) -> String {
+    let items: Vec<String> = entry
+        .source
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match types.get(&c.type_oid) {
+            Some(t) => format!(
+                "({i}, {})",
+                quote_literal(&format!(
+                    "{}.{}",
+                    crate::db::quote_ident(&t.namespace),
+                    crate::db::quote_ident(&t.name)
+                ))
+            ),
+            None => format!("({i}, format_type({}, {}))", c.type_oid, c.type_modifier),
+        })
+        .collect();
+    if items.is_empty() {
+        return "SELECT NULL WHERE false".into();
+    }
+    format!(
+        "SELECT n FROM (VALUES {}) v(i, n) ORDER BY i",
+        items.join(", ")
+    )
+}
+
+/// A PostgreSQL timestamp (µs since 2000-01-01) as timestamptz text.
+fn pg_timestamp(micros: i64) -> String {
+    let unix = micros.saturating_add(super::pgoutput::PG_EPOCH_OFFSET_MICROS);
+    match chrono::DateTime::from_timestamp_micros(unix) {
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string(),
+        None => "now".into(),
+    }
+}
+
+async fn setup_origin(conn: &mut ServerConnection, origin: &str) -> Result<Lsn, String> {
+    let lit = quote_literal(origin);
+    conn.simple_query(&format!(
+        "SELECT pg_replication_origin_create({lit}) WHERE pg_replication_origin_oid({lit}) IS NULL"
+    ))
+    .await
+    .map_err(|e| e.to_string())?;
+    // A previous applier's backend may still hold the origin for a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match conn
+            .simple_query(&format!(
+                "SELECT pg_replication_origin_session_setup({lit})"
+            ))
+            .await
+        {
+            Ok(_) => break,
+            Err(WireError::Server(e))
+                if e.code == "55006" && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT pg_replication_origin_progress({lit}, true)"
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+    match rows.first().and_then(|r| r.first().cloned().flatten()) {
+        Some(s) => s.parse().map_err(|e: String| e),
+        None => Ok(Lsn::ZERO),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_names_are_valid_and_distinct() {
+        assert_eq!(origin_name("mig1", "app"), "pgshift_mig1_app");
+        let a = origin_name("my-mig", "app");
+        let b = origin_name("my-mig", "App");
+        assert!(a.starts_with("pgshift_my_mig_app_"));
+        assert_ne!(a, b);
+        let long = origin_name(&"m".repeat(40), &"d".repeat(63));
+        assert!(long.len() <= 63, "{long}");
+        assert!(long.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        assert_ne!(long, origin_name(&"m".repeat(40), &"d".repeat(62)));
+    }
+
+    #[test]
+    fn commit_times_render_as_timestamptz() {
+        assert_eq!(pg_timestamp(0), "2000-01-01 00:00:00.000000+00");
+        assert_eq!(pg_timestamp(1_500_000), "2000-01-01 00:00:01.500000+00");
+    }
+}

@@ -1,0 +1,848 @@
+//! Server-wide checks: reachability, versions, replication settings, the
+//! privileges of the configured users, preload libraries and pg_dump.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use super::Check;
+use crate::config::{Endpoint, MigrationConfig, MigrationMode};
+use crate::db::{self, DbError, quote_ident, quote_literal};
+
+/// Catalog queries are short; a hung one must not hang the validation.
+const STATEMENT_TIMEOUT: &str = "30s";
+
+/// Extensions whose library must be in `shared_preload_libraries` (name → library).
+pub const PRELOAD_EXTENSIONS: &[(&str, &str)] = &[
+    ("pg_stat_statements", "pg_stat_statements"),
+    ("timescaledb", "timescaledb"),
+    ("pg_cron", "pg_cron"),
+    ("citus", "citus"),
+    ("pglogical", "pglogical"),
+    ("pgaudit", "pgaudit"),
+    ("pg_stat_monitor", "pg_stat_monitor"),
+    ("pg_wait_sampling", "pg_wait_sampling"),
+    ("pg_qualstats", "pg_qualstats"),
+    ("pg_stat_kcache", "pg_stat_kcache"),
+    ("pg_squeeze", "pg_squeeze"),
+    ("pgsentinel", "pgsentinel"),
+    ("pg_show_plans", "pg_show_plans"),
+    ("pg_tle", "pg_tle"),
+    ("pg_partman_bgw", "pg_partman_bgw"),
+    ("powa", "powa"),
+];
+
+/// An open connection to the source or target plus the facts every check needs.
+pub struct Server {
+    pub side: &'static str,
+    pub client: Client,
+    pub endpoint: Endpoint,
+    pub version_num: i32,
+    pub version: String,
+    pub user: String,
+    pub superuser: bool,
+    pub replication: bool,
+    pub createdb: bool,
+    /// `shared_preload_libraries`, split and without paths; None when the
+    /// user may not read it (it is visible to superusers and pg_read_all_settings).
+    pub preload: Option<Vec<String>>,
+    /// System identifier and postmaster start time: equal only for the same
+    /// running server (a restored clone shares the identifier, not the start).
+    pub instance: Option<String>,
+}
+
+impl Server {
+    pub async fn connect(ep: &Endpoint, side: &'static str) -> Result<Server, DbError> {
+        let client = open(ep, side).await?;
+        let map = |e: tokio_postgres::Error| DbError::Connect {
+            what: side.to_string(),
+            addr: ep.display(),
+            source: e,
+        };
+        let row = client
+            .query_one(
+                "SELECT current_setting('server_version_num')::int, current_setting('server_version'), \
+                        current_user::text, r.rolsuper, r.rolreplication, r.rolcreatedb, \
+                        (SELECT setting FROM pg_settings WHERE name = 'shared_preload_libraries') \
+                 FROM pg_roles r WHERE r.rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(map)?;
+        // pg_control_system() may have been revoked: then the identity is unknown.
+        let instance = client
+            .query_one(
+                "SELECT (SELECT system_identifier::text FROM pg_control_system()) || '@' || pg_postmaster_start_time()::text",
+                &[],
+            )
+            .await
+            .ok()
+            .and_then(|r| r.get::<_, Option<String>>(0));
+        Ok(Server {
+            instance,
+            side,
+            endpoint: ep.clone(),
+            version_num: row.get(0),
+            version: row.get(1),
+            user: row.get(2),
+            superuser: row.get(3),
+            replication: row.get(4),
+            createdb: row.get(5),
+            preload: row
+                .get::<_, Option<String>>(6)
+                .as_deref()
+                .map(parse_preload),
+            client,
+        })
+    }
+
+    /// The major version for messages: "15", or "9.6" before 10.
+    pub fn major(&self) -> String {
+        major_label(self.version_num)
+    }
+
+    /// The role description used in several messages.
+    fn role_words(&self) -> String {
+        if self.superuser {
+            format!("user {} (superuser)", self.user)
+        } else {
+            format!("user {}", self.user)
+        }
+    }
+}
+
+/// A SQL connection for the checks, with a statement timeout.
+pub async fn open(ep: &Endpoint, what: &str) -> Result<Client, DbError> {
+    let client = db::connect(ep, what).await?;
+    client
+        .batch_execute(&format!(
+            "SET statement_timeout = {}",
+            quote_literal(STATEMENT_TIMEOUT)
+        ))
+        .await
+        .map_err(|e| DbError::Connect {
+            what: what.to_string(),
+            addr: ep.display(),
+            source: e,
+        })?;
+    Ok(client)
+}
+
+/// The major version number comparable across the 9.x / 10+ schemes (906, 1500, …).
+pub fn major_key(version_num: i32) -> i32 {
+    if version_num >= 100_000 {
+        version_num / 10_000 * 100
+    } else {
+        version_num / 100
+    }
+}
+
+pub fn major_label(version_num: i32) -> String {
+    if version_num >= 100_000 {
+        (version_num / 10_000).to_string()
+    } else {
+        format!("{}.{}", version_num / 10_000, version_num / 100 % 100)
+    }
+}
+
+/// Library names from a `shared_preload_libraries` value (`'$libdir/x', y` → [x, y]).
+pub fn parse_preload(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(|s| s.trim().trim_matches('"').trim_matches('\''))
+        .map(|s| s.rsplit('/').next().unwrap_or(s).trim_end_matches(".so"))
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The statement that adds `missing` to a server's preload list.
+pub fn preload_action(server_preload: &[String], missing: &[String], side: &str) -> String {
+    let mut all: Vec<String> = server_preload.to_vec();
+    for m in missing {
+        if !all.contains(m) {
+            all.push(m.clone());
+        }
+    }
+    format!(
+        "on the {side}: ALTER SYSTEM SET shared_preload_libraries = {}; then restart the {side} server",
+        quote_literal(&all.join(","))
+    )
+}
+
+/// Connection row for one side: version and user on success, the reason and fix otherwise.
+pub fn connection_check(side: &str, ep: &Endpoint, result: &Result<Server, DbError>) -> Check {
+    match result {
+        Ok(s) => Check::succeeded(
+            "connection",
+            side,
+            format!(
+                "connected to {} as {}: PostgreSQL {}",
+                ep.display(),
+                s.role_words(),
+                s.version
+            ),
+        ),
+        Err(e) => Check::failed(
+            "connection",
+            side,
+            format!(
+                "{}; the checks that need the {side} server were skipped",
+                connect_error_text(e)
+            ),
+            connection_action(side, ep, e),
+        ),
+    }
+}
+
+pub fn connect_error_text(e: &DbError) -> String {
+    match e {
+        DbError::Connect { what, addr, source } => {
+            format!(
+                "cannot connect to {what} ({addr}): {}",
+                pg_error_text(source)
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The server's own message for a database error (tokio-postgres shows only "db error").
+pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.severity(), d.message()),
+        None => e.to_string(),
+    }
+}
+
+fn connection_action(side: &str, ep: &Endpoint, e: &DbError) -> String {
+    let key = format!("[{side}].url");
+    let code = match e {
+        DbError::Connect { source, .. } => source.code().map(|c| c.code().to_string()),
+        DbError::TlsConfig { message, .. } => {
+            return format!("fix the TLS settings (sslmode, sslrootcert) in {key}: {message}");
+        }
+    };
+    match code.as_deref() {
+        Some("28P01") => format!("fix the password for user {} in {key}", ep.user),
+        Some("28000") => format!(
+            "allow this machine in the {side} server's pg_hba.conf, e.g. `host all {} <this host's address>/32 scram-sha-256`, then SELECT pg_reload_conf();",
+            ep.user
+        ),
+        Some("3D000") => format!(
+            "database {} named in {key} does not exist; point {key} at an existing database (e.g. postgres)",
+            ep.dbname
+        ),
+        Some("53300") => format!(
+            "the {side} server has no free connection slots; raise max_connections or close idle sessions"
+        ),
+        _ => format!(
+            "check host, port, user and password in {key} and that the {side} server listens on {}:{} (listen_addresses, firewall)",
+            ep.host, ep.port
+        ),
+    }
+}
+
+/// wal_level, slots, senders and replication privilege on the source.
+pub async fn source_checks(source: Option<&Server>, m: &MigrationConfig) -> Vec<Check> {
+    let Some(s) = source else {
+        return vec![];
+    };
+    let online = m.mode == MigrationMode::Online;
+    let mut out = vec![wal_level_check(s, online).await];
+    out.extend(slot_and_sender_checks(s, m.databases.len(), online).await);
+    out.push(replication_privilege_check(s, online));
+    out
+}
+
+async fn wal_level_check(s: &Server, online: bool) -> Check {
+    const NAME: &str = "wal_level";
+    let level: String = match s
+        .client
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+    {
+        Ok(r) => r.get(0),
+        Err(e) => return query_failed(NAME, "source", e),
+    };
+    if level == "logical" {
+        Check::succeeded(NAME, "source", "wal_level = logical")
+    } else if online {
+        Check::failed(
+            NAME,
+            "source",
+            format!(
+                "wal_level = {level}; online migration needs logical decoding (wal_level = logical)"
+            ),
+            "on the source: ALTER SYSTEM SET wal_level = logical; then restart the source server",
+        )
+    } else {
+        Check::succeeded(
+            NAME,
+            "source",
+            format!("wal_level = {level} (offline mode does not need logical)"),
+        )
+    }
+}
+
+async fn slot_and_sender_checks(s: &Server, needed: usize, online: bool) -> Vec<Check> {
+    let row = match s
+        .client
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int, \
+                    (SELECT count(*) FROM pg_replication_slots)::int, \
+                    current_setting('max_wal_senders')::int, \
+                    (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'walsender')::int",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return vec![query_failed("replication_slots", "source", e)],
+    };
+    let needed = needed as i32;
+    let (max_slots, used_slots, max_senders, used_senders): (i32, i32, i32, i32) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    vec![
+        capacity_check(
+            "replication_slots",
+            "max_replication_slots",
+            "slots",
+            max_slots,
+            used_slots,
+            needed,
+            online,
+        ),
+        capacity_check(
+            "wal_senders",
+            "max_wal_senders",
+            "WAL senders",
+            max_senders,
+            used_senders,
+            needed,
+            online,
+        ),
+    ]
+}
+
+fn capacity_check(
+    name: &str,
+    setting: &str,
+    what: &str,
+    max: i32,
+    used: i32,
+    needed: i32,
+    online: bool,
+) -> Check {
+    let free = (max - used).max(0);
+    let found = format!(
+        "{setting} = {max}, {used} in use, {free} free; the migration needs {needed} (one per database)"
+    );
+    if free >= needed {
+        Check::succeeded(name, "source", found)
+    } else if online {
+        Check::failed(
+            name,
+            "source",
+            found,
+            format!(
+                "on the source: ALTER SYSTEM SET {setting} = {}; then restart the source server (or free unused {what})",
+                used + needed
+            ),
+        )
+    } else {
+        Check::succeeded(
+            name,
+            "source",
+            format!("{found} (offline mode does not need them)"),
+        )
+    }
+}
+
+fn replication_privilege_check(s: &Server, online: bool) -> Check {
+    const NAME: &str = "replication_privilege";
+    if s.superuser || s.replication {
+        let how = if s.superuser {
+            "is a superuser"
+        } else {
+            "has REPLICATION"
+        };
+        Check::succeeded(NAME, "source", format!("user {} {how}", s.user))
+    } else if online {
+        Check::failed(
+            NAME,
+            "source",
+            format!(
+                "user {} has neither REPLICATION nor superuser; it cannot create a replication slot",
+                s.user
+            ),
+            format!(
+                "on the source: ALTER ROLE {} REPLICATION;",
+                quote_ident(&s.user)
+            ),
+        )
+    } else {
+        Check::succeeded(
+            NAME,
+            "source",
+            format!(
+                "user {} has no REPLICATION (offline mode does not need it)",
+                s.user
+            ),
+        )
+    }
+}
+
+/// Version order and the target user's privileges.
+pub async fn target_checks(
+    target: Option<&Server>,
+    source: Option<&Server>,
+    m: &MigrationConfig,
+    ep: &Endpoint,
+) -> Vec<Check> {
+    let Some(t) = target else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    if let Some(s) = source {
+        out.extend(distinct_servers_check(s, t));
+        out.push(version_check(s, t));
+        out.push(preload_libraries_check(s, t));
+    }
+    out.push(createdb_check(t));
+    out.extend(target_privilege_checks(t, m, ep).await);
+    out
+}
+
+/// Migrating a server onto itself would drop the source databases (overwrite)
+/// or refuse them; either way it is a configuration mistake.
+fn distinct_servers_check(s: &Server, t: &Server) -> Option<Check> {
+    const NAME: &str = "distinct_servers";
+    let (si, ti) = (s.instance.as_ref()?, t.instance.as_ref()?);
+    Some(if si == ti {
+        Check::failed(
+            NAME,
+            "target",
+            format!(
+                "[source].url and [target].url reach the same running server ({} and {})",
+                s.endpoint.display(),
+                t.endpoint.display()
+            ),
+            "point [target].url at the new server",
+        )
+    } else {
+        Check::succeeded(NAME, "target", "source and target are different servers")
+    })
+}
+
+fn version_check(s: &Server, t: &Server) -> Check {
+    const NAME: &str = "server_version";
+    let found = format!(
+        "source PostgreSQL {}, target PostgreSQL {}",
+        s.version, t.version
+    );
+    if major_key(t.version_num) < major_key(s.version_num) {
+        Check::failed(
+            NAME,
+            "target",
+            format!("{found}: the target is an older major version"),
+            format!(
+                "use a target server running PostgreSQL {} or newer",
+                s.major()
+            ),
+        )
+    } else if t.version_num < s.version_num {
+        Check::warning(
+            NAME,
+            "target",
+            format!("{found}: same major version, older minor release"),
+            format!(
+                "update the target to PostgreSQL {} or newer (minor release)",
+                s.version
+            ),
+        )
+    } else {
+        Check::succeeded(NAME, "target", found)
+    }
+}
+
+/// Libraries the source preloads but the target does not (auto_explain, …).
+fn preload_libraries_check(s: &Server, t: &Server) -> Check {
+    const NAME: &str = "shared_preload_libraries";
+    let (Some(sp), Some(tp)) = (&s.preload, &t.preload) else {
+        let blind = if s.preload.is_none() { s } else { t };
+        return unreadable_preload(NAME, "target", blind);
+    };
+    let missing: Vec<String> = sp.iter().filter(|l| !tp.contains(l)).cloned().collect();
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "(none)".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    if missing.is_empty() {
+        Check::succeeded(
+            NAME,
+            "target",
+            format!(
+                "source preloads {}; the target preloads {}",
+                list(sp),
+                list(tp)
+            ),
+        )
+    } else {
+        Check::warning(
+            NAME,
+            "target",
+            format!(
+                "the source preloads {} that the target does not load",
+                missing.join(", ")
+            ),
+            preload_action(tp, &missing, "target"),
+        )
+    }
+}
+
+/// A Warning for a server whose `shared_preload_libraries` the user cannot read.
+pub fn unreadable_preload(name: &str, scope: &str, s: &Server) -> Check {
+    Check::warning(
+        name,
+        scope,
+        format!(
+            "user {} may not read shared_preload_libraries on the {}; preloaded libraries were not compared",
+            s.user, s.side
+        ),
+        format!(
+            "on the {}: GRANT pg_read_all_settings TO {};",
+            s.side,
+            quote_ident(&s.user)
+        ),
+    )
+}
+
+fn createdb_check(t: &Server) -> Check {
+    const NAME: &str = "create_database_privilege";
+    if t.superuser || t.createdb {
+        let how = if t.superuser {
+            "is a superuser"
+        } else {
+            "has CREATEDB"
+        };
+        Check::succeeded(NAME, "target", format!("user {} {how}", t.user))
+    } else {
+        Check::failed(
+            NAME,
+            "target",
+            format!("user {} cannot create databases", t.user),
+            format!(
+                "on the target: ALTER ROLE {} CREATEDB;",
+                quote_ident(&t.user)
+            ),
+        )
+    }
+}
+
+/// Replication origins, session_replication_role and the control schema.
+async fn target_privilege_checks(t: &Server, m: &MigrationConfig, ep: &Endpoint) -> Vec<Check> {
+    // has_parameter_privilege exists from PostgreSQL 15; before, only superusers may SET it.
+    let srr = if t.version_num >= 150_000 {
+        "has_parameter_privilege('session_replication_role', 'SET')"
+    } else {
+        "false"
+    };
+    let sql = format!(
+        "SELECT {}, {srr}, has_database_privilege(current_database(), 'CREATE'), \
+                EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgshift' AND pg_has_role(nspowner, 'USAGE'))",
+        ORIGIN_FUNCTIONS
+            .iter()
+            .map(|f| format!("has_function_privilege({}, 'EXECUTE')", quote_literal(f)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    );
+    let row = match t.client.query_one(&sql, &[]).await {
+        Ok(r) => r,
+        Err(e) => return vec![query_failed("replication_origin_privilege", "target", e)],
+    };
+    let (origins, srr, create, owns_schema): (bool, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let user = quote_ident(&t.user);
+    let online = m.mode == MigrationMode::Online;
+
+    let origin = if t.superuser || origins {
+        let how = if t.superuser {
+            "is a superuser"
+        } else {
+            "may execute pg_replication_origin_*"
+        };
+        Check::succeeded(
+            "replication_origin_privilege",
+            "target",
+            format!("user {} {how}", t.user),
+        )
+    } else if online {
+        Check::failed(
+            "replication_origin_privilege",
+            "target",
+            format!(
+                "user {} may not manage replication origins (apply progress is kept in one)",
+                t.user
+            ),
+            format!(
+                "on the target: GRANT EXECUTE ON FUNCTION {} TO {user};",
+                ORIGIN_FUNCTIONS.join(", ")
+            ),
+        )
+    } else {
+        Check::succeeded(
+            "replication_origin_privilege",
+            "target",
+            format!(
+                "user {} may not manage replication origins (offline mode does not need them)",
+                t.user
+            ),
+        )
+    };
+
+    let role = if t.superuser || srr {
+        Check::succeeded(
+            "session_replication_role",
+            "target",
+            format!(
+                "user {} may SET session_replication_role (triggers and FK checks off while copying)",
+                t.user
+            ),
+        )
+    } else {
+        let action = if t.version_num >= 150_000 {
+            format!("on the target: GRANT SET ON PARAMETER session_replication_role TO {user};")
+        } else {
+            "connect to the target as a superuser (before PostgreSQL 15 only superusers may SET session_replication_role)".to_string()
+        };
+        Check::failed(
+            "session_replication_role",
+            "target",
+            format!(
+                "user {} may not SET session_replication_role, needed to copy and apply without firing triggers",
+                t.user
+            ),
+            action,
+        )
+    };
+
+    let control = if m.databases.contains(&ep.dbname) {
+        Check::failed(
+            "control_schema",
+            "target",
+            format!(
+                "[target].url names database {}, which is being migrated; pgshift keeps its state there and it may be dropped",
+                ep.dbname
+            ),
+            "point [target].url at a database that is not migrated (e.g. /postgres)",
+        )
+    } else if t.superuser || create || owns_schema {
+        Check::succeeded(
+            "control_schema",
+            "target",
+            format!(
+                "pgshift can keep its state in schema pgshift of database {}",
+                ep.dbname
+            ),
+        )
+    } else {
+        Check::failed(
+            "control_schema",
+            "target",
+            format!(
+                "user {} may not create schema pgshift (its state) in database {}",
+                t.user, ep.dbname
+            ),
+            format!(
+                "on the target: GRANT CREATE ON DATABASE {} TO {user};",
+                quote_ident(&ep.dbname)
+            ),
+        )
+    };
+    vec![origin, role, control]
+}
+
+/// The functions apply needs for progress tracking in a replication origin.
+const ORIGIN_FUNCTIONS: &[&str] = &[
+    "pg_replication_origin_create(text)",
+    "pg_replication_origin_drop(text)",
+    "pg_replication_origin_session_setup(text)",
+    "pg_replication_origin_session_reset()",
+    "pg_replication_origin_xact_setup(pg_lsn, timestamp with time zone)",
+    "pg_replication_origin_progress(text, boolean)",
+    "pg_replication_origin_advance(text, pg_lsn)",
+];
+
+/// `pg_dump` must exist and be at least the source's major version.
+pub async fn pg_dump_check(source: Option<&Server>, target: Option<&Server>) -> Check {
+    const NAME: &str = "pg_dump";
+    let need = source
+        .map(|s| s.major())
+        .unwrap_or_else(|| "the source's".into());
+    let install = format!(
+        "install the PostgreSQL {need} client programs (Debian/Ubuntu: apt-get install postgresql-client-{need}) or set PG_BIN to their directory"
+    );
+    let Some(path) = crate::pgbin::find("pg_dump") else {
+        return Check::failed(
+            NAME,
+            "pgshift",
+            "pg_dump not found (PG_BIN, PATH, /usr/lib/postgresql/*/bin)",
+            install,
+        );
+    };
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(&path)
+            .arg("--version")
+            .output(),
+    )
+    .await;
+    let text = match out {
+        Ok(Ok(o)) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        Ok(Ok(o)) => {
+            return Check::failed(
+                NAME,
+                "pgshift",
+                format!("{} --version failed: {}", path.display(), o.status),
+                install,
+            );
+        }
+        Ok(Err(e)) => {
+            return Check::failed(
+                NAME,
+                "pgshift",
+                format!("cannot run {}: {e}", path.display()),
+                install,
+            );
+        }
+        Err(_) => {
+            return Check::failed(
+                NAME,
+                "pgshift",
+                format!("{} --version did not answer", path.display()),
+                install,
+            );
+        }
+    };
+    let Some(num) = parse_program_version(&text) else {
+        return Check::warning(
+            NAME,
+            "pgshift",
+            format!("{}: cannot read its version from `{text}`", path.display()),
+            install,
+        );
+    };
+    let found = format!("{} is version {}", path.display(), major_label(num));
+    let Some(s) = source else {
+        return Check::warning(
+            NAME,
+            "pgshift",
+            format!("{found}; the source version is unknown"),
+            install,
+        );
+    };
+    if major_key(num) < major_key(s.version_num) {
+        return Check::failed(
+            NAME,
+            "pgshift",
+            format!(
+                "{found}, older than the source server ({}); pg_dump refuses newer servers",
+                s.major()
+            ),
+            install,
+        );
+    }
+    if let Some(t) = target
+        && major_key(num) > major_key(t.version_num)
+    {
+        return Check::warning(
+            NAME,
+            "pgshift",
+            format!(
+                "{found}, newer than the target server ({}); its output may use syntax the target lacks",
+                t.major()
+            ),
+            format!(
+                "install the PostgreSQL {} client programs and set PG_BIN to their directory",
+                s.major()
+            ),
+        );
+    }
+    Check::succeeded(NAME, "pgshift", format!("{found}; source is {}", s.major()))
+}
+
+/// `pg_dump (PostgreSQL) 15.8 (Debian 15.8-1)` → 150008; `9.6.24` → 90624.
+pub fn parse_program_version(text: &str) -> Option<i32> {
+    let v = text
+        .split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
+    let nums: Vec<i32> = v
+        .split(|c: char| !c.is_ascii_digit())
+        .take_while(|s| !s.is_empty())
+        .map(|s| s.parse().ok())
+        .collect::<Option<Vec<_>>>()?;
+    match nums.as_slice() {
+        [major, rest @ ..] if *major >= 10 => {
+            Some(major * 10_000 + rest.first().copied().unwrap_or(0))
+        }
+        [major, minor, rest @ ..] => {
+            Some(major * 10_000 + minor * 100 + rest.first().copied().unwrap_or(0))
+        }
+        _ => None,
+    }
+}
+
+/// A check whose query failed: reported, not fatal.
+pub fn query_failed(name: &str, scope: &str, e: tokio_postgres::Error) -> Check {
+    let msg = pg_error_text(&e);
+    Check::failed(
+        name,
+        scope,
+        format!("the check's query failed: {msg}"),
+        "grant the configured user read access to the system catalogs, or connect as a more privileged user",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(
+            parse_program_version("pg_dump (PostgreSQL) 15.8 (Debian 15.8-1.pgdg)"),
+            Some(150008)
+        );
+        assert_eq!(
+            parse_program_version("pg_dump (PostgreSQL) 9.6.24"),
+            Some(90624)
+        );
+        assert_eq!(
+            parse_program_version("pg_dump (PostgreSQL) 17beta1"),
+            Some(170000)
+        );
+        assert_eq!(parse_program_version("nothing"), None);
+        assert_eq!(major_key(150008), 1500);
+        assert_eq!(major_key(90624), 906);
+        assert!(major_key(90624) < major_key(100001));
+        assert_eq!(major_label(90624), "9.6");
+        assert_eq!(major_label(160002), "16");
+    }
+
+    #[test]
+    fn preload_parsing() {
+        assert_eq!(
+            parse_preload("pg_stat_statements, '$libdir/auto_explain', \"citus\""),
+            vec!["pg_stat_statements", "auto_explain", "citus"]
+        );
+        assert!(parse_preload("").is_empty());
+        assert_eq!(
+            preload_action(&["a".into()], &["b".into()], "target"),
+            "on the target: ALTER SYSTEM SET shared_preload_libraries = 'a,b'; then restart the target server"
+        );
+    }
+}

@@ -1,0 +1,162 @@
+//! Bad input never takes the proxy down: garbage, oversized messages, a
+//! startup that never finishes, a client vanishing mid-message, a server
+//! killed mid-query. Another session keeps working throughout.
+
+mod common;
+mod proxy_common;
+use common::*;
+use proxy_common::*;
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn still_works(c: &tokio_postgres::Client) {
+    let n: i32 = c.query_one("SELECT 41 + 1", &[]).await.unwrap().get(0);
+    assert_eq!(n, 42);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_oversized_timeouts_and_vanishing_clients() {
+    let pg = Cluster::start();
+    let proxy = start_proxy_with(
+        &pg,
+        "trust",
+        "max_message_size = \"1MB\"\nstartup_timeout = \"500ms\"",
+    )
+    .await;
+    let bystander = connect(&proxy.url("postgres")).await;
+    still_works(&bystander).await;
+
+    // Garbage instead of a startup packet.
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(error_then_eof(&mut s).await.as_deref(), Some("08P01"));
+    still_works(&bystander).await;
+
+    // Random bytes after a good startup.
+    let mut s = raw_session(proxy.port, APP_USER, "postgres").await;
+    s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0x01, 0x02, 0x03, 0x04, 0x05])
+        .await
+        .unwrap();
+    assert_eq!(error_then_eof(&mut s).await.as_deref(), Some("08P01"));
+    still_works(&bystander).await;
+
+    // A declared length over proxy.max_message_size.
+    let mut s = raw_session(proxy.port, APP_USER, "postgres").await;
+    s.write_all(b"Q\x00\x20\x00\x00select").await.unwrap();
+    assert_eq!(error_then_eof(&mut s).await.as_deref(), Some("08P01"));
+    still_works(&bystander).await;
+
+    // A negative length.
+    let mut s = raw_session(proxy.port, APP_USER, "postgres").await;
+    s.write_all(b"Q\xff\xff\xff\xf0").await.unwrap();
+    assert_eq!(error_then_eof(&mut s).await.as_deref(), Some("08P01"));
+
+    // A startup that never finishes is dropped after proxy.startup_timeout.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    s.write_all(&[0, 0, 0]).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed by the startup timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(metric(&proxy.ctx, "pgshift_proxy_errors_total", "startup_timeout") >= 1.0);
+    // An SSLRequest, then silence: same.
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    let mut one = [0u8; 1];
+    s.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"N");
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed by the startup timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+
+    // GSSENCRequest is declined, then a normal startup proceeds.
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])
+        .await
+        .unwrap();
+    s.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"N");
+    drop(s);
+
+    // A client that vanishes in the middle of a message: its backend goes away.
+    let mut s = raw_session(proxy.port, APP_USER, "postgres").await;
+    s.write_all(b"Q\x00\x00\x01\x00SELECT 'half").await.unwrap();
+    drop(s);
+    let count = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'";
+    assert!(
+        wait_until(Duration::from_secs(10), || pg.psql("postgres", count)
+            == "1"),
+        "the vanished client's backend stays: {}",
+        pg.psql("postgres", count)
+    );
+    assert!(wait_until(Duration::from_secs(5), || proxy
+        .handle
+        .sessions()
+        .len()
+        == 1));
+    still_works(&bystander).await;
+    assert_eq!(
+        metric(&proxy.ctx, "pgshift_proxy_client_connections", ""),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_mid_query_gives_an_error_then_close() {
+    let pg = Cluster::start();
+    let proxy = start_proxy(&pg).await;
+    let victim = connect(&proxy.url("postgres")).await;
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let query = tokio::spawn(async move {
+        let r = victim.simple_query("SELECT pg_sleep(30)").await;
+        (r.map(|_| ()), victim)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = std::process::Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (r, victim) = tokio::time::timeout(Duration::from_secs(10), query)
+        .await
+        .expect("the client hears about it")
+        .unwrap();
+    let e = r.unwrap_err();
+    let db = e.as_db_error().expect("an ErrorResponse, not just EOF");
+    assert_eq!(db.code().code(), "08006", "{db:?}");
+    assert!(victim.is_closed() || victim.simple_query("SELECT 1").await.is_err());
+    assert!(metric(&proxy.ctx, "pgshift_proxy_errors_total", "server_lost") >= 1.0);
+    // The server recovers from the crash; the proxy serves new sessions.
+    let mut ok = false;
+    for _ in 0..100 {
+        if let Ok((c, conn)) =
+            tokio_postgres::connect(&proxy.url("postgres"), tokio_postgres::NoTls).await
+        {
+            tokio::spawn(conn);
+            if c.simple_query("SELECT 1").await.is_ok() {
+                ok = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "proxy serves again after the server recovered");
+}

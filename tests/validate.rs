@@ -1,0 +1,722 @@
+//! Premigration validation against real clusters: the library report and the
+//! `pgshift validate` binary (exit code, table and JSON output).
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use pgshift::validate::{Status, ValidationReport, validate};
+
+/// A config text for `source`/`target` URLs and the `[migration]` body.
+fn config_text(source: &str, target: &str, migration: &str) -> String {
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n\n[source]\nurl = \"{source}\"\n\n[target]\nurl = \"{target}\"\n\n[migration]\n{migration}\n"
+    )
+}
+
+fn migration(databases: &[&str], extra: &str) -> String {
+    let list = databases
+        .iter()
+        .map(|d| format!("\"{d}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("name = \"vt\"\ndatabases = [{list}]\n{extra}")
+}
+
+fn load(text: &str) -> pgshift::Config {
+    pgshift::Config::from_toml(text, &|_| None).expect("valid test config")
+}
+
+fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let p = dir.join("pgshift.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Runs `pgshift validate` and returns (exit code, stdout, stderr).
+fn run_validate(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(pgshift_bin())
+        .arg("validate")
+        .args(args)
+        .output()
+        .expect("run pgshift");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn status_of(r: &ValidationReport, name: &str, scope: &str) -> Status {
+    r.get(name, scope)
+        .unwrap_or_else(|| panic!("no check {name}/{scope} in {r:#?}"))
+        .status
+}
+
+fn action_of(r: &ValidationReport, name: &str, scope: &str) -> String {
+    r.get(name, scope)
+        .and_then(|c| c.action.clone())
+        .unwrap_or_else(|| panic!("no action for {name}/{scope} in {r:#?}"))
+}
+
+#[tokio::test]
+async fn healthy_pair_passes_and_reports_what_is_not_carried() {
+    let src = Cluster::start();
+    let dst = Cluster::start();
+    src.create_db("app");
+    src.psql("app", "CREATE TABLE orders (id bigint PRIMARY KEY, note text); INSERT INTO orders VALUES (1, 'a');");
+    src.create_db("extras");
+    src.psql(
+        "extras",
+        "CREATE TABLE items (id int PRIMARY KEY); \
+         CREATE UNLOGGED TABLE scratch (id int PRIMARY KEY); \
+         CREATE MATERIALIZED VIEW item_count AS SELECT count(*) FROM items; \
+         SELECT lo_from_bytea(0, 'blob');",
+    );
+    src.psql(
+        "postgres",
+        "CREATE DATABASE latin TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'",
+    );
+    let text = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app", "extras", "latin"], ""),
+    );
+
+    let report = validate(&load(&text)).await;
+    assert!(!report.has_failures(), "{report:#?}");
+    assert_eq!(
+        status_of(&report, "connection", "source"),
+        Status::Succeeded
+    );
+    assert_eq!(
+        status_of(&report, "connection", "target"),
+        Status::Succeeded
+    );
+    for name in [
+        "wal_level",
+        "replication_slots",
+        "wal_senders",
+        "replication_privilege",
+    ] {
+        assert_eq!(
+            status_of(&report, name, "source"),
+            Status::Succeeded,
+            "{name}"
+        );
+    }
+    for name in [
+        "distinct_servers",
+        "server_version",
+        "create_database_privilege",
+        "replication_origin_privilege",
+        "session_replication_role",
+        "control_schema",
+    ] {
+        assert_eq!(
+            status_of(&report, name, "target"),
+            Status::Succeeded,
+            "{name}"
+        );
+    }
+    assert_eq!(status_of(&report, "pg_dump", "pgshift"), Status::Succeeded);
+    for name in [
+        "database_on_source",
+        "database_on_target",
+        "encoding_locale",
+        "extensions",
+        "extension_preload",
+        "replica_identity",
+        "publication_privilege",
+    ] {
+        assert_eq!(status_of(&report, name, "app"), Status::Succeeded, "{name}");
+    }
+    let latin = report.get("encoding_locale", "latin").unwrap();
+    assert_eq!(latin.status, Status::Succeeded);
+    assert!(latin.found.contains("encoding LATIN1"), "{latin:?}");
+    assert!(
+        report
+            .get("connection", "source")
+            .unwrap()
+            .found
+            .contains("PostgreSQL 15")
+    );
+    // What logical replication does not carry is a Warning that says so.
+    for name in ["unlogged_tables", "large_objects", "materialized_views"] {
+        assert_eq!(status_of(&report, name, "app"), Status::Succeeded, "{name}");
+        assert_eq!(
+            status_of(&report, name, "extras"),
+            Status::Warning,
+            "{name}"
+        );
+    }
+    let unlogged = report.get("unlogged_tables", "extras").unwrap();
+    assert!(
+        unlogged.found.contains("\"public\".\"scratch\"")
+            && unlogged.found.contains("not streamed"),
+        "{unlogged:?}"
+    );
+    assert!(
+        action_of(&report, "unlogged_tables", "extras")
+            .contains("ALTER TABLE \"public\".\"scratch\" SET LOGGED;")
+    );
+    assert!(
+        report
+            .get("large_objects", "extras")
+            .unwrap()
+            .found
+            .contains("1 large object")
+    );
+    assert!(
+        action_of(&report, "materialized_views", "extras")
+            .contains("REFRESH MATERIALIZED VIEW \"public\".\"item_count\";")
+    );
+
+    // The binary: exit 0, a JSON document with the same checks, and a readable table.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &text);
+    let (code, out, err) = run_validate(&["--config", cfg.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("JSON output");
+    assert_eq!(doc["summary"]["failed"], 0);
+    assert_eq!(
+        doc["summary"]["total"].as_u64().unwrap() as usize,
+        doc["checks"].as_array().unwrap().len()
+    );
+    assert!(doc["summary"]["warning"].as_u64().unwrap() >= 3);
+    assert!(
+        doc["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "wal_level" && c["status"] == "Succeeded")
+    );
+
+    let (code, out, _) = run_validate(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("STATUS") && out.contains("FOUND"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("Warning") && l.contains("materialized_views")),
+        "{out}"
+    );
+    assert!(out.contains("action: refresh them on the target"), "{out}");
+    assert!(out.contains("0 failed"), "{out}");
+}
+
+#[tokio::test]
+async fn source_with_replica_wal_level_fails_online_only() {
+    let src = Cluster::start_with(ClusterOptions {
+        wal_level: "replica".into(),
+        ..Default::default()
+    });
+    let dst = Cluster::start();
+    src.create_db("app");
+    let text = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app"], ""),
+    );
+    let report = validate(&load(&text)).await;
+    assert_eq!(status_of(&report, "wal_level", "source"), Status::Failed);
+    assert!(
+        report
+            .get("wal_level", "source")
+            .unwrap()
+            .found
+            .contains("wal_level = replica")
+    );
+    assert!(
+        action_of(&report, "wal_level", "source").contains("ALTER SYSTEM SET wal_level = logical")
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &text);
+    let (code, out, err) = run_validate(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("Failed") && l.contains("wal_level")),
+        "{out}"
+    );
+    assert!(
+        out.contains("action: on the source: ALTER SYSTEM SET wal_level = logical"),
+        "{out}"
+    );
+
+    // Offline mode does not need logical decoding.
+    let offline = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app"], "mode = \"offline\""),
+    );
+    let report = validate(&load(&offline)).await;
+    assert_eq!(status_of(&report, "wal_level", "source"), Status::Succeeded);
+    assert!(!report.has_failures(), "{report:#?}");
+}
+
+#[tokio::test]
+async fn tables_without_key_fail_online_with_the_fix() {
+    let src = Cluster::start();
+    let dst = Cluster::start();
+    src.create_db("app");
+    src.psql(
+        "app",
+        "CREATE SCHEMA \"Odd Schema\"; \
+         CREATE TABLE \"Odd Schema\".nokey (a int, b text); \
+         CREATE TABLE public.uniq (id int NOT NULL, CONSTRAINT uniq_id UNIQUE (id)); \
+         CREATE TABLE public.nothing (id int PRIMARY KEY); ALTER TABLE public.nothing REPLICA IDENTITY NOTHING; \
+         CREATE TABLE public.full_ident (a int); ALTER TABLE public.full_ident REPLICA IDENTITY FULL; \
+         CREATE TABLE public.good (id int PRIMARY KEY); \
+         CREATE TABLE public.parted (id int, k int) PARTITION BY RANGE (k); \
+         CREATE TABLE public.parted_1 PARTITION OF public.parted FOR VALUES FROM (0) TO (10);",
+    );
+    let text = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app"], ""),
+    );
+    let report = validate(&load(&text)).await;
+    assert_eq!(
+        status_of(&report, "replica_identity", "app"),
+        Status::Failed
+    );
+    let found = &report.get("replica_identity", "app").unwrap().found;
+    assert!(found.starts_with("4 table(s)"), "{found}");
+    assert!(
+        !found.contains("good") && !found.contains("full_ident"),
+        "{found}"
+    );
+    let action = action_of(&report, "replica_identity", "app");
+    for fix in [
+        "ALTER TABLE \"Odd Schema\".\"nokey\" REPLICA IDENTITY FULL;",
+        "ALTER TABLE \"public\".\"uniq\" REPLICA IDENTITY USING INDEX \"uniq_id\";",
+        "ALTER TABLE \"public\".\"nothing\" REPLICA IDENTITY DEFAULT;",
+        "ALTER TABLE \"public\".\"parted_1\" REPLICA IDENTITY FULL;",
+    ] {
+        assert!(action.contains(fix), "missing {fix} in {action}");
+    }
+    // The fixes are real SQL: applying them makes the check pass.
+    let fixes: String = action
+        .lines()
+        .filter(|l| l.starts_with("ALTER TABLE"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    src.psql("app", &fixes);
+    let report = validate(&load(&text)).await;
+    assert_eq!(
+        status_of(&report, "replica_identity", "app"),
+        Status::Succeeded,
+        "{report:#?}"
+    );
+    src.psql(
+        "app",
+        "ALTER TABLE \"Odd Schema\".nokey REPLICA IDENTITY DEFAULT",
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &text);
+    let (code, out, _) = run_validate(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("REPLICA IDENTITY FULL;"), "{out}");
+
+    // Offline mode streams nothing: not a failure.
+    let offline = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app"], "mode = \"offline\""),
+    );
+    let report = validate(&load(&offline)).await;
+    assert_eq!(
+        status_of(&report, "replica_identity", "app"),
+        Status::Succeeded
+    );
+    assert!(!report.has_failures(), "{report:#?}");
+
+    // Filters: an excluded table is not checked.
+    let filtered = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app"], "exclude_tables = [\"Odd Schema.*\"]"),
+    );
+    let report = validate(&load(&filtered)).await;
+    assert_eq!(
+        status_of(&report, "replica_identity", "app"),
+        Status::Succeeded,
+        "{report:#?}"
+    );
+}
+
+#[tokio::test]
+async fn extensions_missing_or_not_preloaded_on_target_fail() {
+    let src = Cluster::start_with(ClusterOptions {
+        conf: vec!["shared_preload_libraries = 'pg_stat_statements'".into()],
+        ..Default::default()
+    });
+    let dst = Cluster::start();
+    src.create_db("app");
+    src.psql(
+        "app",
+        "CREATE EXTENSION pg_stat_statements; CREATE EXTENSION hstore;",
+    );
+    let text = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app"], ""),
+    );
+    let report = validate(&load(&text)).await;
+    assert_eq!(
+        status_of(&report, "extensions", "app"),
+        Status::Succeeded,
+        "{report:#?}"
+    );
+    assert_eq!(
+        status_of(&report, "extension_preload", "app"),
+        Status::Failed
+    );
+    assert!(
+        report
+            .get("extension_preload", "app")
+            .unwrap()
+            .found
+            .contains("pg_stat_statements")
+    );
+    assert_eq!(
+        action_of(&report, "extension_preload", "app"),
+        "on the target: ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'; then restart the target server"
+    );
+    assert_eq!(
+        status_of(&report, "shared_preload_libraries", "target"),
+        Status::Warning
+    );
+
+    // Applying the action on the target fixes it.
+    let mut dst = dst;
+    dst.psql(
+        "postgres",
+        "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'",
+    );
+    dst.restart();
+    let text = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app"], ""),
+    );
+    let report = validate(&load(&text)).await;
+    assert_eq!(
+        status_of(&report, "extension_preload", "app"),
+        Status::Succeeded,
+        "{report:#?}"
+    );
+
+    // An extension the target cannot install: a catalog entry for an extension that
+    // no installation ships, and an hstore version newer than any the target has
+    // (this throwaway source's catalog is edited; no system directory is touched).
+    src.psql(
+        "app",
+        "INSERT INTO pg_extension (oid, extname, extowner, extnamespace, extrelocatable, extversion) \
+         VALUES (pg_nextoid('pg_extension', 'oid', 'pg_extension_oid_index'), 'pgshift_missing_ext', 10, 2200, false, '1.0'); \
+         UPDATE pg_extension SET extversion = '99.0' WHERE extname = 'hstore';",
+    );
+    let report = validate(&load(&text)).await;
+    assert_eq!(status_of(&report, "extensions", "app"), Status::Failed);
+    let found = &report.get("extensions", "app").unwrap().found;
+    assert!(
+        found.contains("pgshift_missing_ext 1.0: not available on the target"),
+        "{found}"
+    );
+    assert!(
+        found.contains("hstore 99.0: the target offers only up to"),
+        "{found}"
+    );
+    assert!(
+        action_of(&report, "extensions", "app").contains("DROP EXTENSION \"pgshift_missing_ext\";")
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &text);
+    let (code, out, _) = run_validate(&["--config", cfg.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 1, "{out}");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        doc["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "extensions" && c["status"] == "Failed")
+    );
+}
+
+#[tokio::test]
+async fn databases_missing_on_source_or_busy_on_target() {
+    let src = Cluster::start();
+    let dst = Cluster::start();
+    for db in ["app", "busy", "empty"] {
+        src.create_db(db);
+    }
+    dst.create_db("busy");
+    dst.psql("busy", "CREATE TABLE leftover (id int)");
+    dst.create_db("empty");
+    let text = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app", "ghost", "busy", "empty"], "overwrite = false"),
+    );
+    let report = validate(&load(&text)).await;
+    assert_eq!(
+        status_of(&report, "database_on_source", "app"),
+        Status::Succeeded
+    );
+    assert_eq!(
+        status_of(&report, "database_on_source", "ghost"),
+        Status::Failed
+    );
+    assert!(action_of(&report, "database_on_source", "ghost").contains("remove \"ghost\""));
+    assert_eq!(
+        status_of(&report, "database_on_target", "app"),
+        Status::Succeeded
+    );
+    assert_eq!(
+        status_of(&report, "database_on_target", "busy"),
+        Status::Failed
+    );
+    assert!(
+        report
+            .get("database_on_target", "busy")
+            .unwrap()
+            .found
+            .contains("1 tables")
+    );
+    assert!(action_of(&report, "database_on_target", "busy").contains("overwrite = true"));
+    assert_eq!(
+        status_of(&report, "database_on_target", "empty"),
+        Status::Succeeded
+    );
+    assert_eq!(
+        status_of(&report, "target_database_locale", "empty"),
+        Status::Succeeded
+    );
+    // A missing database gets no checks of its contents.
+    assert!(report.get("replica_identity", "ghost").is_none());
+    assert!(report.get("database_on_target", "ghost").is_none());
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &text);
+    let (code, out, _) = run_validate(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("Failed") && l.contains("ghost")),
+        "{out}"
+    );
+
+    // A locale the target does not have (the source's catalog is edited to name
+    // one no host has: no system directory is touched).
+    src.create_db("badloc");
+    src.psql(
+        "postgres",
+        "UPDATE pg_database SET datcollate = 'xx_XX.UTF-8', datctype = 'xx_XX.UTF-8' WHERE datname = 'badloc'",
+    );
+    let locale = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["badloc"], ""),
+    );
+    let report = validate(&load(&locale)).await;
+    let check = report.get("encoding_locale", "badloc").unwrap();
+    assert_eq!(check.status, Status::Failed, "{check:?}");
+    assert!(check.found.contains("xx_XX.UTF-8"), "{check:?}");
+    assert!(action_of(&report, "encoding_locale", "badloc").contains("locale-gen"));
+
+    let overwrite = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app", "busy"], "overwrite = true"),
+    );
+    let report = validate(&load(&overwrite)).await;
+    assert_eq!(
+        status_of(&report, "database_on_target", "busy"),
+        Status::Warning
+    );
+    assert!(
+        report
+            .get("database_on_target", "busy")
+            .unwrap()
+            .found
+            .contains("dropped and recreated")
+    );
+    assert!(!report.has_failures(), "{report:#?}");
+}
+
+#[tokio::test]
+async fn non_superusers_get_the_grants_they_need() {
+    let src = Cluster::start();
+    let dst = Cluster::start();
+    src.create_db("app");
+    src.psql("app", "CREATE TABLE t (id int PRIMARY KEY)");
+    src.psql("postgres", "REVOKE CREATE ON DATABASE app FROM PUBLIC");
+    let text = config_text(
+        &src.url_as(APP_USER, APP_PW, "postgres"),
+        &dst.url_as(APP_USER, APP_PW, "postgres"),
+        &migration(&["app"], ""),
+    );
+    let report = validate(&load(&text)).await;
+    // app has REPLICATION and CREATEDB.
+    assert_eq!(
+        status_of(&report, "replication_privilege", "source"),
+        Status::Succeeded
+    );
+    assert_eq!(
+        status_of(&report, "create_database_privilege", "target"),
+        Status::Succeeded
+    );
+    assert_eq!(
+        status_of(&report, "publication_privilege", "app"),
+        Status::Failed
+    );
+    let action = action_of(&report, "publication_privilege", "app");
+    assert!(
+        action.contains("GRANT CREATE ON DATABASE \"app\" TO \"app\";"),
+        "{action}"
+    );
+    assert!(
+        action.contains("ALTER TABLE \"public\".\"t\" OWNER TO \"app\";"),
+        "{action}"
+    );
+    assert_eq!(
+        status_of(&report, "replication_origin_privilege", "target"),
+        Status::Failed
+    );
+    assert_eq!(
+        status_of(&report, "session_replication_role", "target"),
+        Status::Failed
+    );
+
+    // The printed grants are real SQL that fix the rows.
+    for line in action
+        .lines()
+        .filter(|l| l.starts_with("GRANT") || l.starts_with("ALTER"))
+    {
+        src.psql("app", line);
+    }
+    dst.psql(
+        "postgres",
+        &action_of(&report, "replication_origin_privilege", "target")
+            .replace("on the target: ", ""),
+    );
+    dst.psql(
+        "postgres",
+        &action_of(&report, "session_replication_role", "target").replace("on the target: ", ""),
+    );
+    assert_eq!(
+        status_of(&report, "control_schema", "target"),
+        Status::Failed
+    );
+    dst.psql(
+        "postgres",
+        &action_of(&report, "control_schema", "target").replace("on the target: ", ""),
+    );
+    let report = validate(&load(&text)).await;
+    assert!(!report.has_failures(), "{report:#?}");
+}
+
+#[tokio::test]
+async fn unreachable_or_refused_servers_are_failed_rows() {
+    let dst = Cluster::start();
+    dst.create_db("app");
+    let bad_pw = config_text(
+        &dst.url_as(SUPERUSER, "wrong", "postgres"),
+        &dst.url("postgres"),
+        &migration(&["app"], ""),
+    );
+    let report = validate(&load(&bad_pw)).await;
+    assert_eq!(status_of(&report, "connection", "source"), Status::Failed);
+    assert!(action_of(&report, "connection", "source").contains("fix the password"));
+    assert_eq!(
+        status_of(&report, "connection", "target"),
+        Status::Succeeded
+    );
+    // Target-only checks still run; source-dependent ones are skipped.
+    assert_eq!(
+        status_of(&report, "create_database_privilege", "target"),
+        Status::Succeeded
+    );
+    assert!(report.get("wal_level", "source").is_none());
+    assert!(report.get("replica_identity", "app").is_none());
+    assert_eq!(
+        status_of(&report, "database_on_target", "app"),
+        Status::Succeeded
+    );
+    assert!(report.has_failures());
+
+    // The same server on both sides is refused before anything could be dropped.
+    let same = config_text(
+        &dst.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app"], "overwrite = true"),
+    );
+    let report = validate(&load(&same)).await;
+    assert_eq!(
+        status_of(&report, "distinct_servers", "target"),
+        Status::Failed
+    );
+    assert!(report.has_failures());
+
+    let port = free_port();
+    let down = config_text(
+        &format!("postgres://postgres:pw@127.0.0.1:{port}/postgres"),
+        &dst.url("postgres"),
+        &migration(&["app"], ""),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), &down);
+    let (code, out, err) = run_validate(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("Failed") && l.contains("connection") && l.contains("source")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("127.0.0.1:{port}")), "{out}");
+}
+
+#[test]
+fn bad_config_or_invocation_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "postgres://postgres:pw@127.0.0.1:1/postgres";
+    let cases = [
+        (migration(&["app"], "mode = \"sideways\""), "mode"),
+        (migration(&["app"], "copy_jobs = 0"), "migration.copy_jobs"),
+        (
+            "name = \"-bad\"\ndatabases = [\"app\"]".to_string(),
+            "migration.name",
+        ),
+    ];
+    for (body, key) in cases {
+        let cfg = write_config(dir.path(), &config_text(url, url, &body));
+        let (code, out, err) = run_validate(&["--config", cfg.to_str().unwrap()]);
+        assert_eq!(code, 2, "{key}: stdout {out} stderr {err}");
+        assert!(err.contains(key), "{key}: {err}");
+        assert!(out.is_empty(), "{out}");
+    }
+    // No [migration] section.
+    let text = config_text(url, url, "").replace("[migration]\n", "");
+    let cfg = write_config(dir.path(), &text);
+    let (code, _, err) = run_validate(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("`migration`"), "{err}");
+    // A file that does not exist, and a missing --config.
+    let (code, _, err) = run_validate(&["--config", "/nonexistent/pgshift.toml"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("/nonexistent/pgshift.toml"), "{err}");
+    let (code, _, _) = run_validate(&[]);
+    assert_eq!(code, 2);
+
+    let (code, out, _) = run_validate(&["--help"]);
+    assert_eq!(code, 0);
+    for needle in ["--config", "--json", "Exit status", "corrective action"] {
+        assert!(out.contains(needle), "{needle} missing from help:\n{out}");
+    }
+}
