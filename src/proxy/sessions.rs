@@ -33,6 +33,10 @@ pub struct SessionInfo {
     status: AtomicU8,
     busy: AtomicBool,
     backend: ArcSwap<BackendRef>,
+    /// Wakes the session's relay loop to look at shared state (route swap,
+    /// gate opened, shutdown). Per session, so the hot loop never polls a
+    /// future shared with every other session.
+    pub(crate) wake: Notify,
 }
 
 impl SessionInfo {
@@ -127,6 +131,7 @@ impl Registry {
             status: AtomicU8::new(s.status.byte()),
             busy: AtomicBool::new(false),
             backend: ArcSwap::from_pointee(s.backend),
+            wake: Notify::new(),
         });
         map.insert(pid, info.clone());
         info
@@ -164,6 +169,14 @@ impl Registry {
 
     pub fn snapshot(&self) -> Vec<SessionSnapshot> {
         self.sessions().iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// Asks every session to look at shared state again.
+    pub(crate) fn wake_all(&self) {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        for s in map.values() {
+            s.wake.notify_one();
+        }
     }
 
     /// Resolves when no session is registered.
