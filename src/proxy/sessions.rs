@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
+use std::task::{Context, Poll};
+
 use arc_swap::ArcSwap;
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
 use super::route::Route;
@@ -34,9 +37,33 @@ pub struct SessionInfo {
     busy: AtomicBool,
     backend: ArcSwap<BackendRef>,
     /// Wakes the session's relay loop to look at shared state (route swap,
-    /// gate opened, shutdown). Per session, so the hot loop never polls a
-    /// future shared with every other session.
-    pub(crate) wake: Notify,
+    /// gate opened, shutdown).
+    pub(crate) wake: Wake,
+}
+
+/// A per-session, lock-free wake-up flag: the relay polls it on every loop
+/// turn, so it must cost a few uncontended atomics, not a mutex.
+#[derive(Default)]
+pub(crate) struct Wake {
+    flag: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Wake {
+    pub(crate) fn notify(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once after each `notify` (several coalesce into one).
+    pub(crate) fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.flag.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 impl SessionInfo {
@@ -131,7 +158,7 @@ impl Registry {
             status: AtomicU8::new(s.status.byte()),
             busy: AtomicBool::new(false),
             backend: ArcSwap::from_pointee(s.backend),
-            wake: Notify::new(),
+            wake: Wake::default(),
         });
         map.insert(pid, info.clone());
         info
@@ -175,7 +202,7 @@ impl Registry {
     pub(crate) fn wake_all(&self) {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         for s in map.values() {
-            s.wake.notify_one();
+            s.wake.notify();
         }
     }
 
