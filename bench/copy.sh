@@ -10,6 +10,10 @@
 #   SCALE=20 REPS=2 bench/copy.sh
 #   MODE=offline bench/copy.sh         # time pgshift until Succeeded instead
 #
+# Every method gets 2 jobs; pgshift and pgcopydb split tables larger than
+# SPLIT (64MB) into parallel ranges. Methods run interleaved in each rep, the
+# table reports the median per method.
+#
 # pgshift is timed from `pgshift run` starting until /status reaches
 # WaitingForCutoverTrigger (online: slot + snapshot, schema, parallel copy,
 # indexes, streaming started) or Succeeded (offline); nothing subtracted.
@@ -18,6 +22,8 @@ SCALE=${SCALE:-50}
 REPS=${REPS:-1}
 MODE=${MODE:-online}
 METHODS=${METHODS:-pgshift pg_dump pgcopydb native}
+SPLIT=${SPLIT:-64MB}
+export EXTRA_MIGRATION_CONF="split_tables_larger_than = \"$SPLIT\""
 DB=bench
 source "$(dirname "$0")/lib.sh"
 build_pgshift
@@ -89,7 +95,7 @@ run_pgcopydb() {
   t=$(now)
   pgcopydb clone --source "$SRC_URL" \
     --target "postgres://postgres:$PW@127.0.0.1:$TGT/$DB?sslmode=disable" \
-    --table-jobs 2 --index-jobs 2 --dir "$WORK/pgcopydb" >"$WORK/pgcopydb.log" 2>&1 ||
+    --table-jobs 2 --index-jobs 2 --split-tables-larger-than "$SPLIT" --dir "$WORK/pgcopydb" >"$WORK/pgcopydb.log" 2>&1 ||
     { tail -20 "$WORK/pgcopydb.log" >&2; return 1; }
   SECS=$(elapsed "$t")
   rm -rf "$WORK/pgcopydb"
@@ -135,13 +141,14 @@ for rep in $(seq "$REPS"); do
   done
 done
 
-CMD="SCALE=$SCALE REPS=$REPS MODE=$MODE bench/copy.sh"
+CMD="SCALE=$SCALE REPS=$REPS MODE=$MODE SPLIT=$SPLIT bench/copy.sh"
 echo
-echo "copy of pgbench scale $SCALE ($SIZE), $REPS rep(s), mean seconds; ratio = peer/pgshift (> 1: pgshift faster)"
+echo "copy of pgbench scale $SCALE ($SIZE), $REPS rep(s), median seconds; ratio = peer/pgshift (> 1: pgshift faster)"
+median() { python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f"{statistics.median(v):.2f}" if v else 0)' $(awk -v m="$1" '$1==m && $4=="ok"{print $3}' "$RES"); }
 printf '%-10s %10s %8s %s\n' method seconds ratio status
-PGS=$(awk '$1=="pgshift" && $4=="ok"{s+=$3;n++} END{if(n) printf "%.2f", s/n; else print 0}' "$RES")
+PGS=$(median pgshift)
 for m in $METHODS; do
-  mean=$(awk -v m="$m" '$1==m && $4=="ok"{s+=$3;n++} END{if(n) printf "%.2f", s/n; else print 0}' "$RES")
+  mean=$(median "$m")
   st=$(awk -v m="$m" '$1==m{st=$4} END{print st}' "$RES")
   r=n/a; [ "$PGS" != 0 ] && [ "$mean" != 0 ] && r=$(ratio "$mean" "$PGS")
   printf '%-10s %10s %8s %s\n' "$m" "$mean" "$r" "$st"

@@ -114,6 +114,7 @@ name = "bench"
 databases = ["$4"]
 mode = "$5"
 copy_jobs = ${COPY_JOBS:-2}
+${EXTRA_MIGRATION_CONF:-}
 [cutover]
 trigger = "manual"
 drain_timeout = "5s"

@@ -33,7 +33,7 @@ pub enum PipelineError {
     Shutdown,
 }
 
-fn step<'a, E: std::fmt::Display>(
+pub(crate) fn step<'a, E: std::fmt::Display>(
     db: &'a str,
     step: &'static str,
 ) -> impl Fn(E) -> PipelineError + 'a {
@@ -271,7 +271,8 @@ impl Pipeline {
             "copy",
             Arc::new(move || serde_json::to_value(p.snapshot()).unwrap_or_default()),
         );
-        let report = copy::copy_database(
+        // copy_database logs its own summary line.
+        copy::copy_database(
             source,
             target,
             db,
@@ -288,14 +289,6 @@ impl Pipeline {
                 step(db, "copying data")(e)
             }
         })?;
-        tracing::info!(
-            database = db,
-            tables = report.tables,
-            rows = report.rows,
-            bytes = report.bytes,
-            seconds = format!("{:.1}", report.seconds),
-            "data copied"
-        );
 
         schema::dump_restore_post_data(source, target, db, Some(&snapshot), &plan)
             .await

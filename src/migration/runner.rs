@@ -218,20 +218,13 @@ impl Runner {
             if let Some(doc) = fence_doc
                 && let Ok(rec) = serde_json::from_value::<FenceRecord>(doc)
             {
+                const STEP: &str = "lifting the fence of an interrupted cutover";
                 let admin = crate::db::connect(&self.ctx().config.source, "source (lift fence)")
                     .await
-                    .map_err(|e| PipelineError::Step {
-                        db: "-".into(),
-                        step: "lifting the fence of an interrupted cutover",
-                        message: e.to_string(),
-                    })?;
+                    .map_err(super::pipeline::step("-", STEP))?;
                 fence::lift(&admin, &rec)
                     .await
-                    .map_err(|e| PipelineError::Step {
-                        db: "-".into(),
-                        step: "lifting the fence of an interrupted cutover",
-                        message: e.to_string(),
-                    })?;
+                    .map_err(super::pipeline::step("-", STEP))?;
             }
             let reason = format!(
                 "cutover {id} was interrupted by a pgshift restart before the switch; fence lifted"

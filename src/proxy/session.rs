@@ -294,16 +294,10 @@ fn reserve(buf: &mut BytesMut, amount: usize) {
 
 impl Session {
     async fn relay(&mut self) -> End {
-        let shared = self.shared.clone();
-        let kill = shared.kill.cancelled();
-        let drain = shared.draining.cancelled();
-        tokio::pin!(kill, drain);
-        let mut epoch = shared.epoch.subscribe();
         let info = self.info.clone();
         loop {
             reserve(&mut self.cbuf, CLIENT_READ_RESERVE);
             reserve(&mut self.sbuf, SERVER_READ_RESERVE);
-            let resting = !self.entered;
             tokio::select! {
                 r = self.client.read_buf(&mut self.cbuf) => match r {
                     Ok(0) | Err(_) => return self.client_gone().await,
@@ -317,16 +311,32 @@ impl Session {
                         return end;
                     },
                 },
-                _ = epoch.changed(), if resting => self.move_if_rerouted().await,
-                _ = &mut drain, if resting => return self.close_for_shutdown().await,
-                _ = &mut kill => return self.close_for_shutdown().await,
-                _ = info.killed() => {
-                    let message = info.kill_message();
-                    self.fatal("57P01", &message).await;
-                    return End::Closed;
-                }
+                _ = std::future::poll_fn(|cx| info.wake.poll(cx)) => if let Some(end) = self.on_wake().await {
+                    return end;
+                },
             }
         }
+    }
+
+    /// Shared state changed: shutdown, a route swap or the gate opening.
+    async fn on_wake(&mut self) -> Option<End> {
+        if self.shared.kill.is_cancelled() {
+            return Some(self.close_for_shutdown().await);
+        }
+        // Closed on purpose (busy or not): its transaction rolls back.
+        if let Some(message) = self.info.take_kill() {
+            self.fatal("57P01", &message).await;
+            return Some(End::Closed);
+        }
+        if self.entered {
+            // Busy: drain and route are looked at again at the boundary.
+            return None;
+        }
+        if self.shared.draining.is_cancelled() {
+            return Some(self.close_for_shutdown().await);
+        }
+        self.move_if_rerouted().await;
+        None
     }
 
     /// Forwards what the client sent; at a boundary it first passes the gate.
@@ -376,6 +386,18 @@ impl Session {
                 return Some(End::Closed);
             }
         };
+        // Bookkeeping before the client sees ReadyForQuery, so whoever the
+        // client tells next (a test, the cutover) already sees the new state.
+        let mut left = false;
+        self.st.bytes_s2c += n as u64;
+        if self.st.saw_ready {
+            self.info.set_tx_status(self.st.status);
+            self.flush_metrics();
+            if self.entered && self.st.at_boundary() {
+                self.leave();
+                left = true;
+            }
+        }
         if n > 0 {
             if write_chunk(&mut self.client, &self.sbuf[..n])
                 .await
@@ -384,16 +406,13 @@ impl Session {
                 return Some(self.client_gone().await);
             }
             self.sbuf.advance(n);
-            self.st.bytes_s2c += n as u64;
         }
-        if self.st.saw_ready {
-            self.info.set_tx_status(self.st.status);
-            self.flush_metrics();
-            if self.entered && self.st.at_boundary() {
-                self.leave();
-                if self.shared.draining.is_cancelled() {
-                    return Some(self.close_for_shutdown().await);
-                }
+        if left {
+            if self.shared.draining.is_cancelled() {
+                return Some(self.close_for_shutdown().await);
+            }
+            if !self.shared.router.is_current(&self.route) {
+                self.move_if_rerouted().await;
             }
         }
         None
@@ -449,7 +468,7 @@ impl Session {
             || self.shared.draining.is_cancelled()
             || !self.shared.gate.try_enter()
         {
-            // A closed gate wakes the session again when it opens.
+            // A closed gate wakes every session again when it opens.
             return;
         }
         self.entered = true;

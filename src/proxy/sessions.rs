@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
+use std::task::{Context, Poll};
+
 use arc_swap::ArcSwap;
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
 use super::route::Route;
@@ -33,10 +36,37 @@ pub struct SessionInfo {
     status: AtomicU8,
     busy: AtomicBool,
     backend: ArcSwap<BackendRef>,
-    /// Cancelled to close this one session (e.g. a cutover that cannot wait
-    /// for its transaction); the message goes to the client.
-    kill: tokio_util::sync::CancellationToken,
-    kill_message: Mutex<String>,
+    /// Set to close this one session (e.g. a cutover that cannot wait for its
+    /// transaction); the message goes to the client.
+    kill_message: Mutex<Option<String>>,
+    /// Wakes the session's relay loop to look at shared state (route swap,
+    /// gate opened, shutdown).
+    pub(crate) wake: Wake,
+}
+
+/// A per-session, lock-free wake-up flag: the relay polls it on every loop
+/// turn, so it must cost a few uncontended atomics, not a mutex.
+#[derive(Default)]
+pub(crate) struct Wake {
+    flag: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Wake {
+    pub(crate) fn notify(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once after each `notify` (several coalesce into one).
+    pub(crate) fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.flag.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 impl SessionInfo {
@@ -63,19 +93,16 @@ impl SessionInfo {
 
     /// Closes this session with an ErrorResponse carrying `message`.
     pub fn terminate(&self, message: &str) {
-        *self.kill_message.lock().unwrap_or_else(|e| e.into_inner()) = message.to_string();
-        self.kill.cancel();
+        *self.kill_message.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.to_string());
+        self.wake.notify();
     }
 
-    pub(crate) fn killed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.kill.cancelled()
-    }
-
-    pub(crate) fn kill_message(&self) -> String {
+    /// The message of a pending [`terminate`](Self::terminate), if any.
+    pub(crate) fn take_kill(&self) -> Option<String> {
         self.kill_message
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .take()
     }
 
     pub fn snapshot(&self) -> SessionSnapshot {
@@ -148,8 +175,8 @@ impl Registry {
             status: AtomicU8::new(s.status.byte()),
             busy: AtomicBool::new(false),
             backend: ArcSwap::from_pointee(s.backend),
-            kill: tokio_util::sync::CancellationToken::new(),
-            kill_message: Mutex::new(String::new()),
+            kill_message: Mutex::new(None),
+            wake: Wake::default(),
         });
         map.insert(pid, info.clone());
         info
@@ -187,6 +214,14 @@ impl Registry {
 
     pub fn snapshot(&self) -> Vec<SessionSnapshot> {
         self.sessions().iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// Asks every session to look at shared state again.
+    pub(crate) fn wake_all(&self) {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        for s in map.values() {
+            s.wake.notify();
+        }
     }
 
     /// Resolves when no session is registered.
