@@ -7,8 +7,8 @@
 # fresh pair of clusters each time. Reports the write pause (median, max),
 # the client-side latency spike (max per-transaction latency, from
 # pgbench -l) and failed transactions. The first pgshift run's
-# /status is recorded every 200 ms to bench/results/lag-cutover.csv for
-# bench/lag_plot.py. Appends JSON lines to bench/results/cutover.jsonl.
+# /status is recorded every 200 ms to bench/results/lag-cutover-rep1.csv (the
+# plot comes from bench/lag_run.sh). Appends JSON lines to bench/results/cutover.jsonl.
 #
 #   bench/cutover.sh                   # 5 reps, scale 5, 4 clients at 100 tx/s, 20 s runs
 #   REPS=7 RATE=400 bench/cutover.sh
@@ -88,7 +88,7 @@ run_pgshift() { # rep [label mode]
 import json,sys; c=json.load(sys.stdin).get("last_cutover") or {}; print(c.get("outcome","none"), c.get("pause_seconds") or 0)')
   wait "$LOAD_PID" || true
   sleep 1
-  if [ -n "$rec" ]; then kill "$rec"; wait "$rec" 2>/dev/null || true; cp "$WORK/lag.csv" "$RESULTS_DIR/lag-cutover.csv"; fi
+  if [ -n "$rec" ]; then kill "$rec"; wait "$rec" 2>/dev/null || true; cp "$WORK/lag.csv" "$RESULTS_DIR/lag-cutover-rep1.csv"; fi
   stop_pgshift
   [ "$outcome" = succeeded ] || echo "  !! pgshift cutover $outcome; see log tail:" >&2
   [ "$outcome" = succeeded ] || tail -5 "$log" >&2
@@ -176,6 +176,10 @@ for sys in $SYSTEMS; do
   printf '%-10s %-9s %9ss %9ss %12s %10s %8s %8s %s\n' "$sys" "$mode" "$med" "$max" "$spike" "$lat" "$failed" "$aborted" "$ok/$n"
   record cutover.jsonl "{\"bench\":\"cutover\",\"system\":\"$sys\",\"mode\":\"$mode\",\"reps\":$n,\"succeeded\":$ok,\"pause_median_s\":$med,\"pause_max_s\":$max,\"spike_max_ms\":$spike,\"latency_p50_ms\":$lat,\"failed_tx\":$failed,\"aborted_clients\":$aborted,\"command\":\"$CMD\",\"machine\":$M}"
 done
-for s in pgshift pgshift_simple; do [ -n "${MED[pgbouncer]:-}" ] && [ "${MED[$s]:-0}" != 0.000 ] && [ -n "${MED[$s]:-}" ] &&
-  echo "pause median ratio PgBouncer/$s: $(ratio "${MED[pgbouncer]}" "${MED[$s]}")"; done
+line=""
+for s in pgshift pgshift_simple; do
+  [ -n "${MED[pgbouncer]:-}" ] && [ -n "${MED[$s]:-}" ] && [ "${MED[$s]}" != 0.000 ] &&
+    line="$line${line:+, }PgBouncer/$s $(ratio "${MED[pgbouncer]}" "${MED[$s]}")"
+done
+[ -n "$line" ] && echo "pause median ratios: $line"
 exit 0

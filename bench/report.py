@@ -107,6 +107,9 @@ for name in ["proxy_overhead", "copy", "apply", "cutover"]:
         print(note[name] + "\n")
     if name == "cutover" and os.path.exists(os.path.join(here, "lag.svg")):
         print("### Lag through a migration and cutover\n")
-        print("Recorded from `/status` every 200 ms during the first pgshift run of `bench/cutover.sh` "
-              "(`bench/lag_record.py`), drawn by `bench/lag_plot.py`:\n")
+        lag = read("lag_run", "txt")
+        print("`bench/lag_run.sh` (command: `" + (read("lag_run", "cmd") or "bench/lag_run.sh") + "`): a write "
+              "load through the proxy from the start of `pgshift run`, `/status` recorded every 200 ms "
+              "(`bench/lag_record.py`), cutover once caught up, drawn by `bench/lag_plot.py`."
+              + (f" Load: {lag}" if lag else "") + "\n")
         print("![replication lag over time](bench/lag.svg)\n")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every benchmark in one go and regenerates BENCHMARKS.md from what
 # they printed (each compares pgshift with its peers inside the same
-# script), plus bench/lag.svg from the first cutover run's /status samples.
+# script), plus bench/lag.svg (bench/lag_run.sh: /status sampled through a
+# migration and cutover under load).
 #
 #   bench/run_all.sh                   # everything, default sizes (about 25 min on 2 cores)
 #   ONLY="copy apply" bench/run_all.sh # some of them; the others keep their last output
@@ -11,7 +12,7 @@
 # NAME.cmd (the exact command); JSON lines in bench/results/*.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ONLY=${ONLY:-proxy_overhead copy apply cutover}
+ONLY=${ONLY:-proxy_overhead copy apply cutover lag_run}
 OUT=bench/results/latest
 mkdir -p "$OUT"
 cargo build --release --quiet
@@ -22,6 +23,7 @@ declare -A ENVS=(
   [copy]="${COPY_ENV:-}"
   [apply]="${APPLY_ENV:-}"
   [cutover]="${CUTOVER_ENV:-}"
+  [lag_run]="${LAG_ENV:-}"
 )
 if [ -n "${QUICK:-}" ]; then
   ENVS[proxy_overhead]=${PROXY_ENV:-"DURATION=10 REPS=2"}
@@ -46,8 +48,5 @@ for name in $ONLY; do
   fi
 done
 
-if [ -f bench/results/lag-cutover.csv ]; then
-  python3 bench/lag_plot.py bench/results/lag-cutover.csv bench/lag.svg
-fi
 python3 bench/report.py "$OUT" > BENCHMARKS.md
 echo "BENCHMARKS.md regenerated" >&2
