@@ -7,7 +7,6 @@
 //! exists on the target when its contents must be inspected.
 
 mod database;
-mod filter;
 mod objects;
 mod render;
 mod server;
@@ -19,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, MigrationMode};
 
-pub use filter::{TableFilter, glob_match};
+use crate::filter::TableFilter;
 pub use render::{render_json, render_table};
 
 /// The outcome of one check.
