@@ -93,7 +93,7 @@ impl Pipeline {
         self.migration
             .transition(State::InProgress, Substate::ValidationInProgress, None)
             .await?;
-        let report = crate::validate::validate(&self.ctx.config).await;
+        let report = crate::validate::validate_resuming(&self.ctx.config, &self.own_copies()).await;
         let summary = serde_json::to_value(&report).unwrap_or_default();
         self.ctx
             .status
@@ -123,6 +123,27 @@ impl Pipeline {
             return Ok(false);
         }
         Ok(true)
+    }
+
+    /// Databases whose target copy is this migration's own work (a restart
+    /// after the copy began): validation must not take them for foreign data.
+    fn own_copies(&self) -> Vec<String> {
+        self.cfg()
+            .databases
+            .iter()
+            .filter(|db| {
+                self.migration.database_row(db).is_some_and(|r| {
+                    matches!(
+                        r.phase,
+                        DatabasePhase::Copying
+                            | DatabasePhase::Copied
+                            | DatabasePhase::Streaming
+                            | DatabasePhase::ApplyStopped
+                    )
+                })
+            })
+            .cloned()
+            .collect()
     }
 
     /// Copies every database that is not already copied. A database whose

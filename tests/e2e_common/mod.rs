@@ -126,6 +126,10 @@ impl Pgshift {
         while start.elapsed() < timeout {
             if let Some(s) = self.status() {
                 if f(&s) {
+                    eprintln!(
+                        "{what}: reached after {:.1}s",
+                        start.elapsed().as_secs_f64()
+                    );
                     return s;
                 }
                 last = s;
