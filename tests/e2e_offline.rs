@@ -37,14 +37,15 @@ fn proxied_writer(port: u16, stop: Arc<AtomicBool>, last: Arc<AtomicI64>, seen: 
             let r = c
                 .execute("INSERT INTO writes(id) VALUES ($1)", &[&id])
                 .await;
-            let mut s = seen.lock().unwrap();
-            s.slowest = s.slowest.max(t.elapsed());
-            if let Err(e) = r {
-                s.errors.push(format!("id {id}: {e}"));
-                return;
+            {
+                let mut s = seen.lock().unwrap();
+                s.slowest = s.slowest.max(t.elapsed());
+                if let Err(e) = r {
+                    s.errors.push(format!("id {id}: {e}"));
+                    return;
+                }
             }
             last.store(id, Ordering::Relaxed);
-            drop(s);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
