@@ -61,7 +61,7 @@ fn kill_mid_copy_then_restart_copies_exactly() {
     assert_eq!(slots(&source), vec![format!("{}@big", names.slot)]);
 
     source.psql("big", "DELETE FROM t6 WHERE id % 2 = 0");
-    p.wait_caught_up(&["big"], Duration::from_secs(60));
+    p.wait_caught_up(&source, &["big"], Duration::from_secs(60));
     p.assert_exact_copy(&source, &target, &["big"]);
 }
 
@@ -138,7 +138,7 @@ fn kill_during_streaming_loses_and_duplicates_nothing() {
     let n = last.load(Ordering::Relaxed);
     assert!(n > 100, "the writer wrote only {n} rows");
 
-    p.wait_caught_up(&["bank"], Duration::from_secs(60));
+    p.wait_caught_up(&source, &["bank"], Duration::from_secs(60));
     // No gaps, no duplicates (the key forbids them on the target too, so a
     // duplicate would have stopped apply instead).
     assert_eq!(

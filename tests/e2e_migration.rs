@@ -82,7 +82,7 @@ fn online_migration_streams_direct_and_proxied_writes() {
          UPDATE items SET price = price + 1 WHERE id <= 10;",
     );
 
-    p.wait_caught_up(&["shop"], Duration::from_secs(60));
+    p.wait_caught_up(&source, &["shop"], Duration::from_secs(60));
     p.assert_exact_copy(&source, &target, &["shop"]);
     assert_eq!(
         target.psql(
@@ -238,7 +238,7 @@ fn overwrite_false_refuses_a_non_empty_target_and_true_recreates_it() {
         ),
         "0"
     );
-    p.wait_caught_up(&["shop"], Duration::from_secs(60));
+    p.wait_caught_up(&source, &["shop"], Duration::from_secs(60));
     p.assert_exact_copy(&source, &target, &["shop"]);
 }
 
@@ -273,7 +273,7 @@ fn table_filters_apply_to_copy_and_stream() {
          INSERT INTO skip_me SELECT g, 's2' FROM generate_series(101, 150) g;
          INSERT INTO other.b SELECT g, 'b2' FROM generate_series(101, 150) g;",
     );
-    p.wait_caught_up(&["shop"], Duration::from_secs(60));
+    p.wait_caught_up(&source, &["shop"], Duration::from_secs(60));
     let (code, out) = p.verify();
     assert_eq!(code, 0, "verify (filtered):\n{out}");
     assert_eq!(target.psql("shop", "SELECT count(*) FROM keep"), "150");

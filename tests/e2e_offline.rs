@@ -152,7 +152,7 @@ fn ten_databases_migrate_together() {
     for db in &names {
         source.psql(db, "INSERT INTO t VALUES (100000, 'streamed')");
     }
-    p.wait_caught_up(&names, Duration::from_secs(60));
+    p.wait_caught_up(&source, &names, Duration::from_secs(60));
     p.assert_exact_copy(&source, &target, &names);
     for db in &names {
         assert_eq!(

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use pgshift::replication::Lsn;
 use serde_json::Value;
 
 use crate::common::*;
@@ -160,12 +161,22 @@ impl Pgshift {
         s
     }
 
-    /// Waits until every listed database streams with lag 0.
-    pub fn wait_caught_up(&self, dbs: &[&str], timeout: Duration) -> Value {
+    /// Waits until every listed database streams with lag 0, measured
+    /// against a source position read now: lag is sampled once a second,
+    /// and a sample from before the last write would say 0 too early.
+    pub fn wait_caught_up(&self, source: &Cluster, dbs: &[&str], timeout: Duration) -> Value {
+        let now: Lsn = source
+            .psql("postgres", "SELECT pg_current_wal_lsn()")
+            .parse()
+            .expect("an LSN");
         self.wait_status("lag 0", timeout, |s| {
             dbs.iter().all(|db| {
                 let st = &s["databases"][db]["stream"];
-                st["state"] == "streaming" && st["lag_bytes"] == 0
+                let sampled: Lsn = st["source_lsn"]
+                    .as_str()
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or_default();
+                st["state"] == "streaming" && st["lag_bytes"] == 0 && sampled >= now
             })
         })
     }
