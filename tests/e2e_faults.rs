@@ -150,3 +150,56 @@ fn kill_during_streaming_loses_and_duplicates_nothing() {
     );
     p.assert_exact_copy(&source, &target, &["bank"]);
 }
+
+/// `SHOW default_transaction_read_only` in a new session on `db`.
+fn read_only(c: &Cluster, db: &str) -> String {
+    c.psql(db, "SHOW default_transaction_read_only")
+}
+
+#[test]
+fn offline_kill_mid_copy_keeps_the_fence_and_cancel_lifts_it() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    source.create_db("shop");
+    let mut sql = String::new();
+    for i in 1..=6 {
+        sql.push_str(&format!(
+            "CREATE TABLE t{i}(id bigint PRIMARY KEY, pad text);
+             INSERT INTO t{i} SELECT g, md5(g::text) FROM generate_series(1, 60000) g;"
+        ));
+    }
+    source.psql("shop", &sql);
+    let mut p = Pgshift::start(
+        &source,
+        &target,
+        &migration("offcrash", &["shop"], "mode = \"offline\"\ncopy_jobs = 1"),
+    );
+    let copying = |s: &serde_json::Value| {
+        let c = &s["databases"]["shop"]["copy"];
+        c["rows"].as_u64().unwrap_or(0) > 0
+            && c["tables_copied"].as_u64().unwrap_or(0) < c["tables_total"].as_u64().unwrap_or(0)
+    };
+    p.wait_status("the offline copy under way", STARTUP, copying);
+    p.kill9();
+    // Killed mid-copy: the source stays fenced, so nothing can change under
+    // the part already copied.
+    assert_eq!(read_only(&source, "shop"), "on");
+
+    p.spawn();
+    p.wait_status("the offline copy under way again", STARTUP, copying);
+    let o = std::process::Command::new(pgshift_bin())
+        .args(["cancel", "--admin", &p.admin_url()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    p.wait_state("Canceled", Duration::from_secs(30));
+    // The fence is lifted to what it was before the first run, not to the
+    // fenced value the second run found.
+    assert!(
+        wait_until(Duration::from_secs(10), || read_only(&source, "shop")
+            == "off"),
+        "the source stays read-only after the cancel\n{}",
+        p.logs()
+    );
+    source.psql("shop", "INSERT INTO t1 VALUES (0, 'writable again')");
+}

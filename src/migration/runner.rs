@@ -15,7 +15,6 @@ use super::{DatabasePhase, Migration, State, Substate};
 use crate::admin::commands::{AdminCommand, CommandError, CommandKind, CommandReceiver};
 use crate::config::{CutoverTrigger, CutoverVerify, MigrationMode};
 use crate::context::Context;
-use crate::cutover::fence::{self, FenceRecord};
 use crate::cutover::protocol::{self, CutoverHost, CutoverMetrics, LastCutover};
 use crate::cutover::window::{self, Window};
 use crate::proxy::ProxyHandle;
@@ -212,44 +211,15 @@ impl Runner {
     /// A pgshift stopped inside a cutover before the point of no return:
     /// the source may still be fenced. Lift it; clients saw only a pause.
     async fn undo_interrupted_cutover(&self) -> Result<(), PipelineError> {
-        let m = self.migration();
-        let unfinished = m.control().unfinished_cutover().await?;
-        if let Some((id, fence_doc)) = unfinished {
-            if let Some(doc) = fence_doc
-                && let Ok(rec) = serde_json::from_value::<FenceRecord>(doc)
-            {
-                let admin = crate::db::connect(&self.ctx().config.source, "source (lift fence)")
-                    .await
-                    .map_err(|e| PipelineError::Step {
-                        db: "-".into(),
-                        step: "lifting the fence of an interrupted cutover",
-                        message: e.to_string(),
-                    })?;
-                fence::lift(&admin, &rec)
-                    .await
-                    .map_err(|e| PipelineError::Step {
-                        db: "-".into(),
-                        step: "lifting the fence of an interrupted cutover",
-                        message: e.to_string(),
-                    })?;
-            }
-            let reason = format!(
-                "cutover {id} was interrupted by a pgshift restart before the switch; fence lifted"
-            );
-            m.control()
-                .save_cutover_attempt(
-                    &id,
-                    "interrupted",
-                    Some(&reason),
-                    &json!({"id": id, "outcome": "interrupted", "reason": reason, "phases": []}),
+        if let Some((id, rec)) = self.pipeline.interrupted_fence().await? {
+            let reason = self.pipeline.lift_interrupted_fence(&id, rec).await?;
+            self.migration()
+                .transition(
+                    State::WaitingForUserAction,
+                    Substate::WaitingForCutoverTrigger,
+                    Some(reason),
                 )
                 .await?;
-            m.transition(
-                State::WaitingForUserAction,
-                Substate::WaitingForCutoverTrigger,
-                Some(reason),
-            )
-            .await?;
         }
         Ok(())
     }
