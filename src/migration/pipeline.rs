@@ -523,10 +523,13 @@ impl Pipeline {
         rec: FenceRecord,
     ) -> Result<String, PipelineError> {
         const STEP: &str = "lifting the fence of an interrupted cutover";
-        let admin = crate::db::connect(&self.ctx.config.source, "source (lift fence)")
-            .await
-            .map_err(step("-", STEP))?;
-        fence::lift(&admin, &rec).await.map_err(step("-", STEP))?;
+        // An attempt stopped before it fenced anything needs no source connection.
+        if rec != FenceRecord::default() {
+            let admin = crate::db::connect(&self.ctx.config.source, "source (lift fence)")
+                .await
+                .map_err(step("-", STEP))?;
+            fence::lift(&admin, &rec).await.map_err(step("-", STEP))?;
+        }
         let reason = format!(
             "cutover {id} was interrupted by a pgshift restart before the switch; fence lifted"
         );
