@@ -203,27 +203,33 @@ fn overwrite_false_refuses_a_non_empty_target_and_true_recreates_it() {
         "CREATE TABLE precious(x int); INSERT INTO precious VALUES (1)",
     );
 
-    let mut p = Pgshift::start(&source, &target, &migration("ow", &["shop"], ""));
-    let s = p.wait_status("a refusal", STARTUP, |s| {
-        is_terminal(s["state"].as_str().unwrap_or(""))
-    });
-    assert!(
-        matches!(s["state"].as_str(), Some("Failed" | "ValidationFailed")),
-        "{s}"
-    );
-    let reason = s["reason"].as_str().unwrap_or("");
-    assert!(
-        reason.contains("shop") && reason.contains("overwrite"),
-        "the reason says what to do: {reason}"
-    );
-    // Nothing was dropped.
-    assert_eq!(target.psql("shop", "SELECT count(*) FROM precious"), "1");
-    assert!(
-        slots(&source).is_empty(),
-        "no slot left: {:?}",
-        slots(&source)
-    );
-    p.kill9();
+    // Refused by validation, and (option = migrate, no validation) by the
+    // copy itself when it prepares the target database.
+    for (name, option, state) in [
+        ("ow", "validate-and-migrate", "ValidationFailed"),
+        ("ow-m", "migrate", "Failed"),
+    ] {
+        let mut p = Pgshift::start(
+            &source,
+            &target,
+            &migration(name, &["shop"], &format!("option = \"{option}\"")),
+        );
+        let s = p.wait_state(state, STARTUP);
+        let reason = s["reason"].as_str().unwrap_or("");
+        assert!(
+            reason.contains("shop") && reason.contains("overwrite"),
+            "the reason says what to do: {reason}"
+        );
+        // Nothing was dropped.
+        assert_eq!(target.psql("shop", "SELECT count(*) FROM precious"), "1");
+        assert!(
+            slots(&source).is_empty(),
+            "no slot left: {:?}",
+            slots(&source)
+        );
+        assert!(publications(&source, "shop").is_empty());
+        p.kill9();
+    }
 
     let p = Pgshift::start(
         &source,
