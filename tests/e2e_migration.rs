@@ -8,6 +8,8 @@ use common::*;
 use e2e_common::*;
 
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgshift::replication::names::ReplicationNames;
@@ -294,4 +296,71 @@ fn table_filters_apply_to_copy_and_stream() {
             );
         }
     }
+}
+
+#[test]
+fn online_cutover_moves_a_proxied_writer_to_the_target() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    shop(&source);
+    source.psql(
+        "shop",
+        "CREATE TABLE writes(id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp());
+         GRANT ALL ON writes TO app;",
+    );
+    let p = Pgshift::start(&source, &target, &migration("move", &["shop"], ""));
+    p.wait_state("WaitingForUserAction", STARTUP);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let last = Arc::new(AtomicI64::new(0));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let writer = {
+        let (port, stop, last, seen) = (p.proxy_port, stop.clone(), last.clone(), seen.clone());
+        std::thread::spawn(move || proxied_writer(port, "shop", stop, last, seen))
+    };
+    assert!(wait_until(Duration::from_secs(10), || last
+        .load(Ordering::Relaxed)
+        > 50));
+    let o = Command::new(pgshift_bin())
+        .args(["cutover", "--wait", "--admin", &p.admin_url()])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "cutover: {}{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        p.logs()
+    );
+    let s = p.wait_state("Succeeded", Duration::from_secs(30));
+    assert_eq!(s["proxy"]["route"], "target");
+    let at_switch = last.load(Ordering::Relaxed);
+    assert!(wait_until(Duration::from_secs(10), || last
+        .load(Ordering::Relaxed)
+        > at_switch + 50));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    let seen = seen.lock().unwrap();
+    assert!(seen.errors.is_empty(), "writes failed: {:?}", seen.errors);
+    let n = last.load(Ordering::Relaxed);
+    assert_eq!(
+        target.psql(
+            "shop",
+            "SELECT count(*), count(DISTINCT id), max(id) FROM writes"
+        ),
+        format!("{n}|{n}|{n}")
+    );
+    // The writes after the switch went to the target only.
+    let on_source: i64 = source
+        .psql("shop", "SELECT count(*) FROM writes")
+        .parse()
+        .unwrap();
+    assert!(on_source < n, "source {on_source}, total {n}");
+    // The sequences were carried at the switch, so new ids do not collide.
+    psql_via_proxy(
+        &p,
+        "shop",
+        "INSERT INTO orders(item_id, qty, note) VALUES (1, 1, 'after')",
+    );
+    assert!(slots(&source).is_empty(), "slot dropped after cutover");
 }

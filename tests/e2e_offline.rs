@@ -9,47 +9,9 @@ use e2e_common::*;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const STARTUP: Duration = Duration::from_secs(120);
-
-/// What the proxied writer saw.
-#[derive(Default)]
-struct Seen {
-    errors: Vec<String>,
-    slowest: Duration,
-}
-
-/// Inserts ids 1, 2, 3 … through the proxy, one autocommit statement each,
-/// until stopped; an error is recorded, never retried.
-fn proxied_writer(port: u16, stop: Arc<AtomicBool>, last: Arc<AtomicI64>, seen: Arc<Mutex<Seen>>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let url = format!("postgres://{APP_USER}:{APP_PW}@127.0.0.1:{port}/shop");
-        let c = connect(&url).await;
-        let mut id = 0i64;
-        while !stop.load(Ordering::Relaxed) {
-            id += 1;
-            let t = Instant::now();
-            let r = c
-                .execute("INSERT INTO writes(id) VALUES ($1)", &[&id])
-                .await;
-            {
-                let mut s = seen.lock().unwrap();
-                s.slowest = s.slowest.max(t.elapsed());
-                if let Err(e) = r {
-                    s.errors.push(format!("id {id}: {e}"));
-                    return;
-                }
-            }
-            last.store(id, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
-}
 
 #[test]
 fn offline_mode_holds_proxied_writes_and_lands_them_on_the_target() {
@@ -74,7 +36,7 @@ fn offline_mode_holds_proxied_writes_and_lands_them_on_the_target() {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let writer = {
         let (port, stop, last, seen) = (p.proxy_port, stop.clone(), last.clone(), seen.clone());
-        std::thread::spawn(move || proxied_writer(port, stop, last, seen))
+        std::thread::spawn(move || proxied_writer(port, "shop", stop, last, seen))
     };
 
     // During the copy the writer waits at the closed gate.

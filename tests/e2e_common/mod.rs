@@ -6,6 +6,8 @@
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgshift::replication::Lsn;
@@ -282,4 +284,49 @@ pub fn migration(name: &str, dbs: &[&str], extra: &str) -> String {
         "[migration]\nname = \"{name}\"\ndatabases = [{}]\n{extra}\n",
         list.join(", ")
     )
+}
+
+/// What a proxied writer saw.
+#[derive(Default)]
+pub struct Seen {
+    pub errors: Vec<String>,
+    pub slowest: Duration,
+}
+
+/// Inserts ids 1, 2, 3 … into `writes(id)` through the proxy as `app`, one
+/// autocommit statement each, until stopped; the last acknowledged id is
+/// published, an error is recorded and ends the writer (never retried).
+pub fn proxied_writer(
+    port: u16,
+    db: &str,
+    stop: Arc<AtomicBool>,
+    last: Arc<AtomicI64>,
+    seen: Arc<Mutex<Seen>>,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("postgres://{APP_USER}:{APP_PW}@127.0.0.1:{port}/{db}");
+    rt.block_on(async move {
+        let c = connect(&url).await;
+        let mut id = 0i64;
+        while !stop.load(Ordering::Relaxed) {
+            id += 1;
+            let t = Instant::now();
+            let r = c
+                .execute("INSERT INTO writes(id) VALUES ($1)", &[&id])
+                .await;
+            {
+                let mut s = seen.lock().unwrap();
+                s.slowest = s.slowest.max(t.elapsed());
+                if let Err(e) = r {
+                    s.errors.push(format!("id {id}: {e}"));
+                    return;
+                }
+            }
+            last.store(id, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
 }
