@@ -29,11 +29,17 @@ fn kill_mid_copy_then_restart_copies_exactly() {
         ));
     }
     source.psql("big", &sql);
+    // A database copied completely before the kill is kept, not copied again.
+    source.create_db("small");
+    source.psql(
+        "small",
+        "CREATE TABLE s(id int PRIMARY KEY); INSERT INTO s SELECT generate_series(1, 100)",
+    );
 
     let mut p = Pgshift::start(
         &source,
         &target,
-        &migration("crash", &["big"], "copy_jobs = 1"),
+        &migration("crash", &["small", "big"], "copy_jobs = 1"),
     );
     let s = p.wait_status("the copy under way", STARTUP, |s| {
         let c = &s["databases"]["big"]["copy"];
@@ -57,12 +63,19 @@ fn kill_mid_copy_then_restart_copies_exactly() {
         "the status says the copy restarted (killed after {copied} tables): {db}"
     );
     // Only the migration's own slot remains (the first attempt's is gone).
-    let names = ReplicationNames::new("crash", "big");
-    assert_eq!(slots(&source), vec![format!("{}@big", names.slot)]);
+    assert_eq!(db["copy_restarts"], 1);
+    assert_eq!(s["databases"]["small"]["copy_restarts"], 0);
+    let mut want: Vec<String> = ["big", "small"]
+        .iter()
+        .map(|d| format!("{}@{d}", ReplicationNames::new("crash", d).slot))
+        .collect();
+    want.sort();
+    assert_eq!(slots(&source), want);
 
     source.psql("big", "DELETE FROM t6 WHERE id % 2 = 0");
-    p.wait_caught_up(&source, &["big"], Duration::from_secs(60));
-    p.assert_exact_copy(&source, &target, &["big"]);
+    source.psql("small", "INSERT INTO s VALUES (1000)");
+    p.wait_caught_up(&source, &["small", "big"], Duration::from_secs(60));
+    p.assert_exact_copy(&source, &target, &["small", "big"]);
 }
 
 /// Inserts ids 1, 2, 3 … on the source, one transaction each (some in
