@@ -28,6 +28,7 @@ fn kill_mid_copy_then_restart_copies_exactly() {
              INSERT INTO t{i} SELECT g, md5(g::text) || md5((g * {i})::text) FROM generate_series(1, 60000) g;"
         ));
     }
+    sql.push_str("CREATE TABLE ledger(id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp());");
     source.psql("big", &sql);
     // A database copied completely before the kill is kept, not copied again.
     source.create_db("small");
@@ -36,6 +37,14 @@ fn kill_mid_copy_then_restart_copies_exactly() {
         "CREATE TABLE s(id int PRIMARY KEY); INSERT INTO s SELECT generate_series(1, 100)",
     );
 
+    // Writes go on through the copy, the kill and the restart: each one is
+    // either in a copy or in the stream, exactly once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let last = Arc::new(AtomicI64::new(0));
+    let writer = {
+        let (url, stop, last) = (source.url("big"), stop.clone(), last.clone());
+        std::thread::spawn(move || ledger_writer(url, stop, last))
+    };
     let mut p = Pgshift::start(
         &source,
         &target,
@@ -74,8 +83,18 @@ fn kill_mid_copy_then_restart_copies_exactly() {
 
     source.psql("big", "DELETE FROM t6 WHERE id % 2 = 0");
     source.psql("small", "INSERT INTO s VALUES (1000)");
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    let n = last.load(Ordering::Relaxed);
     p.wait_caught_up(&source, &["small", "big"], Duration::from_secs(60));
     p.assert_exact_copy(&source, &target, &["small", "big"]);
+    assert_eq!(
+        target.psql(
+            "big",
+            "SELECT count(*), count(DISTINCT id), min(id), max(id) FROM ledger"
+        ),
+        format!("{n}|{n}|1|{n}")
+    );
 }
 
 /// Inserts ids 1, 2, 3 … on the source, one transaction each (some in
