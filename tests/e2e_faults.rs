@@ -98,7 +98,7 @@ fn kill_mid_copy_then_restart_copies_exactly() {
 }
 
 /// Inserts ids 1, 2, 3 … on the source, one transaction each (some in
-/// pairs), until stopped; the last committed id is published.
+/// pairs, some 500 at once), until stopped; the last committed id is published.
 fn ledger_writer(url: String, stop: Arc<AtomicBool>, last: Arc<AtomicI64>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -108,7 +108,16 @@ fn ledger_writer(url: String, stop: Arc<AtomicBool>, last: Arc<AtomicI64>) {
         let c = connect(&url).await;
         let mut id = 0i64;
         while !stop.load(Ordering::Relaxed) {
-            if id % 5 == 0 {
+            if id % 100 == 50 {
+                // A larger transaction now and then: kills land inside its apply.
+                c.execute(
+                    "INSERT INTO ledger(id) SELECT generate_series($1::bigint, $1::bigint + 499)",
+                    &[&(id + 1)],
+                )
+                .await
+                .expect("ledger insert");
+                id += 500;
+            } else if id % 5 == 0 {
                 c.batch_execute(&format!(
                     "BEGIN; INSERT INTO ledger(id) VALUES ({}); INSERT INTO ledger(id) VALUES ({}); COMMIT",
                     id + 1,
