@@ -335,11 +335,17 @@ fn online_cutover_moves_a_proxied_writer_to_the_target() {
     let s = p.wait_state("Succeeded", Duration::from_secs(30));
     assert_eq!(s["proxy"]["route"], "target");
     let at_switch = last.load(Ordering::Relaxed);
-    assert!(wait_until(Duration::from_secs(10), || last
-        .load(Ordering::Relaxed)
-        > at_switch + 50));
+    let goes_on = wait_until(Duration::from_secs(10), || {
+        last.load(Ordering::Relaxed) > at_switch + 50
+    });
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
+    assert!(
+        goes_on,
+        "the writer stopped after the switch: {:?}\n{}",
+        seen.lock().unwrap().errors,
+        p.logs()
+    );
     let seen = seen.lock().unwrap();
     assert!(seen.errors.is_empty(), "writes failed: {:?}", seen.errors);
     // The pause is short (sub-second on an idle machine; generous for CI).

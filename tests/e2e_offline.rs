@@ -50,11 +50,17 @@ fn offline_mode_holds_proxied_writes_and_lands_them_on_the_target() {
     assert_eq!(s["databases"]["shop"]["phase"], "switched");
     // The writer keeps going on the target for a while.
     let at_switch = last.load(Ordering::Relaxed);
-    assert!(wait_until(Duration::from_secs(10), || last
-        .load(Ordering::Relaxed)
-        > at_switch + 50));
+    let goes_on = wait_until(Duration::from_secs(10), || {
+        last.load(Ordering::Relaxed) > at_switch + 50
+    });
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
+    assert!(
+        goes_on,
+        "the writer stopped after the switch: {:?}\n{}",
+        seen.lock().unwrap().errors,
+        p.logs()
+    );
 
     let seen = seen.lock().unwrap();
     assert!(seen.errors.is_empty(), "writes failed: {:?}", seen.errors);
