@@ -474,7 +474,7 @@ async fn lag_loop(
         }
         ticks += 1;
         // A long phase reports progress in the logs too, not only in metrics.
-        if ticks % 30 == 0 {
+        if ticks.is_multiple_of(30) {
             status.with(|l| {
                 tracing::info!(
                     database = %db,
