@@ -98,6 +98,14 @@ async fn open_with_retry(
                 tracing::warn!("waiting for the target's control schema: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+            // A pgshift restarted right after a crash: the dead process's
+            // backend on the target may not have noticed yet and still holds
+            // the lock for a moment. A live second pgshift keeps it and is
+            // refused after the wait.
+            Err(e @ super::ControlError::Locked(_)) if Instant::now() < deadline => {
+                tracing::warn!("{e}; waiting for it to be released");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             Err(e) => return Err(e),
         }
     }
@@ -214,36 +222,42 @@ impl Runner {
     async fn undo_interrupted_cutover(&self) -> Result<(), PipelineError> {
         let m = self.migration();
         let unfinished = m.control().unfinished_cutover().await?;
-        if let Some((id, fence_doc)) = unfinished {
-            if let Some(doc) = fence_doc
-                && let Ok(rec) = serde_json::from_value::<FenceRecord>(doc)
+        if let Some((id, mut report)) = unfinished {
+            if let Some(rec) = report
+                .get("fence")
+                .and_then(|f| serde_json::from_value::<FenceRecord>(f.clone()).ok())
             {
+                let step = "lifting the fence of an interrupted cutover";
                 let admin = crate::db::connect(&self.ctx().config.source, "source (lift fence)")
                     .await
                     .map_err(|e| PipelineError::Step {
                         db: "-".into(),
-                        step: "lifting the fence of an interrupted cutover",
+                        step,
                         message: e.to_string(),
                     })?;
                 fence::lift(&admin, &rec)
                     .await
                     .map_err(|e| PipelineError::Step {
                         db: "-".into(),
-                        step: "lifting the fence of an interrupted cutover",
+                        step,
                         message: e.to_string(),
                     })?;
             }
             let reason = format!(
-                "cutover {id} was interrupted by a pgshift restart before the switch; fence lifted"
+                "cutover {id} was interrupted by a pgshift restart before the switch; the gate is open and the fence (if any) lifted"
             );
+            // Keep the phases it got through: they tell where it stopped.
+            if !report.is_object() {
+                report = json!({"id": id, "phases": []});
+            }
+            report["outcome"] = json!("interrupted");
+            report["reason"] = json!(reason);
             m.control()
-                .save_cutover_attempt(
-                    &id,
-                    "interrupted",
-                    Some(&reason),
-                    &json!({"id": id, "outcome": "interrupted", "reason": reason, "phases": []}),
-                )
+                .save_cutover_attempt(&id, "interrupted", Some(&reason), &report)
                 .await?;
+            if let Ok(r) = serde_json::from_value(report) {
+                self.last_cutover.set(r);
+            }
             m.transition(
                 State::WaitingForUserAction,
                 Substate::WaitingForCutoverTrigger,
@@ -424,9 +438,37 @@ impl Runner {
                 step: "cleanup after the switch",
                 message: e,
             })?;
+        self.close_switched_attempt().await?;
         self.migration()
             .transition(State::Succeeded, Substate::Completed, None)
             .await?;
+        Ok(())
+    }
+
+    /// The attempt that reached the switch before pgshift stopped succeeded:
+    /// record it so, with the cleanup that finished after the restart.
+    async fn close_switched_attempt(&self) -> Result<(), PipelineError> {
+        let m = self.migration();
+        let Some((id, mut report)) = m.control().unfinished_cutover().await? else {
+            return Ok(());
+        };
+        if !report.is_object() {
+            report = json!({"id": id, "phases": []});
+        }
+        report["outcome"] = json!("succeeded");
+        report["reason"] =
+            json!("pgshift restarted after the switch; cleanup finished after the restart");
+        if let Some(phases) = report["phases"].as_array_mut() {
+            phases.push(json!({"phase": "cleanup", "seconds": 0.0, "outcome": "ok",
+                               "detail": "after a restart"}));
+        }
+        let reason = report["reason"].as_str().map(str::to_string);
+        m.control()
+            .save_cutover_attempt(&id, "succeeded", reason.as_deref(), &report)
+            .await?;
+        if let Ok(r) = serde_json::from_value(report) {
+            self.last_cutover.set(r);
+        }
         Ok(())
     }
 }
