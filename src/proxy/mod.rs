@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
@@ -58,7 +57,7 @@ pub struct Shared {
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub router: Router,
     pub gate: Gate,
-    pub sessions: Registry,
+    pub sessions: Arc<Registry>,
     pub metrics: ProxyMetrics,
     pub limits: Limits,
     /// Client sessions holding a place under `max_client_connections`.
@@ -68,8 +67,6 @@ pub struct Shared {
     pub(crate) draining: CancellationToken,
     /// Shutdown timeout passed: every session closes now.
     pub(crate) kill: CancellationToken,
-    /// Bumped on route swaps and gate openings to wake idle sessions.
-    pub(crate) epoch: watch::Sender<u64>,
     /// Sessions that could not move to a new route and were closed.
     pub(crate) moves_failed: std::sync::atomic::AtomicU64,
 }
@@ -89,7 +86,7 @@ impl Proxy {
             _ => None,
         };
         let metrics = ProxyMetrics::register(&ctx.registry);
-        let epoch = watch::Sender::new(0u64);
+        let sessions = Arc::new(Registry::default());
         let limits = Limits {
             max_clients: cfg.max_client_connections,
             max_message_size: usize::try_from(cfg.max_message_size.0).unwrap_or(usize::MAX),
@@ -102,22 +99,21 @@ impl Proxy {
             tls,
             router: Router::new(
                 Route::from_endpoint("source", &ctx.config.source),
-                epoch.clone(),
+                sessions.clone(),
             ),
             gate: Gate::new(
-                epoch.clone(),
+                sessions.clone(),
                 metrics.sessions_in_transaction.clone(),
                 metrics.paused.clone(),
                 metrics.pause_waiting_sessions.clone(),
             ),
-            sessions: Registry::default(),
+            sessions,
             metrics,
             limits,
             clients: AtomicUsize::new(0),
             stop_accepting: CancellationToken::new(),
             draining: CancellationToken::new(),
             kill: CancellationToken::new(),
-            epoch,
             moves_failed: std::sync::atomic::AtomicU64::new(0),
             ctx,
         };
@@ -238,6 +234,7 @@ impl ProxyHandle {
         let s = &self.shared;
         s.stop_accepting.cancel();
         s.draining.cancel();
+        s.sessions.wake_all();
         tracing::info!(
             sessions = s.sessions.len(),
             in_transaction = s.gate.sessions_in_transaction(),
@@ -256,6 +253,7 @@ impl ProxyHandle {
             "shutdown timeout passed: closing the remaining sessions"
         );
         s.kill.cancel();
+        s.sessions.wake_all();
         let _ = tokio::time::timeout(Duration::from_secs(5), s.sessions.wait_empty()).await;
         left
     }

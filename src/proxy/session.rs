@@ -294,16 +294,10 @@ fn reserve(buf: &mut BytesMut, amount: usize) {
 
 impl Session {
     async fn relay(&mut self) -> End {
-        let shared = self.shared.clone();
-        let kill = shared.kill.cancelled();
-        let drain = shared.draining.cancelled();
-        tokio::pin!(kill, drain);
-        let mut epoch = shared.epoch.subscribe();
         let info = self.info.clone();
         loop {
             reserve(&mut self.cbuf, CLIENT_READ_RESERVE);
             reserve(&mut self.sbuf, SERVER_READ_RESERVE);
-            let resting = !self.entered;
             tokio::select! {
                 r = self.client.read_buf(&mut self.cbuf) => match r {
                     Ok(0) | Err(_) => return self.client_gone().await,
@@ -317,16 +311,31 @@ impl Session {
                         return end;
                     },
                 },
-                _ = epoch.changed(), if resting => self.move_if_rerouted().await,
-                _ = &mut drain, if resting => return self.close_for_shutdown().await,
-                _ = &mut kill => return self.close_for_shutdown().await,
-                _ = info.killed() => {
-                    let message = info.kill_message();
-                    self.fatal("57P01", &message).await;
-                    return End::Closed;
-                }
+                _ = info.wake.notified() => if let Some(end) = self.on_wake().await {
+                    return end;
+                },
             }
         }
+    }
+
+    /// Shared state changed: shutdown, a route swap or the gate opening.
+    async fn on_wake(&mut self) -> Option<End> {
+        if self.shared.kill.is_cancelled() {
+            return Some(self.close_for_shutdown().await);
+        }
+        if let Some(message) = self.info.kill_message() {
+            self.fatal("57P01", &message).await;
+            return Some(End::Closed);
+        }
+        if self.entered {
+            // Busy: drain and route are looked at again at the boundary.
+            return None;
+        }
+        if self.shared.draining.is_cancelled() {
+            return Some(self.close_for_shutdown().await);
+        }
+        self.move_if_rerouted().await;
+        None
     }
 
     /// Forwards what the client sent; at a boundary it first passes the gate.
@@ -394,6 +403,9 @@ impl Session {
                 if self.shared.draining.is_cancelled() {
                     return Some(self.close_for_shutdown().await);
                 }
+                if !self.shared.router.is_current(&self.route) {
+                    self.move_if_rerouted().await;
+                }
             }
         }
         None
@@ -449,7 +461,7 @@ impl Session {
             || self.shared.draining.is_cancelled()
             || !self.shared.gate.try_enter()
         {
-            // A closed gate wakes the session again when it opens.
+            // A closed gate wakes every session again when it opens.
             return;
         }
         self.entered = true;

@@ -33,10 +33,13 @@ pub struct SessionInfo {
     status: AtomicU8,
     busy: AtomicBool,
     backend: ArcSwap<BackendRef>,
-    /// Cancelled to close this one session (e.g. a cutover that cannot wait
-    /// for its transaction); the message goes to the client.
-    kill: tokio_util::sync::CancellationToken,
-    kill_message: Mutex<String>,
+    /// Wakes the session's relay loop to look at shared state (route swap,
+    /// gate opened, shutdown, termination). Per session, so the hot loop
+    /// never polls a future shared with every other session.
+    pub(crate) wake: Notify,
+    /// Set to close this one session (e.g. a cutover that cannot wait for
+    /// its transaction); the message goes to the client.
+    kill_message: Mutex<Option<String>>,
 }
 
 impl SessionInfo {
@@ -63,15 +66,12 @@ impl SessionInfo {
 
     /// Closes this session with an ErrorResponse carrying `message`.
     pub fn terminate(&self, message: &str) {
-        *self.kill_message.lock().unwrap_or_else(|e| e.into_inner()) = message.to_string();
-        self.kill.cancel();
+        *self.kill_message.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.to_string());
+        self.wake.notify_one();
     }
 
-    pub(crate) fn killed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.kill.cancelled()
-    }
-
-    pub(crate) fn kill_message(&self) -> String {
+    /// The message of a pending [`terminate`](Self::terminate), if any.
+    pub(crate) fn kill_message(&self) -> Option<String> {
         self.kill_message
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -148,8 +148,8 @@ impl Registry {
             status: AtomicU8::new(s.status.byte()),
             busy: AtomicBool::new(false),
             backend: ArcSwap::from_pointee(s.backend),
-            kill: tokio_util::sync::CancellationToken::new(),
-            kill_message: Mutex::new(String::new()),
+            wake: Notify::new(),
+            kill_message: Mutex::new(None),
         });
         map.insert(pid, info.clone());
         info
@@ -187,6 +187,14 @@ impl Registry {
 
     pub fn snapshot(&self) -> Vec<SessionSnapshot> {
         self.sessions().iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// Asks every session to look at shared state again.
+    pub(crate) fn wake_all(&self) {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        for s in map.values() {
+            s.wake.notify_one();
+        }
     }
 
     /// Resolves when no session is registered.
