@@ -1,5 +1,5 @@
 //! The cutover protocol (DESIGN.md "Cutover", issue 5):
-//! 1 gate → 2 drain → 3 fence → 4 marker → 5 sequences → 6 verify →
+//! 0 prewarm (target backends opened while clients run) → 1 gate → 2 drain → 3 fence → 4 marker → 5 sequences → 6 verify →
 //! 7 point of no return (persist "switched", swap route, move sessions, open
 //! the gate) → finish (stop streaming, drop slot and publication).
 //! Every phase is timed, logged and exported; any failure or timeout before 7
@@ -22,6 +22,12 @@ use crate::migration::{Migration, State, Substate};
 /// What the cutover needs from the rest of pgshift. Implemented by the
 /// runner over the proxy handle and the per-database streams.
 pub trait CutoverHost: Send + Sync {
+    /// Before the gate closes (not part of the pause): opens a backend on the
+    /// target for every session, so moving it pays only for its state.
+    /// Returns how many are ready.
+    fn prewarm(&self) -> impl Future<Output = usize> + Send;
+    /// The switch will not happen: closes the pre-warmed backends.
+    fn discard_prewarm(&self);
     /// Holds every session's next transaction (idle ones at their next request).
     fn close_gate(&self);
     /// Releases held sessions on whatever the route points at.
@@ -198,6 +204,17 @@ impl<H: CutoverHost> Attempt<'_, H> {
         self.publish();
     }
 
+    async fn prewarm(&mut self) {
+        let t = Instant::now();
+        let n = self.host.prewarm().await;
+        self.record(
+            "prewarm",
+            t,
+            "ok",
+            Some(format!("{n} backend(s) ready on the target")),
+        );
+    }
+
     async fn gate(&mut self) {
         let t = Instant::now();
         self.host.close_gate();
@@ -372,6 +389,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
             // operator must lift the read-only setting by hand.
             detail.push(format!("LIFTING THE FENCE FAILED, run ALTER DATABASE … RESET default_transaction_read_only: {e}"));
         }
+        self.host.discard_prewarm();
         self.host.open_gate();
         if let Some(g) = self.gate_closed_at {
             let p = g.elapsed().as_secs_f64();
@@ -441,6 +459,7 @@ pub async fn run<H: CutoverHost>(
         }
     };
 
+    a.prewarm().await;
     a.gate().await;
     let before_switch: Result<(), Abort> = async {
         a.drain().await?;
