@@ -1,5 +1,6 @@
 //! The cutover protocol (DESIGN.md "Cutover", issue 5):
-//! 1 gate → 2 drain → 3 fence → 4 marker → 5 sequences → 6 verify →
+//! 0 prepare (connections) and prewarm (target backends opened while clients
+//! run) → 1 gate → 2 drain → 3 fence → 4 marker → 5 sequences → 6 verify →
 //! 7 point of no return (persist "switched", swap route, move sessions, open
 //! the gate) → finish (stop streaming, drop slot and publication).
 //! Every phase is timed, logged and exported; any failure or timeout before 7
@@ -25,6 +26,12 @@ pub trait CutoverHost: Send + Sync {
     /// Before the gate closes (not part of the pause): opens every connection
     /// the cutover will need, so the pause pays no connection set-up.
     fn prepare(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// Before the gate closes (not part of the pause): opens a backend on the
+    /// target for every session, so moving it pays only for its state.
+    /// Returns how many are ready.
+    fn prewarm(&self) -> impl Future<Output = usize> + Send;
+    /// The switch will not happen: closes the pre-warmed backends.
+    fn discard_prewarm(&self);
     /// Holds every session's next transaction (idle ones at their next request).
     fn close_gate(&self);
     /// Releases held sessions on whatever the route points at.
@@ -150,7 +157,7 @@ impl Report for LastCutover {
 
 /// Test hook for the crash tests: `PGSHIFT_FAILPOINT=after:<phase>` (read
 /// once) makes every cutover attempt stop for an hour right after that phase
-/// (prepare, gate, drain, fence, marker, sequences, verify, switch) so a test
+/// (prepare, prewarm, gate, drain, fence, marker, sequences, verify, switch) so a test
 /// can kill pgshift inside it. Unset in production: then it does nothing.
 fn failpoint() -> Option<&'static str> {
     static FAILPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
@@ -214,6 +221,17 @@ impl<H: CutoverHost> Attempt<'_, H> {
             detail,
         });
         self.publish();
+    }
+
+    async fn prewarm(&mut self) {
+        let t = Instant::now();
+        let n = self.host.prewarm().await;
+        self.record(
+            "prewarm",
+            t,
+            "ok",
+            Some(format!("{n} backend(s) ready on the target")),
+        );
     }
 
     async fn gate(&mut self) {
@@ -421,6 +439,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
             // operator must lift the read-only setting by hand.
             detail.push(format!("LIFTING THE FENCE FAILED, run ALTER DATABASE … RESET default_transaction_read_only: {e}"));
         }
+        self.host.discard_prewarm();
         self.host.open_gate();
         if let Some(g) = self.gate_closed_at {
             let p = g.elapsed().as_secs_f64();
@@ -503,7 +522,8 @@ pub async fn run<H: CutoverHost>(
     }
     a.record("prepare", t, "ok", None);
     a.failpoint("prepare").await;
-
+    a.prewarm().await;
+    a.failpoint("prewarm").await;
     a.gate().await;
     a.failpoint("gate").await;
     let before_switch: Result<(), Abort> = async {

@@ -492,6 +492,17 @@ impl CutoverHost for Runner {
         Ok(())
     }
 
+    async fn prewarm(&self) -> usize {
+        self.pipeline
+            .proxy
+            .prewarm(Route::from_endpoint("target", &self.ctx().config.target))
+            .await
+    }
+
+    fn discard_prewarm(&self) {
+        self.pipeline.proxy.discard_prewarm();
+    }
+
     fn close_gate(&self) {
         self.pipeline.proxy.gate().close();
     }
@@ -588,26 +599,19 @@ impl CutoverHost for Runner {
 
     async fn switch_to_target(&self) -> (u64, u64) {
         let proxy = &self.pipeline.proxy;
-        proxy
-            .router()
-            .swap(Route::from_endpoint("target", &self.ctx().config.target));
-        let sessions = proxy.sessions().len() as u64;
-        let failed_before = proxy.moves_failed();
+        // Each move is bounded by twice the connect timeout; waiting a little
+        // longer lets every session either move or be dropped before the
+        // gate opens, so the counts are final.
+        let timeout =
+            self.ctx().config.proxy().server_connect_timeout.0 * 2 + Duration::from_secs(1);
+        let counts = proxy
+            .switch_to(
+                Route::from_endpoint("target", &self.ctx().config.target),
+                timeout,
+            )
+            .await;
         proxy.gate().open();
-        // Sessions move at their next boundary; give the idle ones a moment
-        // so the counts describe what happened.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline
-            && proxy
-                .sessions()
-                .sessions()
-                .iter()
-                .any(|s| s.backend().route.name != "target")
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let dropped = proxy.moves_failed() - failed_before;
-        (sessions.saturating_sub(dropped), dropped)
+        counts
     }
 
     async fn finish_replication(&self, drop_slot: bool) -> Result<(), String> {
