@@ -123,7 +123,11 @@ async fn on_drain_timeout_cancel_closes_the_held_session() {
         &[],
     );
     shift.wait_streaming().await;
-    let held = connect(&shift.url()).await;
+    // Keep the connection's own result: the ErrorResponse that closes it.
+    let (held, conn) = tokio_postgres::connect(&shift.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
     held.batch_execute("BEGIN; INSERT INTO ledger (client, note) VALUES ('held', 'doomed')")
         .await
         .unwrap();
@@ -149,12 +153,14 @@ async fn on_drain_timeout_cancel_closes_the_held_session() {
     );
 
     // The held session was closed with a clear error; its insert never committed.
-    let err = held.batch_execute("COMMIT").await.unwrap_err();
-    let msg = format!("{err} {}", pgshift::db::describe(&err));
-    assert!(
-        held.is_closed() || msg.contains("pgshift"),
-        "unexpected: {msg}"
-    );
+    assert!(held.batch_execute("COMMIT").await.is_err());
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("held connection not closed")
+        .unwrap();
+    let err = closed.expect_err("connection must end with an error");
+    let msg = pgshift::db::describe(&err);
+    assert!(msg.contains("pgshift cutover"), "unexpected: {msg}");
     assert_eq!(
         pair.target
             .psql(DB, "SELECT count(*) FROM ledger WHERE client = 'held'"),

@@ -107,6 +107,11 @@ async fn kill_after(phase: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_prewarm() {
+    kill_after("prewarm").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_after_gate() {
     kill_after("gate").await;
 }

@@ -29,12 +29,13 @@ conn.commit()
 INSERT = "INSERT INTO ledger (client, note) VALUES (%s, %s) RETURNING id, inet_server_port()"
 COUNT = "SELECT count(*) FROM items WHERE id <= %s"
 
-# Warm up so the statements are prepared before the cutover.
+# Warm up so the statements are prepared before the cutover (commit, not
+# rollback: psycopg deallocates all its statements after a ROLLBACK).
 for _ in range(3):
     conn.execute(COUNT, (10,)).fetchone()
-    conn.rollback()
+    conn.commit()
 prepared_before = [r[0] for r in conn.execute("SELECT name FROM pg_prepared_statements ORDER BY 1")]
-conn.rollback()
+conn.commit()
 
 i = 0
 while not os.path.exists(stopfile):
@@ -59,7 +60,7 @@ if not conn.closed:
         "statement_timeout": conn.execute("SHOW statement_timeout").fetchone()[0],
         "port": conn.execute("SELECT inet_server_port()").fetchone()[0],
     }
-    conn.rollback()
+    conn.commit()
 else:
     prepared_after, settings_after = [], {}
 
