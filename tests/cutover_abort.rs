@@ -284,3 +284,56 @@ async fn cancel_with_token_releases_the_source() {
         other => panic!("expected 409, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_start_one_attempt_and_cancel_waits() {
+    let pair = Pair::start();
+    let shift = Shift::start(&pair, "", "drain_timeout = \"2s\"", &[]);
+    shift.wait_streaming().await;
+    let held = connect(&shift.url()).await;
+    held.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    // Two requests at once: one attempt starts, the other is refused.
+    let (c1, c2) = (shift.admin(), shift.admin());
+    let (a, b) = tokio::join!(c1.post("/cutover"), c2.post("/cutover"));
+    let refused = [&a, &b]
+        .iter()
+        .filter(|r| matches!(r, Err(ClientError::Refused { status: 409, .. })))
+        .count();
+    assert_eq!(refused, 1, "{a:?} {b:?}");
+    assert!(a.is_ok() || b.is_ok(), "{a:?} {b:?}");
+    // Cancel while it runs: refused, the attempt goes on.
+    match shift.admin().post("/cancel").await {
+        Err(ClientError::Refused {
+            status: 409,
+            message,
+        }) => {
+            assert!(message.contains("cutover"), "{message}")
+        }
+        other => panic!("expected 409, got {other:?}"),
+    }
+    let ok = wait_until(Duration::from_secs(20), || {
+        pair.target.psql(
+            "postgres",
+            "SELECT count(*) FROM pgshift.cutover_attempt WHERE outcome = 'aborted'",
+        ) == "1"
+    });
+    assert!(ok, "{}", shift.log());
+    assert_eq!(
+        pair.target
+            .psql("postgres", "SELECT count(*) FROM pgshift.cutover_attempt"),
+        "1"
+    );
+    held.batch_execute("COMMIT").await.unwrap();
+    shift
+        .wait_state(
+            "WaitingForUserAction",
+            "WaitingForCutoverTrigger",
+            Duration::from_secs(5),
+        )
+        .await;
+    // Once it has finished, cancel is accepted.
+    let out = shift.cli(&["cancel"]).await;
+    assert!(out.status.success(), "{}", out_text(&out));
+    assert_on_unfenced_source(&pair, &shift).await;
+}

@@ -3,6 +3,7 @@
 //! operator's commands and the automatic trigger.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -34,6 +35,15 @@ struct CutoverConns {
     )>,
 }
 
+/// Clears [`Runner::cutover_running`] when the attempt's task ends.
+struct RunningGuard(Arc<AtomicBool>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
 pub struct Runner {
     pipeline: Pipeline,
     cutover_conns: Mutex<Option<CutoverConns>>,
@@ -41,6 +51,10 @@ pub struct Runner {
     stream_metrics: StreamMetrics,
     cutover_metrics: CutoverMetrics,
     last_cutover: LastCutover,
+    /// Set from the moment a cutover is accepted until it has finished: the
+    /// state only says CompletingMigration once the attempt's task runs, and
+    /// a second request in between must not start a second attempt.
+    cutover_running: Arc<AtomicBool>,
 }
 
 /// Opens the migration (before the proxy serves, so a switched migration
@@ -82,6 +96,7 @@ pub async fn start(
         stream_metrics: StreamMetrics::register(&ctx.registry),
         cutover_metrics: CutoverMetrics::new(&ctx.registry),
         last_cutover,
+        cutover_running: Arc::new(AtomicBool::new(false)),
     });
     Ok(Some(tokio::spawn(runner.drive(rx))))
 }
@@ -319,6 +334,11 @@ impl Runner {
                 "cutover is allowed only in WaitingForUserAction/WaitingForCutoverTrigger; the migration is {state}/{substate}"
             )));
         }
+        if self.cutover_running.swap(true, Ordering::SeqCst) {
+            return Err(CommandError::Conflict(
+                "a cutover is already running; wait for it to finish or abort".into(),
+            ));
+        }
         let id = format!(
             "{}-{}",
             chrono::Utc::now().format("%Y%m%dT%H%M%S"),
@@ -326,9 +346,11 @@ impl Runner {
         );
         let this = self.clone();
         let id2 = id.clone();
-        // Mark the attempt as running right away so --wait can follow it.
         tracing::info!(trigger, cutover = %id, "cutover requested");
+        let running = RunningGuard(self.cutover_running.clone());
         tokio::spawn(async move {
+            // Cleared however the attempt ends, also if its task panics.
+            let _running = running;
             let ctx = this.ctx().clone();
             protocol::run(
                 &ctx,
@@ -351,7 +373,9 @@ impl Runner {
             ));
         }
         let (state, substate) = m.state();
-        if state == State::InProgress && substate == Substate::CompletingMigration {
+        if self.cutover_running.load(Ordering::SeqCst)
+            || (state == State::InProgress && substate == Substate::CompletingMigration)
+        {
             return Err(CommandError::Conflict(
                 "a cutover is running; wait for it to finish or abort".into(),
             ));
