@@ -337,3 +337,59 @@ async fn concurrent_requests_start_one_attempt_and_cancel_waits() {
     assert!(out.status.success(), "{}", out_text(&out));
     assert_on_unfenced_source(&pair, &shift).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
+    let pair = Pair::start();
+    let shift = Shift::start(&pair, "", "drain_timeout = \"10s\"", &[]);
+    shift.wait_streaming().await;
+    // A session straight on the source, not through the proxy.
+    let bypass = connect(&pair.source.url_as(APP_USER, APP_PW, DB)).await;
+    bypass.simple_query("SELECT 1").await.unwrap();
+
+    // An autocommit statement still running when the gate closes: the drain
+    // waits for it, so its row commits before the fence and the marker.
+    let slow = connect(&shift.url()).await;
+    let slow_task = tokio::spawn(async move {
+        slow.query_one(
+            "INSERT INTO ledger (client, note) SELECT 'slow', 'x' FROM pg_sleep(2) RETURNING id",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = shift.cli(&["cutover", "--wait"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", out_text(&out));
+    let id = slow_task.await.unwrap().expect("slow insert committed");
+    assert!(
+        Pair::ledger_ids(&pair.target).contains(&id),
+        "slow row lost"
+    );
+    let last = shift.last_cutover().await;
+    let drain = last["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == "drain")
+        .unwrap()
+        .clone();
+    assert!(drain["seconds"].as_f64().unwrap() > 1.0, "{last:#}");
+    assert!(
+        drain["outcome"] == "ok" && last["outcome"] == "succeeded",
+        "{last:#}"
+    );
+
+    // The bypassing session was terminated; a new one cannot write.
+    assert!(bypass.simple_query("SELECT 1").await.is_err());
+    let direct = connect(&pair.source.url_as(APP_USER, APP_PW, DB)).await;
+    let err = direct
+        .simple_query("INSERT INTO ledger (client) VALUES ('direct')")
+        .await
+        .unwrap_err();
+    assert!(
+        pgshift::db::describe(&err).contains("read-only"),
+        "{}",
+        pgshift::db::describe(&err)
+    );
+}

@@ -442,13 +442,16 @@ impl Runner {
         if max_lag >= cfg.start_when_lag_below.0 {
             return;
         }
-        *attempts += 1;
-        tracing::info!(
-            attempt = *attempts,
-            max_lag,
-            "inside the maintenance window with small lag: starting the cutover"
-        );
-        let _ = self.clone().start_cutover("auto");
+        // Only an attempt that really started counts toward max_attempts
+        // (a manual one may have been accepted a moment ago).
+        if self.clone().start_cutover("auto").is_ok() {
+            *attempts += 1;
+            tracing::info!(
+                attempt = *attempts,
+                max_lag,
+                "inside the maintenance window with small lag: cutover started"
+            );
+        }
     }
 
     /// After the switch: streams stopped, slots released (if configured),
