@@ -321,7 +321,7 @@ impl Session {
                         return end;
                     },
                 },
-                _ = info.wake.notified() => if let Some(end) = self.on_wake().await {
+                _ = std::future::poll_fn(|cx| info.wake.poll(cx)) => if let Some(end) = self.on_wake().await {
                     return end;
                 },
             }
@@ -394,6 +394,18 @@ impl Session {
                 return Some(End::Closed);
             }
         };
+        // Bookkeeping before the client sees ReadyForQuery, so whoever the
+        // client tells next (a test, the cutover) already sees the new state.
+        let mut left = false;
+        self.st.bytes_s2c += n as u64;
+        if self.st.saw_ready {
+            self.info.set_tx_status(self.st.status);
+            self.flush_metrics();
+            if self.entered && self.st.at_boundary() {
+                self.leave();
+                left = true;
+            }
+        }
         if n > 0 {
             if write_chunk(&mut self.client, &self.sbuf[..n])
                 .await
@@ -402,19 +414,13 @@ impl Session {
                 return Some(self.client_gone().await);
             }
             self.sbuf.advance(n);
-            self.st.bytes_s2c += n as u64;
         }
-        if self.st.saw_ready {
-            self.info.set_tx_status(self.st.status);
-            self.flush_metrics();
-            if self.entered && self.st.at_boundary() {
-                self.leave();
-                if self.shared.draining.is_cancelled() {
-                    return Some(self.close_for_shutdown().await);
-                }
-                if !self.shared.router.is_current(&self.route) {
-                    return self.move_if_rerouted().await;
-                }
+        if left {
+            if self.shared.draining.is_cancelled() {
+                return Some(self.close_for_shutdown().await);
+            }
+            if !self.shared.router.is_current(&self.route) {
+                return self.move_if_rerouted().await;
             }
         }
         None
@@ -435,7 +441,7 @@ impl Session {
             let info = self.info.clone();
             tokio::select! {
                 _ = self.shared.gate.wait_open() => {}
-                _ = info.wake.notified() => {
+                _ = std::future::poll_fn(|cx| info.wake.poll(cx)) => {
                     if self.shared.kill.is_cancelled() {
                         return Some(self.close_for_shutdown().await);
                     }
