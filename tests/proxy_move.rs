@@ -254,9 +254,11 @@ async fn listen_and_parameter_status_follow_the_move() {
     );
     let proxy = start_proxy_with(&a, "trust", "").await;
     let mut s = raw_session(proxy.port, APP_USER, "postgres").await;
+    // The session ends up in LATIN1: its state must still move intact.
     raw_query(
         &mut s,
-        r#"LISTEN plain; LISTEN "Mixed Case"; SET DateStyle = 'German'"#,
+        r#"LISTEN plain; LISTEN "Mixed Case"; LISTEN "grüße"; SET DateStyle = 'German';
+           SET client_encoding = 'LATIN1'"#,
     )
     .await;
 
@@ -287,18 +289,25 @@ async fn listen_and_parameter_status_follow_the_move() {
         status.contains(&"TimeZone=Asia/Tokyo".to_string()),
         "{status:?}"
     );
-    // DateStyle was replayed, so it did not change for the client.
+    // DateStyle and client_encoding were replayed: unchanged for the client.
     assert!(
-        !status.iter().any(|x| x.starts_with("DateStyle")),
+        !status
+            .iter()
+            .any(|x| x.starts_with("DateStyle") || x.starts_with("client_encoding")),
         "{status:?}"
     );
-    let r = raw_query(&mut s, "SELECT pg_listening_channels() ORDER BY 1").await;
-    let channels: Vec<String> = r
+    let r = raw_query(&mut s, "SELECT pg_listening_channels()").await;
+    let mut channels: Vec<Vec<u8>> = r
         .iter()
         .filter(|(t, _)| *t == b'D')
-        .map(|(_, body)| String::from_utf8_lossy(&body[6..]).into_owned())
+        .map(|(_, body)| body[6..].to_vec())
         .collect();
-    assert_eq!(channels, vec!["Mixed Case", "plain"]);
+    channels.sort();
+    let latin1 = b"gr\xfc\xdfe".to_vec();
+    assert_eq!(
+        channels,
+        vec![b"Mixed Case".to_vec(), latin1, b"plain".to_vec()]
+    );
 }
 
 /// Reads up to EOF; returns the first ErrorResponse's (SQLSTATE, message).

@@ -757,8 +757,13 @@ async fn restore_on(
     conn: &mut ServerConnection,
     state: &SessionState,
 ) -> Result<Replayed, MoveError> {
+    let encoding = conn
+        .params
+        .iter()
+        .find(|(k, _)| k == "client_encoding")
+        .map(|(_, v)| v.as_str());
     let mut link = Link::new(&mut conn.stream, &mut conn.reader);
-    replay::restore(&mut link, state).await
+    replay::restore(&mut link, state, encoding).await
 }
 
 async fn terminate(mut old: PgStream) {
