@@ -445,3 +445,95 @@ async fn pgbench_prepared_runs_through_a_switch_without_failures() {
         .unwrap();
     assert!(after > 0, "no transaction ran on the target");
 }
+
+/// Makes sure `import psycopg` works, installing `psycopg[binary]` if needed.
+fn ensure_psycopg() {
+    use std::process::Command;
+    let have = Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        let out = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "psycopg[binary]"])
+            .output()
+            .expect("run python3 -m pip (python3 is required for this test)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_prepared_writer_keeps_going_across_a_switch() {
+    ensure_psycopg();
+    let (a, b) = pair();
+    for c in [&a, &b] {
+        c.psql(
+            "postgres",
+            "CREATE TABLE ledger (id int PRIMARY KEY, note text); GRANT ALL ON ledger TO app",
+        );
+    }
+    let proxy = start_proxy(&a).await;
+    let dsn = format!(
+        "host=127.0.0.1 port={} user={APP_USER} password={APP_PW} dbname=postgres sslmode=disable",
+        proxy.port
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/move_psycopg.py");
+    let client = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([script, &dsn, "4"])
+            .output()
+            .unwrap()
+    });
+    let h = &proxy.handle;
+    assert!(wait_until(Duration::from_secs(10), || h.sessions().len() == 1));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(h.prewarm(route_to(&b)).await, 1);
+    h.gate().close();
+    tokio::time::timeout(Duration::from_secs(5), h.gate().drained())
+        .await
+        .expect("drained");
+    assert_eq!(
+        h.switch_to(route_to(&b), Duration::from_secs(10)).await,
+        (1, 0)
+    );
+    h.gate().open();
+
+    let out = client.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["server"], "B");
+    assert_eq!(report["application_name"], "mover");
+    assert!(report["prepared"].as_i64().unwrap() >= 2, "{report}");
+    // Every id the client saw committed is on one side, never both.
+    let ids = |c: &Cluster| -> Vec<i64> {
+        let s = c.psql(
+            "postgres",
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger",
+        );
+        s.split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().unwrap())
+            .collect()
+    };
+    let (on_a, on_b) = (ids(&a), ids(&b));
+    assert!(!on_a.is_empty() && !on_b.is_empty(), "{on_a:?} {on_b:?}");
+    let mut all: Vec<i64> = on_a.iter().chain(on_b.iter()).copied().collect();
+    all.sort();
+    let committed: Vec<i64> = report["committed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(all, committed);
+}
