@@ -40,6 +40,7 @@ fn schema(c: &Cluster, name: &str, pad_oids: bool) {
              CREATE TABLE app_s.items (id int, m app_s.mood);
              INSERT INTO app_s.items VALUES (1, 'sad'), (2, 'happy');
              GRANT USAGE ON SCHEMA app_s TO app;
+             CREATE ROLE mover_role; GRANT mover_role TO app;
              GRANT ALL ON ALL TABLES IN SCHEMA app_s, public TO app;"
         ),
     );
@@ -258,7 +259,7 @@ async fn listen_and_parameter_status_follow_the_move() {
     raw_query(
         &mut s,
         r#"LISTEN plain; LISTEN "Mixed Case"; LISTEN "grüße"; SET DateStyle = 'German';
-           SET client_encoding = 'LATIN1'"#,
+           SET client_encoding = 'LATIN1'; SET ROLE mover_role"#,
     )
     .await;
 
@@ -295,6 +296,12 @@ async fn listen_and_parameter_status_follow_the_move() {
             .iter()
             .any(|x| x.starts_with("DateStyle") || x.starts_with("client_encoding")),
         "{status:?}"
+    );
+    let r = raw_query(&mut s, "SELECT current_user").await;
+    assert!(
+        r.iter()
+            .any(|(t, body)| *t == b'D' && body.ends_with(b"mover_role")),
+        "SET ROLE was not replayed"
     );
     let r = raw_query(&mut s, "SELECT pg_listening_channels()").await;
     let mut channels: Vec<Vec<u8>> = r

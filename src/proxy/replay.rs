@@ -53,6 +53,8 @@ fn capture_sql() -> String {
            WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
          UNION ALL SELECT 'set', {name}, {setting}, NULL FROM pg_catalog.pg_settings \
            WHERE source = 'session' \
+         UNION ALL SELECT 'ident', {sa}, {sa_value}, NULL \
+         UNION ALL SELECT 'ident', {role}, {role_value}, NULL \
          UNION ALL SELECT 'listen', {channel}, NULL, NULL FROM pg_catalog.pg_listening_channels() AS c \
          UNION ALL SELECT CASE WHEN from_sql THEN 'sql' ELSE 'parse' END, {name}, {statement}, \
            extract(epoch FROM prepare_time)::text FROM pg_catalog.pg_prepared_statements \
@@ -60,6 +62,10 @@ fn capture_sql() -> String {
            FROM pg_catalog.pg_prepared_statements p, \
            unnest(p.parameter_types) WITH ORDINALITY AS u(t, i) WHERE NOT p.from_sql",
         cursor = hex("name"),
+        sa = hex("'session_authorization'"),
+        sa_value = hex("pg_catalog.current_setting('session_authorization')"),
+        role = hex("'role'"),
+        role_value = hex("pg_catalog.current_setting('role')"),
         name = hex("name"),
         setting = hex("setting"),
         channel = hex("c"),
@@ -184,8 +190,9 @@ fn query(sql: &str) -> Result<BytesMut, WireError> {
     Ok(out)
 }
 
-/// Reads the session's state from its (idle) backend.
-pub async fn capture(link: &mut Link<'_>) -> Result<SessionState, MoveError> {
+/// Reads the session's state from its (idle) backend; `user` is the one the
+/// session logged in as (new backends log in as it too).
+pub async fn capture(link: &mut Link<'_>, user: &str) -> Result<SessionState, MoveError> {
     let reply = async {
         link.send(&query(&capture_sql())?).await?;
         link.reply().await
@@ -195,7 +202,7 @@ pub async fn capture(link: &mut Link<'_>) -> Result<SessionState, MoveError> {
     if let Some(e) = reply.error {
         return Err(MoveError::OldBackend(WireError::Server(e)));
     }
-    from_rows(reply.rows)
+    from_rows(reply.rows, user)
 }
 
 /// Settings never replayed: they belong to a transaction.
@@ -203,16 +210,24 @@ fn skipped_setting(name: &str) -> bool {
     name.starts_with("transaction_")
 }
 
-/// Replayed last, in this order: they change which role the rest runs as.
-const IDENTITY_SETTINGS: [&str; 2] = ["session_authorization", "role"];
+/// `SET SESSION AUTHORIZATION` and `SET ROLE` (pg_settings does not show
+/// them): replayed last, in this order, as they change who runs the rest;
+/// only when they differ from a fresh login as `user`.
+fn identity(name: &str, value: &str, user: &str) -> Option<usize> {
+    match name {
+        "session_authorization" if value != user => Some(0),
+        "role" if value != "none" => Some(1),
+        _ => None,
+    }
+}
 
-fn from_rows(rows: Vec<TextRow>) -> Result<SessionState, MoveError> {
+fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> {
     let mut st = SessionState::default();
     let mut unmovable = Vec::new();
     let mut cursors = Vec::new();
     let mut sql: Vec<(f64, String, String)> = Vec::new();
     let mut types: Vec<(String, usize, String)> = Vec::new();
-    let mut identity = Vec::new();
+    let mut idents = Vec::new();
     for row in rows {
         let raw = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         let decoded = [1, 2].map(|i| unhex(&raw(i)));
@@ -232,8 +247,10 @@ fn from_rows(rows: Vec<TextRow>) -> Result<SessionState, MoveError> {
             "cursor" => cursors.push(col(1)),
             "set" if skipped_setting(&col(1)) => {}
             "set" if col(1) == "client_encoding" => st.client_encoding = Some(col(2)),
-            "set" if IDENTITY_SETTINGS.contains(&col(1).as_str()) => {
-                identity.push((col(1), col(2)))
+            "ident" => {
+                if let Some(order) = identity(&col(1), &col(2), user) {
+                    idents.push((order, col(1), col(2)));
+                }
             }
             "set" => st.settings.push((col(1), col(2))),
             "listen" => st.channels.push(col(1)),
@@ -257,8 +274,9 @@ fn from_rows(rows: Vec<TextRow>) -> Result<SessionState, MoveError> {
     if !unmovable.is_empty() {
         return Err(MoveError::Unmovable(unmovable.join(" and ")));
     }
-    identity.sort_by_key(|(n, _)| IDENTITY_SETTINGS.iter().position(|i| i == n));
-    st.settings.extend(identity);
+    idents.sort();
+    st.settings
+        .extend(idents.into_iter().map(|(_, name, value)| (name, value)));
     types.sort_by_key(|(_, i, _)| *i);
     for (name, _, t) in types {
         if let Some(p) = st.prepared.iter_mut().find(|p| p.name == name) {
@@ -563,6 +581,10 @@ async fn check_sql_statements(
 mod tests {
     use super::*;
 
+    fn login_rows(rows: Vec<TextRow>) -> Result<SessionState, MoveError> {
+        from_rows(rows, "login")
+    }
+
     /// A capture row: name and value hex-encoded as the query sends them.
     fn row(v: &[Option<&str>]) -> TextRow {
         v.iter()
@@ -576,13 +598,18 @@ mod tests {
 
     #[test]
     fn rows_become_state_in_replay_order() {
-        let st = from_rows(vec![
-            row(&[Some("set"), Some("role"), Some("app"), None]),
+        let st = login_rows(vec![
+            row(&[Some("ident"), Some("role"), Some("app"), None]),
             row(&[Some("set"), Some("search_path"), Some("s2, public"), None]),
             row(&[Some("set"), Some("transaction_isolation"), Some("x"), None]),
             row(&[Some("set"), Some("client_encoding"), Some("LATIN1"), None]),
             row(&[Some("listen"), Some("grüße"), None, None]),
-            row(&[Some("set"), Some("session_authorization"), Some("u"), None]),
+            row(&[
+                Some("ident"),
+                Some("session_authorization"),
+                Some("u"),
+                None,
+            ]),
             row(&[Some("listen"), Some("ch"), None, None]),
             row(&[
                 Some("sql"),
@@ -630,8 +657,23 @@ mod tests {
     }
 
     #[test]
+    fn identity_replayed_only_when_changed() {
+        let st = login_rows(vec![
+            row(&[
+                Some("ident"),
+                Some("session_authorization"),
+                Some("login"),
+                None,
+            ]),
+            row(&[Some("ident"), Some("role"), Some("none"), None]),
+        ])
+        .unwrap();
+        assert!(st.is_empty());
+    }
+
+    #[test]
     fn unmovable_state_is_named() {
-        let e = from_rows(vec![
+        let e = login_rows(vec![
             row(&[Some("temp"), None, None, None]),
             row(&[Some("cursor"), Some("c1"), None, None]),
             row(&[Some("lock"), None, None, None]),
@@ -649,7 +691,7 @@ mod tests {
         for bad in ["c", "zz", "ff", "c3"] {
             assert_eq!(unhex(bad), None, "{bad}");
         }
-        let e = from_rows(vec![vec![
+        let e = login_rows(vec![vec![
             Some("set".into()),
             Some("zz".into()),
             None,
