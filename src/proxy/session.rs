@@ -6,7 +6,9 @@
 //! ReadyForQuery and ParameterStatus from the server and the tags of client
 //! messages. Between requests (after ReadyForQuery 'I' with nothing pending)
 //! the session is at a transaction boundary: only there it passes the pause
-//! gate and moves to a new route.
+//! gate and moves to a new route — with its state ([`super::replay`]), onto a
+//! pre-warmed backend when there is one ([`super::prewarm`]). Idle sessions
+//! move as soon as the route is swapped, even with the gate closed.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
