@@ -360,6 +360,33 @@ async fn sessions_that_cannot_move_get_a_clear_error_and_are_counted() {
     )
     .await;
 
+    // A cutover that aborts closes what it pre-warmed.
+    assert_eq!(h.prewarm(route_to(&b)).await, 4);
+    let on_b = || {
+        b.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'",
+        )
+    };
+    assert_eq!(on_b(), "4");
+    assert_eq!(h.discard_prewarm(), 4);
+    assert!(
+        h.sessions()
+            .sessions()
+            .iter()
+            .all(|s| s.parked_backend().is_none())
+    );
+    assert!(wait_until(Duration::from_secs(5), || on_b() == "0"));
+    assert_eq!(
+        metric(
+            &proxy.ctx,
+            "pgshift_proxy_prewarmed_backends_total",
+            "discarded"
+        ),
+        4.0
+    );
+
+    // The switch itself then opens backends as it moves.
     h.gate().close();
     let (moved, dropped) = h.switch_to(route_to(&b), Duration::from_secs(10)).await;
     h.gate().open();
