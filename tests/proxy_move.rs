@@ -40,6 +40,7 @@ fn schema(c: &Cluster, name: &str, pad_oids: bool) {
              CREATE TABLE app_s.items (id int, m app_s.mood);
              INSERT INTO app_s.items VALUES (1, 'sad'), (2, 'happy');
              GRANT USAGE ON SCHEMA app_s TO app;
+             CREATE ROLE mover_role; GRANT mover_role TO app;
              GRANT ALL ON ALL TABLES IN SCHEMA app_s, public TO app;"
         ),
     );
@@ -254,9 +255,11 @@ async fn listen_and_parameter_status_follow_the_move() {
     );
     let proxy = start_proxy_with(&a, "trust", "").await;
     let mut s = raw_session(proxy.port, APP_USER, "postgres").await;
+    // The session ends up in LATIN1: its state must still move intact.
     raw_query(
         &mut s,
-        r#"LISTEN plain; LISTEN "Mixed Case"; SET DateStyle = 'German'"#,
+        r#"LISTEN plain; LISTEN "Mixed Case"; LISTEN "grüße"; SET DateStyle = 'German';
+           SET client_encoding = 'LATIN1'; SET ROLE mover_role"#,
     )
     .await;
 
@@ -287,18 +290,31 @@ async fn listen_and_parameter_status_follow_the_move() {
         status.contains(&"TimeZone=Asia/Tokyo".to_string()),
         "{status:?}"
     );
-    // DateStyle was replayed, so it did not change for the client.
+    // DateStyle and client_encoding were replayed: unchanged for the client.
     assert!(
-        !status.iter().any(|x| x.starts_with("DateStyle")),
+        !status
+            .iter()
+            .any(|x| x.starts_with("DateStyle") || x.starts_with("client_encoding")),
         "{status:?}"
     );
-    let r = raw_query(&mut s, "SELECT pg_listening_channels() ORDER BY 1").await;
-    let channels: Vec<String> = r
+    let r = raw_query(&mut s, "SELECT current_user").await;
+    assert!(
+        r.iter()
+            .any(|(t, body)| *t == b'D' && body.ends_with(b"mover_role")),
+        "SET ROLE was not replayed"
+    );
+    let r = raw_query(&mut s, "SELECT pg_listening_channels()").await;
+    let mut channels: Vec<Vec<u8>> = r
         .iter()
         .filter(|(t, _)| *t == b'D')
-        .map(|(_, body)| String::from_utf8_lossy(&body[6..]).into_owned())
+        .map(|(_, body)| body[6..].to_vec())
         .collect();
-    assert_eq!(channels, vec!["Mixed Case", "plain"]);
+    channels.sort();
+    let latin1 = b"gr\xfc\xdfe".to_vec();
+    assert_eq!(
+        channels,
+        vec![b"Mixed Case".to_vec(), latin1, b"plain".to_vec()]
+    );
 }
 
 /// Reads up to EOF; returns the first ErrorResponse's (SQLSTATE, message).
@@ -344,6 +360,33 @@ async fn sessions_that_cannot_move_get_a_clear_error_and_are_counted() {
     )
     .await;
 
+    // A cutover that aborts closes what it pre-warmed.
+    assert_eq!(h.prewarm(route_to(&b)).await, 4);
+    let on_b = || {
+        b.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'",
+        )
+    };
+    assert_eq!(on_b(), "4");
+    assert_eq!(h.discard_prewarm(), 4);
+    assert!(
+        h.sessions()
+            .sessions()
+            .iter()
+            .all(|s| s.parked_backend().is_none())
+    );
+    assert!(wait_until(Duration::from_secs(5), || on_b() == "0"));
+    assert_eq!(
+        metric(
+            &proxy.ctx,
+            "pgshift_proxy_prewarmed_backends_total",
+            "discarded"
+        ),
+        4.0
+    );
+
+    // The switch itself then opens backends as it moves.
     h.gate().close();
     let (moved, dropped) = h.switch_to(route_to(&b), Duration::from_secs(10)).await;
     h.gate().open();
@@ -435,4 +478,96 @@ async fn pgbench_prepared_runs_through_a_switch_without_failures() {
         .parse()
         .unwrap();
     assert!(after > 0, "no transaction ran on the target");
+}
+
+/// Makes sure `import psycopg` works, installing `psycopg[binary]` if needed.
+fn ensure_psycopg() {
+    use std::process::Command;
+    let have = Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have {
+        let out = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "psycopg[binary]"])
+            .output()
+            .expect("run python3 -m pip (python3 is required for this test)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_prepared_writer_keeps_going_across_a_switch() {
+    ensure_psycopg();
+    let (a, b) = pair();
+    for c in [&a, &b] {
+        c.psql(
+            "postgres",
+            "CREATE TABLE ledger (id int PRIMARY KEY, note text); GRANT ALL ON ledger TO app",
+        );
+    }
+    let proxy = start_proxy(&a).await;
+    let dsn = format!(
+        "host=127.0.0.1 port={} user={APP_USER} password={APP_PW} dbname=postgres sslmode=disable",
+        proxy.port
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/move_psycopg.py");
+    let client = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([script, &dsn, "4"])
+            .output()
+            .unwrap()
+    });
+    let h = &proxy.handle;
+    assert!(wait_until(Duration::from_secs(10), || h.sessions().len() == 1));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(h.prewarm(route_to(&b)).await, 1);
+    h.gate().close();
+    tokio::time::timeout(Duration::from_secs(5), h.gate().drained())
+        .await
+        .expect("drained");
+    assert_eq!(
+        h.switch_to(route_to(&b), Duration::from_secs(10)).await,
+        (1, 0)
+    );
+    h.gate().open();
+
+    let out = client.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["failed"], 0, "{report}");
+    assert_eq!(report["server"], "B");
+    assert_eq!(report["application_name"], "mover");
+    assert!(report["prepared"].as_i64().unwrap() >= 2, "{report}");
+    // Every id the client saw committed is on one side, never both.
+    let ids = |c: &Cluster| -> Vec<i64> {
+        let s = c.psql(
+            "postgres",
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM ledger",
+        );
+        s.split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| x.parse().unwrap())
+            .collect()
+    };
+    let (on_a, on_b) = (ids(&a), ids(&b));
+    assert!(!on_a.is_empty() && !on_b.is_empty(), "{on_a:?} {on_b:?}");
+    let mut all: Vec<i64> = on_a.iter().chain(on_b.iter()).copied().collect();
+    all.sort();
+    let committed: Vec<i64> = report["committed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(all, committed);
 }

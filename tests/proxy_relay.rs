@@ -112,10 +112,13 @@ async fn tokio_postgres_extended_pipelining_notify_and_cancel() {
         .await
         .unwrap_err();
     assert_eq!(e.code().unwrap().code(), "23505");
-    assert_eq!(
-        proxy.handle.sessions().snapshot()[0].tx_status,
-        TxStatus::Failed
-    );
+    // The client may see the error before the proxy has read ReadyForQuery.
+    assert!(wait_until(Duration::from_secs(5), || proxy
+        .handle
+        .sessions()
+        .snapshot()[0]
+        .tx_status
+        == TxStatus::Failed));
     c.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(proxy.handle.gate().sessions_in_transaction(), 0);
     assert_eq!(

@@ -3,7 +3,9 @@
 //!
 //! [`Proxy::build`] builds it from the context, [`ProxyHandle::serve`] runs it
 //! on a bound listener. The cutover holds a [`ProxyHandle`] and uses
-//! [`ProxyHandle::gate`], [`ProxyHandle::router`] and [`ProxyHandle::sessions`].
+//! [`ProxyHandle::gate`], [`ProxyHandle::prewarm`] (before closing the gate),
+//! [`ProxyHandle::switch_to`] (swap the route, wait for sessions to move) and
+//! [`ProxyHandle::sessions`].
 
 pub mod auth;
 pub mod backend;

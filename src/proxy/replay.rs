@@ -37,20 +37,55 @@ pub enum MoveError {
     Timeout(Duration),
 }
 
-/// One row per piece of state: (kind, name, value, extra).
-const CAPTURE_SQL: &str = "\
-SELECT 'temp', NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class \
-  WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
-UNION ALL SELECT 'cursor', name, NULL, NULL FROM pg_catalog.pg_cursors WHERE is_holdable \
-UNION ALL SELECT 'lock', NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_locks \
-  WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
-UNION ALL SELECT 'set', name, setting, NULL FROM pg_catalog.pg_settings WHERE source = 'session' \
-UNION ALL SELECT 'listen', c, NULL, NULL FROM pg_catalog.pg_listening_channels() AS c \
-UNION ALL SELECT CASE WHEN from_sql THEN 'sql' ELSE 'parse' END, name, statement, \
-  extract(epoch FROM prepare_time)::text FROM pg_catalog.pg_prepared_statements \
-UNION ALL SELECT 'type', p.name, u.t::text, u.i::text \
-  FROM pg_catalog.pg_prepared_statements p, unnest(p.parameter_types) WITH ORDINALITY AS u(t, i) \
-  WHERE NOT p.from_sql";
+/// Text as hex of its UTF-8 bytes, readable whatever the session's
+/// client_encoding is.
+fn hex(expr: &str) -> String {
+    format!("pg_catalog.encode(pg_catalog.convert_to({expr}, 'UTF8'), 'hex')")
+}
+
+/// One row per piece of state: (kind, name, value, extra); name and value in [`hex`].
+fn capture_sql() -> String {
+    format!(
+        "SELECT 'temp', NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class \
+           WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
+         UNION ALL SELECT 'cursor', {cursor}, NULL, NULL FROM pg_catalog.pg_cursors WHERE is_holdable \
+         UNION ALL SELECT 'lock', NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_locks \
+           WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
+         UNION ALL SELECT 'set', {name}, {setting}, NULL FROM pg_catalog.pg_settings \
+           WHERE source = 'session' \
+         UNION ALL SELECT 'ident', {sa}, {sa_value}, NULL \
+         UNION ALL SELECT 'ident', {role}, {role_value}, NULL \
+         UNION ALL SELECT 'listen', {channel}, NULL, NULL FROM pg_catalog.pg_listening_channels() AS c \
+         UNION ALL SELECT CASE WHEN from_sql THEN 'sql' ELSE 'parse' END, {name}, {statement}, \
+           extract(epoch FROM prepare_time)::text FROM pg_catalog.pg_prepared_statements \
+         UNION ALL SELECT 'type', {pname}, {ptype}, u.i::text \
+           FROM pg_catalog.pg_prepared_statements p, \
+           unnest(p.parameter_types) WITH ORDINALITY AS u(t, i) WHERE NOT p.from_sql",
+        cursor = hex("name"),
+        sa = hex("'session_authorization'"),
+        sa_value = hex("pg_catalog.current_setting('session_authorization')"),
+        role = hex("'role'"),
+        role_value = hex("pg_catalog.current_setting('role')"),
+        name = hex("name"),
+        setting = hex("setting"),
+        channel = hex("c"),
+        statement = hex("statement"),
+        pname = hex("p.name"),
+        ptype = hex("u.t::text"),
+    )
+}
+
+/// Decodes a [`hex`] column.
+fn unhex(s: &str) -> Option<String> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
 
 /// A protocol-level prepared statement: replayed with Parse.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +107,8 @@ pub struct SessionState {
     pub sql_names: Vec<String>,
     pub prepared: Vec<Prepared>,
     pub channels: Vec<String>,
+    /// Set in the session; replayed last, after every text the proxy sends.
+    pub client_encoding: Option<String>,
 }
 
 impl SessionState {
@@ -153,10 +190,11 @@ fn query(sql: &str) -> Result<BytesMut, WireError> {
     Ok(out)
 }
 
-/// Reads the session's state from its (idle) backend.
-pub async fn capture(link: &mut Link<'_>) -> Result<SessionState, MoveError> {
+/// Reads the session's state from its (idle) backend; `user` is the one the
+/// session logged in as (new backends log in as it too).
+pub async fn capture(link: &mut Link<'_>, user: &str) -> Result<SessionState, MoveError> {
     let reply = async {
-        link.send(&query(CAPTURE_SQL)?).await?;
+        link.send(&query(&capture_sql())?).await?;
         link.reply().await
     }
     .await
@@ -164,7 +202,7 @@ pub async fn capture(link: &mut Link<'_>) -> Result<SessionState, MoveError> {
     if let Some(e) = reply.error {
         return Err(MoveError::OldBackend(WireError::Server(e)));
     }
-    from_rows(reply.rows)
+    from_rows(reply.rows, user)
 }
 
 /// Settings never replayed: they belong to a transaction.
@@ -172,25 +210,47 @@ fn skipped_setting(name: &str) -> bool {
     name.starts_with("transaction_")
 }
 
-/// Replayed last, in this order: they change which role the rest runs as.
-const IDENTITY_SETTINGS: [&str; 2] = ["session_authorization", "role"];
+/// `SET SESSION AUTHORIZATION` and `SET ROLE` (pg_settings does not show
+/// them): replayed last, in this order, as they change who runs the rest;
+/// only when they differ from a fresh login as `user`.
+fn identity(name: &str, value: &str, user: &str) -> Option<usize> {
+    match name {
+        "session_authorization" if value != user => Some(0),
+        "role" if value != "none" => Some(1),
+        _ => None,
+    }
+}
 
-fn from_rows(rows: Vec<TextRow>) -> Result<SessionState, MoveError> {
+fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> {
     let mut st = SessionState::default();
     let mut unmovable = Vec::new();
     let mut cursors = Vec::new();
     let mut sql: Vec<(f64, String, String)> = Vec::new();
     let mut types: Vec<(String, usize, String)> = Vec::new();
-    let mut identity = Vec::new();
+    let mut idents = Vec::new();
     for row in rows {
-        let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-        match col(0).as_str() {
+        let raw = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        let decoded = [1, 2].map(|i| unhex(&raw(i)));
+        let [Some(name), Some(value)] = decoded else {
+            return Err(MoveError::OldBackend(WireError::Protocol(
+                "undecodable session state row".into(),
+            )));
+        };
+        let col = |i: usize| match i {
+            1 => name.clone(),
+            2 => value.clone(),
+            _ => raw(i),
+        };
+        match raw(0).as_str() {
             "temp" => unmovable.push("temporary tables".to_string()),
             "lock" => unmovable.push("session-level advisory locks".to_string()),
             "cursor" => cursors.push(col(1)),
             "set" if skipped_setting(&col(1)) => {}
-            "set" if IDENTITY_SETTINGS.contains(&col(1).as_str()) => {
-                identity.push((col(1), col(2)))
+            "set" if col(1) == "client_encoding" => st.client_encoding = Some(col(2)),
+            "ident" => {
+                if let Some(order) = identity(&col(1), &col(2), user) {
+                    idents.push((order, col(1), col(2)));
+                }
             }
             "set" => st.settings.push((col(1), col(2))),
             "listen" => st.channels.push(col(1)),
@@ -214,8 +274,9 @@ fn from_rows(rows: Vec<TextRow>) -> Result<SessionState, MoveError> {
     if !unmovable.is_empty() {
         return Err(MoveError::Unmovable(unmovable.join(" and ")));
     }
-    identity.sort_by_key(|(n, _)| IDENTITY_SETTINGS.iter().position(|i| i == n));
-    st.settings.extend(identity);
+    idents.sort();
+    st.settings
+        .extend(idents.into_iter().map(|(_, name, value)| (name, value)));
     types.sort_by_key(|(_, i, _)| *i);
     for (name, _, t) in types {
         if let Some(p) = st.prepared.iter_mut().find(|p| p.name == name) {
@@ -244,10 +305,22 @@ pub struct Replayed {
 /// Replays `st` on a fresh backend. Server errors become
 /// [`MoveError::Replay`]; a broken connection is [`MoveError::NewBackend`]
 /// (the caller may retry on another connection).
-pub async fn restore(link: &mut Link<'_>, st: &SessionState) -> Result<Replayed, MoveError> {
+/// `client_encoding` is the new backend's, as it reported at startup: the
+/// proxy's own texts go in UTF-8, the session's encoding is put back last.
+pub async fn restore(
+    link: &mut Link<'_>,
+    st: &SessionState,
+    client_encoding: Option<&str>,
+) -> Result<Replayed, MoveError> {
     if !st.is_empty() {
-        let oids = settings_and_types(link, st).await?;
-        statements_and_channels(link, st, &oids).await?;
+        let utf8 = client_encoding.is_some_and(|e| e.eq_ignore_ascii_case("UTF8"));
+        let oids = settings_and_types(link, st, !utf8).await?;
+        let last = match &st.client_encoding {
+            Some(v) => Some(set_config_sql(&[("client_encoding".into(), v.clone())])),
+            None if !utf8 => Some("RESET client_encoding".into()),
+            None => None,
+        };
+        statements_and_channels(link, st, &oids, last).await?;
     }
     Ok(Replayed {
         notifications: std::mem::take(&mut link.notifications),
@@ -277,14 +350,19 @@ fn type_names(st: &SessionState) -> Vec<&str> {
         .collect()
 }
 
-/// Round trip 1: the settings, then the OIDs of the parameter types on this
-/// server (resolved by name, under the replayed search_path).
+/// Round trip 1: UTF-8 for what follows (if needed), the settings, then the
+/// OIDs of the parameter types on this server (resolved by name, under the
+/// replayed search_path).
 async fn settings_and_types(
     link: &mut Link<'_>,
     st: &SessionState,
+    to_utf8: bool,
 ) -> Result<Vec<(String, u32)>, MoveError> {
     let names = type_names(st);
     let mut out = BytesMut::new();
+    if to_utf8 {
+        out.extend_from_slice(&query("SET client_encoding = 'UTF8'").map_err(wire)?);
+    }
     if !st.settings.is_empty() {
         out.extend_from_slice(&query(&set_config_sql(&st.settings)).map_err(wire)?);
     }
@@ -301,6 +379,9 @@ async fn settings_and_types(
         return Ok(Vec::new());
     }
     link.send(&out).await.map_err(wire)?;
+    if to_utf8 && let Some(e) = link.reply().await.map_err(wire)?.error {
+        return Err(server_error("setting client_encoding", e));
+    }
     if !st.settings.is_empty() {
         let r = link.reply().await.map_err(wire)?;
         if let Some(e) = r.error {
@@ -352,15 +433,18 @@ enum Expect {
     SqlText,
     Verify,
     Listen,
+    Encoding,
 }
 
 /// Round trip 2: Parse for protocol-level statements; the SQL PREPARE texts
 /// (read-only, so a text holding more than a PREPARE changes nothing); the
-/// LISTENs; and, when SQL texts ran, which statements now exist.
+/// LISTENs; when SQL texts ran, which statements now exist; and `last`
+/// (the session's client_encoding).
 async fn statements_and_channels(
     link: &mut Link<'_>,
     st: &SessionState,
     oids: &[(String, u32)],
+    last: Option<String>,
 ) -> Result<(), MoveError> {
     let mut out = BytesMut::new();
     let mut expect = Vec::new();
@@ -411,6 +495,13 @@ async fn statements_and_channels(
         out.extend_from_slice(&query(&listens.join("; ")).map_err(wire)?);
         expect.push(Expect::Listen);
     }
+    if let Some(sql) = last {
+        out.extend_from_slice(&query(&sql).map_err(wire)?);
+        expect.push(Expect::Encoding);
+    }
+    if expect.is_empty() {
+        return Ok(());
+    }
     link.send(&out).await.map_err(wire)?;
     // Every reply is read (the connection stays in step) before judging.
     let mut first_error = None;
@@ -433,6 +524,9 @@ async fn statements_and_channels(
             }
             (Expect::Listen, Some(err)) => {
                 first_error.get_or_insert(server_error("LISTEN", err));
+            }
+            (Expect::Encoding, Some(err)) => {
+                first_error.get_or_insert(server_error("restoring client_encoding", err));
             }
             (_, Some(err)) => {
                 first_error.get_or_insert(server_error("replaying PREPARE", err));
@@ -487,17 +581,35 @@ async fn check_sql_statements(
 mod tests {
     use super::*;
 
+    fn login_rows(rows: Vec<TextRow>) -> Result<SessionState, MoveError> {
+        from_rows(rows, "login")
+    }
+
+    /// A capture row: name and value hex-encoded as the query sends them.
     fn row(v: &[Option<&str>]) -> TextRow {
-        v.iter().map(|x| x.map(String::from)).collect()
+        v.iter()
+            .enumerate()
+            .map(|(i, x)| match (i, x) {
+                (1 | 2, Some(t)) => Some(t.bytes().map(|b| format!("{b:02x}")).collect()),
+                _ => x.map(String::from),
+            })
+            .collect()
     }
 
     #[test]
     fn rows_become_state_in_replay_order() {
-        let st = from_rows(vec![
-            row(&[Some("set"), Some("role"), Some("app"), None]),
+        let st = login_rows(vec![
+            row(&[Some("ident"), Some("role"), Some("app"), None]),
             row(&[Some("set"), Some("search_path"), Some("s2, public"), None]),
             row(&[Some("set"), Some("transaction_isolation"), Some("x"), None]),
-            row(&[Some("set"), Some("session_authorization"), Some("u"), None]),
+            row(&[Some("set"), Some("client_encoding"), Some("LATIN1"), None]),
+            row(&[Some("listen"), Some("grüße"), None, None]),
+            row(&[
+                Some("ident"),
+                Some("session_authorization"),
+                Some("u"),
+                None,
+            ]),
             row(&[Some("listen"), Some("ch"), None, None]),
             row(&[
                 Some("sql"),
@@ -530,7 +642,8 @@ mod tests {
                 ("role".to_string(), "app".to_string()),
             ]
         );
-        assert_eq!(st.channels, vec!["ch"]);
+        assert_eq!(st.channels, vec!["grüße", "ch"]);
+        assert_eq!(st.client_encoding.as_deref(), Some("LATIN1"));
         assert_eq!(
             st.sql_texts,
             vec![
@@ -544,8 +657,23 @@ mod tests {
     }
 
     #[test]
+    fn identity_replayed_only_when_changed() {
+        let st = login_rows(vec![
+            row(&[
+                Some("ident"),
+                Some("session_authorization"),
+                Some("login"),
+                None,
+            ]),
+            row(&[Some("ident"), Some("role"), Some("none"), None]),
+        ])
+        .unwrap();
+        assert!(st.is_empty());
+    }
+
+    #[test]
     fn unmovable_state_is_named() {
-        let e = from_rows(vec![
+        let e = login_rows(vec![
             row(&[Some("temp"), None, None, None]),
             row(&[Some("cursor"), Some("c1"), None, None]),
             row(&[Some("lock"), None, None, None]),
@@ -555,6 +683,21 @@ mod tests {
         assert!(msg.contains("temporary tables"), "{msg}");
         assert!(msg.contains("WITH HOLD cursors (c1)"), "{msg}");
         assert!(msg.contains("advisory locks"), "{msg}");
+    }
+
+    #[test]
+    fn bad_hex_is_an_error_not_a_panic() {
+        assert_eq!(unhex("c3bc").as_deref(), Some("ü"));
+        for bad in ["c", "zz", "ff", "c3"] {
+            assert_eq!(unhex(bad), None, "{bad}");
+        }
+        let e = login_rows(vec![vec![
+            Some("set".into()),
+            Some("zz".into()),
+            None,
+            None,
+        ]]);
+        assert!(e.is_err());
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! ReadyForQuery and ParameterStatus from the server and the tags of client
 //! messages. Between requests (after ReadyForQuery 'I' with nothing pending)
 //! the session is at a transaction boundary: only there it passes the pause
-//! gate and moves to a new route.
+//! gate and moves to a new route — with its state ([`super::replay`]), onto a
+//! pre-warmed backend when there is one ([`super::prewarm`]). Idle sessions
+//! move as soon as the route is swapped, even with the gate closed.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -321,7 +323,7 @@ impl Session {
                         return end;
                     },
                 },
-                _ = info.wake.notified() => if let Some(end) = self.on_wake().await {
+                _ = std::future::poll_fn(|cx| info.wake.poll(cx)) => if let Some(end) = self.on_wake().await {
                     return end;
                 },
             }
@@ -394,6 +396,18 @@ impl Session {
                 return Some(End::Closed);
             }
         };
+        // Bookkeeping before the client sees ReadyForQuery, so whoever the
+        // client tells next (a test, the cutover) already sees the new state.
+        let mut left = false;
+        self.st.bytes_s2c += n as u64;
+        if self.st.saw_ready {
+            self.info.set_tx_status(self.st.status);
+            self.flush_metrics();
+            if self.entered && self.st.at_boundary() {
+                self.leave();
+                left = true;
+            }
+        }
         if n > 0 {
             if write_chunk(&mut self.client, &self.sbuf[..n])
                 .await
@@ -402,19 +416,13 @@ impl Session {
                 return Some(self.client_gone().await);
             }
             self.sbuf.advance(n);
-            self.st.bytes_s2c += n as u64;
         }
-        if self.st.saw_ready {
-            self.info.set_tx_status(self.st.status);
-            self.flush_metrics();
-            if self.entered && self.st.at_boundary() {
-                self.leave();
-                if self.shared.draining.is_cancelled() {
-                    return Some(self.close_for_shutdown().await);
-                }
-                if !self.shared.router.is_current(&self.route) {
-                    return self.move_if_rerouted().await;
-                }
+        if left {
+            if self.shared.draining.is_cancelled() {
+                return Some(self.close_for_shutdown().await);
+            }
+            if !self.shared.router.is_current(&self.route) {
+                return self.move_if_rerouted().await;
             }
         }
         None
@@ -435,7 +443,7 @@ impl Session {
             let info = self.info.clone();
             tokio::select! {
                 _ = self.shared.gate.wait_open() => {}
-                _ = info.wake.notified() => {
+                _ = std::future::poll_fn(|cx| info.wake.poll(cx)) => {
                     if self.shared.kill.is_cancelled() {
                         return Some(self.close_for_shutdown().await);
                     }
@@ -578,7 +586,7 @@ impl Session {
             max: self.shared.limits.max_message_size,
         };
         let mut link = Link::new(&mut self.server, &mut reader);
-        let state = replay::capture(&mut link).await;
+        let state = replay::capture(&mut link, &self.user).await;
         let notes = std::mem::take(&mut link.notifications);
         self.sbuf = reader.buf;
         if !notes.is_empty() {
@@ -751,8 +759,13 @@ async fn restore_on(
     conn: &mut ServerConnection,
     state: &SessionState,
 ) -> Result<Replayed, MoveError> {
+    let encoding = conn
+        .params
+        .iter()
+        .find(|(k, _)| k == "client_encoding")
+        .map(|(_, v)| v.as_str());
     let mut link = Link::new(&mut conn.stream, &mut conn.reader);
-    replay::restore(&mut link, state).await
+    replay::restore(&mut link, state, encoding).await
 }
 
 async fn terminate(mut old: PgStream) {

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
+use std::task::{Context, Poll};
+
 use arc_swap::ArcSwap;
+use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
 use super::route::Route;
@@ -38,9 +41,8 @@ pub struct SessionInfo {
     busy: AtomicBool,
     backend: ArcSwap<BackendRef>,
     /// Wakes the session's relay loop to look at shared state (route swap,
-    /// gate opened, shutdown, termination). Per session, so the hot loop
-    /// never polls a future shared with every other session.
-    pub(crate) wake: Notify,
+    /// gate opened, shutdown, termination).
+    pub(crate) wake: Wake,
     /// Set to close this one session (e.g. a cutover that cannot wait for
     /// its transaction); the message goes to the client.
     kill_message: Mutex<Option<String>>,
@@ -54,6 +56,31 @@ pub struct SessionInfo {
 pub(crate) struct Parked {
     pub route: Arc<Route>,
     pub conn: ServerConnection,
+}
+
+/// A per-session, lock-free wake-up flag: the relay polls it on every loop
+/// turn, so it must cost a few uncontended atomics, not a mutex.
+#[derive(Default)]
+pub(crate) struct Wake {
+    flag: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Wake {
+    pub(crate) fn notify(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once after each `notify` (several coalesce into one).
+    pub(crate) fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.flag.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 impl SessionInfo {
@@ -81,7 +108,7 @@ impl SessionInfo {
     /// Closes this session with an ErrorResponse carrying `message`.
     pub fn terminate(&self, message: &str) {
         *self.kill_message.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.to_string());
-        self.wake.notify_one();
+        self.wake.notify();
     }
 
     /// The message of a pending [`terminate`](Self::terminate), if any.
@@ -195,7 +222,7 @@ impl Registry {
             status: AtomicU8::new(s.status.byte()),
             busy: AtomicBool::new(false),
             backend: ArcSwap::from_pointee(s.backend),
-            wake: Notify::new(),
+            wake: Wake::default(),
             kill_message: Mutex::new(None),
             parked: Mutex::new(None),
             closed: AtomicBool::new(false),
@@ -272,7 +299,7 @@ impl Registry {
     pub(crate) fn wake_all(&self) {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         for s in map.values() {
-            s.wake.notify_one();
+            s.wake.notify();
         }
     }
 
