@@ -72,7 +72,7 @@ async fn cutover_under_pgbench_and_psycopg_load() {
     // pgbench: TPC-B through the proxy, prepared statements, bounded by -T.
     let pgbench = tokio::process::Command::new(pg_program("pgbench"))
         .args([
-            "-M", "prepared", "-n", "-c", "2", "-j", "1", "-T", "9", "-R", "150",
+            "-M", "prepared", "-n", "-c", "2", "-j", "1", "-T", "12", "-R", "150",
         ])
         .args(["-h", "127.0.0.1", "-p", &shift.proxy_port.to_string()])
         .args(["-U", APP_USER, DB])
