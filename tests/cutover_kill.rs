@@ -63,6 +63,13 @@ async fn kill_after(phase: &str) {
             .source
             .psql_output(DB, "INSERT INTO ledger (client) VALUES ('direct')");
         assert!(!direct.status.success());
+        // Past the point of no return: neither cancel nor another cutover.
+        for path in ["/cancel", "/cutover"] {
+            match shift.admin().post(path).await {
+                Err(pgshift::admin::client::ClientError::Refused { status: 409, .. }) => {}
+                other => panic!("{path}: expected 409, got {other:?}"),
+            }
+        }
     } else {
         let doc = shift
             .wait_state(

@@ -205,4 +205,25 @@ async fn cutover_under_pgbench_and_psycopg_load() {
     assert_eq!(r["settings_after"]["search_path"], "public");
     assert_eq!(r["settings_after"]["statement_timeout"], "31s");
     assert!(last["sessions_moved"].as_u64().unwrap() >= 3, "{last:#}");
+
+    // The cutover's metrics.
+    let metrics = shift.admin().get("/metrics").await.unwrap();
+    let metrics = metrics.as_str().unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert_eq!(
+        value("pgshift_cutover_attempts_total{outcome=\"succeeded\"}"),
+        1.0
+    );
+    let pause = value("pgshift_cutover_pause_seconds");
+    assert!(pause > 0.0 && pause < 5.0, "pause {pause}");
+    assert!(value("pgshift_cutover_phase_seconds{phase=\"marker\"}") > 0.0);
+    assert!(value("pgshift_cutover_sessions_moved_total") >= 3.0);
+    eprintln!("write pause {pause:.3}s, phases {:#}", last["phases"]);
 }
