@@ -152,3 +152,55 @@ async fn killed_after_verify() {
 async fn killed_after_switch() {
     kill_after("switch").await;
 }
+
+/// Killed with the source fenced, restarted while the source is down: the
+/// fence is lifted once the source is back (not given up on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_fence_restarted_while_the_source_is_down() {
+    let mut pair = Pair::start();
+    let mut shift = Shift::start(
+        &pair,
+        "",
+        "drain_timeout = \"5s\"",
+        &[("PGSHIFT_FAILPOINT", "after:fence")],
+    );
+    shift.wait_streaming().await;
+    let writer = Writer::start(&shift.url(), "before-kill").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shift.admin().post("/cutover").await.unwrap();
+    shift.wait_phase("fence", Duration::from_secs(30)).await;
+    assert!(Pair::fenced(&pair.source));
+    shift.kill();
+    let before = writer.finish().await;
+
+    pair.source.stop();
+    shift.spawn(&[]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let doc = shift.status().await.unwrap();
+    assert_ne!(doc["substate"], "WaitingForCutoverTrigger", "{doc:#}");
+    assert_ne!(doc["state"], "Failed", "{doc:#}\n{}", shift.log());
+    pair.source.start().unwrap();
+
+    shift
+        .wait_state(
+            "WaitingForUserAction",
+            "WaitingForCutoverTrigger",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(!Pair::fenced(&pair.source));
+    let (_, port) = write_one(&shift.url(), "after restart").await.unwrap();
+    assert_eq!(port as u16, pair.source.port);
+    let out = shift.cli(&["cutover", "--wait"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        out_text(&out),
+        shift.log()
+    );
+    let target_ids = Pair::ledger_ids(&pair.target);
+    for (id, _) in &before.committed {
+        assert!(target_ids.contains(id), "id {id} lost");
+    }
+}

@@ -242,21 +242,7 @@ impl Runner {
                 .get("fence")
                 .and_then(|f| serde_json::from_value::<FenceRecord>(f.clone()).ok())
             {
-                let step = "lifting the fence of an interrupted cutover";
-                let admin = crate::db::connect(&self.ctx().config.source, "source (lift fence)")
-                    .await
-                    .map_err(|e| PipelineError::Step {
-                        db: "-".into(),
-                        step,
-                        message: e.to_string(),
-                    })?;
-                fence::lift(&admin, &rec)
-                    .await
-                    .map_err(|e| PipelineError::Step {
-                        db: "-".into(),
-                        step,
-                        message: e.to_string(),
-                    })?;
+                self.lift_fence_until_done(&rec).await?;
             }
             let reason = format!(
                 "cutover {id} was interrupted by a pgshift restart before the switch; the gate is open and the fence (if any) lifted"
@@ -281,6 +267,33 @@ impl Runner {
             .await?;
         }
         Ok(())
+    }
+
+    /// Lifts a fence left by an interrupted cutover, retrying while the
+    /// source is unreachable: giving up would leave it read-only for good.
+    async fn lift_fence_until_done(&self, rec: &FenceRecord) -> Result<(), PipelineError> {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            let r = match crate::db::connect(&self.ctx().config.source, "source (lift fence)").await
+            {
+                Ok(admin) => fence::lift(&admin, rec).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!("fence of the interrupted cutover lifted");
+                    return Ok(());
+                }
+                Err(e) => tracing::warn!(
+                    "cannot lift the fence of an interrupted cutover yet (retrying in {delay:?}): {e}"
+                ),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.pipeline.cancel.cancelled() => return Err(PipelineError::Shutdown),
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
     }
 
     async fn start_streaming(&self, copied: Vec<Copied>) -> Result<(), PipelineError> {
