@@ -11,6 +11,35 @@ use std::time::Duration;
 
 use pgshift::admin::client::ClientError;
 
+/// A session through the proxy that LISTENs on `channel`: the client (keep
+/// it alive) and the payloads it receives.
+async fn listen(
+    url: &str,
+    channel: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use futures_util::StreamExt;
+    let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .unwrap();
+    (client, rx)
+}
+
 /// Checks that clients of the proxy are on the source, which is writable.
 async fn assert_on_unfenced_source(pair: &Pair, shift: &Shift) {
     assert!(!Pair::fenced(&pair.source), "fence still up on the source");
@@ -44,6 +73,7 @@ async fn held_transaction_aborts_then_second_cutover_succeeds() {
         .await
         .unwrap();
     let writer = Writer::start(&shift.url(), "w1").await;
+    let (_listener, mut notes) = listen(&shift.url(), "cutover_news").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let out = shift.cli(&["cutover", "--wait"]).await;
@@ -100,6 +130,14 @@ async fn held_transaction_aborts_then_second_cutover_succeeds() {
         .unwrap()
         .get(0);
     assert_eq!(port as u16, pair.target.port);
+
+    // The LISTEN session moved too: a NOTIFY sent on the target reaches it.
+    pair.target
+        .psql(DB, "NOTIFY cutover_news, 'hello from the target'");
+    let note = tokio::time::timeout(Duration::from_secs(5), notes.recv())
+        .await
+        .expect("no notification after the switch");
+    assert_eq!(note.as_deref(), Some("hello from the target"));
 
     // Not in WaitingForCutoverTrigger any more: 409.
     match shift.admin().post("/cutover").await {
