@@ -209,6 +209,20 @@ async fn settings_and_prepared_statements_survive_a_prewarmed_move() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(names, vec!["multi", "single"]);
+    // Cancel keys follow the session to its pre-warmed backend.
+    c.batch_execute("SET statement_timeout = 0").await.unwrap();
+    let token = c.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let e = c.simple_query("SELECT pg_sleep(20)").await.unwrap_err();
+    canceller.await.unwrap();
+    assert!(
+        e.as_db_error()
+            .is_some_and(|d| d.message().contains("user request")),
+        "{e:?}"
+    );
     // The moved sessions are gone from the source.
     assert!(wait_until(Duration::from_secs(5), || a.psql(
         "postgres",
