@@ -109,6 +109,11 @@ async fn settings_and_prepared_statements_survive_a_prewarmed_move() {
     c.batch_execute("PREPARE single(app_s.posint) AS SELECT m::text FROM items WHERE id = $1")
         .await
         .unwrap();
+    // Changed after the PREPARE texts that also set them: the replay must
+    // not bring back the values those texts set.
+    c.batch_execute("SET statement_timeout = '800ms'; RESET DateStyle")
+        .await
+        .unwrap();
     // Protocol-level: parameter types inferred as the enum and the domain.
     let by_mood = c
         .prepare("SELECT id FROM items WHERE m = $1 AND id >= $2::posint")
@@ -167,8 +172,8 @@ async fn settings_and_prepared_statements_survive_a_prewarmed_move() {
 
     assert_eq!(whoami(&c).await, "B");
     assert_eq!(show(&c, "search_path").await, "app_s, public");
-    assert_eq!(show(&c, "statement_timeout").await, "700ms");
-    assert_eq!(show(&c, "DateStyle").await, "German, DMY");
+    assert_eq!(show(&c, "statement_timeout").await, "800ms");
+    assert_eq!(show(&c, "DateStyle").await, "ISO, MDY");
     let e = c.simple_query("SELECT pg_sleep(2)").await.unwrap_err();
     assert_eq!(e.code().unwrap().code(), "57014", "{e}");
     // Prepared statements work without preparing again.
@@ -204,6 +209,20 @@ async fn settings_and_prepared_statements_survive_a_prewarmed_move() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(names, vec!["multi", "single"]);
+    // Cancel keys follow the session to its pre-warmed backend.
+    c.batch_execute("SET statement_timeout = 0").await.unwrap();
+    let token = c.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let e = c.simple_query("SELECT pg_sleep(20)").await.unwrap_err();
+    canceller.await.unwrap();
+    assert!(
+        e.as_db_error()
+            .is_some_and(|d| d.message().contains("user request")),
+        "{e:?}"
+    );
     // The moved sessions are gone from the source.
     assert!(wait_until(Duration::from_secs(5), || a.psql(
         "postgres",

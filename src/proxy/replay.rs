@@ -437,7 +437,8 @@ enum Expect {
 }
 
 /// Round trip 2: Parse for protocol-level statements; the SQL PREPARE texts
-/// (read-only, so a text holding more than a PREPARE changes nothing); the
+/// (read-only and rolled back, so a text holding more than a PREPARE changes
+/// nothing but the prepared statements); the
 /// LISTENs; when SQL texts ran, which statements now exist; and `last`
 /// (the session's client_encoding).
 async fn statements_and_channels(
@@ -467,8 +468,21 @@ async fn statements_and_channels(
                 .map_err(wire)?,
         );
         expect.push(Expect::Guard);
+        // Each text runs in a savepoint that is rolled back: the statements
+        // it prepared stay (PREPARE is not transactional), anything else it
+        // did (a SET the session has changed since, …) is undone.
+        let mut texts = vec!["BEGIN READ ONLY"];
         for t in &st.sql_texts {
+            texts.extend([
+                "SAVEPOINT pgshift_replay",
+                t,
+                "ROLLBACK TO SAVEPOINT pgshift_replay",
+            ]);
+        }
+        texts.push("ROLLBACK");
+        for t in texts {
             out.extend_from_slice(&query(t).map_err(wire)?);
+            // Judged by which statements exist afterwards, not by errors.
             expect.push(Expect::SqlText);
         }
         let restore = match st
