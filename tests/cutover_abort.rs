@@ -255,6 +255,11 @@ async fn target_that_stops_applying_aborts_on_catchup_timeout() {
 
     // Apply resumes once the lock goes; a new cutover then succeeds.
     blocker.batch_execute("ROLLBACK").await.unwrap();
+    // Let apply work off the backlog first (catchup_timeout is short).
+    let latest = *Pair::ledger_ids(&pair.source).last().unwrap();
+    assert!(wait_until(Duration::from_secs(30), || {
+        Pair::ledger_ids(&pair.target).contains(&latest)
+    }));
     let out = shift.cli(&["cutover", "--wait"]).await;
     assert_eq!(
         out.status.code(),
