@@ -40,6 +40,8 @@ as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # runuser does not pass the signal on: stop PgBouncer by its own pid.
+  [ -s "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true
   as_pg "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -96,7 +98,7 @@ pool_mode = session
 max_client_conn = 200
 default_pool_size = 20
 logfile = $WORK/pgbouncer.log
-pidfile =
+pidfile = $WORK/pgbouncer.pid
 CONF
 [ "$(id -u)" = 0 ] && chown -R postgres: "$WORK"
 as_pg pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &

@@ -80,10 +80,10 @@ struct DbLocale {
 /// The maintenance connection of a server: its configured database, unless
 /// that is the database being (re)created, which cannot be dropped while connected.
 fn maintenance(ep: &Endpoint, db: &str) -> Endpoint {
-    if ep.dbname == db {
-        ep.with_dbname("postgres")
-    } else {
-        ep.clone()
+    match (ep.dbname == db, db == "postgres") {
+        (false, _) => ep.clone(),
+        (true, false) => ep.with_dbname("postgres"),
+        (true, true) => ep.with_dbname("template1"),
     }
 }
 
@@ -175,7 +175,7 @@ async fn user_objects(c: &Client) -> Result<Option<String>, SchemaError> {
         .query_one(
             "WITH ext AS (SELECT objid, classid FROM pg_depend WHERE deptype = 'e'),
                   user_ns AS (SELECT oid FROM pg_namespace
-                              WHERE nspname NOT IN ('pg_catalog', 'information_schema')
+                              WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'pgshift')
                                 AND nspname NOT LIKE 'pg_toast%' AND nspname NOT LIKE 'pg_temp%')
              SELECT
                (SELECT count(*) FROM pg_class c WHERE c.relnamespace IN (SELECT oid FROM user_ns)
@@ -327,47 +327,53 @@ pub async fn plan_dump(
     })
 }
 
-/// Restores the pre-data section (types, functions, tables, sequences, …)
-/// of `db` as of `snapshot` into the same-named target database.
-pub async fn dump_restore_pre_data(
-    source: &Endpoint,
-    target: &Endpoint,
-    db: &str,
-    snapshot: Option<&str>,
-    plan: &DumpPlan,
-) -> Result<(), SchemaError> {
-    dump_restore_section(source, target, db, snapshot, plan, "pre-data").await
+/// A section of `pg_dump --schema-only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Section {
+    /// Types, functions, tables, sequences …: restored before the data.
+    PreData,
+    /// Indexes, constraints, triggers, replica identities …: restored after
+    /// it (building indexes once is faster than maintaining them row by row).
+    PostData,
 }
 
-/// Restores the post-data section (indexes, constraints, triggers, replica
-/// identities, …). Run after the data copy: building indexes once is faster
-/// than maintaining them row by row.
-pub async fn dump_restore_post_data(
-    source: &Endpoint,
-    target: &Endpoint,
-    db: &str,
-    snapshot: Option<&str>,
-    plan: &DumpPlan,
-) -> Result<(), SchemaError> {
-    dump_restore_section(source, target, db, snapshot, plan, "post-data").await
+impl Section {
+    fn as_str(self) -> &'static str {
+        match self {
+            Section::PreData => "pre-data",
+            Section::PostData => "post-data",
+        }
+    }
 }
 
-async fn dump_restore_section(
+/// A schema section dumped from the source, held in memory until restored.
+#[derive(Clone, Debug)]
+pub struct SchemaDump {
+    pub database: String,
+    pub section: Section,
+    pub sql: Vec<u8>,
+}
+
+/// Dumps one schema section of `db` as of `snapshot`. Dumping both sections
+/// up front, while the exported snapshot is still valid (a replication
+/// slot's snapshot ends when streaming starts), and restoring post-data
+/// after the copy keeps the whole schema at the snapshot's instant.
+pub async fn dump_section(
     source: &Endpoint,
-    target: &Endpoint,
     db: &str,
     snapshot: Option<&str>,
     plan: &DumpPlan,
-    section: &str,
-) -> Result<(), SchemaError> {
-    let started = std::time::Instant::now();
+    section: Section,
+) -> Result<SchemaDump, SchemaError> {
     let mut args: Vec<String> = vec![
         "--schema-only".into(),
-        format!("--section={section}"),
+        format!("--section={}", section.as_str()),
         // The migration's own publication must not reach the target, and a
         // subscription copied there would start replicating on its own.
         "--no-publications".into(),
         "--no-subscriptions".into(),
+        // Tablespaces are a property of the server; managed targets have none.
+        "--no-tablespaces".into(),
     ];
     if let Some(s) = snapshot {
         args.push(format!("--snapshot={s}"));
@@ -376,16 +382,27 @@ async fn dump_restore_section(
         args.push("--no-owner".into());
         args.push("--no-privileges".into());
     }
-    let dump = run_program(
+    let sql = run_program(
         "pg_dump",
         &args,
         &source.with_dbname(db),
         None,
-        &format!("pg_dump {section} of {db}"),
+        &format!("pg_dump {} of {db}", section.as_str()),
     )
     .await?;
+    Ok(SchemaDump {
+        database: db.to_string(),
+        section,
+        sql,
+    })
+}
+
+/// Restores a dumped section into the same-named target database, in one
+/// transaction (all or nothing).
+pub async fn restore_section(target: &Endpoint, dump: &SchemaDump) -> Result<(), SchemaError> {
+    let started = std::time::Instant::now();
     // Index builds dominate post-data: give them memory and parallel workers.
-    let options = (section == "post-data")
+    let options = (dump.section == Section::PostData)
         .then_some("-c maintenance_work_mem=256MB -c max_parallel_maintenance_workers=4");
     let psql_args: Vec<String> = [
         "-X",
@@ -402,19 +419,47 @@ async fn dump_restore_section(
     run_program_with_input(
         "psql",
         &psql_args,
-        &target.with_dbname(db),
+        &target.with_dbname(&dump.database),
         options,
-        dump,
-        &format!("restoring the {section} schema of {db}"),
+        dump.sql.clone(),
+        &format!(
+            "restoring the {} schema of {}",
+            dump.section.as_str(),
+            dump.database
+        ),
     )
     .await?;
     tracing::info!(
-        database = db,
-        section,
+        database = %dump.database,
+        section = dump.section.as_str(),
         seconds = started.elapsed().as_secs_f64(),
         "schema section restored"
     );
     Ok(())
+}
+
+/// Dumps and restores the pre-data section of `db`.
+pub async fn dump_restore_pre_data(
+    source: &Endpoint,
+    target: &Endpoint,
+    db: &str,
+    snapshot: Option<&str>,
+    plan: &DumpPlan,
+) -> Result<(), SchemaError> {
+    let dump = dump_section(source, db, snapshot, plan, Section::PreData).await?;
+    restore_section(target, &dump).await
+}
+
+/// Dumps and restores the post-data section of `db` (run after the data copy).
+pub async fn dump_restore_post_data(
+    source: &Endpoint,
+    target: &Endpoint,
+    db: &str,
+    snapshot: Option<&str>,
+    plan: &DumpPlan,
+) -> Result<(), SchemaError> {
+    let dump = dump_section(source, db, snapshot, plan, Section::PostData).await?;
+    restore_section(target, &dump).await
 }
 
 /// Result of [`copy_roles`].
@@ -691,11 +736,32 @@ pub async fn copy_sequences(
     let mut names = Vec::with_capacity(rows.len());
     let mut values = Vec::with_capacity(rows.len());
     let mut called = Vec::with_capacity(rows.len());
-    for r in &rows {
+    let mut uncalled = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
         let last: Option<i64> = r.get(1);
         names.push(r.get::<_, String>(0));
         values.push(last.unwrap_or_else(|| r.get(2)));
         called.push(last.is_some());
+        if last.is_none() {
+            uncalled.push(i);
+        }
+    }
+    // A sequence with is_called = false may still have been set to a value
+    // (setval(s, v, false)); read those few directly, in one more query.
+    if !uncalled.is_empty() {
+        let sql = uncalled
+            .iter()
+            .map(|&i| format!("SELECT {i}, last_value FROM {}", names[i]))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        for r in source
+            .query(&sql, &[])
+            .await
+            .map_err(sql_err("reading unused source sequences"))?
+        {
+            let i: i32 = r.get(0);
+            values[i as usize] = r.get(1);
+        }
     }
     let missing: Vec<String> = target
         .query(

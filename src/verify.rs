@@ -83,6 +83,28 @@ impl VerifyReport {
     }
 }
 
+/// How [`verify_database_with`] compares.
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    pub mode: VerifyMode,
+    pub filter: TableFilter,
+    /// Rows per checksum chunk.
+    pub chunk_rows: i64,
+    /// Tables compared at the same time (each with a source and a target connection).
+    pub jobs: usize,
+}
+
+impl VerifyOptions {
+    pub fn new(mode: VerifyMode) -> VerifyOptions {
+        VerifyOptions {
+            mode,
+            filter: TableFilter::default(),
+            chunk_rows: CHUNK_ROWS,
+            jobs: 4,
+        }
+    }
+}
+
 /// Compares every table of `db` on source and target.
 pub async fn verify_database(
     source: &Endpoint,
@@ -90,36 +112,24 @@ pub async fn verify_database(
     db: &str,
     mode: VerifyMode,
 ) -> Result<VerifyReport, VerifyError> {
-    verify_database_filtered(source, target, db, mode, &TableFilter::default()).await
+    verify_database_with(source, target, db, &VerifyOptions::new(mode)).await
 }
 
-/// [`verify_database`] restricted to the tables `filter` selects.
-pub async fn verify_database_filtered(
+/// [`verify_database`] with explicit options (table filter, chunk size, parallelism).
+pub async fn verify_database_with(
     source: &Endpoint,
     target: &Endpoint,
     db: &str,
-    mode: VerifyMode,
-    filter: &TableFilter,
+    opts: &VerifyOptions,
 ) -> Result<VerifyReport, VerifyError> {
-    verify_database_chunked(source, target, db, mode, filter, CHUNK_ROWS).await
-}
-
-/// [`verify_database_filtered`] with `chunk_rows` rows per checksum chunk.
-pub async fn verify_database_chunked(
-    source: &Endpoint,
-    target: &Endpoint,
-    db: &str,
-    mode: VerifyMode,
-    filter: &TableFilter,
-    chunk_rows: i64,
-) -> Result<VerifyReport, VerifyError> {
-    let chunk_rows = chunk_rows.max(1);
     let (src, tgt) = tokio::try_join!(
         connection(source, db, "source"),
         connection(target, db, "target")
     )?;
-    let (src_tables, tgt_tables) =
-        tokio::try_join!(list_tables(&src, filter), list_tables(&tgt, filter))?;
+    let (src_tables, tgt_tables) = tokio::try_join!(
+        list_tables(&src, &opts.filter),
+        list_tables(&tgt, &opts.filter)
+    )?;
     let mut names: Vec<(String, String)> = src_tables
         .iter()
         .chain(&tgt_tables)
@@ -127,39 +137,73 @@ pub async fn verify_database_chunked(
         .collect();
     names.sort();
     names.dedup();
-    let mut tables = Vec::with_capacity(names.len());
-    for (schema, name) in names {
+    let mut results: Vec<Option<TableVerify>> = vec![None; names.len()];
+    let mut work = std::collections::VecDeque::new();
+    for (i, (schema, name)) in names.iter().enumerate() {
         let on = |list: &[crate::replication::copy::SourceTable]| {
-            list.iter().any(|t| t.schema == schema && t.name == name)
+            list.iter().any(|t| &t.schema == schema && &t.name == name)
         };
-        let display = format!("{schema}.{name}");
         let (in_src, in_tgt) = (on(&src_tables), on(&tgt_tables));
-        if !(in_src && in_tgt) {
-            let side = if in_src { "target" } else { "source" };
-            tables.push(TableVerify {
-                table: display,
-                source_rows: None,
-                target_rows: None,
-                matches: false,
-                detail: Some(format!("missing on the {side}")),
-            });
+        if in_src && in_tgt {
+            work.push_back(i);
             continue;
         }
-        let quoted = format!("{}.{}", quote_ident(&schema), quote_ident(&name));
-        let v = match mode {
-            VerifyMode::Counts => compare_counts(&src, &tgt, &display, &quoted).await?,
-            VerifyMode::Checksums => {
-                compare_checksums(&src, &tgt, &display, &quoted, chunk_rows).await?
-            }
-        };
-        if !v.matches {
-            tracing::warn!(database = db, table = %v.table, detail = ?v.detail, "tables differ");
-        }
-        tables.push(v);
+        let side = if in_src { "target" } else { "source" };
+        results[i] = Some(TableVerify {
+            table: format!("{schema}.{name}"),
+            source_rows: None,
+            target_rows: None,
+            matches: false,
+            detail: Some(format!("missing on the {side}")),
+        });
     }
+    // The first pair of connections is one of the workers; the others open their own.
+    let jobs = opts.jobs.clamp(1, work.len().max(1));
+    let queue = std::sync::Mutex::new(work);
+    let results = std::sync::Mutex::new(results);
+    let worker = |pair: Option<(Client, Client)>| {
+        let (queue, results, names) = (&queue, &results, &names);
+        async move {
+            let (src, tgt) = match pair {
+                Some(p) => p,
+                None => tokio::try_join!(
+                    connection(source, db, "source"),
+                    connection(target, db, "target")
+                )?,
+            };
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+                let Some(i) = next else { break };
+                let (schema, name) = &names[i];
+                let display = format!("{schema}.{name}");
+                let quoted = format!("{}.{}", quote_ident(schema), quote_ident(name));
+                let v = match opts.mode {
+                    VerifyMode::Counts => compare_counts(&src, &tgt, &display, &quoted).await?,
+                    VerifyMode::Checksums => {
+                        compare_checksums(&src, &tgt, &display, &quoted, opts.chunk_rows.max(1))
+                            .await?
+                    }
+                };
+                if !v.matches {
+                    tracing::warn!(database = db, table = %v.table, detail = ?v.detail, "tables differ");
+                }
+                results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(v);
+            }
+            Ok::<(), VerifyError>(())
+        }
+    };
+    let mut workers = vec![worker(Some((src, tgt)))];
+    workers.extend((1..jobs).map(|_| worker(None)));
+    futures_util::future::try_join_all(workers).await?;
+    let tables = results
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .flatten()
+        .collect();
     Ok(VerifyReport {
         database: db.to_string(),
-        mode,
+        mode: opts.mode,
         tables,
     })
 }
@@ -371,9 +415,11 @@ pub async fn run_cli(
         .unwrap_or_default();
     let mut reports = Vec::new();
     for db in &databases {
-        reports.push(
-            verify_database_filtered(&config.source, &config.target, db, mode, &filter).await?,
-        );
+        let opts = VerifyOptions {
+            filter: filter.clone(),
+            ..VerifyOptions::new(mode)
+        };
+        reports.push(verify_database_with(&config.source, &config.target, db, &opts).await?);
     }
     let ok = reports.iter().all(|r| r.ok());
     if json {

@@ -12,10 +12,10 @@ use pgshift::replication::copy::{
     CopyMetrics, CopyOptions, CopyProgress, CopyReport, TableState, copy_database,
 };
 use pgshift::schema::{
-    self, SchemaError, TargetPrepared, copy_sequences, dump_restore_post_data,
-    dump_restore_pre_data, plan_dump, prepare_target_database,
+    self, SchemaError, Section, TargetPrepared, copy_sequences, dump_restore_pre_data,
+    dump_section, plan_dump, prepare_target_database, restore_section,
 };
-use pgshift::verify::{VerifyMode, verify_database, verify_database_chunked};
+use pgshift::verify::{VerifyMode, VerifyOptions, verify_database, verify_database_with};
 use tokio_util::sync::CancellationToken;
 
 fn endpoint(c: &Cluster, db: &str) -> Endpoint {
@@ -61,6 +61,10 @@ async fn migrate(
     dump_restore_pre_data(&s, &t, db, Some(snapshot), &plan)
         .await
         .unwrap();
+    // Post-data is dumped while the snapshot is valid and restored after the copy.
+    let post_data = dump_section(&s, db, Some(snapshot), &plan, Section::PostData)
+        .await
+        .unwrap();
     let registry = prometheus::Registry::new();
     let metrics = CopyMetrics::register(&registry).unwrap();
     let progress = CopyProgress::new(db, Some(metrics));
@@ -75,9 +79,7 @@ async fn migrate(
     )
     .await
     .unwrap();
-    dump_restore_post_data(&s, &t, db, Some(snapshot), &plan)
-        .await
-        .unwrap();
+    restore_section(&t, &post_data).await.unwrap();
     let seqs = copy_sequences(&src.client(db).await, &tgt.client(db).await)
         .await
         .unwrap();
@@ -132,6 +134,8 @@ INSERT INTO nokey SELECT i % 10, 'dup' FROM generate_series(1, 40) i;
 CREATE SEQUENCE free_seq START 100;
 SELECT nextval('free_seq'), nextval('free_seq'), nextval('free_seq');
 CREATE SEQUENCE never_called_seq START 7;
+CREATE SEQUENCE "reset Seq";
+SELECT setval('"reset Seq"', 50, false);
 CREATE VIEW v AS SELECT count(*) FROM parted;
 "#;
 
@@ -141,6 +145,7 @@ async fn sequence_state(c: &Cluster, db: &str) -> Vec<(String, i64, bool)> {
     for seq in [
         "free_seq",
         "never_called_seq",
+        "\"reset Seq\"",
         "toasty_id_seq",
         "\"Mixed Case\".\"Types Table_id_seq\"",
     ] {
@@ -292,26 +297,26 @@ async fn large_table_is_split_into_ranges_and_copies_exactly() {
         table_fingerprints(&tgt, "app")
     );
     // Small chunks make verify walk many key ranges.
-    let v = verify_database_chunked(
+    let small_chunks = VerifyOptions {
+        chunk_rows: 1000,
+        ..VerifyOptions::new(VerifyMode::Checksums)
+    };
+    let v = verify_database_with(
         &endpoint(&src, "postgres"),
         &endpoint(&tgt, "postgres"),
         "app",
-        VerifyMode::Checksums,
-        &TableFilter::default(),
-        1000,
+        &small_chunks,
     )
     .await
     .unwrap();
     assert!(v.ok(), "{v:?}");
     // A change in the middle of the table is found in its chunk.
     tgt.psql("app", "UPDATE big SET n = n + 1 WHERE id = 9001");
-    let v = verify_database_chunked(
+    let v = verify_database_with(
         &endpoint(&src, "postgres"),
         &endpoint(&tgt, "postgres"),
         "app",
-        VerifyMode::Checksums,
-        &TableFilter::default(),
-        1000,
+        &small_chunks,
     )
     .await
     .unwrap();

@@ -112,10 +112,13 @@ async fn tokio_postgres_extended_pipelining_notify_and_cancel() {
         .await
         .unwrap_err();
     assert_eq!(e.code().unwrap().code(), "23505");
-    assert_eq!(
-        proxy.handle.sessions().snapshot()[0].tx_status,
-        TxStatus::Failed
-    );
+    // The client may see the error before the proxy has read ReadyForQuery.
+    assert!(wait_until(Duration::from_secs(5), || proxy
+        .handle
+        .sessions()
+        .snapshot()[0]
+        .tx_status
+        == TxStatus::Failed));
     c.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(proxy.handle.gate().sessions_in_transaction(), 0);
     assert_eq!(
@@ -252,4 +255,45 @@ async fn pgbench_all_query_modes() {
     .await
     .unwrap();
     assert!(metric(&proxy.ctx, "pgshift_proxy_transactions_total", "") >= 3600.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_ctrl_c_cancels_through_the_proxy() {
+    let pg = Cluster::start();
+    let proxy = start_proxy(&pg).await;
+    let port = proxy.port;
+    let (elapsed, stderr) = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let child = std::process::Command::new(pg_program("psql"))
+            .args(["-X", "-h", "127.0.0.1", "-U", APP_USER, "-d", "postgres"])
+            .arg("-p")
+            .arg(port.to_string())
+            .args(["-c", "SELECT pg_sleep(30)"])
+            .env("PGPASSWORD", APP_PW)
+            .env("PGSSLMODE", "disable")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Give psql time to connect and start the query, then press Ctrl-C.
+        std::thread::sleep(Duration::from_millis(1500));
+        let st = std::process::Command::new("kill")
+            .arg("-INT")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let out = child.wait_with_output().unwrap();
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}"
+    );
+    assert!(elapsed < Duration::from_secs(15), "{elapsed:?}");
 }

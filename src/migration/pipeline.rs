@@ -34,7 +34,7 @@ pub enum PipelineError {
     Shutdown,
 }
 
-fn step<'a, E: std::fmt::Display>(
+pub(crate) fn step<'a, E: std::fmt::Display>(
     db: &'a str,
     step: &'static str,
 ) -> impl Fn(E) -> PipelineError + 'a {
@@ -293,7 +293,8 @@ impl Pipeline {
             "copy",
             Arc::new(move || serde_json::to_value(p.snapshot()).unwrap_or_default()),
         );
-        let report = copy::copy_database(
+        // copy_database logs its own summary line.
+        copy::copy_database(
             source,
             target,
             db,
@@ -310,14 +311,6 @@ impl Pipeline {
                 step(db, "copying data")(e)
             }
         })?;
-        tracing::info!(
-            database = db,
-            tables = report.tables,
-            rows = report.rows,
-            bytes = report.bytes,
-            seconds = format!("{:.1}", report.seconds),
-            "data copied"
-        );
 
         schema::dump_restore_post_data(source, target, db, Some(&snapshot), &plan)
             .await
@@ -506,11 +499,12 @@ impl Pipeline {
     /// The fence of an attempt (cutover or offline switch) that a stopped
     /// pgshift left unfinished, with its id.
     pub async fn interrupted_fence(&self) -> Result<Option<(String, FenceRecord)>, PipelineError> {
-        let Some((id, doc)) = self.migration.control().unfinished_cutover().await? else {
+        let Some((id, report)) = self.migration.control().unfinished_cutover().await? else {
             return Ok(None);
         };
-        let rec = doc
-            .and_then(|d| serde_json::from_value::<FenceRecord>(d).ok())
+        let rec = report
+            .get("fence")
+            .and_then(|f| serde_json::from_value::<FenceRecord>(f.clone()).ok())
             .unwrap_or_default();
         Ok(Some((id, rec)))
     }

@@ -11,13 +11,17 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 
+use std::sync::Arc;
+
 use prometheus::IntGauge;
 use tokio::sync::{Notify, watch};
+
+use super::sessions::Registry;
 
 pub struct Gate {
     closed: AtomicBool,
     open_tx: watch::Sender<bool>,
-    epoch: watch::Sender<u64>,
+    sessions: Arc<Registry>,
     active: AtomicUsize,
     drained: Notify,
     waiting: AtomicUsize,
@@ -28,7 +32,7 @@ pub struct Gate {
 
 impl Gate {
     pub(crate) fn new(
-        epoch: watch::Sender<u64>,
+        sessions: Arc<Registry>,
         in_tx_gauge: IntGauge,
         paused_gauge: IntGauge,
         waiting_gauge: IntGauge,
@@ -36,7 +40,7 @@ impl Gate {
         Gate {
             closed: AtomicBool::new(false),
             open_tx: watch::Sender::new(true),
-            epoch,
+            sessions,
             active: AtomicUsize::new(0),
             drained: Notify::new(),
             waiting: AtomicUsize::new(0),
@@ -60,7 +64,7 @@ impl Gate {
         self.open_tx.send_replace(true);
         self.paused_gauge.set(0);
         // Wakes idle sessions so they move to a swapped route right away.
-        self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+        self.sessions.wake_all();
         tracing::info!("proxy pause gate opened");
     }
 
@@ -94,20 +98,24 @@ impl Gate {
 
     /// Counts the session in, unless the gate is closed.
     pub(crate) fn try_enter(&self) -> bool {
-        let n = self.active.fetch_add(1, SeqCst) + 1;
+        self.active.fetch_add(1, SeqCst);
         if self.closed.load(SeqCst) {
-            self.leave();
+            self.uncount();
             return false;
         }
-        self.in_tx_gauge.set(n as i64);
+        // inc/dec (not set) so concurrent updates never leave a stale value.
+        self.in_tx_gauge.inc();
         true
     }
 
     /// The session reached a transaction boundary (or ended inside one).
     pub(crate) fn leave(&self) {
-        let before = self.active.fetch_sub(1, SeqCst);
-        self.in_tx_gauge.set(before as i64 - 1);
-        if before == 1 {
+        self.in_tx_gauge.dec();
+        self.uncount();
+    }
+
+    fn uncount(&self) {
+        if self.active.fetch_sub(1, SeqCst) == 1 {
             self.drained.notify_waiters();
         }
     }

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
 
+use super::sessions::Registry;
 use crate::config::{Endpoint, SslMode};
 
 /// A server sessions connect to (the database is the one each client asked for).
@@ -36,14 +36,14 @@ impl Route {
 /// Holds the current route; every swap wakes idle sessions so they move.
 pub struct Router {
     current: ArcSwap<Route>,
-    epoch: watch::Sender<u64>,
+    sessions: Arc<Registry>,
 }
 
 impl Router {
-    pub(crate) fn new(initial: Route, epoch: watch::Sender<u64>) -> Router {
+    pub(crate) fn new(initial: Route, sessions: Arc<Registry>) -> Router {
         Router {
             current: ArcSwap::from_pointee(initial),
-            epoch,
+            sessions,
         }
     }
 
@@ -62,7 +62,7 @@ impl Router {
     pub fn swap(&self, route: Route) -> Arc<Route> {
         tracing::info!(route = %route.name, host = %route.host, port = route.port, "proxy route swapped");
         let old = self.current.swap(Arc::new(route));
-        self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+        self.sessions.wake_all();
         old
     }
 }

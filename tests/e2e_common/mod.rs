@@ -321,10 +321,11 @@ pub fn proxied_writer(
                 let mut s = seen.lock().unwrap();
                 s.slowest = s.slowest.max(t.elapsed());
                 if let Err(e) = r {
-                    let detail = e.as_db_error().map(|d| {
-                        format!("{} {} ({:?})", d.code().code(), d.message(), d.detail())
-                    });
-                    s.errors.push(format!("id {id}: {e} {}", detail.unwrap_or_default()));
+                    let detail = e
+                        .as_db_error()
+                        .map(|d| format!("{} {} ({:?})", d.code().code(), d.message(), d.detail()));
+                    s.errors
+                        .push(format!("id {id}: {e} {}", detail.unwrap_or_default()));
                     return;
                 }
             }

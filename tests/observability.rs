@@ -1,0 +1,241 @@
+//! Observability is part of the feature: after a real migration and cutover,
+//! every metric the README documents is exported (and nothing undocumented),
+//! every metric the Grafana dashboard queries exists, and the /metrics text
+//! passes `promtool check metrics` when promtool is installed.
+
+mod common;
+use common::*;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use pgshift::admin::commands::{AdminCommand, CommandKind};
+
+/// Metrics that only appear once something went wrong.
+const ONLY_AFTER_ERRORS: &[&str] = &["pgshift_proxy_errors_total", "pgshift_apply_errors_total"];
+
+fn readme_metrics() -> BTreeSet<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## Metrics")
+        .nth(1)
+        .expect("README has a Metrics section");
+    section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `pgshift_"))
+        .map(|l| format!("pgshift_{}", l.split('`').next().unwrap()))
+        .collect()
+}
+
+fn dashboard_metrics() -> BTreeSet<String> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dashboards/pgshift.json"
+    ))
+    .unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard is valid JSON");
+    assert!(
+        dash["templating"]["list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["type"] == "datasource"),
+        "the data source is a variable"
+    );
+    let mut out = BTreeSet::new();
+    let mut exprs = Vec::new();
+    collect_exprs(&dash, &mut exprs);
+    assert!(exprs.len() > 10, "dashboard has panels with queries");
+    for e in exprs {
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find("pgshift_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            out.insert(tail[..end].to_string());
+            rest = &tail[end..];
+        }
+    }
+    out
+}
+
+fn collect_exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                if k == "expr" {
+                    if let Some(s) = x.as_str() {
+                        out.push(s.to_string());
+                    }
+                } else {
+                    collect_exprs(x, out);
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_exprs(x, out)),
+        _ => {}
+    }
+}
+
+async fn wait_state(ctx: &pgshift::Context, state: &str, timeout: Duration) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let doc = ctx.status.render();
+        if doc["state"] == state {
+            return doc;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "state never became {state}: {doc}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn scrape(admin: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_readme_and_dashboard_agree_after_a_real_cutover() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    source.create_db("shop");
+    source.psql(
+        "shop",
+        "CREATE TABLE orders (id bigserial PRIMARY KEY, amount int NOT NULL);
+         INSERT INTO orders (amount) SELECT g FROM generate_series(1, 1000) g;
+         GRANT ALL ON orders, orders_id_seq TO app;",
+    );
+    let config = config_for(
+        &source,
+        &target,
+        "[migration]\nname = \"obs\"\ndatabases = [\"shop\"]\n[cutover]\nverify = \"counts\"\n",
+    );
+    let admin = config.admin_listen;
+    let proxy_addr = config.proxy_listen;
+    let running = pgshift::run::start(config).await.unwrap();
+    let ctx = running.ctx.clone();
+    wait_state(&ctx, "WaitingForUserAction", Duration::from_secs(60)).await;
+
+    // Traffic through the proxy, streamed to the target.
+    let client = connect(&format!(
+        "postgres://{APP_USER}:{APP_PW}@{proxy_addr}/shop?sslmode=disable"
+    ))
+    .await;
+    for i in 0..20 {
+        client
+            .execute("INSERT INTO orders (amount) VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+    }
+    client
+        .execute("UPDATE orders SET amount = amount + 1 WHERE id < 10", &[])
+        .await
+        .unwrap();
+    client
+        .execute("DELETE FROM orders WHERE id = 5", &[])
+        .await
+        .unwrap();
+
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    ctx.commands
+        .get()
+        .unwrap()
+        .send(AdminCommand {
+            kind: CommandKind::Cutover,
+            reply,
+        })
+        .await
+        .unwrap();
+    rx.await.unwrap().unwrap();
+    let doc = wait_state(&ctx, "Succeeded", Duration::from_secs(60)).await;
+    assert_eq!(doc["last_cutover"]["outcome"], "succeeded", "{doc}");
+    client
+        .execute("INSERT INTO orders (amount) VALUES (7)", &[])
+        .await
+        .unwrap();
+
+    let text = scrape(admin).await;
+    running.shutdown().await;
+
+    let exported: BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect();
+    for l in text.lines().filter(|l| l.starts_with("# HELP ")) {
+        assert!(
+            l.split_whitespace().count() > 3,
+            "metric without help text: {l}"
+        );
+    }
+    let documented = readme_metrics();
+    assert!(documented.len() > 20, "{documented:?}");
+    let undocumented: Vec<_> = exported.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "exported but not in README: {undocumented:?}"
+    );
+    let missing: Vec<_> = documented
+        .difference(&exported)
+        .filter(|m| !ONLY_AFTER_ERRORS.contains(&m.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "in README but not exported: {missing:?}"
+    );
+    let unknown: Vec<_> = dashboard_metrics()
+        .into_iter()
+        .filter(|m| !documented.contains(m))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "dashboard queries metrics pgshift does not export: {unknown:?}"
+    );
+    assert!(
+        text.contains("pgshift_cutover_attempts_total{outcome=\"succeeded\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("pgshift_migration_state{state=\"Succeeded\",substate=\"Completed\"} 1"));
+
+    // promtool's own checker, when installed (CI installs it).
+    if let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("promtool not installed: skipping its check");
+    }
+}
