@@ -118,7 +118,9 @@ fn online_migration_streams_direct_and_proxied_writes() {
         .output()
         .unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json");
-    assert_eq!(doc["databases"]["shop"]["stream"]["lag_bytes"], 0);
+    // (lag_bytes itself moves with any WAL the source writes meanwhile.)
+    assert_eq!(doc["state"], "WaitingForUserAction");
+    assert_eq!(doc["databases"]["shop"]["stream"]["state"], "streaming");
 }
 
 #[test]
