@@ -8,7 +8,8 @@
 use std::time::Instant;
 
 use pgshift::config::{Endpoint, parse_bytes};
-use pgshift::replication::copy::{CopyOptions, CopyProgress, TableFilter, copy_database};
+use pgshift::filter::TableFilter;
+use pgshift::replication::copy::{CopyOptions, CopyProgress, copy_database};
 use pgshift::schema::{self, Section};
 use tokio_util::sync::CancellationToken;
 

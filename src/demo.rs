@@ -511,9 +511,20 @@ fn print_report(
             );
         }
     }
+    let pause_ms = c["pause_seconds"].as_f64().unwrap_or(0.0) * 1000.0;
+    let verify_ms: f64 = c["phases"]
+        .as_array()
+        .map(|p| {
+            p.iter()
+                .filter(|x| x["phase"] == "verify")
+                .map(|x| x["seconds"].as_f64().unwrap_or(0.0) * 1000.0)
+                .sum()
+        })
+        .unwrap_or(0.0);
     println!(
-        "pause       {:.1} ms gate closed → opened; the slowest client transaction took {:.1} ms",
-        c["pause_seconds"].as_f64().unwrap_or(0.0) * 1000.0,
+        "pause       {pause_ms:.1} ms gate closed → opened ({:.1} ms without the optional verification, cutover.verify); \
+         the slowest client transaction took {:.1} ms",
+        pause_ms - verify_ms,
         stats.max_latency_us.load(Ordering::Relaxed) as f64 / 1000.0
     );
     println!(

@@ -11,6 +11,7 @@ pub mod context;
 pub mod cutover;
 pub mod db;
 pub mod demo;
+pub mod filter;
 pub mod localpg;
 pub mod migration;
 pub mod pgbin;

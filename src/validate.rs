@@ -7,7 +7,6 @@
 //! exists on the target when its contents must be inspected.
 
 mod database;
-mod filter;
 mod objects;
 mod render;
 mod server;
@@ -19,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, MigrationMode};
 
-pub use filter::{TableFilter, glob_match};
+use crate::filter::TableFilter;
 pub use render::{render_json, render_table};
 
 /// The outcome of one check.
@@ -151,6 +150,12 @@ impl ValidationReport {
 /// Runs every check against the configured source and target.
 /// Never fails: an unreachable server or a failing query becomes a Failed row.
 pub async fn validate(config: &Config) -> ValidationReport {
+    validate_resuming(config, &[]).await
+}
+
+/// [`validate`] for a migration that resumes after a restart: `own_copies`
+/// are target databases that already hold this migration's copy.
+pub async fn validate_resuming(config: &Config, own_copies: &[String]) -> ValidationReport {
     let Some(m) = config.migration() else {
         let c = Check::failed(
             "migration",
@@ -182,7 +187,8 @@ pub async fn validate(config: &Config) -> ValidationReport {
     checks.extend(server::target_checks(target.as_ref(), source.as_ref(), m, &config.target).await);
     checks.push(server::pg_dump_check(source.as_ref(), target.as_ref()).await);
 
-    let env = database::Environment::load(m, source.as_ref(), target.as_ref()).await;
+    let mut env = database::Environment::load(m, source.as_ref(), target.as_ref()).await;
+    env.own_copies = own_copies.iter().cloned().collect();
     checks.extend(env.checks.iter().cloned());
     // A few databases at a time: each one holds a source connection while checked.
     // Owned names: a closure over borrowed ones makes this future not Send

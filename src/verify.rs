@@ -17,7 +17,8 @@ use tokio_postgres::Client;
 
 use crate::config::{Config, ConfigError, Endpoint};
 use crate::db::{self, DbError, quote_ident, quote_literal};
-use crate::replication::copy::{CopyError, TableFilter, list_tables};
+use crate::filter::TableFilter;
+use crate::replication::copy::{CopyError, list_tables};
 
 /// Rows per checksum chunk.
 pub const CHUNK_ROWS: i64 = 100_000;
@@ -410,10 +411,7 @@ pub async fn run_cli(
         return Err(VerifyError::NoDatabases);
     }
     let filter = migration
-        .map(|m| TableFilter {
-            include: m.tables.clone(),
-            exclude: m.exclude_tables.clone(),
-        })
+        .map(TableFilter::from_migration)
         .unwrap_or_default();
     let mut reports = Vec::new();
     for db in &databases {

@@ -7,8 +7,9 @@ use common::*;
 use std::sync::Arc;
 
 use pgshift::config::Endpoint;
+use pgshift::filter::TableFilter;
 use pgshift::replication::copy::{
-    CopyMetrics, CopyOptions, CopyProgress, CopyReport, TableFilter, TableState, copy_database,
+    CopyMetrics, CopyOptions, CopyProgress, CopyReport, TableState, copy_database,
 };
 use pgshift::schema::{
     self, SchemaError, Section, TargetPrepared, copy_sequences, dump_restore_pre_data,

@@ -36,16 +36,23 @@ pub async fn fence(
     roles: &[String],
     spare_pids: &[i32],
 ) -> Result<FenceRecord, FenceError> {
+    let mut rec = plan(admin, databases, roles).await?;
+    apply(admin, &mut rec, spare_pids).await?;
+    Ok(rec)
+}
+
+/// Reads what the fence is about to change (each database's previous
+/// setting, the roles that can log in) without changing anything, so the
+/// record can be persisted *before* the fence goes up: a pgshift killed in
+/// the middle of [`apply`] still knows what to lift.
+pub async fn plan(
+    admin: &Client,
+    databases: &[String],
+    roles: &[String],
+) -> Result<FenceRecord, FenceError> {
     let mut rec = FenceRecord::default();
     for db in databases {
         let prev = previous_read_only(admin, db).await?;
-        admin
-            .batch_execute(&format!(
-                "ALTER DATABASE {} SET default_transaction_read_only = on",
-                quote_ident(db)
-            ))
-            .await
-            .map_err(|e| sql_err(&format!("ALTER DATABASE {db}"), e))?;
         rec.databases.push((db.clone(), prev));
     }
     for role in roles {
@@ -58,13 +65,34 @@ pub async fn fence(
             .map_err(|e| sql_err("reading roles", e))?
             .map(|r| r.get(0));
         if can_login == Some(true) {
-            admin
-                .batch_execute(&format!("ALTER ROLE {} NOLOGIN", quote_ident(role)))
-                .await
-                .map_err(|e| sql_err(&format!("ALTER ROLE {role} NOLOGIN"), e))?;
             rec.roles.push(role.clone());
         }
     }
+    Ok(rec)
+}
+
+/// Puts up the fence planned by [`plan`].
+pub async fn apply(
+    admin: &Client,
+    rec: &mut FenceRecord,
+    spare_pids: &[i32],
+) -> Result<(), FenceError> {
+    for (db, _) in &rec.databases {
+        admin
+            .batch_execute(&format!(
+                "ALTER DATABASE {} SET default_transaction_read_only = on",
+                quote_ident(db)
+            ))
+            .await
+            .map_err(|e| sql_err(&format!("ALTER DATABASE {db}"), e))?;
+    }
+    for role in &rec.roles {
+        admin
+            .batch_execute(&format!("ALTER ROLE {} NOLOGIN", quote_ident(role)))
+            .await
+            .map_err(|e| sql_err(&format!("ALTER ROLE {role} NOLOGIN"), e))?;
+    }
+    let databases: Vec<String> = rec.databases.iter().map(|(d, _)| d.clone()).collect();
     // Sessions that bypassed the proxy: any client backend on a migrated
     // database that is neither one of the proxy's nor pgshift's own.
     let n: i64 = admin
@@ -78,7 +106,7 @@ pub async fn fence(
         .map_err(|e| sql_err("terminating sessions that bypass the proxy", e))?
         .get(0);
     rec.terminated_sessions = n as u64;
-    Ok(rec)
+    Ok(())
 }
 
 async fn previous_read_only(admin: &Client, db: &str) -> Result<Option<String>, FenceError> {

@@ -1,5 +1,6 @@
 //! The cutover protocol (DESIGN.md "Cutover", issue 5):
-//! 1 gate → 2 drain → 3 fence → 4 marker → 5 sequences → 6 verify →
+//! 0 prepare (connections) and prewarm (target backends opened while clients
+//! run) → 1 gate → 2 drain → 3 fence → 4 marker → 5 sequences → 6 verify →
 //! 7 point of no return (persist "switched", swap route, move sessions, open
 //! the gate) → finish (stop streaming, drop slot and publication).
 //! Every phase is timed, logged and exported; any failure or timeout before 7
@@ -25,6 +26,12 @@ pub trait CutoverHost: Send + Sync {
     /// Before the gate closes (not part of the pause): opens every connection
     /// the cutover will need, so the pause pays no connection set-up.
     fn prepare(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// Before the gate closes (not part of the pause): opens a backend on the
+    /// target for every session, so moving it pays only for its state.
+    /// Returns how many are ready.
+    fn prewarm(&self) -> impl Future<Output = usize> + Send;
+    /// The switch will not happen: closes the pre-warmed backends.
+    fn discard_prewarm(&self);
     /// Holds every session's next transaction (idle ones at their next request).
     fn close_gate(&self);
     /// Releases held sessions on whatever the route points at.
@@ -148,6 +155,21 @@ impl Report for LastCutover {
     }
 }
 
+/// Test hook for the crash tests: `PGSHIFT_FAILPOINT=after:<phase>` (read
+/// once) makes every cutover attempt stop for an hour right after that phase
+/// (prepare, prewarm, gate, drain, fence, marker, sequences, verify, switch) so a test
+/// can kill pgshift inside it. Unset in production: then it does nothing.
+fn failpoint() -> Option<&'static str> {
+    static FAILPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    FAILPOINT
+        .get_or_init(|| {
+            std::env::var("PGSHIFT_FAILPOINT")
+                .ok()
+                .and_then(|v| v.strip_prefix("after:").map(str::to_string))
+        })
+        .as_deref()
+}
+
 /// Why an attempt stopped before the point of no return.
 #[derive(Debug)]
 struct Abort {
@@ -201,6 +223,17 @@ impl<H: CutoverHost> Attempt<'_, H> {
         self.publish();
     }
 
+    async fn prewarm(&mut self) {
+        let t = Instant::now();
+        let n = self.host.prewarm().await;
+        self.record(
+            "prewarm",
+            t,
+            "ok",
+            Some(format!("{n} backend(s) ready on the target")),
+        );
+    }
+
     async fn gate(&mut self) {
         let t = Instant::now();
         self.host.close_gate();
@@ -249,28 +282,31 @@ impl<H: CutoverHost> Attempt<'_, H> {
     async fn fence(&mut self, admin: &tokio_postgres::Client) -> Result<(), Abort> {
         let t = Instant::now();
         let dbs = self.migration.cfg.databases.clone();
+        let mut rec = match fence::plan(admin, &dbs, &self.cfg.fence_roles).await {
+            Ok(rec) => rec,
+            Err(e) => {
+                self.record("fence", t, "failed", Some(e.to_string()));
+                return Err(Abort {
+                    reason: e.to_string(),
+                });
+            }
+        };
+        // Persisted before the fence goes up: a pgshift killed from here on
+        // lifts this fence when it comes back (unless it had already switched).
+        if let Err(e) = self.persist_running(Some(&rec)).await {
+            let reason = format!("cannot persist the fence record: {e}");
+            self.record("fence", t, "failed", Some(reason.clone()));
+            return Err(Abort { reason });
+        }
+        // From here on an abort lifts it, also when only part of it went up.
+        self.fence = Some(rec.clone());
         let spare = self.host.source_backend_pids();
-        match fence::fence(admin, &dbs, &self.cfg.fence_roles, &spare).await {
-            Ok(rec) => {
+        match fence::apply(admin, &mut rec, &spare).await {
+            Ok(()) => {
                 let detail = format!(
                     "terminated {} session(s) that bypassed the proxy",
                     rec.terminated_sessions
                 );
-                // Persisted at once: a pgshift killed from here on lifts this
-                // fence when it comes back (unless it had already switched).
-                let mut doc = serde_json::to_value(&self.report).unwrap_or_default();
-                doc["fence"] = serde_json::to_value(&rec).unwrap_or_default();
-                if let Err(e) = self
-                    .migration
-                    .control()
-                    .save_cutover_attempt(&self.report.id, "running", None, &doc)
-                    .await
-                {
-                    let reason = format!("cannot persist the fence record: {e}");
-                    self.fence = Some(rec);
-                    self.record("fence", t, "failed", Some(reason.clone()));
-                    return Err(Abort { reason });
-                }
                 self.fence = Some(rec);
                 self.record("fence", t, "ok", Some(detail));
                 Ok(())
@@ -281,6 +317,34 @@ impl<H: CutoverHost> Attempt<'_, H> {
                     reason: e.to_string(),
                 })
             }
+        }
+    }
+
+    /// Saves the attempt as running (with the fence record once there is one),
+    /// so a restarted pgshift knows an attempt was interrupted and what to undo.
+    async fn persist_running(
+        &self,
+        fence: Option<&FenceRecord>,
+    ) -> Result<(), crate::migration::ControlError> {
+        let mut doc = serde_json::to_value(&self.report).unwrap_or_default();
+        if let Some(rec) = fence {
+            doc["fence"] = serde_json::to_value(rec).unwrap_or_default();
+        }
+        self.migration
+            .control()
+            .save_cutover_attempt(&self.report.id, "running", None, &doc)
+            .await
+    }
+
+    /// Test hook, see [`failpoint`].
+    async fn failpoint(&self, phase: &str) {
+        if failpoint() == Some(phase) {
+            tracing::warn!(
+                cutover = %self.report.id,
+                phase,
+                "PGSHIFT_FAILPOINT: the cutover stops here (test hook)"
+            );
+            tokio::time::sleep(Duration::from_secs(3600)).await;
         }
     }
 
@@ -375,6 +439,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
             // operator must lift the read-only setting by hand.
             detail.push(format!("LIFTING THE FENCE FAILED, run ALTER DATABASE … RESET default_transaction_read_only: {e}"));
         }
+        self.host.discard_prewarm();
         self.host.open_gate();
         if let Some(g) = self.gate_closed_at {
             let p = g.elapsed().as_secs_f64();
@@ -435,6 +500,10 @@ pub async fn run<H: CutoverHost>(
         a.publish();
         return finish(a).await;
     }
+    // Recorded at once: a restarted pgshift reports an interrupted attempt.
+    if let Err(e) = a.persist_running(None).await {
+        tracing::warn!("cannot record the cutover attempt as running: {e}");
+    }
 
     let admin = match crate::db::connect(&a.ctx.config.source, "source (cutover)").await {
         Ok(c) => c,
@@ -452,14 +521,22 @@ pub async fn run<H: CutoverHost>(
         return finish(a).await;
     }
     a.record("prepare", t, "ok", None);
-
+    a.failpoint("prepare").await;
+    a.prewarm().await;
+    a.failpoint("prewarm").await;
     a.gate().await;
+    a.failpoint("gate").await;
     let before_switch: Result<(), Abort> = async {
         a.drain().await?;
+        a.failpoint("drain").await;
         a.fence(&admin).await?;
+        a.failpoint("fence").await;
         a.catch_up().await?;
+        a.failpoint("marker").await;
         a.sequences().await?;
+        a.failpoint("sequences").await;
         a.verify().await?;
+        a.failpoint("verify").await;
         Ok(())
     }
     .await;
@@ -471,6 +548,7 @@ pub async fn run<H: CutoverHost>(
         a.abort(Some(&admin), reason).await;
         return finish(a).await;
     }
+    a.failpoint("switch").await;
 
     // Past the point of no return: clients run on the target. What follows
     // is cleanup; a failure is reported but never undoes the switch.

@@ -255,22 +255,25 @@ impl ControlStore {
     }
 
     /// A cutover attempt that never finished (pgshift stopped inside it):
-    /// its id and the fence record it persisted, if any.
+    /// its id and the report it persisted (with `fence` once the fence was planned).
     pub async fn unfinished_cutover(
         &self,
-    ) -> Result<Option<(String, Option<serde_json::Value>)>, ControlError> {
+    ) -> Result<Option<(String, serde_json::Value)>, ControlError> {
         let row = self
             .client
             .query_opt(
-                "SELECT id, (report -> 'fence')::text FROM pgshift.cutover_attempt
+                "SELECT id, report::text FROM pgshift.cutover_attempt
                  WHERE migration = $1 AND outcome = 'running' ORDER BY started_at DESC LIMIT 1",
                 &[&self.migration],
             )
             .await
             .map_err(|e| self.sql(e))?;
         Ok(row.map(|r| {
-            let fence: Option<String> = r.get(1);
-            (r.get(0), fence.and_then(|f| serde_json::from_str(&f).ok()))
+            let report: Option<String> = r.get(1);
+            let report = report
+                .and_then(|f| serde_json::from_str(&f).ok())
+                .unwrap_or(serde_json::Value::Null);
+            (r.get(0), report)
         }))
     }
 

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::{DatabasePhase, Migration, State, Substate};
 use crate::config::{MigrationMode, MigrationOption};
 use crate::context::Context;
+use crate::cutover::fence::{self, FenceRecord};
 use crate::proxy::ProxyHandle;
 use crate::replication::Lsn;
 use crate::replication::client::{ReplicationConnection, SnapshotAction};
@@ -93,7 +94,7 @@ impl Pipeline {
         self.migration
             .transition(State::InProgress, Substate::ValidationInProgress, None)
             .await?;
-        let report = crate::validate::validate(&self.ctx.config).await;
+        let report = crate::validate::validate_resuming(&self.ctx.config, &self.own_copies()).await;
         let summary = serde_json::to_value(&report).unwrap_or_default();
         self.ctx
             .status
@@ -123,6 +124,27 @@ impl Pipeline {
             return Ok(false);
         }
         Ok(true)
+    }
+
+    /// Databases whose target copy is this migration's own work (a restart
+    /// after the copy began): validation must not take them for foreign data.
+    fn own_copies(&self) -> Vec<String> {
+        self.cfg()
+            .databases
+            .iter()
+            .filter(|db| {
+                self.migration.database_row(db).is_some_and(|r| {
+                    matches!(
+                        r.phase,
+                        DatabasePhase::Copying
+                            | DatabasePhase::Copied
+                            | DatabasePhase::Streaming
+                            | DatabasePhase::ApplyStopped
+                    )
+                })
+            })
+            .cloned()
+            .collect()
     }
 
     /// Copies every database that is not already copied. A database whose
@@ -340,12 +362,20 @@ impl Pipeline {
 
     /// Offline mode: with writes held at the proxy and the source fenced,
     /// copy everything, point the route at the target and open the gate.
+    /// The fence is persisted as a cutover attempt, so a pgshift killed
+    /// mid-copy keeps the source fenced (the databases it already copied
+    /// stay exact) and can still lift the fence to what it was before.
     pub async fn offline(&self) -> Result<(), PipelineError> {
+        let earlier = self.interrupted_fence().await?;
         let gate = self.proxy.gate();
         gate.close();
         let drain = self.ctx.config.cutover().drain_timeout.0;
         if tokio::time::timeout(drain, gate.drained()).await.is_err() {
             gate.open();
+            // A fence an interrupted run left must not outlive this failure.
+            if let Some((id, rec)) = earlier {
+                self.lift_interrupted_fence(&id, rec).await?;
+            }
             let n = gate.sessions_in_transaction();
             self.migration
                 .transition(
@@ -361,22 +391,7 @@ impl Pipeline {
         let admin = crate::db::connect(&self.ctx.config.source, "source (fence)")
             .await
             .map_err(step("-", "connecting to fence the source"))?;
-        let spare: Vec<i32> = self
-            .proxy
-            .sessions()
-            .sessions()
-            .iter()
-            .map(|s| s.backend().pid)
-            .collect();
-        let fence = crate::cutover::fence::fence(
-            &admin,
-            &self.cfg().databases,
-            &self.ctx.config.cutover().fence_roles,
-            &spare,
-        )
-        .await
-        .map_err(step("-", "fencing the source"));
-        let fence = match fence {
+        let (id, fence) = match self.offline_fence(&admin, earlier).await {
             Ok(f) => f,
             Err(e) => {
                 gate.open();
@@ -385,6 +400,7 @@ impl Pipeline {
         };
         match self.copy_all().await {
             Ok(_) => {
+                self.save_offline_attempt(&id, "succeeded", &fence).await?;
                 self.migration.mark_switched().await?;
                 self.proxy
                     .router()
@@ -409,13 +425,118 @@ impl Pipeline {
             }
             Err(e) => {
                 // Nothing switched: clients get the source back, unfenced.
-                if let Err(le) = crate::cutover::fence::lift(&admin, &fence).await {
+                if let Err(le) = fence::lift(&admin, &fence).await {
                     tracing::error!("lifting the fence after a failed offline copy: {le}");
+                } else if let Err(se) = self.save_offline_attempt(&id, "aborted", &fence).await {
+                    tracing::error!("recording the lifted fence: {se}");
                 }
                 gate.open();
                 Err(e)
             }
         }
+    }
+
+    /// Fences the source for the offline copy and persists what the fence
+    /// changed before any copying. A fence left by an interrupted run is
+    /// kept as the record: it holds the settings from before any fence.
+    async fn offline_fence(
+        &self,
+        admin: &tokio_postgres::Client,
+        earlier: Option<(String, FenceRecord)>,
+    ) -> Result<(String, FenceRecord), PipelineError> {
+        let spare: Vec<i32> = self
+            .proxy
+            .sessions()
+            .sessions()
+            .iter()
+            .map(|s| s.backend().pid)
+            .collect();
+        let fresh = fence::fence(
+            admin,
+            &self.cfg().databases,
+            &self.ctx.config.cutover().fence_roles,
+            &spare,
+        )
+        .await
+        .map_err(step("-", "fencing the source"))?;
+        let (id, rec) = match earlier {
+            Some((id, mut old)) => {
+                // Roles the new fence found still able to log in were not fenced before.
+                for r in fresh.roles {
+                    if !old.roles.contains(&r) {
+                        old.roles.push(r);
+                    }
+                }
+                (id, old)
+            }
+            None => (
+                format!("offline-{}", chrono::Utc::now().format("%Y%m%dT%H%M%S")),
+                fresh,
+            ),
+        };
+        if let Err(e) = self.save_offline_attempt(&id, "running", &rec).await {
+            let _ = fence::lift(admin, &rec).await;
+            return Err(e);
+        }
+        Ok((id, rec))
+    }
+
+    async fn save_offline_attempt(
+        &self,
+        id: &str,
+        outcome: &str,
+        rec: &FenceRecord,
+    ) -> Result<(), PipelineError> {
+        let doc =
+            json!({"id": id, "kind": "offline", "outcome": outcome, "fence": rec, "phases": []});
+        self.migration
+            .control()
+            .save_cutover_attempt(id, outcome, None, &doc)
+            .await?;
+        Ok(())
+    }
+
+    /// The fence of an attempt (cutover or offline switch) that a stopped
+    /// pgshift left unfinished, with its id.
+    pub async fn interrupted_fence(&self) -> Result<Option<(String, FenceRecord)>, PipelineError> {
+        let Some((id, report)) = self.migration.control().unfinished_cutover().await? else {
+            return Ok(None);
+        };
+        let rec = report
+            .get("fence")
+            .and_then(|f| serde_json::from_value::<FenceRecord>(f.clone()).ok())
+            .unwrap_or_default();
+        Ok(Some((id, rec)))
+    }
+
+    /// Lifts an interrupted attempt's fence exactly and records the attempt
+    /// as interrupted; returns the reason to report.
+    pub async fn lift_interrupted_fence(
+        &self,
+        id: &str,
+        rec: FenceRecord,
+    ) -> Result<String, PipelineError> {
+        const STEP: &str = "lifting the fence of an interrupted cutover";
+        // An attempt stopped before it fenced anything needs no source connection.
+        if rec != FenceRecord::default() {
+            let admin = crate::db::connect(&self.ctx.config.source, "source (lift fence)")
+                .await
+                .map_err(step("-", STEP))?;
+            fence::lift(&admin, &rec).await.map_err(step("-", STEP))?;
+        }
+        let reason = format!(
+            "cutover {id} was interrupted by a pgshift restart before the switch; fence lifted"
+        );
+        self.migration
+            .control()
+            .save_cutover_attempt(
+                id,
+                "interrupted",
+                Some(&reason),
+                &json!({"id": id, "outcome": "interrupted", "reason": reason, "phases": []}),
+            )
+            .await?;
+        Ok(reason)
     }
 
     /// Releases the source's slots and publications (cancel, or after cutover).

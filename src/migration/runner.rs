@@ -3,6 +3,7 @@
 //! operator's commands and the automatic trigger.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -34,6 +35,15 @@ struct CutoverConns {
     )>,
 }
 
+/// Clears [`Runner::cutover_running`] when the attempt's task ends.
+struct RunningGuard(Arc<AtomicBool>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
 pub struct Runner {
     pipeline: Pipeline,
     cutover_conns: Mutex<Option<CutoverConns>>,
@@ -41,6 +51,10 @@ pub struct Runner {
     stream_metrics: StreamMetrics,
     cutover_metrics: CutoverMetrics,
     last_cutover: LastCutover,
+    /// Set from the moment a cutover is accepted until it has finished: the
+    /// state only says CompletingMigration once the attempt's task runs, and
+    /// a second request in between must not start a second attempt.
+    cutover_running: Arc<AtomicBool>,
 }
 
 /// Opens the migration (before the proxy serves, so a switched migration
@@ -82,6 +96,7 @@ pub async fn start(
         stream_metrics: StreamMetrics::register(&ctx.registry),
         cutover_metrics: CutoverMetrics::new(&ctx.registry),
         last_cutover,
+        cutover_running: Arc::new(AtomicBool::new(false)),
     });
     Ok(Some(tokio::spawn(runner.drive(rx))))
 }
@@ -97,6 +112,14 @@ async fn open_with_retry(
             Err(e @ super::ControlError::Connect(_)) if Instant::now() < deadline => {
                 tracing::warn!("waiting for the target's control schema: {e}");
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            // A pgshift restarted right after a crash: the dead process's
+            // backend on the target may not have noticed yet and still holds
+            // the lock for a moment. A live second pgshift keeps it and is
+            // refused after the wait.
+            Err(e @ super::ControlError::Locked(_)) if Instant::now() < deadline => {
+                tracing::warn!("{e}; waiting for it to be released");
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => return Err(e),
         }
@@ -214,29 +237,28 @@ impl Runner {
     async fn undo_interrupted_cutover(&self) -> Result<(), PipelineError> {
         let m = self.migration();
         let unfinished = m.control().unfinished_cutover().await?;
-        if let Some((id, fence_doc)) = unfinished {
-            if let Some(doc) = fence_doc
-                && let Ok(rec) = serde_json::from_value::<FenceRecord>(doc)
+        if let Some((id, mut report)) = unfinished {
+            if let Some(rec) = report
+                .get("fence")
+                .and_then(|f| serde_json::from_value::<FenceRecord>(f.clone()).ok())
             {
-                const STEP: &str = "lifting the fence of an interrupted cutover";
-                let admin = crate::db::connect(&self.ctx().config.source, "source (lift fence)")
-                    .await
-                    .map_err(super::pipeline::step("-", STEP))?;
-                fence::lift(&admin, &rec)
-                    .await
-                    .map_err(super::pipeline::step("-", STEP))?;
+                self.lift_fence_until_done(&rec).await?;
             }
             let reason = format!(
-                "cutover {id} was interrupted by a pgshift restart before the switch; fence lifted"
+                "cutover {id} was interrupted by a pgshift restart before the switch; the gate is open and the fence (if any) lifted"
             );
+            // Keep the phases it got through: they tell where it stopped.
+            if !report.is_object() {
+                report = json!({"id": id, "phases": []});
+            }
+            report["outcome"] = json!("interrupted");
+            report["reason"] = json!(reason);
             m.control()
-                .save_cutover_attempt(
-                    &id,
-                    "interrupted",
-                    Some(&reason),
-                    &json!({"id": id, "outcome": "interrupted", "reason": reason, "phases": []}),
-                )
+                .save_cutover_attempt(&id, "interrupted", Some(&reason), &report)
                 .await?;
+            if let Ok(r) = serde_json::from_value(report) {
+                self.last_cutover.set(r);
+            }
             m.transition(
                 State::WaitingForUserAction,
                 Substate::WaitingForCutoverTrigger,
@@ -245,6 +267,33 @@ impl Runner {
             .await?;
         }
         Ok(())
+    }
+
+    /// Lifts a fence left by an interrupted cutover, retrying while the
+    /// source is unreachable: giving up would leave it read-only for good.
+    async fn lift_fence_until_done(&self, rec: &FenceRecord) -> Result<(), PipelineError> {
+        let mut delay = Duration::from_millis(500);
+        loop {
+            let r = match crate::db::connect(&self.ctx().config.source, "source (lift fence)").await
+            {
+                Ok(admin) => fence::lift(&admin, rec).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!("fence of the interrupted cutover lifted");
+                    return Ok(());
+                }
+                Err(e) => tracing::warn!(
+                    "cannot lift the fence of an interrupted cutover yet (retrying in {delay:?}): {e}"
+                ),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.pipeline.cancel.cancelled() => return Err(PipelineError::Shutdown),
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
     }
 
     async fn start_streaming(&self, copied: Vec<Copied>) -> Result<(), PipelineError> {
@@ -298,6 +347,11 @@ impl Runner {
                 "cutover is allowed only in WaitingForUserAction/WaitingForCutoverTrigger; the migration is {state}/{substate}"
             )));
         }
+        if self.cutover_running.swap(true, Ordering::SeqCst) {
+            return Err(CommandError::Conflict(
+                "a cutover is already running; wait for it to finish or abort".into(),
+            ));
+        }
         let id = format!(
             "{}-{}",
             chrono::Utc::now().format("%Y%m%dT%H%M%S"),
@@ -305,9 +359,11 @@ impl Runner {
         );
         let this = self.clone();
         let id2 = id.clone();
-        // Mark the attempt as running right away so --wait can follow it.
         tracing::info!(trigger, cutover = %id, "cutover requested");
+        let running = RunningGuard(self.cutover_running.clone());
         tokio::spawn(async move {
+            // Cleared however the attempt ends, also if its task panics.
+            let _running = running;
             let ctx = this.ctx().clone();
             protocol::run(
                 &ctx,
@@ -330,7 +386,9 @@ impl Runner {
             ));
         }
         let (state, substate) = m.state();
-        if state == State::InProgress && substate == Substate::CompletingMigration {
+        if self.cutover_running.load(Ordering::SeqCst)
+            || (state == State::InProgress && substate == Substate::CompletingMigration)
+        {
             return Err(CommandError::Conflict(
                 "a cutover is running; wait for it to finish or abort".into(),
             ));
@@ -397,13 +455,16 @@ impl Runner {
         if max_lag >= cfg.start_when_lag_below.0 {
             return;
         }
-        *attempts += 1;
-        tracing::info!(
-            attempt = *attempts,
-            max_lag,
-            "inside the maintenance window with small lag: starting the cutover"
-        );
-        let _ = self.clone().start_cutover("auto");
+        // Only an attempt that really started counts toward max_attempts
+        // (a manual one may have been accepted a moment ago).
+        if self.clone().start_cutover("auto").is_ok() {
+            *attempts += 1;
+            tracing::info!(
+                attempt = *attempts,
+                max_lag,
+                "inside the maintenance window with small lag: cutover started"
+            );
+        }
     }
 
     /// After the switch: streams stopped, slots released (if configured),
@@ -417,9 +478,37 @@ impl Runner {
                 step: "cleanup after the switch",
                 message: e,
             })?;
+        self.close_switched_attempt().await?;
         self.migration()
             .transition(State::Succeeded, Substate::Completed, None)
             .await?;
+        Ok(())
+    }
+
+    /// The attempt that reached the switch before pgshift stopped succeeded:
+    /// record it so, with the cleanup that finished after the restart.
+    async fn close_switched_attempt(&self) -> Result<(), PipelineError> {
+        let m = self.migration();
+        let Some((id, mut report)) = m.control().unfinished_cutover().await? else {
+            return Ok(());
+        };
+        if !report.is_object() {
+            report = json!({"id": id, "phases": []});
+        }
+        report["outcome"] = json!("succeeded");
+        report["reason"] =
+            json!("pgshift restarted after the switch; cleanup finished after the restart");
+        if let Some(phases) = report["phases"].as_array_mut() {
+            phases.push(json!({"phase": "cleanup", "seconds": 0.0, "outcome": "ok",
+                               "detail": "after a restart"}));
+        }
+        let reason = report["reason"].as_str().map(str::to_string);
+        m.control()
+            .save_cutover_attempt(&id, "succeeded", reason.as_deref(), &report)
+            .await?;
+        if let Ok(r) = serde_json::from_value(report) {
+            self.last_cutover.set(r);
+        }
         Ok(())
     }
 }
@@ -441,6 +530,17 @@ impl CutoverHost for Runner {
         }
         *self.cutover_conns.lock().await = Some(CutoverConns { dbs });
         Ok(())
+    }
+
+    async fn prewarm(&self) -> usize {
+        self.pipeline
+            .proxy
+            .prewarm(Route::from_endpoint("target", &self.ctx().config.target))
+            .await
+    }
+
+    fn discard_prewarm(&self) {
+        self.pipeline.proxy.discard_prewarm();
     }
 
     fn close_gate(&self) {
@@ -539,26 +639,19 @@ impl CutoverHost for Runner {
 
     async fn switch_to_target(&self) -> (u64, u64) {
         let proxy = &self.pipeline.proxy;
-        proxy
-            .router()
-            .swap(Route::from_endpoint("target", &self.ctx().config.target));
-        let sessions = proxy.sessions().len() as u64;
-        let failed_before = proxy.moves_failed();
+        // Each move is bounded by twice the connect timeout; waiting a little
+        // longer lets every session either move or be dropped before the
+        // gate opens, so the counts are final.
+        let timeout =
+            self.ctx().config.proxy().server_connect_timeout.0 * 2 + Duration::from_secs(1);
+        let counts = proxy
+            .switch_to(
+                Route::from_endpoint("target", &self.ctx().config.target),
+                timeout,
+            )
+            .await;
         proxy.gate().open();
-        // Sessions move at their next boundary; give the idle ones a moment
-        // so the counts describe what happened.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < deadline
-            && proxy
-                .sessions()
-                .sessions()
-                .iter()
-                .any(|s| s.backend().route.name != "target")
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let dropped = proxy.moves_failed() - failed_before;
-        (sessions.saturating_sub(dropped), dropped)
+        counts
     }
 
     async fn finish_replication(&self, drop_slot: bool) -> Result<(), String> {

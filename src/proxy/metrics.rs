@@ -1,7 +1,7 @@
 //! The proxy's Prometheus metrics. Sessions count locally and flush at
 //! transaction boundaries, so the per-message path touches no shared counter.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Registry};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 
 use crate::admin::metrics as m;
 
@@ -17,6 +17,11 @@ pub struct ProxyMetrics {
     pub sessions_in_transaction: IntGauge,
     pub paused: IntGauge,
     pub pause_waiting_sessions: IntGauge,
+    /// Sessions moved to a new route, by result (moved, dropped).
+    pub session_moves: IntCounterVec,
+    pub session_move_seconds: Histogram,
+    /// Pre-warmed backends by result (opened, used, failed, discarded).
+    pub prewarmed: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -71,7 +76,31 @@ impl ProxyMetrics {
                 "pgshift_proxy_pause_waiting_sessions",
                 "Sessions whose next request is held by the closed pause gate",
             ),
+            session_moves: m::int_counter_vec(
+                reg,
+                "pgshift_proxy_session_moves_total",
+                "Sessions moved to a new route with their state (moved) or closed because they could not move (dropped)",
+                &["result"],
+            ),
+            session_move_seconds: m::histogram(
+                reg,
+                "pgshift_proxy_session_move_seconds",
+                "Time to move one idle session: read its state, get a backend, replay, in seconds",
+                vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+                ],
+            ),
+            prewarmed: m::int_counter_vec(
+                reg,
+                "pgshift_proxy_prewarmed_backends_total",
+                "Backends opened ahead of a route swap, by result (opened, used, failed, discarded)",
+                &["result"],
+            ),
         }
+    }
+
+    pub fn prewarm(&self, result: &str) {
+        self.prewarmed.with_label_values(&[result]).inc();
     }
 
     pub fn error(&self, kind: &str) {

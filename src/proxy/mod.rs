@@ -3,7 +3,9 @@
 //!
 //! [`Proxy::build`] builds it from the context, [`ProxyHandle::serve`] runs it
 //! on a bound listener. The cutover holds a [`ProxyHandle`] and uses
-//! [`ProxyHandle::gate`], [`ProxyHandle::router`] and [`ProxyHandle::sessions`].
+//! [`ProxyHandle::gate`], [`ProxyHandle::prewarm`] (before closing the gate),
+//! [`ProxyHandle::switch_to`] (swap the route, wait for sessions to move) and
+//! [`ProxyHandle::sessions`].
 
 pub mod auth;
 pub mod backend;
@@ -11,6 +13,8 @@ pub mod cancel;
 pub mod gate;
 pub mod listener;
 pub mod metrics;
+pub mod prewarm;
+pub mod replay;
 pub mod route;
 pub mod scan;
 pub mod session;
@@ -69,6 +73,8 @@ pub struct Shared {
     pub(crate) kill: CancellationToken,
     /// Sessions that could not move to a new route and were closed.
     pub(crate) moves_failed: std::sync::atomic::AtomicU64,
+    /// The route backends are being pre-warmed for (see [`prewarm`]).
+    pub(crate) prewarm: arc_swap::ArcSwapOption<Route>,
 }
 
 pub struct Proxy;
@@ -115,6 +121,7 @@ impl Proxy {
             draining: CancellationToken::new(),
             kill: CancellationToken::new(),
             moves_failed: std::sync::atomic::AtomicU64::new(0),
+            prewarm: arc_swap::ArcSwapOption::empty(),
             ctx,
         };
         Ok(ProxyHandle {
@@ -178,6 +185,50 @@ impl ProxyHandle {
         self.shared
             .moves_failed
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Opens, for every live session (and every session that connects until
+    /// the switch), a backend on `route` with the session's user, database
+    /// and startup parameters, parked until the session moves there. Call
+    /// before closing the gate: the pause then pays only for replaying
+    /// session state. Returns how many backends are parked.
+    pub async fn prewarm(&self, route: Route) -> usize {
+        prewarm::all(&self.shared, route).await
+    }
+
+    /// Closes the parked backends (the switch will not happen). Returns how many.
+    pub fn discard_prewarm(&self) -> usize {
+        prewarm::discard_all(&self.shared)
+    }
+
+    /// Swaps the route to `route` and waits (at most `timeout`) until every
+    /// live session is on it or closed; the gate may stay closed meanwhile
+    /// (idle sessions move without passing it). Returns (moved, dropped):
+    /// sessions now on the new route, and sessions closed because they could
+    /// not move (also counted by [`moves_failed`](Self::moves_failed)).
+    pub async fn switch_to(&self, route: Route, timeout: Duration) -> (u64, u64) {
+        let failed_before = self.moves_failed();
+        self.shared.router.swap(route);
+        let new = self.shared.router.current();
+        let live = self.shared.sessions.sessions();
+        let on_new = |s: &SessionInfo| Arc::ptr_eq(&s.backend().route, &new);
+        let settled = self
+            .shared
+            .sessions
+            .wait_changed_until(timeout, || live.iter().all(|s| s.is_closed() || on_new(s)))
+            .await;
+        // Sessions connecting from now on start on the new route.
+        self.shared.prewarm.store(None);
+        let moved = live.iter().filter(|s| on_new(s)).count() as u64;
+        let dropped = self.moves_failed() - failed_before;
+        if !settled {
+            let pending = live.iter().filter(|s| !s.is_closed() && !on_new(s)).count();
+            tracing::warn!(
+                pending,
+                "sessions still on the old route after {timeout:?}: they move at their next request"
+            );
+        }
+        (moved, dropped)
     }
 
     /// Cancels the running query of every session inside a transaction or

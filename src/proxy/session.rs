@@ -6,9 +6,13 @@
 //! ReadyForQuery and ParameterStatus from the server and the tags of client
 //! messages. Between requests (after ReadyForQuery 'I' with nothing pending)
 //! the session is at a transaction boundary: only there it passes the pause
-//! gate and moves to a new route.
+//! gate and moves to a new route — with its state ([`super::replay`]), onto a
+//! pre-warmed backend when there is one ([`super::prewarm`]). Idle sessions
+//! move as soon as the route is swapped, even with the gate closed.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,11 +20,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::Shared;
 use super::backend;
 use super::listener::{Authed, reject};
+use super::prewarm;
+use super::replay::{self, Link, MoveError, Replayed, SessionState};
 use super::route::Route;
 use super::scan::{ScanError, Scanner};
 use super::sessions::{BackendRef, NewSession, SessionInfo};
 use crate::wire::messages::{self, TxStatus};
-use crate::wire::{PgStream, ServerConnection, WireError};
+use crate::wire::{FrameReader, PgStream, ServerConnection, WireError};
 
 const CLIENT_READ_RESERVE: usize = 16 * 1024;
 const SERVER_READ_RESERVE: usize = 64 * 1024;
@@ -62,6 +68,7 @@ pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
         database,
         application_name,
         peer: Some(peer),
+        startup: params.clone(),
         status: conn.status,
         backend: BackendRef {
             route: route.clone(),
@@ -69,7 +76,8 @@ pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
             secret,
         },
     });
-    let _registered = Registered(&shared, info.proxy_key.0);
+    let _registered = Registered(&shared, info.clone());
+    prewarm::on_new_session(&shared, &info);
     if greet(&mut stream, &conn, &info).await.is_err() {
         conn.terminate().await;
         return;
@@ -103,12 +111,16 @@ pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
     s.finish(end).await;
 }
 
-/// Removes the session from the registry when it ends, however it ends.
-struct Registered<'a>(&'a Shared, i32);
+/// Removes the session from the registry when it ends, however it ends,
+/// and closes a backend still parked for it.
+struct Registered<'a>(&'a Shared, Arc<SessionInfo>);
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.0.sessions.remove(self.1);
+        self.0.sessions.remove(self.1.proxy_key.0);
+        if let Some(p) = self.1.take_parked() {
+            prewarm::discard(self.0, p);
+        }
     }
 }
 
@@ -323,8 +335,7 @@ impl Session {
         if self.shared.kill.is_cancelled() {
             return Some(self.close_for_shutdown().await);
         }
-        // Closed on purpose (busy or not): its transaction rolls back.
-        if let Some(message) = self.info.take_kill() {
+        if let Some(message) = self.info.kill_message() {
             self.fatal("57P01", &message).await;
             return Some(End::Closed);
         }
@@ -335,8 +346,7 @@ impl Session {
         if self.shared.draining.is_cancelled() {
             return Some(self.close_for_shutdown().await);
         }
-        self.move_if_rerouted().await;
-        None
+        self.move_if_rerouted().await
     }
 
     /// Forwards what the client sent; at a boundary it first passes the gate.
@@ -412,7 +422,7 @@ impl Session {
                 return Some(self.close_for_shutdown().await);
             }
             if !self.shared.router.is_current(&self.route) {
-                self.move_if_rerouted().await;
+                return self.move_if_rerouted().await;
             }
         }
         None
@@ -428,8 +438,23 @@ impl Session {
             if self.shared.gate.try_enter() {
                 break;
             }
-            if !wait_gate(&self.shared).await {
-                return Some(self.close_for_shutdown().await);
+            // Held: a route swap moves the session while it waits, so the
+            // gate opens onto a ready backend.
+            let info = self.info.clone();
+            tokio::select! {
+                _ = self.shared.gate.wait_open() => {}
+                _ = std::future::poll_fn(|cx| info.wake.poll(cx)) => {
+                    if self.shared.kill.is_cancelled() {
+                        return Some(self.close_for_shutdown().await);
+                    }
+                    if let Some(message) = self.info.kill_message() {
+                        self.fatal("57P01", &message).await;
+                        return Some(End::Closed);
+                    }
+                    if let Some(end) = self.move_if_rerouted().await {
+                        return Some(end);
+                    }
+                }
             }
         }
         self.entered = true;
@@ -437,21 +462,7 @@ impl Session {
         if !self.shared.router.is_current(&self.route)
             && let Err(e) = self.move_backend().await
         {
-            self.shared.metrics.error("backend_connect");
-            self.shared
-                .moves_failed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let route = self.shared.router.current();
-            tracing::warn!(session = self.info.id, route = %route.name, "cannot move session: {e}");
-            self.fatal(
-                e.sqlstate(),
-                &format!(
-                    "pgshift cannot move this session to the {} server: {e}",
-                    route.name
-                ),
-            )
-            .await;
-            return Some(End::Closed);
+            return Some(self.move_failed(e).await);
         }
         None
     }
@@ -462,41 +473,172 @@ impl Session {
         self.shared.gate.leave();
     }
 
-    /// An idle session moves as soon as the route changes and the gate lets it.
-    async fn move_if_rerouted(&mut self) {
-        if self.shared.router.is_current(&self.route)
-            || self.shared.draining.is_cancelled()
-            || !self.shared.gate.try_enter()
-        {
-            // A closed gate wakes every session again when it opens.
-            return;
+    /// An idle session moves as soon as the route changes, also while the gate
+    /// is closed (the cutover's switch waits for it); with the gate open it
+    /// counts as busy meanwhile.
+    async fn move_if_rerouted(&mut self) -> Option<End> {
+        if self.shared.router.is_current(&self.route) || self.shared.draining.is_cancelled() {
+            return None;
         }
-        self.entered = true;
-        self.info.set_busy(true);
-        if let Err(e) = self.move_backend().await {
-            // Retried at the next request, which fails the session if it still cannot move.
-            self.shared.metrics.error("backend_connect");
-            tracing::warn!(session = self.info.id, "cannot move idle session: {e}");
+        let counted = self.shared.gate.try_enter();
+        if counted {
+            self.entered = true;
+            self.info.set_busy(true);
         }
-        self.leave();
+        let r = self.move_backend().await;
+        if counted {
+            self.leave();
+        }
+        match r {
+            Ok(()) => None,
+            Err(e) => Some(self.move_failed(e).await),
+        }
     }
 
-    /// Opens a backend on the current route (same user, database and startup
-    /// parameters), tells the client about parameters that differ, and closes
-    /// the old backend. Only called at a transaction boundary.
-    async fn move_backend(&mut self) -> Result<(), WireError> {
+    /// The session cannot move: the client is told why and must reconnect.
+    async fn move_failed(&mut self, e: MoveError) -> End {
+        let m = &self.shared.metrics;
+        m.session_moves.with_label_values(&["dropped"]).inc();
+        if matches!(e, MoveError::NewBackend(_)) {
+            m.error("backend_connect");
+        }
+        self.shared.moves_failed.fetch_add(1, Ordering::Relaxed);
         let route = self.shared.router.current();
-        let conn = backend::open(&self.shared, &route, &self.startup, &self.user).await?;
-        let mut changed = BytesMut::new();
-        for (k, v) in &conn.params {
-            if !self.st.params.iter().any(|(n, old)| n == k && old == v) {
-                changed.extend_from_slice(&messages::parameter_status(k, v));
+        tracing::warn!(session = self.info.id, from = %self.route.name, to = %route.name, "cannot move session: {e}");
+        self.fatal(
+            "57P01",
+            &format!(
+                "terminating connection: pgshift cannot move this session to the {} server: {e}; reconnect to continue",
+                route.name
+            ),
+        )
+        .await;
+        End::Closed
+    }
+
+    /// How long one move may take before the session is given up.
+    fn move_limit(&self) -> Duration {
+        self.shared.limits.connect_timeout * 2
+    }
+
+    /// Moves the session to a backend on the current route: reads its state
+    /// from the old backend, takes the pre-warmed backend (or opens one),
+    /// replays the state there, tells the client about parameters that
+    /// differ, and closes the old backend. Only at a transaction boundary.
+    async fn move_backend(&mut self) -> Result<(), MoveError> {
+        let started = Instant::now();
+        let route = self.shared.router.current();
+        let limit = self.move_limit();
+        let (conn, replayed) = tokio::time::timeout(limit, self.capture_and_replay(&route))
+            .await
+            .map_err(|_| MoveError::Timeout(limit))??;
+        self.adopt(conn, replayed, route)
+            .await
+            .map_err(|e| MoveError::NewBackend(e.into()))?;
+        let m = &self.shared.metrics;
+        m.session_moves.with_label_values(&["moved"]).inc();
+        m.session_move_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.shared.sessions.note_changed();
+        Ok(())
+    }
+
+    async fn capture_and_replay(
+        &mut self,
+        route: &Arc<Route>,
+    ) -> Result<(ServerConnection, Replayed), MoveError> {
+        let state = self.capture().await?;
+        if let Some(p) = self.info.take_parked() {
+            if *p.route == **route {
+                let mut conn = p.conn;
+                match restore_on(&mut conn, &state).await {
+                    Ok(r) => {
+                        self.shared.metrics.prewarm("used");
+                        return Ok((conn, r));
+                    }
+                    // A parked backend may have died while it waited.
+                    Err(MoveError::NewBackend(e)) => {
+                        tracing::info!(
+                            session = self.info.id,
+                            "pre-warmed backend unusable ({e}); opening another"
+                        );
+                        self.shared.metrics.prewarm("failed");
+                    }
+                    Err(e) => return Err(e),
+                }
+            } else {
+                prewarm::discard(&self.shared, p);
             }
         }
-        if !changed.is_empty() {
-            write_chunk(&mut self.client, &changed).await?;
+        let mut conn = backend::open(&self.shared, route, &self.startup, &self.user)
+            .await
+            .map_err(MoveError::NewBackend)?;
+        let r = restore_on(&mut conn, &state).await?;
+        Ok((conn, r))
+    }
+
+    /// Reads the session state from the old backend; notifications that
+    /// arrive meanwhile go to the client.
+    async fn capture(&mut self) -> Result<SessionState, MoveError> {
+        self.settle_server().await.map_err(MoveError::OldBackend)?;
+        let mut reader = FrameReader {
+            buf: std::mem::take(&mut self.sbuf),
+            max: self.shared.limits.max_message_size,
+        };
+        let mut link = Link::new(&mut self.server, &mut reader);
+        let state = replay::capture(&mut link, &self.user).await;
+        let notes = std::mem::take(&mut link.notifications);
+        self.sbuf = reader.buf;
+        if !notes.is_empty() {
+            write_chunk(&mut self.client, &notes)
+                .await
+                .map_err(|e| MoveError::OldBackend(e.into()))?;
         }
-        for (k, v) in conn.params.iter().cloned() {
+        state
+    }
+
+    /// Forwards the rest of a server message the relay passed on in part, so
+    /// the proxy's own queries start on a message boundary.
+    async fn settle_server(&mut self) -> Result<(), WireError> {
+        while !self.sscan.at_boundary() {
+            if self.sbuf.is_empty() && self.server.read_buf(&mut self.sbuf).await? == 0 {
+                return Err(WireError::Closed);
+            }
+            let st = &mut self.st;
+            let n = self
+                .sscan
+                .scan(&self.sbuf, server_reads, |tag, body| {
+                    st.on_server(tag, body)
+                })
+                .map_err(|e| WireError::Protocol(e.to_string()))?;
+            write_chunk(&mut self.client, &self.sbuf[..n]).await?;
+            self.sbuf.advance(n);
+        }
+        Ok(())
+    }
+
+    /// Switches the relay to `conn` and closes the old backend.
+    async fn adopt(
+        &mut self,
+        conn: ServerConnection,
+        replayed: Replayed,
+        route: Arc<Route>,
+    ) -> std::io::Result<()> {
+        let mut params = conn.params.clone();
+        for (k, v) in replayed.reported {
+            set_param(&mut params, k, v);
+        }
+        let mut out = BytesMut::new();
+        for (k, v) in &params {
+            if !self.st.params.iter().any(|(n, old)| n == k && old == v) {
+                out.extend_from_slice(&messages::parameter_status(k, v));
+            }
+        }
+        out.extend_from_slice(&replayed.notifications);
+        if !out.is_empty() {
+            write_chunk(&mut self.client, &out).await?;
+        }
+        for (k, v) in params {
             set_param(&mut self.st.params, k, v);
         }
         let (pid, secret) = conn.key.unwrap_or((0, 0));
@@ -509,7 +651,7 @@ impl Session {
         tokio::spawn(terminate(old));
         self.sbuf = conn.reader.buf;
         self.sscan = Scanner::new(self.shared.limits.max_message_size);
-        tracing::info!(
+        tracing::debug!(
             session = self.info.id,
             from = %self.route.name,
             to = %route.name,
@@ -610,6 +752,20 @@ impl Session {
 async fn write_chunk(w: &mut PgStream, data: &[u8]) -> std::io::Result<()> {
     w.write_all(data).await?;
     w.flush().await
+}
+
+/// Replays `state` on a new backend.
+async fn restore_on(
+    conn: &mut ServerConnection,
+    state: &SessionState,
+) -> Result<Replayed, MoveError> {
+    let encoding = conn
+        .params
+        .iter()
+        .find(|(k, _)| k == "client_encoding")
+        .map(|(_, v)| v.as_str());
+    let mut link = Link::new(&mut conn.stream, &mut conn.reader);
+    replay::restore(&mut link, state, encoding).await
 }
 
 async fn terminate(mut old: PgStream) {

@@ -14,6 +14,7 @@ use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
 use super::route::Route;
+use crate::wire::ServerConnection;
 use crate::wire::messages::TxStatus;
 
 /// The server process a session currently talks to.
@@ -33,15 +34,28 @@ pub struct SessionInfo {
     pub database: String,
     pub application_name: String,
     pub peer: Option<SocketAddr>,
+    /// Startup parameters (user, database, options, …) every backend of
+    /// this session is opened with.
+    pub(crate) startup: Vec<(String, String)>,
     status: AtomicU8,
     busy: AtomicBool,
     backend: ArcSwap<BackendRef>,
-    /// Set to close this one session (e.g. a cutover that cannot wait for its
-    /// transaction); the message goes to the client.
-    kill_message: Mutex<Option<String>>,
     /// Wakes the session's relay loop to look at shared state (route swap,
-    /// gate opened, shutdown).
+    /// gate opened, shutdown, termination).
     pub(crate) wake: Wake,
+    /// Set to close this one session (e.g. a cutover that cannot wait for
+    /// its transaction); the message goes to the client.
+    kill_message: Mutex<Option<String>>,
+    /// A backend opened ahead of a route swap (see [`super::prewarm`]).
+    parked: Mutex<Option<Parked>>,
+    /// Set when the session has left the registry.
+    closed: AtomicBool,
+}
+
+/// A pre-warmed backend waiting for its session to move onto `route`.
+pub(crate) struct Parked {
+    pub route: Arc<Route>,
+    pub conn: ServerConnection,
 }
 
 /// A per-session, lock-free wake-up flag: the relay polls it on every loop
@@ -98,11 +112,40 @@ impl SessionInfo {
     }
 
     /// The message of a pending [`terminate`](Self::terminate), if any.
-    pub(crate) fn take_kill(&self) -> Option<String> {
+    pub(crate) fn kill_message(&self) -> Option<String> {
         self.kill_message
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take()
+            .clone()
+    }
+
+    /// Route name and backend pid of the pre-warmed backend, if one is parked.
+    pub fn parked_backend(&self) -> Option<(String, i32)> {
+        let p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        p.as_ref()
+            .map(|p| (p.route.name.clone(), p.conn.key.map_or(0, |k| k.0)))
+    }
+
+    /// Parks `conn`, returning whatever was parked before.
+    pub(crate) fn park(&self, p: Parked) -> Option<Parked> {
+        self.parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(p)
+    }
+
+    pub(crate) fn parked_route(&self) -> Option<Arc<Route>> {
+        let p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        p.as_ref().map(|p| p.route.clone())
+    }
+
+    pub(crate) fn take_parked(&self) -> Option<Parked> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// The session has ended (it may still be referenced by a snapshot).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     pub fn snapshot(&self) -> SessionSnapshot {
@@ -141,6 +184,7 @@ pub struct NewSession {
     pub database: String,
     pub application_name: String,
     pub peer: Option<SocketAddr>,
+    pub startup: Vec<(String, String)>,
     pub status: TxStatus,
     pub backend: BackendRef,
 }
@@ -152,6 +196,8 @@ pub struct Registry {
     map: Mutex<HashMap<i32, Arc<SessionInfo>>>,
     next_id: AtomicU64,
     emptied: Notify,
+    /// Notified when a session leaves or moves to another backend.
+    changed: Notify,
 }
 
 impl Registry {
@@ -172,11 +218,14 @@ impl Registry {
             database: s.database,
             application_name: s.application_name,
             peer: s.peer,
+            startup: s.startup,
             status: AtomicU8::new(s.status.byte()),
             busy: AtomicBool::new(false),
             backend: ArcSwap::from_pointee(s.backend),
-            kill_message: Mutex::new(None),
             wake: Wake::default(),
+            kill_message: Mutex::new(None),
+            parked: Mutex::new(None),
+            closed: AtomicBool::new(false),
         });
         map.insert(pid, info.clone());
         info
@@ -184,9 +233,39 @@ impl Registry {
 
     pub(crate) fn remove(&self, pid: i32) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.remove(&pid);
+        if let Some(s) = map.remove(&pid) {
+            s.closed.store(true, Ordering::SeqCst);
+        }
         if map.is_empty() {
             self.emptied.notify_waiters();
+        }
+        drop(map);
+        self.changed.notify_waiters();
+    }
+
+    /// Tells [`wait_changed`](Self::wait_changed) waiters a session moved.
+    pub(crate) fn note_changed(&self) {
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves when `done` holds, re-checked whenever a session leaves or
+    /// moves; false if `timeout` passes first.
+    pub async fn wait_changed_until(
+        &self,
+        timeout: std::time::Duration,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let n = self.changed.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if done() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, n).await.is_err() {
+                return done();
+            }
         }
     }
 

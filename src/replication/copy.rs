@@ -17,6 +17,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde::Serialize;
 use thiserror::Error;
+
+use crate::filter::TableFilter;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -57,46 +59,6 @@ fn sql_err(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Cop
     move |source| CopyError::Sql { what, source }
 }
 
-/// Which tables are copied: `schema.table` globs (`*`, `?`) on unquoted names.
-#[derive(Clone, Debug, Default)]
-pub struct TableFilter {
-    /// Only these; empty means all.
-    pub include: Vec<String>,
-    pub exclude: Vec<String>,
-}
-
-impl TableFilter {
-    pub fn matches(&self, schema: &str, table: &str) -> bool {
-        let name = format!("{schema}.{table}");
-        (self.include.is_empty() || self.include.iter().any(|p| glob(p, &name)))
-            && !self.exclude.iter().any(|p| glob(p, &name))
-    }
-}
-
-/// Glob match with `*` (any run) and `?` (one character).
-pub fn glob(pattern: &str, s: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let s: Vec<char> = s.chars().collect();
-    let (mut pi, mut si) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while si < s.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == s[si]) {
-            pi += 1;
-            si += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, si));
-            pi += 1;
-        } else if let Some((sp, ss)) = star {
-            pi = sp + 1;
-            si = ss + 1;
-            star = Some((sp, ss + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
-}
-
 /// Settings of one database's copy.
 #[derive(Clone, Debug)]
 pub struct CopyOptions {
@@ -112,10 +74,7 @@ impl CopyOptions {
         CopyOptions {
             jobs: m.copy_jobs,
             split_larger_than: m.split_tables_larger_than.0,
-            filter: TableFilter {
-                include: m.tables.clone(),
-                exclude: m.exclude_tables.clone(),
-            },
+            filter: TableFilter::from_migration(m),
         }
     }
 }
@@ -213,7 +172,7 @@ pub async fn list_tables(c: &Client, filter: &TableFilter) -> Result<Vec<SourceT
     for r in rows {
         let schema: String = r.get(1);
         let name: String = r.get(2);
-        if !filter.matches(&schema, &name) {
+        if !filter.includes(&schema, &name) {
             continue;
         }
         oids.push(r.get::<_, u32>(0));
@@ -939,23 +898,6 @@ async fn copy_item(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs() {
-        assert!(glob("public.*", "public.orders"));
-        assert!(glob("*.orders", "sales.orders"));
-        assert!(glob("p?blic.t*s", "public.tables"));
-        assert!(!glob("public.*", "sales.orders"));
-        assert!(glob("*", ""));
-        assert!(!glob("a", "ab"));
-        let f = TableFilter {
-            include: vec!["public.*".into()],
-            exclude: vec!["public.tmp_*".into()],
-        };
-        assert!(f.matches("public", "orders"));
-        assert!(!f.matches("public", "tmp_x"));
-        assert!(!f.matches("sales", "orders"));
-    }
 
     #[test]
     fn ranges_cover_every_block() {

@@ -466,10 +466,26 @@ async fn lag_loop(
     let db = cfg.database.clone();
     let mut client = None;
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
+        }
+        ticks += 1;
+        // A long phase reports progress in the logs too, not only in metrics.
+        if ticks.is_multiple_of(30) {
+            status.with(|l| {
+                tracing::info!(
+                    database = %db,
+                    state = l.state,
+                    lag_bytes = l.lag_bytes,
+                    lag_seconds = format!("{:.1}", l.lag_seconds),
+                    applied_lsn = %l.applied,
+                    transactions_applied = l.transactions,
+                    "streaming progress"
+                )
+            });
         }
         if client.is_none() {
             client = crate::db::connect(&cfg.source, "source (lag)").await.ok();

@@ -2,7 +2,7 @@
 //! and locale availability on the target, then (over one source connection)
 //! the checks of the objects inside the database.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::Client;
 
@@ -39,6 +39,10 @@ pub struct Environment<'a> {
     pub target_dbs: Option<HashMap<String, DbInfo>>,
     pub available: Option<Available>,
     pub filter: TableFilter,
+    /// Target databases that hold this migration's own (possibly partial)
+    /// copy, from its persisted state: a resumed migration recreates or
+    /// keeps them, so they are not "somebody else's data".
+    pub own_copies: HashSet<String>,
     /// Locale probes run a transaction on the shared target connection: one at a time.
     probe_lock: tokio::sync::Mutex<()>,
     /// Failed rows from loading the facts above.
@@ -90,6 +94,7 @@ impl<'a> Environment<'a> {
             target_dbs,
             available,
             filter: TableFilter::from_migration(m),
+            own_copies: HashSet::new(),
             probe_lock: tokio::sync::Mutex::new(()),
             checks,
         }
@@ -158,6 +163,13 @@ impl<'a> Environment<'a> {
                 "does not exist on the target; it will be created",
             )];
         };
+        if self.own_copies.contains(db) {
+            return vec![Check::succeeded(
+                NAME,
+                db,
+                "holds this migration's own copy from before a restart; an interrupted copy is recreated, a finished one kept",
+            )];
+        }
         if self.m.overwrite {
             if !(t.superuser || existing.owned) {
                 return vec![Check::failed(

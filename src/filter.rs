@@ -1,13 +1,16 @@
 //! Which tables a migration carries: `[migration] tables` / `exclude_tables`,
 //! globs over `schema.table` (`*` any run of characters, `?` one character).
+//! The one filter used by validation, the copy, the publication (and so the
+//! stream) and verify, so they always agree on the set of tables.
 
 use crate::config::MigrationConfig;
 
 /// The table selection of a migration.
 #[derive(Clone, Debug, Default)]
 pub struct TableFilter {
-    include: Vec<String>,
-    exclude: Vec<String>,
+    /// Only these; empty means all.
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
 }
 
 impl TableFilter {
@@ -74,6 +77,9 @@ mod tests {
         assert!(!glob_match("public.a*b*c", "public.axxbyy"));
         assert!(!glob_match("public.orders", "public.orders2"));
         assert!(!glob_match("public.*", "sales.orders"));
+        assert!(glob_match("*", ""));
+        assert!(!glob_match("a", "ab"));
+        assert!(glob_match("p?blic.t*s", "public.tables"));
     }
 
     #[test]
@@ -84,5 +90,6 @@ mod tests {
         assert!(!f.includes("sales", "orders"));
         assert!(TableFilter::default().includes("any", "thing"));
         assert!(!TableFilter::default().is_filtered());
+        assert!(TableFilter::new(&[], &["a.*".into()]).is_filtered());
     }
 }

@@ -1,0 +1,118 @@
+//! Pre-warming: before the cutover pauses clients, every live session gets a
+//! backend on the route it is about to move to (same user, database and
+//! startup parameters), parked in its [`SessionInfo`]. The move then pays
+//! only for replaying session state, not for connecting and authenticating.
+//! Sessions that connect while a pre-warm route is set get one too.
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
+use super::Shared;
+use super::backend;
+use super::route::Route;
+use super::sessions::{Parked, SessionInfo};
+
+/// Backends opened at once, so a few thousand sessions do not storm the
+/// target with simultaneous authentications.
+const CONCURRENCY: usize = 16;
+
+/// Parks a backend on `route` for every live session not already on it;
+/// returns how many are parked when all attempts have ended.
+pub(crate) async fn all(shared: &Arc<Shared>, route: Route) -> usize {
+    let route = Arc::new(route);
+    shared.prewarm.store(Some(route.clone()));
+    let limit = Semaphore::new(CONCURRENCY);
+    let sessions = shared.sessions.sessions();
+    let opens = sessions.iter().map(|s| async {
+        let _permit = limit.acquire().await;
+        one(shared, s, &route).await
+    });
+    let parked = futures_util::future::join_all(opens)
+        .await
+        .into_iter()
+        .filter(|ok| *ok)
+        .count();
+    tracing::info!(
+        route = %route.name,
+        sessions = sessions.len(),
+        parked,
+        "pre-warmed backends for the next route"
+    );
+    parked
+}
+
+/// A session that connected while a pre-warm route is set gets its backend
+/// in the background.
+pub(crate) fn on_new_session(shared: &Arc<Shared>, info: &Arc<SessionInfo>) {
+    if let Some(route) = shared.prewarm.load_full() {
+        let shared = shared.clone();
+        let info = info.clone();
+        tokio::spawn(async move { one(&shared, &info, &route).await });
+    }
+}
+
+/// Clears the pre-warm route and closes every parked backend (the cutover
+/// was aborted). Returns how many were closed.
+pub(crate) fn discard_all(shared: &Shared) -> usize {
+    shared.prewarm.store(None);
+    let mut n = 0;
+    for s in shared.sessions.sessions() {
+        if let Some(p) = s.take_parked() {
+            discard(shared, p);
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Closes a parked backend that will not be used.
+pub(crate) fn discard(shared: &Shared, p: Parked) {
+    shared.metrics.prewarm("discarded");
+    tokio::spawn(p.conn.terminate());
+}
+
+/// Opens and parks one backend; false if none is parked for `route` after.
+async fn one(shared: &Shared, info: &SessionInfo, route: &Arc<Route>) -> bool {
+    let already = |info: &SessionInfo| {
+        *info.backend().route == **route
+            || info.parked_route().is_some_and(|r| Arc::ptr_eq(&r, route))
+    };
+    if info.is_closed() || already(info) {
+        return false;
+    }
+    let conn = match backend::open(shared, route, &info.startup, &info.user).await {
+        Ok(c) => c,
+        Err(e) => {
+            // Not fatal: the move opens a backend itself.
+            shared.metrics.prewarm("failed");
+            tracing::warn!(session = info.id, route = %route.name, "cannot pre-warm a backend: {e}");
+            return false;
+        }
+    };
+    shared.metrics.prewarm("opened");
+    let still_wanted = shared
+        .prewarm
+        .load()
+        .as_ref()
+        .is_some_and(|r| Arc::ptr_eq(r, route));
+    if !still_wanted || *info.backend().route == **route {
+        tokio::spawn(conn.terminate());
+        return false;
+    }
+    if let Some(old) = info.park(Parked {
+        route: route.clone(),
+        conn,
+    }) {
+        discard(shared, old);
+    }
+    // The session may have ended meanwhile: its removal takes what is parked,
+    // or this sees it closed (both are ordered by the parked lock).
+    if info.is_closed() {
+        if let Some(p) = info.take_parked() {
+            discard(shared, p);
+        }
+        return false;
+    }
+    true
+}

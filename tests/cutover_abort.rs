@@ -1,0 +1,438 @@
+//! Cutover abort paths through the real binary: a transaction held past
+//! drain_timeout (abort, or cancel it), a target that stops applying
+//! (catchup_timeout), cancel before the point of no return, 409 and 401.
+
+mod common;
+mod cutover_common;
+use common::*;
+use cutover_common::*;
+
+use std::time::Duration;
+
+use pgshift::admin::client::ClientError;
+
+/// A session through the proxy that LISTENs on `channel`: the client (keep
+/// it alive) and the payloads it receives.
+async fn listen(
+    url: &str,
+    channel: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use futures_util::StreamExt;
+    let (client, mut conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {channel}"))
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+/// Checks that clients of the proxy are on the source, which is writable.
+async fn assert_on_unfenced_source(pair: &Pair, shift: &Shift) {
+    assert!(!Pair::fenced(&pair.source), "fence still up on the source");
+    let (id, port) = write_one(&shift.url(), "after abort").await.unwrap();
+    assert_eq!(
+        port as u16, pair.source.port,
+        "write after abort not on source"
+    );
+    assert!(Pair::ledger_ids(&pair.source).contains(&id));
+    // A fresh session directly on the source is read-write too.
+    assert_eq!(
+        pair.source.psql(DB, "SHOW default_transaction_read_only"),
+        "off"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_transaction_aborts_then_second_cutover_succeeds() {
+    let pair = Pair::start();
+    let shift = Shift::start(
+        &pair,
+        "",
+        "drain_timeout = \"1s\"\ncatchup_timeout = \"20s\"",
+        &[],
+    );
+    shift.wait_streaming().await;
+
+    // A session through the proxy, inside a transaction, idle.
+    let held = connect(&shift.url()).await;
+    held.batch_execute("BEGIN; INSERT INTO ledger (client, note) VALUES ('held', 'open tx')")
+        .await
+        .unwrap();
+    let writer = Writer::start(&shift.url(), "w1").await;
+    let (_listener, mut notes) = listen(&shift.url(), "cutover_news").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let out = shift.cli(&["cutover", "--wait"]).await;
+    let text = out_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("drain"), "{text}");
+    assert!(text.contains("cutover aborted"), "{text}");
+
+    let doc = shift.status().await.unwrap();
+    assert_eq!(doc["state"], "WaitingForUserAction", "{doc:#}");
+    assert_eq!(doc["substate"], "WaitingForCutoverTrigger", "{doc:#}");
+    let last = &doc["last_cutover"];
+    assert_eq!(last["outcome"], "aborted", "{last:#}");
+    assert!(
+        last["reason"].as_str().unwrap().contains("drain_timeout"),
+        "{last:#}"
+    );
+    assert_on_unfenced_source(&pair, &shift).await;
+
+    // The held transaction was never harmed: it commits on the source.
+    held.batch_execute("COMMIT").await.unwrap();
+    let held_id: i64 = pair
+        .source
+        .psql(DB, "SELECT id FROM ledger WHERE client = 'held'")
+        .parse()
+        .unwrap();
+    // The writer kept writing through the pause without an error.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Second attempt, nothing holds it: it succeeds.
+    let out = shift.cli(&["cutover", "--wait"]).await;
+    let text = out_text(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", shift.log());
+    for phase in ["gate", "drain", "fence", "marker", "sequences", "switch"] {
+        assert!(text.contains(phase), "{phase} not printed: {text}");
+    }
+    assert!(text.contains("cutover succeeded"), "{text}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let w = writer.finish().await;
+    assert!(w.errors.is_empty(), "writer errors: {:?}", w.errors);
+    assert!(w.committed.iter().any(|c| c.1 as u16 == pair.source.port));
+    assert!(w.committed.iter().any(|c| c.1 as u16 == pair.target.port));
+
+    // Everything acknowledged is on the target, the held row included.
+    let on_target = Pair::ledger_ids(&pair.target);
+    assert!(on_target.contains(&held_id));
+    for (id, _) in &w.committed {
+        assert!(on_target.contains(id), "id {id} lost");
+    }
+    // The held session itself moved: its next query runs on the target.
+    let port: i32 = held
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port as u16, pair.target.port);
+
+    // The LISTEN session moved too: a NOTIFY sent on the target reaches it.
+    pair.target
+        .psql(DB, "NOTIFY cutover_news, 'hello from the target'");
+    let note = tokio::time::timeout(Duration::from_secs(5), notes.recv())
+        .await
+        .expect("no notification after the switch");
+    assert_eq!(note.as_deref(), Some("hello from the target"));
+
+    // Not in WaitingForCutoverTrigger any more: 409.
+    match shift.admin().post("/cutover").await {
+        Err(ClientError::Refused { status: 409, .. }) => {}
+        other => panic!("expected 409, got {other:?}"),
+    }
+    let status = shift.cli(&["status"]).await;
+    let st = out_text(&status);
+    assert!(status.status.success(), "{st}");
+    assert!(st.contains("Succeeded"), "{st}");
+    assert!(st.contains("switch") && st.contains("marker"), "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_drain_timeout_cancel_closes_the_held_session() {
+    let pair = Pair::start();
+    let shift = Shift::start(
+        &pair,
+        "",
+        "drain_timeout = \"1s\"\non_drain_timeout = \"cancel\"",
+        &[],
+    );
+    shift.wait_streaming().await;
+    // Keep the connection's own result: the ErrorResponse that closes it.
+    let (held, conn) = tokio_postgres::connect(&shift.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    held.batch_execute("BEGIN; INSERT INTO ledger (client, note) VALUES ('held', 'doomed')")
+        .await
+        .unwrap();
+    let writer = Writer::start(&shift.url(), "w").await;
+
+    let out = shift.cli(&["cutover", "--wait"]).await;
+    let text = out_text(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", shift.log());
+    let last = shift.last_cutover().await;
+    let drain = last["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == "drain")
+        .unwrap()
+        .clone();
+    assert!(
+        drain["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("terminated 1"),
+        "{last:#}"
+    );
+
+    // The held session was closed with a clear error; its insert never committed.
+    assert!(held.batch_execute("COMMIT").await.is_err());
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("held connection not closed")
+        .unwrap();
+    let err = closed.expect_err("connection must end with an error");
+    let msg = pgshift::db::describe(&err);
+    assert!(msg.contains("pgshift cutover"), "unexpected: {msg}");
+    assert_eq!(
+        pair.target
+            .psql(DB, "SELECT count(*) FROM ledger WHERE client = 'held'"),
+        "0"
+    );
+    let w = writer.finish().await;
+    assert!(w.errors.is_empty(), "writer errors: {:?}", w.errors);
+    let on_target = Pair::ledger_ids(&pair.target);
+    for (id, _) in &w.committed {
+        assert!(on_target.contains(id), "id {id} lost");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_that_stops_applying_aborts_on_catchup_timeout() {
+    let pair = Pair::start();
+    let shift = Shift::start(&pair, "", "catchup_timeout = \"2s\"", &[]);
+    shift.wait_streaming().await;
+
+    // Apply blocks behind a lock a test session holds on the target.
+    let blocker = pair.target.client(DB).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let writer = Writer::start(&shift.url(), "w").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let out = shift.cli(&["cutover", "--wait"]).await;
+    let text = out_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let last = shift.last_cutover().await;
+    assert_eq!(last["outcome"], "aborted");
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not catch up"),
+        "{last:#}"
+    );
+    let doc = shift
+        .wait_state(
+            "WaitingForUserAction",
+            "WaitingForCutoverTrigger",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        doc["reason"].as_str().unwrap_or("").contains("catch up"),
+        "{doc:#}"
+    );
+    assert_on_unfenced_source(&pair, &shift).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Apply resumes once the lock goes; a new cutover then succeeds.
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+    // Let apply work off the backlog first (catchup_timeout is short).
+    let latest = *Pair::ledger_ids(&pair.source).last().unwrap();
+    assert!(wait_until(Duration::from_secs(30), || {
+        Pair::ledger_ids(&pair.target).contains(&latest)
+    }));
+    let out = shift.cli(&["cutover", "--wait"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        out_text(&out),
+        shift.log()
+    );
+    let w = writer.finish().await;
+    assert!(w.errors.is_empty(), "writer errors: {:?}", w.errors);
+    let on_target = Pair::ledger_ids(&pair.target);
+    for (id, _) in &w.committed {
+        assert!(on_target.contains(id), "id {id} lost");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_with_token_releases_the_source() {
+    let pair = Pair::start();
+    let shift = Shift::start(&pair, "token = \"s3cret\"", "", &[]);
+    shift.wait_streaming().await;
+    assert_eq!(
+        pair.source
+            .psql(DB, "SELECT count(*) FROM pg_replication_slots"),
+        "1"
+    );
+
+    // POST without or with a wrong token: 401; GET /status stays open.
+    for token in [None, Some("wrong")] {
+        match shift.admin_with(token).post("/cutover").await {
+            Err(ClientError::Refused { status: 401, .. }) => {}
+            other => panic!("expected 401 for {token:?}, got {other:?}"),
+        }
+        match shift.admin_with(token).post("/cancel").await {
+            Err(ClientError::Refused { status: 401, .. }) => {}
+            other => panic!("expected 401 for {token:?}, got {other:?}"),
+        }
+    }
+    assert!(shift.admin_with(None).get("/status").await.is_ok());
+    let out = shift.cli(&["cancel", "--token", "wrong"]).await;
+    assert!(!out.status.success(), "{}", out_text(&out));
+
+    // The CLI takes the token from the config.
+    let out = shift.cli(&["cancel"]).await;
+    let text = out_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.to_lowercase().contains("slot"), "{text}");
+    let doc = shift.status().await.unwrap();
+    assert_eq!(doc["state"], "Canceled", "{doc:#}");
+    assert_eq!(
+        pair.source
+            .psql(DB, "SELECT count(*) FROM pg_replication_slots"),
+        "0"
+    );
+    assert_eq!(
+        pair.source.psql(DB, "SELECT count(*) FROM pg_publication"),
+        "0"
+    );
+    // Clients keep working on the source, unfenced; the target is left as is.
+    assert_on_unfenced_source(&pair, &shift).await;
+    assert!(!Pair::ledger_ids(&pair.target).is_empty());
+    // Canceled: no cutover any more.
+    match shift.admin().post("/cutover").await {
+        Err(ClientError::Refused { status: 409, .. }) => {}
+        other => panic!("expected 409, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_start_one_attempt_and_cancel_waits() {
+    let pair = Pair::start();
+    let shift = Shift::start(&pair, "", "drain_timeout = \"2s\"", &[]);
+    shift.wait_streaming().await;
+    let held = connect(&shift.url()).await;
+    held.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    // Two requests at once: one attempt starts, the other is refused.
+    let (c1, c2) = (shift.admin(), shift.admin());
+    let (a, b) = tokio::join!(c1.post("/cutover"), c2.post("/cutover"));
+    let refused = [&a, &b]
+        .iter()
+        .filter(|r| matches!(r, Err(ClientError::Refused { status: 409, .. })))
+        .count();
+    assert_eq!(refused, 1, "{a:?} {b:?}");
+    assert!(a.is_ok() || b.is_ok(), "{a:?} {b:?}");
+    // Cancel while it runs: refused, the attempt goes on.
+    match shift.admin().post("/cancel").await {
+        Err(ClientError::Refused {
+            status: 409,
+            message,
+        }) => {
+            assert!(message.contains("cutover"), "{message}")
+        }
+        other => panic!("expected 409, got {other:?}"),
+    }
+    let ok = wait_until(Duration::from_secs(20), || {
+        pair.target.psql(
+            "postgres",
+            "SELECT count(*) FROM pgshift.cutover_attempt WHERE outcome = 'aborted'",
+        ) == "1"
+    });
+    assert!(ok, "{}", shift.log());
+    assert_eq!(
+        pair.target
+            .psql("postgres", "SELECT count(*) FROM pgshift.cutover_attempt"),
+        "1"
+    );
+    held.batch_execute("COMMIT").await.unwrap();
+    shift
+        .wait_state(
+            "WaitingForUserAction",
+            "WaitingForCutoverTrigger",
+            Duration::from_secs(5),
+        )
+        .await;
+    // Once it has finished, cancel is accepted.
+    let out = shift.cli(&["cancel"]).await;
+    assert!(out.status.success(), "{}", out_text(&out));
+    assert_on_unfenced_source(&pair, &shift).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
+    let pair = Pair::start();
+    let shift = Shift::start(&pair, "", "drain_timeout = \"10s\"", &[]);
+    shift.wait_streaming().await;
+    // A session straight on the source, not through the proxy.
+    let bypass = connect(&pair.source.url_as(APP_USER, APP_PW, DB)).await;
+    bypass.simple_query("SELECT 1").await.unwrap();
+
+    // An autocommit statement still running when the gate closes: the drain
+    // waits for it, so its row commits before the fence and the marker.
+    let slow = connect(&shift.url()).await;
+    let slow_task = tokio::spawn(async move {
+        slow.query_one(
+            "INSERT INTO ledger (client, note) SELECT 'slow', 'x' FROM pg_sleep(2) RETURNING id",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = shift.cli(&["cutover", "--wait"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", out_text(&out));
+    let id = slow_task.await.unwrap().expect("slow insert committed");
+    assert!(
+        Pair::ledger_ids(&pair.target).contains(&id),
+        "slow row lost"
+    );
+    let last = shift.last_cutover().await;
+    let drain = last["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == "drain")
+        .unwrap()
+        .clone();
+    assert!(drain["seconds"].as_f64().unwrap() > 1.0, "{last:#}");
+    assert!(
+        drain["outcome"] == "ok" && last["outcome"] == "succeeded",
+        "{last:#}"
+    );
+
+    // The bypassing session was terminated; a new one cannot write.
+    assert!(bypass.simple_query("SELECT 1").await.is_err());
+    let direct = connect(&pair.source.url_as(APP_USER, APP_PW, DB)).await;
+    let err = direct
+        .simple_query("INSERT INTO ledger (client) VALUES ('direct')")
+        .await
+        .unwrap_err();
+    assert!(
+        pgshift::db::describe(&err).contains("read-only"),
+        "{}",
+        pgshift::db::describe(&err)
+    );
+}

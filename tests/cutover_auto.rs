@@ -1,0 +1,124 @@
+//! The automatic trigger: inside a maintenance window it fires (and retries
+//! at most max_attempts times after aborts); outside one it never fires.
+
+mod common;
+mod cutover_common;
+use common::*;
+use cutover_common::*;
+
+use std::time::Duration;
+
+use chrono::Timelike;
+
+/// Attempts persisted on the target's control schema.
+fn attempts(pair: &Pair) -> Vec<String> {
+    pair.target
+        .psql(
+            "postgres",
+            "SELECT outcome FROM pgshift.cutover_attempt ORDER BY started_at",
+        )
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_trigger_inside_the_window_fires() {
+    let pair = Pair::start();
+    // Today's weekday with a range around now, in UTC.
+    let now = chrono::Utc::now();
+    let window = format!("{} 00:00-24:00 UTC", now.format("%a"));
+    let shift = Shift::start(
+        &pair,
+        "",
+        &format!("trigger = \"auto\"\nwindow = \"{window}\""),
+        &[],
+    );
+    let writer = {
+        shift
+            .wait_state(
+                "WaitingForUserAction",
+                "WaitingForCutoverTrigger",
+                Duration::from_secs(90),
+            )
+            .await;
+        Writer::start(&shift.url(), "w").await
+    };
+    let doc = shift
+        .wait_state("Succeeded", "Completed", Duration::from_secs(60))
+        .await;
+    assert_eq!(doc["switched"], true);
+    assert_eq!(doc["last_cutover"]["outcome"], "succeeded");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let w = writer.finish().await;
+    assert!(w.errors.is_empty(), "writer errors: {:?}", w.errors);
+    assert!(w.committed.iter().any(|c| c.1 as u16 == pair.target.port));
+    let on_target = Pair::ledger_ids(&pair.target);
+    for (id, _) in &w.committed {
+        assert!(on_target.contains(id), "id {id} lost");
+    }
+    assert_eq!(attempts(&pair), vec!["succeeded"]);
+    let (id, port) = write_one(&shift.url(), "after").await.unwrap();
+    assert_eq!(port as u16, pair.target.port);
+    assert!(Pair::ledger_ids(&pair.target).contains(&id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_trigger_outside_the_window_does_not_fire() {
+    let pair = Pair::start();
+    // A one-hour window that starts six hours from now (never contains now).
+    let h = (chrono::Utc::now().hour() + 6) % 24;
+    let window = format!("daily {h:02}:00-{:02}:00 UTC", (h + 1) % 24);
+    let shift = Shift::start(
+        &pair,
+        "",
+        &format!("trigger = \"auto\"\nwindow = \"{window}\"\nstart_when_lag_below = \"1GB\""),
+        &[],
+    );
+    shift.wait_streaming().await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let doc = shift.status().await.unwrap();
+        assert_eq!(doc["substate"], "WaitingForCutoverTrigger", "{doc:#}");
+        assert!(doc["last_cutover"].is_null(), "{doc:#}");
+    }
+    assert!(attempts(&pair).is_empty());
+    // A manual cutover is still possible.
+    let out = shift.cli(&["cutover", "--wait"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", out_text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_trigger_respects_max_attempts() {
+    let pair = Pair::start();
+    let shift = Shift::start(
+        &pair,
+        "",
+        "trigger = \"auto\"\nwindow = \"daily 00:00-24:00 UTC\"\nmax_attempts = 2\ndrain_timeout = \"500ms\"",
+        &[],
+    );
+    // Every attempt aborts: a transaction stays open through the proxy from
+    // before streaming starts (it takes no lock, so the copy is not blocked).
+    let held = connect_retry(&shift.url()).await;
+    held.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    shift
+        .wait_state(
+            "WaitingForUserAction",
+            "WaitingForCutoverTrigger",
+            Duration::from_secs(90),
+        )
+        .await;
+    let ok = wait_until(Duration::from_secs(30), || attempts(&pair).len() >= 2);
+    assert!(ok, "{:?}\n{}", attempts(&pair), shift.log());
+    // … and after max_attempts no more, also once nothing holds it any more.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    held.batch_execute("COMMIT").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let a = attempts(&pair);
+    assert_eq!(a, vec!["aborted", "aborted"], "{}", shift.log());
+    let doc = shift.status().await.unwrap();
+    assert_eq!(doc["substate"], "WaitingForCutoverTrigger", "{doc:#}");
+    assert!(!Pair::fenced(&pair.source));
+    let (_, port) = write_one(&shift.url(), "still source").await.unwrap();
+    assert_eq!(port as u16, pair.source.port);
+}

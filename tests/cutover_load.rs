@@ -1,0 +1,229 @@
+//! A manual cutover under continuous load through the real binary: pgbench
+//! `-M prepared` (TPC-B) and a psycopg client that records every id it saw
+//! committed. Nothing fails, nothing is lost, nothing lands on the source
+//! after the switch, and prepared statements keep working without re-preparing.
+
+mod common;
+mod cutover_common;
+use common::*;
+use cutover_common::*;
+
+use std::process::Command;
+use std::time::Duration;
+
+/// Makes sure `import psycopg` works, installing `psycopg[binary]` if needed.
+fn ensure_psycopg() {
+    let have = Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if have {
+        return;
+    }
+    let out = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "psycopg[binary]"])
+        .output()
+        .expect("run python3 -m pip (python3 is required for this test)");
+    assert!(
+        out.status.success(),
+        "installing psycopg failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// pgbench TPC-B tables in `shop` (scale 1), history with a key so it streams.
+fn pgbench_init(pair: &Pair) {
+    let out = Command::new(pg_program("pgbench"))
+        .args(["-i", "-q", "-s", "1", "-h"])
+        .arg(&pair.source.socket_dir)
+        .args(["-p", &pair.source.port.to_string(), "-U", APP_USER, DB])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pgbench -i: {}", out_text(&out));
+    pair.source.psql(
+        DB,
+        "ALTER TABLE pgbench_history ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    );
+}
+
+/// Row count and checksum of `table` rows with `id <= max_id`.
+fn fingerprint_upto(c: &Cluster, table: &str, max_id: i64) -> String {
+    c.psql(
+        DB,
+        &format!(
+            "SELECT count(*), md5(coalesce(string_agg(x::text, ',' ORDER BY id), '')) FROM {table} x WHERE id <= {max_id}"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_under_pgbench_and_psycopg_load() {
+    ensure_psycopg();
+    let pair = Pair::start();
+    pgbench_init(&pair);
+    let shift = Shift::start(
+        &pair,
+        "",
+        "drain_timeout = \"5s\"\ncatchup_timeout = \"20s\"\nverify = \"checksums\"",
+        &[],
+    );
+    shift.wait_streaming().await;
+
+    // pgbench: TPC-B through the proxy, prepared statements, bounded by -T.
+    let pgbench = tokio::process::Command::new(pg_program("pgbench"))
+        .args([
+            "-M", "prepared", "-n", "-c", "2", "-j", "1", "-T", "12", "-R", "150",
+        ])
+        .args(["-h", "127.0.0.1", "-p", &shift.proxy_port.to_string()])
+        .args(["-U", APP_USER, DB])
+        .env("PGPASSWORD", APP_PW)
+        .env("PGSSLMODE", "disable")
+        .output();
+    let pgbench = tokio::spawn(pgbench);
+
+    // psycopg: records every id whose commit was acknowledged.
+    let stop = shift.dir.path().join("stop");
+    let result = shift.dir.path().join("psycopg.json");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/cutover_client.py"
+    );
+    let py = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(shift.dsn())
+        .arg(&stop)
+        .arg(&result)
+        .output();
+    let py = tokio::spawn(py);
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let out = shift.cli(&["cutover", "--wait"]).await;
+    let text = out_text(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", shift.log());
+    let last = shift.last_cutover().await;
+    assert_eq!(last["outcome"], "succeeded", "{last:#}");
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    std::fs::write(&stop, "").unwrap();
+    let py_out = py.await.unwrap().unwrap();
+    let bench = pgbench.await.unwrap().unwrap();
+    let bench_text = out_text(&bench);
+    assert!(bench.status.success(), "pgbench: {bench_text}");
+    assert!(
+        bench_text.contains("number of failed transactions: 0"),
+        "{bench_text}"
+    );
+    assert!(py_out.status.success(), "psycopg: {}", out_text(&py_out));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+
+    // Zero failed client transactions.
+    assert_eq!(r["failures"], serde_json::json!([]), "{r:#}");
+    let committed: Vec<(i64, u16)> = r["committed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c[0].as_i64().unwrap(), c[1].as_i64().unwrap() as u16))
+        .collect();
+    let on_source: Vec<i64> = committed
+        .iter()
+        .filter(|c| c.1 == pair.source.port)
+        .map(|c| c.0)
+        .collect();
+    let on_target: Vec<i64> = committed
+        .iter()
+        .filter(|c| c.1 == pair.target.port)
+        .map(|c| c.0)
+        .collect();
+    assert!(
+        !on_source.is_empty() && !on_target.is_empty(),
+        "writes before and after the switch: {r:#}"
+    );
+    assert_eq!(on_source.len() + on_target.len(), committed.len());
+
+    // Every recorded id is on the target.
+    let target_ids = Pair::ledger_ids(&pair.target);
+    for (id, _) in &committed {
+        assert!(target_ids.binary_search(id).is_ok(), "id {id} lost");
+    }
+    // Nothing was written on the source after the switch: its last id is
+    // the last one committed there before the switch, and ids continue above it.
+    let last_before = *on_source.iter().max().unwrap();
+    let source_ids = Pair::ledger_ids(&pair.source);
+    assert_eq!(*source_ids.last().unwrap(), last_before);
+    assert!(on_target.iter().all(|id| *id > last_before));
+    for id in &on_target {
+        assert!(source_ids.binary_search(id).is_err(), "{id} on the source");
+    }
+    // pgbench's history: everything the source has, the target has, identical.
+    let source_max: i64 = pair
+        .source
+        .psql(DB, "SELECT coalesce(max(id), 0) FROM pgbench_history")
+        .parse()
+        .unwrap();
+    assert!(source_max > 0);
+    assert_eq!(
+        fingerprint_upto(&pair.source, "pgbench_history", source_max),
+        fingerprint_upto(&pair.target, "pgbench_history", source_max)
+    );
+    let target_max: i64 = pair
+        .target
+        .psql(DB, "SELECT max(id) FROM pgbench_history")
+        .parse()
+        .unwrap();
+    assert!(target_max > source_max, "pgbench wrote after the switch");
+
+    // The source is fenced: a direct write fails.
+    assert!(Pair::fenced(&pair.source));
+    let direct = pair
+        .source
+        .psql_output(DB, "INSERT INTO ledger (client) VALUES ('direct')");
+    assert!(
+        String::from_utf8_lossy(&direct.stderr).contains("read-only"),
+        "{direct:?}"
+    );
+
+    // The pre-switch comparison (verify phase, checksums) passed.
+    let verify = last["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == "verify")
+        .expect("verify phase")
+        .clone();
+    assert_eq!(verify["outcome"], "ok", "{last:#}");
+    assert!(verify["detail"].as_str().unwrap().contains("match"));
+
+    // Session state moved: the same prepared statements, settings, on the target.
+    let before = r["prepared_before"].as_array().unwrap();
+    assert!(!before.is_empty());
+    let after = r["prepared_after"].as_array().unwrap();
+    for name in before {
+        assert!(after.contains(name), "{name} gone after the switch: {r:#}");
+    }
+    assert_eq!(r["settings_after"]["port"], pair.target.port, "{r:#}");
+    assert_eq!(r["settings_after"]["search_path"], "public");
+    assert_eq!(r["settings_after"]["statement_timeout"], "31s");
+    assert!(last["sessions_moved"].as_u64().unwrap() >= 3, "{last:#}");
+
+    // The cutover's metrics.
+    let metrics = shift.admin().get("/metrics").await.unwrap();
+    let metrics = metrics.as_str().unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert_eq!(
+        value("pgshift_cutover_attempts_total{outcome=\"succeeded\"}"),
+        1.0
+    );
+    let pause = value("pgshift_cutover_pause_seconds");
+    assert!(pause > 0.0 && pause < 5.0, "pause {pause}");
+    assert!(value("pgshift_cutover_phase_seconds{phase=\"marker\"}") > 0.0);
+    assert!(value("pgshift_cutover_sessions_moved_total") >= 3.0);
+    eprintln!("write pause {pause:.3}s, phases {:#}", last["phases"]);
+}
