@@ -96,7 +96,9 @@ for name in ["proxy_overhead", "copy", "apply", "cutover"]:
         print("_Not run in this report._\n")
         continue
     print(f"Command: `{cmd}`  ")
-    print(f"Run: {date}; load before it: `{load.split('load average:')[-1].strip() if load else '?'}`\n")
+    commit = read(name, "commit")
+    print(f"Run: {date}" + (f", commit `{commit}`" if commit else "")
+          + f"; load average before it: `{load.split('load average:')[-1].strip() if load else '?'}`\n")
     head, _, summary = txt.partition("\n\n")
     if not summary:
         head, summary = "", txt
@@ -113,3 +115,5 @@ for name in ["proxy_overhead", "copy", "apply", "cutover"]:
               "(`bench/lag_record.py`), cutover once caught up, drawn by `bench/lag_plot.py`."
               + (f" Load: {lag}" if lag else "") + "\n")
         print("![replication lag over time](bench/lag.svg)\n")
+        if note.get("lag_run"):
+            print(note["lag_run"] + "\n")
