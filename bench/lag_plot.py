@@ -42,6 +42,21 @@ def phase(r):
 ts = [float(r["t"]) for r in rows]
 lag_mb = [(num(r["lag_bytes"]) or 0) / 1048576 for r in rows]
 lag_s = [num(r["lag_seconds"]) or 0 for r in rows]
+
+# Until its first lag refresh after streaming starts, /status reports the lag
+# against LSN 0 (the whole WAL position, a known pgshift quirk). Such a
+# leading reading (unchanged, lag_seconds 0, then a value ten times smaller)
+# is not a measurement: it is left out of the scale and drawn as a gap.
+stale = set()
+first = next((i for i, r in enumerate(rows) if num(r["lag_bytes"]) is not None), None)
+if first is not None and lag_s[first] == 0:
+    j = first
+    while j < len(rows) and lag_mb[j] == lag_mb[first] and lag_s[j] == 0:
+        j += 1
+    if j < len(rows) and lag_mb[j] * 10 < lag_mb[first]:
+        stale = set(range(first, j))
+for i in stale:
+    lag_mb[i] = 0.0
 t0, t1 = ts[0], max(ts[-1], ts[0] + 1)
 ymax = max(max(lag_mb) * 1.15, 0.1)
 smax = max(max(lag_s) * 1.15, 0.1)
@@ -103,10 +118,30 @@ svg.append(f'<text transform="translate({W - 14},{T + ph / 2}) rotate(90)" text-
            f'fill="#b5651d">lag (seconds)</text>')
 
 # Lines.
-pts = " ".join(f"{x(t):.1f},{y(v, ymax):.1f}" for t, v in zip(ts, lag_mb))
-svg.append(f'<polyline points="{pts}" fill="none" stroke="#1f5fa8" stroke-width="1.8"/>')
-pts = " ".join(f"{x(t):.1f},{y(v, smax):.1f}" for t, v in zip(ts, lag_s))
-svg.append(f'<polyline points="{pts}" fill="none" stroke="#b5651d" stroke-width="1.2" stroke-dasharray="4,3"/>')
+def segments(values, top):
+    """Polylines over the measured samples (before the first one and the
+    stale leading reading are gaps)."""
+    seg = []
+    for i, (t, v) in enumerate(zip(ts, values)):
+        if i in stale or num(rows[i]["lag_bytes"]) is None:
+            if len(seg) > 1:
+                yield seg
+            seg = []
+            continue
+        seg.append(f"{x(t):.1f},{y(v, top):.1f}")
+    if len(seg) > 1:
+        yield seg
+
+
+for seg in segments(lag_mb, ymax):
+    svg.append(f'<polyline points="{" ".join(seg)}" fill="none" stroke="#1f5fa8" stroke-width="1.8"/>')
+for seg in segments(lag_s, smax):
+    svg.append(f'<polyline points="{" ".join(seg)}" fill="none" stroke="#b5651d" stroke-width="1.2" '
+               f'stroke-dasharray="4,3"/>')
+if stale:
+    a = ts[min(stale)]
+    svg.append(f'<text x="{x(a) + 4:.1f}" y="{T + ph - 50}" fill="#555" font-size="10">'
+               f'first lag refresh pending</text>')
 
 # The cutover's pause, once known.
 pause = next((num(r["pause_seconds"]) for r in reversed(rows) if num(r["pause_seconds"])), None)

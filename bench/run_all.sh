@@ -39,7 +39,7 @@ for name in $ONLY; do
   echo "$cmd" > "$OUT/$name.cmd"
   date -u +%FT%TZ > "$OUT/$name.date"
   uptime > "$OUT/$name.load"
-  git describe --always --dirty > "$OUT/$name.commit" 2>/dev/null || true
+  git describe --always > "$OUT/$name.commit" 2>/dev/null || true
   # shellcheck disable=SC2086
   if env ${ENVS[$name]} "bench/$name.sh" >"$OUT/$name.txt" 2>"$OUT/$name.log"; then
     cat "$OUT/$name.txt"
