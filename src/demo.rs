@@ -342,6 +342,9 @@ async fn watch_migration(
             watched.max_lag_seconds = watched.max_lag_seconds.max(lag_s);
         }
         let line = match (state.as_str(), substate.as_str()) {
+            (_, "MigratingData") if copy["tables_total"].is_null() => {
+                "preparing the copy (schema, slot)…".to_string()
+            }
             (_, "MigratingData") => format!(
                 "copying: {}/{} tables, {} rows, {}",
                 copy["tables_copied"],

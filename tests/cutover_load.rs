@@ -12,25 +12,6 @@ use std::process::Command;
 use std::time::Duration;
 
 /// Makes sure `import psycopg` works, installing `psycopg[binary]` if needed.
-fn ensure_psycopg() {
-    let have = Command::new("python3")
-        .args(["-c", "import psycopg"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if have {
-        return;
-    }
-    let out = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "psycopg[binary]"])
-        .output()
-        .expect("run python3 -m pip (python3 is required for this test)");
-    assert!(
-        out.status.success(),
-        "installing psycopg failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// pgbench TPC-B tables in `shop` (scale 1), history with a key so it streams.
 fn pgbench_init(pair: &Pair) {
     let out = Command::new(pg_program("pgbench"))

@@ -499,26 +499,6 @@ async fn pgbench_prepared_runs_through_a_switch_without_failures() {
     assert!(after > 0, "no transaction ran on the target");
 }
 
-/// Makes sure `import psycopg` works, installing `psycopg[binary]` if needed.
-fn ensure_psycopg() {
-    use std::process::Command;
-    let have = Command::new("python3")
-        .args(["-c", "import psycopg"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !have {
-        let out = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "psycopg[binary]"])
-            .output()
-            .expect("run python3 -m pip (python3 is required for this test)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_prepared_writer_keeps_going_across_a_switch() {
     ensure_psycopg();

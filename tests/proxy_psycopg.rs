@@ -8,25 +8,6 @@ use proxy_common::*;
 use std::process::Command;
 
 /// Makes sure `import psycopg` works, installing `psycopg[binary]` if needed.
-fn ensure_psycopg() {
-    let have = Command::new("python3")
-        .args(["-c", "import psycopg"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if have {
-        return;
-    }
-    let out = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "psycopg[binary]"])
-        .output()
-        .expect("run python3 -m pip (python3 is required for this test)");
-    assert!(
-        out.status.success(),
-        "installing psycopg failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psycopg_through_the_proxy() {
     ensure_psycopg();

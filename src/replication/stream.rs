@@ -166,6 +166,8 @@ impl DatabaseStream {
             database: cfg.database.clone(),
             live: Mutex::new(Live {
                 state: "starting",
+                // Until the stream starts, the target holds what the copy did.
+                applied: cfg.consistent_point,
                 ..Default::default()
             }),
         });
@@ -519,14 +521,7 @@ async fn lag_loop(
             l.lag_seconds = if l.applied >= current {
                 0.0
             } else {
-                // The latest moment the source was no further than the target is now.
-                let caught = l
-                    .samples
-                    .iter()
-                    .rev()
-                    .find(|(_, lsn)| *lsn <= l.applied)
-                    .map(|(t, _)| *t);
-                match caught.or_else(|| l.samples.front().map(|(t, _)| *t)) {
+                match caught_up_at(&l.samples, l.applied) {
                     Some(t) => now.duration_since(t).as_secs_f64(),
                     None => 0.0,
                 }
@@ -548,8 +543,52 @@ async fn lag_loop(
     }
 }
 
+/// When the source was exactly where the target is now: interpolated
+/// between the samples around `applied`, so lag in seconds is not rounded
+/// to the sampling interval. None when no sample is past `applied`.
+fn caught_up_at(samples: &VecDeque<(Instant, Lsn)>, applied: Lsn) -> Option<Instant> {
+    let after = samples.iter().position(|(_, lsn)| *lsn > applied)?;
+    if after == 0 {
+        // Behind even the oldest sample: as old as we know.
+        return samples.front().map(|(t, _)| *t);
+    }
+    let (t0, l0) = samples[after - 1];
+    let (t1, l1) = samples[after];
+    let span = (l1.0 - l0.0) as f64;
+    let frac = if span > 0.0 {
+        (applied.0 - l0.0) as f64 / span
+    } else {
+        1.0
+    };
+    Some(t0 + t1.duration_since(t0).mul_f64(frac.clamp(0.0, 1.0)))
+}
+
 impl std::fmt::Debug for StreamStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "StreamStatus({})", self.database)
+    }
+}
+
+#[cfg(test)]
+mod lag_tests {
+    use super::*;
+
+    #[test]
+    fn lag_time_is_interpolated_between_samples() {
+        let base = Instant::now();
+        let samples: VecDeque<_> = [(0u64, 100u64), (1000, 200), (2000, 400)]
+            .into_iter()
+            .map(|(ms, lsn)| (base + Duration::from_millis(ms), Lsn(lsn)))
+            .collect();
+        // Halfway between the second and third sample.
+        let t = caught_up_at(&samples, Lsn(300)).unwrap();
+        assert_eq!(t.duration_since(base), Duration::from_millis(1500));
+        // Exactly at a sample.
+        let t = caught_up_at(&samples, Lsn(200)).unwrap();
+        assert_eq!(t.duration_since(base), Duration::from_millis(1000));
+        // Behind the oldest sample: the oldest time.
+        assert_eq!(caught_up_at(&samples, Lsn(50)).unwrap(), base);
+        // Past every sample: nothing is pending as far as samples know.
+        assert!(caught_up_at(&samples, Lsn(500)).is_none());
     }
 }

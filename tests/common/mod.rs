@@ -437,3 +437,24 @@ impl Cluster {
         self.restart();
     }
 }
+
+/// Makes sure Python's `import psycopg` works, installing `psycopg[binary]`
+/// from PyPI if needed (python3 with pip is required for these tests).
+pub fn ensure_psycopg() {
+    let have = Command::new("python3")
+        .args(["-c", "import psycopg"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if have {
+        return;
+    }
+    let out = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "psycopg[binary]"])
+        .output()
+        .expect("run python3 -m pip (python3 is required for this test)");
+    assert!(
+        out.status.success(),
+        "installing psycopg failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
