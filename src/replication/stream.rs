@@ -363,7 +363,8 @@ async fn session(
             _ = stop.cancelled() => {
                 let applied = applier.flush().await.map_err(|e| e.to_string())?;
                 confirmed = confirmed.max(applied);
-                let _ = stream.send_status(confirmed, confirmed, confirmed, false).await;
+                let flushed = durable(&mut applier, keepalive_end).await?;
+                let _ = stream.send_status(confirmed, flushed, flushed, false).await;
                 let _ = stream.stop().await;
                 return Ok(());
             }
@@ -380,7 +381,8 @@ async fn session(
                         keepalive_end = keepalive_end.max(wal_end);
                         confirmed = commit_and_confirm(&mut applier, confirmed, keepalive_end).await?;
                         if reply_requested {
-                            stream.send_status(confirmed, confirmed, confirmed, false).await.map_err(|e| e.to_string())?;
+                            let flushed = durable(&mut applier, keepalive_end).await?;
+                            stream.send_status(confirmed, flushed, flushed, false).await.map_err(|e| e.to_string())?;
                         }
                     }
                 }
@@ -394,7 +396,8 @@ async fn session(
             _ = tick.tick() => {
                 confirmed = commit_and_confirm(&mut applier, confirmed, Lsn::ZERO).await?;
                 // Ask for a keepalive so an idle stream learns the server's end.
-                stream.send_status(confirmed, confirmed, confirmed, true).await.map_err(|e| e.to_string())?;
+                let flushed = durable(&mut applier, keepalive_end).await?;
+                stream.send_status(confirmed, flushed, flushed, true).await.map_err(|e| e.to_string())?;
             }
         }
         let stats = applier.stats();
@@ -413,6 +416,26 @@ async fn session(
             .received_lsn
             .with_label_values(&[db])
             .set(stream.received_lsn().0 as i64);
+    }
+}
+
+/// The position to report to the source as flushed: the target's flushed
+/// origin progress (apply commits asynchronously), plus the keepalive end
+/// when nothing received is unapplied and everything committed is flushed.
+/// Never more: the source may discard WAL up to what is reported.
+async fn durable(applier: &mut Applier, keepalive_end: Lsn) -> Result<Lsn, String> {
+    if !applier.is_idle() {
+        // Mid-transaction: the last query still stands; report nothing new.
+        return Ok(Lsn::ZERO);
+    }
+    let d = applier
+        .durable_position()
+        .await
+        .map_err(|e| e.to_string())?;
+    if d >= applier.applied_position() {
+        Ok(d.max(keepalive_end))
+    } else {
+        Ok(d)
     }
 }
 

@@ -306,6 +306,7 @@ const STMT_BEGIN: &str = "pgshift_begin";
 const STMT_COMMIT: &str = "pgshift_commit";
 const STMT_ORIGIN: &str = "pgshift_origin";
 const STMT_XID: &str = "pgshift_xid";
+const STMT_SYNC: &str = "pgshift_sync_commit";
 
 pub struct Applier {
     pipe: Pipeline,
@@ -359,9 +360,12 @@ impl Applier {
         let origin = origin_name(&opts.migration, &opts.database);
         let mut pipe = Pipeline::new(conn);
         // Replica role: no user triggers or FK checks fire for replayed rows.
-        // synchronous_commit on: what the origin says is applied is durable.
+        // Commits do not wait for the WAL flush (as native subscriptions do):
+        // only `durable_position()` — flushed origin progress — is ever
+        // reported to the source, and a group holding a cutover marker
+        // commits synchronously, which flushes everything before it too.
         pipe.conn
-            .simple_query("SET session_replication_role = replica; SET synchronous_commit = on")
+            .simple_query("SET session_replication_role = replica; SET synchronous_commit = off")
             .await
             .map_err(conn_err)?;
         let applied = setup_origin(&mut pipe.conn, &origin)
@@ -380,6 +384,7 @@ impl Applier {
             &[3220, 1184],
         );
         pipe.parse(STMT_XID, "SELECT pg_current_xact_id()", &[]);
+        pipe.parse(STMT_SYNC, "SET LOCAL synchronous_commit = on", &[]);
         match pipe.sync().await {
             Ok(_) => {}
             Err(RoundError::Wire(e)) => return Err(conn_err(e)),
@@ -448,6 +453,34 @@ impl Applier {
             && self.group.transactions == 0
             && self.streams.is_empty()
             && self.stream_xid.is_none()
+    }
+
+    /// The origin position that is flushed to disk on the target: the only
+    /// position that may be reported to the source as flushed. Queried on the
+    /// target; call it between groups (when nothing is pending).
+    pub async fn durable_position(&mut self) -> Result<Lsn, ApplyError> {
+        if self.group.open || self.has_pending() {
+            return Err(self.protocol("durable_position called with a target transaction open"));
+        }
+        let sql = format!(
+            "SELECT coalesce(pg_replication_origin_progress({}, true), '0/0')::text",
+            crate::db::quote_literal(&self.origin)
+        );
+        let rows = self
+            .pipe
+            .conn
+            .simple_query(&sql)
+            .await
+            .map_err(|e| ApplyError::Connection {
+                database: self.opts.database.clone(),
+                source: Box::new(e),
+            })?;
+        let text = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .unwrap_or_else(|| "0/0".into());
+        text.parse()
+            .map_err(|e: String| self.protocol(format!("origin progress: {e}")))
     }
 
     /// Complete transactions received but not yet committed on the target.
@@ -813,6 +846,11 @@ impl Applier {
             ],
             Op::control("pg_replication_origin_xact_setup"),
         );
+        if !self.group.markers.is_empty() {
+            // A cutover waits on this marker: make it, and all before it, durable.
+            self.pipe
+                .execute(STMT_SYNC, &[], Op::control("SET LOCAL synchronous_commit"));
+        }
         self.pipe.execute(STMT_COMMIT, &[], Op::control("COMMIT"));
         let status = self.pipe.sync().await.map_err(|e| self.round_error(e))?;
         if status != TxStatus::Idle {
