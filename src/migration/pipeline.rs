@@ -509,6 +509,37 @@ impl Pipeline {
         Ok(Some((id, rec)))
     }
 
+    /// Lifts a fence left by an interrupted attempt, retrying while the
+    /// source is unreachable: a restarted pgshift must not leave the source
+    /// read-only because it came back before the source did.
+    pub async fn lift_fence_until_done(&self, rec: &FenceRecord) -> Result<(), PipelineError> {
+        // An attempt stopped before it fenced anything needs no source connection.
+        if *rec == FenceRecord::default() {
+            return Ok(());
+        }
+        let mut delay = Duration::from_millis(500);
+        loop {
+            let r = match crate::db::connect(&self.ctx.config.source, "source (lift fence)").await {
+                Ok(admin) => fence::lift(&admin, rec).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!("fence of the interrupted attempt lifted");
+                    return Ok(());
+                }
+                Err(e) => tracing::warn!(
+                    "cannot lift the fence of an interrupted attempt yet (retrying in {delay:?}): {e}"
+                ),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.cancel.cancelled() => return Err(PipelineError::Shutdown),
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
     /// Lifts an interrupted attempt's fence exactly and records the attempt
     /// as interrupted; returns the reason to report.
     pub async fn lift_interrupted_fence(
@@ -516,14 +547,7 @@ impl Pipeline {
         id: &str,
         rec: FenceRecord,
     ) -> Result<String, PipelineError> {
-        const STEP: &str = "lifting the fence of an interrupted cutover";
-        // An attempt stopped before it fenced anything needs no source connection.
-        if rec != FenceRecord::default() {
-            let admin = crate::db::connect(&self.ctx.config.source, "source (lift fence)")
-                .await
-                .map_err(step("-", STEP))?;
-            fence::lift(&admin, &rec).await.map_err(step("-", STEP))?;
-        }
+        self.lift_fence_until_done(&rec).await?;
         let reason = format!(
             "cutover {id} was interrupted by a pgshift restart before the switch; fence lifted"
         );

@@ -16,7 +16,7 @@ use super::{DatabasePhase, Migration, State, Substate};
 use crate::admin::commands::{AdminCommand, CommandError, CommandKind, CommandReceiver};
 use crate::config::{CutoverTrigger, CutoverVerify, MigrationMode};
 use crate::context::Context;
-use crate::cutover::fence::{self, FenceRecord};
+use crate::cutover::fence::FenceRecord;
 use crate::cutover::protocol::{self, CutoverHost, CutoverMetrics, LastCutover};
 use crate::cutover::window::{self, Window};
 use crate::proxy::ProxyHandle;
@@ -242,7 +242,7 @@ impl Runner {
                 .get("fence")
                 .and_then(|f| serde_json::from_value::<FenceRecord>(f.clone()).ok())
             {
-                self.lift_fence_until_done(&rec).await?;
+                self.pipeline.lift_fence_until_done(&rec).await?;
             }
             let reason = format!(
                 "cutover {id} was interrupted by a pgshift restart before the switch; the gate is open and the fence (if any) lifted"
@@ -267,33 +267,6 @@ impl Runner {
             .await?;
         }
         Ok(())
-    }
-
-    /// Lifts a fence left by an interrupted cutover, retrying while the
-    /// source is unreachable: giving up would leave it read-only for good.
-    async fn lift_fence_until_done(&self, rec: &FenceRecord) -> Result<(), PipelineError> {
-        let mut delay = Duration::from_millis(500);
-        loop {
-            let r = match crate::db::connect(&self.ctx().config.source, "source (lift fence)").await
-            {
-                Ok(admin) => fence::lift(&admin, rec).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match r {
-                Ok(()) => {
-                    tracing::info!("fence of the interrupted cutover lifted");
-                    return Ok(());
-                }
-                Err(e) => tracing::warn!(
-                    "cannot lift the fence of an interrupted cutover yet (retrying in {delay:?}): {e}"
-                ),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.pipeline.cancel.cancelled() => return Err(PipelineError::Shutdown),
-            }
-            delay = (delay * 2).min(Duration::from_secs(10));
-        }
     }
 
     async fn start_streaming(&self, copied: Vec<Copied>) -> Result<(), PipelineError> {
