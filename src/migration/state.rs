@@ -94,23 +94,30 @@ impl fmt::Display for Substate {
     }
 }
 
+/// The variant of `all` whose persisted name is `s`.
+fn by_name<T: Copy>(
+    all: &[T],
+    name: fn(T) -> &'static str,
+    s: &str,
+    what: &str,
+) -> Result<T, String> {
+    all.iter()
+        .copied()
+        .find(|x| name(*x) == s)
+        .ok_or_else(|| format!("unknown {what} `{s}`"))
+}
+
 impl FromStr for State {
     type Err = String;
     fn from_str(s: &str) -> Result<State, String> {
-        State::ALL
-            .into_iter()
-            .find(|x| x.as_str() == s)
-            .ok_or_else(|| format!("unknown migration state `{s}`"))
+        by_name(&State::ALL, State::as_str, s, "migration state")
     }
 }
 
 impl FromStr for Substate {
     type Err = String;
     fn from_str(s: &str) -> Result<Substate, String> {
-        Substate::ALL
-            .into_iter()
-            .find(|x| x.as_str() == s)
-            .ok_or_else(|| format!("unknown migration substate `{s}`"))
+        by_name(&Substate::ALL, Substate::as_str, s, "migration substate")
     }
 }
 
@@ -149,7 +156,7 @@ impl FromStr for DatabasePhase {
     type Err = String;
     fn from_str(s: &str) -> Result<DatabasePhase, String> {
         use DatabasePhase::*;
-        [
+        let all = [
             Pending,
             Copying,
             Copied,
@@ -157,10 +164,8 @@ impl FromStr for DatabasePhase {
             ApplyStopped,
             Switched,
             Failed,
-        ]
-        .into_iter()
-        .find(|x| x.as_str() == s)
-        .ok_or_else(|| format!("unknown database phase `{s}`"))
+        ];
+        by_name(&all, DatabasePhase::as_str, s, "database phase")
     }
 }
 
