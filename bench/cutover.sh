@@ -123,7 +123,7 @@ pool_mode = transaction
 max_client_conn = 200
 default_pool_size = 20
 logfile = $WORK/pgbouncer.log
-pidfile =
+pidfile = $WORK/pgbouncer.pid
 CONF
   [ "$(id -u)" = 0 ] && chown postgres: "$WORK/pgbouncer.ini" "$WORK/userlist.txt"
   as_pg pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
@@ -142,6 +142,8 @@ CONF
   after_src=$(q "$SRC" "$DB" "SELECT max(id) FROM pgbench_history")
   after_tgt=$(q "$TGT" "$DB" "SELECT max(id) FROM pgbench_history")
   [ "${after_tgt:-0}" -gt "${after_src:-0}" ] || { outcome=not-moved; echo "  !! load did not move to the target" >&2; }
+  # runuser does not pass the signal on: stop pgbouncer itself.
+  [ -s "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true
   kill "$bpid" 2>/dev/null || true; wait "$bpid" 2>/dev/null || true
   echo "pgbouncer $1 $outcome $pause $(client_stats "$prefix")" | tee -a "$RES" >&2
 }

@@ -33,6 +33,8 @@ cleanup() {
   for p in "${BG_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   sleep 0.2
   for p in "${BG_PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  # Daemons started through runuser outlive a signal to runuser.
+  [ -s "$WORK/pgbouncer.pid" ] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null || true
   for p in "${CLUSTERS[@]}"; do
     as_pg "$PGBIN/pg_ctl" -D "$p" -m immediate stop >/dev/null 2>&1 || true
   done
