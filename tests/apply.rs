@@ -162,6 +162,7 @@ async fn mixed_workload_with_truncate_cascade_and_key_changes_converges() {
     let mut o = opts();
     // Small groups and rounds, so group and round boundaries fall everywhere.
     o.max_batch_transactions = 7;
+    o.max_net_batch_transactions = 7;
     o.max_round_bytes = 2048;
     let mut a = Applier::connect(&p.target(), o, Some(metrics))
         .await
@@ -348,6 +349,7 @@ async fn a_row_that_cannot_be_applied_stops_with_its_lsn_and_commits_nothing_of_
     let msgs = p.changes("1").await;
     let mut o = opts();
     o.max_batch_transactions = 1;
+    o.max_net_batch_transactions = 1;
     let mut a = p.applier(o).await;
     let err = apply_all(&mut a, &msgs).await.unwrap_err();
     let ApplyError::Row {
@@ -406,6 +408,7 @@ async fn restart_after_a_crash_applies_each_transaction_exactly_once() {
     for cut in [msgs.len() / 3 + 2, msgs.len() / 2 + 1, msgs.len() * 4 / 5] {
         let mut o = opts();
         o.max_batch_transactions = 16;
+        o.max_net_batch_transactions = 16;
         let mut a = p.applier(o).await;
         let from = a.applied_position();
         for m in &msgs[..cut] {

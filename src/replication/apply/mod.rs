@@ -107,8 +107,11 @@ pub enum ApplyError {
 pub struct ApplyOptions {
     pub migration: String,
     pub database: String,
-    /// Commit the target transaction after this many source transactions.
+    /// Commit the target transaction after this many source transactions
+    /// when some of its changes were applied one by one …
     pub max_batch_transactions: usize,
+    /// … and after this many when all were folded into net changes.
+    pub max_net_batch_transactions: usize,
     /// Send queued statements once this many bytes are queued.
     pub max_round_bytes: usize,
     /// `client_encoding` of the target session (the source's encoding, in
@@ -124,9 +127,12 @@ impl ApplyOptions {
         ApplyOptions {
             migration: migration.to_string(),
             database: database.to_string(),
-            // Small groups: a row updated by every transaction (a hot counter)
-            // grows a version chain within the target transaction.
+            // Small groups when changes are applied one by one: a row
+            // updated by every transaction (a hot counter) grows a version
+            // chain within the target transaction. Folded changes update
+            // such a row once per group, so those groups may be larger.
             max_batch_transactions: 100,
+            max_net_batch_transactions: 1000,
             max_round_bytes: 512 * 1024,
             client_encoding: None,
             net_batching: true,
@@ -312,6 +318,8 @@ struct Group {
     open: bool,
     transactions: u64,
     statements: usize,
+    /// Row changes applied one by one (not folded).
+    single_rows: usize,
     /// The last complete transaction's commit record end and commit time.
     last_commit: Option<(Lsn, i64)>,
     /// The last complete transaction's commit LSN, for errors.
@@ -822,7 +830,14 @@ impl Applier {
             id,
             commit_lsn: c.commit_lsn,
         }));
-        if g.transactions as usize >= self.opts.max_batch_transactions
+        let limit = if g.single_rows > 0 {
+            self.opts.max_batch_transactions
+        } else {
+            self.opts
+                .max_net_batch_transactions
+                .max(self.opts.max_batch_transactions)
+        };
+        if g.transactions as usize >= limit
             || self.pipe.queued_bytes() + self.batch.bytes >= self.opts.max_round_bytes
         {
             self.commit_group().await?;
@@ -1137,6 +1152,7 @@ impl Applier {
             },
         );
         self.group.statements += 1;
+        self.group.single_rows += 1;
         if let Some(c) = self.current.as_mut() {
             c.statements += 1;
             match what {
