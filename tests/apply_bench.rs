@@ -125,6 +125,7 @@ async fn drain_tpcb_backlog() {
         .and_then(|v| v.parse().ok())
     {
         opts.max_batch_transactions = g;
+        opts.max_net_batch_transactions = g;
     }
     let mut a = Applier::connect(&target, opts, None).await.unwrap();
     let cpu0 = cpu_seconds();

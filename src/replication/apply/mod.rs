@@ -14,6 +14,7 @@
 //! After any error the applier is unusable: drop it, fix the cause, connect a
 //! new one and stream again from [`Applier::applied_position`].
 
+mod batch;
 mod pipeline;
 mod relation;
 
@@ -25,8 +26,9 @@ use prometheus::{IntCounterVec, Registry};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 
+use self::batch::{NetBatch, Offer};
 use self::pipeline::{Op, Param, Pipeline, RoundError};
-use self::relation::{RelEntry, StmtKey};
+use self::relation::{BatchKind, RelEntry, StmtKey};
 use super::Lsn;
 use super::pgoutput::{
     Begin, Commit, DecodeError, Decoder, OldKind, PgOutputMessage, Truncate, Tuple, TupleValue,
@@ -93,6 +95,11 @@ pub enum ApplyError {
         "apply to target database {database} stopped after an earlier error; reconnect to resume"
     )]
     Stopped { database: String },
+    /// Internal: a batched statement failed and the group is being applied
+    /// again change by change; never returned by the public methods.
+    #[doc(hidden)]
+    #[error("a batched statement failed; applying the group again change by change")]
+    Replay,
 }
 
 /// Options of one database's applier.
@@ -100,13 +107,19 @@ pub enum ApplyError {
 pub struct ApplyOptions {
     pub migration: String,
     pub database: String,
-    /// Commit the target transaction after this many source transactions.
+    /// Commit the target transaction after this many source transactions
+    /// when some of its changes were applied one by one …
     pub max_batch_transactions: usize,
+    /// … and after this many when all were folded into net changes.
+    pub max_net_batch_transactions: usize,
     /// Send queued statements once this many bytes are queued.
     pub max_round_bytes: usize,
     /// `client_encoding` of the target session (the source's encoding, in
     /// which pgoutput delivers text); None leaves the server default.
     pub client_encoding: Option<String>,
+    /// Fold the row changes of a group into one net change per row, applied
+    /// as one statement per table and operation (see `batch`).
+    pub net_batching: bool,
 }
 
 impl ApplyOptions {
@@ -114,11 +127,15 @@ impl ApplyOptions {
         ApplyOptions {
             migration: migration.to_string(),
             database: database.to_string(),
-            // Small groups: a row updated by every transaction (a hot counter)
-            // grows a version chain within the target transaction.
+            // Small groups when changes are applied one by one: a row
+            // updated by every transaction (a hot counter) grows a version
+            // chain within the target transaction. Folded changes update
+            // such a row once per group, so those groups may be larger.
             max_batch_transactions: 100,
+            max_net_batch_transactions: 1000,
             max_round_bytes: 512 * 1024,
             client_encoding: None,
+            net_batching: true,
         }
     }
 }
@@ -155,6 +172,13 @@ pub struct ApplyProgress {
 }
 
 const KEPT_MARKERS: usize = 64;
+
+/// Changes held in a net-change batch before it is sent.
+const MAX_BATCH_CHANGES: usize = 10_000;
+
+/// Messages of the open group kept for an exact re-apply; beyond this the
+/// batch is verified and the rest of the group is applied change by change.
+const MAX_REPLAY_BYTES: usize = 64 << 20;
 
 /// The apply metrics, registered once and shared by every database's applier.
 #[derive(Clone)]
@@ -294,6 +318,8 @@ struct Group {
     open: bool,
     transactions: u64,
     statements: usize,
+    /// Row changes applied one by one (not folded).
+    single_rows: usize,
     /// The last complete transaction's commit record end and commit time.
     last_commit: Option<(Lsn, i64)>,
     /// The last complete transaction's commit LSN, for errors.
@@ -327,6 +353,21 @@ pub struct Applier {
     metrics: Option<ApplyMetrics>,
     next_statement: u64,
     stopped: bool,
+    /// Row changes of the open group not yet sent, folded per row.
+    batch: NetBatch,
+    /// The open group's messages, to apply it again change by change when
+    /// a batched statement fails.
+    replay: Vec<PgOutputMessage>,
+    replay_bytes: usize,
+    /// Skipped transactions counted since the group started (a re-apply
+    /// counts them again).
+    group_skipped: u64,
+    /// The rest of the open group is applied change by change.
+    exact: bool,
+    /// Batched statements were sent whose round has not succeeded yet.
+    batch_unverified: bool,
+    /// `replay` up to here belongs to transactions already in the group.
+    replay_group_end: usize,
 }
 
 impl Applier {
@@ -421,6 +462,13 @@ impl Applier {
             metrics,
             next_statement: 0,
             stopped: false,
+            batch: NetBatch::default(),
+            replay: Vec::new(),
+            replay_bytes: 0,
+            group_skipped: 0,
+            exact: false,
+            batch_unverified: false,
+            replay_group_end: 0,
         })
     }
 
@@ -533,7 +581,10 @@ impl Applier {
                 database: self.opts.database.clone(),
             });
         }
-        let r = self.dispatch(msg).await;
+        let mut r = self.dispatch(msg).await;
+        if matches!(r, Err(ApplyError::Replay)) {
+            r = self.apply_again_exactly().await;
+        }
         self.check(r).await
     }
 
@@ -548,7 +599,13 @@ impl Applier {
         if self.current.as_ref().is_some_and(|c| c.statements > 0) {
             return Ok(self.applied);
         }
-        let r = self.commit_group().await;
+        let mut r = self.commit_group().await;
+        if matches!(r, Err(ApplyError::Replay)) {
+            r = match self.apply_again_exactly().await {
+                Ok(()) => self.commit_group().await,
+                Err(e) => Err(e),
+            };
+        }
         self.check(r).await?;
         Ok(self.applied)
     }
@@ -566,9 +623,13 @@ impl Applier {
         // Parses that were queued are gone with the queue: prepare anew.
         for r in self.relations.values_mut() {
             r.statements.clear();
+            r.batch_statements.clear();
         }
         self.group = Group::default();
         self.current = None;
+        self.batch = NetBatch::default();
+        self.batch_unverified = false;
+        self.reset_batching();
         self.streams.clear();
         self.stream_xid = None;
         self.decoder = Decoder::new();
@@ -618,6 +679,7 @@ impl Applier {
             }
             return Ok(());
         }
+        self.record(&msg).await?;
         match msg {
             PgOutputMessage::Begin(b) => self.begin(b),
             PgOutputMessage::Commit(c) => self.commit(c).await,
@@ -630,6 +692,13 @@ impl Applier {
                         || e.source.replica_identity != r.replica_identity
                 });
                 if changed {
+                    if !self.exact && self.relations.contains_key(&r.oid) {
+                        // A re-apply would need the old layout: verify what
+                        // is batched and apply the rest of the group exactly.
+                        self.flush_batch();
+                        self.round().await?;
+                        self.stop_batching_for_group();
+                    }
                     self.relations.insert(r.oid, RelEntry::new(r));
                 }
                 Ok(())
@@ -691,21 +760,26 @@ impl Applier {
                         )));
                     }
                 };
-                self.begin(Begin {
+                // As an ordinary transaction (and recorded as one, so that
+                // a re-apply of the group needs no stream state).
+                let begin = PgOutputMessage::Begin(Begin {
                     final_lsn: c.commit_lsn,
                     commit_time: c.commit_time,
                     xid: c.xid,
-                })?;
-                for m in msgs {
-                    Box::pin(self.dispatch(m)).await?;
-                }
-                self.commit(Commit {
+                });
+                let commit = PgOutputMessage::Commit(Commit {
                     flags: c.flags,
                     commit_lsn: c.commit_lsn,
                     end_lsn: c.end_lsn,
                     commit_time: c.commit_time,
-                })
-                .await
+                });
+                for m in std::iter::once(begin)
+                    .chain(msgs)
+                    .chain(std::iter::once(commit))
+                {
+                    Box::pin(self.dispatch(m)).await?;
+                }
+                Ok(())
             }
         }
     }
@@ -743,8 +817,10 @@ impl Applier {
         }
         if cur.skip {
             self.stats.skipped_transactions += 1;
+            self.group_skipped += 1;
             return Ok(());
         }
+        self.replay_group_end = self.replay.len();
         let g = &mut self.group;
         g.transactions += 1;
         g.last_commit = Some((c.end_lsn, c.commit_time));
@@ -754,8 +830,15 @@ impl Applier {
             id,
             commit_lsn: c.commit_lsn,
         }));
-        if g.transactions as usize >= self.opts.max_batch_transactions
-            || self.pipe.queued_bytes() >= self.opts.max_round_bytes
+        let limit = if g.single_rows > 0 {
+            self.opts.max_batch_transactions
+        } else {
+            self.opts
+                .max_net_batch_transactions
+                .max(self.opts.max_batch_transactions)
+        };
+        if g.transactions as usize >= limit
+            || self.pipe.queued_bytes() + self.batch.bytes >= self.opts.max_round_bytes
         {
             self.commit_group().await?;
         }
@@ -783,11 +866,22 @@ impl Applier {
         if self.pipe.queued_ops() == 0 && self.pipe.queued_bytes() == 0 {
             return Ok(());
         }
-        self.pipe
-            .sync()
-            .await
-            .map(|_| ())
-            .map_err(|e| self.round_error(e))
+        self.sync().await.map(|_| ())
+    }
+
+    /// One pipeline round. A failure in a round that carried batched
+    /// statements is answered by applying the group again change by change
+    /// ([`ApplyError::Replay`]), which finds the exact change at fault.
+    async fn sync(&mut self) -> Result<TxStatus, ApplyError> {
+        match self.pipe.sync().await {
+            Ok(status) => {
+                self.batch_unverified = false;
+                Ok(status)
+            }
+            Err(RoundError::Wire(e)) => Err(self.round_error(RoundError::Wire(e))),
+            Err(_) if self.batch_unverified => Err(ApplyError::Replay),
+            Err(e) => Err(self.round_error(e)),
+        }
     }
 
     fn round_error(&self, e: RoundError) -> ApplyError {
@@ -828,6 +922,7 @@ impl Applier {
         let Some((lsn, time)) = self.group.last_commit else {
             return Ok(());
         };
+        self.flush_batch();
         self.open_group();
         if self.group.statements == 0 {
             // A transaction without an xid writes no commit record, and so no
@@ -852,7 +947,7 @@ impl Applier {
                 .execute(STMT_SYNC, &[], Op::control("SET LOCAL synchronous_commit"));
         }
         self.pipe.execute(STMT_COMMIT, &[], Op::control("COMMIT"));
-        let status = self.pipe.sync().await.map_err(|e| self.round_error(e))?;
+        let status = self.sync().await?;
         if status != TxStatus::Idle {
             return Err(self.protocol(format!(
                 "target still in a transaction ({status:?}) after COMMIT"
@@ -865,6 +960,7 @@ impl Applier {
     /// Records a committed group: position, counters, metrics, markers.
     fn committed(&mut self, lsn: Lsn) {
         let g = std::mem::take(&mut self.group);
+        self.reset_batching();
         self.applied = lsn;
         let s = &mut self.stats;
         s.applied_lsn = lsn;
@@ -931,10 +1027,19 @@ impl Applier {
             .into_iter()
             .map(|r| r.into_iter().next().flatten().unwrap_or_default())
             .collect();
+        let batchable = if self.opts.net_batching {
+            let q = self.relations[&oid].batchable_query();
+            let rows = self.pipe.conn.simple_query(&q).await.map_err(conn_err)?;
+            rows.first().and_then(|r| r.first().cloned().flatten()) == Some("true".into())
+        } else {
+            false
+        };
         let entry = self.relations.get_mut(&oid).expect("checked above");
         match entry.resolve(&rows, &self.types, &names) {
-            Ok(t) => {
+            Ok(mut t) => {
+                t.batchable = batchable;
                 entry.target = Some(t);
+                entry.batch_statements.clear();
                 entry.statements.clear();
                 Ok(())
             }
@@ -966,6 +1071,11 @@ impl Applier {
             return Ok(());
         };
         self.ensure_target(oid).await?;
+        let Some(change) = self.batch_row(oid, change).await? else {
+            return Ok(());
+        };
+        // Applied on its own, after everything batched before it.
+        self.flush_batch();
         let entry = &self.relations[&oid];
         let ncols = entry.source.columns.len();
         let table = entry.display.clone();
@@ -1042,6 +1152,7 @@ impl Applier {
             },
         );
         self.group.statements += 1;
+        self.group.single_rows += 1;
         if let Some(c) = self.current.as_mut() {
             c.statements += 1;
             match what {
@@ -1097,6 +1208,226 @@ impl Applier {
         Ok((by, values))
     }
 
+    /// Folds a row change into the net-change batch when its table and
+    /// shape allow; hands it back otherwise (to be applied on its own).
+    async fn batch_row(
+        &mut self,
+        oid: u32,
+        change: RowChange,
+    ) -> Result<Option<RowChange>, ApplyError> {
+        let entry = &self.relations[&oid];
+        if self.exact
+            || !self.opts.net_batching
+            || !entry.target.as_ref().is_some_and(|t| t.batchable)
+        {
+            return Ok(Some(change));
+        }
+        let kind = match &change {
+            RowChange::Insert(_) => BatchKind::Insert,
+            RowChange::Update(..) => BatchKind::Update,
+            RowChange::Delete(_) => BatchKind::Delete,
+        };
+        let key = entry.batch_key();
+        let has_non_key = entry.source.columns.iter().any(|c| !c.key);
+        let (offer, old) = match change {
+            RowChange::Insert(new) => (Offer::Insert(new), None),
+            RowChange::Update(old, new) => {
+                // A changed key is applied on its own (it moves a row).
+                let moved = old
+                    .as_ref()
+                    .is_some_and(|(_, o)| !same_key(o, &new, &key) || !key.iter().any(|k| *k));
+                if moved || !has_non_key {
+                    return Ok(Some(RowChange::Update(old, new)));
+                }
+                (Offer::Update(new), old)
+            }
+            RowChange::Delete(old) => (Offer::Delete(old), None),
+        };
+        let offer = match self.batch.offer(oid, &key, offer) {
+            Ok(()) => None,
+            Err(offer) if !self.batch.is_empty() => {
+                // It cannot be folded into what is pending: send that first.
+                self.flush_batch();
+                self.batch.offer(oid, &key, offer).err()
+            }
+            Err(offer) => Some(offer),
+        };
+        if let Some(offer) = offer {
+            return Ok(Some(match offer {
+                Offer::Insert(t) => RowChange::Insert(t),
+                Offer::Update(t) => RowChange::Update(old, t),
+                Offer::Delete(t) => RowChange::Delete(t),
+            }));
+        }
+        self.group.statements += 1;
+        if let Some(c) = self.current.as_mut() {
+            c.statements += 1;
+            match kind {
+                BatchKind::Insert => c.counts.inserts += 1,
+                BatchKind::Update => c.counts.updates += 1,
+                BatchKind::Delete => c.counts.deletes += 1,
+            }
+        }
+        if self.batch.changes >= MAX_BATCH_CHANGES || self.batch.bytes >= self.opts.max_round_bytes
+        {
+            self.flush_batch();
+            self.round().await?;
+        }
+        Ok(None)
+    }
+
+    /// Queues the statements of the net-change batch (one per table and
+    /// operation), each checked to affect exactly its number of rows.
+    fn flush_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        self.open_group();
+        for tb in self.batch.take() {
+            let oid = tb.oid;
+            let entry = &self.relations[&oid];
+            let table = entry.display.clone();
+            let ncols = entry.source.columns.len();
+            let key_cols: Vec<usize> = (0..ncols)
+                .filter(|i| entry.source.columns[*i].key)
+                .collect();
+            let (deletes, updates, inserts) = tb.split();
+            for (kind, rows, what) in [
+                (BatchKind::Delete, deletes, "delete"),
+                (BatchKind::Update, updates, "update"),
+                (BatchKind::Insert, inserts, "insert"),
+            ] {
+                if rows.is_empty() {
+                    continue;
+                }
+                let stmt = self.batch_statement(oid, kind);
+                let cols: Vec<usize> = match kind {
+                    BatchKind::Delete => key_cols.clone(),
+                    _ => (0..ncols).collect(),
+                };
+                let arrays: Vec<Bytes> = cols
+                    .iter()
+                    .map(|c| batch::text_array(rows.iter().map(|r| &r.0[*c])))
+                    .collect();
+                let params: Vec<Param<'_>> = arrays.iter().map(|a| Param::Binary(a)).collect();
+                self.pipe.execute(
+                    &stmt,
+                    &params,
+                    Op {
+                        commit_lsn: Lsn::ZERO,
+                        table: Some(table.clone()),
+                        what,
+                        expect_rows: Some(rows.len() as u64),
+                    },
+                );
+            }
+        }
+        self.batch_unverified = true;
+    }
+
+    /// The named statement of a batch kind, queuing its Parse on first use.
+    fn batch_statement(&mut self, oid: u32, kind: BatchKind) -> String {
+        let entry = self.relations.get_mut(&oid).expect("resolved");
+        if let Some(name) = entry.batch_statements.get(&kind) {
+            return name.clone();
+        }
+        self.next_statement += 1;
+        let name = format!("pgshift_b{}", self.next_statement);
+        let (sql, types) = entry.batch_sql(kind);
+        self.pipe.parse(&name, &sql, &types);
+        entry.batch_statements.insert(kind, name.clone());
+        name
+    }
+
+    /// Records a message of the open group for a possible re-apply.
+    async fn record(&mut self, msg: &PgOutputMessage) -> Result<(), ApplyError> {
+        if self.exact
+            || !self.opts.net_batching
+            || matches!(
+                msg,
+                PgOutputMessage::StreamStart(_)
+                    | PgOutputMessage::StreamStop
+                    | PgOutputMessage::StreamAbort(_)
+                    | PgOutputMessage::StreamCommit(_)
+            )
+        {
+            return Ok(());
+        }
+        self.replay_bytes += message_size(msg);
+        self.replay.push(msg.clone());
+        if self.replay_bytes > MAX_REPLAY_BYTES {
+            // Too much to keep: verify what is batched, then go on exactly.
+            self.flush_batch();
+            self.round().await?;
+            self.stop_batching_for_group();
+        }
+        Ok(())
+    }
+
+    /// The rest of the open group is applied change by change.
+    fn stop_batching_for_group(&mut self) {
+        self.exact = true;
+        self.replay = Vec::new();
+        self.replay_bytes = 0;
+        self.replay_group_end = 0;
+    }
+
+    /// After a group commit: keep only what belongs to the transaction
+    /// still being received; batching resumes once a group starts clean.
+    fn reset_batching(&mut self) {
+        self.group_skipped = 0;
+        if self.exact || self.current.is_none() {
+            self.replay.clear();
+            self.replay_bytes = 0;
+            if self.current.is_none() {
+                self.exact = false;
+            }
+        } else {
+            self.replay
+                .drain(..self.replay_group_end.min(self.replay.len()));
+            self.replay_bytes = self.replay.iter().map(message_size).sum();
+        }
+        self.replay_group_end = 0;
+    }
+
+    /// A batched statement failed: rolls the group back and applies its
+    /// messages again change by change, so that the failure (if it is one)
+    /// is reported with its transaction, table and row.
+    async fn apply_again_exactly(&mut self) -> Result<(), ApplyError> {
+        let msgs = std::mem::take(&mut self.replay);
+        self.replay_bytes = 0;
+        self.replay_group_end = 0;
+        self.pipe.clear();
+        if self.pipe.conn.status != TxStatus::Idle {
+            let r = self.pipe.conn.simple_query("ROLLBACK").await;
+            r.map_err(|source| ApplyError::Connection {
+                database: self.opts.database.clone(),
+                source: Box::new(source),
+            })?;
+        }
+        // Statements parsed after the failure were never prepared.
+        for r in self.relations.values_mut() {
+            r.statements.clear();
+            r.batch_statements.clear();
+        }
+        self.stats.skipped_transactions -= self.group_skipped;
+        self.group_skipped = 0;
+        self.group = Group::default();
+        self.current = None;
+        self.batch = NetBatch::default();
+        self.batch_unverified = false;
+        self.exact = true;
+        tracing::info!(
+            database = %self.opts.database,
+            messages = msgs.len(),
+            "a batched statement failed; applying the group again change by change"
+        );
+        for m in msgs {
+            Box::pin(self.dispatch(m)).await?;
+        }
+        Ok(())
+    }
+
     async fn truncate(&mut self, t: Truncate) -> Result<(), ApplyError> {
         let Some(commit_lsn) = self.applying()? else {
             return Ok(());
@@ -1111,6 +1442,7 @@ impl Applier {
         if names.is_empty() {
             return Ok(());
         }
+        self.flush_batch();
         let sql = format!(
             "TRUNCATE {}{}{}",
             names.join(", "),
@@ -1146,6 +1478,35 @@ impl Applier {
             c.counts.truncates += t.relations.len() as u64;
         }
         Ok(())
+    }
+}
+
+/// Whether an update's old key tuple has the same key values as its new row.
+fn same_key(old: &Tuple, new: &Tuple, key: &[bool]) -> bool {
+    old.0.len() == new.0.len()
+        && old
+            .0
+            .iter()
+            .zip(&new.0)
+            .zip(key)
+            .all(|((o, n), k)| !*k || o == n)
+}
+
+/// Roughly the memory a recorded message holds.
+fn message_size(m: &PgOutputMessage) -> usize {
+    let tuple = |t: &Tuple| -> usize {
+        t.0.iter()
+            .map(|v| match v {
+                TupleValue::Text(b) | TupleValue::Binary(b) => b.len() + 16,
+                _ => 16,
+            })
+            .sum()
+    };
+    64 + match m {
+        PgOutputMessage::Insert(i) => tuple(&i.new),
+        PgOutputMessage::Update(u) => tuple(&u.new) + u.old.as_ref().map_or(0, |(_, t)| tuple(t)),
+        PgOutputMessage::Delete(d) => tuple(&d.old),
+        _ => 0,
     }
 }
 

@@ -32,6 +32,19 @@ pub(super) struct Target {
     pub param_types: Vec<u32>,
     /// 'r' plain table, 'p' partitioned.
     pub relkind: char,
+    /// Per source column: the target type by qualified name, without a
+    /// typmod (so that assignment applies the column's, as for parameters).
+    pub casts: Vec<String>,
+    /// Row changes may be folded into net-change batches (see `batch`).
+    pub batchable: bool,
+}
+
+/// The statements of net-change batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum BatchKind {
+    Insert,
+    Update,
+    Delete,
 }
 
 /// Which statement shape a row needs; masks are per source column.
@@ -50,6 +63,7 @@ pub(super) struct RelEntry {
     pub display: Arc<str>,
     pub target: Option<Target>,
     pub statements: HashMap<StmtKey, String>,
+    pub batch_statements: HashMap<BatchKind, String>,
 }
 
 impl RelEntry {
@@ -64,6 +78,7 @@ impl RelEntry {
             source,
             target: None,
             statements: HashMap::new(),
+            batch_statements: HashMap::new(),
         }
     }
 
@@ -74,6 +89,13 @@ impl RelEntry {
     /// The columns rows are found by under DEFAULT / USING INDEX.
     pub fn key_mask(&self) -> Vec<bool> {
         self.source.columns.iter().map(|c| c.key).collect()
+    }
+
+    /// The key rows are folded by in a batch: none under FULL (rows may be
+    /// duplicates; only inserts are batched there).
+    pub fn batch_key(&self) -> Vec<bool> {
+        let full = self.full_identity();
+        self.source.columns.iter().map(|c| c.key && !full).collect()
     }
 
     /// The catalog query that describes the target table.
@@ -110,6 +132,7 @@ impl RelEntry {
         let relkind = field(&rows[0], 0).chars().next().unwrap_or('r');
         let by_name: HashMap<String, &TextRow> = rows.iter().map(|r| (field(r, 1), r)).collect();
         let mut param_types = Vec::with_capacity(self.source.columns.len());
+        let mut casts = Vec::with_capacity(self.source.columns.len());
         for (i, col) in self.source.columns.iter().enumerate() {
             let src_type = source_type_names.get(i).cloned().unwrap_or_default();
             let Some(row) = by_name.get(&col.name) else {
@@ -149,10 +172,17 @@ impl RelEntry {
                 });
             }
             param_types.push(target_oid);
+            casts.push(format!(
+                "{}.{}",
+                quote_ident(&field(row, 4)),
+                quote_ident(&field(row, 5))
+            ));
         }
         Ok(Target {
             param_types,
             relkind,
+            casts,
+            batchable: false,
         })
     }
 
@@ -201,6 +231,102 @@ impl RelEntry {
                 (format!("DELETE FROM {} WHERE {cond}", self.quoted), types)
             }
         }
+    }
+
+    /// A query answering whether the target table's rows are independent
+    /// under the replica identity, so that changes may be batched: no
+    /// trigger fires in replica mode, it is not partitioned, and its only
+    /// unique constraint (if any) is a plain unique index on exactly the
+    /// key columns.
+    pub fn batchable_query(&self) -> String {
+        let keys: Vec<String> = self
+            .source
+            .columns
+            .iter()
+            .filter(|c| c.key && !self.full_identity())
+            .map(|c| quote_literal(&c.name))
+            .collect();
+        format!(
+            "SELECT (c.relkind = 'r' \
+             AND NOT EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid AND NOT g.tgisinternal AND g.tgenabled IN ('A', 'R')) \
+             AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisunique OR i.indisexclusion) \
+               AND (i.indisexclusion OR i.indexprs IS NOT NULL OR i.indpred IS NOT NULL \
+                 OR ARRAY(SELECT a.attname::text FROM generate_series(0, i.indnkeyatts - 1) k \
+                          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[k] ORDER BY 1) \
+                    IS DISTINCT FROM ARRAY(SELECT unnest(ARRAY[{}]::text[]) ORDER BY 1))))::text \
+             FROM pg_class c WHERE c.oid = to_regclass({})",
+            keys.join(", "),
+            quote_literal(&self.quoted)
+        )
+    }
+
+    /// The SQL of a net-change batch statement: one `text[]` parameter per
+    /// column (all columns for insert and update, the key columns for
+    /// delete), unnested and cast to the column types.
+    pub fn batch_sql(&self, kind: BatchKind) -> (String, Vec<u32>) {
+        const TEXT_ARRAY: u32 = 1009;
+        let target = self.target.as_ref().expect("resolved before batching");
+        let cols = &self.source.columns;
+        let included: Vec<usize> = match kind {
+            BatchKind::Delete => (0..cols.len()).filter(|i| cols[*i].key).collect(),
+            _ => (0..cols.len()).collect(),
+        };
+        let arrays: Vec<String> = (1..=included.len())
+            .map(|n| format!("${n}::text[]"))
+            .collect();
+        let aliases: Vec<String> = (1..=included.len()).map(|n| format!("c{n}")).collect();
+        let from = format!(
+            "unnest({}) AS pgshift_u({})",
+            arrays.join(", "),
+            aliases.join(", ")
+        );
+        let value =
+            |pos: usize, col: usize| format!("pgshift_u.c{}::{}", pos + 1, target.casts[col]);
+        let key_match = || {
+            included
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| cols[**c].key)
+                .map(|(pos, c)| {
+                    format!(
+                        "pgshift_t.{} = {}",
+                        quote_ident(&cols[*c].name),
+                        value(pos, *c)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        let sql = match kind {
+            BatchKind::Insert => {
+                let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
+                let values: Vec<String> = (0..cols.len()).map(|c| value(c, c)).collect();
+                format!(
+                    "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {from}",
+                    self.quoted,
+                    names.join(", "),
+                    values.join(", ")
+                )
+            }
+            BatchKind::Update => {
+                let sets: Vec<String> = (0..cols.len())
+                    .filter(|c| !cols[*c].key)
+                    .map(|c| format!("{} = {}", quote_ident(&cols[c].name), value(c, c)))
+                    .collect();
+                format!(
+                    "UPDATE {} AS pgshift_t SET {} FROM {from} WHERE {}",
+                    self.quoted,
+                    sets.join(", "),
+                    key_match()
+                )
+            }
+            BatchKind::Delete => format!(
+                "DELETE FROM {} AS pgshift_t USING {from} WHERE {}",
+                self.quoted,
+                key_match()
+            ),
+        };
+        (sql, vec![TEXT_ARRAY; included.len()])
     }
 
     /// How a row is found. DEFAULT / USING INDEX: key equality (index-usable).
