@@ -106,6 +106,17 @@ fn opts() -> ApplyOptions {
     ApplyOptions::new("mig", DB)
 }
 
+/// The commit LSN of every transaction in the messages, in order.
+fn commit_lsns(msgs: &[Bytes]) -> Vec<pgshift::replication::Lsn> {
+    let mut d = Decoder::new();
+    msgs.iter()
+        .filter_map(|m| match d.decode(m.clone()).unwrap() {
+            PgOutputMessage::Commit(c) => Some(c.commit_lsn),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Feeds every message, then commits what is pending.
 async fn apply_all(a: &mut Applier, msgs: &[Bytes]) -> Result<(), ApplyError> {
     for m in msgs {
@@ -366,14 +377,7 @@ async fn a_row_that_cannot_be_applied_stops_with_its_lsn_and_commits_nothing_of_
     assert_eq!(*op, "insert");
     assert_eq!(error.code, "23514");
     // The failing transaction is the second one.
-    let mut d = Decoder::new();
-    let commits: Vec<_> = msgs
-        .iter()
-        .filter_map(|m| match d.decode(m.clone()).unwrap() {
-            PgOutputMessage::Commit(c) => Some(c.commit_lsn),
-            _ => None,
-        })
-        .collect();
+    let commits = commit_lsns(&msgs);
     assert_eq!(*commit_lsn, commits[1]);
     assert!(err.to_string().contains(&commit_lsn.to_string()));
     drop(a);
@@ -741,14 +745,7 @@ async fn a_batched_row_missing_on_the_target_is_reported_with_its_transaction() 
         panic!("expected a missing row, got {err}");
     };
     assert_eq!((table.as_str(), *op), ("public.t", "update"));
-    let mut d = Decoder::new();
-    let commits: Vec<_> = msgs
-        .iter()
-        .filter_map(|m| match d.decode(m.clone()).unwrap() {
-            PgOutputMessage::Commit(c) => Some(c.commit_lsn),
-            _ => None,
-        })
-        .collect();
+    let commits = commit_lsns(&msgs);
     assert_eq!(*commit_lsn, commits[1], "{err}");
     drop(a);
     // Nothing of the group was committed.
