@@ -19,6 +19,7 @@ pub mod route;
 pub mod scan;
 pub mod session;
 pub mod sessions;
+pub(crate) mod workers;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -42,6 +43,8 @@ use crate::context::Context;
 pub enum ProxyError {
     #[error("{0}")]
     Config(#[from] ConfigError),
+    #[error("cannot start the proxy's relay threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// Limits from `[proxy]`, resolved once.
@@ -75,9 +78,19 @@ pub struct Shared {
     pub(crate) moves_failed: std::sync::atomic::AtomicU64,
     /// The route backends are being pre-warmed for (see [`prewarm`]).
     pub(crate) prewarm: arc_swap::ArcSwapOption<Route>,
+    /// The threads sessions run on.
+    pub(crate) workers: workers::Workers,
 }
 
 pub struct Proxy;
+
+/// `proxy.relay_threads`, 0 meaning one per core.
+fn relay_threads(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 impl Proxy {
     /// Builds the proxy from `ctx.config`: SCRAM verifiers, TLS, metrics, and
@@ -122,6 +135,8 @@ impl Proxy {
             kill: CancellationToken::new(),
             moves_failed: std::sync::atomic::AtomicU64::new(0),
             prewarm: arc_swap::ArcSwapOption::empty(),
+            workers: workers::Workers::start(relay_threads(cfg.relay_threads))
+                .map_err(ProxyError::Threads)?,
             ctx,
         };
         Ok(ProxyHandle {

@@ -10,12 +10,15 @@
 //! pre-warmed backend when there is one ([`super::prewarm`]). Idle sessions
 //! move as soon as the route is swapped, even with the gate closed.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::io::poll_read_buf;
 
 use super::Shared;
 use super::backend;
@@ -304,28 +307,51 @@ fn reserve(buf: &mut BytesMut, amount: usize) {
     }
 }
 
+/// What woke the relay loop.
+enum Event {
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+    Wake,
+}
+
 impl Session {
     async fn relay(&mut self) -> End {
         let info = self.info.clone();
+        // Which direction is polled first; alternates so a side that always
+        // has data cannot starve the other.
+        let mut server_first = true;
         loop {
             reserve(&mut self.cbuf, CLIENT_READ_RESERVE);
             reserve(&mut self.sbuf, SERVER_READ_RESERVE);
-            tokio::select! {
-                r = self.client.read_buf(&mut self.cbuf) => match r {
-                    Ok(0) | Err(_) => return self.client_gone().await,
-                    Ok(_) => if let Some(end) = self.on_client_data().await {
-                        return end;
-                    },
-                },
-                r = self.server.read_buf(&mut self.sbuf) => match r {
-                    Ok(0) | Err(_) => return self.server_lost().await,
-                    Ok(_) => if let Some(end) = self.on_server_data().await {
-                        return end;
-                    },
-                },
-                _ = std::future::poll_fn(|cx| info.wake.poll(cx)) => if let Some(end) = self.on_wake().await {
-                    return end;
-                },
+            server_first = !server_first;
+            let event = std::future::poll_fn(|cx| {
+                // First, so a session whose sockets always have data still
+                // sees shutdown and termination.
+                if info.wake.poll(cx).is_ready() {
+                    return Poll::Ready(Event::Wake);
+                }
+                let mut server = |cx: &mut Context<'_>| {
+                    poll_read_buf(Pin::new(&mut self.server), cx, &mut self.sbuf).map(Event::Server)
+                };
+                let mut client = |cx: &mut Context<'_>| {
+                    poll_read_buf(Pin::new(&mut self.client), cx, &mut self.cbuf).map(Event::Client)
+                };
+                let first = if server_first { server(cx) } else { client(cx) };
+                if first.is_ready() {
+                    return first;
+                }
+                if server_first { client(cx) } else { server(cx) }
+            })
+            .await;
+            let end = match event {
+                Event::Client(Ok(0) | Err(_)) => Some(self.client_gone().await),
+                Event::Client(Ok(_)) => self.on_client_data().await,
+                Event::Server(Ok(0) | Err(_)) => Some(self.server_lost().await),
+                Event::Server(Ok(_)) => self.on_server_data().await,
+                Event::Wake => self.on_wake().await,
+            };
+            if let Some(end) = end {
+                return end;
             }
         }
     }
