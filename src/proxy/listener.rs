@@ -134,7 +134,7 @@ async fn startup(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Opti
     let database = get("database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
-    if shared.draining.is_cancelled() {
+    if shared.is_draining() {
         reject(&mut stream, "57P03", "the database system is shutting down").await;
         return None;
     }

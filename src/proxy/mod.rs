@@ -22,7 +22,7 @@ pub mod sessions;
 pub(crate) mod workers;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -57,6 +57,13 @@ pub struct Limits {
     pub shutdown_timeout: Duration,
 }
 
+impl Shared {
+    /// The proxy is shutting down (see [`Shared::draining`]).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
 /// State shared by the listener and every session.
 pub struct Shared {
     pub(crate) ctx: Arc<Context>,
@@ -70,8 +77,10 @@ pub struct Shared {
     /// Client sessions holding a place under `max_client_connections`.
     pub(crate) clients: AtomicUsize,
     pub(crate) stop_accepting: CancellationToken,
-    /// Shutdown: idle sessions close, busy ones at their next boundary.
-    pub(crate) draining: CancellationToken,
+    /// Shutdown: idle sessions close, busy ones at their next boundary. An
+    /// atomic, not a CancellationToken (whose check takes a lock shared by
+    /// every session): the relay reads it at every transaction boundary.
+    pub(crate) draining: AtomicBool,
     /// Shutdown timeout passed: every session closes now.
     pub(crate) kill: CancellationToken,
     /// Sessions that could not move to a new route and were closed.
@@ -131,7 +140,7 @@ impl Proxy {
             limits,
             clients: AtomicUsize::new(0),
             stop_accepting: CancellationToken::new(),
-            draining: CancellationToken::new(),
+            draining: AtomicBool::new(false),
             kill: CancellationToken::new(),
             moves_failed: std::sync::atomic::AtomicU64::new(0),
             prewarm: arc_swap::ArcSwapOption::empty(),
@@ -299,7 +308,7 @@ impl ProxyHandle {
     pub async fn shutdown(&self, timeout: Duration) -> usize {
         let s = &self.shared;
         s.stop_accepting.cancel();
-        s.draining.cancel();
+        s.draining.store(true, Ordering::SeqCst);
         s.sessions.wake_all();
         tracing::info!(
             sessions = s.sessions.len(),

@@ -47,7 +47,7 @@ pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
     } = a;
     // New connections are held by a closed gate too, so they start on the
     // route current when it opens.
-    if !wait_gate(&shared).await || shared.draining.is_cancelled() {
+    if !wait_gate(&shared).await || shared.is_draining() {
         reject(&mut stream, "57P03", "the database system is shutting down").await;
         return;
     }
@@ -369,7 +369,7 @@ impl Session {
             // Busy: drain and route are looked at again at the boundary.
             return None;
         }
-        if self.shared.draining.is_cancelled() {
+        if self.shared.is_draining() {
             return Some(self.close_for_shutdown().await);
         }
         self.move_if_rerouted().await
@@ -444,7 +444,7 @@ impl Session {
             self.sbuf.advance(n);
         }
         if left {
-            if self.shared.draining.is_cancelled() {
+            if self.shared.is_draining() {
                 return Some(self.close_for_shutdown().await);
             }
             if !self.shared.router.is_current(&self.route) {
@@ -458,7 +458,7 @@ impl Session {
     /// changed meanwhile, moves to a backend on the new route.
     async fn begin_request(&mut self) -> Option<End> {
         loop {
-            if self.shared.draining.is_cancelled() {
+            if self.shared.is_draining() {
                 return Some(self.close_for_shutdown().await);
             }
             if self.shared.gate.try_enter() {
@@ -503,7 +503,7 @@ impl Session {
     /// is closed (the cutover's switch waits for it); with the gate open it
     /// counts as busy meanwhile.
     async fn move_if_rerouted(&mut self) -> Option<End> {
-        if self.shared.router.is_current(&self.route) || self.shared.draining.is_cancelled() {
+        if self.shared.router.is_current(&self.route) || self.shared.is_draining() {
             return None;
         }
         let counted = self.shared.gate.try_enter();

@@ -25,8 +25,11 @@ impl Workers {
         let mut handles = Vec::new();
         let mut stop = Vec::new();
         for i in 0..n.max(1) {
+            // I/O and timers only: the signal and process drivers would be
+            // polled at every turn for nothing.
             let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
+                .enable_time()
                 .build()?;
             handles.push(rt.handle().clone());
             let (tx, rx) = oneshot::channel::<()>();
