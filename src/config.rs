@@ -206,6 +206,9 @@ pub struct ProxyConfig {
     /// Timeout for opening a backend connection to a server.
     #[serde(default = "default_connect_timeout")]
     pub server_connect_timeout: HumanDuration,
+    /// Threads relaying client sessions (0: one per CPU core).
+    #[serde(default)]
+    pub relay_threads: usize,
     #[serde(default)]
     pub users: Vec<ProxyUser>,
 }

@@ -48,6 +48,7 @@ fn example_config_mentions_every_key() {
         "startup_timeout",
         "shutdown_timeout",
         "server_connect_timeout",
+        "relay_threads",
         "name",
         "password",
         "url",

@@ -60,7 +60,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
                     shared.metrics.client_connections_total.inc();
-                    tokio::spawn(handle(shared.clone(), tcp, peer));
+                    hand_over(&shared, tcp, peer);
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -71,6 +71,28 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         }
     }
     tracing::info!("proxy stopped accepting connections");
+}
+
+/// Moves an accepted connection to a relay thread ([`super::workers`]): its
+/// socket is registered with that thread's poller, so the session never
+/// wakes another thread.
+fn hand_over(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let tcp = match tcp.into_std() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(%peer, "cannot hand the connection to a relay thread: {e}");
+            return;
+        }
+    };
+    let shared = shared.clone();
+    shared.workers.next().clone().spawn(async move {
+        match TcpStream::from_std(tcp) {
+            Ok(tcp) => handle(shared, tcp, peer).await,
+            Err(e) => {
+                tracing::warn!(%peer, "cannot register the connection on a relay thread: {e}")
+            }
+        }
+    });
 }
 
 async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
@@ -112,7 +134,7 @@ async fn startup(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Opti
     let database = get("database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
-    if shared.draining.is_cancelled() {
+    if shared.is_draining() {
         reject(&mut stream, "57P03", "the database system is shutting down").await;
         return None;
     }

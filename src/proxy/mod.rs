@@ -19,9 +19,10 @@ pub mod route;
 pub mod scan;
 pub mod session;
 pub mod sessions;
+pub(crate) mod workers;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -42,6 +43,8 @@ use crate::context::Context;
 pub enum ProxyError {
     #[error("{0}")]
     Config(#[from] ConfigError),
+    #[error("cannot start the proxy's relay threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// Limits from `[proxy]`, resolved once.
@@ -52,6 +55,13 @@ pub struct Limits {
     pub startup_timeout: Duration,
     pub connect_timeout: Duration,
     pub shutdown_timeout: Duration,
+}
+
+impl Shared {
+    /// The proxy is shutting down (see [`Shared::draining`]).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
 }
 
 /// State shared by the listener and every session.
@@ -67,17 +77,29 @@ pub struct Shared {
     /// Client sessions holding a place under `max_client_connections`.
     pub(crate) clients: AtomicUsize,
     pub(crate) stop_accepting: CancellationToken,
-    /// Shutdown: idle sessions close, busy ones at their next boundary.
-    pub(crate) draining: CancellationToken,
+    /// Shutdown: idle sessions close, busy ones at their next boundary. An
+    /// atomic, not a CancellationToken (whose check takes a lock shared by
+    /// every session): the relay reads it at every transaction boundary.
+    pub(crate) draining: AtomicBool,
     /// Shutdown timeout passed: every session closes now.
     pub(crate) kill: CancellationToken,
     /// Sessions that could not move to a new route and were closed.
     pub(crate) moves_failed: std::sync::atomic::AtomicU64,
     /// The route backends are being pre-warmed for (see [`prewarm`]).
     pub(crate) prewarm: arc_swap::ArcSwapOption<Route>,
+    /// The threads sessions run on.
+    pub(crate) workers: workers::Workers,
 }
 
 pub struct Proxy;
+
+/// `proxy.relay_threads`, 0 meaning one per core.
+fn relay_threads(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 impl Proxy {
     /// Builds the proxy from `ctx.config`: SCRAM verifiers, TLS, metrics, and
@@ -118,10 +140,12 @@ impl Proxy {
             limits,
             clients: AtomicUsize::new(0),
             stop_accepting: CancellationToken::new(),
-            draining: CancellationToken::new(),
+            draining: AtomicBool::new(false),
             kill: CancellationToken::new(),
             moves_failed: std::sync::atomic::AtomicU64::new(0),
             prewarm: arc_swap::ArcSwapOption::empty(),
+            workers: workers::Workers::start(relay_threads(cfg.relay_threads))
+                .map_err(ProxyError::Threads)?,
             ctx,
         };
         Ok(ProxyHandle {
@@ -284,7 +308,7 @@ impl ProxyHandle {
     pub async fn shutdown(&self, timeout: Duration) -> usize {
         let s = &self.shared;
         s.stop_accepting.cancel();
-        s.draining.cancel();
+        s.draining.store(true, Ordering::SeqCst);
         s.sessions.wake_all();
         tracing::info!(
             sessions = s.sessions.len(),

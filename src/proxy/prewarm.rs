@@ -22,16 +22,25 @@ const CONCURRENCY: usize = 16;
 pub(crate) async fn all(shared: &Arc<Shared>, route: Route) -> usize {
     let route = Arc::new(route);
     shared.prewarm.store(Some(route.clone()));
-    let limit = Semaphore::new(CONCURRENCY);
+    let limit = Arc::new(Semaphore::new(CONCURRENCY));
     let sessions = shared.sessions.sessions();
-    let opens = sessions.iter().map(|s| async {
-        let _permit = limit.acquire().await;
-        one(shared, s, &route).await
+    let opens = sessions.iter().map(|s| {
+        let runtime = s.runtime.clone();
+        let (shared, s, route, limit) = (shared.clone(), s.clone(), route.clone(), limit.clone());
+        let open = async move {
+            let _permit = limit.acquire().await;
+            one(&shared, &s, &route).await
+        };
+        // On the session's relay thread, which will poll the backend.
+        match runtime {
+            Some(rt) => rt.spawn(open),
+            None => tokio::spawn(open),
+        }
     });
     let parked = futures_util::future::join_all(opens)
         .await
         .into_iter()
-        .filter(|ok| *ok)
+        .filter(|ok| matches!(ok, Ok(true)))
         .count();
     tracing::info!(
         route = %route.name,

@@ -10,12 +10,15 @@
 //! pre-warmed backend when there is one ([`super::prewarm`]). Idle sessions
 //! move as soon as the route is swapped, even with the gate closed.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::io::poll_read_buf;
 
 use super::Shared;
 use super::backend;
@@ -44,7 +47,7 @@ pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
     } = a;
     // New connections are held by a closed gate too, so they start on the
     // route current when it opens.
-    if !wait_gate(&shared).await || shared.draining.is_cancelled() {
+    if !wait_gate(&shared).await || shared.is_draining() {
         reject(&mut stream, "57P03", "the database system is shutting down").await;
         return;
     }
@@ -304,28 +307,51 @@ fn reserve(buf: &mut BytesMut, amount: usize) {
     }
 }
 
+/// What woke the relay loop.
+enum Event {
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+    Wake,
+}
+
 impl Session {
     async fn relay(&mut self) -> End {
         let info = self.info.clone();
+        // Which direction is polled first; alternates so a side that always
+        // has data cannot starve the other.
+        let mut server_first = true;
         loop {
             reserve(&mut self.cbuf, CLIENT_READ_RESERVE);
             reserve(&mut self.sbuf, SERVER_READ_RESERVE);
-            tokio::select! {
-                r = self.client.read_buf(&mut self.cbuf) => match r {
-                    Ok(0) | Err(_) => return self.client_gone().await,
-                    Ok(_) => if let Some(end) = self.on_client_data().await {
-                        return end;
-                    },
-                },
-                r = self.server.read_buf(&mut self.sbuf) => match r {
-                    Ok(0) | Err(_) => return self.server_lost().await,
-                    Ok(_) => if let Some(end) = self.on_server_data().await {
-                        return end;
-                    },
-                },
-                _ = std::future::poll_fn(|cx| info.wake.poll(cx)) => if let Some(end) = self.on_wake().await {
-                    return end;
-                },
+            server_first = !server_first;
+            let event = std::future::poll_fn(|cx| {
+                // First, so a session whose sockets always have data still
+                // sees shutdown and termination.
+                if info.wake.poll(cx).is_ready() {
+                    return Poll::Ready(Event::Wake);
+                }
+                let mut server = |cx: &mut Context<'_>| {
+                    poll_read_buf(Pin::new(&mut self.server), cx, &mut self.sbuf).map(Event::Server)
+                };
+                let mut client = |cx: &mut Context<'_>| {
+                    poll_read_buf(Pin::new(&mut self.client), cx, &mut self.cbuf).map(Event::Client)
+                };
+                let first = if server_first { server(cx) } else { client(cx) };
+                if first.is_ready() {
+                    return first;
+                }
+                if server_first { client(cx) } else { server(cx) }
+            })
+            .await;
+            let end = match event {
+                Event::Client(Ok(0) | Err(_)) => Some(self.client_gone().await),
+                Event::Client(Ok(_)) => self.on_client_data().await,
+                Event::Server(Ok(0) | Err(_)) => Some(self.server_lost().await),
+                Event::Server(Ok(_)) => self.on_server_data().await,
+                Event::Wake => self.on_wake().await,
+            };
+            if let Some(end) = end {
+                return end;
             }
         }
     }
@@ -343,7 +369,7 @@ impl Session {
             // Busy: drain and route are looked at again at the boundary.
             return None;
         }
-        if self.shared.draining.is_cancelled() {
+        if self.shared.is_draining() {
             return Some(self.close_for_shutdown().await);
         }
         self.move_if_rerouted().await
@@ -418,7 +444,7 @@ impl Session {
             self.sbuf.advance(n);
         }
         if left {
-            if self.shared.draining.is_cancelled() {
+            if self.shared.is_draining() {
                 return Some(self.close_for_shutdown().await);
             }
             if !self.shared.router.is_current(&self.route) {
@@ -432,7 +458,7 @@ impl Session {
     /// changed meanwhile, moves to a backend on the new route.
     async fn begin_request(&mut self) -> Option<End> {
         loop {
-            if self.shared.draining.is_cancelled() {
+            if self.shared.is_draining() {
                 return Some(self.close_for_shutdown().await);
             }
             if self.shared.gate.try_enter() {
@@ -477,7 +503,7 @@ impl Session {
     /// is closed (the cutover's switch waits for it); with the gate open it
     /// counts as busy meanwhile.
     async fn move_if_rerouted(&mut self) -> Option<End> {
-        if self.shared.router.is_current(&self.route) || self.shared.draining.is_cancelled() {
+        if self.shared.router.is_current(&self.route) || self.shared.is_draining() {
             return None;
         }
         let counted = self.shared.gate.try_enter();

@@ -50,6 +50,9 @@ pub struct SessionInfo {
     parked: Mutex<Option<Parked>>,
     /// Set when the session has left the registry.
     closed: AtomicBool,
+    /// The relay thread the session runs on: its backends are opened there
+    /// (pre-warming too), so their sockets are polled by that thread.
+    pub(crate) runtime: Option<tokio::runtime::Handle>,
 }
 
 /// A pre-warmed backend waiting for its session to move onto `route`.
@@ -226,6 +229,7 @@ impl Registry {
             kill_message: Mutex::new(None),
             parked: Mutex::new(None),
             closed: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         });
         map.insert(pid, info.clone());
         info
