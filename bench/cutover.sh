@@ -83,9 +83,13 @@ run_pgshift() { # rep [label mode]
   sleep $((DURATION / 2))
   "$PGSHIFT" cutover --config "$WORK/cut.toml" >/dev/null 2>&1 || true
   wait_status "$ADMIN_PORT" 's.get("state")=="Succeeded" or (s.get("last_cutover") or {}).get("outcome") in ("aborted","failed")' 120 >/dev/null || true
-  local outcome pause
-  read -r outcome pause < <(status_json "$ADMIN_PORT" | python3 -c '
-import json,sys; c=json.load(sys.stdin).get("last_cutover") or {}; print(c.get("outcome","none"), c.get("pause_seconds") or 0)')
+  local outcome pause phases
+  read -r outcome pause phases < <(status_json "$ADMIN_PORT" | python3 -c '
+import json,sys; c=json.load(sys.stdin).get("last_cutover") or {}
+ph=",".join("%s=%.1f" % (p["phase"], p["seconds"] * 1000) for p in c.get("phases", []))
+print(c.get("outcome","none"), c.get("pause_seconds") or 0, ph or "-")')
+  echo "  $label $1 phases (ms): $phases" >&2
+  echo "$label $1 $phases" >> "$RESULTS_DIR/cutover-phases.txt"
   wait "$LOAD_PID" || true
   sleep 1
   if [ -n "$rec" ]; then kill "$rec"; wait "$rec" 2>/dev/null || true; cp "$WORK/lag.csv" "$RESULTS_DIR/lag-cutover-rep1.csv"; fi

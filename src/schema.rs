@@ -716,69 +716,119 @@ pub async fn copy_sequences(
     source: &Client,
     target: &Client,
 ) -> Result<SequencesReport, SchemaError> {
-    // pg_sequence_last_value is NULL for a sequence never called (is_called = false);
-    // the pg_sequences view hides is_called, so its building blocks are used.
-    let rows = source
-        .query(
-            "SELECT format('%I.%I', n.nspname, c.relname), \
-                    pg_sequence_last_value(c.oid), s.seqstart \
-             FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             JOIN pg_sequence s ON s.seqrelid = c.oid \
-             WHERE c.relkind = 'S' AND c.relpersistence <> 't' \
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgshift') \
-               AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast%' \
-               AND CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, 'SELECT, USAGE') END",
-            &[],
-        )
-        .await
-        .map_err(sql_err("reading source sequences"))?;
-    let mut names = Vec::with_capacity(rows.len());
-    let mut values = Vec::with_capacity(rows.len());
-    let mut called = Vec::with_capacity(rows.len());
-    let mut uncalled = Vec::new();
-    for (i, r) in rows.iter().enumerate() {
-        let last: Option<i64> = r.get(1);
-        names.push(r.get::<_, String>(0));
-        values.push(last.unwrap_or_else(|| r.get(2)));
-        called.push(last.is_some());
-        if last.is_none() {
-            uncalled.push(i);
-        }
-    }
-    // A sequence with is_called = false may still have been set to a value
-    // (setval(s, v, false)); read those few directly, in one more query.
-    if !uncalled.is_empty() {
-        let sql = uncalled
-            .iter()
-            .map(|&i| format!("SELECT {i}, last_value FROM {}", names[i]))
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
-        for r in source
-            .query(&sql, &[])
+    let sync = SequenceSync::prepare(source, target).await?;
+    let values = sync.read(source).await?;
+    sync.write(target, &values).await
+}
+
+// pg_sequence_last_value is NULL for a sequence never called (is_called = false);
+// the pg_sequences view hides is_called, so its building blocks are used.
+const READ_SEQUENCES_SQL: &str = "SELECT format('%I.%I', n.nspname, c.relname), \
+        pg_sequence_last_value(c.oid), s.seqstart \
+     FROM pg_class c \
+     JOIN pg_namespace n ON n.oid = c.relnamespace \
+     JOIN pg_sequence s ON s.seqrelid = c.oid \
+     WHERE c.relkind = 'S' AND c.relpersistence <> 't' \
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgshift') \
+       AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast%' \
+       AND CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, 'SELECT, USAGE') END";
+
+const WRITE_SEQUENCES_SQL: &str = "SELECT x.name FROM unnest($1::text[], $2::int8[], $3::bool[]) AS x(name, v, called) \
+     WHERE CASE WHEN to_regclass(x.name) IS NULL THEN true \
+                ELSE setval(to_regclass(x.name), x.v, x.called) IS NULL END";
+
+/// Sequence values read from the source, to be set on the target.
+#[derive(Clone, Debug, Default)]
+pub struct SequenceValues {
+    names: Vec<String>,
+    values: Vec<i64>,
+    called: Vec<bool>,
+}
+
+/// [`copy_sequences`] in steps with statements prepared ahead, so the
+/// cutover pays one round trip per side (two on the source when a sequence
+/// was never called) and may read while it waits for something else.
+pub struct SequenceSync {
+    read: tokio_postgres::Statement,
+    write: tokio_postgres::Statement,
+}
+
+impl SequenceSync {
+    pub async fn prepare(source: &Client, target: &Client) -> Result<SequenceSync, SchemaError> {
+        let read = source
+            .prepare(READ_SEQUENCES_SQL)
             .await
-            .map_err(sql_err("reading unused source sequences"))?
-        {
-            let i: i32 = r.get(0);
-            values[i as usize] = r.get(1);
-        }
+            .map_err(sql_err("preparing to read source sequences"))?;
+        let write = target
+            .prepare(WRITE_SEQUENCES_SQL)
+            .await
+            .map_err(sql_err("preparing to set target sequences"))?;
+        Ok(SequenceSync { read, write })
     }
-    let missing: Vec<String> = target
-        .query(
-            "SELECT x.name FROM unnest($1::text[], $2::int8[], $3::bool[]) AS x(name, v, called) \
-             WHERE CASE WHEN to_regclass(x.name) IS NULL THEN true \
-                        ELSE setval(to_regclass(x.name), x.v, x.called) IS NULL END",
-            &[&names, &values, &called],
-        )
-        .await
-        .map_err(sql_err("setting target sequences"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    Ok(SequencesReport {
-        copied: names.len() - missing.len(),
-        missing_on_target: missing,
-    })
+
+    /// Every sequence's value on the source (`source` is where this was prepared).
+    pub async fn read(&self, source: &Client) -> Result<SequenceValues, SchemaError> {
+        let rows = source
+            .query(&self.read, &[])
+            .await
+            .map_err(sql_err("reading source sequences"))?;
+        let mut v = SequenceValues::default();
+        let mut uncalled = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            let last: Option<i64> = r.get(1);
+            v.names.push(r.get::<_, String>(0));
+            v.values.push(last.unwrap_or_else(|| r.get(2)));
+            v.called.push(last.is_some());
+            if last.is_none() {
+                uncalled.push(i);
+            }
+        }
+        // A sequence with is_called = false may still have been set to a value
+        // (setval(s, v, false)); read those few directly, in one more query.
+        if !uncalled.is_empty() {
+            let sql = uncalled
+                .iter()
+                .map(|&i| format!("SELECT {i}, last_value FROM {}", v.names[i]))
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ");
+            // Simple protocol: one round trip for a statement used once.
+            let reply = source
+                .simple_query(&sql)
+                .await
+                .map_err(sql_err("reading unused source sequences"))?;
+            for m in reply {
+                if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+                    let i = r.get(0).and_then(|x| x.parse::<usize>().ok());
+                    let value = r.get(1).and_then(|x| x.parse::<i64>().ok());
+                    if let (Some(i), Some(value)) = (i, value)
+                        && i < v.values.len()
+                    {
+                        v.values[i] = value;
+                    }
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    /// Sets the values on the target (`target` is where this was prepared).
+    pub async fn write(
+        &self,
+        target: &Client,
+        v: &SequenceValues,
+    ) -> Result<SequencesReport, SchemaError> {
+        let missing: Vec<String> = target
+            .query(&self.write, &[&v.names, &v.values, &v.called])
+            .await
+            .map_err(sql_err("setting target sequences"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok(SequencesReport {
+            copied: v.names.len() - missing.len(),
+            missing_on_target: missing,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -392,10 +392,12 @@ async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
 
     // An autocommit statement still running when the gate closes: the drain
     // waits for it, so its row commits before the fence and the marker.
+    // (Pre-warming gives a busy session up to 0.5 s to stage its move, and
+    // the gate waits 50 ms for a quiet moment, before the gate closes.)
     let slow = connect(&shift.url()).await;
     let slow_task = tokio::spawn(async move {
         slow.query_one(
-            "INSERT INTO ledger (client, note) SELECT 'slow', 'x' FROM pg_sleep(2) RETURNING id",
+            "INSERT INTO ledger (client, note) SELECT 'slow', 'x' FROM pg_sleep(3) RETURNING id",
             &[],
         )
         .await

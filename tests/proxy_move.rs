@@ -230,6 +230,78 @@ async fn settings_and_prepared_statements_survive_a_prewarmed_move() {
     ) == "0"));
 }
 
+/// Pre-warming replays each session's state on its new backend ahead of
+/// the pause; a session that changes its state afterwards (before the gate
+/// holds it) still moves with its new state, on that same backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changed_after_prewarm_moves_with_the_new_state() {
+    let (a, b) = pair();
+    let proxy = start_proxy(&a).await;
+    let h = &proxy.handle;
+    let c = connect(&proxy.url("postgres")).await;
+    c.batch_execute("SET search_path = app_s, public; PREPARE early AS SELECT 1")
+        .await
+        .unwrap();
+    let early = c.prepare("SELECT $1::int + 1").await.unwrap();
+
+    let route = route_to(&b);
+    assert_eq!(h.prewarm(route.clone()).await, 1);
+    let parked = h.sessions().sessions()[0].parked_backend().unwrap().1;
+    // prewarm() returns once the idle session has replayed its state there.
+    let replayed = b.psql(
+        "postgres",
+        &format!("SELECT query <> '' FROM pg_stat_activity WHERE pid = {parked}"),
+    );
+    assert_eq!(
+        replayed, "t",
+        "the state was not replayed ahead of the pause"
+    );
+
+    // Changed after that: a statement dropped, a setting, a statement and a
+    // channel added.
+    for sql in [
+        "DEALLOCATE early",
+        "SET statement_timeout = '900ms'",
+        "PREPARE late AS SELECT 2",
+        "LISTEN late_channel",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let late = c.prepare("SELECT $1::int + 2").await.unwrap();
+
+    h.gate().close();
+    let (moved, dropped) = h.switch_to(route, Duration::from_secs(10)).await;
+    assert_eq!((moved, dropped), (1, 0));
+    h.gate().open();
+
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pid, parked, "the pre-warmed backend was not used");
+    assert_eq!(whoami(&c).await, "B");
+    assert_eq!(show(&c, "search_path").await, "app_s, public");
+    assert_eq!(show(&c, "statement_timeout").await, "900ms");
+    let sql_prepared = first_value(
+        &c.simple_query(
+            "SELECT string_agg(name, ',' ORDER BY name) FROM pg_prepared_statements WHERE from_sql",
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(sql_prepared, "late");
+    let channels = first_value(
+        &c.simple_query("SELECT string_agg(c, ',') FROM pg_listening_channels() c")
+            .await
+            .unwrap(),
+    );
+    assert_eq!(channels, "late_channel");
+    let one: i32 = c.query_one(&early, &[&1i32]).await.unwrap().get(0);
+    let two: i32 = c.query_one(&late, &[&1i32]).await.unwrap().get(0);
+    assert_eq!((one, two), (2, 3));
+}
+
 fn first_value(msgs: &[tokio_postgres::SimpleQueryMessage]) -> String {
     msgs.iter()
         .find_map(|m| match m {

@@ -5,7 +5,7 @@
 //! remembered, not assumed).
 
 use serde::{Deserialize, Serialize};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::db::{quote_ident, quote_literal};
 
@@ -71,42 +71,120 @@ pub async fn plan(
     Ok(rec)
 }
 
-/// Puts up the fence planned by [`plan`].
+/// Puts up the fence planned by [`plan`], in one round trip: one
+/// transaction sets every database read-only (and revokes LOGIN), then the
+/// sessions that bypassed the proxy are terminated — after the commit, so a
+/// terminated client that reconnects is already read-only.
+///
+/// The transaction commits with `synchronous_commit = off`: its commit is
+/// visible to new sessions at once, and the cutover's marker, committed
+/// synchronously on the same server afterwards, flushes the WAL through it
+/// (WAL is flushed in order) before the walsender may send the marker. No
+/// cutover proceeds past a marker that was not flushed, so a switch never
+/// rests on a fence a source crash could undo.
+///
+/// The previous settings are read again inside the same transaction; when
+/// they differ from the plan (changed by someone since), `rec` is corrected
+/// and `true` is returned so the caller persists it again.
 pub async fn apply(
     admin: &Client,
     rec: &mut FenceRecord,
     spare_pids: &[i32],
-) -> Result<(), FenceError> {
+) -> Result<bool, FenceError> {
+    let reply = match admin.simple_query(&apply_sql(rec, spare_pids)).await {
+        Ok(r) => r,
+        Err(e) => {
+            // A failed statement leaves the transaction block aborted: end it,
+            // so the same connection can lift what went up.
+            let _ = admin.batch_execute("ROLLBACK").await;
+            return Err(sql_err("putting up the fence", e));
+        }
+    };
+    let rows: Vec<_> = reply
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    let mut changed = false;
+    let mut terminated = 0;
+    for r in rows {
+        match r.get(0) {
+            Some("db") => {
+                let (db, prev) = (r.get(1).unwrap_or_default(), r.get(2).map(str::to_string));
+                if let Some(entry) = rec.databases.iter_mut().find(|(d, _)| d == db)
+                    && entry.1 != prev
+                {
+                    entry.1 = prev;
+                    changed = true;
+                }
+            }
+            Some("nologin") => {
+                // A planned role that could no longer log in must not get
+                // LOGIN back when the fence is lifted.
+                let role = r.get(1).unwrap_or_default();
+                if r.get(2) != Some("t") {
+                    rec.roles.retain(|x| x != role);
+                    changed = true;
+                }
+            }
+            Some("terminated") => {
+                terminated = r.get(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+            }
+            _ => {}
+        }
+    }
+    rec.terminated_sessions = terminated;
+    Ok(changed)
+}
+
+/// The fence as one multi-statement request (see [`apply`]).
+fn apply_sql(rec: &FenceRecord, spare_pids: &[i32]) -> String {
+    let dbs: Vec<String> = rec
+        .databases
+        .iter()
+        .map(|(d, _)| quote_literal(d))
+        .collect();
+    let roles: Vec<String> = rec.roles.iter().map(|r| quote_literal(r)).collect();
+    let pids: Vec<String> = spare_pids.iter().map(i32::to_string).collect();
+    let db_array = format!("ARRAY[{}]::text[]", dbs.join(", "));
+    let mut sql = vec![
+        "BEGIN".to_string(),
+        "SET LOCAL synchronous_commit = off".to_string(),
+        // The previous settings, read in the transaction that changes them.
+        format!(
+            "SELECT 'db', d.datname, (SELECT substr(c, length('default_transaction_read_only=') + 1)
+               FROM unnest(s.setconfig) c WHERE c LIKE 'default\\_transaction\\_read\\_only=%')
+             FROM pg_database d LEFT JOIN pg_db_role_setting s ON s.setdatabase = d.oid AND s.setrole = 0
+             WHERE d.datname = ANY({db_array})"
+        ),
+    ];
+    if !roles.is_empty() {
+        sql.push(format!(
+            "SELECT 'nologin', rolname, rolcanlogin FROM pg_roles WHERE rolname = ANY(ARRAY[{}]::text[])",
+            roles.join(", ")
+        ));
+    }
     for (db, _) in &rec.databases {
-        admin
-            .batch_execute(&format!(
-                "ALTER DATABASE {} SET default_transaction_read_only = on",
-                quote_ident(db)
-            ))
-            .await
-            .map_err(|e| sql_err(&format!("ALTER DATABASE {db}"), e))?;
+        sql.push(format!(
+            "ALTER DATABASE {} SET default_transaction_read_only = on",
+            quote_ident(db)
+        ));
     }
     for role in &rec.roles {
-        admin
-            .batch_execute(&format!("ALTER ROLE {} NOLOGIN", quote_ident(role)))
-            .await
-            .map_err(|e| sql_err(&format!("ALTER ROLE {role} NOLOGIN"), e))?;
+        sql.push(format!("ALTER ROLE {} NOLOGIN", quote_ident(role)));
     }
-    let databases: Vec<String> = rec.databases.iter().map(|(d, _)| d.clone()).collect();
+    sql.push("COMMIT".to_string());
     // Sessions that bypassed the proxy: any client backend on a migrated
     // database that is neither one of the proxy's nor pgshift's own.
-    let n: i64 = admin
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-             WHERE datname = ANY($1) AND pid <> pg_backend_pid() AND backend_type = 'client backend'
-               AND NOT (pid = ANY($2)) AND coalesce(application_name, '') NOT LIKE 'pgshift%'",
-            &[&databases, &spare_pids],
-        )
-        .await
-        .map_err(|e| sql_err("terminating sessions that bypass the proxy", e))?
-        .get(0);
-    rec.terminated_sessions = n as u64;
-    Ok(())
+    sql.push(format!(
+        "SELECT 'terminated', count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = ANY({db_array}) AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+           AND NOT (pid = ANY(ARRAY[{}]::int[])) AND coalesce(application_name, '') NOT LIKE 'pgshift%'",
+        pids.join(", ")
+    ));
+    sql.join(";\n")
 }
 
 async fn previous_read_only(admin: &Client, db: &str) -> Result<Option<String>, FenceError> {

@@ -53,7 +53,11 @@ pub trait CutoverHost: Send + Sync {
         id: &str,
         timeout: Duration,
     ) -> impl Future<Output = Result<(), String>> + Send;
-    /// Copies every sequence's last_value / is_called to the target; returns how many.
+    /// Copies every sequence's last_value / is_called to the target; returns
+    /// how many. Runs after the fence, while the marker is awaited. The
+    /// target's writes need not be flushed here: the switch persists its
+    /// state synchronously on the same target server afterwards, which
+    /// flushes the WAL through them before any client runs there.
     fn sync_sequences(&self) -> impl Future<Output = Result<u64, String>> + Send;
     /// Compares source and target while both are still.
     fn verify(&self, mode: CutoverVerify) -> impl Future<Output = Result<String, String>> + Send;
@@ -170,6 +174,9 @@ fn failpoint() -> Option<&'static str> {
         .as_deref()
 }
 
+/// How long the gate waits for a moment with no transaction in flight.
+const QUIET_WAIT: Duration = Duration::from_millis(50);
+
 /// Why an attempt stopped before the point of no return.
 #[derive(Debug)]
 struct Abort {
@@ -186,6 +193,8 @@ struct Attempt<'a, H: CutoverHost> {
     last: &'a LastCutover,
     report: CutoverReport,
     gate_closed_at: Option<Instant>,
+    /// Read and persisted before the gate closes; put up by [`Attempt::fence`].
+    planned_fence: Option<FenceRecord>,
     fence: Option<FenceRecord>,
 }
 
@@ -201,7 +210,17 @@ impl<H: CutoverHost> Attempt<'_, H> {
         outcome: &str,
         detail: Option<String>,
     ) {
-        let seconds = started.elapsed().as_secs_f64();
+        self.record_took(phase, started.elapsed(), outcome, detail);
+    }
+
+    fn record_took(
+        &mut self,
+        phase: &'static str,
+        took: Duration,
+        outcome: &str,
+        detail: Option<String>,
+    ) {
+        let seconds = took.as_secs_f64();
         self.metrics
             .phase_seconds
             .with_label_values(&[phase])
@@ -235,6 +254,11 @@ impl<H: CutoverHost> Attempt<'_, H> {
     }
 
     async fn gate(&mut self) {
+        // Closed at a quiet moment when there is one: a transaction in flight
+        // when the gate closes adds its remaining time to the pause (the
+        // drain). Not part of the pause, and bounded: a workload never idle
+        // is paused after QUIET_WAIT all the same.
+        let _ = self.host.wait_idle(QUIET_WAIT).await;
         let t = Instant::now();
         self.host.close_gate();
         self.gate_closed_at = Some(t);
@@ -279,35 +303,48 @@ impl<H: CutoverHost> Attempt<'_, H> {
         }
     }
 
+    /// Before the gate closes: reads what the fence will change and persists
+    /// it, so the pause pays for neither. From here on a pgshift killed before
+    /// the switch lifts this fence when it comes back — restoring the values
+    /// read here, which is harmless when the fence never went up.
+    async fn plan_fence(&mut self, admin: &tokio_postgres::Client) -> Result<(), String> {
+        let dbs = self.migration.cfg.databases.clone();
+        let rec = fence::plan(admin, &dbs, &self.cfg.fence_roles)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.persist_running(Some(&rec))
+            .await
+            .map_err(|e| format!("cannot persist the fence record: {e}"))?;
+        self.planned_fence = Some(rec);
+        Ok(())
+    }
+
     async fn fence(&mut self, admin: &tokio_postgres::Client) -> Result<(), Abort> {
         let t = Instant::now();
-        let dbs = self.migration.cfg.databases.clone();
-        let mut rec = match fence::plan(admin, &dbs, &self.cfg.fence_roles).await {
-            Ok(rec) => rec,
-            Err(e) => {
-                self.record("fence", t, "failed", Some(e.to_string()));
-                return Err(Abort {
-                    reason: e.to_string(),
-                });
-            }
-        };
-        // Persisted before the fence goes up: a pgshift killed from here on
-        // lifts this fence when it comes back (unless it had already switched).
-        if let Err(e) = self.persist_running(Some(&rec)).await {
-            let reason = format!("cannot persist the fence record: {e}");
+        let Some(mut rec) = self.planned_fence.take() else {
+            let reason = "the fence was not planned".to_string();
             self.record("fence", t, "failed", Some(reason.clone()));
             return Err(Abort { reason });
-        }
+        };
         // From here on an abort lifts it, also when only part of it went up.
         self.fence = Some(rec.clone());
         let spare = self.host.source_backend_pids();
         match fence::apply(admin, &mut rec, &spare).await {
-            Ok(()) => {
+            Ok(changed) => {
+                self.fence = Some(rec.clone());
+                if changed {
+                    // Someone changed a setting since the plan: the record
+                    // persisted before the gate closed must say what to restore.
+                    if let Err(e) = self.persist_running(Some(&rec)).await {
+                        let reason = format!("cannot persist the corrected fence record: {e}");
+                        self.record("fence", t, "failed", Some(reason.clone()));
+                        return Err(Abort { reason });
+                    }
+                }
                 let detail = format!(
                     "terminated {} session(s) that bypassed the proxy",
                     rec.terminated_sessions
                 );
-                self.fence = Some(rec);
                 self.record("fence", t, "ok", Some(detail));
                 Ok(())
             }
@@ -348,39 +385,60 @@ impl<H: CutoverHost> Attempt<'_, H> {
         }
     }
 
-    async fn catch_up(&mut self) -> Result<(), Abort> {
-        let t = Instant::now();
-        match self
-            .host
-            .wait_caught_up(&self.report.id, self.cfg.catchup_timeout.0)
-            .await
-        {
+    /// The marker and the sequences, concurrently: after the fence nothing
+    /// can call nextval on the source (new sessions are read-only, the others
+    /// terminated, the proxy's held), so the values read while the marker is
+    /// on its way are the final ones. The target never writes sequences
+    /// itself (apply inserts explicit values), so setting them before the
+    /// marker is applied changes nothing apply does; an abort leaves them
+    /// ahead, which the next attempt overwrites. Both must succeed.
+    async fn catch_up_and_sequences(&mut self) -> Result<(), Abort> {
+        let host = self.host;
+        let (id, timeout) = (self.report.id.clone(), self.cfg.catchup_timeout.0);
+        let ((marker, marker_took), (seqs, seqs_took)) = tokio::join!(
+            async {
+                let t = Instant::now();
+                (host.wait_caught_up(&id, timeout).await, t.elapsed())
+            },
+            async {
+                let t = Instant::now();
+                (host.sync_sequences().await, t.elapsed())
+            },
+        );
+        let marker = match marker {
             Ok(()) => {
-                self.record("marker", t, "ok", None);
+                self.record_took("marker", marker_took, "ok", None);
                 Ok(())
             }
             Err(e) => {
                 let reason = format!("target did not catch up: {e}");
-                self.record("marker", t, "timeout", Some(reason.clone()));
+                self.record_took("marker", marker_took, "timeout", Some(reason.clone()));
                 Err(Abort { reason })
             }
+        };
+        // The marker's test hook, before the sequences are recorded: both
+        // are done here, but the hook stops "right after the marker".
+        if marker.is_ok() {
+            self.failpoint("marker").await;
         }
-    }
-
-    async fn sequences(&mut self) -> Result<(), Abort> {
-        let t = Instant::now();
-        match self.host.sync_sequences().await {
+        let seqs = match seqs {
             Ok(n) => {
-                self.record("sequences", t, "ok", Some(format!("{n} sequence(s)")));
+                self.record_took(
+                    "sequences",
+                    seqs_took,
+                    "ok",
+                    Some(format!("{n} sequence(s), while the marker was awaited")),
+                );
                 Ok(())
             }
             Err(e) => {
-                self.record("sequences", t, "failed", Some(e.clone()));
+                self.record_took("sequences", seqs_took, "failed", Some(e.clone()));
                 Err(Abort {
                     reason: format!("sequence sync failed: {e}"),
                 })
             }
-        }
+        };
+        marker.and(seqs)
     }
 
     async fn verify(&mut self) -> Result<(), Abort> {
@@ -409,6 +467,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
             .mark_switched()
             .await
             .map_err(|e| format!("cannot persist the switch: {e}"))?;
+        let persisted = t.elapsed();
         let (moved, dropped) = self.host.switch_to_target().await;
         let pause = self.gate_closed_at.map(|g| g.elapsed().as_secs_f64());
         self.report.pause_seconds = pause;
@@ -423,7 +482,10 @@ impl<H: CutoverHost> Attempt<'_, H> {
             "switch",
             t,
             "ok",
-            Some(format!("{moved} session(s) moved, {dropped} dropped")),
+            Some(format!(
+                "{moved} session(s) moved, {dropped} dropped (persisted in {:.1} ms)",
+                persisted.as_secs_f64() * 1000.0
+            )),
         );
         Ok(())
     }
@@ -487,6 +549,7 @@ pub async fn run<H: CutoverHost>(
             sessions_dropped: 0,
         },
         gate_closed_at: None,
+        planned_fence: None,
         fence: None,
     };
     a.publish();
@@ -514,7 +577,11 @@ pub async fn run<H: CutoverHost>(
     };
 
     let t = Instant::now();
-    if let Err(e) = host.prepare().await {
+    let prepared = match host.prepare().await {
+        Ok(()) => a.plan_fence(&admin).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = prepared {
         a.record("prepare", t, "failed", Some(e.clone()));
         a.report.outcome = "aborted".into();
         a.report.reason = Some(format!("cannot prepare the cutover: {e}"));
@@ -531,9 +598,7 @@ pub async fn run<H: CutoverHost>(
         a.failpoint("drain").await;
         a.fence(&admin).await?;
         a.failpoint("fence").await;
-        a.catch_up().await?;
-        a.failpoint("marker").await;
-        a.sequences().await?;
+        a.catch_up_and_sequences().await?;
         a.failpoint("sequences").await;
         a.verify().await?;
         a.failpoint("verify").await;

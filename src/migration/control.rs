@@ -93,7 +93,19 @@ pub struct ControlStore {
     client: Client,
     addr: String,
     migration: String,
+    /// [`ControlStore::save`]'s statement, prepared once: the cutover's
+    /// point of no return is then one round trip.
+    save_stmt: tokio::sync::OnceCell<tokio_postgres::Statement>,
 }
+
+const SAVE_SQL: &str = "WITH up AS (
+   INSERT INTO pgshift.migration (name, state, substate, reason, mode, switched)
+   VALUES ($1, $2, $3, $4, $5, $6)
+   ON CONFLICT (name) DO UPDATE SET state = $2, substate = $3, reason = $4,
+     mode = $5, switched = $6, updated_at = now()
+   RETURNING 1)
+ INSERT INTO pgshift.event (migration, state, substate, message)
+ SELECT $1, $2, $3, $4 FROM up";
 
 impl ControlStore {
     /// Connects, creates the schema if needed and takes the migration's
@@ -105,6 +117,7 @@ impl ControlStore {
             client,
             addr: target.display(),
             migration: migration.to_string(),
+            save_stmt: tokio::sync::OnceCell::new(),
         };
         let locked: bool = store
             .client
@@ -164,16 +177,14 @@ impl ControlStore {
     /// Persists the state and appends it to the event history, in one transaction.
     pub async fn save(&self, row: &MigrationRow, mode: &str) -> Result<(), ControlError> {
         let (state, substate) = (row.state.as_str(), row.substate.as_str());
+        let stmt = self
+            .save_stmt
+            .get_or_try_init(|| self.client.prepare(SAVE_SQL))
+            .await
+            .map_err(|e| self.sql(e))?;
         self.client
             .execute(
-                "WITH up AS (
-                   INSERT INTO pgshift.migration (name, state, substate, reason, mode, switched)
-                   VALUES ($1, $2, $3, $4, $5, $6)
-                   ON CONFLICT (name) DO UPDATE SET state = $2, substate = $3, reason = $4,
-                     mode = $5, switched = $6, updated_at = now()
-                   RETURNING 1)
-                 INSERT INTO pgshift.event (migration, state, substate, message)
-                 SELECT $1, $2, $3, $4 FROM up",
+                stmt,
                 &[
                     &self.migration,
                     &state,

@@ -22,17 +22,21 @@ use crate::cutover::window::{self, Window};
 use crate::proxy::ProxyHandle;
 use crate::proxy::route::Route;
 use crate::replication::Lsn;
-use crate::replication::stream::{DatabaseStream, StreamConfig, StreamMetrics};
+use crate::replication::stream::{DatabaseStream, MarkerConnection, StreamConfig, StreamMetrics};
 
-/// Connections the cutover uses inside the pause, opened before it.
+/// Connections the cutover uses inside the pause, opened (and their
+/// statements prepared) before it.
 struct CutoverConns {
-    /// (database, source connection for markers, source, target) per database.
-    dbs: Vec<(
-        String,
-        tokio_postgres::Client,
-        tokio_postgres::Client,
-        tokio_postgres::Client,
-    )>,
+    dbs: Vec<CutoverDb>,
+}
+
+struct CutoverDb {
+    database: String,
+    marker: MarkerConnection,
+    /// Sequences: read on `source`, set on `target`.
+    source: tokio_postgres::Client,
+    target: tokio_postgres::Client,
+    sequences: crate::schema::SequenceSync,
 }
 
 /// Clears [`Runner::cutover_running`] when the attempt's task ends.
@@ -46,7 +50,8 @@ impl Drop for RunningGuard {
 
 pub struct Runner {
     pipeline: Pipeline,
-    cutover_conns: Mutex<Option<CutoverConns>>,
+    /// Shared by the cutover's steps that run at the same time.
+    cutover_conns: std::sync::Mutex<Option<Arc<CutoverConns>>>,
     streams: Mutex<Vec<DatabaseStream>>,
     stream_metrics: StreamMetrics,
     cutover_metrics: CutoverMetrics,
@@ -92,7 +97,7 @@ pub async fn start(
             copy_metrics: crate::replication::copy::CopyMetrics::register(&ctx.registry).ok(),
         },
         streams: Mutex::new(Vec::new()),
-        cutover_conns: Mutex::new(None),
+        cutover_conns: std::sync::Mutex::new(None),
         stream_metrics: StreamMetrics::register(&ctx.registry),
         cutover_metrics: CutoverMetrics::new(&ctx.registry),
         last_cutover,
@@ -486,6 +491,16 @@ impl Runner {
     }
 }
 
+impl Runner {
+    fn cutover_conns(&self) -> Result<Arc<CutoverConns>, String> {
+        self.cutover_conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| "the cutover was not prepared".to_string())
+    }
+}
+
 impl CutoverHost for Runner {
     async fn prepare(&self) -> Result<(), String> {
         let c = &self.ctx().config;
@@ -499,9 +514,25 @@ impl CutoverHost for Runner {
             let target = crate::db::connect(&c.target.with_dbname(db), "target (sequences)")
                 .await
                 .map_err(|e| e.to_string())?;
-            dbs.push((db.clone(), marker, source, target));
+            // The switch's synchronous commit on the same target server
+            // flushes these writes before any client runs there.
+            target
+                .batch_execute("SET synchronous_commit = off")
+                .await
+                .map_err(|e| crate::db::describe(&e))?;
+            let sequences = crate::schema::SequenceSync::prepare(&source, &target)
+                .await
+                .map_err(|e| format!("database {db}: {e}"))?;
+            dbs.push(CutoverDb {
+                database: db.clone(),
+                marker,
+                source,
+                target,
+                sequences,
+            });
         }
-        *self.cutover_conns.lock().await = Some(CutoverConns { dbs });
+        *self.cutover_conns.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Arc::new(CutoverConns { dbs }));
         Ok(())
     }
 
@@ -558,11 +589,10 @@ impl CutoverHost for Runner {
 
     async fn wait_caught_up(&self, id: &str, timeout: Duration) -> Result<(), String> {
         let streams = self.streams.lock().await;
-        let conns = self.cutover_conns.lock().await;
-        let conns = conns.as_ref().ok_or("the cutover was not prepared")?;
+        let conns = self.cutover_conns()?;
         let waits = streams.iter().map(|s| async {
-            match conns.dbs.iter().find(|(db, ..)| *db == s.database) {
-                Some((_, marker, _, _)) => s.catch_up_on(marker, id, timeout).await.map(|_| ()),
+            match conns.dbs.iter().find(|c| c.database == s.database) {
+                Some(c) => s.catch_up_on(&c.marker, id, timeout).await.map(|_| ()),
                 None => Err(format!("no marker connection for database {}", s.database)),
             }
         });
@@ -576,14 +606,21 @@ impl CutoverHost for Runner {
     }
 
     async fn sync_sequences(&self) -> Result<u64, String> {
-        let conns = self.cutover_conns.lock().await;
-        let conns = conns.as_ref().ok_or("the cutover was not prepared")?;
+        let conns = self.cutover_conns()?;
+        // Every database at once: each has its own connections.
+        let syncs = conns.dbs.iter().map(|c| async move {
+            let values = c.sequences.read(&c.source).await?;
+            c.sequences.write(&c.target, &values).await
+        });
         let mut n = 0;
-        for (db, _, source, target) in &conns.dbs {
-            let r = crate::schema::copy_sequences(source, target)
-                .await
-                .map_err(|e| format!("database {db}: {e}"))?;
-            n += r.copied as u64;
+        for (c, r) in conns
+            .dbs
+            .iter()
+            .zip(futures_util::future::join_all(syncs).await)
+        {
+            n += r
+                .map_err(|e| format!("database {}: {e}", c.database))?
+                .copied as u64;
         }
         Ok(n)
     }

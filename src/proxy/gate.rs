@@ -55,6 +55,9 @@ impl Gate {
         self.closed.store(true, SeqCst);
         self.open_tx.send_replace(false);
         self.paused_gauge.set(1);
+        // Wakes idle sessions so they stage their move (replay their state
+        // on the pre-warmed backend) while the gate holds them.
+        self.sessions.wake_all();
         tracing::info!("proxy pause gate closed");
     }
 

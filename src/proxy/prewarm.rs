@@ -42,14 +42,29 @@ pub(crate) async fn all(shared: &Arc<Shared>, route: Route) -> usize {
         .into_iter()
         .filter(|ok| matches!(ok, Ok(true)))
         .count();
+    // Idle sessions replay their state on their parked backend now (see
+    // `Session::stage_move`); give busy ones a moment to reach a boundary.
+    let staged = shared
+        .sessions
+        .wait_changed_until(STAGE_WAIT, || {
+            sessions
+                .iter()
+                .all(|s| s.is_closed() || s.staged_or_unparked(&route))
+        })
+        .await;
     tracing::info!(
         route = %route.name,
         sessions = sessions.len(),
         parked,
+        staged,
         "pre-warmed backends for the next route"
     );
     parked
 }
+
+/// How long pre-warming waits for sessions to replay their state ahead of
+/// the pause; the rest do it while the gate holds them.
+const STAGE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A session that connected while a pre-warm route is set gets its backend
 /// in the background.
@@ -112,6 +127,8 @@ async fn one(shared: &Shared, info: &SessionInfo, route: &Arc<Route>) -> bool {
     if let Some(old) = info.park(Parked {
         route: route.clone(),
         conn,
+        staged: None,
+        stage_failed: false,
     }) {
         discard(shared, old);
     }
@@ -123,5 +140,7 @@ async fn one(shared: &Shared, info: &SessionInfo, route: &Arc<Route>) -> bool {
         }
         return false;
     }
+    // An idle session stages its move now.
+    info.wake.notify();
     true
 }

@@ -302,6 +302,32 @@ pub struct Replayed {
     pub reported: Vec<(String, String)>,
 }
 
+impl Replayed {
+    /// `later` happened after `self` on the same backend: its notifications
+    /// follow, its reported values win.
+    pub fn merge(&mut self, later: Replayed) {
+        self.notifications.extend_from_slice(&later.notifications);
+        for (k, v) in later.reported {
+            match self.reported.iter_mut().find(|(n, _)| *n == k) {
+                Some(p) => p.1 = v,
+                None => self.reported.push((k, v)),
+            }
+        }
+    }
+}
+
+/// Returns a backend to a fresh session's state (`DISCARD ALL`), so a
+/// state can be replayed there again.
+pub async fn reset(link: &mut Link<'_>) -> Result<(), MoveError> {
+    link.send(&query("DISCARD ALL").map_err(wire)?)
+        .await
+        .map_err(wire)?;
+    match link.reply().await.map_err(wire)?.error {
+        Some(e) => Err(server_error("DISCARD ALL", e)),
+        None => Ok(()),
+    }
+}
+
 /// Replays `st` on a fresh backend. Server errors become
 /// [`MoveError::Replay`]; a broken connection is [`MoveError::NewBackend`]
 /// (the caller may retry on another connection).

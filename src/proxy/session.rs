@@ -27,7 +27,7 @@ use super::prewarm;
 use super::replay::{self, Link, MoveError, Replayed, SessionState};
 use super::route::Route;
 use super::scan::{ScanError, Scanner};
-use super::sessions::{BackendRef, NewSession, SessionInfo};
+use super::sessions::{BackendRef, NewSession, Parked, SessionInfo, Staged};
 use crate::wire::messages::{self, TxStatus};
 use crate::wire::{FrameReader, PgStream, ServerConnection, WireError};
 
@@ -109,6 +109,7 @@ pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
         sscan: Scanner::new(max),
         st: State::new(status, server_params),
         entered: false,
+        stage_checked: None,
     };
     let end = s.relay().await;
     s.finish(end).await;
@@ -299,6 +300,9 @@ struct Session {
     st: State,
     /// Counted by the gate as inside a transaction.
     entered: bool,
+    /// The pre-warm route this session checked its staged move for while
+    /// held by the gate (since it last ran a request).
+    stage_checked: Option<Arc<Route>>,
 }
 
 fn reserve(buf: &mut BytesMut, amount: usize) {
@@ -372,7 +376,10 @@ impl Session {
         if self.shared.is_draining() {
             return Some(self.close_for_shutdown().await);
         }
-        self.move_if_rerouted().await
+        if let Some(end) = self.move_if_rerouted().await {
+            return Some(end);
+        }
+        self.stage_move().await
     }
 
     /// Forwards what the client sent; at a boundary it first passes the gate.
@@ -450,6 +457,7 @@ impl Session {
             if !self.shared.router.is_current(&self.route) {
                 return self.move_if_rerouted().await;
             }
+            return self.stage_move().await;
         }
         None
     }
@@ -466,6 +474,9 @@ impl Session {
             }
             // Held: a route swap moves the session while it waits, so the
             // gate opens onto a ready backend.
+            if let Some(end) = self.stage_move().await {
+                return Some(end);
+            }
             let info = self.info.clone();
             tokio::select! {
                 _ = self.shared.gate.wait_open() => {}
@@ -485,12 +496,154 @@ impl Session {
         }
         self.entered = true;
         self.info.set_busy(true);
+        if self.stage_checked.is_some() {
+            self.unstage();
+        }
         if !self.shared.router.is_current(&self.route)
             && let Err(e) = self.move_backend().await
         {
             return Some(self.move_failed(e).await);
         }
         None
+    }
+
+    /// Moves the cost of a move out of the cutover's pause. While a cutover
+    /// pre-warms a backend for this session (gate open), the idle session
+    /// replays its state there once, ahead of time; once the gate holds it
+    /// (its state cannot change: its client's next request waits) it reads
+    /// its state again and, when unchanged, marks the staging current — else
+    /// replays again. The switch then only swaps backends. A failure leaves
+    /// the move to the switch, which starts over and reports it.
+    async fn stage_move(&mut self) -> Option<End> {
+        if self.entered
+            || self.shared.draining.is_cancelled()
+            || !self.shared.router.is_current(&self.route)
+        {
+            return None;
+        }
+        let target = {
+            let guard = self.shared.prewarm.load();
+            guard.as_ref()?.clone()
+        };
+        let held = self.shared.gate.is_closed();
+        if held
+            && self
+                .stage_checked
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(r, &target))
+        {
+            return None;
+        }
+        // Flagged before the backend is taken out, so pre-warming never sees
+        // this session as settled meanwhile.
+        self.info.set_staging(true);
+        let Some(mut p) = self.info.take_parked() else {
+            self.info.set_staging(false);
+            return None;
+        };
+        if !Arc::ptr_eq(&p.route, &target) || (!held && (p.staged.is_some() || p.stage_failed)) {
+            self.park_again(p);
+            self.info.set_staging(false);
+            return None;
+        }
+        if held {
+            self.stage_checked = Some(target);
+        }
+        let started = Instant::now();
+        let limit = self.move_limit();
+        let result = tokio::time::timeout(limit, self.stage_on(&mut p)).await;
+        match result {
+            Ok(Ok(())) => {
+                if let Some(st) = p.staged.as_mut() {
+                    st.current = held;
+                }
+                self.park_again(p);
+                self.info.set_staging(false);
+                self.shared.sessions.note_changed();
+                tracing::debug!(
+                    session = self.info.id,
+                    held,
+                    ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1000.0),
+                    "session move staged"
+                );
+                None
+            }
+            Ok(Err((e, touched))) => {
+                if touched {
+                    // Partly replayed: of no use, the switch opens another.
+                    prewarm::discard(&self.shared, p);
+                } else {
+                    p.stage_failed = true;
+                    self.park_again(p);
+                }
+                self.info.set_staging(false);
+                self.shared.sessions.note_changed();
+                match e {
+                    // The old backend broke or is out of step: as a move would.
+                    MoveError::OldBackend(ref w) if !matches!(w, WireError::Server(_)) => {
+                        Some(self.move_failed(e).await)
+                    }
+                    // Unmovable state or a replay error: the switch reports it.
+                    e => {
+                        tracing::debug!(session = self.info.id, "move not staged: {e}");
+                        None
+                    }
+                }
+            }
+            Err(_) => {
+                // Cut off mid-query: the old backend's replies are out of step.
+                prewarm::discard(&self.shared, p);
+                self.info.set_staging(false);
+                self.shared.sessions.note_changed();
+                Some(self.move_failed(MoveError::Timeout(limit)).await)
+            }
+        }
+    }
+
+    /// Reads the session's state and makes `p` hold it: nothing to do when
+    /// it already holds this state, else replayed (on a clean session when
+    /// an older state was replayed there before).
+    /// The error says whether `p`'s backend was touched (then it is of no use).
+    async fn stage_on(&mut self, p: &mut Parked) -> Result<(), (MoveError, bool)> {
+        let state = self.capture().await.map_err(|e| (e, false))?;
+        if p.staged.as_ref().is_some_and(|st| st.state == state) {
+            return Ok(());
+        }
+        let mut earlier = Replayed::default();
+        if let Some(old) = p.staged.take() {
+            earlier = old.replayed;
+            reset_on(&mut p.conn).await.map_err(|e| (e, true))?;
+        }
+        let r = restore_on(&mut p.conn, &state)
+            .await
+            .map_err(|e| (e, true))?;
+        earlier.merge(r);
+        p.staged = Some(Staged {
+            state,
+            replayed: earlier,
+            current: false,
+        });
+        Ok(())
+    }
+
+    /// Puts a backend back where the switch looks for it.
+    fn park_again(&self, p: Parked) {
+        if let Some(other) = self.info.park(p) {
+            prewarm::discard(&self.shared, other);
+        }
+        // The session may have ended meanwhile (see prewarm::one).
+        if self.info.is_closed()
+            && let Some(p) = self.info.take_parked()
+        {
+            prewarm::discard(&self.shared, p);
+        }
+    }
+
+    /// The session runs a request: the state staged while it was held may
+    /// change; the next hold (or the switch) checks it again.
+    fn unstage(&mut self) {
+        self.stage_checked = None;
+        self.info.mark_staged_stale();
     }
 
     fn leave(&mut self) {
@@ -565,6 +718,11 @@ impl Session {
         m.session_moves.with_label_values(&["moved"]).inc();
         m.session_move_seconds
             .observe(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            session = self.info.id,
+            ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1000.0),
+            "session move done"
+        );
         self.shared.sessions.note_changed();
         Ok(())
     }
@@ -573,29 +731,42 @@ impl Session {
         &mut self,
         route: &Arc<Route>,
     ) -> Result<(ServerConnection, Replayed), MoveError> {
-        let state = self.capture().await?;
-        if let Some(p) = self.info.take_parked() {
+        if let Some(mut p) = self.info.take_parked() {
             if *p.route == **route {
-                let mut conn = p.conn;
-                match restore_on(&mut conn, &state).await {
-                    Ok(r) => {
+                let staged = match p.staged.as_ref() {
+                    // Checked while the gate held this idle session, and
+                    // nothing ran on it since: its state is the one replayed.
+                    Some(st) if st.current => {
+                        self.settle_server().await.map_err(MoveError::OldBackend)?;
+                        Ok(())
+                    }
+                    _ => self.stage_on(&mut p).await,
+                };
+                match staged {
+                    Ok(()) => {
                         self.shared.metrics.prewarm("used");
-                        return Ok((conn, r));
+                        let r = p.staged.take().map(|st| st.replayed);
+                        return Ok((p.conn, r.unwrap_or_default()));
                     }
                     // A parked backend may have died while it waited.
-                    Err(MoveError::NewBackend(e)) => {
+                    Err((MoveError::NewBackend(e), _)) => {
                         tracing::info!(
                             session = self.info.id,
                             "pre-warmed backend unusable ({e}); opening another"
                         );
                         self.shared.metrics.prewarm("failed");
+                        prewarm::discard(&self.shared, p);
                     }
-                    Err(e) => return Err(e),
+                    Err((e, _)) => {
+                        prewarm::discard(&self.shared, p);
+                        return Err(e);
+                    }
                 }
             } else {
                 prewarm::discard(&self.shared, p);
             }
         }
+        let state = self.capture().await?;
         let mut conn = backend::open(&self.shared, route, &self.startup, &self.user)
             .await
             .map_err(MoveError::NewBackend)?;
@@ -685,6 +856,7 @@ impl Session {
         );
         self.route = route;
         self.st.status = conn.status;
+        self.stage_checked = None;
         Ok(())
     }
 
@@ -778,6 +950,12 @@ impl Session {
 async fn write_chunk(w: &mut PgStream, data: &[u8]) -> std::io::Result<()> {
     w.write_all(data).await?;
     w.flush().await
+}
+
+/// Returns a backend to a clean session (before replaying another state).
+async fn reset_on(conn: &mut ServerConnection) -> Result<(), MoveError> {
+    let mut link = Link::new(&mut conn.stream, &mut conn.reader);
+    replay::reset(&mut link).await
 }
 
 /// Replays `state` on a new backend.

@@ -13,6 +13,7 @@ use arc_swap::ArcSwap;
 use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
+use super::replay::{Replayed, SessionState};
 use super::route::Route;
 use crate::wire::ServerConnection;
 use crate::wire::messages::TxStatus;
@@ -48,6 +49,7 @@ pub struct SessionInfo {
     kill_message: Mutex<Option<String>>,
     /// A backend opened ahead of a route swap (see [`super::prewarm`]).
     parked: Mutex<Option<Parked>>,
+    staging: AtomicBool,
     /// Set when the session has left the registry.
     closed: AtomicBool,
     /// The relay thread the session runs on: its backends are opened there
@@ -59,6 +61,22 @@ pub struct SessionInfo {
 pub(crate) struct Parked {
     pub route: Arc<Route>,
     pub conn: ServerConnection,
+    /// The session's state replayed on `conn` ahead of the move (see
+    /// `Session::stage_move`).
+    pub staged: Option<Staged>,
+    /// The session's state could not be read for staging (e.g. it holds
+    /// temporary tables): not tried again before the gate holds it.
+    pub stage_failed: bool,
+}
+
+/// A session state replayed on a parked backend.
+pub(crate) struct Staged {
+    /// The state as read from the old backend and replayed.
+    pub state: SessionState,
+    pub replayed: Replayed,
+    /// Read while the gate held the idle session, and nothing ran on it
+    /// since: still the session's state, the move only swaps backends.
+    pub current: bool,
 }
 
 /// A per-session, lock-free wake-up flag: the relay polls it on every loop
@@ -146,6 +164,33 @@ impl SessionInfo {
         self.parked.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
+    /// The session ran a request: a staged state must be checked again.
+    pub(crate) fn mark_staged_stale(&self) {
+        let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(st) = p.as_mut().and_then(|p| p.staged.as_mut()) {
+            st.current = false;
+        }
+    }
+
+    /// Nothing more to wait for before the gate closes: not staging now,
+    /// and no backend parked for `route` or the state replayed on it.
+    pub(crate) fn staged_or_unparked(&self, route: &Arc<Route>) -> bool {
+        let p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if self.staging.load(Ordering::SeqCst) {
+            return false;
+        }
+        match p.as_ref() {
+            Some(p) => !Arc::ptr_eq(&p.route, route) || p.staged.is_some() || p.stage_failed,
+            None => true,
+        }
+    }
+
+    /// Set while the session replays its state on its parked backend (which
+    /// is then taken out of `parked`).
+    pub(crate) fn set_staging(&self, on: bool) {
+        self.staging.store(on, Ordering::SeqCst);
+    }
+
     /// The session has ended (it may still be referenced by a snapshot).
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
@@ -228,6 +273,7 @@ impl Registry {
             wake: Wake::default(),
             kill_message: Mutex::new(None),
             parked: Mutex::new(None),
+            staging: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::try_current().ok(),
         });

@@ -208,12 +208,12 @@ impl DatabaseStream {
     /// Like [`catch_up`](Self::catch_up) on a connection from [`marker_connection`].
     pub async fn catch_up_on(
         &self,
-        src: &tokio_postgres::Client,
+        src: &MarkerConnection,
         id: &str,
         timeout: Duration,
     ) -> Result<Lsn, String> {
         let deadline = Instant::now() + timeout;
-        let lsn = apply::emit_marker(src, id)
+        let lsn = apply::emit_marker_with(&src.client, &src.emit, id)
             .await
             .map_err(|e| crate::db::describe(&e))?;
         let mut rx = self.markers.clone();
@@ -267,16 +267,25 @@ impl Drop for DatabaseStream {
 /// A source connection for markers: it must write through the fence, and
 /// its commit is flushed at once so the walsender sends it without waiting
 /// for the WAL writer (the source may run with synchronous_commit = off).
-pub async fn marker_connection(source_db: &Endpoint) -> Result<tokio_postgres::Client, String> {
-    let src = crate::db::connect(source_db, "source (marker)")
+pub async fn marker_connection(source_db: &Endpoint) -> Result<MarkerConnection, String> {
+    let client = crate::db::connect(source_db, "source (marker)")
         .await
         .map_err(|e| e.to_string())?;
-    src.batch_execute(
+    client.batch_execute(
         "SET default_transaction_read_only = off; SET synchronous_commit = on; SET application_name = 'pgshift-marker'",
     )
     .await
     .map_err(|e| crate::db::describe(&e))?;
-    Ok(src)
+    let emit = apply::prepare_marker(&client)
+        .await
+        .map_err(|e| crate::db::describe(&e))?;
+    Ok(MarkerConnection { client, emit })
+}
+
+/// A source connection for markers with the marker statement prepared.
+pub struct MarkerConnection {
+    client: tokio_postgres::Client,
+    emit: tokio_postgres::Statement,
 }
 
 /// The outer loop: run a session, and on any error wait and start again

@@ -252,12 +252,27 @@ pub async fn emit_marker(
     source: &tokio_postgres::Client,
     id: &str,
 ) -> Result<Lsn, tokio_postgres::Error> {
-    let row = source
-        .query_one(
-            "SELECT pg_logical_emit_message(true, $1, $2)::text",
-            &[&MARKER_PREFIX, &id],
-        )
-        .await?;
+    let stmt = prepare_marker(source).await?;
+    emit_marker_with(source, &stmt, id).await
+}
+
+/// Prepares [`emit_marker_with`]'s statement on `source`, so emitting the
+/// marker during the cutover's pause is one round trip.
+pub async fn prepare_marker(
+    source: &tokio_postgres::Client,
+) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    source
+        .prepare("SELECT pg_logical_emit_message(true, $1, $2)::text")
+        .await
+}
+
+/// [`emit_marker`] with a statement from [`prepare_marker`] on `source`.
+pub async fn emit_marker_with(
+    source: &tokio_postgres::Client,
+    stmt: &tokio_postgres::Statement,
+    id: &str,
+) -> Result<Lsn, tokio_postgres::Error> {
+    let row = source.query_one(stmt, &[&MARKER_PREFIX, &id]).await?;
     let lsn: String = row.get(0);
     Ok(lsn.parse().unwrap_or(Lsn::ZERO))
 }
