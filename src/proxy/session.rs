@@ -516,7 +516,7 @@ impl Session {
     /// the move to the switch, which starts over and reports it.
     async fn stage_move(&mut self) -> Option<End> {
         if self.entered
-            || self.shared.draining.is_cancelled()
+            || self.shared.is_draining()
             || !self.shared.router.is_current(&self.route)
         {
             return None;
