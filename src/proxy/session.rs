@@ -515,9 +515,7 @@ impl Session {
     /// replays again. The switch then only swaps backends. A failure leaves
     /// the move to the switch, which starts over and reports it.
     async fn stage_move(&mut self) -> Option<End> {
-        if self.entered
-            || self.shared.is_draining()
-            || !self.shared.router.is_current(&self.route)
+        if self.entered || self.shared.is_draining() || !self.shared.router.is_current(&self.route)
         {
             return None;
         }
