@@ -113,6 +113,16 @@ impl ControlStore {
     /// also when pgshift is killed).
     pub async fn open(target: &Endpoint, migration: &str) -> Result<ControlStore, ControlError> {
         let client = db::connect(target, "target control database").await?;
+        // The state must survive a crash whatever the server's default:
+        // "switched" is the point of no return, and its flush also makes
+        // durable everything applied and written to the target before it.
+        client
+            .batch_execute("SET synchronous_commit = on")
+            .await
+            .map_err(|source| ControlError::Sql {
+                addr: target.display(),
+                source,
+            })?;
         let store = ControlStore {
             client,
             addr: target.display(),

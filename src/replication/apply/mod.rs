@@ -347,7 +347,6 @@ const STMT_BEGIN: &str = "pgshift_begin";
 const STMT_COMMIT: &str = "pgshift_commit";
 const STMT_ORIGIN: &str = "pgshift_origin";
 const STMT_XID: &str = "pgshift_xid";
-const STMT_SYNC: &str = "pgshift_sync_commit";
 
 pub struct Applier {
     pipe: Pipeline,
@@ -418,8 +417,10 @@ impl Applier {
         // Replica role: no user triggers or FK checks fire for replayed rows.
         // Commits do not wait for the WAL flush (as native subscriptions do):
         // only `durable_position()` — flushed origin progress — is ever
-        // reported to the source, and a group holding a cutover marker
-        // commits synchronously, which flushes everything before it too.
+        // reported to the source. A cutover needs no flush here either: it
+        // persists "switched" synchronously on the same target server
+        // before any client runs there, which flushes the WAL through every
+        // group applied before it.
         pipe.conn
             .simple_query("SET session_replication_role = replica; SET synchronous_commit = off")
             .await
@@ -440,7 +441,6 @@ impl Applier {
             &[3220, 1184],
         );
         pipe.parse(STMT_XID, "SELECT pg_current_xact_id()", &[]);
-        pipe.parse(STMT_SYNC, "SET LOCAL synchronous_commit = on", &[]);
         match pipe.sync().await {
             Ok(_) => {}
             Err(RoundError::Wire(e)) => return Err(conn_err(e)),
@@ -956,11 +956,6 @@ impl Applier {
             ],
             Op::control("pg_replication_origin_xact_setup"),
         );
-        if !self.group.markers.is_empty() {
-            // A cutover waits on this marker: make it, and all before it, durable.
-            self.pipe
-                .execute(STMT_SYNC, &[], Op::control("SET LOCAL synchronous_commit"));
-        }
         self.pipe.execute(STMT_COMMIT, &[], Op::control("COMMIT"));
         let status = self.sync().await?;
         if status != TxStatus::Idle {
