@@ -84,6 +84,13 @@ async fn whoami(c: &tokio_postgres::Client) -> String {
         .get(0)
 }
 
+async fn backend_pid(c: &tokio_postgres::Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn show(c: &tokio_postgres::Client, name: &str) -> String {
     c.query_one(&format!("SHOW {name}"), &[])
         .await
@@ -146,16 +153,8 @@ async fn settings_and_prepared_statements_survive_a_prewarmed_move() {
     h.gate().open();
 
     // Each session runs on the very backend that was pre-warmed for it.
-    let pid: i32 = c
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let late_pid: i32 = late
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid: i32 = backend_pid(&c).await;
+    let late_pid: i32 = backend_pid(&late).await;
     let mut got = vec![pid, late_pid];
     let mut want = parked.clone();
     got.sort();
@@ -274,11 +273,7 @@ async fn state_changed_after_prewarm_moves_with_the_new_state() {
     assert_eq!((moved, dropped), (1, 0));
     h.gate().open();
 
-    let pid: i32 = c
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid: i32 = backend_pid(&c).await;
     assert_eq!(pid, parked, "the pre-warmed backend was not used");
     assert_eq!(whoami(&c).await, "B");
     assert_eq!(show(&c, "search_path").await, "app_s, public");
