@@ -425,7 +425,21 @@ async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
         "{last:#}"
     );
 
-    // The bypassing session was terminated; a new one cannot write.
+    // Announced before the pause, then terminated; a new one cannot write.
+    let detail = |phase: &str| {
+        last["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["phase"] == phase)
+            .map(|p| p["detail"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        detail("prepare").starts_with("1 session(s) bypass the proxy"),
+        "{last:#}"
+    );
+    assert!(detail("fence").starts_with("terminated 1 session"), "{last:#}");
     assert!(bypass.simple_query("SELECT 1").await.is_err());
     let direct = connect(&pair.source.url_as(APP_USER, APP_PW, DB)).await;
     let err = direct

@@ -231,7 +231,8 @@ async fn settings_and_prepared_statements_survive_a_prewarmed_move() {
 
 /// Pre-warming replays each session's state on its new backend ahead of
 /// the pause; a session that changes its state afterwards (before the gate
-/// holds it) still moves with its new state, on that same backend.
+/// holds it) still moves with its new state, on that same backend — read
+/// again while it was idle, so the pause reads nothing from the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_changed_after_prewarm_moves_with_the_new_state() {
     let (a, b) = pair();
@@ -268,7 +269,28 @@ async fn state_changed_after_prewarm_moves_with_the_new_state() {
     }
     let late = c.prepare("SELECT $1::int + 2").await.unwrap();
 
+    // Idle after those requests, the session reads its state again (gate
+    // open): the source backend's last query is that read, and then the
+    // proxy is quiet.
+    let source_pid = h.sessions().sessions()[0].backend().pid;
+    let last_query = format!(
+        "SELECT state || ' ' || (query LIKE 'SELECT ''temp''%')::text || ' ' || query_start::text \
+         FROM pg_stat_activity WHERE pid = {source_pid}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || a
+            .psql("postgres", &last_query)
+            .starts_with("idle true")),
+        "the session did not read its state again: {}",
+        a.psql("postgres", &last_query)
+    );
+    assert!(h.wait_quiet(Duration::from_secs(5)).await);
+    let before_pause = a.psql("postgres", &last_query);
+
     h.gate().close();
+    // Held, it has nothing to read again: nothing runs on the source.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(a.psql("postgres", &last_query), before_pause);
     let (moved, dropped) = h.switch_to(route, Duration::from_secs(10)).await;
     assert_eq!((moved, dropped), (1, 0));
     h.gate().open();

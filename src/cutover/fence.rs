@@ -147,7 +147,6 @@ fn apply_sql(rec: &FenceRecord, spare_pids: &[i32]) -> String {
         .map(|(d, _)| quote_literal(d))
         .collect();
     let roles: Vec<String> = rec.roles.iter().map(|r| quote_literal(r)).collect();
-    let pids: Vec<String> = spare_pids.iter().map(i32::to_string).collect();
     let db_array = format!("ARRAY[{}]::text[]", dbs.join(", "));
     let mut sql = vec![
         "BEGIN".to_string(),
@@ -176,15 +175,51 @@ fn apply_sql(rec: &FenceRecord, spare_pids: &[i32]) -> String {
         sql.push(format!("ALTER ROLE {} NOLOGIN", quote_ident(role)));
     }
     sql.push("COMMIT".to_string());
-    // Sessions that bypassed the proxy: any client backend on a migrated
-    // database that is neither one of the proxy's nor pgshift's own.
     sql.push(format!(
-        "SELECT 'terminated', count(pg_terminate_backend(pid)) FROM pg_stat_activity
+        "SELECT 'terminated', count(pg_terminate_backend(pid)) {}",
+        bypassing(&db_array, spare_pids)
+    ));
+    sql.join(";\n")
+}
+
+/// `FROM … WHERE …` selecting the sessions that bypass the proxy: any client
+/// backend on a migrated database that is neither one of the proxy's
+/// (`spare_pids`) nor pgshift's own.
+fn bypassing(db_array: &str, spare_pids: &[i32]) -> String {
+    let pids: Vec<String> = spare_pids.iter().map(i32::to_string).collect();
+    format!(
+        "FROM pg_stat_activity
          WHERE datname = ANY({db_array}) AND pid <> pg_backend_pid() AND backend_type = 'client backend'
            AND NOT (pid = ANY(ARRAY[{}]::int[])) AND coalesce(application_name, '') NOT LIKE 'pgshift%'",
         pids.join(", ")
-    ));
-    sql.join(";\n")
+    )
+}
+
+/// How many sessions bypass the proxy now (the fence will terminate those
+/// still there). Run before the pause, it also loads the server's caches
+/// for the fence's own query on this connection: a cold first read of
+/// `pg_stat_activity` costs milliseconds the pause should not pay.
+pub async fn count_bypassing(
+    admin: &Client,
+    databases: &[String],
+    spare_pids: &[i32],
+) -> Result<u64, FenceError> {
+    let dbs: Vec<String> = databases.iter().map(|d| quote_literal(d)).collect();
+    let sql = format!(
+        "SELECT count(*) {}",
+        bypassing(&format!("ARRAY[{}]::text[]", dbs.join(", ")), spare_pids)
+    );
+    let reply = admin
+        .simple_query(&sql)
+        .await
+        .map_err(|e| sql_err("counting sessions that bypass the proxy", e))?;
+    Ok(reply
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).and_then(|n| n.parse().ok()),
+            _ => None,
+        })
+        .unwrap_or(0))
 }
 
 async fn previous_read_only(admin: &Client, db: &str) -> Result<Option<String>, FenceError> {

@@ -40,6 +40,10 @@ pub trait CutoverHost: Send + Sync {
     fn in_transaction(&self) -> usize;
     /// Resolves true when no session is inside a transaction, false on timeout.
     fn wait_idle(&self, timeout: Duration) -> impl Future<Output = bool> + Send;
+    /// Resolves true when, moreover, no session is staging its move (reading
+    /// its state from the source): the moment to close the gate. False on
+    /// timeout.
+    fn wait_quiet(&self, timeout: Duration) -> impl Future<Output = bool> + Send;
     /// Cancels the running query of every session inside a transaction.
     fn cancel_in_transaction(&self) -> impl Future<Output = usize> + Send;
     /// Closes every session still inside a transaction (with an ErrorResponse).
@@ -256,9 +260,10 @@ impl<H: CutoverHost> Attempt<'_, H> {
     async fn gate(&mut self) {
         // Closed at a quiet moment when there is one: a transaction in flight
         // when the gate closes adds its remaining time to the pause (the
-        // drain). Not part of the pause, and bounded: a workload never idle
+        // drain), a session staging its move competes with the fence for the
+        // source. Not part of the pause, and bounded: a workload never idle
         // is paused after QUIET_WAIT all the same.
-        let _ = self.host.wait_idle(QUIET_WAIT).await;
+        let _ = self.host.wait_quiet(QUIET_WAIT).await;
         let t = Instant::now();
         self.host.close_gate();
         self.gate_closed_at = Some(t);
@@ -307,7 +312,9 @@ impl<H: CutoverHost> Attempt<'_, H> {
     /// it, so the pause pays for neither. From here on a pgshift killed before
     /// the switch lifts this fence when it comes back — restoring the values
     /// read here, which is harmless when the fence never went up.
-    async fn plan_fence(&mut self, admin: &tokio_postgres::Client) -> Result<(), String> {
+    /// Returns how many sessions bypass the proxy now (logged: the fence
+    /// will terminate them).
+    async fn plan_fence(&mut self, admin: &tokio_postgres::Client) -> Result<u64, String> {
         let dbs = self.migration.cfg.databases.clone();
         let rec = fence::plan(admin, &dbs, &self.cfg.fence_roles)
             .await
@@ -316,7 +323,9 @@ impl<H: CutoverHost> Attempt<'_, H> {
             .await
             .map_err(|e| format!("cannot persist the fence record: {e}"))?;
         self.planned_fence = Some(rec);
-        Ok(())
+        fence::count_bypassing(admin, &dbs, &self.host.source_backend_pids())
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn fence(&mut self, admin: &tokio_postgres::Client) -> Result<(), Abort> {
@@ -581,13 +590,22 @@ pub async fn run<H: CutoverHost>(
         Ok(()) => a.plan_fence(&admin).await,
         Err(e) => Err(e),
     };
-    if let Err(e) = prepared {
-        a.record("prepare", t, "failed", Some(e.clone()));
-        a.report.outcome = "aborted".into();
-        a.report.reason = Some(format!("cannot prepare the cutover: {e}"));
-        return finish(a).await;
+    match prepared {
+        Ok(bypassing) => a.record(
+            "prepare",
+            t,
+            "ok",
+            (bypassing > 0).then(|| {
+                format!("{bypassing} session(s) bypass the proxy; the fence will terminate them")
+            }),
+        ),
+        Err(e) => {
+            a.record("prepare", t, "failed", Some(e.clone()));
+            a.report.outcome = "aborted".into();
+            a.report.reason = Some(format!("cannot prepare the cutover: {e}"));
+            return finish(a).await;
+        }
     }
-    a.record("prepare", t, "ok", None);
     a.failpoint("prepare").await;
     a.prewarm().await;
     a.failpoint("prewarm").await;

@@ -565,6 +565,10 @@ impl CutoverHost for Runner {
             .is_ok()
     }
 
+    async fn wait_quiet(&self, timeout: Duration) -> bool {
+        self.pipeline.proxy.wait_quiet(timeout).await
+    }
+
     async fn cancel_in_transaction(&self) -> usize {
         self.pipeline.proxy.cancel_busy_sessions().await
     }

@@ -123,6 +123,12 @@ impl Gate {
         }
     }
 
+    /// Resolves once the gate is open (not counted as a held session).
+    pub(crate) async fn opened(&self) {
+        let mut rx = self.open_tx.subscribe();
+        let _ = rx.wait_for(|open| *open).await;
+    }
+
     /// Waits until the gate is open (it may close again before the caller enters).
     pub(crate) async fn wait_open(&self) {
         let _counted = Waiting::new(self);

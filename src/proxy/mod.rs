@@ -255,6 +255,36 @@ impl ProxyHandle {
         (moved, dropped)
     }
 
+    /// Resolves true once no session is inside a transaction or staging its
+    /// move (see `Session::stage_move`), false if `timeout` passes first.
+    pub async fn wait_quiet(&self, timeout: Duration) -> bool {
+        let (gate, sessions) = (&self.shared.gate, &self.shared.sessions);
+        let quiet = || gate.sessions_in_transaction() == 0 && !sessions.any_staging();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // A staging that ends notifies `changed`; the last transaction
+            // that ends, `drained`.
+            let changed = sessions.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if quiet() {
+                return true;
+            }
+            let woke = if gate.sessions_in_transaction() == 0 {
+                tokio::time::timeout_at(deadline, changed).await.is_ok()
+            } else {
+                tokio::select! {
+                    _ = gate.drained() => true,
+                    _ = changed => true,
+                    _ = tokio::time::sleep_until(deadline) => false,
+                }
+            };
+            if !woke {
+                return quiet();
+            }
+        }
+    }
+
     /// Cancels the running query of every session inside a transaction or
     /// request (as a client's CancelRequest would). Returns how many.
     pub async fn cancel_busy_sessions(&self) -> usize {

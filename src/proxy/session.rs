@@ -508,12 +508,14 @@ impl Session {
     }
 
     /// Moves the cost of a move out of the cutover's pause. While a cutover
-    /// pre-warms a backend for this session (gate open), the idle session
-    /// replays its state there once, ahead of time; once the gate holds it
-    /// (its state cannot change: its client's next request waits) it reads
-    /// its state again and, when unchanged, marks the staging current — else
-    /// replays again. The switch then only swaps backends. A failure leaves
-    /// the move to the switch, which starts over and reports it.
+    /// pre-warms a backend for this session, the idle session replays its
+    /// state there ahead of time, and reads it again (replaying only what
+    /// changed) each time it is idle after a request, until the gate holds
+    /// it. A state read while idle stays the session's state until it runs
+    /// its next request, so the switch then only swaps backends — and a
+    /// session the gate holds reads nothing in the pause unless it ran a
+    /// request since. A failure leaves the move to the switch, which starts
+    /// over and reports it.
     async fn stage_move(&mut self) -> Option<End> {
         if self.entered || self.shared.is_draining() || !self.shared.router.is_current(&self.route)
         {
@@ -523,29 +525,30 @@ impl Session {
             let guard = self.shared.prewarm.load();
             guard.as_ref()?.clone()
         };
-        let held = self.shared.gate.is_closed();
-        if held
-            && self
-                .stage_checked
-                .as_ref()
-                .is_some_and(|r| Arc::ptr_eq(r, &target))
+        // Staged (or tried, while held) since the session last ran a request.
+        if self
+            .stage_checked
+            .as_ref()
+            .is_some_and(|r| Arc::ptr_eq(r, &target))
         {
             return None;
         }
+        let held = self.shared.gate.is_closed();
         // Flagged before the backend is taken out, so pre-warming never sees
         // this session as settled meanwhile.
         self.info.set_staging(true);
         let Some(mut p) = self.info.take_parked() else {
-            self.info.set_staging(false);
+            self.staging_done();
             return None;
         };
-        if !Arc::ptr_eq(&p.route, &target) || (!held && (p.staged.is_some() || p.stage_failed)) {
+        if !Arc::ptr_eq(&p.route, &target) || (!held && p.stage_failed) {
             self.park_again(p);
-            self.info.set_staging(false);
+            self.staging_done();
             return None;
         }
         if held {
-            self.stage_checked = Some(target);
+            // Tried once per hold, also when it fails.
+            self.stage_checked = Some(target.clone());
         }
         let started = Instant::now();
         let limit = self.move_limit();
@@ -553,11 +556,12 @@ impl Session {
         match result {
             Ok(Ok(())) => {
                 if let Some(st) = p.staged.as_mut() {
-                    st.current = held;
+                    // `unstage` clears it when the next request begins.
+                    st.current = true;
                 }
+                self.stage_checked = Some(target);
                 self.park_again(p);
-                self.info.set_staging(false);
-                self.shared.sessions.note_changed();
+                self.staging_done();
                 tracing::debug!(
                     session = self.info.id,
                     held,
@@ -574,8 +578,7 @@ impl Session {
                     p.stage_failed = true;
                     self.park_again(p);
                 }
-                self.info.set_staging(false);
-                self.shared.sessions.note_changed();
+                self.staging_done();
                 match e {
                     // The old backend broke or is out of step: as a move would.
                     MoveError::OldBackend(ref w) if !matches!(w, WireError::Server(_)) => {
@@ -591,8 +594,7 @@ impl Session {
             Err(_) => {
                 // Cut off mid-query: the old backend's replies are out of step.
                 prewarm::discard(&self.shared, p);
-                self.info.set_staging(false);
-                self.shared.sessions.note_changed();
+                self.staging_done();
                 Some(self.move_failed(MoveError::Timeout(limit)).await)
             }
         }
@@ -622,6 +624,13 @@ impl Session {
             current: false,
         });
         Ok(())
+    }
+
+    /// Ends what `set_staging(true)` began; waiters on "nobody is staging"
+    /// (pre-warming, the cutover's quiet moment) look again.
+    fn staging_done(&self) {
+        self.info.set_staging(false);
+        self.shared.sessions.note_changed();
     }
 
     /// Puts a backend back where the switch looks for it.
@@ -843,7 +852,7 @@ impl Session {
             secret,
         });
         let old = std::mem::replace(&mut self.server, conn.stream);
-        tokio::spawn(terminate(old));
+        tokio::spawn(retire(self.shared.clone(), old));
         self.sbuf = conn.reader.buf;
         self.sscan = Scanner::new(self.shared.limits.max_message_size);
         tracing::debug!(
@@ -968,6 +977,17 @@ async fn restore_on(
         .map(|(_, v)| v.as_str());
     let mut link = Link::new(&mut conn.stream, &mut conn.reader);
     replay::restore(&mut link, state, encoding).await
+}
+
+/// Closes a backend the session moved away from, once the gate is open: a
+/// server process exiting takes CPU the paused sessions' moves are waiting
+/// for (on a small machine, milliseconds of the pause).
+async fn retire(shared: Arc<Shared>, old: PgStream) {
+    tokio::select! {
+        _ = shared.gate.opened() => {}
+        _ = shared.kill.cancelled() => {}
+    }
+    terminate(old).await;
 }
 
 async fn terminate(mut old: PgStream) {

@@ -74,8 +74,8 @@ pub(crate) struct Staged {
     /// The state as read from the old backend and replayed.
     pub state: SessionState,
     pub replayed: Replayed,
-    /// Read while the gate held the idle session, and nothing ran on it
-    /// since: still the session's state, the move only swaps backends.
+    /// Read while the session was idle, and it has run no request since:
+    /// still the session's state, the move only swaps backends.
     pub current: bool,
 }
 
@@ -298,6 +298,12 @@ impl Registry {
         self.changed.notify_waiters();
     }
 
+    /// Resolves at the next [`note_changed`](Self::note_changed) (enable it
+    /// before checking what it guards).
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
     /// Resolves when `done` holds, re-checked whenever a session leaves or
     /// moves; false if `timeout` passes first.
     pub async fn wait_changed_until(
@@ -331,6 +337,12 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Some session is staging its move (see [`SessionInfo::set_staging`]).
+    pub(crate) fn any_staging(&self) -> bool {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().any(|s| s.staging.load(Ordering::SeqCst))
     }
 
     /// Every live session.
