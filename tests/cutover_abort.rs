@@ -439,7 +439,10 @@ async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
         detail("prepare").starts_with("1 session(s) bypass the proxy"),
         "{last:#}"
     );
-    assert!(detail("fence").starts_with("terminated 1 session"), "{last:#}");
+    assert!(
+        detail("fence").starts_with("terminated 1 session"),
+        "{last:#}"
+    );
     assert!(bypass.simple_query("SELECT 1").await.is_err());
     let direct = connect(&pair.source.url_as(APP_USER, APP_PW, DB)).await;
     let err = direct

@@ -28,11 +28,37 @@ async fn fence_blocks_writes_spares_ours_and_lifts_exactly() {
         .unwrap()
         .get(0);
 
+    let bypass_pid: i32 = bypass
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Temporary tables make its exit slow (it drops them on the way out).
+    bypass
+        .batch_execute(
+            "DO $$ BEGIN FOR i IN 1..300 LOOP
+               EXECUTE format('CREATE TEMP TABLE tmp_%s (id int PRIMARY KEY, v text)', i);
+             END LOOP; END $$",
+        )
+        .await
+        .unwrap();
+
     let dbs = vec!["app".to_string(), "billing".to_string()];
     let rec = fence::fence(&admin, &dbs, &["fenced_role".to_string()], &[spared_pid])
         .await
         .unwrap();
     assert_eq!(rec.terminated_sessions, 1, "{rec:?}");
+    // Gone by the time the fence returns (awaited on PostgreSQL 14+), so it
+    // cannot commit after a marker emitted next.
+    let left: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            &[&bypass_pid],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the terminated session is still there");
     assert!(
         bypass.simple_query("SELECT 1").await.is_err(),
         "bypass session must be gone"

@@ -17,7 +17,15 @@ pub struct FenceRecord {
     /// Roles whose LOGIN was revoked (they had it before).
     pub roles: Vec<String>,
     pub terminated_sessions: u64,
+    /// The source can wait for a terminated session to exit (PostgreSQL 14+:
+    /// `pg_terminate_backend(pid, timeout)`), so none commits after the
+    /// fence's reply — and so after the marker. Read by [`plan`].
+    #[serde(skip)]
+    pub await_termination: bool,
 }
+
+/// How long the fence waits for each terminated session to exit.
+const TERMINATE_WAIT_MS: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 #[error("fencing the source: {0}")]
@@ -51,6 +59,12 @@ pub async fn plan(
     roles: &[String],
 ) -> Result<FenceRecord, FenceError> {
     let mut rec = FenceRecord::default();
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|e| sql_err("reading the server version", e))?
+        .get(0);
+    rec.await_termination = version >= 140000;
     for db in databases {
         let prev = previous_read_only(admin, db).await?;
         rec.databases.push((db.clone(), prev));
@@ -175,8 +189,15 @@ fn apply_sql(rec: &FenceRecord, spare_pids: &[i32]) -> String {
         sql.push(format!("ALTER ROLE {} NOLOGIN", quote_ident(role)));
     }
     sql.push("COMMIT".to_string());
+    // Awaited where the server can: a session caught inside its COMMIT
+    // finishes it before it exits, and that commit must precede the marker.
+    let wait = if rec.await_termination {
+        format!(", {TERMINATE_WAIT_MS}")
+    } else {
+        String::new()
+    };
     sql.push(format!(
-        "SELECT 'terminated', count(pg_terminate_backend(pid)) {}",
+        "SELECT 'terminated', count(pg_terminate_backend(pid{wait})) {}",
         bypassing(&db_array, spare_pids)
     ));
     sql.join(";\n")
