@@ -212,6 +212,60 @@ async fn on_drain_timeout_cancel_closes_the_held_session() {
     }
 }
 
+/// The connection that put the fence up breaks while the marker is
+/// awaited: the abort lifts the fence on a new connection, so clients get a
+/// writable source back (not one left read-only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
+    let pair = Pair::start();
+    let shift = Shift::start(&pair, "", "catchup_timeout = \"3s\"", &[]);
+    shift.wait_streaming().await;
+    // Apply blocks behind a lock, so the cutover waits for its marker.
+    let blocker = pair.target.client(DB).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    write_one(&shift.url(), "before").await.unwrap();
+
+    let watcher = pair.source.client("postgres").await;
+    let break_fence_connection = async {
+        // The connection that ran the fence, idle while the marker is awaited.
+        let sql = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                   WHERE query LIKE '%pg_terminate_backend(pid%' AND state = 'idle'
+                     AND pid <> pg_backend_pid()";
+        for _ in 0..400 {
+            let n: i64 = watcher.query_one(sql, &[]).await.unwrap().get(0);
+            if n > 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    };
+    let (out, broke) = tokio::join!(shift.cli(&["cutover", "--wait"]), break_fence_connection);
+    assert!(broke, "never saw the fence's connection");
+    assert_eq!(out.status.code(), Some(1), "{}", out_text(&out));
+    let last = shift.last_cutover().await;
+    assert_eq!(last["outcome"], "aborted", "{last:#}");
+    let abort = last["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == "abort")
+        .unwrap()
+        .clone();
+    assert!(
+        abort["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("fence lifted on a new connection"),
+        "{last:#}"
+    );
+    assert_on_unfenced_source(&pair, &shift).await;
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_that_stops_applying_aborts_on_catchup_timeout() {
     let pair = Pair::start();

@@ -4,8 +4,13 @@
 //! lose LOGIN. Everything is undone exactly on abort (previous settings are
 //! remembered, not assumed).
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Endpoint;
 
 use crate::db::{quote_ident, quote_literal};
 
@@ -285,4 +290,33 @@ pub async fn lift(admin: &Client, rec: &FenceRecord) -> Result<(), FenceError> {
             .map_err(|e| sql_err(&format!("ALTER ROLE {role} LOGIN"), e))?;
     }
     Ok(())
+}
+
+/// Lifts `rec` on fresh connections until it goes, retrying (with backoff,
+/// each failure logged) while the source cannot be reached: a source left
+/// read-only is an outage. Returns how many attempts it took, or `None` when
+/// `cancel` fires first (the fence is still up; whoever persisted `rec`
+/// must lift it later).
+pub async fn lift_until_done(
+    source: &Endpoint,
+    rec: &FenceRecord,
+    cancel: &CancellationToken,
+) -> Option<u32> {
+    let mut delay = Duration::from_millis(200);
+    for attempt in 1.. {
+        let r = match crate::db::connect(source, "source (lift fence)").await {
+            Ok(admin) => lift(&admin, rec).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match r {
+            Ok(()) => return Some(attempt),
+            Err(e) => tracing::warn!("cannot lift the fence yet (retrying in {delay:?}): {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => return None,
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+    None
 }

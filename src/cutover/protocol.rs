@@ -200,6 +200,10 @@ struct Attempt<'a, H: CutoverHost> {
     /// Read and persisted before the gate closes; put up by [`Attempt::fence`].
     planned_fence: Option<FenceRecord>,
     fence: Option<FenceRecord>,
+    /// An abort could not lift the fence before pgshift began to stop: the
+    /// attempt stays recorded as running (with its fence), so the next
+    /// start lifts it.
+    fence_left_up: bool,
 }
 
 impl<H: CutoverHost> Attempt<'_, H> {
@@ -503,19 +507,40 @@ impl<H: CutoverHost> Attempt<'_, H> {
     async fn abort(&mut self, admin: Option<&tokio_postgres::Client>, reason: String) {
         let t = Instant::now();
         let mut detail = Vec::new();
-        if let (Some(rec), Some(admin)) = (self.fence.take(), admin)
-            && let Err(e) = fence::lift(admin, &rec).await
-        {
-            // The gate still opens: clients get the source back even if an
-            // operator must lift the read-only setting by hand.
-            detail.push(format!("LIFTING THE FENCE FAILED, run ALTER DATABASE … RESET default_transaction_read_only: {e}"));
+        let mut still_up = None;
+        if let Some(rec) = self.fence.take() {
+            let lifted = match admin {
+                Some(admin) => fence::lift(admin, &rec).await.map_err(|e| e.to_string()),
+                None => Err("no connection to the source".to_string()),
+            };
+            if let Err(e) = lifted {
+                still_up = Some((rec, e));
+            }
         }
         self.host.discard_prewarm();
+        // Clients get the source back at once, also while the fence is still
+        // up (their writes fail until it is lifted below).
         self.host.open_gate();
         if let Some(g) = self.gate_closed_at {
             let p = g.elapsed().as_secs_f64();
             self.report.pause_seconds = Some(p);
             self.metrics.pause_seconds.set(p);
+        }
+        if let Some((rec, first)) = still_up {
+            tracing::error!(
+                "cannot lift the fence on the source ({first}); retrying on new connections"
+            );
+            match fence::lift_until_done(&self.ctx.config.source, &rec, &self.ctx.shutdown).await {
+                Some(n) => detail.push(format!(
+                    "fence lifted on a new connection (attempt {n}; the first failed: {first})"
+                )),
+                None => {
+                    detail.push(format!(
+                        "FENCE STILL UP: pgshift is stopping; it lifts it when it starts again ({first})"
+                    ));
+                    self.fence_left_up = true;
+                }
+            }
         }
         self.record(
             "abort",
@@ -560,6 +585,7 @@ pub async fn run<H: CutoverHost>(
         gate_closed_at: None,
         planned_fence: None,
         fence: None,
+        fence_left_up: false,
     };
     a.publish();
     tracing::info!(cutover = %id, "cutover started");
@@ -652,6 +678,11 @@ async fn finish<H: CutoverHost>(a: Attempt<'_, H>) -> CutoverReport {
         .with_label_values(&[r.outcome.as_str()])
         .inc();
     a.last.set(r.clone());
+    if a.fence_left_up {
+        // Recorded as running, with its fence: the next start lifts it.
+        tracing::error!(cutover = %r.id, "cutover aborted with the source still fenced; it is lifted when pgshift starts again");
+        return r;
+    }
     let json = serde_json::to_value(&r).unwrap_or(Value::Null);
     if let Err(e) = a
         .migration

@@ -517,26 +517,12 @@ impl Pipeline {
         if *rec == FenceRecord::default() {
             return Ok(());
         }
-        let mut delay = Duration::from_millis(500);
-        loop {
-            let r = match crate::db::connect(&self.ctx.config.source, "source (lift fence)").await {
-                Ok(admin) => fence::lift(&admin, rec).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match r {
-                Ok(()) => {
-                    tracing::info!("fence of the interrupted attempt lifted");
-                    return Ok(());
-                }
-                Err(e) => tracing::warn!(
-                    "cannot lift the fence of an interrupted attempt yet (retrying in {delay:?}): {e}"
-                ),
+        match fence::lift_until_done(&self.ctx.config.source, rec, &self.cancel).await {
+            Some(_) => {
+                tracing::info!("fence of the interrupted attempt lifted");
+                Ok(())
             }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.cancel.cancelled() => return Err(PipelineError::Shutdown),
-            }
-            delay = (delay * 2).min(Duration::from_secs(10));
+            None => Err(PipelineError::Shutdown),
         }
     }
 
