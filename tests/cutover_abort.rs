@@ -56,6 +56,37 @@ async fn assert_on_unfenced_source(pair: &Pair, shift: &Shift) {
     );
 }
 
+/// The report of `name` in the last attempt's phases (Null if absent).
+fn phase(last: &serde_json::Value, name: &str) -> serde_json::Value {
+    last["phases"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["phase"] == name))
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn detail(last: &serde_json::Value, name: &str) -> String {
+    phase(last, name)["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A migration streaming with `cutover_conf`, whose apply blocks behind a
+/// lock held by the returned session on the target (roll it back to let
+/// apply go on).
+async fn streaming_with_apply_blocked(cutover_conf: &str) -> (Pair, Shift, tokio_postgres::Client) {
+    let pair = Pair::start();
+    let shift = Shift::start(&pair, "", cutover_conf, &[]);
+    shift.wait_streaming().await;
+    let blocker = pair.target.client(DB).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    (pair, shift, blocker)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_transaction_aborts_then_second_cutover_succeeds() {
     let pair = Pair::start();
@@ -175,20 +206,7 @@ async fn on_drain_timeout_cancel_closes_the_held_session() {
     let text = out_text(&out);
     assert_eq!(out.status.code(), Some(0), "{text}\n{}", shift.log());
     let last = shift.last_cutover().await;
-    let drain = last["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["phase"] == "drain")
-        .unwrap()
-        .clone();
-    assert!(
-        drain["detail"]
-            .as_str()
-            .unwrap_or("")
-            .contains("terminated 1"),
-        "{last:#}"
-    );
+    assert!(detail(&last, "drain").contains("terminated 1"), "{last:#}");
 
     // The held session was closed with a clear error; its insert never committed.
     assert!(held.batch_execute("COMMIT").await.is_err());
@@ -217,15 +235,8 @@ async fn on_drain_timeout_cancel_closes_the_held_session() {
 /// writable source back (not one left read-only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
-    let pair = Pair::start();
-    let shift = Shift::start(&pair, "", "catchup_timeout = \"3s\"", &[]);
-    shift.wait_streaming().await;
-    // Apply blocks behind a lock, so the cutover waits for its marker.
-    let blocker = pair.target.client(DB).await;
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    // Apply blocked, so the cutover waits for its marker.
+    let (pair, shift, blocker) = streaming_with_apply_blocked("catchup_timeout = \"3s\"").await;
     write_one(&shift.url(), "before").await.unwrap();
 
     let watcher = pair.source.client("postgres").await;
@@ -248,18 +259,8 @@ async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
     assert_eq!(out.status.code(), Some(1), "{}", out_text(&out));
     let last = shift.last_cutover().await;
     assert_eq!(last["outcome"], "aborted", "{last:#}");
-    let abort = last["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["phase"] == "abort")
-        .unwrap()
-        .clone();
     assert!(
-        abort["detail"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("fence lifted on a new connection"),
+        detail(&last, "abort").starts_with("fence lifted on a new connection"),
         "{last:#}"
     );
     assert_on_unfenced_source(&pair, &shift).await;
@@ -268,16 +269,8 @@ async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_that_stops_applying_aborts_on_catchup_timeout() {
-    let pair = Pair::start();
-    let shift = Shift::start(&pair, "", "catchup_timeout = \"2s\"", &[]);
-    shift.wait_streaming().await;
-
     // Apply blocks behind a lock a test session holds on the target.
-    let blocker = pair.target.client(DB).await;
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let (pair, shift, blocker) = streaming_with_apply_blocked("catchup_timeout = \"2s\"").await;
     let writer = Writer::start(&shift.url(), "w").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -466,13 +459,7 @@ async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
         "slow row lost"
     );
     let last = shift.last_cutover().await;
-    let drain = last["phases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["phase"] == "drain")
-        .unwrap()
-        .clone();
+    let drain = phase(&last, "drain");
     assert!(drain["seconds"].as_f64().unwrap() > 1.0, "{last:#}");
     assert!(
         drain["outcome"] == "ok" && last["outcome"] == "succeeded",
@@ -480,21 +467,12 @@ async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
     );
 
     // Announced before the pause, then terminated; a new one cannot write.
-    let detail = |phase: &str| {
-        last["phases"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["phase"] == phase)
-            .map(|p| p["detail"].as_str().unwrap_or_default().to_string())
-            .unwrap_or_default()
-    };
     assert!(
-        detail("prepare").starts_with("1 session(s) bypass the proxy"),
+        detail(&last, "prepare").starts_with("1 session(s) bypass the proxy"),
         "{last:#}"
     );
     assert!(
-        detail("fence").starts_with("terminated 1 session"),
+        detail(&last, "fence").starts_with("terminated 1 session"),
         "{last:#}"
     );
     assert!(bypass.simple_query("SELECT 1").await.is_err());
