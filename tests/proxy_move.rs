@@ -116,6 +116,12 @@ async fn settings_and_prepared_statements_survive_a_prewarmed_move() {
     c.batch_execute("PREPARE single(app_s.posint) AS SELECT m::text FROM items WHERE id = $1")
         .await
         .unwrap();
+    // A PREPARE after a DEALLOCATE in one string: replaying the string
+    // would fail at the DEALLOCATE (nothing to deallocate on the new backend).
+    c.batch_execute("PREPARE gone AS SELECT 0").await.unwrap();
+    c.batch_execute("DEALLOCATE gone; PREPARE kept AS SELECT 2")
+        .await
+        .unwrap();
     // Changed after the PREPARE texts that also set them: the replay must
     // not bring back the values those texts set.
     c.batch_execute("SET statement_timeout = '800ms'; RESET DateStyle")
@@ -196,6 +202,8 @@ async fn settings_and_prepared_statements_survive_a_prewarmed_move() {
     assert_eq!(first_value(&r), "101");
     let r = c.simple_query("EXECUTE single(1)").await.unwrap();
     assert_eq!(first_value(&r), "sad");
+    let r = c.simple_query("EXECUTE kept").await.unwrap();
+    assert_eq!(first_value(&r), "2");
     // The replay created nothing the session did not have.
     let names: Vec<String> = c
         .query(
@@ -207,7 +215,7 @@ async fn settings_and_prepared_statements_survive_a_prewarmed_move() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(names, vec!["multi", "single"]);
+    assert_eq!(names, vec!["kept", "multi", "single"]);
     // Cancel keys follow the session to its pre-warmed backend.
     c.batch_execute("SET statement_timeout = 0").await.unwrap();
     let token = c.cancel_token();

@@ -19,6 +19,7 @@ pub mod route;
 pub mod scan;
 pub mod session;
 pub mod sessions;
+pub mod sqltext;
 pub(crate) mod workers;
 
 use std::sync::Arc;

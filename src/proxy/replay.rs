@@ -101,7 +101,10 @@ pub struct Prepared {
 pub struct SessionState {
     /// (name, value), in replay order.
     pub settings: Vec<(String, String)>,
-    /// Texts of SQL `PREPARE` commands, oldest first, each once.
+    /// SQL `PREPARE` texts to replay, oldest first, each once: for each name
+    /// its own statement cut out of the query string it came in (see
+    /// [`super::sqltext::prepare_replay`]), or that whole string if it
+    /// cannot be found there.
     pub sql_texts: Vec<String>,
     /// Names of the statements SQL `PREPARE` created.
     pub sql_names: Vec<String>,
@@ -285,9 +288,13 @@ fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> 
     }
     sql.sort_by(|a, b| a.0.total_cmp(&b.0));
     for (_, name, text) in sql {
-        // One query string may hold several PREPAREs; it runs once.
-        if !st.sql_texts.contains(&text) {
-            st.sql_texts.push(text);
+        // The query string may hold other statements (`DEALLOCATE a;
+        // PREPARE b …`): only this name's PREPARE (after the settings
+        // before it) is replayed, or the whole string, once, when it
+        // cannot be found there.
+        let stmt = super::sqltext::prepare_replay(&text, &name).unwrap_or(text);
+        if !st.sql_texts.contains(&stmt) {
+            st.sql_texts.push(stmt);
         }
         st.sql_names.push(name);
     }
@@ -688,7 +695,8 @@ mod tests {
             st.sql_texts,
             vec![
                 "PREPARE z AS SELECT 0",
-                "PREPARE a AS SELECT 1; PREPARE b AS SELECT 2"
+                "PREPARE b AS SELECT 2",
+                "PREPARE a AS SELECT 1"
             ]
         );
         assert_eq!(st.sql_names.len(), 3);
