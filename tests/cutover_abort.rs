@@ -444,7 +444,7 @@ async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
     let slow = connect(&shift.url()).await;
     let slow_task = tokio::spawn(async move {
         slow.query_one(
-            "INSERT INTO ledger (client, note) SELECT 'slow', 'x' FROM pg_sleep(3) RETURNING id",
+            "INSERT INTO ledger (client, note) SELECT 'slow', 'x' FROM pg_sleep(5) RETURNING id",
             &[],
         )
         .await
