@@ -467,6 +467,12 @@ async fn sessions_that_cannot_move_get_a_clear_error_and_are_counted() {
     .await;
     let mut lock = raw_session(proxy.port, APP_USER, "postgres").await;
     raw_query(&mut lock, "SELECT pg_advisory_lock(42)").await;
+    let mut func = raw_session(proxy.port, APP_USER, "postgres").await;
+    raw_query(
+        &mut func,
+        "CREATE FUNCTION pg_temp.scratch_fn() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    )
+    .await;
     // A session that dropped its temp table and released its lock moves fine.
     let mut fine = raw_session(proxy.port, APP_USER, "postgres").await;
     raw_query(
@@ -477,15 +483,15 @@ async fn sessions_that_cannot_move_get_a_clear_error_and_are_counted() {
     .await;
 
     // A cutover that aborts closes what it pre-warmed.
-    assert_eq!(h.prewarm(route_to(&b)).await, 4);
+    assert_eq!(h.prewarm(route_to(&b)).await, 5);
     let on_b = || {
         b.psql(
             "postgres",
             "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'",
         )
     };
-    assert_eq!(on_b(), "4");
-    assert_eq!(h.discard_prewarm(), 4);
+    assert_eq!(on_b(), "5");
+    assert_eq!(h.discard_prewarm(), 5);
     assert!(
         h.sessions()
             .sessions()
@@ -499,24 +505,25 @@ async fn sessions_that_cannot_move_get_a_clear_error_and_are_counted() {
             "pgshift_proxy_prewarmed_backends_total",
             "discarded"
         ),
-        4.0
+        5.0
     );
 
     // The switch itself then opens backends as it moves.
     h.gate().close();
     let (moved, dropped) = h.switch_to(route_to(&b), Duration::from_secs(10)).await;
     h.gate().open();
-    assert_eq!((moved, dropped), (1, 3));
-    assert_eq!(h.moves_failed(), 3);
+    assert_eq!((moved, dropped), (1, 4));
+    assert_eq!(h.moves_failed(), 4);
     assert_eq!(
         metric(&proxy.ctx, "pgshift_proxy_session_moves_total", "dropped"),
-        3.0
+        4.0
     );
 
     for (s, why) in [
         (&mut temp, "temporary tables"),
         (&mut cursor, "WITH HOLD cursors (held)"),
         (&mut lock, "session-level advisory locks"),
+        (&mut func, "temporary functions"),
     ] {
         let (code, message) = error_and_eof(s).await;
         assert_eq!(code, "57P01", "{message}");

@@ -138,7 +138,7 @@ impl CutoverMetrics {
             dropped: m::int_counter(
                 reg,
                 "pgshift_cutover_sessions_dropped_total",
-                "Client sessions that could not move (temporary tables, WITH HOLD cursors, session advisory locks) and were closed",
+                "Client sessions that could not move (temporary tables or functions, WITH HOLD cursors, session advisory locks) and were closed",
             ),
         }
     }

@@ -46,8 +46,12 @@ fn hex(expr: &str) -> String {
 /// One row per piece of state: (kind, name, value, extra); name and value in [`hex`].
 fn capture_sql() -> String {
     format!(
-        "SELECT 'temp', NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_class \
-           WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
+        // Temporary objects: checked only when the session has a temporary
+        // schema (neither catalog is indexed by namespace alone).
+        "SELECT 'temp', NULL, NULL, NULL WHERE pg_catalog.pg_my_temp_schema() <> 0 \
+           AND EXISTS (SELECT 1 FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
+         UNION ALL SELECT 'tempfn', NULL, NULL, NULL WHERE pg_catalog.pg_my_temp_schema() <> 0 \
+           AND EXISTS (SELECT 1 FROM pg_catalog.pg_proc WHERE pronamespace = pg_catalog.pg_my_temp_schema()) \
          UNION ALL SELECT 'cursor', {cursor}, NULL, NULL FROM pg_catalog.pg_cursors WHERE is_holdable \
          UNION ALL SELECT 'lock', NULL, NULL, NULL WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_locks \
            WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
@@ -246,6 +250,7 @@ fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> 
         };
         match raw(0).as_str() {
             "temp" => unmovable.push("temporary tables".to_string()),
+            "tempfn" => unmovable.push("temporary functions".to_string()),
             "lock" => unmovable.push("session-level advisory locks".to_string()),
             "cursor" => cursors.push(col(1)),
             "set" if skipped_setting(&col(1)) => {}
