@@ -89,6 +89,9 @@ import json,sys; c=json.load(sys.stdin).get("last_cutover") or {}
 ph=",".join("%s=%.1f" % (p["phase"], p["seconds"] * 1000) for p in c.get("phases", []))
 print(c.get("outcome","none"), c.get("pause_seconds") or 0, ph or "-")')
   echo "  $label $1 phases (ms): $phases" >&2
+  status_json "$ADMIN_PORT" | python3 -c '
+import json,sys; c=json.load(sys.stdin).get("last_cutover") or {}
+print("  switch:", next((p.get("detail","") for p in c.get("phases",[]) if p["phase"]=="switch"), "-"))' >&2
   echo "$label $1 $phases" >> "$RESULTS_DIR/cutover-phases.txt"
   wait "$LOAD_PID" || true
   sleep 1

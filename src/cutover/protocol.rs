@@ -482,6 +482,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
             .map_err(|e| format!("cannot persist the switch: {e}"))?;
         let persisted = t.elapsed();
         let (moved, dropped) = self.host.switch_to_target().await;
+        let switched = t.elapsed() - persisted;
         let pause = self.gate_closed_at.map(|g| g.elapsed().as_secs_f64());
         self.report.pause_seconds = pause;
         self.report.sessions_moved = moved;
@@ -496,8 +497,9 @@ impl<H: CutoverHost> Attempt<'_, H> {
             t,
             "ok",
             Some(format!(
-                "{moved} session(s) moved, {dropped} dropped (persisted in {:.1} ms)",
-                persisted.as_secs_f64() * 1000.0
+                "{moved} session(s) moved, {dropped} dropped (persisted in {:.1} ms, moved in {:.1} ms)",
+                persisted.as_secs_f64() * 1000.0,
+                switched.as_secs_f64() * 1000.0
             )),
         );
         Ok(())
