@@ -327,6 +327,62 @@ async fn state_changed_after_prewarm_moves_with_the_new_state() {
     assert_eq!((one, two), (2, 3));
 }
 
+/// Replaying a session's state on its pre-warmed backend does not hold up
+/// the session: here the replay waits for a lock on the target, and the
+/// client's requests go on meanwhile; the move then uses the replayed state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_replay_does_not_hold_up_the_client() {
+    let (a, b) = pair();
+    let proxy = start_proxy(&a).await;
+    let h = &proxy.handle;
+    let c = connect(&proxy.url("postgres")).await;
+    let count = c.prepare("SELECT count(*) FROM app_s.items").await.unwrap();
+    // On the target, parsing that statement waits for this lock.
+    let locker = b.client("postgres").await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE app_s.items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    let route = route_to(&b);
+    assert_eq!(h.prewarm(route.clone()).await, 1);
+    let waiting = || {
+        b.psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND wait_event_type = 'Lock'",
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || waiting() == "1"),
+        "the replay is not waiting for the lock"
+    );
+    for _ in 0..3 {
+        let n: i64 = tokio::time::timeout(Duration::from_secs(3), c.query_one(&count, &[]))
+            .await
+            .expect("the client waited for the replay")
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 2);
+    }
+    assert_eq!(whoami(&c).await, "A");
+    assert_eq!(waiting(), "1", "the replay finished early");
+
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    assert!(h.wait_quiet(Duration::from_secs(10)).await);
+    // (Briefly out while the session reads its state once more.)
+    let parked = || h.sessions().sessions()[0].parked_backend();
+    assert!(wait_until(Duration::from_secs(5), || parked().is_some()));
+    let parked = parked().unwrap().1;
+    h.gate().close();
+    let (moved, dropped) = h.switch_to(route, Duration::from_secs(10)).await;
+    assert_eq!((moved, dropped), (1, 0));
+    h.gate().open();
+    assert_eq!(backend_pid(&c).await, parked);
+    assert_eq!(whoami(&c).await, "B");
+    let n: i64 = c.query_one(&count, &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+}
+
 fn first_value(msgs: &[tokio_postgres::SimpleQueryMessage]) -> String {
     msgs.iter()
         .find_map(|m| match m {

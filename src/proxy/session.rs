@@ -110,6 +110,7 @@ pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
         st: State::new(status, server_params),
         entered: false,
         stage_checked: None,
+        requests: 0,
     };
     let end = s.relay().await;
     s.finish(end).await;
@@ -303,6 +304,9 @@ struct Session {
     /// The pre-warm route this session checked its staged move for while
     /// held by the gate (since it last ran a request).
     stage_checked: Option<Arc<Route>>,
+    /// Requests the session has run; a staged state records the count it
+    /// was read at (see [`Staged::at_request`]).
+    requests: u64,
 }
 
 fn reserve(buf: &mut BytesMut, amount: usize) {
@@ -496,9 +500,10 @@ impl Session {
         }
         self.entered = true;
         self.info.set_busy(true);
-        if self.stage_checked.is_some() {
-            self.unstage();
-        }
+        // A state staged before this request may not be the session's any
+        // more: the next idle moment (or the switch) reads it again.
+        self.requests += 1;
+        self.stage_checked = None;
         if !self.shared.router.is_current(&self.route)
             && let Err(e) = self.move_backend().await
         {
@@ -534,6 +539,14 @@ impl Session {
             return None;
         }
         let held = self.shared.gate.is_closed();
+        if self.info.is_staging() {
+            // Its state is being replayed in the background (see below): a
+            // held session waits for that, an active one looks again later.
+            if !held {
+                return None;
+            }
+            self.await_staging().await;
+        }
         // Flagged before the backend is taken out, so pre-warming never sees
         // this session as settled meanwhile.
         self.info.set_staging(true);
@@ -542,88 +555,113 @@ impl Session {
             return None;
         };
         if !Arc::ptr_eq(&p.route, &target) || (!held && p.stage_failed) {
-            self.park_again(p);
+            park(&self.shared, &self.info, p);
             self.staging_done();
             return None;
         }
-        if held {
-            // Tried once per hold, also when it fails.
-            self.stage_checked = Some(target.clone());
-        }
+        // Tried once per hold, also when it fails; while active, once per
+        // request (a failed replay is left to the switch).
+        self.stage_checked = Some(target);
         let started = Instant::now();
         let limit = self.move_limit();
-        let result = tokio::time::timeout(limit, self.stage_on(&mut p)).await;
-        match result {
-            Ok(Ok(())) => {
-                if let Some(st) = p.staged.as_mut() {
-                    // `unstage` clears it when the next request begins.
-                    st.current = true;
-                }
-                self.stage_checked = Some(target);
-                self.park_again(p);
+        // Read on the old backend: the client's next request waits for this.
+        let state = match tokio::time::timeout(limit, self.capture()).await {
+            Ok(Ok(state)) => state,
+            Ok(Err(e)) => {
+                p.stage_failed = true;
+                park(&self.shared, &self.info, p);
                 self.staging_done();
-                tracing::debug!(
-                    session = self.info.id,
-                    held,
-                    ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1000.0),
-                    "session move staged"
-                );
-                None
-            }
-            Ok(Err((e, touched))) => {
-                if touched {
-                    // Partly replayed: of no use, the switch opens another.
-                    prewarm::discard(&self.shared, p);
-                } else {
-                    p.stage_failed = true;
-                    self.park_again(p);
-                }
-                self.staging_done();
-                match e {
-                    // The old backend broke or is out of step: as a move would.
-                    MoveError::OldBackend(ref w) if !matches!(w, WireError::Server(_)) => {
-                        Some(self.move_failed(e).await)
-                    }
-                    // Unmovable state or a replay error: the switch reports it.
-                    e => {
-                        tracing::debug!(session = self.info.id, "move not staged: {e}");
-                        None
-                    }
-                }
+                return self.not_staged(e).await;
             }
             Err(_) => {
                 // Cut off mid-query: the old backend's replies are out of step.
                 prewarm::discard(&self.shared, p);
                 self.staging_done();
-                Some(self.move_failed(MoveError::Timeout(limit)).await)
+                return Some(self.move_failed(MoveError::Timeout(limit)).await);
+            }
+        };
+        let requests = self.requests;
+        if let Some(st) = p.staged.as_mut().filter(|st| st.state == state) {
+            st.at_request = requests;
+            park(&self.shared, &self.info, p);
+            self.staging_done();
+            return None;
+        }
+        // Replayed on the new backend, which the client does not wait for
+        // while the gate is open: a session's first replay (its prepared
+        // statements parsed on a cold backend) can take tens of ms.
+        let (shared, info) = (self.shared.clone(), self.info.clone());
+        let replay = async move {
+            match tokio::time::timeout(limit, replay_onto(&mut p, state, requests)).await {
+                Ok(Ok(())) => {
+                    tracing::debug!(
+                        session = info.id,
+                        held,
+                        ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1000.0),
+                        "session move staged"
+                    );
+                    park(&shared, &info, p);
+                }
+                Ok(Err((e, touched))) => {
+                    tracing::debug!(session = info.id, "move not staged: {e}");
+                    if touched {
+                        // Partly replayed: of no use, the switch opens another.
+                        prewarm::discard(&shared, p);
+                    } else {
+                        p.stage_failed = true;
+                        park(&shared, &info, p);
+                    }
+                }
+                Err(_) => prewarm::discard(&shared, p),
+            }
+            info.set_staging(false);
+            shared.sessions.note_changed();
+            // A request the session ran meanwhile made this state stale:
+            // the idle session reads it again now, not in the pause.
+            info.wake.notify();
+        };
+        if held {
+            replay.await;
+        } else {
+            tokio::spawn(replay);
+        }
+        None
+    }
+
+    /// A state that could not be read for staging: the old backend broke or
+    /// is out of step (as a move would fail), or it cannot move or replay
+    /// (the switch reports it).
+    async fn not_staged(&mut self, e: MoveError) -> Option<End> {
+        match e {
+            MoveError::OldBackend(ref w) if !matches!(w, WireError::Server(_)) => {
+                Some(self.move_failed(e).await)
+            }
+            e => {
+                tracing::debug!(session = self.info.id, "move not staged: {e}");
+                None
             }
         }
     }
 
+    /// Waits for this session's background replay (bounded like a move).
+    async fn await_staging(&self) {
+        let info = &self.info;
+        self.shared
+            .sessions
+            .wait_changed_until(self.move_limit(), || !info.is_staging())
+            .await;
+    }
+
     /// Reads the session's state and makes `p` hold it: nothing to do when
-    /// it already holds this state, else replayed (on a clean session when
-    /// an older state was replayed there before).
+    /// it already holds this state, else replayed.
     /// The error says whether `p`'s backend was touched (then it is of no use).
     async fn stage_on(&mut self, p: &mut Parked) -> Result<(), (MoveError, bool)> {
         let state = self.capture().await.map_err(|e| (e, false))?;
-        if p.staged.as_ref().is_some_and(|st| st.state == state) {
+        if let Some(st) = p.staged.as_mut().filter(|st| st.state == state) {
+            st.at_request = self.requests;
             return Ok(());
         }
-        let mut earlier = Replayed::default();
-        if let Some(old) = p.staged.take() {
-            earlier = old.replayed;
-            reset_on(&mut p.conn).await.map_err(|e| (e, true))?;
-        }
-        let r = restore_on(&mut p.conn, &state)
-            .await
-            .map_err(|e| (e, true))?;
-        earlier.merge(r);
-        p.staged = Some(Staged {
-            state,
-            replayed: earlier,
-            current: false,
-        });
-        Ok(())
+        replay_onto(p, state, self.requests).await
     }
 
     /// Ends what `set_staging(true)` began; waiters on "nobody is staging"
@@ -631,26 +669,6 @@ impl Session {
     fn staging_done(&self) {
         self.info.set_staging(false);
         self.shared.sessions.note_changed();
-    }
-
-    /// Puts a backend back where the switch looks for it.
-    fn park_again(&self, p: Parked) {
-        if let Some(other) = self.info.park(p) {
-            prewarm::discard(&self.shared, other);
-        }
-        // The session may have ended meanwhile (see prewarm::one).
-        if self.info.is_closed()
-            && let Some(p) = self.info.take_parked()
-        {
-            prewarm::discard(&self.shared, p);
-        }
-    }
-
-    /// The session runs a request: the state staged while it was held may
-    /// change; the next hold (or the switch) checks it again.
-    fn unstage(&mut self) {
-        self.stage_checked = None;
-        self.info.mark_staged_stale();
     }
 
     fn leave(&mut self) {
@@ -738,12 +756,15 @@ impl Session {
         &mut self,
         route: &Arc<Route>,
     ) -> Result<(ServerConnection, Replayed), MoveError> {
+        if self.info.is_staging() {
+            self.await_staging().await;
+        }
         if let Some(mut p) = self.info.take_parked() {
             if *p.route == **route {
                 let staged = match p.staged.as_ref() {
-                    // Checked while the gate held this idle session, and
-                    // nothing ran on it since: its state is the one replayed.
-                    Some(st) if st.current => {
+                    // Read while the session was idle, and it ran no request
+                    // since: its state is the one replayed.
+                    Some(st) if st.at_request == self.requests => {
                         self.settle_server().await.map_err(MoveError::OldBackend)?;
                         Ok(())
                     }
@@ -977,6 +998,58 @@ async fn restore_on(
         .map(|(_, v)| v.as_str());
     let mut link = Link::new(&mut conn.stream, &mut conn.reader);
     replay::restore(&mut link, state, encoding).await
+}
+
+/// Replays `state` on `p`'s backend (on a clean session when an older state
+/// was replayed there before) and records it as read at request `at_request`.
+/// The error says whether the backend was touched (then it is of no use).
+async fn replay_onto(
+    p: &mut Parked,
+    state: SessionState,
+    at_request: u64,
+) -> Result<(), (MoveError, bool)> {
+    let mut earlier = Replayed::default();
+    if let Some(old) = p.staged.take() {
+        earlier = old.replayed;
+        reset_on(&mut p.conn).await.map_err(|e| (e, true))?;
+    }
+    let r = restore_on(&mut p.conn, &state)
+        .await
+        .map_err(|e| (e, true))?;
+    earlier.merge(r);
+    p.staged = Some(Staged {
+        state,
+        replayed: earlier,
+        at_request,
+    });
+    Ok(())
+}
+
+/// Puts a pre-warmed backend back where the switch looks for it, unless the
+/// session ended or the cutover gave up its pre-warming meanwhile (checked
+/// again after parking: whoever looks last closes it).
+fn park(shared: &Shared, info: &SessionInfo, p: Parked) {
+    let wanted = |r: &Arc<Route>| {
+        !info.is_closed()
+            && shared
+                .prewarm
+                .load()
+                .as_ref()
+                .is_some_and(|w| Arc::ptr_eq(w, r))
+    };
+    if !wanted(&p.route) {
+        prewarm::discard(shared, p);
+        return;
+    }
+    let route = p.route.clone();
+    if let Some(other) = info.park(p) {
+        prewarm::discard(shared, other);
+    }
+    if !wanted(&route)
+        && let Some(p) = info.take_parked()
+    {
+        prewarm::discard(shared, p);
+    }
 }
 
 /// Closes a backend the session moved away from, once the gate is open: a

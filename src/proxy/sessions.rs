@@ -74,9 +74,10 @@ pub(crate) struct Staged {
     /// The state as read from the old backend and replayed.
     pub state: SessionState,
     pub replayed: Replayed,
-    /// Read while the session was idle, and it has run no request since:
-    /// still the session's state, the move only swaps backends.
-    pub current: bool,
+    /// The session's request count when the state was read (while it was
+    /// idle): equal to its count now, it ran no request since, so this is
+    /// still its state and the move only swaps backends.
+    pub at_request: u64,
 }
 
 /// A per-session, lock-free wake-up flag: the relay polls it on every loop
@@ -164,14 +165,6 @@ impl SessionInfo {
         self.parked.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    /// The session ran a request: a staged state must be checked again.
-    pub(crate) fn mark_staged_stale(&self) {
-        let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(st) = p.as_mut().and_then(|p| p.staged.as_mut()) {
-            st.current = false;
-        }
-    }
-
     /// Nothing more to wait for before the gate closes: not staging now,
     /// and no backend parked for `route` or the state replayed on it.
     pub(crate) fn staged_or_unparked(&self, route: &Arc<Route>) -> bool {
@@ -189,6 +182,10 @@ impl SessionInfo {
     /// is then taken out of `parked`).
     pub(crate) fn set_staging(&self, on: bool) {
         self.staging.store(on, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_staging(&self) -> bool {
+        self.staging.load(Ordering::SeqCst)
     }
 
     /// The session has ended (it may still be referenced by a snapshot).
