@@ -56,22 +56,6 @@ async fn assert_on_unfenced_source(pair: &Pair, shift: &Shift) {
     );
 }
 
-/// The report of `name` in the last attempt's phases (Null if absent).
-fn phase(last: &serde_json::Value, name: &str) -> serde_json::Value {
-    last["phases"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["phase"] == name))
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn detail(last: &serde_json::Value, name: &str) -> String {
-    phase(last, name)["detail"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// A migration streaming with `cutover_conf`, whose apply blocks behind a
 /// lock held by the returned session on the target (roll it back to let
 /// apply go on).
@@ -271,6 +255,11 @@ async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
 async fn target_that_stops_applying_aborts_on_catchup_timeout() {
     // Apply blocks behind a lock a test session holds on the target.
     let (pair, shift, blocker) = streaming_with_apply_blocked("catchup_timeout = \"2s\"").await;
+    // A larger transaction held back too: it must arrive once apply can go on.
+    pair.source.psql(
+        DB,
+        "INSERT INTO ledger (client, note) SELECT 'bulk', repeat('x', 200) FROM generate_series(1, 2000)",
+    );
     let writer = Writer::start(&shift.url(), "w").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -321,6 +310,11 @@ async fn target_that_stops_applying_aborts_on_catchup_timeout() {
     for (id, _) in &w.committed {
         assert!(on_target.contains(id), "id {id} lost");
     }
+    assert_eq!(
+        pair.target
+            .psql(DB, "SELECT count(*) FROM ledger WHERE client = 'bulk'"),
+        "2000"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -364,3 +364,20 @@ pub async fn connect_retry(url: &str) -> tokio_postgres::Client {
         }
     }
 }
+
+/// The report of phase `name` in a cutover report (Null if absent).
+pub fn phase(last: &Value, name: &str) -> Value {
+    last["phases"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["phase"] == name))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The detail of phase `name` in a cutover report ("" if absent).
+pub fn detail(last: &Value, name: &str) -> String {
+    phase(last, name)["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
