@@ -159,9 +159,17 @@ async fn tokio_postgres_extended_pipelining_notify_and_cancel() {
     canceller.await.unwrap();
     assert_eq!(e.code().unwrap().code(), "57014", "{e}");
     assert!(started.elapsed() < Duration::from_secs(10));
-    // The session works after the cancel.
-    let one: i32 = c.query_one("SELECT 1", &[]).await.unwrap().get(0);
-    assert_eq!(one, 1);
+    // The session works after the cancel. (The postmaster signals a
+    // cancelled backend twice — its pid and its process group — so on a
+    // loaded machine the second signal can still hit the next statement.)
+    let mut one = c.query_one("SELECT 1", &[]).await;
+    if one
+        .as_ref()
+        .is_err_and(|e| e.code().map(|c| c.code()) == Some("57014"))
+    {
+        one = c.query_one("SELECT 1", &[]).await;
+    }
+    assert_eq!(one.unwrap().get::<_, i32>(0), 1);
     // Statement timeouts work through the proxy.
     c.batch_execute("SET statement_timeout = '200ms'")
         .await
