@@ -275,6 +275,8 @@ async fn target_that_stops_applying_aborts_on_catchup_timeout() {
             .contains("did not catch up"),
         "{last:#}"
     );
+    // Apply could not catch up before the gate closed either.
+    assert_eq!(phase(&last, "catchup")["outcome"], "partial", "{last:#}");
     let doc = shift
         .wait_state(
             "WaitingForUserAction",

@@ -208,3 +208,38 @@ async fn cutover_under_pgbench_and_psycopg_load() {
     assert!(value("pgshift_cutover_sessions_moved_total") >= 3.0);
     eprintln!("write pause {pause:.3}s, phases {:#}", last["phases"]);
 }
+
+/// A backlog apply has when the cutover starts is worked off before the
+/// gate closes, not inside the pause: the marker then finds apply caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_applied_before_the_gate_closes() {
+    let pair = Pair::start();
+    let shift = Shift::start(&pair, "", "catchup_timeout = \"30s\"", &[]);
+    shift.wait_streaming().await;
+    // Written while apply waits behind a lock on the target.
+    let blocker = pair.target.client(DB).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    pair.source.psql(
+        DB,
+        "INSERT INTO ledger (client, note) SELECT 'bulk', repeat('x', 200) FROM generate_series(1, 100000)",
+    );
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+
+    let out = shift.cli(&["cutover", "--wait"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", out_text(&out));
+    let last = shift.last_cutover().await;
+    assert_eq!(phase(&last, "catchup")["outcome"], "ok", "{last:#}");
+    let seconds = |name: &str| phase(&last, name)["seconds"].as_f64().unwrap();
+    assert!(
+        seconds("catchup") > seconds("marker"),
+        "the backlog was applied in the pause: {last:#}"
+    );
+    assert_eq!(
+        pair.target
+            .psql(DB, "SELECT count(*) FROM ledger WHERE client = 'bulk'"),
+        "100000"
+    );
+}

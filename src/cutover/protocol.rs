@@ -165,7 +165,7 @@ impl Report for LastCutover {
 
 /// Test hook for the crash tests: `PGSHIFT_FAILPOINT=after:<phase>` (read
 /// once) makes every cutover attempt stop for an hour right after that phase
-/// (prepare, prewarm, gate, drain, fence, marker, sequences, verify, switch) so a test
+/// (prepare, prewarm, catchup, gate, drain, fence, marker, sequences, verify, switch) so a test
 /// can kill pgshift inside it. Unset in production: then it does nothing.
 fn failpoint() -> Option<&'static str> {
     static FAILPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
@@ -180,6 +180,11 @@ fn failpoint() -> Option<&'static str> {
 
 /// How long the gate waits for a moment with no transaction in flight.
 const QUIET_WAIT: Duration = Duration::from_millis(50);
+
+/// How long apply may take, before the gate closes, to catch up to a first
+/// marker (what it has not applied by then is applied inside the pause,
+/// before the cutover's own marker, up to `catchup_timeout`).
+const CATCHUP_WAIT: Duration = Duration::from_secs(2);
 
 /// Why an attempt stopped before the point of no return.
 #[derive(Debug)]
@@ -259,6 +264,24 @@ impl<H: CutoverHost> Attempt<'_, H> {
             "ok",
             Some(format!("{n} backend(s) ready on the target")),
         );
+    }
+
+    /// Not part of the pause: the marker's wait inside it is the time apply
+    /// needs for what it has not applied when the gate closes (an automatic
+    /// trigger fires at up to `start_when_lag_below`), so apply first
+    /// catches up to a marker of its own, clients still running.
+    async fn catch_up_first(&mut self) {
+        let t = Instant::now();
+        let id = format!("{}-catchup", self.report.id);
+        match self.host.wait_caught_up(&id, CATCHUP_WAIT).await {
+            Ok(()) => self.record("catchup", t, "ok", None),
+            Err(e) => self.record(
+                "catchup",
+                t,
+                "partial",
+                Some(format!("the marker in the pause waits for the rest: {e}")),
+            ),
+        }
     }
 
     async fn gate(&mut self) {
@@ -637,6 +660,8 @@ pub async fn run<H: CutoverHost>(
     a.failpoint("prepare").await;
     a.prewarm().await;
     a.failpoint("prewarm").await;
+    a.catch_up_first().await;
+    a.failpoint("catchup").await;
     a.gate().await;
     a.failpoint("gate").await;
     let before_switch: Result<(), Abort> = async {
