@@ -56,21 +56,6 @@ async fn assert_on_unfenced_source(pair: &Pair, shift: &Shift) {
     );
 }
 
-/// A migration streaming with `cutover_conf`, whose apply blocks behind a
-/// lock held by the returned session on the target (roll it back to let
-/// apply go on).
-async fn streaming_with_apply_blocked(cutover_conf: &str) -> (Pair, Shift, tokio_postgres::Client) {
-    let pair = Pair::start();
-    let shift = Shift::start(&pair, "", cutover_conf, &[]);
-    shift.wait_streaming().await;
-    let blocker = pair.target.client(DB).await;
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    (pair, shift, blocker)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_transaction_aborts_then_second_cutover_succeeds() {
     let pair = Pair::start();

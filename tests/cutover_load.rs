@@ -213,15 +213,8 @@ async fn cutover_under_pgbench_and_psycopg_load() {
 /// gate closes, not inside the pause: the marker then finds apply caught up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_is_applied_before_the_gate_closes() {
-    let pair = Pair::start();
-    let shift = Shift::start(&pair, "", "catchup_timeout = \"30s\"", &[]);
-    shift.wait_streaming().await;
     // Written while apply waits behind a lock on the target.
-    let blocker = pair.target.client(DB).await;
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let (pair, shift, blocker) = streaming_with_apply_blocked("catchup_timeout = \"30s\"").await;
     pair.source.psql(
         DB,
         "INSERT INTO ledger (client, note) SELECT 'bulk', repeat('x', 200) FROM generate_series(1, 100000)",

@@ -381,3 +381,20 @@ pub fn detail(last: &Value, name: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// A migration streaming with `cutover_conf`, whose apply blocks behind a
+/// lock held by the returned session on the target (roll it back to let
+/// apply go on).
+pub async fn streaming_with_apply_blocked(
+    cutover_conf: &str,
+) -> (Pair, Shift, tokio_postgres::Client) {
+    let pair = Pair::start();
+    let shift = Shift::start(&pair, "", cutover_conf, &[]);
+    shift.wait_streaming().await;
+    let blocker = pair.target.client(DB).await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    (pair, shift, blocker)
+}
