@@ -56,6 +56,14 @@ fn pair() -> (Cluster, Cluster) {
     (a, b)
 }
 
+/// The pair, a proxy in front of A and one client session through it.
+async fn pair_with_client() -> (Cluster, Cluster, TestProxy, tokio_postgres::Client) {
+    let (a, b) = pair();
+    let proxy = start_proxy(&a).await;
+    let c = connect(&proxy.url("postgres")).await;
+    (a, b, proxy, c)
+}
+
 fn route_to(c: &Cluster) -> Route {
     let ep = Endpoint::parse("target.url", &c.url("postgres")).unwrap();
     Route::from_endpoint("target", &ep)
@@ -100,10 +108,8 @@ async fn show(c: &tokio_postgres::Client, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_and_prepared_statements_survive_a_prewarmed_move() {
-    let (a, b) = pair();
-    let proxy = start_proxy(&a).await;
+    let (a, b, proxy, c) = pair_with_client().await;
     let h = &proxy.handle;
-    let c = connect(&proxy.url("postgres")).await;
     // Settings and a SQL PREPARE in one query string (its text is the whole
     // string), and one on its own.
     c.batch_execute(
@@ -243,10 +249,8 @@ async fn settings_and_prepared_statements_survive_a_prewarmed_move() {
 /// again while it was idle, so the pause reads nothing from the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_changed_after_prewarm_moves_with_the_new_state() {
-    let (a, b) = pair();
-    let proxy = start_proxy(&a).await;
+    let (a, b, proxy, c) = pair_with_client().await;
     let h = &proxy.handle;
-    let c = connect(&proxy.url("postgres")).await;
     c.batch_execute("SET search_path = app_s, public; PREPARE early AS SELECT 1")
         .await
         .unwrap();
@@ -332,10 +336,8 @@ async fn state_changed_after_prewarm_moves_with_the_new_state() {
 /// client's requests go on meanwhile; the move then uses the replayed state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_replay_does_not_hold_up_the_client() {
-    let (a, b) = pair();
-    let proxy = start_proxy(&a).await;
+    let (_a, b, proxy, c) = pair_with_client().await;
     let h = &proxy.handle;
-    let c = connect(&proxy.url("postgres")).await;
     let count = c.prepare("SELECT count(*) FROM app_s.items").await.unwrap();
     // On the target, parsing that statement waits for this lock.
     let locker = b.client("postgres").await;
