@@ -124,23 +124,47 @@ async fn one(shared: &Shared, info: &SessionInfo, route: &Arc<Route>) -> bool {
         tokio::spawn(conn.terminate());
         return false;
     }
-    if let Some(old) = info.park(Parked {
+    // The session may have ended meanwhile: its removal takes what is parked,
+    // or `park` sees it closed (both are ordered by the parked lock).
+    let parked = Parked {
         route: route.clone(),
         conn,
         staged: None,
         stage_failed: false,
-    }) {
-        discard(shared, old);
+    };
+    if !park(shared, info, parked) {
+        return false;
     }
-    // The session may have ended meanwhile: its removal takes what is parked,
-    // or this sees it closed (both are ordered by the parked lock).
-    if info.is_closed() {
+    // An idle session stages its move now.
+    info.wake.notify();
+    true
+}
+
+/// Puts a pre-warmed backend back where the switch looks for it, unless the
+/// session ended or the cutover gave up its pre-warming meanwhile (checked
+/// again after parking: whoever looks last closes it). True if it stays parked.
+pub(crate) fn park(shared: &Shared, info: &SessionInfo, p: Parked) -> bool {
+    let wanted = |r: &Arc<Route>| {
+        !info.is_closed()
+            && shared
+                .prewarm
+                .load()
+                .as_ref()
+                .is_some_and(|w| Arc::ptr_eq(w, r))
+    };
+    if !wanted(&p.route) {
+        discard(shared, p);
+        return false;
+    }
+    let route = p.route.clone();
+    if let Some(other) = info.park(p) {
+        discard(shared, other);
+    }
+    if !wanted(&route) {
         if let Some(p) = info.take_parked() {
             discard(shared, p);
         }
         return false;
     }
-    // An idle session stages its move now.
-    info.wake.notify();
     true
 }

@@ -555,7 +555,7 @@ impl Session {
             return None;
         };
         if !Arc::ptr_eq(&p.route, &target) || (!held && p.stage_failed) {
-            park(&self.shared, &self.info, p);
+            prewarm::park(&self.shared, &self.info, p);
             self.staging_done();
             return None;
         }
@@ -569,7 +569,7 @@ impl Session {
             Ok(Ok(state)) => state,
             Ok(Err(e)) => {
                 p.stage_failed = true;
-                park(&self.shared, &self.info, p);
+                prewarm::park(&self.shared, &self.info, p);
                 self.staging_done();
                 return self.not_staged(e).await;
             }
@@ -581,12 +581,11 @@ impl Session {
             }
         };
         let requests = self.requests;
-        if let Some(st) = p.staged.as_mut().filter(|st| st.state == state) {
-            st.at_request = requests;
-            park(&self.shared, &self.info, p);
+        let Some(state) = still_staged(&mut p, state, requests) else {
+            prewarm::park(&self.shared, &self.info, p);
             self.staging_done();
             return None;
-        }
+        };
         // Replayed on the new backend, which the client does not wait for
         // while the gate is open: a session's first replay (its prepared
         // statements parsed on a cold backend) can take tens of ms.
@@ -600,7 +599,7 @@ impl Session {
                         ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1000.0),
                         "session move staged"
                     );
-                    park(&shared, &info, p);
+                    prewarm::park(&shared, &info, p);
                 }
                 Ok(Err((e, touched))) => {
                     tracing::debug!(session = info.id, "move not staged: {e}");
@@ -609,7 +608,7 @@ impl Session {
                         prewarm::discard(&shared, p);
                     } else {
                         p.stage_failed = true;
-                        park(&shared, &info, p);
+                        prewarm::park(&shared, &info, p);
                     }
                 }
                 Err(_) => prewarm::discard(&shared, p),
@@ -657,11 +656,10 @@ impl Session {
     /// The error says whether `p`'s backend was touched (then it is of no use).
     async fn stage_on(&mut self, p: &mut Parked) -> Result<(), (MoveError, bool)> {
         let state = self.capture().await.map_err(|e| (e, false))?;
-        if let Some(st) = p.staged.as_mut().filter(|st| st.state == state) {
-            st.at_request = self.requests;
-            return Ok(());
+        match still_staged(p, state, self.requests) {
+            None => Ok(()),
+            Some(state) => replay_onto(p, state, self.requests).await,
         }
-        replay_onto(p, state, self.requests).await
     }
 
     /// Ends what `set_staging(true)` began; waiters on "nobody is staging"
@@ -1025,30 +1023,16 @@ async fn replay_onto(
     Ok(())
 }
 
-/// Puts a pre-warmed backend back where the switch looks for it, unless the
-/// session ended or the cutover gave up its pre-warming meanwhile (checked
-/// again after parking: whoever looks last closes it).
-fn park(shared: &Shared, info: &SessionInfo, p: Parked) {
-    let wanted = |r: &Arc<Route>| {
-        !info.is_closed()
-            && shared
-                .prewarm
-                .load()
-                .as_ref()
-                .is_some_and(|w| Arc::ptr_eq(w, r))
-    };
-    if !wanted(&p.route) {
-        prewarm::discard(shared, p);
-        return;
-    }
-    let route = p.route.clone();
-    if let Some(other) = info.park(p) {
-        prewarm::discard(shared, other);
-    }
-    if !wanted(&route)
-        && let Some(p) = info.take_parked()
-    {
-        prewarm::discard(shared, p);
+/// Records `state`, just read while the session was idle at request
+/// `at_request`, as still the one `p` holds; returns it when it is not (it
+/// must be replayed).
+fn still_staged(p: &mut Parked, state: SessionState, at_request: u64) -> Option<SessionState> {
+    match p.staged.as_mut() {
+        Some(st) if st.state == state => {
+            st.at_request = at_request;
+            None
+        }
+        _ => Some(state),
     }
 }
 
