@@ -160,13 +160,8 @@ pub async fn apply(
 
 /// The fence as one multi-statement request (see [`apply`]).
 fn apply_sql(rec: &FenceRecord, spare_pids: &[i32]) -> String {
-    let dbs: Vec<String> = rec
-        .databases
-        .iter()
-        .map(|(d, _)| quote_literal(d))
-        .collect();
-    let roles: Vec<String> = rec.roles.iter().map(|r| quote_literal(r)).collect();
-    let db_array = format!("ARRAY[{}]::text[]", dbs.join(", "));
+    let names: Vec<&str> = rec.databases.iter().map(|(d, _)| d.as_str()).collect();
+    let db_array = text_array(&names);
     let mut sql = vec![
         "BEGIN".to_string(),
         "SET LOCAL synchronous_commit = off".to_string(),
@@ -178,10 +173,10 @@ fn apply_sql(rec: &FenceRecord, spare_pids: &[i32]) -> String {
              WHERE d.datname = ANY({db_array})"
         ),
     ];
-    if !roles.is_empty() {
+    if !rec.roles.is_empty() {
         sql.push(format!(
-            "SELECT 'nologin', rolname, rolcanlogin FROM pg_roles WHERE rolname = ANY(ARRAY[{}]::text[])",
-            roles.join(", ")
+            "SELECT 'nologin', rolname, rolcanlogin FROM pg_roles WHERE rolname = ANY({})",
+            text_array(&rec.roles)
         ));
     }
     for (db, _) in &rec.databases {
@@ -208,6 +203,12 @@ fn apply_sql(rec: &FenceRecord, spare_pids: &[i32]) -> String {
     sql.join(";\n")
 }
 
+/// `ARRAY['a', 'b']::text[]`, each item quoted.
+fn text_array<S: AsRef<str>>(items: &[S]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| quote_literal(i.as_ref())).collect();
+    format!("ARRAY[{}]::text[]", quoted.join(", "))
+}
+
 /// `FROM … WHERE …` selecting the sessions that bypass the proxy: any client
 /// backend on a migrated database that is neither one of the proxy's
 /// (`spare_pids`) nor pgshift's own.
@@ -230,10 +231,9 @@ pub async fn count_bypassing(
     databases: &[String],
     spare_pids: &[i32],
 ) -> Result<u64, FenceError> {
-    let dbs: Vec<String> = databases.iter().map(|d| quote_literal(d)).collect();
     let sql = format!(
         "SELECT count(*) {}",
-        bypassing(&format!("ARRAY[{}]::text[]", dbs.join(", ")), spare_pids)
+        bypassing(&text_array(databases), spare_pids)
     );
     let reply = admin
         .simple_query(&sql)
