@@ -14,6 +14,7 @@ pub mod demo;
 pub mod filter;
 pub mod localpg;
 pub mod migration;
+pub mod pg;
 pub mod pgbin;
 pub mod proxy;
 pub mod replication;
