@@ -3,4 +3,4 @@
 # their own throwaway PostgreSQL clusters (server binaries must be installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec cargo test --all-targets -- --test-threads "${PGSHIFT_TEST_THREADS:-4}" "$@"
+exec cargo test --all-targets --no-fail-fast -- --test-threads "${PGSHIFT_TEST_THREADS:-4}" "$@"

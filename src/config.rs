@@ -343,6 +343,9 @@ fn default_drain() -> HumanDuration {
 fn default_catchup() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
+fn default_pregate_catchup() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
+}
 fn default_attempts() -> u32 {
     3
 }
@@ -364,6 +367,11 @@ pub struct CutoverConfig {
     pub on_drain_timeout: OnDrainTimeout,
     #[serde(default = "default_catchup")]
     pub catchup_timeout: HumanDuration,
+    /// Before the gate closes, apply catches up for as long as it keeps
+    /// progressing, up to this; an attempt that cannot catch up by then is
+    /// abandoned without pausing clients.
+    #[serde(default = "default_pregate_catchup")]
+    pub pregate_catchup_timeout: HumanDuration,
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
     #[serde(default)]
@@ -385,6 +393,7 @@ impl Default for CutoverConfig {
             drain_timeout: default_drain(),
             on_drain_timeout: OnDrainTimeout::Abort,
             catchup_timeout: default_catchup(),
+            pregate_catchup_timeout: default_pregate_catchup(),
             max_attempts: default_attempts(),
             verify: CutoverVerify::Off,
             fence_roles: vec![],
@@ -835,6 +844,12 @@ fn validate_cutover(c: &CutoverConfig) -> Result<(), ConfigError> {
     if c.catchup_timeout.0.is_zero() {
         return Err(ConfigError::invalid(
             "cutover.catchup_timeout",
+            "must be larger than 0",
+        ));
+    }
+    if c.pregate_catchup_timeout.0.is_zero() {
+        return Err(ConfigError::invalid(
+            "cutover.pregate_catchup_timeout",
             "must be larger than 0",
         ));
     }

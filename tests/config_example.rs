@@ -68,6 +68,7 @@ fn example_config_mentions_every_key() {
         "drain_timeout",
         "on_drain_timeout",
         "catchup_timeout",
+        "pregate_catchup_timeout",
         "max_attempts",
         "verify",
         "fence_roles",

@@ -204,9 +204,33 @@ async fn on_drain_timeout_cancel_closes_the_held_session() {
 /// writable source back (not one left read-only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
-    // Apply blocked, so the cutover waits for its marker.
-    let (pair, shift, blocker) = streaming_with_apply_blocked("catchup_timeout = \"3s\"").await;
-    write_one(&shift.url(), "before").await.unwrap();
+    // Apply is blocked once the pre-gate catch-up is done (the attempt is
+    // held there by a test hook), so the marker in the pause waits.
+    let pair = Pair::start();
+    let hold = tempfile::tempdir().unwrap();
+    let release = hold.path().join("release");
+    let failpoint = format!("hold:catchup:{}", release.display());
+    let shift = Shift::start(
+        &pair,
+        "",
+        "catchup_timeout = \"3s\"",
+        &[("PGSHIFT_FAILPOINT", failpoint.as_str())],
+    );
+    shift.wait_streaming().await;
+    let cutover = shift.cli(&["cutover", "--wait"]);
+    let block_apply_after_catchup = async {
+        shift
+            .wait_phase("catchup", std::time::Duration::from_secs(120))
+            .await;
+        let blocker = pair.target.client(DB).await;
+        blocker
+            .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        write_one(&shift.url(), "before").await.unwrap();
+        std::fs::write(&release, b"go").unwrap();
+        blocker
+    };
 
     let watcher = pair.source.client("postgres").await;
     let break_fence_connection = async {
@@ -223,7 +247,10 @@ async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
         }
         false
     };
-    let (out, broke) = tokio::join!(shift.cli(&["cutover", "--wait"]), break_fence_connection);
+    let (out, (blocker, broke)) = tokio::join!(cutover, async {
+        let blocker = block_apply_after_catchup.await;
+        (blocker, break_fence_connection.await)
+    });
     assert!(broke, "never saw the fence's connection");
     assert_eq!(out.status.code(), Some(1), "{}", out_text(&out));
     let last = shift.last_cutover().await;
@@ -239,7 +266,9 @@ async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_that_stops_applying_aborts_on_catchup_timeout() {
     // Apply blocks behind a lock a test session holds on the target.
-    let (pair, shift, blocker) = streaming_with_apply_blocked("catchup_timeout = \"2s\"").await;
+    let (pair, shift, blocker) =
+        streaming_with_apply_blocked("catchup_timeout = \"2s\"\npregate_catchup_timeout = \"2s\"")
+            .await;
     // A larger transaction held back too: it must arrive once apply can go on.
     pair.source.psql(
         DB,
@@ -260,8 +289,17 @@ async fn target_that_stops_applying_aborts_on_catchup_timeout() {
             .contains("did not catch up"),
         "{last:#}"
     );
-    // Apply could not catch up before the gate closed either.
-    assert_eq!(phase(&last, "catchup")["outcome"], "partial", "{last:#}");
+    // Apply could not catch up before the gate: the attempt ended there,
+    // and no client was paused.
+    assert_eq!(phase(&last, "catchup")["outcome"], "failed", "{last:#}");
+    assert!(last["pause_seconds"].is_null(), "{last:#}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("clients were not paused"),
+        "{last:#}"
+    );
     let doc = shift
         .wait_state(
             "WaitingForUserAction",

@@ -34,16 +34,10 @@ async fn auto_trigger_inside_the_window_fires() {
         &format!("trigger = \"auto\"\nwindow = \"{window}\""),
         &[],
     );
-    let writer = {
-        shift
-            .wait_state(
-                "WaitingForUserAction",
-                "WaitingForCutoverTrigger",
-                Duration::from_secs(90),
-            )
-            .await;
-        Writer::start(&shift.url(), "w").await
-    };
+    // The writer runs from before the migration is ready: the trigger may
+    // fire the moment it is.
+    drop(connect_retry(&shift.url()).await); // the proxy is up
+    let writer = Writer::start(&shift.url(), "w").await;
     let doc = shift
         .wait_state("Succeeded", "Completed", Duration::from_secs(60))
         .await;
@@ -108,7 +102,11 @@ async fn auto_trigger_respects_max_attempts() {
             Duration::from_secs(90),
         )
         .await;
-    let ok = wait_until(Duration::from_secs(30), || attempts(&pair).len() >= 2);
+    // Both attempts ended (not merely started) while the transaction is held.
+    let ok = wait_until(Duration::from_secs(120), || {
+        let a = attempts(&pair);
+        a.len() >= 2 && a.iter().all(|o| o != "running")
+    });
     assert!(ok, "{:?}\n{}", attempts(&pair), shift.log());
     // … and after max_attempts no more, also once nothing holds it any more.
     tokio::time::sleep(Duration::from_secs(3)).await;

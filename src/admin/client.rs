@@ -170,10 +170,26 @@ pub fn render_status(doc: &Value) -> String {
                 _ => "-".into(),
             };
             let stream = &d["stream"];
+            // A streaming database shows its stream's own state (retrying,
+            // apply_stopped …) and error, not only the persisted phase.
+            let phase = match stream.get("state").and_then(|x| x.as_str()) {
+                Some(state) if d["phase"] == "streaming" && state != "streaming" => {
+                    match stream.get("retries").and_then(|r| r.as_u64()) {
+                        Some(n) if n > 0 => format!("{state} ({n})"),
+                        _ => state.to_string(),
+                    }
+                }
+                _ => s(&d["phase"]),
+            };
+            let error = stream
+                .get("last_error")
+                .filter(|e| !e.is_null())
+                .or_else(|| d.get("last_error"))
+                .unwrap_or(&Value::Null);
             out.push_str(&format!(
                 "{:<20} {:<14} {:>14} {:>12} {:>10} {:>12}  {}\n",
                 name,
-                s(&d["phase"]),
+                phase,
                 tables,
                 s(copy.get("rows").unwrap_or(&Value::Null)),
                 stream
@@ -181,7 +197,7 @@ pub fn render_status(doc: &Value) -> String {
                     .map(|b| human_bytes(b.as_f64().unwrap_or(0.0)))
                     .unwrap_or("-".into()),
                 s(stream.get("lag_seconds").unwrap_or(&Value::Null)),
-                s(d.get("last_error").unwrap_or(&Value::Null)),
+                s(error),
             ));
         }
     }
@@ -277,5 +293,16 @@ mod tests {
         );
         assert!(t.contains("3/3") && t.contains("2.0 kB"), "{t}");
         assert_eq!(human_bytes(100.0), "100 B");
+    }
+
+    #[test]
+    fn renders_a_retrying_stream_with_its_error() {
+        let doc = json!({"state": "InProgress", "substate": "MigratingData",
+            "databases": {"app": {"phase": "streaming", "last_error": null,
+                "stream": {"state": "apply_stopped", "retries": 3, "lag_bytes": 10, "lag_seconds": 4.0,
+                           "last_error": "table t no longer matches the target"}}}});
+        let t = render_status(&doc);
+        assert!(t.contains("apply_stopped (3)"), "{t}");
+        assert!(t.contains("table t no longer matches the target"), "{t}");
     }
 }

@@ -50,13 +50,19 @@ pub trait CutoverHost: Send + Sync {
     fn terminate_in_transaction(&self) -> impl Future<Output = usize> + Send;
     /// Source backend pids of the proxy's sessions: spared by the fence.
     fn source_backend_pids(&self) -> Vec<i32>;
-    /// Emits the marker `id` on every source database and waits until apply
-    /// has committed it on the target.
-    fn wait_caught_up(
+    /// Emits the marker `id` on every source database (refused while a
+    /// stream is not healthy).
+    fn emit_markers(&self, id: &str) -> impl Future<Output = Result<(), String>> + Send;
+    /// Waits until apply has committed the marker `id` on the target in
+    /// every database, at most `timeout`; ends at once when a stream breaks.
+    fn wait_markers(
         &self,
         id: &str,
         timeout: Duration,
     ) -> impl Future<Output = Result<(), String>> + Send;
+    /// Ok when every database's stream is connected and applying;
+    /// otherwise why not.
+    fn stream_health(&self) -> impl Future<Output = Result<(), String>> + Send;
     /// Copies every sequence's last_value / is_called to the target; returns
     /// how many. Runs after the fence, while the marker is awaited. The
     /// target's writes need not be flushed here: the switch persists its
@@ -163,28 +169,41 @@ impl Report for LastCutover {
     }
 }
 
-/// Test hook for the crash tests: `PGSHIFT_FAILPOINT=after:<phase>` (read
-/// once) makes every cutover attempt stop for an hour right after that phase
-/// (prepare, prewarm, catchup, gate, drain, fence, marker, sequences, verify, switch) so a test
-/// can kill pgshift inside it. Unset in production: then it does nothing.
-fn failpoint() -> Option<&'static str> {
-    static FAILPOINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+/// Test hooks (read once; unset in production, where they do nothing):
+/// - `PGSHIFT_FAILPOINT=after:<phase>` makes every cutover attempt stop for
+///   an hour right after that phase (prepare, prewarm, catchup, gate, drain,
+///   fence, marker, sequences, verify, switch), so a crash test can kill
+///   pgshift inside it;
+/// - `PGSHIFT_FAILPOINT=hold:<phase>:<file>` holds the attempt after that
+///   phase until `<file>` exists, so a test can change the world between two
+///   phases (e.g. block apply once the pre-gate catch-up is done).
+#[derive(Debug)]
+enum Failpoint {
+    Stop(String),
+    Hold(String, std::path::PathBuf),
+}
+
+fn failpoint() -> Option<&'static Failpoint> {
+    static FAILPOINT: std::sync::OnceLock<Option<Failpoint>> = std::sync::OnceLock::new();
     FAILPOINT
         .get_or_init(|| {
-            std::env::var("PGSHIFT_FAILPOINT")
-                .ok()
-                .and_then(|v| v.strip_prefix("after:").map(str::to_string))
+            let v = std::env::var("PGSHIFT_FAILPOINT").ok()?;
+            if let Some(phase) = v.strip_prefix("after:") {
+                return Some(Failpoint::Stop(phase.to_string()));
+            }
+            let (phase, file) = v.strip_prefix("hold:")?.split_once(':')?;
+            Some(Failpoint::Hold(phase.to_string(), file.into()))
         })
-        .as_deref()
+        .as_ref()
 }
 
 /// How long the gate waits for a moment with no transaction in flight.
 const QUIET_WAIT: Duration = Duration::from_millis(50);
 
-/// How long apply may take, before the gate closes, to catch up to a first
-/// marker (what it has not applied by then is applied inside the pause,
-/// before the cutover's own marker, up to `catchup_timeout`).
-const CATCHUP_WAIT: Duration = Duration::from_secs(2);
+/// A catch-up round this short leaves a backlog the pause absorbs in a few
+/// milliseconds; a longer one is followed by another round for what was
+/// written meanwhile.
+const CATCHUP_ROUND_FITS: Duration = Duration::from_millis(250);
 
 /// Why an attempt stopped before the point of no return.
 #[derive(Debug)]
@@ -269,18 +288,40 @@ impl<H: CutoverHost> Attempt<'_, H> {
     /// Not part of the pause: the marker's wait inside it is the time apply
     /// needs for what it has not applied when the gate closes (an automatic
     /// trigger fires at up to `start_when_lag_below`), so apply first
-    /// catches up to a marker of its own, clients still running.
-    async fn catch_up_first(&mut self) {
+    /// catches up to markers of its own, clients still running: round after
+    /// round, until a round is short enough for the pause. A broken stream,
+    /// or apply that has not caught up by `pregate_catchup_timeout` (blocked,
+    /// or slower than the writes), ends the attempt here, before any client
+    /// waits.
+    async fn catch_up_first(&mut self) -> Result<(), Abort> {
         let t = Instant::now();
-        let id = format!("{}-catchup", self.report.id);
-        match self.host.wait_caught_up(&id, CATCHUP_WAIT).await {
-            Ok(()) => self.record("catchup", t, "ok", None),
-            Err(e) => self.record(
-                "catchup",
-                t,
-                "partial",
-                Some(format!("the marker in the pause waits for the rest: {e}")),
-            ),
+        let bound = self.cfg.pregate_catchup_timeout.0;
+        let mut rounds = 0u32;
+        loop {
+            rounds += 1;
+            let round = Instant::now();
+            let id = format!("{}-catchup{rounds}", self.report.id);
+            let left = bound.saturating_sub(t.elapsed());
+            let caught_up = match self.host.emit_markers(&id).await {
+                Ok(()) => self.host.wait_markers(&id, left).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = caught_up {
+                let reason = match self.host.stream_health().await {
+                    Err(unhealthy) => format!("replication is not healthy: {unhealthy}"),
+                    Ok(()) if t.elapsed() >= bound => format!(
+                        "apply did not catch up within pregate_catchup_timeout {bound:?} ({e}); clients were not paused"
+                    ),
+                    Ok(()) => e,
+                };
+                self.record("catchup", t, "failed", Some(reason.clone()));
+                return Err(Abort { reason });
+            }
+            if round.elapsed() <= CATCHUP_ROUND_FITS || t.elapsed() >= bound {
+                let detail = (rounds > 1).then(|| format!("{rounds} rounds"));
+                self.record("catchup", t, "ok", detail);
+                return Ok(());
+            }
         }
     }
 
@@ -411,13 +452,27 @@ impl<H: CutoverHost> Attempt<'_, H> {
 
     /// Test hook, see [`failpoint`].
     async fn failpoint(&self, phase: &str) {
-        if failpoint() == Some(phase) {
-            tracing::warn!(
-                cutover = %self.report.id,
-                phase,
-                "PGSHIFT_FAILPOINT: the cutover stops here (test hook)"
-            );
-            tokio::time::sleep(Duration::from_secs(3600)).await;
+        match failpoint() {
+            Some(Failpoint::Stop(p)) if p == phase => {
+                tracing::warn!(
+                    cutover = %self.report.id,
+                    phase,
+                    "PGSHIFT_FAILPOINT: the cutover stops here (test hook)"
+                );
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            Some(Failpoint::Hold(p, file)) if p == phase => {
+                tracing::warn!(
+                    cutover = %self.report.id,
+                    phase,
+                    "PGSHIFT_FAILPOINT: the cutover waits for {} (test hook)",
+                    file.display()
+                );
+                while !file.exists() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            _ => {}
         }
     }
 
@@ -434,7 +489,11 @@ impl<H: CutoverHost> Attempt<'_, H> {
         let ((marker, marker_took), (seqs, seqs_took)) = tokio::join!(
             async {
                 let t = Instant::now();
-                (host.wait_caught_up(&id, timeout).await, t.elapsed())
+                let r = match host.emit_markers(&id).await {
+                    Ok(()) => host.wait_markers(&id, timeout).await,
+                    Err(e) => Err(e),
+                };
+                (r, t.elapsed())
             },
             async {
                 let t = Instant::now();
@@ -628,6 +687,13 @@ pub async fn run<H: CutoverHost>(
         tracing::warn!("cannot record the cutover attempt as running: {e}");
     }
 
+    // A stream known to be broken cannot deliver the marker: refuse before
+    // anything, clients never paused.
+    if let Err(e) = host.stream_health().await {
+        a.report.outcome = "aborted".into();
+        a.report.reason = Some(format!("replication is not healthy: {e}"));
+        return finish(a).await;
+    }
     let admin = match crate::db::connect(&a.ctx.config.source, "source (cutover)").await {
         Ok(c) => c,
         Err(e) => {
@@ -660,7 +726,10 @@ pub async fn run<H: CutoverHost>(
     a.failpoint("prepare").await;
     a.prewarm().await;
     a.failpoint("prewarm").await;
-    a.catch_up_first().await;
+    if let Err(Abort { reason }) = a.catch_up_first().await {
+        a.abort(Some(&admin), reason).await;
+        return finish(a).await;
+    }
     a.failpoint("catchup").await;
     a.gate().await;
     a.failpoint("gate").await;
@@ -721,6 +790,17 @@ async fn finish<H: CutoverHost>(a: Attempt<'_, H>) -> CutoverReport {
     }
     let next = if r.outcome == "succeeded" {
         (State::Succeeded, Substate::Completed, None)
+    } else if let Err(e) = a.host.stream_health().await {
+        // Not ready for another attempt until replication is healthy again.
+        (
+            State::InProgress,
+            Substate::MigratingData,
+            Some(format!(
+                "last cutover attempt {}: {}; waiting for replication: {e}",
+                r.outcome,
+                r.reason.clone().unwrap_or_default()
+            )),
+        )
     } else {
         (
             State::WaitingForUserAction,

@@ -145,7 +145,7 @@ impl ControlStore {
         store
             .client
             .batch_execute(&format!(
-                "BEGIN; SELECT pg_advisory_xact_lock(hashtext('pgshift:schema')::bigint); {SCHEMA_SQL} COMMIT;"
+                "BEGIN; SET LOCAL client_min_messages = warning; SELECT pg_advisory_xact_lock(hashtext('pgshift:schema')::bigint); {SCHEMA_SQL} COMMIT;"
             ))
             .await
             .map_err(|e| store.sql(e))?;

@@ -46,12 +46,29 @@ impl Migration {
         cfg: &MigrationConfig,
     ) -> Result<Arc<Migration>, ControlError> {
         let control = ControlStore::open(&ctx.config.target, &cfg.name).await?;
-        let row = control.load().await?.unwrap_or(MigrationRow {
-            state: State::InProgress,
-            substate: Substate::PerformingPrerequisiteSteps,
-            reason: None,
-            switched: false,
-        });
+        let row = match control.load().await? {
+            Some(row) => {
+                tracing::info!(
+                    migration = %cfg.name,
+                    from = %format!("{}/{}", row.state, row.substate),
+                    switched = row.switched,
+                    "resuming migration {} from {}/{}",
+                    cfg.name,
+                    row.state,
+                    row.substate
+                );
+                row
+            }
+            None => {
+                tracing::info!(migration = %cfg.name, "starting migration {}", cfg.name);
+                MigrationRow {
+                    state: State::InProgress,
+                    substate: Substate::PerformingPrerequisiteSteps,
+                    reason: None,
+                    switched: false,
+                }
+            }
+        };
         let persisted = control.databases().await?;
         let mut databases = BTreeMap::new();
         for db in &cfg.databases {
@@ -145,16 +162,21 @@ impl Migration {
         let row = {
             let mut i = self.write();
             let from = (i.row.state, i.row.substate);
+            if from == (state, substate) && i.row.reason == reason {
+                return Ok(());
+            }
             i.row.state = state;
             i.row.substate = substate;
             i.row.reason = reason.clone();
-            tracing::info!(
-                migration = %self.cfg.name,
-                from = %format!("{}/{}", from.0, from.1),
-                to = %format!("{state}/{substate}"),
-                reason = reason.as_deref().unwrap_or(""),
-                "migration state changed"
-            );
+            if from != (state, substate) {
+                tracing::info!(
+                    migration = %self.cfg.name,
+                    from = %format!("{}/{}", from.0, from.1),
+                    to = %format!("{state}/{substate}"),
+                    reason = reason.as_deref().unwrap_or(""),
+                    "migration state changed"
+                );
+            }
             i.row.clone()
         };
         self.export_state();

@@ -146,6 +146,7 @@ impl Runner {
         let mut progress = tokio::spawn(async move { work.resume().await });
         let mut progress_done = false;
         let mut auto = tokio::time::interval(Duration::from_secs(1));
+        let mut ready = tokio::time::interval(Duration::from_millis(200));
         let mut window_attempts = 0u32;
         let shutdown = self.ctx().shutdown.clone();
         loop {
@@ -160,6 +161,7 @@ impl Runner {
                     }
                 }
                 Some(cmd) = commands.recv() => self.command(cmd).await,
+                _ = ready.tick() => self.update_readiness().await,
                 _ = auto.tick() => self.auto_trigger(&mut window_attempts).await,
                 _ = shutdown.cancelled() => break,
             }
@@ -192,19 +194,50 @@ impl Runner {
             }
             return Ok(());
         }
+        let streaming = m.cfg.databases.iter().all(|db| {
+            m.database_row(db)
+                .is_some_and(|r| r.phase == DatabasePhase::Streaming)
+        });
         match (state, substate) {
-            (State::Succeeded | State::Failed | State::ValidationFailed | State::Canceled, _) => {
+            // A validation-only run (option = validate) that passed: run
+            // again, it validates again (and goes on if the option changed).
+            (State::Succeeded, _) if !m.switched() => {
+                tracing::info!("the last run only validated; validating again");
+                self.start_over().await
+            }
+            (State::ValidationFailed, _) => {
+                // The operator may have fixed the cause: validate again (the
+                // earlier failure stays in the event history).
+                tracing::info!(
+                    reason = m.row().reason.as_deref().unwrap_or(""),
+                    "the last validation failed; validating again"
+                );
+                self.start_over().await
+            }
+            (State::Succeeded | State::Failed | State::Canceled, _) => {
                 tracing::info!(state = %state, "migration is finished; the proxy keeps serving");
                 Ok(())
             }
             (State::InProgress, Substate::CompletingMigration)
             | (State::WaitingForUserAction, Substate::WaitingForCutoverTrigger) => {
-                self.undo_interrupted_cutover().await?;
-                let copied = self.copied_databases();
-                self.start_streaming(copied).await
+                self.resume_streaming().await
+            }
+            // Copied and streaming, but not ready when it stopped.
+            (State::InProgress, Substate::MigratingData)
+                if streaming && m.cfg.mode == MigrationMode::Online =>
+            {
+                self.resume_streaming().await
             }
             _ => self.start_over().await,
         }
+    }
+
+    /// Streaming again from where the target's origins are, after lifting
+    /// whatever an interrupted cutover left.
+    async fn resume_streaming(&self) -> Result<(), PipelineError> {
+        self.undo_interrupted_cutover().await?;
+        let copied = self.copied_databases();
+        self.start_streaming(copied).await
     }
 
     async fn start_over(&self) -> Result<(), PipelineError> {
@@ -295,18 +328,63 @@ impl Runner {
             streams.push(stream);
         }
         drop(streams);
+        // Ready for cutover only once every stream is connected and
+        // applying: see update_readiness.
         m.transition(
-            State::WaitingForUserAction,
-            Substate::WaitingForCutoverTrigger,
-            None,
+            State::InProgress,
+            Substate::MigratingData,
+            Some(
+                "streaming changes; ready for cutover once every database streams and applies"
+                    .into(),
+            ),
         )
         .await?;
         Ok(())
     }
 
+    /// WaitingForCutoverTrigger means ready: every database's stream is
+    /// connected and applying. Moves between that and MigratingData as the
+    /// streams' health changes (not while a cutover runs or after the switch).
+    async fn update_readiness(&self) {
+        let m = self.migration();
+        if m.switched() || self.cutover_running.load(Ordering::SeqCst) {
+            return;
+        }
+        let health = {
+            let streams = self.streams.lock().await;
+            if streams.is_empty() {
+                return;
+            }
+            streams_health(&streams)
+        };
+        let next = match (m.state(), health) {
+            ((State::InProgress, Substate::MigratingData), Ok(_)) => (
+                State::WaitingForUserAction,
+                Substate::WaitingForCutoverTrigger,
+                None,
+            ),
+            ((State::WaitingForUserAction, Substate::WaitingForCutoverTrigger), Err(e)) => (
+                State::InProgress,
+                Substate::MigratingData,
+                Some(format!("not ready for cutover: {e}")),
+            ),
+            _ => return,
+        };
+        if let Err(e) = m.transition(next.0, next.1, next.2).await {
+            tracing::warn!("cannot persist the migration state: {e}");
+        }
+    }
+
     async fn command(self: &Arc<Self>, cmd: AdminCommand) {
         let reply = match cmd.kind {
-            CommandKind::Cutover => self.clone().start_cutover("manual"),
+            CommandKind::Cutover => match self.stream_health().await {
+                // Refused at once: a broken stream cannot deliver the marker,
+                // and clients must not wait for that.
+                Err(e) => Err(CommandError::Conflict(format!(
+                    "cutover refused: replication is not healthy: {e}"
+                ))),
+                Ok(_) => self.clone().start_cutover("manual"),
+            },
             CommandKind::Cancel => self.cancel().await,
         };
         let _ = cmd.reply.send(reply);
@@ -421,7 +499,7 @@ impl Runner {
             return;
         }
         let streams = self.streams.lock().await;
-        if streams.is_empty() || streams.iter().any(|s| s.status.state() != "streaming") {
+        if streams_health(&streams).is_err() {
             return;
         }
         let max_lag = streams
@@ -591,22 +669,37 @@ impl CutoverHost for Runner {
             .collect()
     }
 
-    async fn wait_caught_up(&self, id: &str, timeout: Duration) -> Result<(), String> {
+    async fn emit_markers(&self, id: &str) -> Result<(), String> {
         let streams = self.streams.lock().await;
         let conns = self.cutover_conns()?;
-        let waits = streams.iter().map(|s| async {
+        let emits = streams.iter().map(|s| async {
             match conns.dbs.iter().find(|c| c.database == s.database) {
-                Some(c) => s.catch_up_on(&c.marker, id, timeout).await.map(|_| ()),
+                Some(c) => s
+                    .emit_marker(&c.marker, id)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
                 None => Err(format!("no marker connection for database {}", s.database)),
             }
         });
+        join_errors(futures_util::future::join_all(emits).await)
+    }
+
+    async fn wait_markers(&self, id: &str, timeout: Duration) -> Result<(), String> {
+        let streams = self.streams.lock().await;
+        let waits = streams.iter().map(|s| s.wait_marker(id, timeout));
         let results = futures_util::future::join_all(waits).await;
-        let errors: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
-        }
+        join_errors(
+            results
+                .into_iter()
+                .map(|r| r.map_err(|e| e.to_string()))
+                .collect(),
+        )
+    }
+
+    async fn stream_health(&self) -> Result<(), String> {
+        let streams = self.streams.lock().await;
+        streams_health(&streams)
     }
 
     async fn sync_sequences(&self) -> Result<u64, String> {
@@ -698,6 +791,26 @@ impl CutoverHost for Runner {
 }
 
 /// Cancels everything the runner started (used by shutdown paths).
+/// Ok when every result is; else the errors, joined.
+fn join_errors(results: Vec<Result<(), String>>) -> Result<(), String> {
+    let errors: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// Ok when every stream is connected and applying; otherwise why not. No
+/// stream at all is not healthy.
+fn streams_health(streams: &[DatabaseStream]) -> Result<(), String> {
+    if streams.is_empty() {
+        return Err("no database is streaming".into());
+    }
+    let errors: Vec<Result<(), String>> = streams.iter().map(|s| s.status.health()).collect();
+    join_errors(errors)
+}
+
 pub fn child_token(ctx: &Arc<Context>) -> CancellationToken {
     ctx.shutdown.child_token()
 }

@@ -8,14 +8,14 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::{GaugeVec, IntGaugeVec};
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Lsn;
-use super::apply::{self, Applier, ApplyMetrics, ApplyOptions, Marker};
+use super::apply::{self, Applier, ApplyError, ApplyMetrics, ApplyOptions, Marker};
 use super::client::{ReplicationConnection, ReplicationMessage, StreamOptions};
 use super::names::ReplicationNames;
 use crate::admin::status::Report;
@@ -29,6 +29,8 @@ pub struct StreamMetrics {
     pub received_lsn: IntGaugeVec,
     pub applied_lsn: IntGaugeVec,
     pub slot_retained_bytes: IntGaugeVec,
+    pub errors: IntCounterVec,
+    pub state: IntGaugeVec,
     pub apply: ApplyMetrics,
 }
 
@@ -66,15 +68,116 @@ impl StreamMetrics {
                 "WAL the migration's replication slot holds back on the source, in bytes",
                 &["database"],
             ),
+            errors: m::int_counter_vec(
+                reg,
+                "pgshift_replication_errors_total",
+                "Stream sessions ended by an error, by kind (source, target, apply, protocol)",
+                &["database", "kind"],
+            ),
+            state: m::int_gauge_vec(
+                reg,
+                "pgshift_replication_stream_state",
+                "1 for the state each database's stream is in, 0 for the others",
+                &["database", "state"],
+            ),
             apply: ApplyMetrics::register(reg),
         }
     }
 }
 
+/// Where a stream is. Only `Streaming` is healthy: connected, applying,
+/// and past the point where it last broke (a reconnect alone proves
+/// nothing: an apply error comes back with the same change).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StreamState {
+    /// Not connected yet, no error so far.
+    #[default]
+    Starting,
+    Connecting,
+    Streaming,
+    /// Broke (source or target gone, protocol); reconnecting with backoff.
+    Retrying,
+    /// Apply refused a change (schema difference, row error): retries
+    /// cannot help until an operator acts.
+    ApplyStopped,
+    Stopped,
+}
+
+impl StreamState {
+    pub const ALL: [StreamState; 6] = [
+        StreamState::Starting,
+        StreamState::Connecting,
+        StreamState::Streaming,
+        StreamState::Retrying,
+        StreamState::ApplyStopped,
+        StreamState::Stopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamState::Starting => "starting",
+            StreamState::Connecting => "connecting",
+            StreamState::Streaming => "streaming",
+            StreamState::Retrying => "retrying",
+            StreamState::ApplyStopped => "apply_stopped",
+            StreamState::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for StreamState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What ended a stream session.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The replication connection to the source (connect, START_REPLICATION,
+    /// reading or answering the stream).
+    #[error("{0}")]
+    Source(String),
+    #[error("the source ended the replication stream")]
+    Ended,
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+impl StreamError {
+    /// The `kind` label of `pgshift_replication_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StreamError::Source(_) | StreamError::Ended => "source",
+            StreamError::Apply(ApplyError::Connection { .. } | ApplyError::Origin { .. }) => {
+                "target"
+            }
+            StreamError::Apply(ApplyError::Decode(_) | ApplyError::Protocol { .. }) => "protocol",
+            StreamError::Apply(_) => "apply",
+        }
+    }
+
+    fn source(e: impl std::fmt::Display) -> StreamError {
+        StreamError::Source(e.to_string())
+    }
+}
+
+/// Why a marker was not seen committed on the target.
+#[derive(Debug, thiserror::Error)]
+pub enum CatchUpError {
+    /// The stream is not healthy: waiting longer would not help.
+    #[error("{0}")]
+    Unhealthy(String),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("database {database}: cannot emit the marker on the source: {error}")]
+    Emit { database: String, error: String },
+}
+
 /// Live numbers of one database's stream (for /status, lag and cutover).
 #[derive(Default)]
 struct Live {
-    state: &'static str,
+    state: StreamState,
     received: Lsn,
     /// What the target holds: the last committed commit LSN, or the
     /// keepalive end when nothing received is still unapplied.
@@ -84,20 +187,66 @@ struct Live {
     lag_seconds: f64,
     slot_retained: u64,
     last_error: Option<String>,
+    error_kind: Option<&'static str>,
+    /// Failed sessions since the stream was last healthy.
+    retries: u32,
+    errors_total: u64,
+    next_attempt: Option<chrono::DateTime<chrono::Utc>>,
+    /// After an error: healthy again only once the target holds this
+    /// position, past where the stream broke.
+    recover_at: Option<Lsn>,
     /// (time, source position) samples, to know when the source was where
     /// the target is now.
     samples: VecDeque<(Instant, Lsn)>,
     transactions: u64,
+    /// Source commit time (µs since 2000) of the oldest transaction received
+    /// but not yet on the target.
+    pending_since: Option<i64>,
 }
 
 pub struct StreamStatus {
     database: String,
     live: Mutex<Live>,
+    /// Bumped on every state change, for waiters that must stop at once
+    /// when the stream breaks.
+    changed: watch::Sender<()>,
+    state_metric: IntGaugeVec,
 }
 
 impl StreamStatus {
+    fn new(database: &str, applied: Lsn, state_metric: IntGaugeVec) -> StreamStatus {
+        let status = StreamStatus {
+            database: database.to_string(),
+            live: Mutex::new(Live {
+                applied,
+                ..Default::default()
+            }),
+            changed: watch::channel(()).0,
+            state_metric,
+        };
+        status.export(StreamState::Starting);
+        status
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut Live) -> R) -> R {
         f(&mut self.live.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn export(&self, state: StreamState) {
+        for s in StreamState::ALL {
+            self.state_metric
+                .with_label_values(&[&self.database, s.as_str()])
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// Moves to `state` (logged and exported only when it changes).
+    fn set_state(&self, state: StreamState) {
+        let from = self.with(|l| std::mem::replace(&mut l.state, state));
+        if from != state {
+            self.export(state);
+            self.changed.send_replace(());
+        }
     }
 
     pub fn lag_bytes(&self) -> u64 {
@@ -112,8 +261,94 @@ impl StreamStatus {
         self.with(|l| l.last_error.clone())
     }
 
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> StreamState {
         self.with(|l| l.state)
+    }
+
+    /// Ok when the stream is connected and applying; otherwise what is
+    /// wrong, for an operator (state, retries, the last error).
+    pub fn health(&self) -> Result<(), String> {
+        self.with(|l| {
+            if l.state == StreamState::Streaming {
+                return Ok(());
+            }
+            let mut s = format!("database {}: stream {}", self.database, l.state);
+            if l.retries > 0 {
+                s.push_str(&format!(" (attempt {}", l.retries + 1));
+                if let Some(t) = l.next_attempt {
+                    let wait = (t - chrono::Utc::now()).num_milliseconds().max(0) as f64 / 1000.0;
+                    s.push_str(&format!(", next in {wait:.1}s"));
+                }
+                s.push(')');
+            }
+            match &l.last_error {
+                Some(e) => s.push_str(&format!(": {e}")),
+                None if l.state == StreamState::Starting || l.state == StreamState::Connecting => {
+                    s.push_str(": not streaming yet")
+                }
+                None => {}
+            }
+            Err(s)
+        })
+    }
+
+    /// A session is connecting: shown as such unless an error is unresolved.
+    fn connecting(&self) {
+        if self.with(|l| l.recover_at.is_none()) {
+            self.set_state(StreamState::Connecting);
+        }
+    }
+
+    /// The target holds `confirmed`: the stream is healthy unless it has
+    /// not yet passed the point where it last broke.
+    fn confirmed(&self, confirmed: Lsn) {
+        let recovered = self.with(|l| {
+            l.applied = l.applied.max(confirmed);
+            match l.recover_at {
+                Some(p) if confirmed < p => None,
+                Some(_) => {
+                    let retries = l.retries;
+                    l.recover_at = None;
+                    l.retries = 0;
+                    l.next_attempt = None;
+                    l.last_error = None;
+                    l.error_kind = None;
+                    Some(retries)
+                }
+                None => Some(0),
+            }
+        });
+        if let Some(retries) = recovered {
+            if retries > 0 {
+                tracing::info!(database = %self.database, retries, "streaming recovered: the target is past the point where the stream broke");
+            }
+            self.set_state(StreamState::Streaming);
+        }
+    }
+
+    /// A session ended with `err`; the next attempt is in `backoff`.
+    /// Returns the number of failed attempts in a row.
+    fn failed(&self, err: &StreamError, backoff: Duration) -> u32 {
+        let state = match err {
+            StreamError::Apply(e) if StreamError::kind(err) == "apply" && !e.is_transient() => {
+                StreamState::ApplyStopped
+            }
+            _ => StreamState::Retrying,
+        };
+        let retries = self.with(|l| {
+            l.last_error = Some(err.to_string());
+            l.error_kind = Some(err.kind());
+            l.retries += 1;
+            l.errors_total += 1;
+            l.next_attempt = chrono::Duration::from_std(backoff)
+                .ok()
+                .map(|d| chrono::Utc::now() + d);
+            let at = l.received.max(l.applied);
+            l.recover_at = Some(l.recover_at.map_or(at, |p| p.max(at)));
+            l.retries
+        });
+        self.set_state(state);
+        retries
     }
 }
 
@@ -121,7 +356,8 @@ impl Report for StreamStatus {
     fn report(&self) -> Value {
         self.with(|l| {
             json!({
-                "state": l.state,
+                "state": l.state.as_str(),
+                "healthy": l.state == StreamState::Streaming,
                 "received_lsn": l.received.to_string(),
                 "applied_lsn": l.applied.to_string(),
                 "source_lsn": l.source_current.to_string(),
@@ -130,6 +366,10 @@ impl Report for StreamStatus {
                 "slot_retained_bytes": l.slot_retained,
                 "transactions_applied": l.transactions,
                 "last_error": l.last_error,
+                "error_kind": l.error_kind,
+                "retries": l.retries,
+                "errors_total": l.errors_total,
+                "next_attempt_at": l.next_attempt.map(|t| t.to_rfc3339()),
             })
         })
     }
@@ -162,15 +402,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 impl DatabaseStream {
     pub fn start(cfg: StreamConfig, metrics: StreamMetrics) -> DatabaseStream {
-        let status = Arc::new(StreamStatus {
-            database: cfg.database.clone(),
-            live: Mutex::new(Live {
-                state: "starting",
-                // Until the stream starts, the target holds what the copy did.
-                applied: cfg.consistent_point,
-                ..Default::default()
-            }),
-        });
+        // Until the stream starts, the target holds what the copy did.
+        let status = Arc::new(StreamStatus::new(
+            &cfg.database,
+            cfg.consistent_point,
+            metrics.state.clone(),
+        ));
         let (marker_tx, markers) = watch::channel(Vec::new());
         let stop = CancellationToken::new();
         let lag_task = tokio::spawn(lag_loop(
@@ -200,45 +437,57 @@ impl DatabaseStream {
     /// Emits a marker on the source database and waits until apply has
     /// committed it on the target: then every transaction committed on the
     /// source before it is on the target. Opens its own source connection.
-    pub async fn catch_up(&self, id: &str, timeout: Duration) -> Result<Lsn, String> {
-        let src = marker_connection(&self.cfg.source.with_dbname(&self.database)).await?;
-        self.catch_up_on(&src, id, timeout).await
+    pub async fn catch_up(&self, id: &str, timeout: Duration) -> Result<Lsn, CatchUpError> {
+        let src = marker_connection(&self.cfg.source.with_dbname(&self.database))
+            .await
+            .map_err(|error| CatchUpError::Emit {
+                database: self.database.clone(),
+                error,
+            })?;
+        let lsn = self.emit_marker(&src, id).await?;
+        self.wait_marker(id, timeout).await?;
+        Ok(lsn)
     }
 
-    /// Like [`catch_up`](Self::catch_up) on a connection from [`marker_connection`].
-    pub async fn catch_up_on(
-        &self,
-        src: &MarkerConnection,
-        id: &str,
-        timeout: Duration,
-    ) -> Result<Lsn, String> {
-        let deadline = Instant::now() + timeout;
-        let lsn = apply::emit_marker_with(&src.client, &src.emit, id)
+    /// Emits the marker `id` on a connection from [`marker_connection`];
+    /// returns its position. Refused while the stream is not healthy: its
+    /// marker could not arrive.
+    pub async fn emit_marker(&self, src: &MarkerConnection, id: &str) -> Result<Lsn, CatchUpError> {
+        self.status.health().map_err(CatchUpError::Unhealthy)?;
+        apply::emit_marker_with(&src.client, &src.emit, id)
             .await
-            .map_err(|e| crate::db::describe(&e))?;
-        let mut rx = self.markers.clone();
-        let wait = async {
-            loop {
-                if rx.borrow_and_update().iter().any(|m| m.id == id) {
-                    return Ok(lsn);
-                }
-                if rx.changed().await.is_err() {
-                    return Err("the stream stopped".to_string());
+            .map_err(|e| CatchUpError::Emit {
+                database: self.database.clone(),
+                error: crate::db::describe(&e),
+            })
+    }
+
+    /// Waits until apply has committed the marker `id`, for at most
+    /// `timeout`; ends at once when the stream breaks.
+    pub async fn wait_marker(&self, id: &str, timeout: Duration) -> Result<(), CatchUpError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut markers = self.markers.clone();
+        let mut changed = self.status.changed.subscribe();
+        loop {
+            if markers.borrow_and_update().iter().any(|m| m.id == id) {
+                return Ok(());
+            }
+            changed.borrow_and_update();
+            self.status.health().map_err(CatchUpError::Unhealthy)?;
+            tokio::select! {
+                r = markers.changed() => if r.is_err() {
+                    return Err(CatchUpError::Unhealthy(format!("database {}: the stream stopped", self.database)));
+                },
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(CatchUpError::Timeout(format!(
+                        "database {}: marker {id} not applied within {timeout:?} (stream {}, lag {} bytes)",
+                        self.database,
+                        self.status.state(),
+                        self.status.lag_bytes(),
+                    )));
                 }
             }
-        };
-        match tokio::time::timeout_at(deadline.into(), wait).await {
-            Ok(r) => r,
-            Err(_) => Err(format!(
-                "database {}: marker at {lsn} not applied within {timeout:?} (stream: {}, lag {} bytes{})",
-                self.database,
-                self.status.state(),
-                self.status.lag_bytes(),
-                self.status
-                    .last_error()
-                    .map(|e| format!(", last error: {e}"))
-                    .unwrap_or_default()
-            )),
         }
     }
 
@@ -302,26 +551,31 @@ async fn run_with_retries(
         let started = Instant::now();
         let result = session(&cfg, &metrics, &status, &markers, &stop).await;
         if stop.is_cancelled() {
-            status.with(|l| l.state = "stopped");
+            status.set_state(StreamState::Stopped);
             break;
         }
-        let msg = match result {
-            Ok(()) => "the source ended the replication stream".to_string(),
+        let err = match result {
+            Ok(()) => StreamError::Ended,
             Err(e) => e,
         };
-        tracing::warn!(database = %cfg.database, "streaming interrupted, retrying in {backoff:?}: {msg}");
-        status.with(|l| {
-            l.last_error = Some(msg);
-            if l.state != "apply_stopped" {
-                l.state = "retrying";
-            }
-        });
         if started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(200);
         }
+        metrics
+            .errors
+            .with_label_values(&[&cfg.database, err.kind()])
+            .inc();
+        let attempt = status.failed(&err, backoff);
+        tracing::warn!(
+            database = %cfg.database,
+            kind = err.kind(),
+            state = %status.state(),
+            attempt,
+            "streaming interrupted, retrying in {backoff:?}: {err}"
+        );
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = stop.cancelled() => { status.with(|l| l.state = "stopped"); break; }
+            _ = stop.cancelled() => { status.set_state(StreamState::Stopped); break; }
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
@@ -334,33 +588,29 @@ async fn session(
     status: &Arc<StreamStatus>,
     markers: &watch::Sender<Vec<Marker>>,
     stop: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let db = &cfg.database;
-    status.with(|l| l.state = "connecting");
+    status.connecting();
     let mut applier = Applier::connect(
         &cfg.target.with_dbname(db),
         ApplyOptions::new(&cfg.migration, db),
         Some(metrics.apply.clone()),
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     forward_markers(&applier, markers.clone());
     let names = ReplicationNames::new(&cfg.migration, db);
     let start = applier.applied_position().max(cfg.consistent_point);
     let conn = ReplicationConnection::connect(&cfg.source, db, "pgshift-replication")
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(StreamError::source)?;
     let mut opts = StreamOptions::new(&names.slot, start, &names.publication);
     opts.messages = true;
     let mut stream = conn
         .start_replication(&opts)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(StreamError::source)?;
     tracing::info!(database = %db, slot = %names.slot, start = %start, "streaming changes");
-    status.with(|l| {
-        l.state = "streaming";
-        l.applied = l.applied.max(start);
-    });
+    status.confirmed(start);
 
     // The position the target holds; only this is ever reported as flushed.
     let mut confirmed = applier.applied_position().max(start);
@@ -370,7 +620,7 @@ async fn session(
         tokio::select! {
             biased;
             _ = stop.cancelled() => {
-                let applied = applier.flush().await.map_err(|e| e.to_string())?;
+                let applied = applier.flush().await?;
                 confirmed = confirmed.max(applied);
                 let flushed = durable(&mut applier, keepalive_end).await?;
                 let _ = stream.send_status(confirmed, flushed, flushed, false).await;
@@ -378,20 +628,17 @@ async fn session(
                 return Ok(());
             }
             msg = stream.next() => {
-                match msg.map_err(|e| e.to_string())? {
+                match msg.map_err(StreamError::source)? {
                     None => return Ok(()),
                     Some(ReplicationMessage::XLogData { data, .. }) => {
-                        if let Err(e) = applier.handle_xlogdata(data).await {
-                            status.with(|l| l.state = "apply_stopped");
-                            return Err(e.to_string());
-                        }
+                        applier.handle_xlogdata(data).await?;
                     }
                     Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. }) => {
                         keepalive_end = keepalive_end.max(wal_end);
                         confirmed = commit_and_confirm(&mut applier, confirmed, keepalive_end).await?;
                         if reply_requested {
                             let flushed = durable(&mut applier, keepalive_end).await?;
-                            stream.send_status(confirmed, flushed, flushed, false).await.map_err(|e| e.to_string())?;
+                            stream.send_status(confirmed, flushed, flushed, false).await.map_err(StreamError::source)?;
                         }
                     }
                 }
@@ -406,17 +653,15 @@ async fn session(
                 confirmed = commit_and_confirm(&mut applier, confirmed, Lsn::ZERO).await?;
                 // Ask for a keepalive so an idle stream learns the server's end.
                 let flushed = durable(&mut applier, keepalive_end).await?;
-                stream.send_status(confirmed, flushed, flushed, true).await.map_err(|e| e.to_string())?;
+                stream.send_status(confirmed, flushed, flushed, true).await.map_err(StreamError::source)?;
             }
         }
         let stats = applier.stats();
         status.with(|l| {
-            l.applied = l.applied.max(confirmed);
             l.transactions = stats.transactions;
-            if l.state != "streaming" {
-                l.state = "streaming";
-            }
+            l.pending_since = stats.pending_since;
         });
+        status.confirmed(confirmed);
         metrics
             .applied_lsn
             .with_label_values(&[db])
@@ -432,15 +677,12 @@ async fn session(
 /// origin progress (apply commits asynchronously), plus the keepalive end
 /// when nothing received is unapplied and everything committed is flushed.
 /// Never more: the source may discard WAL up to what is reported.
-async fn durable(applier: &mut Applier, keepalive_end: Lsn) -> Result<Lsn, String> {
+async fn durable(applier: &mut Applier, keepalive_end: Lsn) -> Result<Lsn, StreamError> {
     if !applier.is_idle() {
         // Mid-transaction: the last query still stands; report nothing new.
         return Ok(Lsn::ZERO);
     }
-    let d = applier
-        .durable_position()
-        .await
-        .map_err(|e| e.to_string())?;
+    let d = applier.durable_position().await?;
     if d >= applier.applied_position() {
         Ok(d.max(keepalive_end))
     } else {
@@ -455,9 +697,9 @@ async fn commit_and_confirm(
     applier: &mut Applier,
     confirmed: Lsn,
     keepalive_end: Lsn,
-) -> Result<Lsn, String> {
+) -> Result<Lsn, StreamError> {
     let applied = if applier.has_pending() {
-        applier.flush().await.map_err(|e| e.to_string())?
+        applier.flush().await?
     } else {
         applier.applied_position()
     };
@@ -512,7 +754,7 @@ async fn lag_loop(
             status.with(|l| {
                 tracing::info!(
                     database = %db,
-                    state = l.state,
+                    state = l.state.as_str(),
                     lag_bytes = l.lag_bytes,
                     lag_seconds = format!("{:.1}", l.lag_seconds),
                     applied_lsn = %l.applied,
@@ -553,10 +795,15 @@ async fn lag_loop(
             l.lag_seconds = if l.applied >= current {
                 0.0
             } else {
-                match caught_up_at(&l.samples, l.applied) {
-                    Some(t) => now.duration_since(t).as_secs_f64(),
-                    None => 0.0,
-                }
+                // The samples reach back only to this stream's start; a
+                // transaction received but not applied tells its own age.
+                let sampled = caught_up_at(&l.samples, l.applied)
+                    .map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+                let pending = l.pending_since.map_or(0.0, |t| {
+                    let unix = t.saturating_add(super::pgoutput::PG_EPOCH_OFFSET_MICROS);
+                    (chrono::Utc::now().timestamp_micros() - unix).max(0) as f64 / 1e6
+                });
+                sampled.max(pending)
             };
             (l.lag_bytes, l.lag_seconds)
         });

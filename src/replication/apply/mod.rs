@@ -102,6 +102,22 @@ pub enum ApplyError {
     Replay,
 }
 
+impl ApplyError {
+    /// A failure that may pass by itself (a deadlock, a serialization
+    /// failure, a lock or statement timeout, a server shutting down), so
+    /// applying the same change again can succeed; every other row or
+    /// schema error needs an operator.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Row { error, .. } => {
+                ["40", "53", "55", "57", "58", "08"].contains(&error.code.get(..2).unwrap_or(""))
+            }
+            ApplyError::SchemaMismatch { .. } | ApplyError::RowNotFound { .. } => false,
+            _ => true,
+        }
+    }
+}
+
 /// Options of one database's applier.
 #[derive(Clone, Debug)]
 pub struct ApplyOptions {
@@ -161,6 +177,9 @@ pub struct ApplyStats {
     /// The end of the commit record of the last source transaction
     /// committed on the target (the replication origin's position).
     pub applied_lsn: Lsn,
+    /// Source commit time (µs since 2000-01-01) of the oldest transaction
+    /// received but not yet committed on the target: how old the lag is.
+    pub pending_since: Option<i64>,
 }
 
 /// What other tasks (status, lag, cutover) watch.
@@ -320,6 +339,7 @@ impl OpCounts {
 /// The source transaction being received.
 struct Current {
     commit_lsn: Lsn,
+    commit_time: i64,
     skip: bool,
     markers: Vec<String>,
     counts: OpCounts,
@@ -807,11 +827,16 @@ impl Applier {
             .group
             .last_commit
             .map_or(self.applied, |(l, _)| l.max(self.applied));
+        // Progress is the end of a commit record; the next transaction's
+        // commit record may start exactly there, so the test is strict.
+        let skip = b.final_lsn < done;
+        if !skip && self.stats.pending_since.is_none() {
+            self.stats.pending_since = Some(b.commit_time);
+        }
         self.current = Some(Current {
             commit_lsn: b.final_lsn,
-            // Progress is the end of a commit record; the next transaction's
-            // commit record may start exactly there, so the test is strict.
-            skip: b.final_lsn < done,
+            commit_time: b.commit_time,
+            skip,
             markers: Vec::new(),
             counts: OpCounts::default(),
             statements: 0,
@@ -974,6 +999,12 @@ impl Applier {
         self.applied = lsn;
         let s = &mut self.stats;
         s.applied_lsn = lsn;
+        // What is still pending now is at most the transaction in progress.
+        s.pending_since = self
+            .current
+            .as_ref()
+            .filter(|c| !c.skip)
+            .map(|c| c.commit_time);
         s.transactions += g.transactions;
         s.inserts += g.counts.inserts;
         s.updates += g.counts.updates;
