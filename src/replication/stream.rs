@@ -145,6 +145,8 @@ pub enum StreamError {
 }
 
 impl StreamError {
+    const KINDS: [&'static str; 4] = ["source", "target", "apply", "protocol"];
+
     /// The `kind` label of `pgshift_replication_errors_total`.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -402,6 +404,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 impl DatabaseStream {
     pub fn start(cfg: StreamConfig, metrics: StreamMetrics) -> DatabaseStream {
+        // Every error kind is exported from the start, at 0, so a rate or an
+        // alert on it works before the first error.
+        for kind in StreamError::KINDS {
+            metrics.errors.with_label_values(&[&cfg.database, kind]);
+        }
         // Until the stream starts, the target holds what the copy did.
         let status = Arc::new(StreamStatus::new(
             &cfg.database,
