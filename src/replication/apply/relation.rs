@@ -37,6 +37,17 @@ pub(super) struct Target {
     pub casts: Vec<String>,
     /// Row changes may be folded into net-change batches (see `batch`).
     pub batchable: bool,
+    /// Per source column: how both sides of a key comparison are cast. A
+    /// domain has no operators of its own where its base is polymorphic
+    /// (`enum_domain = enum_domain` does not resolve), so a domain column is
+    /// compared as its base type (a relabeling: indexes still apply).
+    pub key_cast: Vec<String>,
+    /// Per source column: the same for replica identity FULL, where rows are
+    /// found by every old value: as text where the type has no usable
+    /// equality (json, geometry) or is a user type (an extension's `=` may
+    /// not be exact, a composite's may not exist); text output of a stored
+    /// value is exact.
+    pub full_cast: Vec<String>,
 }
 
 /// The statements of net-change batches.
@@ -104,7 +115,7 @@ impl RelEntry {
     pub fn catalog_query(&self) -> String {
         format!(
             "SELECT c.relkind::text, a.attname, a.atttypid::int8::text, format_type(a.atttypid, a.atttypmod), \
-             tn.nspname, t.typname, bn.nspname, bt.typname, t.typtype::text FROM pg_class c \
+             tn.nspname, t.typname, bn.nspname, bt.typname, t.typtype::text, bt.oid::int8::text FROM pg_class c \
              JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
              JOIN pg_type t ON t.oid = a.atttypid JOIN pg_namespace tn ON tn.oid = t.typnamespace \
              CROSS JOIN LATERAL (WITH RECURSIVE chain(oid, depth) AS ( \
@@ -168,6 +179,7 @@ impl RelEntry {
         let by_name: HashMap<String, &TextRow> = rows.iter().map(|r| (field(r, 1), r)).collect();
         let mut param_types = Vec::with_capacity(self.source.columns.len());
         let mut casts = Vec::with_capacity(self.source.columns.len());
+        let (mut key_cast, mut full_cast) = (Vec::new(), Vec::new());
         for (i, col) in self.source.columns.iter().enumerate() {
             let Some(row) = by_name.get(&col.name) else {
                 return Err(self.missing_column(i, types, names));
@@ -195,6 +207,24 @@ impl RelEntry {
                     field(row, 8) == "d",
                 ));
             }
+            let base_oid: u32 = field(row, 9).parse().unwrap_or(0);
+            let key = if field(row, 8) == "d" {
+                format!(
+                    "::{}.{}",
+                    quote_ident(&field(row, 6)),
+                    quote_ident(&field(row, 7))
+                )
+            } else {
+                String::new()
+            };
+            full_cast.push(
+                if TEXT_MATCHED_TYPES.contains(&base_oid) || base_oid >= FIRST_NORMAL_OID {
+                    "::text".to_string()
+                } else {
+                    key.clone()
+                },
+            );
+            key_cast.push(key);
             param_types.push(target_oid);
             casts.push(format!(
                 "{}.{}",
@@ -207,6 +237,8 @@ impl RelEntry {
             relkind,
             casts,
             batchable: false,
+            key_cast,
+            full_cast,
         })
     }
 
@@ -413,8 +445,9 @@ impl RelEntry {
                 .enumerate()
                 .filter(|(_, c)| cols[**c].key)
                 .map(|(pos, c)| {
+                    let cast = &target.key_cast[*c];
                     format!(
-                        "pgshift_t.{} = {}",
+                        "pgshift_t.{}{cast} = {}{cast}",
                         quote_ident(&cols[*c].name),
                         value(pos, *c)
                     )
@@ -470,11 +503,11 @@ impl RelEntry {
             let name = quote_ident(&cols[i].name);
             let p = next(i, types);
             terms.push(if !self.full_identity() {
-                format!("{name} = ${p}")
-            } else if TEXT_MATCHED_TYPES.contains(&target.param_types[i]) {
-                format!("{name}::text IS NOT DISTINCT FROM ${p}::text")
+                let cast = &target.key_cast[i];
+                format!("{name}{cast} = ${p}{cast}")
             } else {
-                format!("{name} IS NOT DISTINCT FROM ${p}")
+                let cast = &target.full_cast[i];
+                format!("{name}{cast} IS NOT DISTINCT FROM ${p}{cast}")
             });
         }
         let all = if terms.is_empty() {
@@ -583,7 +616,7 @@ mod tests {
         typtype: &str,
     ) -> TextRow {
         [
-            "r", name, "20000", display, ty.0, ty.1, base.0, base.1, typtype,
+            "r", name, "20000", display, ty.0, ty.1, base.0, base.1, typtype, "23",
         ]
         .iter()
         .map(|s| Some(s.to_string()))
