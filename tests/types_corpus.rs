@@ -141,7 +141,17 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
 
     // Phase 1: the initial copy (binary for types_schema.builtins, text for
     // the tables with user types).
-    p.wait_state("WaitingForUserAction", STARTUP);
+    let status = p.wait_state("WaitingForUserAction", STARTUP);
+    let format = |table: &str| {
+        status["databases"][DB]["copy"]["tables"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["table"] == table))
+            .map(|t| t["format"].clone())
+            .unwrap_or_else(|| panic!("no copy status for {table}: {status:#}"))
+    };
+    assert_eq!(format("types_schema.builtins"), "binary");
+    assert_eq!(format("types_schema.builtins_text"), "text");
+    assert_eq!(format("Tÿpes \"Ω\".Ünïcode Tåble"), "text");
     assert_same("copy", &source, &target, "r,m");
     assert_eq!(
         target.psql(
