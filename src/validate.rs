@@ -10,6 +10,7 @@ mod database;
 mod objects;
 mod render;
 mod server;
+mod types;
 
 use std::path::Path;
 

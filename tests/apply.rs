@@ -305,14 +305,14 @@ async fn relation_mismatch_stops_with_the_fix_and_resumes_after_it() {
         "{text}"
     );
     assert_eq!(
-        fix,
-        "ALTER TABLE \"public\".\"t\" ADD COLUMN \"extra\" integer;"
+        fix.as_deref(),
+        Some("ALTER TABLE \"public\".\"t\" ADD COLUMN \"extra\" integer;")
     );
     // A stopped applier refuses more work.
     assert!(matches!(a.flush().await, Err(ApplyError::Stopped { .. })));
     drop(a);
     // The operator runs the fix; apply again from the origin position.
-    p.dst.psql(DB, fix);
+    p.dst.psql(DB, fix.as_deref().unwrap());
     let mut a = p.applier(opts()).await;
     apply_all(&mut a, &msgs).await.unwrap();
     p.same_data();
@@ -340,10 +340,151 @@ async fn a_column_type_difference_names_both_types() {
         "{text}"
     );
     assert!(
-        text.contains("ALTER TABLE \"public\".\"t\" ALTER COLUMN \"v\" TYPE integer;"),
+        text.contains(
+            "ALTER TABLE \"public\".\"t\" ALTER COLUMN \"v\" TYPE integer USING \"v\"::integer;"
+        ),
         "{text}"
     );
     assert_eq!(p.dst.psql(DB, "SELECT count(*) FROM t"), "0");
+}
+
+/// Options that let the applier read the source catalog for messages.
+fn opts_with_source(p: &Pair) -> ApplyOptions {
+    let mut o = opts();
+    o.source = Some(Endpoint::parse("source.url", &p.src.url(DB)).unwrap());
+    o
+}
+
+/// pgoutput names a domain column's base type: domains on both sides (in a
+/// quoted, non-ASCII schema, over a domain, over an array) match, and are
+/// applied.
+#[tokio::test]
+async fn domain_columns_match_the_same_domains_on_the_target() {
+    let schema = "CREATE SCHEMA \"Tÿpes\";
+        CREATE DOMAIN \"Tÿpes\".posint AS integer CHECK (VALUE > 0);
+        CREATE DOMAIN \"Tÿpes\".small AS \"Tÿpes\".posint CHECK (VALUE < 1000);
+        CREATE DOMAIN \"Tÿpes\".ints AS integer[] CHECK (cardinality(VALUE) < 10);
+        CREATE TYPE \"Tÿpes\".mood AS ENUM ('sad', 'ok');
+        CREATE DOMAIN \"Tÿpes\".mood_d AS \"Tÿpes\".mood;
+        CREATE TABLE \"Tÿpes\".t (id int PRIMARY KEY, d \"Tÿpes\".posint, s \"Tÿpes\".small,
+                                    a \"Tÿpes\".ints, m \"Tÿpes\".mood_d);";
+    let p = Pair::new(schema);
+    p.run(&[
+        "INSERT INTO \"Tÿpes\".t VALUES (1, 5, 7, '{1,NULL}', 'ok'), (2, NULL, NULL, NULL, NULL)",
+        "UPDATE \"Tÿpes\".t SET d = 6, s = 8, a = '{}', m = 'sad' WHERE id = 1",
+        "DELETE FROM \"Tÿpes\".t WHERE id = 2",
+    ])
+    .await;
+    let msgs = p.changes("1").await;
+    let mut a = p.applier(opts()).await;
+    apply_all(&mut a, &msgs).await.unwrap();
+    p.same_data();
+    assert_eq!(
+        p.dst.psql(DB, "SELECT t::text FROM \"Tÿpes\".t"),
+        "(1,6,8,{},sad)"
+    );
+}
+
+/// A domain on the source and a different type on the target: the message
+/// names the domain (read from the source catalog) and the target type,
+/// and offers ALTER COLUMN only where it cannot drop a target domain.
+#[tokio::test]
+async fn a_domain_difference_names_the_real_source_type_and_a_safe_fix() {
+    let p = Pair::new(
+        "CREATE SCHEMA s; CREATE DOMAIN s.posint AS integer CHECK (VALUE > 0);
+         CREATE TABLE s.t (id int PRIMARY KEY, d s.posint, e integer);",
+    );
+    p.dst.psql(
+        DB,
+        "ALTER TABLE s.t ALTER d TYPE text; ALTER TABLE s.t ALTER e TYPE s.posint",
+    );
+    p.run(&["INSERT INTO s.t VALUES (1, 1, 1)"]).await;
+    let msgs = p.changes("1").await;
+
+    // Without the source catalog: the stream's word only, and no statement.
+    let mut a = p.applier(opts()).await;
+    let err = apply_all(&mut a, &msgs).await.unwrap_err();
+    let ApplyError::SchemaMismatch { fix, .. } = &err else {
+        panic!("expected a schema mismatch, got {err}");
+    };
+    let text = err.to_string();
+    assert_eq!(fix, &None, "{text}");
+    assert!(
+        text.contains("column \"d\" is the user type with OID")
+            && text.contains("int4 or a domain over it")
+            && text.contains("but text on the target"),
+        "{text}"
+    );
+    drop(a);
+
+    // With it: the domain by name, and a statement that makes the column
+    // the domain again.
+    let mut a = p.applier(opts_with_source(&p)).await;
+    let err = apply_all(&mut a, &msgs).await.unwrap_err();
+    let ApplyError::SchemaMismatch { fix, .. } = &err else {
+        panic!("expected a schema mismatch, got {err}");
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains("column \"d\" is s.posint on the source but text on the target"),
+        "{text}"
+    );
+    let fix = fix.clone().expect("a statement");
+    assert_eq!(
+        fix,
+        "ALTER TABLE \"s\".\"t\" ALTER COLUMN \"d\" TYPE s.posint USING \"d\"::s.posint;"
+    );
+    drop(a);
+    p.dst.psql(DB, &fix);
+
+    // Integer on the source, a domain on the target: changing the target
+    // column would drop its domain, so both types are named instead.
+    let mut a = p.applier(opts_with_source(&p)).await;
+    let err = apply_all(&mut a, &msgs).await.unwrap_err();
+    let ApplyError::SchemaMismatch { fix, .. } = &err else {
+        panic!("expected a schema mismatch, got {err}");
+    };
+    let text = err.to_string();
+    assert_eq!(fix, &None, "{text}");
+    assert!(
+        text.contains("column \"e\" is integer on the source but s.posint on the target")
+            && text.contains("source: integer; target: s.posint"),
+        "{text}"
+    );
+}
+
+/// A column added on the source whose type is a domain or an array of a
+/// user type: the fix adds it with the source's exact type and default.
+#[tokio::test]
+async fn a_missing_user_typed_column_is_added_with_the_source_definition() {
+    let p = Pair::new(
+        "CREATE SCHEMA \"Odd \"\"S\"; CREATE TYPE \"Odd \"\"S\".mood AS ENUM ('a', 'b');
+         CREATE DOMAIN \"Odd \"\"S\".posint AS integer CHECK (VALUE > 0);
+         CREATE TABLE \"Odd \"\"S\".t (id int PRIMARY KEY);",
+    );
+    p.run(&[
+        "ALTER TABLE \"Odd \"\"S\".t ADD COLUMN moods \"Odd \"\"S\".mood[] DEFAULT '{a}'",
+        "ALTER TABLE \"Odd \"\"S\".t ADD COLUMN d \"Odd \"\"S\".posint NOT NULL DEFAULT 3",
+        "INSERT INTO \"Odd \"\"S\".t VALUES (1, '{b,a}', 4), (2, DEFAULT, DEFAULT)",
+    ])
+    .await;
+    let msgs = p.changes("1").await;
+    for expected in [
+        "ALTER TABLE \"Odd \"\"S\".\"t\" ADD COLUMN \"moods\" \"Odd \"\"S\".mood[] DEFAULT '{a}'::\"Odd \"\"S\".mood[];",
+        "ALTER TABLE \"Odd \"\"S\".\"t\" ADD COLUMN \"d\" \"Odd \"\"S\".posint DEFAULT 3 NOT NULL;",
+    ] {
+        let mut a = p.applier(opts_with_source(&p)).await;
+        let err = apply_all(&mut a, &msgs).await.unwrap_err();
+        let ApplyError::SchemaMismatch { fix, .. } = &err else {
+            panic!("expected a schema mismatch, got {err}");
+        };
+        assert_eq!(fix.as_deref(), Some(expected), "{err}");
+        drop(a);
+        p.dst.psql(DB, expected);
+    }
+    let mut a = p.applier(opts_with_source(&p)).await;
+    apply_all(&mut a, &msgs).await.unwrap();
+    p.same_data();
 }
 
 #[tokio::test]

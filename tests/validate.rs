@@ -87,6 +87,7 @@ async fn healthy_pair_passes_and_reports_what_is_not_carried() {
 
     let report = validate(&load(&text)).await;
     assert!(!report.has_failures(), "{report:#?}");
+    assert_eq!(status_of(&report, "column_types", "app"), Status::Succeeded);
     assert_eq!(
         status_of(&report, "connection", "source"),
         Status::Succeeded
@@ -433,6 +434,23 @@ async fn extensions_missing_or_not_preloaded_on_target_fail() {
     );
     assert!(
         action_of(&report, "extensions", "app").contains("DROP EXTENSION \"pgshift_missing_ext\";")
+    );
+    // A column whose type (here an array of it) that extension provides:
+    // named with its table before anything starts.
+    src.psql(
+        "app",
+        "CREATE TYPE ext_t AS ENUM ('x'); CREATE TABLE uses_ext (id int PRIMARY KEY, v ext_t[]); \
+         INSERT INTO pg_depend VALUES ('pg_type'::regclass, 'ext_t'::regtype, 0, 'pg_extension'::regclass, \
+           (SELECT oid FROM pg_extension WHERE extname = 'pgshift_missing_ext'), 0, 'e');",
+    );
+    let report = validate(&load(&text)).await;
+    assert_eq!(status_of(&report, "column_types", "app"), Status::Failed);
+    let found = &report.get("column_types", "app").unwrap().found;
+    assert!(
+        found.contains(
+            "column public.uses_ext.v (ext_t[], built from ext_t): type ext_t comes from extension pgshift_missing_ext, which the target cannot install"
+        ),
+        "{found}"
     );
 
     let dir = tempfile::tempdir().unwrap();

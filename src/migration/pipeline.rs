@@ -319,6 +319,9 @@ impl Pipeline {
                 "copying the schema (post-data: indexes, constraints, triggers)",
             ))?;
         self.sync_sequences(db).await?;
+        schema::refresh_materialized_views(target, db, "after the copy")
+            .await
+            .map_err(step(db, "refreshing materialized views"))?;
 
         // Everything that needed the snapshot is done.
         if let Some(conn) = repl {

@@ -782,10 +782,31 @@ impl CutoverHost for Runner {
                 errors.push(e.to_string());
             }
         }
+        self.refresh_views_in_background();
         if errors.is_empty() {
             Ok(())
         } else {
             Err(errors.join("; "))
+        }
+    }
+}
+
+impl Runner {
+    /// Materialized views on the target hold what they held after the copy:
+    /// refresh them from the switched data. Clients already run on the
+    /// target, so this runs in the background, outside any pause.
+    fn refresh_views_in_background(&self) {
+        let target = self.ctx().config.target.clone();
+        for db in self.migration().cfg.databases.clone() {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    crate::schema::refresh_materialized_views(&target, &db, "after the switch")
+                        .await
+                {
+                    tracing::warn!(database = %db, "materialized views not refreshed after the switch: {e}");
+                }
+            });
         }
     }
 }

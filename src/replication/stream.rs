@@ -598,9 +598,11 @@ async fn session(
 ) -> Result<(), StreamError> {
     let db = &cfg.database;
     status.connecting();
+    let mut apply_opts = ApplyOptions::new(&cfg.migration, db);
+    apply_opts.source = Some(cfg.source.with_dbname(db));
     let mut applier = Applier::connect(
         &cfg.target.with_dbname(db),
-        ApplyOptions::new(&cfg.migration, db),
+        apply_opts,
         Some(metrics.apply.clone()),
     )
     .await?;

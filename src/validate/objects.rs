@@ -78,6 +78,7 @@ pub async fn check_objects(ctx: &DbContext<'_>) -> Vec<Check> {
             out.push(unlogged_check(ctx, &rels));
             out.push(large_objects_check(ctx).await);
             out.push(matview_check(ctx, &rels));
+            out.push(super::types::column_types_check(ctx).await);
         }
         Err(e) => {
             out.push(query_failed("tables", ctx.db, e));

@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 
 use self::batch::{NetBatch, Offer};
 use self::pipeline::{Op, Param, Pipeline, RoundError};
-use self::relation::{BatchKind, RelEntry, StmtKey};
+use self::relation::{BatchKind, RelEntry, SourceColumn, SourceNames, StmtKey};
 use super::Lsn;
 use super::pgoutput::{
     Begin, Commit, DecodeError, Decoder, OldKind, PgOutputMessage, Truncate, Tuple, TupleValue,
@@ -60,14 +60,15 @@ pub enum ApplyError {
     },
     #[error("{0}")]
     Decode(#[from] DecodeError),
-    #[error(
-        "table {table} no longer matches the target: {difference}. Apply is stopped; run on the target database {database}: {fix} and restart apply"
-    )]
+    #[error("table {table} no longer matches the target: {difference}. Apply is stopped; {remedy}")]
     SchemaMismatch {
         database: String,
         table: String,
         difference: String,
-        fix: String,
+        /// A statement to run on the target, only when certainly right and safe.
+        fix: Option<String>,
+        /// What to do: run `fix`, or what to change by hand.
+        remedy: String,
     },
     #[error(
         "cannot apply the source transaction committed at {commit_lsn} to {table} ({op}) in database {database}: {error}"
@@ -136,6 +137,10 @@ pub struct ApplyOptions {
     /// Fold the row changes of a group into one net change per row, applied
     /// as one statement per table and operation (see `batch`).
     pub net_batching: bool,
+    /// The database the changes come from, read only to name its column
+    /// definitions exactly in a schema mismatch (pgoutput names only a
+    /// domain's base type); None: messages say what the stream says.
+    pub source: Option<Endpoint>,
 }
 
 impl ApplyOptions {
@@ -152,6 +157,7 @@ impl ApplyOptions {
             max_round_bytes: 512 * 1024,
             client_encoding: None,
             net_batching: true,
+            source: None,
         }
     }
 }
@@ -1045,7 +1051,7 @@ impl Applier {
             return Ok(());
         }
         let catalog = entry.catalog_query();
-        let type_query = source_type_query(entry, &self.types);
+        let type_query = source_type_query(entry);
         // The catalog is read on the same connection: send what is queued first.
         self.round().await?;
         let conn_err = |source: WireError| ApplyError::Connection {
@@ -1064,10 +1070,13 @@ impl Applier {
             .simple_query(&type_query)
             .await
             .map_err(conn_err)?;
-        let names: Vec<String> = names
-            .into_iter()
-            .map(|r| r.into_iter().next().flatten().unwrap_or_default())
-            .collect();
+        let names = SourceNames {
+            builtin: names
+                .into_iter()
+                .map(|r| r.into_iter().next().flatten())
+                .collect(),
+            ..Default::default()
+        };
         let batchable = if self.opts.net_batching {
             let q = self.relations[&oid].batchable_query();
             let rows = self.pipe.conn.simple_query(&q).await.map_err(conn_err)?;
@@ -1075,22 +1084,71 @@ impl Applier {
         } else {
             false
         };
-        let entry = self.relations.get_mut(&oid).expect("checked above");
-        match entry.resolve(&rows, &self.types, &names) {
+        let entry = &self.relations[&oid];
+        let mismatch = match entry.resolve(&rows, &self.types, &names) {
             Ok(mut t) => {
                 t.batchable = batchable;
+                let entry = self.relations.get_mut(&oid).expect("checked above");
                 entry.target = Some(t);
                 entry.batch_statements.clear();
                 entry.statements.clear();
-                Ok(())
+                return Ok(());
             }
-            Err(m) => Err(ApplyError::SchemaMismatch {
-                database: self.opts.database.clone(),
-                table: entry.display.to_string(),
-                difference: m.difference,
-                fix: m.fix,
-            }),
-        }
+            Err(m) => m,
+        };
+        // Name the source columns exactly (a domain's name, defaults) when
+        // the source catalog can be read; the first answer stands otherwise.
+        let mismatch = match self.source_columns(oid).await {
+            Some(columns) => {
+                let names = SourceNames { columns, ..names };
+                entry
+                    .resolve(&rows, &self.types, &names)
+                    .err()
+                    .unwrap_or(mismatch)
+            }
+            None => mismatch,
+        };
+        let database = self.opts.database.clone();
+        Err(ApplyError::SchemaMismatch {
+            remedy: match &mismatch.fix {
+                Some(sql) => {
+                    format!("run on the target database {database}: {sql} and restart apply")
+                }
+                None => format!(
+                    "{} (database {database}), then restart apply",
+                    mismatch.manual
+                ),
+            },
+            database,
+            table: entry.display.to_string(),
+            difference: mismatch.difference,
+            fix: mismatch.fix,
+        })
+    }
+
+    /// The source catalog's definitions of a relation's columns, or None
+    /// when no source is configured or it cannot be read (they only
+    /// improve a message).
+    async fn source_columns(&self, oid: u32) -> Option<HashMap<String, SourceColumn>> {
+        let source = self.opts.source.as_ref()?;
+        let query = self.relations.get(&oid)?.source_columns_query();
+        let startup = [
+            ("user".to_string(), source.user.clone()),
+            ("database".to_string(), source.dbname.clone()),
+            ("application_name".to_string(), "pgshift apply".to_string()),
+        ];
+        let mut conn = ServerConnection::connect(
+            &ConnectOptions::for_endpoint(source),
+            &startup,
+            source.password.as_ref().map(|p| p.expose()),
+        )
+        .await
+        .ok()?;
+        conn.simple_query("SET search_path = pg_catalog")
+            .await
+            .ok()?;
+        let rows = conn.simple_query(&query).await.ok()?;
+        Some(SourceColumn::from_rows(&rows))
     }
 
     /// The named statement for a shape, queuing its Parse on first use.
@@ -1579,25 +1637,21 @@ fn change_xid(m: &PgOutputMessage) -> Option<u32> {
     }
 }
 
-/// A query naming each source column's type (for messages and fixes):
-/// built-in types by `format_type` (their OIDs are universal), user types by
-/// the Type message's name.
-fn source_type_query(entry: &RelEntry, types: &HashMap<u32, TypeInfo>) -> String {
+/// A query naming each source column's built-in type (by `format_type` on
+/// the target: built-in OIDs are the same on every server), NULL for a user
+/// type (its OID is the source's own).
+fn source_type_query(entry: &RelEntry) -> String {
     let items: Vec<String> = entry
         .source
         .columns
         .iter()
         .enumerate()
-        .map(|(i, c)| match types.get(&c.type_oid) {
-            Some(t) => format!(
-                "({i}, {})",
-                quote_literal(&format!(
-                    "{}.{}",
-                    crate::db::quote_ident(&t.namespace),
-                    crate::db::quote_ident(&t.name)
-                ))
-            ),
-            None => format!("({i}, format_type({}, {}))", c.type_oid, c.type_modifier),
+        .map(|(i, c)| {
+            if c.type_oid < relation::FIRST_NORMAL_OID {
+                format!("({i}, format_type({}, {}))", c.type_oid, c.type_modifier)
+            } else {
+                format!("({i}, NULL)")
+            }
         })
         .collect();
     if items.is_empty() {
