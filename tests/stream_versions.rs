@@ -265,3 +265,86 @@ async fn cleanup_drops_the_marker_table_on_a_fenced_source() {
     );
     assert_eq!(marker::table_name(&names), names.publication);
 }
+
+/// The reported case, end to end through `pgshift run`: a 13 source to a
+/// 16 target copies, streams and cuts over with clients writing through
+/// the proxy; the marker row proves the catch-up, every acknowledged write
+/// is on the target, and nothing of pgshift's stays on the source or
+/// reaches the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutover_from_13_to_16() {
+    use cutover_common::{DB as SHOP, Pair, Shift, Writer, out_text, phase, write_one};
+    let (Some(src_bin), Some(dst_bin)) =
+        (version_bins::server_bin(13), version_bins::server_bin(16))
+    else {
+        return;
+    };
+    let pair = Pair::start_with(
+        ClusterOptions {
+            bin: Some(src_bin),
+            ..Default::default()
+        },
+        ClusterOptions {
+            bin: Some(dst_bin),
+            ..Default::default()
+        },
+    );
+    let shift = Shift::start(&pair, "", "", &[]);
+    shift.wait_streaming().await;
+    let names = ReplicationNames::new("cut", SHOP);
+    let marker_table = marker::qualified_table(&names);
+    assert_eq!(
+        pair.source.psql(
+            SHOP,
+            &format!("SELECT to_regclass('{marker_table}') IS NOT NULL")
+        ),
+        "t",
+        "the marker table exists while streaming"
+    );
+    let writer = Writer::start(&shift.url(), "w").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = shift.cli(&["cutover", "--wait"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        out_text(&out),
+        shift.log()
+    );
+    shift
+        .wait_state("Succeeded", "Completed", Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let w = writer.finish().await;
+    assert!(w.errors.is_empty(), "writer errors: {:?}", w.errors);
+    assert!(w.committed.iter().any(|c| c.1 as u16 == pair.source.port));
+    assert!(w.committed.iter().any(|c| c.1 as u16 == pair.target.port));
+    let last = shift.last_cutover().await;
+    assert_eq!(phase(&last, "marker")["outcome"], "ok", "{last:#}");
+    // Every write the source acknowledged is on the target exactly once.
+    let on_source = Pair::ledger_ids(&pair.source);
+    let on_target = Pair::ledger_ids(&pair.target);
+    assert!(on_source.iter().all(|id| on_target.contains(id)));
+    for (id, _) in &w.committed {
+        assert!(on_target.contains(id), "id {id} lost");
+    }
+    let (id, port) = write_one(&shift.url(), "after").await.unwrap();
+    assert_eq!(port as u16, pair.target.port);
+    assert!(Pair::ledger_ids(&pair.target).contains(&id));
+    // The switch released the slot, publication and marker table.
+    for (c, what) in [(&pair.source, "source"), (&pair.target, "target")] {
+        assert_eq!(
+            c.psql(
+                SHOP,
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgshift'"
+            ),
+            "0",
+            "no pgshift schema left in the {what}'s {SHOP}"
+        );
+    }
+    assert_eq!(
+        pair.source
+            .psql("postgres", "SELECT count(*) FROM pg_replication_slots"),
+        "0"
+    );
+}
