@@ -104,6 +104,8 @@ pub struct Options {
     pub superuser_password: String,
     /// pg_hba.conf lines; None: trust on the socket, SCRAM on loopback.
     pub hba: Option<String>,
+    /// The server programs' directory; None: the one `pgbin` finds (PG_BIN …).
+    pub bin: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -114,6 +116,7 @@ impl Default for Options {
             wal_level: "logical".into(),
             superuser_password: "postgres".into(),
             hba: None,
+            bin: None,
         }
     }
 }
@@ -131,7 +134,10 @@ impl LocalCluster {
     /// initdb (or a copy of `template`, a data directory made by initdb with the
     /// same options) and start.
     pub fn create(opts: &Options, template: Option<&Path>) -> Result<LocalCluster, LocalPgError> {
-        let bin = crate::pgbin::server_bin_dir().ok_or(LocalPgError::NoBinaries)?;
+        let bin = match &opts.bin {
+            Some(b) => b.clone(),
+            None => crate::pgbin::server_bin_dir().ok_or(LocalPgError::NoBinaries)?,
+        };
         let dir = tempfile::Builder::new().prefix("pgshift-pg-").tempdir()?;
         chown_to_server_user(dir.path())?;
         let data = dir.path().join("data");

@@ -372,6 +372,9 @@ pub async fn dump_section(
         // subscription copied there would start replicating on its own.
         "--no-publications".into(),
         "--no-subscriptions".into(),
+        // pgshift's own objects on the source (the cutover marker table),
+        // as copy leaves their data out.
+        "--exclude-schema=pgshift".into(),
         // Tablespaces are a property of the server; managed targets have none.
         "--no-tablespaces".into(),
     ];

@@ -623,7 +623,8 @@ async fn marker_resolves_only_after_earlier_transactions_are_visible() {
     let refs: Vec<&str> = w.iter().map(String::as_str).collect();
     p.run(&refs).await;
     let src = p.src.client(DB).await;
-    let marker_lsn = emit_marker(&src, "cutover-42").await.unwrap();
+    let names = pgshift::replication::names::ReplicationNames::new("mig", DB);
+    let marker_lsn = emit_marker(&src, &names, "cutover-42").await.unwrap();
     assert!(marker_lsn.0 > 0);
     p.run(&["INSERT INTO t VALUES (51)"]).await;
     let msgs = p.changes("1").await;

@@ -441,7 +441,8 @@ async fn errors_are_typed_and_cleanup_is_idempotent() {
         removed,
         Cleanup {
             slot_dropped: true,
-            publication_dropped: true
+            publication_dropped: true,
+            marker_table_dropped: false,
         }
     );
     assert!(slot_state(&db, &names.slot).await.unwrap().is_none());

@@ -244,7 +244,15 @@ impl Pipeline {
             let src_db = crate::db::connect(&source.with_dbname(db), "source")
                 .await
                 .map_err(step(db, "connecting"))?;
-            let tables = self.publication_tables(&src_db, db).await?;
+            // Sources before 14 carry the cutover marker as a row of a
+            // table of pgshift's, published with the user's tables.
+            let marker_table = crate::replication::marker::ensure_table(&src_db, &names)
+                .await
+                .map_err(step(db, "creating the cutover marker table"))?;
+            let mut tables = self.publication_tables(&src_db, db).await?;
+            if let (Some(list), Some(t)) = (tables.as_mut(), marker_table) {
+                list.push(t);
+            }
             crate::replication::publication::create_publication(
                 &src_db,
                 &names.publication,

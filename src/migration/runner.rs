@@ -22,6 +22,7 @@ use crate::cutover::window::{self, Window};
 use crate::proxy::ProxyHandle;
 use crate::proxy::route::Route;
 use crate::replication::Lsn;
+use crate::replication::names::ReplicationNames;
 use crate::replication::stream::{DatabaseStream, MarkerConnection, StreamConfig, StreamMetrics};
 
 /// Connections the cutover uses inside the pause, opened (and their
@@ -584,8 +585,10 @@ impl CutoverHost for Runner {
         let c = &self.ctx().config;
         let mut dbs = Vec::new();
         for db in &self.migration().cfg.databases {
+            let names = ReplicationNames::new(&self.migration().cfg.name, db);
             let marker =
-                crate::replication::stream::marker_connection(&c.source.with_dbname(db)).await?;
+                crate::replication::stream::marker_connection(&c.source.with_dbname(db), &names)
+                    .await?;
             let source = crate::db::connect(&c.source.with_dbname(db), "source (sequences)")
                 .await
                 .map_err(|e| e.to_string())?;

@@ -5,6 +5,8 @@
 
 use tokio_postgres::Client;
 
+pub mod replication;
+
 /// A server's version as `server_version_num` (e.g. 150004 for 15.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version(pub i32);

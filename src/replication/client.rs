@@ -32,6 +32,7 @@ use super::Lsn;
 use super::names::is_valid_slot_name;
 use crate::config::Endpoint;
 use crate::db::{DbError, quote_ident, quote_literal};
+use crate::pg::Version;
 use crate::wire::connect::TextRow;
 use crate::wire::messages;
 use crate::wire::{ConnectOptions, ErrorFields, ServerConnection, WireError};
@@ -236,7 +237,8 @@ pub struct ReplicationConnection {
     conn: ServerConnection,
     addr: String,
     user: String,
-    server_major: u32,
+    /// From the `server_version` reported at startup; None if it said nothing usable.
+    server_version: Option<Version>,
 }
 
 impl ReplicationConnection {
@@ -264,23 +266,33 @@ impl ReplicationConnection {
             .map_err(|e| {
                 ReplicationError::from_wire(&addr, &endpoint.user, "connecting for replication", e)
             })?;
-        let server_major = conn
+        let server_version = conn
             .params
             .iter()
             .find(|(k, _)| k == "server_version")
-            .and_then(|(_, v)| parse_major_version(v))
-            .unwrap_or(0);
+            .and_then(|(_, v)| Version::from_server_version(v));
         Ok(ReplicationConnection {
             conn,
             addr,
             user: endpoint.user.clone(),
-            server_major,
+            server_version,
         })
     }
 
     /// The server's major version (15 for 15.4), 0 if it did not say.
     pub fn server_major_version(&self) -> u32 {
-        self.server_major
+        self.server_version.map_or(0, |v| v.major().max(0) as u32)
+    }
+
+    /// The server's version, as far as its startup report tells.
+    pub fn server_version(&self) -> Option<Version> {
+        self.server_version
+    }
+
+    /// The version whose syntax and options to use: the reported one, or
+    /// (when the server said nothing usable) the oldest supported.
+    fn version_or_oldest(&self) -> Version {
+        self.server_version.unwrap_or(Version(110000))
     }
 
     /// `IDENTIFY_SYSTEM`.
@@ -318,16 +330,11 @@ impl ReplicationConnection {
         temporary: bool,
     ) -> Result<SlotInfo, ReplicationError> {
         check_slot_name(name)?;
-        let temp = if temporary { " TEMPORARY" } else { "" };
-        // The parenthesised option syntax exists from PostgreSQL 15; older
-        // servers know only the keyword form.
-        let snap = match (snapshot, self.server_major >= 15) {
-            (SnapshotAction::Export, true) => " (SNAPSHOT 'export')",
-            (SnapshotAction::NoExport, true) => " (SNAPSHOT 'nothing')",
-            (SnapshotAction::Export, false) => " EXPORT_SNAPSHOT",
-            (SnapshotAction::NoExport, false) => " NOEXPORT_SNAPSHOT",
-        };
-        let sql = format!("CREATE_REPLICATION_SLOT {name}{temp} LOGICAL pgoutput{snap}");
+        let sql = self.version_or_oldest().create_slot_command(
+            name,
+            temporary,
+            snapshot == SnapshotAction::Export,
+        );
         let context = format!("creating replication slot \"{name}\"");
         let rows = self
             .command(&sql, &context)
@@ -370,6 +377,9 @@ impl ReplicationConnection {
         opts: &StreamOptions,
     ) -> Result<ReplicationStream, ReplicationError> {
         check_slot_name(&opts.slot)?;
+        if let Some(v) = self.server_version {
+            opts.check(v)?;
+        }
         let sql = opts.command();
         let context = format!("starting replication from slot \"{}\"", opts.slot);
         let mut out = BytesMut::new();
@@ -512,13 +522,6 @@ fn check_slot_name(name: &str) -> Result<(), ReplicationError> {
     }
 }
 
-/// "15.4 (Debian 15.4-1)" → 15; "9.6.3" → 9.
-fn parse_major_version(v: &str) -> Option<u32> {
-    v.split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|s| s.parse().ok())
-}
-
 /// What to stream: slot, start position and pgoutput options.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamOptions {
@@ -535,6 +538,50 @@ pub struct StreamOptions {
 }
 
 impl StreamOptions {
+    /// What pgshift streams from a server of `version`: protocol 1 (whole
+    /// transactions, as apply wants them), and logical decoding messages
+    /// (the cutover markers) where pgoutput has them (14+; before, markers
+    /// are rows of a published table, see [`MarkerTransport`]).
+    ///
+    /// [`MarkerTransport`]: crate::pg::replication::MarkerTransport
+    pub fn for_server(
+        slot: &str,
+        start: Lsn,
+        publication: &str,
+        version: Version,
+    ) -> StreamOptions {
+        StreamOptions {
+            messages: version.pgoutput().messages,
+            ..StreamOptions::new(slot, start, publication)
+        }
+    }
+
+    /// Refuses, with a clear error, options that `version`'s pgoutput
+    /// does not know (the server's own error would come only once
+    /// streaming starts, and a retry would meet it again).
+    pub fn check(&self, version: Version) -> Result<(), ReplicationError> {
+        let p = version.pgoutput();
+        let unknown = if self.proto_version > p.max_proto_version {
+            Some(format!(
+                "proto_version {} (at most {})",
+                self.proto_version, p.max_proto_version
+            ))
+        } else if self.messages && !p.messages {
+            Some("the messages option (PostgreSQL 14+)".to_string())
+        } else if self.streaming && !p.streaming {
+            Some("the streaming option (PostgreSQL 14+)".to_string())
+        } else {
+            None
+        };
+        match unknown {
+            Some(what) => Err(ReplicationError::Invalid {
+                what: "pgoutput options".into(),
+                message: format!("PostgreSQL {version}'s pgoutput does not support {what}"),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Protocol 1, messages on, no streaming of in-progress transactions.
     pub fn new(slot: &str, start: Lsn, publication: &str) -> StreamOptions {
         StreamOptions {
@@ -943,14 +990,30 @@ mod tests {
     }
 
     #[test]
-    fn major_version() {
-        assert_eq!(
-            parse_major_version("15.4 (Debian 15.4-1.pgdg120+1)"),
-            Some(15)
-        );
-        assert_eq!(parse_major_version("9.6.3"), Some(9));
-        assert_eq!(parse_major_version("16beta1"), Some(16));
-        assert_eq!(parse_major_version("x"), None);
+    fn stream_options_follow_the_source_version() {
+        for (num, messages) in [
+            (110000, false),
+            (130004, false),
+            (140000, true),
+            (180000, true),
+        ] {
+            let v = Version(num);
+            let o = StreamOptions::for_server("s", Lsn(0), "p", v);
+            assert_eq!(o.proto_version, 1);
+            assert_eq!(o.messages, messages, "{v}");
+            assert_eq!(o.command().contains("messages"), messages, "{v}");
+            o.check(v).unwrap();
+        }
+        let e = StreamOptions::new("s", Lsn(0), "p")
+            .check(Version(130004))
+            .unwrap_err();
+        assert!(e.to_string().contains("messages option"), "{e}");
+        let mut o = StreamOptions::for_server("s", Lsn(0), "p", Version(130004));
+        o.proto_version = 2;
+        assert!(o.check(Version(130004)).is_err());
+        assert!(o.check(Version(140000)).is_ok());
+        o.streaming = true;
+        assert!(o.check(Version(140000)).is_ok());
     }
 
     #[test]

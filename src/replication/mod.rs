@@ -5,6 +5,7 @@ pub mod apply;
 pub mod client;
 pub mod copy;
 pub mod lsn;
+pub mod marker;
 pub mod names;
 pub mod pgoutput;
 pub mod publication;

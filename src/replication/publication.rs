@@ -15,6 +15,12 @@ use crate::db::quote_ident;
 /// Idempotent: an existing publication of the same shape is kept; one of
 /// another shape is replaced (in one transaction). `FOR ALL TABLES` needs a
 /// superuser.
+///
+/// Partitioned tables are published as their leaf partitions on every
+/// source version: lists name leaves (as `copy::list_tables` gives them;
+/// before 13 a partitioned table cannot be in a publication at all), and
+/// `publish_via_partition_root` (13+) is never set, so changes arrive for
+/// the leaf tables the schema copy recreates on the target.
 pub async fn create_publication(
     client: &Client,
     name: &str,

@@ -144,12 +144,16 @@ pub async fn drop_slot_if_exists(
 pub struct Cleanup {
     pub slot_dropped: bool,
     pub publication_dropped: bool,
+    /// The cutover marker table (sources before 14).
+    pub marker_table_dropped: bool,
 }
 
-/// Drops the slot and publication of (`migration`, `database`) on the source
-/// `endpoint`, if present (used on cancel). A connection still streaming from
-/// the slot is terminated. Idempotent: a second call, or a database that no
-/// longer exists, removes nothing and succeeds.
+/// Drops the slot, publication and marker table of (`migration`,
+/// `database`) on the source `endpoint`, if present (used on cancel and
+/// after the switch). A connection still streaming from the slot is
+/// terminated. Idempotent: a second call, or a database that no longer
+/// exists, removes nothing and succeeds. Works on a fenced source: the
+/// session is read-write whatever the database's default.
 pub async fn cleanup(
     endpoint: &Endpoint,
     migration: &str,
@@ -168,10 +172,19 @@ pub async fn cleanup(
         }
         Err(e) => return Err(e.into()),
     };
+    client
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .map_err(|source| ReplicationError::Sql {
+            context: format!("{what}: making the session read-write"),
+            source,
+        })?;
     let slot_dropped = drop_slot_if_exists(&client, &names.slot, true).await?;
     let publication_dropped = drop_publication(&client, &names.publication).await?;
+    let marker_table_dropped = super::marker::drop_table(&client, &names).await?;
     Ok(Cleanup {
         slot_dropped,
         publication_dropped,
+        marker_table_dropped,
     })
 }

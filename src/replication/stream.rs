@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::Lsn;
 use super::apply::{self, Applier, ApplyError, ApplyMetrics, ApplyOptions, Marker};
 use super::client::{ReplicationConnection, ReplicationMessage, StreamOptions};
+use super::marker::PreparedMarker;
 use super::names::ReplicationNames;
 use crate::admin::status::Report;
 use crate::config::Endpoint;
@@ -445,7 +446,8 @@ impl DatabaseStream {
     /// committed it on the target: then every transaction committed on the
     /// source before it is on the target. Opens its own source connection.
     pub async fn catch_up(&self, id: &str, timeout: Duration) -> Result<Lsn, CatchUpError> {
-        let src = marker_connection(&self.cfg.source.with_dbname(&self.database))
+        let names = ReplicationNames::new(&self.cfg.migration, &self.database);
+        let src = marker_connection(&self.cfg.source.with_dbname(&self.database), &names)
             .await
             .map_err(|error| CatchUpError::Emit {
                 database: self.database.clone(),
@@ -520,10 +522,14 @@ impl Drop for DatabaseStream {
     }
 }
 
-/// A source connection for markers: it must write through the fence, and
-/// its commit is flushed at once so the walsender sends it without waiting
-/// for the WAL writer (the source may run with synchronous_commit = off).
-pub async fn marker_connection(source_db: &Endpoint) -> Result<MarkerConnection, String> {
+/// A source connection for the markers of the migration's database `names`
+/// belongs to: it must write through the fence, and its commit is flushed
+/// at once so the walsender sends it without waiting for the WAL writer
+/// (the source may run with synchronous_commit = off).
+pub async fn marker_connection(
+    source_db: &Endpoint,
+    names: &ReplicationNames,
+) -> Result<MarkerConnection, String> {
     let client = crate::db::connect(source_db, "source (marker)")
         .await
         .map_err(|e| e.to_string())?;
@@ -532,7 +538,7 @@ pub async fn marker_connection(source_db: &Endpoint) -> Result<MarkerConnection,
     )
     .await
     .map_err(|e| crate::db::describe(&e))?;
-    let emit = apply::prepare_marker(&client)
+    let emit = apply::prepare_marker(&client, names)
         .await
         .map_err(|e| crate::db::describe(&e))?;
     Ok(MarkerConnection { client, emit })
@@ -541,7 +547,7 @@ pub async fn marker_connection(source_db: &Endpoint) -> Result<MarkerConnection,
 /// A source connection for markers with the marker statement prepared.
 pub struct MarkerConnection {
     client: tokio_postgres::Client,
-    emit: tokio_postgres::Statement,
+    emit: PreparedMarker,
 }
 
 /// The outer loop: run a session, and on any error wait and start again
@@ -612,8 +618,11 @@ async fn session(
     let conn = ReplicationConnection::connect(&cfg.source, db, "pgshift-replication")
         .await
         .map_err(StreamError::source)?;
-    let mut opts = StreamOptions::new(&names.slot, start, &names.publication);
-    opts.messages = true;
+    let version = conn.server_version().ok_or_else(|| {
+        StreamError::Source("the source did not report its server_version".into())
+    })?;
+    // Markers are logical messages on 14+, rows of the marker table before.
+    let opts = StreamOptions::for_server(&names.slot, start, &names.publication, version);
     let mut stream = conn
         .start_replication(&opts)
         .await

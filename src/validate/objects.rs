@@ -110,7 +110,7 @@ async fn load_relations(ctx: &DbContext<'_>) -> Result<Vec<Relation>, tokio_post
              LEFT JOIN pg_class rc ON c.relispartition AND rc.oid = pg_partition_root(c.oid) \
              LEFT JOIN pg_namespace rn ON rn.oid = rc.relnamespace \
              WHERE c.relkind IN ('r', 'm') AND c.relpersistence <> 't' \
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%' \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgshift') AND n.nspname NOT LIKE 'pg\\_toast%' \
              ORDER BY 1, 2",
             &[],
         )

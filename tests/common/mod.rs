@@ -57,6 +57,9 @@ pub struct ClusterOptions {
     pub wal_level: String,
     /// TLS toward clients (see [`ClusterTls`]).
     pub tls: ClusterTls,
+    /// Server programs of another version than [`pg_bin`] (tests that need
+    /// two versions at once); None: [`pg_bin`].
+    pub bin: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -66,6 +69,7 @@ impl Default for ClusterOptions {
             encoding: None,
             wal_level: "logical".into(),
             tls: ClusterTls::Off,
+            bin: None,
         }
     }
 }
@@ -86,7 +90,12 @@ impl ClusterOptions {
                  host replication all 127.0.0.1/32 scram-sha-256\n"
                     .into(),
             ),
+            bin: self.bin.clone(),
         }
+    }
+
+    fn bin_dir(&self) -> PathBuf {
+        self.bin.clone().unwrap_or_else(pg_bin)
     }
 }
 
@@ -117,7 +126,7 @@ impl std::ops::DerefMut for Cluster {
 /// once (shared by all test processes, published by an atomic rename) and copied.
 fn template_for(opts: &ClusterOptions) -> PathBuf {
     let enc = opts.encoding.clone().unwrap_or_else(|| "UTF8".into());
-    let version = Command::new(pg_bin().join("postgres"))
+    let version = Command::new(opts.bin_dir().join("postgres"))
         .arg("--version")
         .output()
         .map(|o| {
@@ -144,7 +153,7 @@ fn template_for(opts: &ClusterOptions) -> PathBuf {
         .arg(dir.path())
         .status();
     pgshift::localpg::initdb(
-        &pg_bin(),
+        &opts.bin_dir(),
         &dir.path().join("data"),
         dir.path(),
         &opts.local(),

@@ -23,8 +23,14 @@ pub struct Pair {
 
 impl Pair {
     pub fn start() -> Pair {
-        let source = Cluster::start();
-        let target = Cluster::start();
+        Pair::start_with(ClusterOptions::default(), ClusterOptions::default())
+    }
+
+    /// [`Pair::start`] with cluster options of its own for each side (e.g.
+    /// server programs of other versions).
+    pub fn start_with(source: ClusterOptions, target: ClusterOptions) -> Pair {
+        let source = Cluster::start_with(source);
+        let target = Cluster::start_with(target);
         source.psql(
             "postgres",
             &format!("CREATE DATABASE {DB} OWNER {APP_USER}"),

@@ -30,6 +30,8 @@ use self::batch::{NetBatch, Offer};
 use self::pipeline::{Op, Param, Pipeline, RoundError};
 use self::relation::{BatchKind, RelEntry, SourceColumn, SourceNames, StmtKey};
 use super::Lsn;
+use super::marker::PreparedMarker;
+use super::names::ReplicationNames;
 use super::pgoutput::{
     Begin, Commit, DecodeError, Decoder, OldKind, PgOutputMessage, Truncate, Tuple, TupleValue,
     TypeInfo,
@@ -39,8 +41,7 @@ use crate::db::quote_literal;
 use crate::wire::messages::TxStatus;
 use crate::wire::{ConnectOptions, ErrorFields, ServerConnection, WireError};
 
-/// The prefix of the logical decoding messages that mark cutover points.
-pub const MARKER_PREFIX: &str = "pgshift";
+pub use super::marker::MARKER_PREFIX;
 
 #[derive(Debug, Error)]
 pub enum ApplyError {
@@ -270,36 +271,35 @@ pub fn origin_name(migration: &str, db: &str) -> String {
     short
 }
 
-/// Emits a transactional cutover marker on the source; returns its LSN.
+/// Emits a transactional cutover marker on the source database of `names`
+/// (see [`marker`](super::marker) for how it travels); returns its LSN.
 /// When apply reports a [`Marker`] with this id, every transaction committed
 /// on the source before it is committed on the target.
 pub async fn emit_marker(
     source: &tokio_postgres::Client,
+    names: &ReplicationNames,
     id: &str,
 ) -> Result<Lsn, tokio_postgres::Error> {
-    let stmt = prepare_marker(source).await?;
-    emit_marker_with(source, &stmt, id).await
+    let prepared = prepare_marker(source, names).await?;
+    emit_marker_with(source, &prepared, id).await
 }
 
 /// Prepares [`emit_marker_with`]'s statement on `source`, so emitting the
 /// marker during the cutover's pause is one round trip.
 pub async fn prepare_marker(
     source: &tokio_postgres::Client,
-) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
-    source
-        .prepare("SELECT pg_logical_emit_message(true, $1, $2)::text")
-        .await
+    names: &ReplicationNames,
+) -> Result<PreparedMarker, tokio_postgres::Error> {
+    super::marker::prepare(source, names).await
 }
 
 /// [`emit_marker`] with a statement from [`prepare_marker`] on `source`.
 pub async fn emit_marker_with(
     source: &tokio_postgres::Client,
-    stmt: &tokio_postgres::Statement,
+    prepared: &PreparedMarker,
     id: &str,
 ) -> Result<Lsn, tokio_postgres::Error> {
-    let row = source.query_one(stmt, &[&MARKER_PREFIX, &id]).await?;
-    let lsn: String = row.get(0);
-    Ok(lsn.parse().unwrap_or(Lsn::ZERO))
+    super::marker::emit(source, prepared, id).await
 }
 
 /// Waits until the marker `id` is committed on the target, or `timeout`.
@@ -378,6 +378,9 @@ pub struct Applier {
     pipe: Pipeline,
     opts: ApplyOptions,
     origin: String,
+    /// This migration's marker table on the source (schema `pgshift`), for
+    /// sources whose pgoutput has no logical messages.
+    marker_table: String,
     decoder: Decoder,
     relations: HashMap<u32, RelEntry>,
     types: HashMap<u32, TypeInfo>,
@@ -486,10 +489,13 @@ impl Applier {
             stats: stats.clone(),
             markers: Vec::new(),
         });
+        let names = ReplicationNames::new(&opts.migration, &opts.database);
+        let marker_table = super::marker::table_name(&names).to_string();
         Ok(Applier {
             pipe,
             opts,
             origin,
+            marker_table,
             decoder: Decoder::new(),
             relations: HashMap::new(),
             types: HashMap::new(),
@@ -1169,6 +1175,9 @@ impl Applier {
         let Some(commit_lsn) = self.applying()? else {
             return Ok(());
         };
+        if self.own_row(oid, &change)? {
+            return Ok(());
+        }
         self.ensure_target(oid).await?;
         let Some(change) = self.batch_row(oid, change).await? else {
             return Ok(());
@@ -1527,10 +1536,53 @@ impl Applier {
         Ok(())
     }
 
-    async fn truncate(&mut self, t: Truncate) -> Result<(), ApplyError> {
+    /// A change of pgshift's own tables on the source (schema `pgshift`),
+    /// which is never applied: an insert or update of the marker table is
+    /// a marker of the transaction. Returns whether the change was one.
+    fn own_row(&mut self, oid: u32, change: &RowChange) -> Result<bool, ApplyError> {
+        let entry = self
+            .relations
+            .get(&oid)
+            .ok_or_else(|| self.protocol(format!("change for unknown relation {oid}")))?;
+        if !super::marker::is_pgshift_relation(&entry.source.namespace) {
+            return Ok(false);
+        }
+        let new = match change {
+            RowChange::Insert(new) | RowChange::Update(_, new) => new,
+            RowChange::Delete(_) => return Ok(true),
+        };
+        if entry.source.name != self.marker_table {
+            return Ok(true);
+        }
+        let id = entry
+            .source
+            .columns
+            .iter()
+            .position(|c| c.name == "id")
+            .and_then(|i| new.0.get(i));
+        let Some(TupleValue::Text(id)) = id else {
+            return Err(self.protocol(format!(
+                "a change of the marker table {} without its id",
+                entry.display
+            )));
+        };
+        let id = String::from_utf8_lossy(id).into_owned();
+        if let Some(cur) = self.current.as_mut() {
+            cur.markers.push(id);
+        }
+        Ok(true)
+    }
+
+    async fn truncate(&mut self, mut t: Truncate) -> Result<(), ApplyError> {
         let Some(commit_lsn) = self.applying()? else {
             return Ok(());
         };
+        // pgshift's own tables on the source are not on the target.
+        t.relations.retain(|oid| {
+            self.relations
+                .get(oid)
+                .is_none_or(|e| !super::marker::is_pgshift_relation(&e.source.namespace))
+        });
         let mut names = Vec::new();
         for oid in &t.relations {
             self.ensure_target(*oid).await?;
