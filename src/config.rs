@@ -777,8 +777,24 @@ fn key_at(text: &str, line_start: usize) -> Option<String> {
     })
 }
 
-/// Replaces every `"…"` in `s` with `"…"`: serde quotes the offending value.
+/// Replaces every `"…"` in `s` with `"…"`, and in serde's "invalid type" /
+/// "invalid value" messages the first `` `…` `` too: they quote the
+/// offending value (a misplaced password, maybe).
 fn elide_quoted(s: &str) -> String {
+    let s = match s.split_once(": ") {
+        Some((head @ ("invalid type" | "invalid value"), rest)) => match rest.split_once('`') {
+            Some((before, after)) => match after.split_once('`') {
+                Some((_, tail)) => format!("{head}: {before}`…`{tail}"),
+                None => s.to_string(),
+            },
+            None => s.to_string(),
+        },
+        _ => s.to_string(),
+    };
+    elide_double_quoted(&s)
+}
+
+fn elide_double_quoted(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut inside = false;
     let mut escaped = false;
@@ -1160,6 +1176,9 @@ url = "postgres://postgres:pw@127.0.0.1:5433/postgres"
         let e = Config::from_toml(&t, &env).unwrap_err().to_string();
         assert!(!e.contains("Hunter2Secret"), "{e}");
         assert!(e.contains("proxy.max_client_connections"), "{e}");
+        let t = MINIMAL.replace("\"${APP_PASSWORD}\"", "73915824");
+        let e = Config::from_toml(&t, &env).unwrap_err().to_string();
+        assert!(!e.contains("73915824") && e.contains("password"), "{e}");
     }
 
     #[test]
