@@ -1,5 +1,7 @@
 //! The documented example configuration parses, and documents every key.
 
+mod common;
+
 use pgshift::Config;
 use pgshift::config::{AuthMethod, MigrationMode};
 
@@ -154,4 +156,35 @@ fn config_errors_never_echo_secrets() {
         text.contains("admin.token") && !text.contains("abc123secret"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_passwords_with_delimiters_from_env_log_in() {
+    let pg = common::Cluster::start();
+    let password = "p@ss:w/rd?x#y%z 'q";
+    pg.psql(
+        "postgres",
+        "CREATE ROLE odd_pw LOGIN PASSWORD 'p@ss:w/rd?x#y%z ''q'",
+    );
+    let text = common::config_text(&pg, &pg, common::free_port(), common::free_port(), "")
+        .replacen(
+            &pg.url("postgres"),
+            &format!(
+                "postgres://odd_pw:${{ODD_PW}}@127.0.0.1:{}/postgres?sslmode=disable",
+                pg.port
+            ),
+            1,
+        );
+    let env = |k: &str| (k == "ODD_PW").then(|| password.to_string());
+    let c = Config::from_toml(&text, &env).unwrap();
+    assert_eq!(c.source.host, "127.0.0.1");
+    assert_eq!(c.source.user, "odd_pw");
+    assert!(!c.source.display().contains("ss"), "{}", c.source.display());
+    let client = pgshift::db::connect(&c.source, "source").await.unwrap();
+    let who: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "odd_pw");
 }

@@ -315,6 +315,9 @@ async fn admin_api_fails_closed() {
     let full = admin.get("/status").await.unwrap();
     assert!(full.to_string().contains("10.9.8.7"), "{full}");
     assert!(full.get("redacted").is_none(), "{full}");
+    // The token itself is shown nowhere.
+    let metrics = admin.get("/metrics").await.unwrap().to_string();
+    assert!(!full.to_string().contains(TOKEN) && !metrics.contains(TOKEN));
     running.shutdown().await;
 
     // No token, listening beyond loopback: POST refused, /status limited.
