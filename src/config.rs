@@ -14,7 +14,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+mod expand;
 mod tls_params;
+
+pub use expand::{expand, expand_conn};
 
 /// A configuration error, always naming the key it is about.
 #[derive(Debug, Error)]
@@ -173,6 +176,12 @@ fn default_max_clients() -> usize {
 fn default_max_message() -> ByteSize {
     ByteSize(1 << 30)
 }
+fn default_max_startup() -> usize {
+    256
+}
+fn default_max_startup_per_address() -> usize {
+    64
+}
 fn default_startup_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
@@ -197,6 +206,13 @@ pub struct ProxyConfig {
     /// Largest message a client or server may send (PostgreSQL's own limit is 1 GiB).
     #[serde(default = "default_max_message")]
     pub max_message_size: ByteSize,
+    /// Connections still in startup or authentication (they hold no place
+    /// under max_client_connections); more are refused with 53300.
+    #[serde(default = "default_max_startup")]
+    pub max_startup_connections: usize,
+    /// The same, from one client IP address.
+    #[serde(default = "default_max_startup_per_address")]
+    pub max_startup_connections_per_address: usize,
     /// A client that has not finished startup and authentication by then is dropped.
     #[serde(default = "default_startup_timeout")]
     pub startup_timeout: HumanDuration,
@@ -229,7 +245,8 @@ fn default_admin_listen() -> String {
 pub struct AdminConfig {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
-    /// Bearer token required by the POST endpoints when set.
+    /// Bearer token for the POST endpoints and the full /status. Without
+    /// one, those are open only when `listen` is a loopback address.
     pub token: Option<Secret>,
 }
 
@@ -490,6 +507,14 @@ impl Endpoint {
             Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
             None => "127.0.0.1".to_string(),
         };
+        if host.contains('@') {
+            // Never echo it: the part before the `@` is likely a password's tail.
+            return Err(ConfigError::invalid(
+                key,
+                "the URL's host contains `@`: a password holding `@` must be written percent-encoded (%40), \
+                 or passed through ${VAR}, which pgshift encodes",
+            ));
+        }
         let port = cfg.get_ports().first().copied().unwrap_or(5432);
         let user = cfg
             .get_user()
@@ -586,7 +611,7 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<config>"),
-            message: e.to_string().trim_end().to_string(),
+            message: parse_error_message(text, &e),
         })?;
         Config::resolve(file, env)
     }
@@ -619,11 +644,13 @@ impl Config {
                 env,
             )?));
         }
-        file.source.url = Secret(expand("source.url", file.source.url.expose(), env)?);
-        file.target.url = Secret(expand("target.url", file.target.url.expose(), env)?);
+        file.source.url = Secret(expand_conn("source.url", file.source.url.expose(), env)?);
+        file.target.url = Secret(expand_conn("target.url", file.target.url.expose(), env)?);
         file.admin.listen = expand("admin.listen", &file.admin.listen, env)?;
         if let Some(t) = &file.admin.token {
-            file.admin.token = Some(Secret(expand("admin.token", t.expose(), env)?));
+            let t = Secret(expand("admin.token", t.expose(), env)?);
+            validate_token(&t)?;
+            file.admin.token = Some(t);
         }
 
         let proxy_listen = parse_addr("proxy.listen", &file.proxy.listen)?;
@@ -688,6 +715,120 @@ impl Config {
     }
 }
 
+/// Shortest `[admin].token` accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// An empty or short token would make the admin API as good as open.
+fn validate_token(t: &Secret) -> Result<(), ConfigError> {
+    let len = t.expose().len();
+    if len == 0 {
+        return Err(ConfigError::invalid(
+            "admin.token",
+            "is empty (is the environment variable it names set but empty?); \
+             set a random token of at least 16 bytes (e.g. `openssl rand -hex 32`) or remove the key",
+        ));
+    }
+    if len < MIN_TOKEN_LEN {
+        return Err(ConfigError::invalid(
+            "admin.token",
+            format!(
+                "is {len} bytes long, shorter than {MIN_TOKEN_LEN}; use a random token (e.g. `openssl rand -hex 32`)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A TOML error as position, key and reason, never the line's text (a
+/// literal password may be on it); quoted values in the reason are elided.
+fn parse_error_message(text: &str, e: &toml::de::Error) -> String {
+    let reason = elide_quoted(e.message().trim_end());
+    let Some(span) = e.span() else {
+        return reason;
+    };
+    let start = span.start.min(text.len());
+    let before = text.get(..start).unwrap_or("");
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    match key_at(text, line_start) {
+        Some(k) => format!("line {line_no}, column {column} (key `{k}`): {reason}"),
+        None => format!("line {line_no}, column {column}: {reason}"),
+    }
+}
+
+/// The dotted key written on the line starting at `line_start`, prefixed
+/// with the table it is in; None when the line is no plain `key = value`.
+fn key_at(text: &str, line_start: usize) -> Option<String> {
+    let is_key = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ' '))
+    };
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    if let Some(h) = line.strip_prefix('[') {
+        let h = h.trim_start_matches('[');
+        let h = h.split(']').next().unwrap_or("").trim();
+        return is_key(h).then(|| h.to_string());
+    }
+    let k = line.split_once('=')?.0.trim();
+    if !is_key(k) {
+        return None;
+    }
+    let table = text[..line_start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.starts_with('[')
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    });
+    Some(match table {
+        Some(t) if is_key(&t) => format!("{t}.{k}"),
+        _ => k.to_string(),
+    })
+}
+
+/// Replaces every `"…"` in `s` with `"…"`, and in serde's "invalid type" /
+/// "invalid value" messages the first `` `…` `` too: they quote the
+/// offending value (a misplaced password, maybe).
+fn elide_quoted(s: &str) -> String {
+    let s = match s.split_once(": ") {
+        Some((head @ ("invalid type" | "invalid value"), rest)) => match rest.split_once('`') {
+            Some((before, after)) => match after.split_once('`') {
+                Some((_, tail)) => format!("{head}: {before}`…`{tail}"),
+                None => s.to_string(),
+            },
+            None => s.to_string(),
+        },
+        _ => s.to_string(),
+    };
+    elide_double_quoted(&s)
+}
+
+fn elide_double_quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut inside = false;
+    let mut escaped = false;
+    for c in s.chars() {
+        if inside {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => {
+                    inside = false;
+                    out.push_str("…\"");
+                }
+                _ => {}
+            }
+        } else {
+            out.push(c);
+            inside = c == '"';
+        }
+    }
+    if inside {
+        out.push_str("…\"");
+    }
+    out
+}
+
 fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
     use std::net::ToSocketAddrs;
     s.to_socket_addrs()
@@ -701,6 +842,20 @@ fn validate_proxy(p: &ProxyConfig) -> Result<(), ConfigError> {
         return Err(ConfigError::invalid(
             "proxy.max_client_connections",
             "must be at least 1",
+        ));
+    }
+    if p.max_startup_connections == 0 {
+        return Err(ConfigError::invalid(
+            "proxy.max_startup_connections",
+            "must be at least 1",
+        ));
+    }
+    if p.max_startup_connections_per_address == 0
+        || p.max_startup_connections_per_address > p.max_startup_connections
+    {
+        return Err(ConfigError::invalid(
+            "proxy.max_startup_connections_per_address",
+            "must be between 1 and proxy.max_startup_connections",
         ));
     }
     if p.max_message_size.0 < 1024 {
@@ -856,45 +1011,6 @@ fn validate_cutover(c: &CutoverConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Expands `${VAR}` references; `$$` is a literal `$`.
-pub fn expand(
-    key: &str,
-    s: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, ConfigError> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(pos) = rest.find('$') {
-        out.push_str(&rest[..pos]);
-        let after = &rest[pos + 1..];
-        if let Some(r) = after.strip_prefix('$') {
-            out.push('$');
-            rest = r;
-        } else if let Some(r) = after.strip_prefix('{') {
-            let end = r.find('}').ok_or_else(|| {
-                ConfigError::invalid(key, "unterminated `${` (expected `${NAME}`)")
-            })?;
-            let name = &r[..end];
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(ConfigError::invalid(
-                    key,
-                    format!("`${{{name}}}` is not a valid variable name"),
-                ));
-            }
-            let v = env(name).ok_or_else(|| {
-                ConfigError::invalid(key, format!("environment variable `{name}` is not set"))
-            })?;
-            out.push_str(&v);
-            rest = &r[end + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1000,14 +1116,6 @@ url = "postgres://postgres:pw@127.0.0.1:5433/postgres"
     }
 
     #[test]
-    fn expand_rules() {
-        assert_eq!(expand("k", "a$$b", &env).unwrap(), "a$b");
-        assert_eq!(expand("k", "x${SRC}y", &env).unwrap(), "xsrcpwy");
-        assert!(expand("k", "${SRC", &env).is_err());
-        assert!(expand("k", "${NOPE}", &env).is_err());
-    }
-
-    #[test]
     fn control_database_is_not_migrated() {
         let t = format!("{MINIMAL}\n[migration]\nname = \"m\"\ndatabases = [\"postgres\"]\n");
         let e = Config::from_toml(&t, &env).unwrap_err().to_string();
@@ -1019,5 +1127,88 @@ url = "postgres://postgres:pw@127.0.0.1:5433/postgres"
         let t = format!("{MINIMAL}\n[cutover]\ntrigger = \"auto\"\n");
         let e = Config::from_toml(&t, &env).unwrap_err().to_string();
         assert!(e.contains("cutover.window"), "{e}");
+    }
+
+    #[test]
+    fn empty_or_short_admin_token_is_refused() {
+        for value in ["", "short-token-15b"] {
+            let env = |k: &str| match k {
+                "TOKEN" => Some(value.to_string()),
+                other => env(other),
+            };
+            let t = format!("{MINIMAL}\n[admin]\ntoken = \"${{TOKEN}}\"\n");
+            let e = Config::from_toml(&t, &env).unwrap_err().to_string();
+            assert!(e.contains("admin.token"), "{e}");
+            if !value.is_empty() {
+                assert!(!e.contains(value), "{e}");
+            }
+        }
+        let t = format!("{MINIMAL}\n[admin]\ntoken = \"0123456789abcdef\"\n");
+        let c = Config::from_toml(&t, &env).unwrap();
+        assert_eq!(c.file.admin.token.unwrap().expose().len(), MIN_TOKEN_LEN);
+    }
+
+    #[test]
+    fn url_password_from_env_means_itself() {
+        for pw in ["p@ss", "a/b?c#d", "x:y%z", "sp ace"] {
+            let env = |k: &str| match k {
+                "SRC" => Some(pw.to_string()),
+                other => env(other),
+            };
+            let c = Config::from_toml(MINIMAL, &env).unwrap();
+            assert_eq!(c.source.password.as_ref().unwrap().expose(), pw);
+            assert_eq!(c.source.host, "127.0.0.1");
+            assert_eq!(c.source.port, 5432);
+            assert_eq!(c.source.dbname, "postgres");
+        }
+    }
+
+    #[test]
+    fn literal_host_with_at_is_refused_without_echo() {
+        let t = MINIMAL.replace(
+            "postgres://postgres:pw@127.0.0.1:5433/postgres",
+            "postgres://postgres:se@cr3t@127.0.0.1:5433/postgres",
+        );
+        let e = Config::from_toml(&t, &env).unwrap_err().to_string();
+        assert!(e.contains("target.url") && e.contains('@'), "{e}");
+        assert!(!e.contains("cr3t"), "{e}");
+    }
+
+    #[test]
+    fn toml_errors_name_position_and_key_not_the_line() {
+        let t = MINIMAL.replace(
+            "url = \"postgres://postgres:pw@127.0.0.1:5433/postgres\"",
+            "url = \"postgres://postgres:Hunter2Secret@127.0.0.1:5433/postgres\" x",
+        );
+        let e = Config::from_toml(&t, &env).unwrap_err().to_string();
+        assert!(!e.contains("Hunter2Secret"), "{e}");
+        assert!(e.contains("line 11") && e.contains("target.url"), "{e}");
+        // A wrong type quotes the value in serde's message: elided.
+        let t = MINIMAL.replace(
+            "auth = \"md5\"",
+            "auth = \"md5\"\nmax_client_connections = \"Hunter2Secret\"",
+        );
+        let e = Config::from_toml(&t, &env).unwrap_err().to_string();
+        assert!(!e.contains("Hunter2Secret"), "{e}");
+        assert!(e.contains("proxy.max_client_connections"), "{e}");
+        let t = MINIMAL.replace("\"${APP_PASSWORD}\"", "73915824");
+        let e = Config::from_toml(&t, &env).unwrap_err().to_string();
+        assert!(!e.contains("73915824") && e.contains("password"), "{e}");
+    }
+
+    #[test]
+    fn startup_limits_are_checked() {
+        let c = Config::from_toml(MINIMAL, &env).unwrap();
+        assert_eq!(c.proxy().max_startup_connections, 256);
+        assert_eq!(c.proxy().max_startup_connections_per_address, 64);
+        let t = MINIMAL.replace(
+            "auth = \"md5\"",
+            "auth = \"md5\"\nmax_startup_connections = 10\nmax_startup_connections_per_address = 11",
+        );
+        let e = Config::from_toml(&t, &env).unwrap_err().to_string();
+        assert!(
+            e.contains("proxy.max_startup_connections_per_address"),
+            "{e}"
+        );
     }
 }

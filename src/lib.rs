@@ -13,6 +13,7 @@ pub mod db;
 pub mod demo;
 pub mod filter;
 pub mod localpg;
+pub mod logging;
 pub mod migration;
 pub mod pg;
 pub mod pgbin;

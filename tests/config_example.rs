@@ -1,5 +1,7 @@
 //! The documented example configuration parses, and documents every key.
 
+mod common;
+
 use pgshift::Config;
 use pgshift::config::{AuthMethod, MigrationMode};
 
@@ -22,6 +24,8 @@ fn example_config_parses_with_its_defaults() {
     assert_eq!(c.proxy_listen.port(), 6432);
     assert_eq!(c.admin_listen.port(), 9432);
     assert_eq!(p.max_client_connections, 1000);
+    assert_eq!(p.max_startup_connections, 256);
+    assert_eq!(p.max_startup_connections_per_address, 64);
     assert_eq!(p.max_message_size.0, 1 << 30);
     assert_eq!(
         c.user_password("app").unwrap().expose(),
@@ -42,6 +46,8 @@ fn example_config_mentions_every_key() {
         "listen",
         "auth",
         "max_client_connections",
+        "max_startup_connections",
+        "max_startup_connections_per_address",
         "tls_cert",
         "tls_key",
         "max_message_size",
@@ -88,4 +94,98 @@ fn example_config_mentions_every_key() {
         .replace("# window =", "window =");
     let c = Config::from_toml(&enabled, &env).unwrap();
     assert!(c.file.admin.token.is_some() && c.cutover().window.is_some());
+}
+
+/// Runs the pgshift binary with the example's variables set (and `extra_env`).
+fn pgshift(args: &[&str], config: &str, extra_env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pgshift.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"));
+    cmd.args(args).arg("--config").arg(&path);
+    for k in [
+        "APP_PASSWORD",
+        "SOURCE_PASSWORD",
+        "TARGET_PASSWORD",
+        "PGSHIFT_ADMIN_TOKEN",
+    ] {
+        cmd.env(k, env(k).unwrap());
+    }
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn config_errors_never_echo_secrets() {
+    // A syntax error on a line holding a literal password: position and key only.
+    let bad = EXAMPLE.replace(
+        "url = \"postgres://postgres:${SOURCE_PASSWORD}@127.0.0.1:5432/postgres?sslmode=prefer\"",
+        "url = \"postgres://postgres:Literal-Secret-9@127.0.0.1:5432/postgres\" oops",
+    );
+    assert_ne!(bad, EXAMPLE);
+    let (ok, text) = pgshift(&["validate"], &bad, &[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("source.url") && text.contains("line "),
+        "{text}"
+    );
+    assert!(!text.contains("Literal-Secret-9"), "{text}");
+
+    // A token variable set but empty refuses the start, naming the key.
+    let with_token = EXAMPLE.replace("# token =", "token =");
+    let (ok, text) = pgshift(&["run"], &with_token, &[("PGSHIFT_ADMIN_TOKEN", "")]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("admin.token") && text.contains("empty"),
+        "{text}"
+    );
+    let (ok, text) = pgshift(
+        &["run"],
+        &with_token,
+        &[("PGSHIFT_ADMIN_TOKEN", "abc123secret")],
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("admin.token") && !text.contains("abc123secret"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_passwords_with_delimiters_from_env_log_in() {
+    let pg = common::Cluster::start();
+    let password = "p@ss:w/rd?x#y%z 'q";
+    pg.psql(
+        "postgres",
+        "CREATE ROLE odd_pw LOGIN PASSWORD 'p@ss:w/rd?x#y%z ''q'",
+    );
+    let text = common::config_text(&pg, &pg, common::free_port(), common::free_port(), "")
+        .replacen(
+            &pg.url("postgres"),
+            &format!(
+                "postgres://odd_pw:${{ODD_PW}}@127.0.0.1:{}/postgres?sslmode=disable",
+                pg.port
+            ),
+            1,
+        );
+    let env = |k: &str| (k == "ODD_PW").then(|| password.to_string());
+    let c = Config::from_toml(&text, &env).unwrap();
+    assert_eq!(c.source.host, "127.0.0.1");
+    assert_eq!(c.source.user, "odd_pw");
+    assert!(!c.source.display().contains("ss"), "{}", c.source.display());
+    let client = pgshift::db::connect(&c.source, "source").await.unwrap();
+    let who: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "odd_pw");
 }

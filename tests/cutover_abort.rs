@@ -345,7 +345,7 @@ async fn target_that_stops_applying_aborts_on_catchup_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_with_token_releases_the_source() {
     let pair = Pair::start();
-    let shift = Shift::start(&pair, "token = \"s3cret\"", "", &[]);
+    let shift = Shift::start(&pair, "token = \"s3cret-token-0123456789\"", "", &[]);
     shift.wait_streaming().await;
     assert_eq!(
         pair.source

@@ -250,3 +250,131 @@ async fn metrics_readme_and_dashboard_agree_after_a_real_cutover() {
         eprintln!("promtool not installed: skipping its check");
     }
 }
+
+/// pgshift (proxy and admin API, no migration) with `admin` as the
+/// `[admin]` section's extra lines; no server is contacted.
+async fn start_admin(listen_ip: &str, admin: &str) -> (pgshift::run::Running, String) {
+    let (proxy, admin_port, dead) = (free_port(), free_port(), free_port());
+    let text = format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:{proxy}"
+auth = "trust"
+[source]
+url = "postgres://postgres:pw@127.0.0.1:{dead}/postgres?sslmode=disable"
+[target]
+url = "postgres://postgres:pw@127.0.0.1:{dead}/postgres?sslmode=disable"
+[admin]
+listen = "{listen_ip}:{admin_port}"
+{admin}
+"#
+    );
+    let config = pgshift::Config::from_toml(&text, &|_| None).unwrap();
+    let running = pgshift::run::start(config).await.unwrap();
+    // Something /status must not show to anyone without the token.
+    running.ctx.status.register(
+        "probe",
+        std::sync::Arc::new(|| {
+            serde_json::json!({"state": "ok", "lag_bytes": 7,
+                "last_error": "cannot connect to 10.9.8.7:5432 as user \"dba_admin\""})
+        }),
+    );
+    (running, format!("http://127.0.0.1:{admin_port}"))
+}
+
+fn refused_status(r: Result<serde_json::Value, pgshift::admin::client::ClientError>) -> u16 {
+    match r {
+        Err(pgshift::admin::client::ClientError::Refused { status, .. }) => status,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_fails_closed() {
+    use pgshift::admin::client::AdminClient;
+    const TOKEN: &str = "0123456789abcdef-admin";
+
+    // With a token: POST needs it, /status without it hides details.
+    let (running, url) = start_admin("127.0.0.1", &format!("token = \"{TOKEN}\"")).await;
+    let anon = AdminClient::new(&url, None).unwrap();
+    let wrong = AdminClient::new(&url, Some("0123456789abcdef-wrong".into())).unwrap();
+    let admin = AdminClient::new(&url, Some(TOKEN.into())).unwrap();
+    assert_eq!(refused_status(anon.post("/cancel").await), 401);
+    assert_eq!(refused_status(wrong.post("/cutover").await), 401);
+    // Authorized, refused only because no migration runs here.
+    assert_eq!(refused_status(admin.post("/cancel").await), 409);
+    let limited = anon.get("/status").await.unwrap();
+    let text = limited.to_string();
+    assert_eq!(limited["redacted"], true, "{text}");
+    assert_eq!(limited["probe"]["lag_bytes"], 7, "{text}");
+    assert_eq!(limited["probe"]["state"], "ok", "{text}");
+    assert!(
+        !text.contains("10.9.8.7") && !text.contains("dba_admin"),
+        "{text}"
+    );
+    let full = admin.get("/status").await.unwrap();
+    assert!(full.to_string().contains("10.9.8.7"), "{full}");
+    assert!(full.get("redacted").is_none(), "{full}");
+    // The token itself is shown nowhere.
+    let metrics = admin.get("/metrics").await.unwrap().to_string();
+    assert!(!full.to_string().contains(TOKEN) && !metrics.contains(TOKEN));
+    running.shutdown().await;
+
+    // No token, listening beyond loopback: POST refused, /status limited.
+    let (running, url) = start_admin("0.0.0.0", "").await;
+    let anon = AdminClient::new(&url, None).unwrap();
+    assert_eq!(refused_status(anon.post("/cutover").await), 403);
+    assert_eq!(refused_status(anon.post("/cancel").await), 403);
+    assert_eq!(anon.get("/status").await.unwrap()["redacted"], true);
+    running.shutdown().await;
+
+    // No token on loopback: open (as before).
+    let (running, url) = start_admin("127.0.0.1", "").await;
+    let anon = AdminClient::new(&url, None).unwrap();
+    assert_eq!(refused_status(anon.post("/cancel").await), 409);
+    assert!(
+        anon.get("/status")
+            .await
+            .unwrap()
+            .to_string()
+            .contains("10.9.8.7")
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_drops_slow_and_excess_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (running, url) = start_admin("127.0.0.1", "").await;
+    let addr = url.trim_start_matches("http://").to_string();
+
+    // A request head that never ends is cut off by the header-read timeout.
+    let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    half.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(60), half.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "a half-sent request was held for 60s");
+
+    // Connections beyond the cap are answered 503 at once.
+    let mut idle = Vec::new();
+    for _ in 0..pgshift::admin::MAX_CONNECTIONS {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut answer = String::new();
+    extra.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    drop(idle);
+    let client = pgshift::admin::client::AdminClient::new(&url, None).unwrap();
+    let start = Instant::now();
+    while client.get("/healthz").await.is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "admin API never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.shutdown().await;
+}

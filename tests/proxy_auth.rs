@@ -220,3 +220,97 @@ async fn tls_toward_clients_when_configured() {
     .unwrap();
     assert!(ok && out.contains("plain"), "{err}");
 }
+
+/// A TCP connection to the proxy from the loopback address `from`.
+async fn connect_from(from: &str, port: u16) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    sock.connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Sends a startup packet for `user` and reads up to the authentication request.
+async fn start_auth(s: &mut tokio::net::TcpStream, user: &str) {
+    use tokio::io::AsyncWriteExt;
+    let params = vec![
+        ("user".to_string(), user.to_string()),
+        ("database".to_string(), "postgres".to_string()),
+    ];
+    s.write_all(&pgshift::wire::messages::startup_message(&params))
+        .await
+        .unwrap();
+    let (tag, _) = read_msg(s).await.expect("an authentication request");
+    assert_eq!(tag, b'R');
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_flood_does_not_lock_out_real_clients() {
+    let pg = Cluster::start();
+    let proxy = start_proxy_with(
+        &pg,
+        "scram-sha-256",
+        "max_client_connections = 3\nmax_startup_connections = 40\n\
+         max_startup_connections_per_address = 20\nstartup_timeout = \"1h\"",
+    )
+    .await;
+    let before = try_connect(&proxy.url("postgres")).await.unwrap();
+
+    // 1,000 connections from one address that never send a startup packet:
+    // 20 hold startup slots, the rest are refused at once with 53300.
+    let mut flood = Vec::new();
+    for _ in 0..1000 {
+        flood.push(connect_from("127.0.0.2", proxy.port).await);
+    }
+    let mut last = flood.pop().unwrap();
+    assert_eq!(error_then_eof(&mut last).await.as_deref(), Some("53300"));
+    // Connections from another address that stall in authentication hold
+    // startup slots, not places under max_client_connections.
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        let mut s = connect_from("127.0.0.3", proxy.port).await;
+        start_auth(&mut s, APP_USER).await;
+        stalled.push(s);
+    }
+
+    // Real clients still connect and query, up to max_client_connections.
+    let a = try_connect(&proxy.url("postgres")).await.unwrap();
+    let b = try_connect(&proxy.url("postgres")).await.unwrap();
+    assert_eq!(who(&a).await, APP_USER);
+    assert_eq!(who(&b).await, APP_USER);
+    assert_eq!(who(&before).await, APP_USER);
+    let e = try_connect(&proxy.url("postgres")).await.err().unwrap();
+    assert_eq!(code(&e), "53300", "{e}");
+    assert!(message(&e).contains("max_client_connections"), "{e:?}");
+    assert!(
+        metric(
+            &proxy.ctx,
+            "pgshift_proxy_errors_total",
+            "kind=\"startup_limit\""
+        ) >= 979.0
+    );
+    drop((flood, stalled));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_sent_instead_of_sasl_is_not_echoed() {
+    use tokio::io::AsyncWriteExt;
+    let pg = Cluster::start();
+    let proxy = start_proxy(&pg).await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    start_auth(&mut s, APP_USER).await;
+    // A cleartext PasswordMessage where SASLInitialResponse is expected.
+    let secret = b"Hunter2-cleartext\0";
+    let mut msg = vec![b'p'];
+    msg.extend_from_slice(&(secret.len() as i32 + 4).to_be_bytes());
+    msg.extend_from_slice(secret);
+    s.write_all(&msg).await.unwrap();
+    let (tag, body) = read_msg(&mut s).await.expect("an error");
+    assert_eq!(tag, b'E');
+    assert_eq!(sqlstate(&body), "08P01");
+    let text = String::from_utf8_lossy(&body);
+    assert!(!text.contains("Hunter2"), "{text}");
+    assert!(text.contains("SASL"), "{text}");
+}

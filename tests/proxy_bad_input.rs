@@ -160,3 +160,82 @@ async fn server_killed_mid_query_gives_an_error_then_close() {
     }
     assert!(ok, "proxy serves again after the server recovered");
 }
+
+/// Sends a startup packet with `params` and returns the ErrorResponse (SQLSTATE, text).
+async fn startup_error(port: u16, params: &[(&str, &str)]) -> (String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let params: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    s.write_all(&pgshift::wire::messages::startup_message(&params))
+        .await
+        .unwrap();
+    let (tag, body) = read_msg(&mut s).await.expect("an answer");
+    assert_eq!(tag, b'E', "{}", String::from_utf8_lossy(&body));
+    (sqlstate(&body), String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_startup_names_and_replication_are_refused() {
+    let pg = Cluster::start();
+    let proxy = start_proxy_with(&pg, "trust", "").await;
+    let forged = "app\n2026-01-01 00:00:00 INFO admin logged in";
+    let (code, text) = startup_error(proxy.port, &[("user", forged)]).await;
+    assert_eq!(code, "28000");
+    assert!(
+        text.contains("control character") && !text.contains('\n'),
+        "{text}"
+    );
+    let (code, text) = startup_error(
+        proxy.port,
+        &[("user", APP_USER), ("database", "post\x07gres")],
+    )
+    .await;
+    assert_eq!(code, "08P01");
+    assert!(text.contains("database name"), "{text}");
+    let long = "u".repeat(64);
+    let (code, text) = startup_error(proxy.port, &[("user", &long)]).await;
+    assert_eq!(code, "28000");
+    assert!(text.contains("63"), "{text}");
+    for r in ["database", "true", "on", "1"] {
+        let (code, text) = startup_error(
+            proxy.port,
+            &[
+                ("user", APP_USER),
+                ("database", "postgres"),
+                ("replication", r),
+            ],
+        )
+        .await;
+        assert_eq!(code, "28000", "{r}");
+        assert!(text.contains("replication"), "{text}");
+    }
+    // No backend was opened for any of them; normal clients are unaffected.
+    assert_eq!(proxy.handle.sessions().len(), 0);
+    let c = connect(&proxy.url("postgres")).await;
+    still_works(&c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_see_an_incident_id_not_the_server_address() {
+    // A source nobody listens on: no cluster needed.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dead = free_port();
+    let text = proxy_config_text(port, free_port(), dead, dead, "trust", "");
+    let config = pgshift::Config::from_toml(&text, &|_| None).unwrap();
+    let ctx = pgshift::Context::new(config);
+    let (_handle, _task) = pgshift::proxy::Proxy::start(ctx, listener).unwrap();
+    let (code, text) = startup_error(port, &[("user", APP_USER), ("database", "postgres")]).await;
+    assert_eq!(code, "08006", "{text}");
+    assert!(
+        text.contains("cannot connect to the source server"),
+        "{text}"
+    );
+    assert!(text.contains("pgshift incident "), "{text}");
+    assert!(
+        !text.contains("127.0.0.1") && !text.contains(&dead.to_string()),
+        "{text}"
+    );
+}

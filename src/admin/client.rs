@@ -211,6 +211,12 @@ pub fn render_status(doc: &Value) -> String {
         out.push_str(&parts.join("  "));
         out.push('\n');
     }
+    if doc.get("redacted") == Some(&Value::Bool(true)) {
+        out.push_str(
+            "\n(limited view without the admin token: errors, reasons, addresses and user names are left out; \
+             pass --token or --config)\n",
+        );
+    }
     if let Some(c) = doc.get("last_cutover").filter(|c| !c.is_null()) {
         out.push_str(&format!(
             "\nlast cutover  {}  outcome={}  pause={}\n",

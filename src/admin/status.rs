@@ -60,6 +60,54 @@ impl StatusBoard {
     }
 }
 
+/// Keys whose text values `/status` shows without the admin token: names
+/// of states and phases, ids and LSNs. Any other text (errors and reasons,
+/// which may name hosts and users; fence records; table lists) is left out.
+const PUBLIC_TEXT: &[&str] = &[
+    "migration",
+    "mode",
+    "option",
+    "state",
+    "substate",
+    "phase",
+    "outcome",
+    "route",
+    "id",
+    "kind",
+    "received_lsn",
+    "applied_lsn",
+    "source_lsn",
+    "consistent_point",
+];
+
+/// The document without addresses, user names or free text: numbers,
+/// flags and the states above stay, so state and lag remain visible.
+pub fn redact(doc: &Value) -> Value {
+    let mut v = redact_value(doc);
+    if let Value::Object(m) = &mut v {
+        m.insert("redacted".into(), Value::Bool(true));
+    }
+    v
+}
+
+fn redact_value(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, x)| !x.is_string() || PUBLIC_TEXT.contains(&k.as_str()))
+                .map(|(k, x)| (k.clone(), redact_value(x)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(
+            a.iter()
+                .filter(|x| !x.is_string())
+                .map(redact_value)
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +123,24 @@ mod tests {
         let d = b.render();
         assert_eq!(d["state"], "InProgress");
         assert_eq!(d["proxy"]["sessions"], 3);
+    }
+
+    #[test]
+    fn redact_keeps_state_and_lag_only() {
+        let doc = json!({"state": "InProgress", "reason": "cannot connect to 10.0.0.5:5432 as admin",
+            "databases": {"app": {"phase": "streaming", "last_error": "user \"admin\" at 10.0.0.5",
+                                  "stream": {"lag_bytes": 10, "state": "streaming", "last_error": "10.0.0.5"}}},
+            "last_cutover": {"id": "c1", "outcome": "aborted", "reason": "x", "fence": {"roles": ["admin"]},
+                             "phases": [{"phase": "fence", "seconds": 0.1, "outcome": "ok", "detail": "admin"}]}});
+        let r = redact(&doc);
+        let text = r.to_string();
+        assert!(
+            !text.contains("10.0.0.5") && !text.contains("admin"),
+            "{text}"
+        );
+        assert_eq!(r["state"], "InProgress");
+        assert_eq!(r["databases"]["app"]["stream"]["lag_bytes"], 10);
+        assert_eq!(r["last_cutover"]["phases"][0]["phase"], "fence");
+        assert_eq!(r["redacted"], true);
     }
 }

@@ -102,9 +102,12 @@ impl Users {
         let mut b = &initial[..];
         let mechanism = get_cstr(&mut b)?;
         if mechanism != "SCRAM-SHA-256" {
-            return Err(WireError::Protocol(format!(
-                "client selected an invalid SASL authentication mechanism {mechanism:?}"
-            )));
+            // Never echoed: a client answering with a cleartext password
+            // sends it here.
+            return Err(WireError::Protocol(
+                "client selected an invalid SASL authentication mechanism (expected SCRAM-SHA-256)"
+                    .into(),
+            ));
         }
         if b.len() < 4 {
             return Err(WireError::Protocol("short SASLInitialResponse".into()));

@@ -1,6 +1,8 @@
 //! Accepting clients: the startup phase (SSLRequest, GSSENCRequest,
-//! CancelRequest, StartupMessage), the connection limit and client
-//! authentication, all under `proxy.startup_timeout`.
+//! CancelRequest, StartupMessage) and client authentication, all under
+//! `proxy.startup_timeout` and holding a startup slot ([`super::admission`]);
+//! only an authenticated client takes a place under
+//! `proxy.max_client_connections`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Shared;
+use super::admission::{self, StartupSlot};
 use crate::wire::frame::{FrameReader, read_startup_packet};
 use crate::wire::messages::StartupPacket;
 use crate::wire::{ErrorFields, PgStream, WireError};
@@ -60,7 +63,10 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             r = listener.accept() => match r {
                 Ok((tcp, peer)) => {
                     shared.metrics.client_connections_total.inc();
-                    hand_over(&shared, tcp, peer);
+                    match shared.startup_slots.acquire(peer.ip()) {
+                        Ok(slot) => hand_over(&shared, tcp, peer, slot),
+                        Err(full) => refuse_full(&shared, &tcp, peer, full),
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
@@ -73,10 +79,20 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     tracing::info!("proxy stopped accepting connections");
 }
 
+/// Refuses a connection over a startup limit at once, without reading from
+/// it: a flood costs an accept and a close each.
+fn refuse_full(shared: &Shared, tcp: &TcpStream, peer: SocketAddr, full: admission::Full) {
+    shared.metrics.error("startup_limit");
+    tracing::debug!(%peer, "connection refused: {}", full.message());
+    let frame = ErrorFields::new("FATAL", "53300", full.message()).to_frame();
+    // A fresh socket's send buffer takes this at once; if not, the close says enough.
+    let _ = tcp.try_write(&frame);
+}
+
 /// Moves an accepted connection to a relay thread ([`super::workers`]): its
 /// socket is registered with that thread's poller, so the session never
 /// wakes another thread.
-fn hand_over(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+fn hand_over(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, slot: StartupSlot) {
     let tcp = match tcp.into_std() {
         Ok(t) => t,
         Err(e) => {
@@ -87,7 +103,7 @@ fn hand_over(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let shared = shared.clone();
     shared.workers.next().clone().spawn(async move {
         match TcpStream::from_std(tcp) {
-            Ok(tcp) => handle(shared, tcp, peer).await,
+            Ok(tcp) => handle(shared, tcp, peer, slot).await,
             Err(e) => {
                 tracing::warn!(%peer, "cannot register the connection on a relay thread: {e}")
             }
@@ -95,16 +111,27 @@ fn hand_over(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     });
 }
 
-async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, slot: StartupSlot) {
     let _ = tcp.set_nodelay(true);
     let limit = shared.limits.startup_timeout;
-    match tokio::time::timeout(limit, startup(&shared, tcp, peer)).await {
-        Err(_) => {
-            tracing::debug!(%peer, "client did not finish startup within {limit:?}");
-            shared.metrics.error("startup_timeout");
+    let started = {
+        let startup = startup(&shared, tcp, peer);
+        tokio::pin!(startup);
+        tokio::select! {
+            r = &mut startup => r,
+            _ = tokio::time::sleep(limit) => {
+                // Counted before the connection closes (when `startup` is
+                // dropped), so whoever sees the close sees the count.
+                tracing::debug!(%peer, "client did not finish startup within {limit:?}");
+                shared.metrics.error("startup_timeout");
+                None
+            }
         }
-        Ok(None) => {}
-        Ok(Some(client)) => super::session::run(shared, client).await,
+    };
+    // Startup is over, however it ended.
+    drop(slot);
+    if let Some(client) = started {
+        super::session::run(shared, client).await;
     }
 }
 
@@ -116,41 +143,23 @@ pub(crate) async fn reject(stream: &mut PgStream, code: &str, message: &str) {
     let _ = stream.shutdown().await;
 }
 
-/// Negotiation, limit and authentication. None: the connection is done
-/// (cancel request, rejected, or gone).
+/// Negotiation, authentication and the client limit. None: the connection
+/// is done (cancel request, rejected, or gone).
 async fn startup(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Option<Authed> {
     let (mut stream, params) = negotiate(shared, PgStream::Plain(tcp), peer).await?;
-    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let Some(user) = get("user").filter(|u| !u.is_empty()) else {
-        shared.metrics.error("protocol");
-        reject(
-            &mut stream,
-            "28000",
-            "no PostgreSQL user name specified in startup packet",
-        )
-        .await;
-        return None;
+    let (user, database) = match admission::check_startup(&params) {
+        Ok(names) => names,
+        Err(refusal) => {
+            shared.metrics.error("protocol");
+            tracing::info!(%peer, "startup packet refused: {}", refusal.message);
+            reject(&mut stream, refusal.code, &refusal.message).await;
+            return None;
+        }
     };
-    let database = get("database")
-        .filter(|d| !d.is_empty())
-        .unwrap_or_else(|| user.clone());
     if shared.is_draining() {
         reject(&mut stream, "57P03", "the database system is shutting down").await;
         return None;
     }
-    let Some(slot) = ClientSlot::acquire(shared) else {
-        shared.metrics.error("limit");
-        reject(
-            &mut stream,
-            "53300",
-            &format!(
-                "sorry, too many clients already (proxy.max_client_connections = {})",
-                shared.limits.max_clients
-            ),
-        )
-        .await;
-        return None;
-    };
     let mut reader = FrameReader::new(shared.limits.max_message_size);
     if let Err(e) = shared
         .users
@@ -175,6 +184,19 @@ async fn startup(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Opti
         }
         return None;
     }
+    let Some(slot) = ClientSlot::acquire(shared) else {
+        shared.metrics.error("limit");
+        reject(
+            &mut stream,
+            "53300",
+            &format!(
+                "sorry, too many clients already (proxy.max_client_connections = {})",
+                shared.limits.max_clients
+            ),
+        )
+        .await;
+        return None;
+    };
     Some(Authed {
         stream,
         leftover: reader.buf,

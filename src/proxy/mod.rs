@@ -7,10 +7,12 @@
 //! [`ProxyHandle::switch_to`] (swap the route, wait for sessions to move) and
 //! [`ProxyHandle::sessions`].
 
+pub mod admission;
 pub mod auth;
 pub mod backend;
 pub mod cancel;
 pub mod gate;
+mod incident;
 pub mod listener;
 pub mod metrics;
 pub mod prewarm;
@@ -77,6 +79,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Client sessions holding a place under `max_client_connections`.
     pub(crate) clients: AtomicUsize,
+    /// Connections still in startup or authentication.
+    pub(crate) startup_slots: Arc<admission::StartupSlots>,
     pub(crate) stop_accepting: CancellationToken,
     /// Shutdown: idle sessions close, busy ones at their next boundary. An
     /// atomic, not a CancellationToken (whose check takes a lock shared by
@@ -140,6 +144,10 @@ impl Proxy {
             metrics,
             limits,
             clients: AtomicUsize::new(0),
+            startup_slots: admission::StartupSlots::new(
+                cfg.max_startup_connections,
+                cfg.max_startup_connections_per_address,
+            ),
             stop_accepting: CancellationToken::new(),
             draining: AtomicBool::new(false),
             kill: CancellationToken::new(),

@@ -140,7 +140,9 @@ async fn wait_gate(shared: &Shared) -> bool {
     true
 }
 
-/// The server's own error (unknown database, …) is relayed as it is.
+/// The server's own error (unknown database, …) is relayed as it is; any
+/// other failure reaches the client as an incident, its detail (with the
+/// server's address) only in the log.
 async fn report_connect_error(client: &mut PgStream, route: &Route, e: WireError) {
     match e {
         WireError::Server(fields) => {
@@ -148,16 +150,12 @@ async fn report_connect_error(client: &mut PgStream, route: &Route, e: WireError
             let _ = client.flush().await;
         }
         other => {
-            tracing::warn!(route = %route.name, "cannot open a backend connection: {other}");
-            reject(
-                client,
-                other.sqlstate(),
-                &format!(
-                    "pgshift cannot connect to the {} server {}:{}: {other}",
-                    route.name, route.host, route.port
-                ),
-            )
-            .await;
+            let message = super::incident::report(
+                None,
+                &format!("pgshift cannot connect to the {} server", route.name),
+                &format_args!("{}:{}: {other}", route.host, route.port),
+            );
+            reject(client, other.sqlstate(), &message).await;
         }
     }
 }
@@ -706,15 +704,25 @@ impl Session {
         }
         self.shared.moves_failed.fetch_add(1, Ordering::Relaxed);
         let route = self.shared.router.current();
-        tracing::warn!(session = self.info.id, from = %self.route.name, to = %route.name, "cannot move session: {e}");
-        self.fatal(
-            "57P01",
-            &format!(
-                "terminating connection: pgshift cannot move this session to the {} server: {e}; reconnect to continue",
-                route.name
+        let message = match &e {
+            // What the session holds is the client's own business: named.
+            MoveError::Unmovable(_) => {
+                tracing::warn!(session = self.info.id, from = %self.route.name, to = %route.name, "cannot move session: {e}");
+                format!(
+                    "terminating connection: pgshift cannot move this session to the {} server: {e}; reconnect to continue",
+                    route.name
+                )
+            }
+            _ => super::incident::report(
+                Some(self.info.id),
+                &format!(
+                    "terminating connection: pgshift cannot move this session to the {} server; reconnect to continue",
+                    route.name
+                ),
+                &format_args!("from the {} server: {e}", self.route.name),
             ),
-        )
-        .await;
+        };
+        self.fatal("57P01", &message).await;
         End::Closed
     }
 
