@@ -72,6 +72,8 @@ const PUBLIC_TEXT: &[&str] = &[
     "phase",
     "outcome",
     "route",
+    "error_kind",
+    "next_attempt_at",
     "id",
     "kind",
     "received_lsn",
