@@ -457,20 +457,31 @@ async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
     bypass.simple_query("SELECT 1").await.unwrap();
 
     // An autocommit statement still running when the gate closes: the drain
-    // waits for it, so its row commits before the fence and the marker.
-    // (Pre-warming gives a busy session up to 0.5 s to stage its move, and
-    // the gate waits 50 ms for a quiet moment, before the gate closes.)
+    // waits for it, so its row commits before the fence and the marker. It
+    // waits for an advisory lock that a transaction through the proxy holds
+    // until the gate is closed, so it runs into the pause however slow the
+    // machine is.
+    let holder = connect(&shift.url()).await;
+    holder
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4242)")
+        .await
+        .unwrap();
     let slow = connect(&shift.url()).await;
     let slow_task = tokio::spawn(async move {
         slow.query_one(
-            "INSERT INTO ledger (client, note) SELECT 'slow', 'x' FROM pg_sleep(5) RETURNING id",
+            "INSERT INTO ledger (client, note) SELECT 'slow', 'x' FROM (SELECT pg_advisory_xact_lock(4242)) l RETURNING id",
             &[],
         )
         .await
         .map(|r| r.get::<_, i64>(0))
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let cutover = shift.cli(&["cutover", "--wait"]);
+    let release_after_gate = async {
+        shift.wait_phase("gate", Duration::from_secs(120)).await;
+        // Both sessions are still inside their statements or transactions.
+        holder.batch_execute("COMMIT").await.unwrap();
+    };
+    let (out, ()) = tokio::join!(cutover, release_after_gate);
     assert_eq!(out.status.code(), Some(0), "{}", out_text(&out));
     let id = slow_task.await.unwrap().expect("slow insert committed");
     assert!(
@@ -479,7 +490,7 @@ async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
     );
     let last = shift.last_cutover().await;
     let drain = phase(&last, "drain");
-    assert!(drain["seconds"].as_f64().unwrap() > 1.0, "{last:#}");
+    assert!(drain["seconds"].as_f64().unwrap() > 0.0, "{last:#}");
     assert!(
         drain["outcome"] == "ok" && last["outcome"] == "succeeded",
         "{last:#}"
