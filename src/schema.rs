@@ -16,7 +16,8 @@ use tokio::process::Command;
 use tokio_postgres::Client;
 
 use crate::config::Endpoint;
-use crate::db::{self, DbError, quote_ident, quote_literal};
+use crate::db::{self, DbError, quote_ident};
+use crate::pg::Version;
 
 #[derive(Debug, Error)]
 pub enum SchemaError {
@@ -34,6 +35,8 @@ pub enum SchemaError {
          set migration.overwrite = true to drop and recreate it, or empty it first"
     )]
     TargetNotEmpty { database: String, found: String },
+    #[error("{what}: {message}")]
+    Unsupported { what: String, message: String },
     #[error("{program} not found: {hint}")]
     ProgramMissing { program: String, hint: String },
     #[error("cannot run {program}: {source}")]
@@ -66,15 +69,11 @@ pub enum TargetPrepared {
     Reused,
 }
 
-/// Encoding and locale of a source database, as the target must have them.
+/// Encoding, locale and owner of a source database, as the target must have them.
 #[derive(Clone, Debug)]
 struct DbLocale {
-    encoding: String,
-    collate: String,
-    ctype: String,
+    locale: crate::pg::database::DbLocale,
     owner: String,
-    /// `Some(locale)` when the database uses the ICU provider (PG15+).
-    icu_locale: Option<String>,
 }
 
 /// The maintenance connection of a server: its configured database, unless
@@ -89,35 +88,26 @@ fn maintenance(ep: &Endpoint, db: &str) -> Endpoint {
 
 async fn source_locale(source: &Endpoint, db: &str) -> Result<DbLocale, SchemaError> {
     let c = db::connect(&maintenance(source, db), "source").await?;
-    let version: i32 = c
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+    let version = Version::of(&c)
         .await
-        .map_err(sql_err("reading the source version"))?
-        .get(0);
-    let icu = if version >= 150000 {
-        "CASE WHEN d.datlocprovider = 'i' THEN d.daticulocale END"
-    } else {
-        "NULL::text"
-    };
+        .map_err(sql_err("reading the source version"))?;
     let row = c
-        .query_opt(
-            &format!(
-                "SELECT pg_encoding_to_char(d.encoding)::text, d.datcollate::text, d.datctype::text, \
-                 pg_get_userbyid(d.datdba)::text, {icu} FROM pg_database d WHERE d.datname = $1"
-            ),
-            &[&db],
-        )
+        .query_opt(&crate::pg::database::locale_sql(version), &[&db])
         .await
         .map_err(sql_err("reading the source database's encoding"))?
         .ok_or_else(|| SchemaError::NoSourceDatabase {
             database: db.to_string(),
         })?;
     Ok(DbLocale {
-        encoding: row.get(0),
-        collate: row.get(1),
-        ctype: row.get(2),
+        locale: crate::pg::database::DbLocale {
+            encoding: row.get(0),
+            collate: row.get(1),
+            ctype: row.get(2),
+            provider: row.get(4),
+            locale: row.get(5),
+            icu_rules: row.get(6),
+        },
         owner: row.get(3),
-        icu_locale: row.get(4),
     })
 }
 
@@ -150,8 +140,8 @@ pub async fn prepare_target_database(
             .await
             .map_err(sql_err("reading the target database's encoding"))?
             .get(0);
-        if enc != locale.encoding {
-            tracing::warn!(database = db, source = %locale.encoding, target = %enc,
+        if enc != locale.locale.encoding {
+            tracing::warn!(database = db, source = %locale.locale.encoding, target = %enc,
                 "reusing an empty target database whose encoding differs from the source");
         }
         return Ok(TargetPrepared::Reused);
@@ -206,29 +196,18 @@ async fn user_objects(c: &Client) -> Result<Option<String>, SchemaError> {
 }
 
 async fn drop_database(admin: &Client, db: &str) -> Result<(), SchemaError> {
-    let version: i32 = admin
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+    let version = Version::of(admin)
         .await
-        .map_err(sql_err("reading the target version"))?
-        .get(0);
+        .map_err(sql_err("reading the target version"))?;
     // Terminating first also serves servers before 13, which lack WITH (FORCE).
     admin
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = $1 AND pid <> pg_backend_pid()",
-            &[&db],
-        )
+        .execute(crate::pg::database::TERMINATE_SESSIONS_SQL, &[&db])
         .await
         .map_err(sql_err(format!(
             "terminating connections to target database {db}"
         )))?;
-    let force = if version >= 130000 {
-        " WITH (FORCE)"
-    } else {
-        ""
-    };
     admin
-        .batch_execute(&format!("DROP DATABASE {}{force}", quote_ident(db)))
+        .batch_execute(&crate::pg::database::drop_database_sql(version, db))
         .await
         .map_err(sql_err(format!("dropping target database {db}")))?;
     tracing::info!(database = db, "dropped the existing target database");
@@ -247,19 +226,16 @@ async fn create_database(admin: &Client, db: &str, l: &DbLocale) -> Result<(), S
         .await
         .map_err(sql_err("checking the database owner on the target"))?
         .get(0);
-    let mut sql = format!(
-        "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",
-        quote_ident(db),
-        quote_literal(&l.encoding),
-        quote_literal(&l.collate),
-        quote_literal(&l.ctype)
-    );
-    if let Some(icu) = &l.icu_locale {
-        sql.push_str(&format!(
-            " LOCALE_PROVIDER icu ICU_LOCALE {}",
-            quote_literal(icu)
-        ));
-    }
+    let version = Version::of(admin)
+        .await
+        .map_err(sql_err("reading the target version"))?;
+    let mut sql =
+        crate::pg::database::create_database_sql(version, db, &l.locale).map_err(|e| {
+            SchemaError::Unsupported {
+                what: format!("creating target database {db}"),
+                message: e.to_string(),
+            }
+        })?;
     if owner_ok {
         sql.push_str(&format!(" OWNER {}", quote_ident(&l.owner)));
     }
@@ -267,7 +243,7 @@ async fn create_database(admin: &Client, db: &str, l: &DbLocale) -> Result<(), S
         .batch_execute(&sql)
         .await
         .map_err(sql_err(format!("creating target database {db}")))?;
-    tracing::info!(database = db, encoding = %l.encoding, collate = %l.collate, "created the target database");
+    tracing::info!(database = db, encoding = %l.locale.encoding, collate = %l.locale.collate, "created the target database");
     Ok(())
 }
 
@@ -721,18 +697,6 @@ pub async fn copy_sequences(
     sync.write(target, &values).await
 }
 
-// pg_sequence_last_value is NULL for a sequence never called (is_called = false);
-// the pg_sequences view hides is_called, so its building blocks are used.
-const READ_SEQUENCES_SQL: &str = "SELECT format('%I.%I', n.nspname, c.relname), \
-        pg_sequence_last_value(c.oid), s.seqstart \
-     FROM pg_class c \
-     JOIN pg_namespace n ON n.oid = c.relnamespace \
-     JOIN pg_sequence s ON s.seqrelid = c.oid \
-     WHERE c.relkind = 'S' AND c.relpersistence <> 't' \
-       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgshift') \
-       AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast%' \
-       AND CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, 'SELECT, USAGE') END";
-
 const WRITE_SEQUENCES_SQL: &str = "SELECT x.name FROM unnest($1::text[], $2::int8[], $3::bool[]) AS x(name, v, called) \
      WHERE CASE WHEN to_regclass(x.name) IS NULL THEN true \
                 ELSE setval(to_regclass(x.name), x.v, x.called) IS NULL END";
@@ -755,8 +719,11 @@ pub struct SequenceSync {
 
 impl SequenceSync {
     pub async fn prepare(source: &Client, target: &Client) -> Result<SequenceSync, SchemaError> {
+        let version = Version::of(source)
+            .await
+            .map_err(sql_err("reading the source version"))?;
         let read = source
-            .prepare(READ_SEQUENCES_SQL)
+            .prepare(crate::pg::catalog::read_sequences_sql(version))
             .await
             .map_err(sql_err("preparing to read source sequences"))?;
         let write = target

@@ -435,23 +435,36 @@ fn distinct_servers_check(s: &Server, t: &Server) -> Option<Check> {
     })
 }
 
+/// The pair of versions is supported (see [`crate::pg::support`]); a
+/// same-major target on an older minor release only warns.
 fn version_check(s: &Server, t: &Server) -> Check {
     const NAME: &str = "server_version";
     let found = format!(
         "source PostgreSQL {}, target PostgreSQL {}",
         s.version, t.version
     );
-    if major_key(t.version_num) < major_key(s.version_num) {
-        Check::failed(
+    let (sv, tv) = (
+        crate::pg::Version(s.version_num),
+        crate::pg::Version(t.version_num),
+    );
+    let issues = crate::pg::support::check_pair(sv, tv);
+    if let Some(refused) = issues.iter().find(|i| i.refuses()) {
+        return Check::failed(
             NAME,
             "target",
-            format!("{found}: the target is an older major version"),
-            format!(
-                "use a target server running PostgreSQL {} or newer",
-                s.major()
-            ),
-        )
-    } else if t.version_num < s.version_num {
+            format!("{found}: {}", refused.describe(sv, tv)),
+            refused.action(sv),
+        );
+    }
+    if let Some(untested) = issues.first() {
+        return Check::warning(
+            NAME,
+            "target",
+            format!("{found}: {}", untested.describe(sv, tv)),
+            untested.action(sv),
+        );
+    }
+    if t.version_num < s.version_num {
         Check::warning(
             NAME,
             "target",
@@ -545,12 +558,8 @@ fn createdb_check(t: &Server) -> Check {
 
 /// Replication origins, session_replication_role and the control schema.
 async fn target_privilege_checks(t: &Server, m: &MigrationConfig, ep: &Endpoint) -> Vec<Check> {
-    // has_parameter_privilege exists from PostgreSQL 15; before, only superusers may SET it.
-    let srr = if t.version_num >= 150_000 {
-        "has_parameter_privilege('session_replication_role', 'SET')"
-    } else {
-        "false"
-    };
+    let version = crate::pg::Version(t.version_num);
+    let srr = crate::pg::catalog::may_set_parameter(version, "session_replication_role");
     let sql = format!(
         "SELECT {}, {srr}, has_database_privilege(current_database(), 'CREATE'), \
                 EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgshift' AND pg_has_role(nspowner, 'USAGE'))",
@@ -614,11 +623,10 @@ async fn target_privilege_checks(t: &Server, m: &MigrationConfig, ep: &Endpoint)
             ),
         )
     } else {
-        let action = if t.version_num >= 150_000 {
-            format!("on the target: GRANT SET ON PARAMETER session_replication_role TO {user};")
-        } else {
-            "connect to the target as a superuser (before PostgreSQL 15 only superusers may SET session_replication_role)".to_string()
-        };
+        let action = format!(
+            "on the target: {}",
+            crate::pg::catalog::grant_set_parameter(version, "session_replication_role", &user)
+        );
         Check::failed(
             "session_replication_role",
             "target",
@@ -775,26 +783,7 @@ pub async fn pg_dump_check(source: Option<&Server>, target: Option<&Server>) -> 
     Check::succeeded(NAME, "pgshift", format!("{found}; source is {}", s.major()))
 }
 
-/// `pg_dump (PostgreSQL) 15.8 (Debian 15.8-1)` → 150008; `9.6.24` → 90624.
-pub fn parse_program_version(text: &str) -> Option<i32> {
-    let v = text
-        .split_whitespace()
-        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
-    let nums: Vec<i32> = v
-        .split(|c: char| !c.is_ascii_digit())
-        .take_while(|s| !s.is_empty())
-        .map(|s| s.parse().ok())
-        .collect::<Option<Vec<_>>>()?;
-    match nums.as_slice() {
-        [major, rest @ ..] if *major >= 10 => {
-            Some(major * 10_000 + rest.first().copied().unwrap_or(0))
-        }
-        [major, minor, rest @ ..] => {
-            Some(major * 10_000 + minor * 100 + rest.first().copied().unwrap_or(0))
-        }
-        _ => None,
-    }
-}
+pub use crate::pgbin::parse_program_version;
 
 /// A check whose query failed: reported, not fatal.
 pub fn query_failed(name: &str, scope: &str, e: tokio_postgres::Error) -> Check {
