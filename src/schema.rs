@@ -18,6 +18,7 @@ use tokio_postgres::Client;
 use crate::config::Endpoint;
 use crate::db::{self, DbError, quote_ident};
 use crate::pg::Version;
+use crate::pgbin::{ClientTools, ToolsFit};
 
 #[derive(Debug, Error)]
 pub enum SchemaError {
@@ -37,6 +38,15 @@ pub enum SchemaError {
     TargetNotEmpty { database: String, found: String },
     #[error("{what}: {message}")]
     Unsupported { what: String, message: String },
+    #[error(
+        "no pg_dump fits a PostgreSQL {source_major} source and {target} target (pg_dump must be {source_major} or newer; {target} preferred); found: {found}; {hint}"
+    )]
+    NoClientTools {
+        source_major: i32,
+        target: i32,
+        found: String,
+        hint: String,
+    },
     #[error("{program} not found: {hint}")]
     ProgramMissing { program: String, hint: String },
     #[error("cannot run {program}: {source}")]
@@ -255,6 +265,70 @@ pub struct DumpPlan {
     /// Roles the source's objects reference that the target lacks (or the
     /// target user cannot act as); when any, `--no-owner --no-privileges`.
     pub missing_roles: Vec<String>,
+    /// The pg_dump and psql used (one directory); empty: looked up by name.
+    pub tools: ClientTools,
+    /// With a pg_dump newer than the target: the parameters the target
+    /// knows, so the dump's SET lines for others are left out.
+    #[serde(skip)]
+    pub target_settings: Option<HashSet<String>>,
+}
+
+impl DumpPlan {
+    /// The path of client program `name` to run.
+    fn program(&self, name: &str) -> String {
+        if self.tools.dir.as_os_str().is_empty() {
+            name.to_string()
+        } else {
+            self.tools.program(name).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// The client programs for a `source` → `target` migration: `configured`
+/// (`[migration] pg_bin`) when set, else the best fit found
+/// ([`crate::pgbin::choose_client_tools`]).
+pub fn client_tools(
+    source: Version,
+    target: Version,
+    configured: Option<&std::path::Path>,
+) -> Result<(ClientTools, ToolsFit), SchemaError> {
+    let found = match configured {
+        Some(dir) => crate::pgbin::client_tool_dirs(None)
+            .into_iter()
+            .filter(|c| c.dir == dir)
+            .chain(
+                // Not among the searched places: look at it alone.
+                crate::pgbin::program_version(&dir.join("pg_dump")).map(|version| ClientTools {
+                    dir: dir.to_path_buf(),
+                    version,
+                    origin: "[migration] pg_bin".into(),
+                }),
+            )
+            .take(1)
+            .collect(),
+        None => crate::pgbin::client_tool_dirs(None),
+    };
+    crate::pgbin::choose_client_tools(&found, source.major(), target.major()).ok_or_else(|| {
+        SchemaError::NoClientTools {
+            source_major: source.major(),
+            target: target.major(),
+            found: describe_found(&found),
+            hint: crate::pgbin::client_tools_hint(target.major()),
+        }
+    })
+}
+
+/// "pg_dump 15 (…), pg_dump 16 (…)" or "none".
+pub fn describe_found(found: &[ClientTools]) -> String {
+    if found.is_empty() {
+        "none (PG_BIN, [migration] pg_bin, PATH, /usr/lib/postgresql/*/bin, the fetch cache)".into()
+    } else {
+        found
+            .iter()
+            .map(ClientTools::describe)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// Decides whether owners and privileges can be kept: only when every role
@@ -263,6 +337,16 @@ pub async fn plan_dump(
     source: &Endpoint,
     target: &Endpoint,
     db: &str,
+) -> Result<DumpPlan, SchemaError> {
+    plan_dump_with(source, target, db, None).await
+}
+
+/// [`plan_dump`] with the configured client programs' directory (`[migration] pg_bin`).
+pub async fn plan_dump_with(
+    source: &Endpoint,
+    target: &Endpoint,
+    db: &str,
+    pg_bin: Option<&std::path::Path>,
 ) -> Result<DumpPlan, SchemaError> {
     let src = db::connect(&source.with_dbname(db), "source database").await?;
     // pg_shdepend records owners and grantees, except the bootstrap superuser.
@@ -293,6 +377,28 @@ pub async fn plan_dump(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let (sv, tv) = (
+        Version::of(&src)
+            .await
+            .map_err(sql_err("reading the source version"))?,
+        Version::of(&tgt)
+            .await
+            .map_err(sql_err("reading the target version"))?,
+    );
+    let (tools, fit) = client_tools(sv, tv, pg_bin)?;
+    tracing::info!(database = db, tools = %tools.describe(), source = sv.major(), target = tv.major(), "schema copy programs");
+    let target_settings = if fit == ToolsFit::Newer {
+        let known = tgt
+            .query(crate::pg::settings::KNOWN_SETTINGS_SQL, &[])
+            .await
+            .map_err(sql_err("listing the target's parameters"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Some(known)
+    } else {
+        None
+    };
     if !missing.is_empty() {
         tracing::warn!(database = db, roles = ?missing,
             "roles missing on the target (or not usable by the target user): objects will be owned by the target user and GRANTs are not copied; set migration.copy_roles = true to copy roles");
@@ -300,6 +406,8 @@ pub async fn plan_dump(
     Ok(DumpPlan {
         keep_owners: missing.is_empty(),
         missing_roles: missing,
+        tools,
+        target_settings,
     })
 }
 
@@ -328,6 +436,9 @@ pub struct SchemaDump {
     pub database: String,
     pub section: Section,
     pub sql: Vec<u8>,
+    /// The psql that restores it (of the same installation as the pg_dump:
+    /// a dump may hold meta-commands of its psql version).
+    pub psql: String,
 }
 
 /// Dumps one schema section of `db` as of `snapshot`. Dumping both sections
@@ -359,17 +470,29 @@ pub async fn dump_section(
         args.push("--no-privileges".into());
     }
     let sql = run_program(
-        "pg_dump",
+        &plan.program("pg_dump"),
         &args,
         &source.with_dbname(db),
         None,
         &format!("pg_dump {} of {db}", section.as_str()),
     )
     .await?;
+    let sql = match &plan.target_settings {
+        Some(known) => {
+            let (sql, dropped) = crate::pg::settings::drop_unknown_settings(&sql, known);
+            if !dropped.is_empty() {
+                tracing::info!(database = db, parameters = ?dropped, pg_dump = %plan.tools.describe(),
+                    "left out of the dump: parameters the target does not have");
+            }
+            sql
+        }
+        None => sql,
+    };
     Ok(SchemaDump {
         database: db.to_string(),
         section,
         sql,
+        psql: plan.program("psql"),
     })
 }
 
@@ -393,7 +516,7 @@ pub async fn restore_section(target: &Endpoint, dump: &SchemaDump) -> Result<(),
     .map(|s| s.to_string())
     .collect();
     run_program_with_input(
-        "psql",
+        &dump.psql,
         &psql_args,
         &target.with_dbname(&dump.database),
         options,
@@ -453,8 +576,24 @@ pub struct RolesReport {
 /// already exist there are not altered (their passwords and attributes stay
 /// as they are); memberships are granted where possible.
 pub async fn copy_roles(source: &Endpoint, target: &Endpoint) -> Result<RolesReport, SchemaError> {
+    let tgt = db::connect(target, "target").await?;
+    let src = db::connect(source, "source").await?;
+    let (sv, tv) = (
+        Version::of(&src)
+            .await
+            .map_err(sql_err("reading the source version"))?,
+        Version::of(&tgt)
+            .await
+            .map_err(sql_err("reading the target version"))?,
+    );
+    drop(src);
+    let (tools, _) = client_tools(sv, tv, None)?;
+    let (pg_dumpall, psql) = (
+        tools.program("pg_dumpall").to_string_lossy().into_owned(),
+        tools.program("psql").to_string_lossy().into_owned(),
+    );
     let dump = match run_program(
-        "pg_dumpall",
+        &pg_dumpall,
         &["--roles-only".to_string()],
         source,
         None,
@@ -466,7 +605,7 @@ pub async fn copy_roles(source: &Endpoint, target: &Endpoint) -> Result<RolesRep
         // Managed servers do not let anyone read pg_authid.
         Err(SchemaError::Program { stderr, .. }) if stderr.contains("pg_authid") => {
             run_program(
-                "pg_dumpall",
+                &pg_dumpall,
                 &["--roles-only".into(), "--no-role-passwords".into()],
                 source,
                 None,
@@ -476,7 +615,6 @@ pub async fn copy_roles(source: &Endpoint, target: &Endpoint) -> Result<RolesRep
         }
         Err(e) => return Err(e),
     };
-    let tgt = db::connect(target, "target").await?;
     let existing: HashSet<String> = tgt
         .query("SELECT rolname::text FROM pg_roles", &[])
         .await
@@ -509,7 +647,7 @@ pub async fn copy_roles(source: &Endpoint, target: &Endpoint) -> Result<RolesRep
     // Without ON_ERROR_STOP: a membership or setting the target refuses must
     // not stop the other roles; each error is reported.
     let out = run_program_output(
-        "psql",
+        &psql,
         &["-X".into(), "-q".into(), "-o".into(), "/dev/null".into()],
         target,
         None,
@@ -551,11 +689,20 @@ fn leading_ident(s: &str) -> String {
 
 /// A PostgreSQL client program connected to `ep` through libpq environment
 /// variables, so the password never appears on a command line.
+///
+/// `program` is a path (from the chosen [`ClientTools`]) or a bare name,
+/// looked up as [`crate::pgbin::find`] does.
 fn command(program: &str, ep: &Endpoint, options: Option<&str>) -> Result<Command, SchemaError> {
-    let path = crate::pgbin::find(program).ok_or_else(|| SchemaError::ProgramMissing {
+    let missing = || SchemaError::ProgramMissing {
         program: program.to_string(),
         hint: crate::pgbin::INSTALL_HINT.to_string(),
-    })?;
+    };
+    let path = if program.contains('/') {
+        let p = std::path::PathBuf::from(program);
+        p.is_file().then_some(p).ok_or_else(missing)?
+    } else {
+        crate::pgbin::find(program).ok_or_else(missing)?
+    };
     let mut c = Command::new(path);
     for var in [
         "PGSERVICE",

@@ -48,6 +48,23 @@ pub fn pg_bin_for(major: i32) -> Option<PathBuf> {
     pgshift::pgbin::server_bin_dir_for(major)
 }
 
+/// A directory with the client programs (pg_dump, psql) of major version
+/// `major`: `PG_BIN_<major>`, `/usr/lib/postgresql/<major>/bin` or the fetch
+/// cache's `clients-<major>/bin` (`scripts/fetch-pg.sh --clients <major>`).
+pub fn client_bin_for(major: i32) -> Option<PathBuf> {
+    let cache = pgshift::pgbin::cache_dir();
+    std::env::var_os(format!("PG_BIN_{major}"))
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+            cache.join(format!("clients-{major}")).join("bin"),
+        ])
+        .find(|d| {
+            d.join("psql").is_file() && pgshift::pgbin::dir_major(d, "pg_dump") == Some(major)
+        })
+}
+
 /// Is `major` required by `PGSHIFT_REQUIRE_VERSIONS` (`all`, or a list such
 /// as `11,13,18` or `11-18`)?
 pub fn version_required(major: i32) -> bool {
