@@ -108,6 +108,19 @@ pub fn version_or_skip(major: i32, test: &str) -> bool {
     false
 }
 
+/// A source of major `source` and a target of major `target` (e.g. for an
+/// end-to-end test of a version pair), or None after a skip note when one
+/// of them is not installed (see [`version_or_skip`]).
+pub fn start_pair(source: i32, target: i32, test: &str) -> Option<(Cluster, Cluster)> {
+    if !(version_or_skip(source, test) & version_or_skip(target, test)) {
+        return None;
+    }
+    Some((
+        Cluster::start_version(source),
+        Cluster::start_version(target),
+    ))
+}
+
 /// A program from the PostgreSQL bin dir (pgbench, pg_dump, psql …), falling back to PATH.
 pub fn pg_program(name: &str) -> PathBuf {
     let p = pg_bin().join(name);
