@@ -276,10 +276,15 @@ impl LocalCluster {
             .output()?)
     }
 
-    /// A PostgreSQL program from the same installation (falls back to PATH).
+    /// A PostgreSQL program from the same installation; else found as
+    /// [`crate::pgbin::find`] does (server-only installations lack psql).
     pub fn program(&self, name: &str) -> PathBuf {
         let p = self.bin.join(name);
-        if p.is_file() { p } else { PathBuf::from(name) }
+        if p.is_file() {
+            p
+        } else {
+            crate::pgbin::find(name).unwrap_or_else(|| PathBuf::from(name))
+        }
     }
 
     /// A loopback URL as `user`.

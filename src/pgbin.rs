@@ -1,5 +1,6 @@
 //! Finding PostgreSQL's programs (postgres, pg_dump, pg_ctl, …): `PG_BIN`,
-//! then PATH, then the newest `/usr/lib/postgresql/*/bin`.
+//! then PATH, then the newest `/usr/lib/postgresql/*/bin`, then what
+//! scripts/fetch-pg.sh fetched ([`cache_dir`]).
 
 use std::path::{Path, PathBuf};
 
@@ -33,7 +34,43 @@ pub fn find_dir(program: &str) -> Option<PathBuf> {
             }
         }
     }
-    newest_versioned_dir(Path::new("/usr/lib/postgresql"), program)
+    newest_versioned_dir(Path::new("/usr/lib/postgresql"), program).or_else(|| fetched_dir(program))
+}
+
+/// The newest fetched installation with `program`: the whole installations
+/// (`clients-<major>`, with psql and pgbench) before the server-only ones.
+fn fetched_dir(program: &str) -> Option<PathBuf> {
+    let cache = cache_dir();
+    versioned_dirs(&cache, "clients-")
+        .into_iter()
+        .chain(versioned_dirs(&cache, ""))
+        .find(|d| d.join(program).is_file())
+}
+
+/// Runs scripts/fetch-pg.sh (of the source tree pgshift was built from)
+/// with `args`, returning the last bin directory it prints.
+pub fn fetch(args: &[&str]) -> Result<PathBuf, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-pg.sh");
+    if !script.is_file() {
+        return Err(format!(
+            "{} is not there to fetch PostgreSQL",
+            script.display()
+        ));
+    }
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} {} failed", script.display(), args.join(" ")));
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("{} printed no directory", script.display()))
 }
 
 /// The full path of `program`, or None.
@@ -57,8 +94,9 @@ fn newest_versioned_dir(root: &Path, program: &str) -> Option<PathBuf> {
 }
 
 /// The message to show when the server programs are missing.
-pub const INSTALL_HINT: &str = "PostgreSQL server programs not found on PATH or under /usr/lib/postgresql/*/bin; \
-install them (Debian/Ubuntu: `apt-get install -y postgresql`) or set PG_BIN to their directory";
+pub const INSTALL_HINT: &str = "PostgreSQL server programs not found (PG_BIN, PATH, /usr/lib/postgresql/*/bin, the fetch cache); \
+install them (Debian/Ubuntu: `apt-get install -y postgresql`), fetch them with `scripts/fetch-pg.sh --clients 18` (needs Python's pip), \
+or set PG_BIN to their directory";
 
 /// Where scripts/fetch-pg.sh keeps fetched PostgreSQL versions (one
 /// `<major>/bin` per version): `$PGSHIFT_PG_CACHE`; as root

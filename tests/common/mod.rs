@@ -124,7 +124,11 @@ pub fn start_pair(source: i32, target: i32, test: &str) -> Option<(Cluster, Clus
 /// A program from the PostgreSQL bin dir (pgbench, pg_dump, psql …), falling back to PATH.
 pub fn pg_program(name: &str) -> PathBuf {
     let p = pg_bin().join(name);
-    if p.is_file() { p } else { PathBuf::from(name) }
+    if p.is_file() {
+        p
+    } else {
+        pgshift::pgbin::find(name).unwrap_or_else(|| PathBuf::from(name))
+    }
 }
 
 /// A loopback port nobody listens on (best effort; start retries on a clash).
