@@ -307,6 +307,10 @@ pub struct MigrationConfig {
     /// Also copy roles (`pg_dumpall --roles-only`).
     #[serde(default)]
     pub copy_roles: bool,
+    /// The directory of the pg_dump / pg_dumpall / psql to use; unset: the
+    /// best fit found (see [`crate::pgbin::client_tool_dirs`]).
+    #[serde(default)]
+    pub pg_bin: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]

@@ -50,6 +50,38 @@ impl Default for DemoOptions {
 const APP_PW: &str = "demo-app-password";
 const DB: &str = "shop";
 
+/// The PostgreSQL installation the demo runs: the system's, or when there
+/// is none, one fetched with scripts/fetch-pg.sh (a PyPI wheel; Python's
+/// pip is enough). Says which.
+fn server_programs() -> Result<std::path::PathBuf, DemoError> {
+    let (bin, how) = match crate::pgbin::server_bin_dir() {
+        Some(bin) => {
+            let fetched = bin.starts_with(crate::pgbin::cache_dir());
+            (
+                bin,
+                if fetched {
+                    "fetched earlier"
+                } else {
+                    "installed"
+                },
+            )
+        }
+        None => {
+            println!(
+                "• no PostgreSQL installed: fetching PostgreSQL 18 (scripts/fetch-pg.sh --clients 18)"
+            );
+            let bin = crate::pgbin::fetch(&["--clients", "18"])
+                .map_err(|e| DemoError::Failed(format!("{e}; {}", crate::pgbin::INSTALL_HINT)))?;
+            (bin, "fetched now")
+        }
+    };
+    let version = crate::pgbin::program_version(&bin.join("postgres"))
+        .map(|v| format!("{}.{}", v / 10_000, v % 10_000))
+        .unwrap_or_else(|| "of unknown version".into());
+    println!("• PostgreSQL {version} from {} ({how})", bin.display());
+    Ok(bin)
+}
+
 /// The write load's own record: what clients saw.
 #[derive(Default)]
 struct LoadStats {
@@ -68,8 +100,14 @@ pub async fn run(opts: DemoOptions) -> Result<u8, DemoError> {
     println!("pgshift demo: an online migration and cutover on two throwaway local clusters\n");
 
     // 1. Two clusters and sample data.
-    let (source, target) = tokio::task::spawn_blocking(|| -> Result<_, LocalPgError> {
-        let o = Options::default();
+    let bin = tokio::task::spawn_blocking(server_programs)
+        .await
+        .map_err(|e| DemoError::Failed(e.to_string()))??;
+    let (source, target) = tokio::task::spawn_blocking(move || -> Result<_, LocalPgError> {
+        let o = Options {
+            bin: Some(bin),
+            ..Options::default()
+        };
         Ok((
             LocalCluster::create(&o, None)?,
             LocalCluster::create(&o, None)?,

@@ -23,7 +23,8 @@ pub enum LocalPgError {
     Io(#[from] std::io::Error),
 }
 
-fn is_root() -> bool {
+/// Is this process root (then servers run as the `postgres` user)?
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe extern "C" {
         fn geteuid() -> u32;
@@ -104,7 +105,8 @@ pub struct Options {
     pub superuser_password: String,
     /// pg_hba.conf lines; None: trust on the socket, SCRAM on loopback.
     pub hba: Option<String>,
-    /// The server programs' directory; None: the one `pgbin` finds (PG_BIN …).
+    /// The server programs' directory; None: the default installation
+    /// ([`crate::pgbin::server_bin_dir`]).
     pub bin: Option<PathBuf>,
 }
 
@@ -274,10 +276,15 @@ impl LocalCluster {
             .output()?)
     }
 
-    /// A PostgreSQL program from the same installation (falls back to PATH).
+    /// A PostgreSQL program from the same installation; else found as
+    /// [`crate::pgbin::find`] does (server-only installations lack psql).
     pub fn program(&self, name: &str) -> PathBuf {
         let p = self.bin.join(name);
-        if p.is_file() { p } else { PathBuf::from(name) }
+        if p.is_file() {
+            p
+        } else {
+            crate::pgbin::find(name).unwrap_or_else(|| PathBuf::from(name))
+        }
     }
 
     /// A loopback URL as `user`.
@@ -309,8 +316,11 @@ pub fn initdb(bin: &Path, data: &Path, scratch: &Path, opts: &Options) -> Result
             "--auth-local=trust",
             "--auth-host=scram-sha-256",
             "--no-sync",
-            "--no-instructions",
         ]);
+    // --no-instructions exists from 14.
+    if crate::pgbin::dir_major(bin, "initdb").is_some_and(|m| m >= 14) {
+        c.arg("--no-instructions");
+    }
     match &opts.encoding {
         Some(enc) => c.arg("--encoding").arg(enc).arg("--locale=C"),
         None => c.arg("--encoding=UTF8").arg("--locale=C.UTF-8"),

@@ -16,7 +16,9 @@ use tokio::process::Command;
 use tokio_postgres::Client;
 
 use crate::config::Endpoint;
-use crate::db::{self, DbError, quote_ident, quote_literal};
+use crate::db::{self, DbError, quote_ident};
+use crate::pg::Version;
+use crate::pgbin::{ClientTools, ToolsFit};
 
 #[derive(Debug, Error)]
 pub enum SchemaError {
@@ -34,6 +36,17 @@ pub enum SchemaError {
          set migration.overwrite = true to drop and recreate it, or empty it first"
     )]
     TargetNotEmpty { database: String, found: String },
+    #[error("{what}: {message}")]
+    Unsupported { what: String, message: String },
+    #[error(
+        "no pg_dump fits a PostgreSQL {source_major} source and {target} target (pg_dump must be {source_major} or newer; {target} preferred); found: {found}; {hint}"
+    )]
+    NoClientTools {
+        source_major: i32,
+        target: i32,
+        found: String,
+        hint: String,
+    },
     #[error("{program} not found: {hint}")]
     ProgramMissing { program: String, hint: String },
     #[error("cannot run {program}: {source}")]
@@ -66,15 +79,11 @@ pub enum TargetPrepared {
     Reused,
 }
 
-/// Encoding and locale of a source database, as the target must have them.
+/// Encoding, locale and owner of a source database, as the target must have them.
 #[derive(Clone, Debug)]
 struct DbLocale {
-    encoding: String,
-    collate: String,
-    ctype: String,
+    locale: crate::pg::database::DbLocale,
     owner: String,
-    /// `Some(locale)` when the database uses the ICU provider (PG15+).
-    icu_locale: Option<String>,
 }
 
 /// The maintenance connection of a server: its configured database, unless
@@ -89,35 +98,26 @@ fn maintenance(ep: &Endpoint, db: &str) -> Endpoint {
 
 async fn source_locale(source: &Endpoint, db: &str) -> Result<DbLocale, SchemaError> {
     let c = db::connect(&maintenance(source, db), "source").await?;
-    let version: i32 = c
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+    let version = Version::of(&c)
         .await
-        .map_err(sql_err("reading the source version"))?
-        .get(0);
-    let icu = if version >= 150000 {
-        "CASE WHEN d.datlocprovider = 'i' THEN d.daticulocale END"
-    } else {
-        "NULL::text"
-    };
+        .map_err(sql_err("reading the source version"))?;
     let row = c
-        .query_opt(
-            &format!(
-                "SELECT pg_encoding_to_char(d.encoding)::text, d.datcollate::text, d.datctype::text, \
-                 pg_get_userbyid(d.datdba)::text, {icu} FROM pg_database d WHERE d.datname = $1"
-            ),
-            &[&db],
-        )
+        .query_opt(&crate::pg::database::locale_sql(version), &[&db])
         .await
         .map_err(sql_err("reading the source database's encoding"))?
         .ok_or_else(|| SchemaError::NoSourceDatabase {
             database: db.to_string(),
         })?;
     Ok(DbLocale {
-        encoding: row.get(0),
-        collate: row.get(1),
-        ctype: row.get(2),
+        locale: crate::pg::database::DbLocale {
+            encoding: row.get(0),
+            collate: row.get(1),
+            ctype: row.get(2),
+            provider: row.get(4),
+            locale: row.get(5),
+            icu_rules: row.get(6),
+        },
         owner: row.get(3),
-        icu_locale: row.get(4),
     })
 }
 
@@ -150,8 +150,8 @@ pub async fn prepare_target_database(
             .await
             .map_err(sql_err("reading the target database's encoding"))?
             .get(0);
-        if enc != locale.encoding {
-            tracing::warn!(database = db, source = %locale.encoding, target = %enc,
+        if enc != locale.locale.encoding {
+            tracing::warn!(database = db, source = %locale.locale.encoding, target = %enc,
                 "reusing an empty target database whose encoding differs from the source");
         }
         return Ok(TargetPrepared::Reused);
@@ -206,29 +206,18 @@ async fn user_objects(c: &Client) -> Result<Option<String>, SchemaError> {
 }
 
 async fn drop_database(admin: &Client, db: &str) -> Result<(), SchemaError> {
-    let version: i32 = admin
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
+    let version = Version::of(admin)
         .await
-        .map_err(sql_err("reading the target version"))?
-        .get(0);
+        .map_err(sql_err("reading the target version"))?;
     // Terminating first also serves servers before 13, which lack WITH (FORCE).
     admin
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = $1 AND pid <> pg_backend_pid()",
-            &[&db],
-        )
+        .execute(crate::pg::database::TERMINATE_SESSIONS_SQL, &[&db])
         .await
         .map_err(sql_err(format!(
             "terminating connections to target database {db}"
         )))?;
-    let force = if version >= 130000 {
-        " WITH (FORCE)"
-    } else {
-        ""
-    };
     admin
-        .batch_execute(&format!("DROP DATABASE {}{force}", quote_ident(db)))
+        .batch_execute(&crate::pg::database::drop_database_sql(version, db))
         .await
         .map_err(sql_err(format!("dropping target database {db}")))?;
     tracing::info!(database = db, "dropped the existing target database");
@@ -247,19 +236,16 @@ async fn create_database(admin: &Client, db: &str, l: &DbLocale) -> Result<(), S
         .await
         .map_err(sql_err("checking the database owner on the target"))?
         .get(0);
-    let mut sql = format!(
-        "CREATE DATABASE {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}",
-        quote_ident(db),
-        quote_literal(&l.encoding),
-        quote_literal(&l.collate),
-        quote_literal(&l.ctype)
-    );
-    if let Some(icu) = &l.icu_locale {
-        sql.push_str(&format!(
-            " LOCALE_PROVIDER icu ICU_LOCALE {}",
-            quote_literal(icu)
-        ));
-    }
+    let version = Version::of(admin)
+        .await
+        .map_err(sql_err("reading the target version"))?;
+    let mut sql =
+        crate::pg::database::create_database_sql(version, db, &l.locale).map_err(|e| {
+            SchemaError::Unsupported {
+                what: format!("creating target database {db}"),
+                message: e.to_string(),
+            }
+        })?;
     if owner_ok {
         sql.push_str(&format!(" OWNER {}", quote_ident(&l.owner)));
     }
@@ -267,7 +253,7 @@ async fn create_database(admin: &Client, db: &str, l: &DbLocale) -> Result<(), S
         .batch_execute(&sql)
         .await
         .map_err(sql_err(format!("creating target database {db}")))?;
-    tracing::info!(database = db, encoding = %l.encoding, collate = %l.collate, "created the target database");
+    tracing::info!(database = db, encoding = %l.locale.encoding, collate = %l.locale.collate, "created the target database");
     Ok(())
 }
 
@@ -279,6 +265,70 @@ pub struct DumpPlan {
     /// Roles the source's objects reference that the target lacks (or the
     /// target user cannot act as); when any, `--no-owner --no-privileges`.
     pub missing_roles: Vec<String>,
+    /// The pg_dump and psql used (one directory); empty: looked up by name.
+    pub tools: ClientTools,
+    /// With a pg_dump newer than the target: the parameters the target
+    /// knows, so the dump's SET lines for others are left out.
+    #[serde(skip)]
+    pub target_settings: Option<HashSet<String>>,
+}
+
+impl DumpPlan {
+    /// The path of client program `name` to run.
+    fn program(&self, name: &str) -> String {
+        if self.tools.dir.as_os_str().is_empty() {
+            name.to_string()
+        } else {
+            self.tools.program(name).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// The client programs for a `source` → `target` migration: `configured`
+/// (`[migration] pg_bin`) when set, else the best fit found
+/// ([`crate::pgbin::choose_client_tools`]).
+pub fn client_tools(
+    source: Version,
+    target: Version,
+    configured: Option<&std::path::Path>,
+) -> Result<(ClientTools, ToolsFit), SchemaError> {
+    let found = match configured {
+        Some(dir) => crate::pgbin::client_tool_dirs(None)
+            .into_iter()
+            .filter(|c| c.dir == dir)
+            .chain(
+                // Not among the searched places: look at it alone.
+                crate::pgbin::program_version(&dir.join("pg_dump")).map(|version| ClientTools {
+                    dir: dir.to_path_buf(),
+                    version,
+                    origin: "[migration] pg_bin".into(),
+                }),
+            )
+            .take(1)
+            .collect(),
+        None => crate::pgbin::client_tool_dirs(None),
+    };
+    crate::pgbin::choose_client_tools(&found, source.major(), target.major()).ok_or_else(|| {
+        SchemaError::NoClientTools {
+            source_major: source.major(),
+            target: target.major(),
+            found: describe_found(&found),
+            hint: crate::pgbin::client_tools_hint(target.major()),
+        }
+    })
+}
+
+/// "pg_dump 15 (…), pg_dump 16 (…)" or "none".
+pub fn describe_found(found: &[ClientTools]) -> String {
+    if found.is_empty() {
+        "none (PG_BIN, [migration] pg_bin, PATH, /usr/lib/postgresql/*/bin, the fetch cache)".into()
+    } else {
+        found
+            .iter()
+            .map(ClientTools::describe)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// Decides whether owners and privileges can be kept: only when every role
@@ -287,6 +337,16 @@ pub async fn plan_dump(
     source: &Endpoint,
     target: &Endpoint,
     db: &str,
+) -> Result<DumpPlan, SchemaError> {
+    plan_dump_with(source, target, db, None).await
+}
+
+/// [`plan_dump`] with the configured client programs' directory (`[migration] pg_bin`).
+pub async fn plan_dump_with(
+    source: &Endpoint,
+    target: &Endpoint,
+    db: &str,
+    pg_bin: Option<&std::path::Path>,
 ) -> Result<DumpPlan, SchemaError> {
     let src = db::connect(&source.with_dbname(db), "source database").await?;
     // pg_shdepend records owners and grantees, except the bootstrap superuser.
@@ -317,6 +377,28 @@ pub async fn plan_dump(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let (sv, tv) = (
+        Version::of(&src)
+            .await
+            .map_err(sql_err("reading the source version"))?,
+        Version::of(&tgt)
+            .await
+            .map_err(sql_err("reading the target version"))?,
+    );
+    let (tools, fit) = client_tools(sv, tv, pg_bin)?;
+    tracing::info!(database = db, tools = %tools.describe(), source = sv.major(), target = tv.major(), "schema copy programs");
+    let target_settings = if fit == ToolsFit::Newer {
+        let known = tgt
+            .query(crate::pg::settings::KNOWN_SETTINGS_SQL, &[])
+            .await
+            .map_err(sql_err("listing the target's parameters"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Some(known)
+    } else {
+        None
+    };
     if !missing.is_empty() {
         tracing::warn!(database = db, roles = ?missing,
             "roles missing on the target (or not usable by the target user): objects will be owned by the target user and GRANTs are not copied; set migration.copy_roles = true to copy roles");
@@ -324,6 +406,8 @@ pub async fn plan_dump(
     Ok(DumpPlan {
         keep_owners: missing.is_empty(),
         missing_roles: missing,
+        tools,
+        target_settings,
     })
 }
 
@@ -352,6 +436,9 @@ pub struct SchemaDump {
     pub database: String,
     pub section: Section,
     pub sql: Vec<u8>,
+    /// The psql that restores it (of the same installation as the pg_dump:
+    /// a dump may hold meta-commands of its psql version).
+    pub psql: String,
 }
 
 /// Dumps one schema section of `db` as of `snapshot`. Dumping both sections
@@ -386,17 +473,29 @@ pub async fn dump_section(
         args.push("--no-privileges".into());
     }
     let sql = run_program(
-        "pg_dump",
+        &plan.program("pg_dump"),
         &args,
         &source.with_dbname(db),
         None,
         &format!("pg_dump {} of {db}", section.as_str()),
     )
     .await?;
+    let sql = match &plan.target_settings {
+        Some(known) => {
+            let (sql, dropped) = crate::pg::settings::drop_unknown_settings(&sql, known);
+            if !dropped.is_empty() {
+                tracing::info!(database = db, parameters = ?dropped, pg_dump = %plan.tools.describe(),
+                    "left out of the dump: parameters the target does not have");
+            }
+            sql
+        }
+        None => sql,
+    };
     Ok(SchemaDump {
         database: db.to_string(),
         section,
         sql,
+        psql: plan.program("psql"),
     })
 }
 
@@ -420,7 +519,7 @@ pub async fn restore_section(target: &Endpoint, dump: &SchemaDump) -> Result<(),
     .map(|s| s.to_string())
     .collect();
     run_program_with_input(
-        "psql",
+        &dump.psql,
         &psql_args,
         &target.with_dbname(&dump.database),
         options,
@@ -528,8 +627,24 @@ pub struct RolesReport {
 /// already exist there are not altered (their passwords and attributes stay
 /// as they are); memberships are granted where possible.
 pub async fn copy_roles(source: &Endpoint, target: &Endpoint) -> Result<RolesReport, SchemaError> {
+    let tgt = db::connect(target, "target").await?;
+    let src = db::connect(source, "source").await?;
+    let (sv, tv) = (
+        Version::of(&src)
+            .await
+            .map_err(sql_err("reading the source version"))?,
+        Version::of(&tgt)
+            .await
+            .map_err(sql_err("reading the target version"))?,
+    );
+    drop(src);
+    let (tools, _) = client_tools(sv, tv, None)?;
+    let (pg_dumpall, psql) = (
+        tools.program("pg_dumpall").to_string_lossy().into_owned(),
+        tools.program("psql").to_string_lossy().into_owned(),
+    );
     let dump = match run_program(
-        "pg_dumpall",
+        &pg_dumpall,
         &["--roles-only".to_string()],
         source,
         None,
@@ -541,7 +656,7 @@ pub async fn copy_roles(source: &Endpoint, target: &Endpoint) -> Result<RolesRep
         // Managed servers do not let anyone read pg_authid.
         Err(SchemaError::Program { stderr, .. }) if stderr.contains("pg_authid") => {
             run_program(
-                "pg_dumpall",
+                &pg_dumpall,
                 &["--roles-only".into(), "--no-role-passwords".into()],
                 source,
                 None,
@@ -551,7 +666,6 @@ pub async fn copy_roles(source: &Endpoint, target: &Endpoint) -> Result<RolesRep
         }
         Err(e) => return Err(e),
     };
-    let tgt = db::connect(target, "target").await?;
     let existing: HashSet<String> = tgt
         .query("SELECT rolname::text FROM pg_roles", &[])
         .await
@@ -584,7 +698,7 @@ pub async fn copy_roles(source: &Endpoint, target: &Endpoint) -> Result<RolesRep
     // Without ON_ERROR_STOP: a membership or setting the target refuses must
     // not stop the other roles; each error is reported.
     let out = run_program_output(
-        "psql",
+        &psql,
         &["-X".into(), "-q".into(), "-o".into(), "/dev/null".into()],
         target,
         None,
@@ -626,11 +740,20 @@ fn leading_ident(s: &str) -> String {
 
 /// A PostgreSQL client program connected to `ep` through libpq environment
 /// variables, so the password never appears on a command line.
+///
+/// `program` is a path (from the chosen [`ClientTools`]) or a bare name,
+/// looked up as [`crate::pgbin::find`] does.
 fn command(program: &str, ep: &Endpoint, options: Option<&str>) -> Result<Command, SchemaError> {
-    let path = crate::pgbin::find(program).ok_or_else(|| SchemaError::ProgramMissing {
+    let missing = || SchemaError::ProgramMissing {
         program: program.to_string(),
         hint: crate::pgbin::INSTALL_HINT.to_string(),
-    })?;
+    };
+    let path = if program.contains('/') {
+        let p = std::path::PathBuf::from(program);
+        p.is_file().then_some(p).ok_or_else(missing)?
+    } else {
+        crate::pgbin::find(program).ok_or_else(missing)?
+    };
     let mut c = Command::new(path);
     for var in [
         "PGSERVICE",
@@ -772,18 +895,6 @@ pub async fn copy_sequences(
     sync.write(target, &values).await
 }
 
-// pg_sequence_last_value is NULL for a sequence never called (is_called = false);
-// the pg_sequences view hides is_called, so its building blocks are used.
-const READ_SEQUENCES_SQL: &str = "SELECT format('%I.%I', n.nspname, c.relname), \
-        pg_sequence_last_value(c.oid), s.seqstart \
-     FROM pg_class c \
-     JOIN pg_namespace n ON n.oid = c.relnamespace \
-     JOIN pg_sequence s ON s.seqrelid = c.oid \
-     WHERE c.relkind = 'S' AND c.relpersistence <> 't' \
-       AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgshift') \
-       AND n.nspname NOT LIKE 'pg_temp%' AND n.nspname NOT LIKE 'pg_toast%' \
-       AND CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, 'SELECT, USAGE') END";
-
 const WRITE_SEQUENCES_SQL: &str = "SELECT x.name FROM unnest($1::text[], $2::int8[], $3::bool[]) AS x(name, v, called) \
      WHERE CASE WHEN to_regclass(x.name) IS NULL THEN true \
                 ELSE setval(to_regclass(x.name), x.v, x.called) IS NULL END";
@@ -806,8 +917,11 @@ pub struct SequenceSync {
 
 impl SequenceSync {
     pub async fn prepare(source: &Client, target: &Client) -> Result<SequenceSync, SchemaError> {
+        let version = Version::of(source)
+            .await
+            .map_err(sql_err("reading the source version"))?;
         let read = source
-            .prepare(READ_SEQUENCES_SQL)
+            .prepare(crate::pg::catalog::read_sequences_sql(version))
             .await
             .map_err(sql_err("preparing to read source sequences"))?;
         let write = target

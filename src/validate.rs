@@ -186,7 +186,7 @@ pub async fn validate_resuming(config: &Config, own_copies: &[String]) -> Valida
 
     checks.extend(server::source_checks(source.as_ref(), m).await);
     checks.extend(server::target_checks(target.as_ref(), source.as_ref(), m, &config.target).await);
-    checks.push(server::pg_dump_check(source.as_ref(), target.as_ref()).await);
+    checks.push(server::pg_dump_check(source.as_ref(), target.as_ref(), m.pg_bin.as_deref()).await);
 
     let mut env = database::Environment::load(m, source.as_ref(), target.as_ref()).await;
     env.own_copies = own_copies.iter().cloned().collect();
@@ -232,7 +232,7 @@ Checks:
   - extensions available on the target, with their shared_preload_libraries loaded there
   - tables without a primary key or usable replica identity (a failure in online mode)
   - unlogged tables, large objects, materialized views: what is and is not carried
-  - pg_dump present and at least the source's major version
+  - a pg_dump (with psql) at least the source's major version, preferably the target's
 
 Exit status:
   0  no check failed (warnings allowed)

@@ -68,6 +68,7 @@ fn example_config_mentions_every_key() {
         "tables",
         "exclude_tables",
         "copy_roles",
+        "pg_bin",
         "trigger",
         "window",
         "start_when_lag_below",

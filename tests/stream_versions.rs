@@ -6,7 +6,6 @@
 
 mod common;
 mod cutover_common;
-mod version_bins;
 use common::*;
 
 use std::time::Duration;
@@ -33,11 +32,10 @@ CREATE TABLE trunc (id int PRIMARY KEY);
 ";
 
 fn source_with(major: u32) -> Option<Cluster> {
-    let bin = version_bins::server_bin(major)?;
-    let c = Cluster::start_with(ClusterOptions {
-        bin: Some(bin),
-        ..Default::default()
-    });
+    if !version_or_skip(major as i32, "stream_versions") {
+        return None;
+    }
+    let c = Cluster::start_version(major as i32);
     let num: u32 = c
         .psql("postgres", "SHOW server_version_num")
         .parse()
@@ -274,18 +272,18 @@ async fn cleanup_drops_the_marker_table_on_a_fenced_source() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutover_from_13_to_16() {
     use cutover_common::{DB as SHOP, Pair, Shift, Writer, out_text, phase, write_one};
-    let (Some(src_bin), Some(dst_bin)) =
-        (version_bins::server_bin(13), version_bins::server_bin(16))
-    else {
+    if !(version_or_skip(13, "cutover_from_13_to_16")
+        & version_or_skip(16, "cutover_from_13_to_16"))
+    {
         return;
-    };
+    }
     let pair = Pair::start_with(
         ClusterOptions {
-            bin: Some(src_bin),
+            version: Some(13),
             ..Default::default()
         },
         ClusterOptions {
-            bin: Some(dst_bin),
+            version: Some(16),
             ..Default::default()
         },
     );

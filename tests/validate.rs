@@ -738,3 +738,39 @@ fn bad_config_or_invocation_exits_2() {
         assert!(out.contains(needle), "{needle} missing from help:\n{out}");
     }
 }
+
+/// Version pairs pgshift does not migrate fail validation with the
+/// corrective action: a downgrade, and a target older than 15.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_version_pairs_fail() {
+    for (s, t, words, action) in [
+        (
+            17,
+            16,
+            "older major version than the source's 17",
+            "PostgreSQL 17 to 18",
+        ),
+        (12, 14, "older than 15", "PostgreSQL 15 to 18"),
+    ] {
+        let Some((src, tgt)) = start_pair(s, t, "unsupported_version_pairs_fail") else {
+            continue;
+        };
+        src.create_db("app");
+        let text = config_text(
+            &src.url("postgres"),
+            &tgt.url("postgres"),
+            &migration(&["app"], ""),
+        );
+        let report = validate(&load(&text)).await;
+        let check = report
+            .get("server_version", "target")
+            .expect("version check");
+        assert_eq!(check.status, Status::Failed, "{s}->{t}: {check:?}");
+        assert!(check.found.contains(words), "{s}->{t}: {check:?}");
+        assert!(
+            check.action.as_deref().unwrap().contains(action),
+            "{s}->{t}: {check:?}"
+        );
+        assert!(report.has_failures());
+    }
+}

@@ -69,7 +69,7 @@ pub async fn plan(
         .await
         .map_err(|e| sql_err("reading the server version", e))?
         .get(0);
-    rec.await_termination = version >= 140000;
+    rec.await_termination = crate::pg::Version(version).terminate_can_wait();
     for db in databases {
         let prev = previous_read_only(admin, db).await?;
         rec.databases.push((db.clone(), prev));

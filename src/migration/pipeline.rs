@@ -287,7 +287,7 @@ impl Pipeline {
             (snap, None)
         };
 
-        let plan = schema::plan_dump(source, target, db)
+        let plan = schema::plan_dump_with(source, target, db, self.cfg().pg_bin.as_deref())
             .await
             .map_err(step(db, "planning the schema dump"))?;
         schema::dump_restore_pre_data(source, target, db, Some(&snapshot), &plan)

@@ -137,13 +137,10 @@ fn binary_safe(types: &HashMap<u32, TypeInfo>, oid: u32, depth: u32) -> bool {
     }
 }
 
-async fn server_version(c: &Client) -> Result<i32, CopyError> {
-    Ok(
-        c.query_one("SELECT current_setting('server_version_num')::int", &[])
-            .await
-            .map_err(sql_err("reading the server version"))?
-            .get(0),
-    )
+async fn server_version(c: &Client) -> Result<crate::pg::Version, CopyError> {
+    crate::pg::Version::of(c)
+        .await
+        .map_err(sql_err("reading the server version"))
 }
 
 /// The tables of the connected database that hold data: ordinary tables and
@@ -186,20 +183,8 @@ pub async fn list_tables(c: &Client, filter: &TableFilter) -> Result<Vec<SourceT
         });
     }
     let types = load_types(c).await?;
-    let generated = if version >= 120000 {
-        "AND a.attgenerated = ''"
-    } else {
-        ""
-    };
     let cols = c
-        .query(
-            &format!(
-                "SELECT a.attrelid, a.attname::text, a.atttypid FROM pg_attribute a \
-                 WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped {generated} \
-                 ORDER BY a.attrelid, a.attnum"
-            ),
-            &[&oids],
-        )
+        .query(&crate::pg::catalog::copy_columns_sql(version), &[&oids])
         .await
         .map_err(sql_err("listing source columns"))?;
     let index: HashMap<u32, usize> = oids.iter().enumerate().map(|(i, o)| (*o, i)).collect();
@@ -754,7 +739,7 @@ async fn plan(
     opts: &CopyOptions,
 ) -> Result<(Vec<SourceTable>, Vec<WorkItem>), CopyError> {
     let src = snapshot_connection(source, snapshot, "source (copy planner)").await?;
-    let tid_range_scans = server_version(&src).await? >= 140000;
+    let tid_range_scans = server_version(&src).await?.tid_range_scans();
     let tables = list_tables(&src, &opts.filter).await?;
     drop(src);
     let mut items = Vec::new();

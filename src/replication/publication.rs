@@ -35,13 +35,19 @@ pub async fn create_publication(
         ),
     };
     let context = || format!("creating publication \"{name}\"");
-    match existing_shape(client, name).await? {
+    let version = crate::pg::Version::of(client)
+        .await
+        .map_err(|source| ReplicationError::Sql {
+            context: context(),
+            source,
+        })?;
+    match existing_shape(client, version, name).await? {
         Some(current) if current == wanted => return Ok(()),
         Some(_) => {
             let sql = format!(
                 "BEGIN; DROP PUBLICATION {}; {}; COMMIT",
                 quote_ident(name),
-                create_sql(name, wanted.as_ref())
+                create_sql(version, name, wanted.as_ref())
             );
             if let Err(source) = client.batch_execute(&sql).await {
                 // Leave the session usable for the caller.
@@ -53,7 +59,7 @@ pub async fn create_publication(
             }
         }
         None => client
-            .batch_execute(&create_sql(name, wanted.as_ref()))
+            .batch_execute(&create_sql(version, name, wanted.as_ref()))
             .await
             .map_err(|source| ReplicationError::Sql {
                 context: context(),
@@ -89,9 +95,13 @@ pub async fn publication_exists(client: &Client, name: &str) -> Result<bool, Rep
 
 type TableSet = BTreeSet<(String, String)>;
 
-/// None: no such publication. Some(None): all tables. Some(Some(set)): those tables.
+/// None: no such publication. Some(None): all tables. Some(Some(set)): those
+/// tables. A publication that leaves out actions, rows or columns, or names
+/// changes after the partition root, is reported with an impossible table
+/// set, so it is replaced.
 async fn existing_shape(
     client: &Client,
+    version: crate::pg::Version,
     name: &str,
 ) -> Result<Option<Option<TableSet>>, ReplicationError> {
     let sql_err = |source| ReplicationError::Sql {
@@ -99,26 +109,22 @@ async fn existing_shape(
         source,
     };
     let Some(row) = client
-        .query_opt(
-            "SELECT oid, puballtables FROM pg_publication WHERE pubname = $1",
-            &[&name],
-        )
+        .query_opt(&crate::pg::publication::shape_sql(version), &[&name])
         .await
         .map_err(sql_err)?
     else {
         return Ok(None);
     };
     let oid: tokio_postgres::types::Oid = row.get(0);
+    if !row.get::<_, bool>(2) {
+        // No wanted shape has an empty-named table.
+        return Ok(Some(Some(TableSet::from([(String::new(), String::new())]))));
+    }
     if row.get::<_, bool>(1) {
         return Ok(Some(None));
     }
     let rows = client
-        .query(
-            "SELECT n.nspname::text, c.relname::text FROM pg_publication_rel pr \
-             JOIN pg_class c ON c.oid = pr.prrelid \
-             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE pr.prpubid = $1",
-            &[&oid],
-        )
+        .query(crate::pg::publication::TABLES_SQL, &[&oid])
         .await
         .map_err(sql_err)?;
     Ok(Some(Some(
@@ -126,19 +132,23 @@ async fn existing_shape(
     )))
 }
 
-fn create_sql(name: &str, tables: Option<&TableSet>) -> String {
+fn create_sql(version: crate::pg::Version, name: &str, tables: Option<&TableSet>) -> String {
     let name = quote_ident(name);
+    let with = crate::pg::publication::create_options(version);
     match tables {
-        None => format!("CREATE PUBLICATION {name} FOR ALL TABLES"),
+        None => format!("CREATE PUBLICATION {name} FOR ALL TABLES{with}"),
         // A publication without tables publishes nothing, which is what an
         // empty filter means.
-        Some(t) if t.is_empty() => format!("CREATE PUBLICATION {name}"),
+        Some(t) if t.is_empty() => format!("CREATE PUBLICATION {name}{with}"),
         Some(t) => {
             let list: Vec<String> = t
                 .iter()
                 .map(|(s, r)| format!("{}.{}", quote_ident(s), quote_ident(r)))
                 .collect();
-            format!("CREATE PUBLICATION {name} FOR TABLE {}", list.join(", "))
+            format!(
+                "CREATE PUBLICATION {name} FOR TABLE {}{with}",
+                list.join(", ")
+            )
         }
     }
 }
@@ -231,19 +241,25 @@ mod tests {
 
     #[test]
     fn create_statements() {
+        let v12 = crate::pg::Version::major_release(12);
+        let v13 = crate::pg::Version::major_release(13);
         assert_eq!(
-            create_sql("p", None),
+            create_sql(v12, "p", None),
             "CREATE PUBLICATION \"p\" FOR ALL TABLES"
+        );
+        assert_eq!(
+            create_sql(v13, "p", None),
+            "CREATE PUBLICATION \"p\" FOR ALL TABLES WITH (publish_via_partition_root = false)"
         );
         let set: TableSet = [pair("public", "t"), pair("My S", "x\"y")]
             .into_iter()
             .collect();
         assert_eq!(
-            create_sql("p", Some(&set)),
+            create_sql(v12, "p", Some(&set)),
             "CREATE PUBLICATION \"p\" FOR TABLE \"My S\".\"x\"\"y\", \"public\".\"t\""
         );
         assert_eq!(
-            create_sql("p", Some(&TableSet::new())),
+            create_sql(v12, "p", Some(&TableSet::new())),
             "CREATE PUBLICATION \"p\""
         );
     }

@@ -28,7 +28,7 @@ pub struct SlotState {
     pub restart_lsn: Option<Lsn>,
     /// What the consumer confirmed as flushed (logical slots).
     pub confirmed_flush_lsn: Option<Lsn>,
-    /// `reserved`, `extended`, `unreserved` or `lost`.
+    /// `reserved`, `extended`, `unreserved` or `lost` (None before PostgreSQL 13).
     pub wal_status: Option<String>,
     /// WAL held back by the slot: current WAL position minus `restart_lsn`.
     pub retained_bytes: Option<i64>,
@@ -40,17 +40,18 @@ pub async fn slot_state(
     client: &Client,
     name: &str,
 ) -> Result<Option<SlotState>, ReplicationError> {
-    let row = client
-        .query_opt(
-            "SELECT slot_name::text, plugin::text, slot_type, database::text, temporary, active, \
-                    active_pid, restart_lsn::text, confirmed_flush_lsn::text, wal_status, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint \
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&name],
-        )
+    let context = || format!("reading replication slot \"{name}\"");
+    let version = crate::pg::Version::of(client)
         .await
         .map_err(|source| ReplicationError::Sql {
-            context: format!("reading replication slot \"{name}\""),
+            context: context(),
+            source,
+        })?;
+    let row = client
+        .query_opt(&crate::pg::slot::slot_state_sql(version), &[&name])
+        .await
+        .map_err(|source| ReplicationError::Sql {
+            context: context(),
             source,
         })?;
     let Some(r) = row else { return Ok(None) };

@@ -337,19 +337,7 @@ impl<'a> Environment<'a> {
 }
 
 async fn list_databases(s: &Server) -> Result<HashMap<String, DbInfo>, tokio_postgres::Error> {
-    // The locale provider columns moved between releases.
-    let locale_cols = if s.version_num >= 170_000 {
-        "datlocprovider::text, datlocale"
-    } else if s.version_num >= 150_000 {
-        "datlocprovider::text, daticulocale"
-    } else {
-        "'c'::text, NULL::text"
-    };
-    let sql = format!(
-        "SELECT datname::text, datallowconn, pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text, \
-                {locale_cols}, pg_has_role(datdba, 'USAGE') \
-         FROM pg_database"
-    );
+    let sql = crate::pg::database::list_databases_sql(crate::pg::Version(s.version_num));
     let rows = s.client.query(&sql, &[]).await?;
     Ok(rows
         .iter()
@@ -363,7 +351,7 @@ async fn list_databases(s: &Server) -> Result<HashMap<String, DbInfo>, tokio_pos
                     ctype: r.get(4),
                     provider: r.get(5),
                     locale: r.get(6),
-                    owned: r.get(7),
+                    owned: r.get(8),
                 },
             )
         })

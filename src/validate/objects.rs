@@ -94,24 +94,7 @@ async fn load_relations(ctx: &DbContext<'_>) -> Result<Vec<Relation>, tokio_post
     let rows = ctx
         .client
         .query(
-            "SELECT n.nspname::text, c.relname::text, c.relkind::text, c.relpersistence = 'u', c.relreplident::text, \
-                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \
-                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident AND i.indisvalid), \
-                    (SELECT ic.relname::text FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
-                      WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid AND i.indimmediate \
-                        AND i.indpred IS NULL AND i.indexprs IS NULL \
-                        AND NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid \
-                                        AND a.attnum = ANY (i.indkey::int2[]) AND NOT a.attnotnull) \
-                      ORDER BY i.indnatts, ic.relname LIMIT 1), \
-                    pg_has_role(c.relowner, 'USAGE'), \
-                    rn.nspname::text, rc.relname::text \
-             FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             LEFT JOIN pg_class rc ON c.relispartition AND rc.oid = pg_partition_root(c.oid) \
-             LEFT JOIN pg_namespace rn ON rn.oid = rc.relnamespace \
-             WHERE c.relkind IN ('r', 'm') AND c.relpersistence <> 't' \
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgshift') AND n.nspname NOT LIKE 'pg\\_toast%' \
-             ORDER BY 1, 2",
+            &crate::pg::catalog::relations_sql(crate::pg::Version(ctx.source.version_num)),
             &[],
         )
         .await?;

@@ -1,8 +1,6 @@
 //! Server-wide checks: reachability, versions, replication settings, the
 //! privileges of the configured users, preload libraries and pg_dump.
 
-use std::time::Duration;
-
 use tokio_postgres::Client;
 
 use super::Check;
@@ -96,11 +94,6 @@ impl Server {
         })
     }
 
-    /// The major version for messages: "15", or "9.6" before 10.
-    pub fn major(&self) -> String {
-        major_label(self.version_num)
-    }
-
     /// The role description used in several messages.
     fn role_words(&self) -> String {
         if self.superuser {
@@ -126,23 +119,6 @@ pub async fn open(ep: &Endpoint, what: &str) -> Result<Client, DbError> {
             source: e,
         })?;
     Ok(client)
-}
-
-/// The major version number comparable across the 9.x / 10+ schemes (906, 1500, …).
-pub fn major_key(version_num: i32) -> i32 {
-    if version_num >= 100_000 {
-        version_num / 10_000 * 100
-    } else {
-        version_num / 100
-    }
-}
-
-pub fn major_label(version_num: i32) -> String {
-    if version_num >= 100_000 {
-        (version_num / 10_000).to_string()
-    } else {
-        format!("{}.{}", version_num / 10_000, version_num / 100 % 100)
-    }
 }
 
 /// Library names from a `shared_preload_libraries` value (`'$libdir/x', y` → [x, y]).
@@ -435,23 +411,36 @@ fn distinct_servers_check(s: &Server, t: &Server) -> Option<Check> {
     })
 }
 
+/// The pair of versions is supported (see [`crate::pg::support`]); a
+/// same-major target on an older minor release only warns.
 fn version_check(s: &Server, t: &Server) -> Check {
     const NAME: &str = "server_version";
     let found = format!(
         "source PostgreSQL {}, target PostgreSQL {}",
         s.version, t.version
     );
-    if major_key(t.version_num) < major_key(s.version_num) {
-        Check::failed(
+    let (sv, tv) = (
+        crate::pg::Version(s.version_num),
+        crate::pg::Version(t.version_num),
+    );
+    let issues = crate::pg::support::check_pair(sv, tv);
+    if let Some(refused) = issues.iter().find(|i| i.refuses()) {
+        return Check::failed(
             NAME,
             "target",
-            format!("{found}: the target is an older major version"),
-            format!(
-                "use a target server running PostgreSQL {} or newer",
-                s.major()
-            ),
-        )
-    } else if t.version_num < s.version_num {
+            format!("{found}: {}", refused.describe(sv, tv)),
+            refused.action(sv),
+        );
+    }
+    if let Some(untested) = issues.first() {
+        return Check::warning(
+            NAME,
+            "target",
+            format!("{found}: {}", untested.describe(sv, tv)),
+            untested.action(sv),
+        );
+    }
+    if t.version_num < s.version_num {
         Check::warning(
             NAME,
             "target",
@@ -545,12 +534,8 @@ fn createdb_check(t: &Server) -> Check {
 
 /// Replication origins, session_replication_role and the control schema.
 async fn target_privilege_checks(t: &Server, m: &MigrationConfig, ep: &Endpoint) -> Vec<Check> {
-    // has_parameter_privilege exists from PostgreSQL 15; before, only superusers may SET it.
-    let srr = if t.version_num >= 150_000 {
-        "has_parameter_privilege('session_replication_role', 'SET')"
-    } else {
-        "false"
-    };
+    let version = crate::pg::Version(t.version_num);
+    let srr = crate::pg::catalog::may_set_parameter(version, "session_replication_role");
     let sql = format!(
         "SELECT {}, {srr}, has_database_privilege(current_database(), 'CREATE'), \
                 EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgshift' AND pg_has_role(nspowner, 'USAGE'))",
@@ -614,11 +599,10 @@ async fn target_privilege_checks(t: &Server, m: &MigrationConfig, ep: &Endpoint)
             ),
         )
     } else {
-        let action = if t.version_num >= 150_000 {
-            format!("on the target: GRANT SET ON PARAMETER session_replication_role TO {user};")
-        } else {
-            "connect to the target as a superuser (before PostgreSQL 15 only superusers may SET session_replication_role)".to_string()
-        };
+        let action = format!(
+            "on the target: {}",
+            crate::pg::catalog::grant_set_parameter(version, "session_replication_role", &user)
+        );
         Check::failed(
             "session_replication_role",
             "target",
@@ -677,122 +661,86 @@ const ORIGIN_FUNCTIONS: &[&str] = &[
     "pg_replication_origin_advance(text, pg_lsn)",
 ];
 
-/// `pg_dump` must exist and be at least the source's major version.
-pub async fn pg_dump_check(source: Option<&Server>, target: Option<&Server>) -> Check {
+/// A pg_dump (with its psql) must fit: at least the source's major version,
+/// preferably the target's (see [`crate::schema::client_tools`]).
+pub async fn pg_dump_check(
+    source: Option<&Server>,
+    target: Option<&Server>,
+    pg_bin: Option<&std::path::Path>,
+) -> Check {
     const NAME: &str = "pg_dump";
-    let need = source
-        .map(|s| s.major())
-        .unwrap_or_else(|| "the source's".into());
-    let install = format!(
-        "install the PostgreSQL {need} client programs (Debian/Ubuntu: apt-get install postgresql-client-{need}) or set PG_BIN to their directory"
-    );
-    let Some(path) = crate::pgbin::find("pg_dump") else {
-        return Check::failed(
+    let (Some(s), Some(t)) = (source, target) else {
+        return Check::warning(
             NAME,
             "pgshift",
-            "pg_dump not found (PG_BIN, PATH, /usr/lib/postgresql/*/bin)",
-            install,
+            "the source or target version is unknown, so the pg_dump to use is too",
+            "make both servers reachable, then validate again",
         );
     };
-    let out = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::process::Command::new(&path)
-            .arg("--version")
-            .output(),
-    )
-    .await;
-    let text = match out {
-        Ok(Ok(o)) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-        Ok(Ok(o)) => {
+    let (sv, tv) = (
+        crate::pg::Version(s.version_num),
+        crate::pg::Version(t.version_num),
+    );
+    let pg_bin = pg_bin.map(std::path::Path::to_path_buf);
+    // Each candidate runs `pg_dump --version`: off the async threads.
+    let chosen =
+        tokio::task::spawn_blocking(move || crate::schema::client_tools(sv, tv, pg_bin.as_deref()))
+            .await;
+    let (tools, fit) = match chosen {
+        Ok(Ok(c)) => c,
+        Ok(Err(crate::schema::SchemaError::NoClientTools {
+            source_major,
+            target,
+            found,
+            hint,
+        })) => {
             return Check::failed(
                 NAME,
                 "pgshift",
-                format!("{} --version failed: {}", path.display(), o.status),
-                install,
+                format!(
+                    "no pg_dump fits: the source runs PostgreSQL {source_major}, so pg_dump must be {source_major} or newer ({target}, the target's, preferred); found: {found}"
+                ),
+                hint,
             );
         }
         Ok(Err(e)) => {
             return Check::failed(
                 NAME,
                 "pgshift",
-                format!("cannot run {}: {e}", path.display()),
-                install,
+                e.to_string(),
+                crate::pgbin::client_tools_hint(tv.major()),
             );
         }
-        Err(_) => {
+        Err(e) => {
             return Check::failed(
                 NAME,
                 "pgshift",
-                format!("{} --version did not answer", path.display()),
-                install,
+                format!("looking for pg_dump failed: {e}"),
+                crate::pgbin::client_tools_hint(tv.major()),
             );
         }
     };
-    let Some(num) = parse_program_version(&text) else {
-        return Check::warning(
+    let found = format!(
+        "uses {} for a PostgreSQL {} source and {} target",
+        tools.describe(),
+        sv.major(),
+        tv.major()
+    );
+    match fit {
+        crate::pgbin::ToolsFit::Exact => Check::succeeded(NAME, "pgshift", found),
+        crate::pgbin::ToolsFit::Older => Check::succeeded(
             NAME,
             "pgshift",
-            format!("{}: cannot read its version from `{text}`", path.display()),
-            install,
-        );
-    };
-    let found = format!("{} is version {}", path.display(), major_label(num));
-    let Some(s) = source else {
-        return Check::warning(
-            NAME,
-            "pgshift",
-            format!("{found}; the source version is unknown"),
-            install,
-        );
-    };
-    if major_key(num) < major_key(s.version_num) {
-        return Check::failed(
+            format!("{found} (older than the target: its output restores on the newer server)"),
+        ),
+        crate::pgbin::ToolsFit::Newer => Check::warning(
             NAME,
             "pgshift",
             format!(
-                "{found}, older than the source server ({}); pg_dump refuses newer servers",
-                s.major()
+                "{found}: newer than the target; the parameters it sets that the target lacks are left out, other new syntax could still fail"
             ),
-            install,
-        );
-    }
-    if let Some(t) = target
-        && major_key(num) > major_key(t.version_num)
-    {
-        return Check::warning(
-            NAME,
-            "pgshift",
-            format!(
-                "{found}, newer than the target server ({}); its output may use syntax the target lacks",
-                t.major()
-            ),
-            format!(
-                "install the PostgreSQL {} client programs and set PG_BIN to their directory",
-                s.major()
-            ),
-        );
-    }
-    Check::succeeded(NAME, "pgshift", format!("{found}; source is {}", s.major()))
-}
-
-/// `pg_dump (PostgreSQL) 15.8 (Debian 15.8-1)` → 150008; `9.6.24` → 90624.
-pub fn parse_program_version(text: &str) -> Option<i32> {
-    let v = text
-        .split_whitespace()
-        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
-    let nums: Vec<i32> = v
-        .split(|c: char| !c.is_ascii_digit())
-        .take_while(|s| !s.is_empty())
-        .map(|s| s.parse().ok())
-        .collect::<Option<Vec<_>>>()?;
-    match nums.as_slice() {
-        [major, rest @ ..] if *major >= 10 => {
-            Some(major * 10_000 + rest.first().copied().unwrap_or(0))
-        }
-        [major, minor, rest @ ..] => {
-            Some(major * 10_000 + minor * 100 + rest.first().copied().unwrap_or(0))
-        }
-        _ => None,
+            crate::pgbin::client_tools_hint(tv.major()),
+        ),
     }
 }
 
@@ -810,28 +758,6 @@ pub fn query_failed(name: &str, scope: &str, e: tokio_postgres::Error) -> Check 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions() {
-        assert_eq!(
-            parse_program_version("pg_dump (PostgreSQL) 15.8 (Debian 15.8-1.pgdg)"),
-            Some(150008)
-        );
-        assert_eq!(
-            parse_program_version("pg_dump (PostgreSQL) 9.6.24"),
-            Some(90624)
-        );
-        assert_eq!(
-            parse_program_version("pg_dump (PostgreSQL) 17beta1"),
-            Some(170000)
-        );
-        assert_eq!(parse_program_version("nothing"), None);
-        assert_eq!(major_key(150008), 1500);
-        assert_eq!(major_key(90624), 906);
-        assert!(major_key(90624) < major_key(100001));
-        assert_eq!(major_label(90624), "9.6");
-        assert_eq!(major_label(160002), "16");
-    }
 
     #[test]
     fn preload_parsing() {

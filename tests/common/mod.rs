@@ -6,6 +6,13 @@
 //! (CI does), the server runs as the unprivileged `postgres` system user,
 //! because PostgreSQL refuses to run as root.
 //!
+//! Any installed major version can be started: `Cluster::start_version(17)`
+//! (or `ClusterOptions { version: Some(17), .. }`) finds its server programs
+//! through `PG_BIN_17`, the cache scripts/fetch-pg.sh fills, or
+//! /usr/lib/postgresql/17/bin. A test for a version that is not installed
+//! calls [`version_or_skip`] first: it skips with a note, unless
+//! `PGSHIFT_REQUIRE_VERSIONS` asks for that version (CI sets it).
+//!
 //! Users on every cluster:
 //! - `postgres` / `postgres` (superuser, SCRAM)
 //! - `app` / `app_pw` (SCRAM, CREATEDB, REPLICATION)
@@ -36,10 +43,92 @@ pub fn pg_bin() -> PathBuf {
         .unwrap_or_else(|| panic!("{}", pgshift::pgbin::INSTALL_HINT))
 }
 
+/// The server programs of major version `major`, if installed (see the module doc).
+pub fn pg_bin_for(major: i32) -> Option<PathBuf> {
+    pgshift::pgbin::server_bin_dir_for(major)
+}
+
+/// A directory with the client programs (pg_dump, psql) of major version
+/// `major`: `PG_BIN_<major>`, `/usr/lib/postgresql/<major>/bin` or the fetch
+/// cache's `clients-<major>/bin` (`scripts/fetch-pg.sh --clients <major>`).
+pub fn client_bin_for(major: i32) -> Option<PathBuf> {
+    let cache = pgshift::pgbin::cache_dir();
+    std::env::var_os(format!("PG_BIN_{major}"))
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+            cache.join(format!("clients-{major}")).join("bin"),
+        ])
+        .find(|d| {
+            d.join("psql").is_file() && pgshift::pgbin::dir_major(d, "pg_dump") == Some(major)
+        })
+}
+
+/// Is `major` required by `PGSHIFT_REQUIRE_VERSIONS` (`all`, or a list such
+/// as `11,13,18` or `11-18`)?
+pub fn version_required(major: i32) -> bool {
+    let Ok(spec) = std::env::var("PGSHIFT_REQUIRE_VERSIONS") else {
+        return false;
+    };
+    let spec = spec.trim();
+    if spec.is_empty() || spec == "0" {
+        return false;
+    }
+    if spec == "1" || spec.eq_ignore_ascii_case("all") {
+        return true;
+    }
+    spec.split([',', ' '])
+        .filter(|p| !p.is_empty())
+        .any(|part| match part.split_once('-') {
+            Some((a, b)) => match (a.trim().parse::<i32>(), b.trim().parse::<i32>()) {
+                (Ok(a), Ok(b)) => (a..=b).contains(&major),
+                _ => false,
+            },
+            None => part.trim().parse::<i32>() == Ok(major),
+        })
+}
+
+/// True when PostgreSQL `major` can be started; otherwise prints why the
+/// caller skips it and returns false — or panics when the version is
+/// required ([`version_required`]).
+pub fn version_or_skip(major: i32, test: &str) -> bool {
+    if pg_bin_for(major).is_some() {
+        return true;
+    }
+    let msg = format!(
+        "PostgreSQL {major} server programs not found (PG_BIN_{major}, {}/{major}/bin, /usr/lib/postgresql/{major}/bin); \
+         fetch them with `scripts/fetch-pg.sh {major}`",
+        pgshift::pgbin::cache_dir().display()
+    );
+    if version_required(major) {
+        panic!("{test}: {msg} (PGSHIFT_REQUIRE_VERSIONS requires it)");
+    }
+    eprintln!("{test}: SKIPPED for PostgreSQL {major}: {msg}");
+    false
+}
+
+/// A source of major `source` and a target of major `target` (e.g. for an
+/// end-to-end test of a version pair), or None after a skip note when one
+/// of them is not installed (see [`version_or_skip`]).
+pub fn start_pair(source: i32, target: i32, test: &str) -> Option<(Cluster, Cluster)> {
+    if !(version_or_skip(source, test) & version_or_skip(target, test)) {
+        return None;
+    }
+    Some((
+        Cluster::start_version(source),
+        Cluster::start_version(target),
+    ))
+}
+
 /// A program from the PostgreSQL bin dir (pgbench, pg_dump, psql …), falling back to PATH.
 pub fn pg_program(name: &str) -> PathBuf {
     let p = pg_bin().join(name);
-    if p.is_file() { p } else { PathBuf::from(name) }
+    if p.is_file() {
+        p
+    } else {
+        pgshift::pgbin::find(name).unwrap_or_else(|| PathBuf::from(name))
+    }
 }
 
 /// A loopback port nobody listens on (best effort; start retries on a clash).
@@ -57,9 +146,8 @@ pub struct ClusterOptions {
     pub wal_level: String,
     /// TLS toward clients (see [`ClusterTls`]).
     pub tls: ClusterTls,
-    /// Server programs of another version than [`pg_bin`] (tests that need
-    /// two versions at once); None: [`pg_bin`].
-    pub bin: Option<PathBuf>,
+    /// The major version to run; None: the default installation ([`pg_bin`]).
+    pub version: Option<i32>,
 }
 
 impl Default for ClusterOptions {
@@ -69,14 +157,29 @@ impl Default for ClusterOptions {
             encoding: None,
             wal_level: "logical".into(),
             tls: ClusterTls::Off,
-            bin: None,
+            version: None,
         }
     }
 }
 
 impl ClusterOptions {
+    /// The server programs these options run.
+    fn bin(&self) -> PathBuf {
+        match self.version {
+            Some(v) => pg_bin_for(v).unwrap_or_else(|| {
+                panic!(
+                    "PostgreSQL {v} server programs not found (PG_BIN_{v}, {}, /usr/lib/postgresql/{v}/bin); \
+                     fetch them with `scripts/fetch-pg.sh {v}`",
+                    pgshift::pgbin::cache_dir().display()
+                )
+            }),
+            None => pg_bin(),
+        }
+    }
+
     fn local(&self) -> LocalOptions {
         LocalOptions {
+            bin: Some(self.bin()),
             conf: self.conf.clone(),
             encoding: self.encoding.clone(),
             wal_level: self.wal_level.clone(),
@@ -90,12 +193,7 @@ impl ClusterOptions {
                  host replication all 127.0.0.1/32 scram-sha-256\n"
                     .into(),
             ),
-            bin: self.bin.clone(),
         }
-    }
-
-    fn bin_dir(&self) -> PathBuf {
-        self.bin.clone().unwrap_or_else(pg_bin)
     }
 }
 
@@ -122,11 +220,13 @@ impl std::ops::DerefMut for Cluster {
     }
 }
 
-/// initdb is the slow part of a start: one template per option set is made
-/// once (shared by all test processes, published by an atomic rename) and copied.
+/// initdb is the slow part of a start: one template per server version and
+/// option set is made once (shared by all test processes, published by an
+/// atomic rename) and copied.
 fn template_for(opts: &ClusterOptions) -> PathBuf {
     let enc = opts.encoding.clone().unwrap_or_else(|| "UTF8".into());
-    let version = Command::new(opts.bin_dir().join("postgres"))
+    let bin = opts.bin();
+    let version = Command::new(bin.join("postgres"))
         .arg("--version")
         .output()
         .map(|o| {
@@ -152,13 +252,8 @@ fn template_for(opts: &ClusterOptions) -> PathBuf {
         .arg("postgres:postgres")
         .arg(dir.path())
         .status();
-    pgshift::localpg::initdb(
-        &opts.bin_dir(),
-        &dir.path().join("data"),
-        dir.path(),
-        &opts.local(),
-    )
-    .unwrap_or_else(|e| panic!("initdb: {e}"));
+    pgshift::localpg::initdb(&bin, &dir.path().join("data"), dir.path(), &opts.local())
+        .unwrap_or_else(|e| panic!("initdb: {e}"));
     let tmp = dir.keep();
     if std::fs::rename(&tmp, &final_dir).is_err() {
         // Another process published it first.
@@ -171,6 +266,20 @@ impl Cluster {
     /// Starts a default cluster (UTF8, wal_level = logical).
     pub fn start() -> Cluster {
         Cluster::start_with(ClusterOptions::default())
+    }
+
+    /// Starts a default cluster of major version `major`; panics when its
+    /// programs are not installed (see [`version_or_skip`]).
+    pub fn start_version(major: i32) -> Cluster {
+        Cluster::start_with(ClusterOptions {
+            version: Some(major),
+            ..ClusterOptions::default()
+        })
+    }
+
+    /// The server's major version (from its programs).
+    pub fn major(&self) -> i32 {
+        pgshift::pgbin::dir_major(&self.bin, "postgres").unwrap_or(0)
     }
 
     pub fn start_with(opts: ClusterOptions) -> Cluster {
