@@ -1080,11 +1080,13 @@ impl Applier {
         let database = self.opts.database.clone();
         Err(ApplyError::SchemaMismatch {
             remedy: match &mismatch.fix {
-                Some(sql) => {
-                    format!("run on the target database {database}: {sql} and restart apply")
-                }
+                // The stream retries a stopped apply, so it resumes by
+                // itself once the target matches.
+                Some(sql) => format!(
+                    "run on the target database {database}: {sql} Apply retries and resumes once the target matches"
+                ),
                 None => format!(
-                    "{} (database {database}), then restart apply",
+                    "{} (database {database}); apply retries and resumes once the target matches",
                     mismatch.manual
                 ),
             },
