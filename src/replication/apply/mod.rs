@@ -1108,17 +1108,23 @@ impl Applier {
             ("database".to_string(), source.dbname.clone()),
             ("application_name".to_string(), "pgshift apply".to_string()),
         ];
-        let mut conn = ServerConnection::connect(
-            &ConnectOptions::for_endpoint(source),
-            &startup,
-            source.password.as_ref().map(|p| p.expose()),
-        )
-        .await
-        .ok()?;
-        conn.simple_query("SET search_path = pg_catalog")
+        let read = async {
+            let mut conn = ServerConnection::connect(
+                &ConnectOptions::for_endpoint(source),
+                &startup,
+                source.password.as_ref().map(|p| p.expose()),
+            )
             .await
             .ok()?;
-        let rows = conn.simple_query(&query).await.ok()?;
+            conn.simple_query("SET search_path = pg_catalog")
+                .await
+                .ok()?;
+            conn.simple_query(&query).await.ok()
+        };
+        // An unreachable source must not hold up the error it would improve.
+        let rows = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .ok()??;
         Some(SourceColumn::from_rows(&rows))
     }
 
