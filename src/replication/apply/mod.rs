@@ -1117,11 +1117,13 @@ impl Applier {
         let database = self.opts.database.clone();
         Err(ApplyError::SchemaMismatch {
             remedy: match &mismatch.fix {
-                Some(sql) => {
-                    format!("run on the target database {database}: {sql} and restart apply")
-                }
+                // The stream retries a stopped apply, so it resumes by
+                // itself once the target matches.
+                Some(sql) => format!(
+                    "run on the target database {database}: {sql} Apply retries and resumes once the target matches"
+                ),
                 None => format!(
-                    "{} (database {database}), then restart apply",
+                    "{} (database {database}); apply retries and resumes once the target matches",
                     mismatch.manual
                 ),
             },
@@ -1143,17 +1145,23 @@ impl Applier {
             ("database".to_string(), source.dbname.clone()),
             ("application_name".to_string(), "pgshift apply".to_string()),
         ];
-        let mut conn = ServerConnection::connect(
-            &ConnectOptions::for_endpoint(source),
-            &startup,
-            source.password.as_ref().map(|p| p.expose()),
-        )
-        .await
-        .ok()?;
-        conn.simple_query("SET search_path = pg_catalog")
+        let read = async {
+            let mut conn = ServerConnection::connect(
+                &ConnectOptions::for_endpoint(source),
+                &startup,
+                source.password.as_ref().map(|p| p.expose()),
+            )
             .await
             .ok()?;
-        let rows = conn.simple_query(&query).await.ok()?;
+            conn.simple_query("SET search_path = pg_catalog")
+                .await
+                .ok()?;
+            conn.simple_query(&query).await.ok()
+        };
+        // An unreachable source must not hold up the error it would improve.
+        let rows = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .ok()??;
         Some(SourceColumn::from_rows(&rows))
     }
 
