@@ -44,6 +44,20 @@ pub fn text_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {
     .delimited(" ")
 }
 
+/// True at most once per `secs` seconds for the same `last` (seconds since
+/// the epoch when it was last true): rate-limits warnings about floods.
+pub fn once_per(last: &std::sync::atomic::AtomicU64, secs: u64) -> bool {
+    use std::sync::atomic::Ordering;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let prev = last.load(Ordering::Relaxed);
+    now >= prev.saturating_add(secs)
+        && last
+            .compare_exchange(prev, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 /// Installs the global subscriber (`RUST_LOG` filters, default `info`), to stderr.
 pub fn init(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -90,6 +104,13 @@ mod tests {
             tracing::subscriber::with_default(builder.fmt_fields(text_fields()).finish(), f);
         }
         String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn once_per_interval() {
+        let last = std::sync::atomic::AtomicU64::new(0);
+        assert!(once_per(&last, 3600));
+        assert!(!once_per(&last, 3600));
     }
 
     #[test]

@@ -314,3 +314,32 @@ async fn a_password_sent_instead_of_sasl_is_not_echoed() {
     assert!(!text.contains("Hunter2"), "{text}");
     assert!(text.contains("SASL"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_users_fail_like_wrong_passwords() {
+    // Authentication fails before any backend is opened: no cluster needed.
+    let dead = free_port();
+    for auth in ["scram-sha-256", "md5"] {
+        let text = proxy_config_text(free_port(), free_port(), dead, dead, auth, "");
+        let config = pgshift::Config::from_toml(&text, &|_| None).unwrap();
+        let ctx = pgshift::Context::new(config);
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (_h, task) = pgshift::proxy::Proxy::start(ctx, listener).unwrap();
+        let url = |user: &str| {
+            format!("postgres://{user}:wrong_pw@127.0.0.1:{port}/postgres?sslmode=disable")
+        };
+        let known = try_connect(&url(APP_USER)).await.err().unwrap();
+        let unknown = try_connect(&url("ghost")).await.err().unwrap();
+        assert_eq!(code(&known), "28P01", "{known}");
+        assert_eq!(code(&unknown), "28P01", "{unknown}");
+        assert_eq!(
+            message(&known).replace(APP_USER, "U"),
+            message(&unknown).replace("ghost", "U"),
+            "{auth}"
+        );
+        task.abort();
+    }
+}

@@ -248,7 +248,10 @@ async fn serve_connection(
 
 /// Answers 503 without waiting for the request and closes.
 fn refuse_busy(tcp: &tokio::net::TcpStream) {
-    tracing::warn!("admin API: {MAX_CONNECTIONS} connections are open; refusing another");
+    static LAST_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if crate::logging::once_per(&LAST_WARNED, 10) {
+        tracing::warn!("admin API: {MAX_CONNECTIONS} connections are open; refusing more");
+    }
     let body = "{\"error\":\"too many admin API connections\"}";
     let resp = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -83,7 +83,13 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 /// it: a flood costs an accept and a close each.
 fn refuse_full(shared: &Shared, tcp: &TcpStream, peer: SocketAddr, full: admission::Full) {
     shared.metrics.error("startup_limit");
-    tracing::debug!(%peer, "connection refused: {}", full.message());
+    // A flood must not flood the log too: one warning per interval.
+    static LAST_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    if crate::logging::once_per(&LAST_WARNED, 10) {
+        tracing::warn!(%peer, "refusing connections: {} (more are counted in pgshift_proxy_errors_total{{kind=\"startup_limit\"}})", full.message());
+    } else {
+        tracing::debug!(%peer, "connection refused: {}", full.message());
+    }
     let frame = ErrorFields::new("FATAL", "53300", full.message()).to_frame();
     // A fresh socket's send buffer takes this at once; if not, the close says enough.
     let _ = tcp.try_write(&frame);
