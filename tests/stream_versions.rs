@@ -395,3 +395,31 @@ async fn validation_leaves_the_marker_table_out() {
     );
     assert!(!check.found.contains("pgshift"), "{check:?}");
 }
+
+/// The slot commands use the syntax the source knows: the keyword form of
+/// CREATE_REPLICATION_SLOT before 15, and no DROP … WAIT before 13 (a clear
+/// error instead of the server's syntax error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_commands_on_source_11() {
+    let Some(source) = source_with(11) else {
+        return;
+    };
+    let ep = pgshift::config::Endpoint::parse("source.url", &source.url("postgres")).unwrap();
+    let mut conn = ReplicationConnection::connect(&ep, "postgres", "pgshift-test")
+        .await
+        .unwrap();
+    assert_eq!(conn.server_major_version(), 11);
+    let slot = conn
+        .create_slot("v11", SnapshotAction::Export, false)
+        .await
+        .unwrap();
+    assert!(slot.snapshot_name.is_some(), "{slot:?}");
+    let err = conn.drop_slot("v11", true).await.unwrap_err();
+    assert!(err.to_string().contains("WAIT"), "{err}");
+    assert!(conn.drop_slot("v11", false).await.unwrap());
+    assert!(!conn.drop_slot("v11", false).await.unwrap());
+    conn.create_slot("v11_tmp", SnapshotAction::NoExport, true)
+        .await
+        .unwrap();
+    conn.close().await;
+}
