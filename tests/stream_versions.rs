@@ -118,11 +118,21 @@ fn counts(c: &Cluster) -> String {
 /// INSERT, UPDATE, DELETE and TRUNCATE reach the target, and each marker
 /// resolves only once everything committed before it is there — also on a
 /// source fenced read-only, as in a cutover's pause.
-async fn streams_every_change_and_marks(major: u32, table_list: bool) {
+async fn streams_every_change_and_marks(major: u32, table_list: bool, target_major: Option<u32>) {
     let Some(source) = source_with(major) else {
         return;
     };
-    let target = Cluster::start();
+    // The default target is the harness's server (PG_BIN or the system's).
+    let target = match target_major {
+        None => Cluster::start(),
+        Some(m) => match version_bins::server_bin(m) {
+            Some(bin) => Cluster::start_with(ClusterOptions {
+                bin: Some(bin),
+                ..Default::default()
+            }),
+            None => return,
+        },
+    };
     let cfg = prepare(&source, &target, table_list).await;
     let stream = DatabaseStream::start(cfg, StreamMetrics::register(&prometheus::Registry::new()));
 
@@ -194,22 +204,32 @@ async fn streams_every_change_and_marks(major: u32, table_list: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_11_streams_and_marks() {
-    streams_every_change_and_marks(11, false).await;
+    streams_every_change_and_marks(11, false, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_12_with_a_table_list_streams_and_marks() {
-    streams_every_change_and_marks(12, true).await;
+    streams_every_change_and_marks(12, true, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_13_streams_and_marks() {
-    streams_every_change_and_marks(13, false).await;
+    streams_every_change_and_marks(13, false, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_14_streams_and_marks_with_logical_messages() {
-    streams_every_change_and_marks(14, true).await;
+    streams_every_change_and_marks(14, true, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_11_to_target_18_streams_and_marks() {
+    streams_every_change_and_marks(11, true, Some(18)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_18_streams_and_marks() {
+    streams_every_change_and_marks(18, false, None).await;
 }
 
 /// Cancel and the end of a cutover release the marker table with the slot
@@ -392,4 +412,32 @@ async fn validation_leaves_the_marker_table_out() {
         "{check:?}"
     );
     assert!(!check.found.contains("pgshift"), "{check:?}");
+}
+
+/// The slot commands use the syntax the source knows: the keyword form of
+/// CREATE_REPLICATION_SLOT before 15, and no DROP … WAIT before 13 (a clear
+/// error instead of the server's syntax error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_commands_on_source_11() {
+    let Some(source) = source_with(11) else {
+        return;
+    };
+    let ep = pgshift::config::Endpoint::parse("source.url", &source.url("postgres")).unwrap();
+    let mut conn = ReplicationConnection::connect(&ep, "postgres", "pgshift-test")
+        .await
+        .unwrap();
+    assert_eq!(conn.server_major_version(), 11);
+    let slot = conn
+        .create_slot("v11", SnapshotAction::Export, false)
+        .await
+        .unwrap();
+    assert!(slot.snapshot_name.is_some(), "{slot:?}");
+    let err = conn.drop_slot("v11", true).await.unwrap_err();
+    assert!(err.to_string().contains("WAIT"), "{err}");
+    assert!(conn.drop_slot("v11", false).await.unwrap());
+    assert!(!conn.drop_slot("v11", false).await.unwrap());
+    conn.create_slot("v11_tmp", SnapshotAction::NoExport, true)
+        .await
+        .unwrap();
+    conn.close().await;
 }

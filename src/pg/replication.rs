@@ -92,6 +92,16 @@ impl Version {
         };
         format!("CREATE_REPLICATION_SLOT {name}{temp} LOGICAL pgoutput{snap}")
     }
+
+    /// `DROP_REPLICATION_SLOT`; None when `wait` is asked of a server
+    /// without the WAIT option (before 13).
+    pub fn drop_slot_command(self, name: &str, wait: bool) -> Option<String> {
+        match (wait, self.major() >= 13) {
+            (true, false) => None,
+            (true, true) => Some(format!("DROP_REPLICATION_SLOT {name} WAIT")),
+            (false, _) => Some(format!("DROP_REPLICATION_SLOT {name}")),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -154,6 +164,15 @@ mod tests {
         assert_eq!(
             Version(180000).create_slot_command("s", true, false),
             "CREATE_REPLICATION_SLOT s TEMPORARY LOGICAL pgoutput (SNAPSHOT 'nothing')"
+        );
+        assert_eq!(
+            Version(120000).drop_slot_command("s", false).as_deref(),
+            Some("DROP_REPLICATION_SLOT s")
+        );
+        assert_eq!(Version(120000).drop_slot_command("s", true), None);
+        assert_eq!(
+            Version(130000).drop_slot_command("s", true).as_deref(),
+            Some("DROP_REPLICATION_SLOT s WAIT")
         );
     }
 }

@@ -354,10 +354,14 @@ impl ReplicationConnection {
     /// go away instead of failing with [`ReplicationError::SlotInUse`].
     pub async fn drop_slot(&mut self, name: &str, wait: bool) -> Result<bool, ReplicationError> {
         check_slot_name(name)?;
-        let sql = format!(
-            "DROP_REPLICATION_SLOT {name}{}",
-            if wait { " WAIT" } else { "" }
-        );
+        let version = self.version_or_oldest();
+        let sql =
+            version
+                .drop_slot_command(name, wait)
+                .ok_or_else(|| ReplicationError::Invalid {
+                    what: "DROP_REPLICATION_SLOT".into(),
+                    message: format!("PostgreSQL {version} cannot WAIT for a slot in use (13+)"),
+                })?;
         match self
             .command(&sql, &format!("dropping replication slot \"{name}\""))
             .await
