@@ -125,13 +125,12 @@ async fn streams_every_change_and_marks(major: u32, table_list: bool, target_maj
     // The default target is the harness's server (PG_BIN or the system's).
     let target = match target_major {
         None => Cluster::start(),
-        Some(m) => match version_bins::server_bin(m) {
-            Some(bin) => Cluster::start_with(ClusterOptions {
-                bin: Some(bin),
-                ..Default::default()
-            }),
-            None => return,
-        },
+        Some(m) => {
+            if !version_or_skip(m as i32, "stream_versions") {
+                return;
+            }
+            Cluster::start_version(m as i32)
+        }
     };
     let cfg = prepare(&source, &target, table_list).await;
     let stream = DatabaseStream::start(cfg, StreamMetrics::register(&prometheus::Registry::new()));
