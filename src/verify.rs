@@ -303,8 +303,10 @@ async fn compare_checksums(
             .as_ref()
             .map(|v| format!("{row} > {}", key_literal(&key, v)))
             .unwrap_or_else(|| "true".into());
+        // `c` is read twice, so every version computes it once (12+ inlines
+        // only a CTE read once; 11 has no MATERIALIZED keyword).
         let src_sql = format!(
-            "WITH c AS MATERIALIZED (SELECT {ROW_HASH} AS h, {keys} FROM ONLY {quoted} x \
+            "WITH c AS (SELECT {ROW_HASH} AS h, {keys} FROM ONLY {quoted} x \
                WHERE {lower_cond} ORDER BY {order} LIMIT {chunk_rows}) \
              SELECT count(*), {HASH_SUM}, \
                (SELECT ARRAY[{key_text}] FROM c ORDER BY {desc} LIMIT 1) FROM c",

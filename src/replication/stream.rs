@@ -454,15 +454,14 @@ impl DatabaseStream {
                 error,
             })?;
         let lsn = self.emit_marker(&src, id).await?;
-        self.wait_marker(id, timeout).await?;
+        // Patient: a stream that breaks and recovers within `timeout` is fine.
+        self.wait_for_marker(id, timeout, false).await?;
         Ok(lsn)
     }
 
     /// Emits the marker `id` on a connection from [`marker_connection`];
-    /// returns its position. Refused while the stream is not healthy: its
-    /// marker could not arrive.
+    /// returns its position.
     pub async fn emit_marker(&self, src: &MarkerConnection, id: &str) -> Result<Lsn, CatchUpError> {
-        self.status.health().map_err(CatchUpError::Unhealthy)?;
         apply::emit_marker_with(&src.client, &src.emit, id)
             .await
             .map_err(|e| CatchUpError::Emit {
@@ -472,8 +471,18 @@ impl DatabaseStream {
     }
 
     /// Waits until apply has committed the marker `id`, for at most
-    /// `timeout`; ends at once when the stream breaks.
+    /// `timeout`; ends at once when the stream is not healthy (the cutover
+    /// must not hold clients for a stream it knows is broken).
     pub async fn wait_marker(&self, id: &str, timeout: Duration) -> Result<(), CatchUpError> {
+        self.wait_for_marker(id, timeout, true).await
+    }
+
+    async fn wait_for_marker(
+        &self,
+        id: &str,
+        timeout: Duration,
+        fail_fast: bool,
+    ) -> Result<(), CatchUpError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut markers = self.markers.clone();
         let mut changed = self.status.changed.subscribe();
@@ -482,7 +491,9 @@ impl DatabaseStream {
                 return Ok(());
             }
             changed.borrow_and_update();
-            self.status.health().map_err(CatchUpError::Unhealthy)?;
+            if fail_fast {
+                self.status.health().map_err(CatchUpError::Unhealthy)?;
+            }
             tokio::select! {
                 r = markers.changed() => if r.is_err() {
                     return Err(CatchUpError::Unhealthy(format!("database {}: the stream stopped", self.database)));
