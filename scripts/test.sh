@@ -38,4 +38,4 @@ if [ "${PGSHIFT_TEST_FETCH:-1}" != 0 ]; then
     echo "test.sh: psycopg not installable; its tests will fail" >&2
 fi
 
-exec cargo test --all-targets -- --test-threads "${PGSHIFT_TEST_THREADS:-4}" "$@"
+exec cargo test --all-targets --no-fail-fast -- --test-threads "${PGSHIFT_TEST_THREADS:-4}" "$@"
