@@ -119,7 +119,8 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// The server programs of major version `major`: `PG_BIN_<major>`, the
-/// fetch cache ([`cache_dir`]), `/usr/lib/postgresql/<major>/bin`, or the
+/// fetch cache ([`cache_dir`]: `<major>/bin`, then the whole installation
+/// `clients-<major>/bin`), `/usr/lib/postgresql/<major>/bin`, or the
 /// default installation ([`server_bin_dir`]) when it is that version.
 pub fn server_bin_dir_for(major: i32) -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = Vec::new();
@@ -127,6 +128,7 @@ pub fn server_bin_dir_for(major: i32) -> Option<PathBuf> {
         candidates.push(PathBuf::from(d));
     }
     candidates.push(cache_dir().join(major.to_string()).join("bin"));
+    candidates.push(cache_dir().join(format!("clients-{major}")).join("bin"));
     candidates.push(PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")));
     candidates.extend(server_bin_dir());
     candidates

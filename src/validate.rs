@@ -223,7 +223,8 @@ and, when it is not Succeeded, the corrective action: the SQL or setting to chan
 Nothing is changed on either server.
 
 Checks:
-  - both servers reachable with the configured credentials; target version >= source
+  - both servers reachable with the configured credentials; a supported version pair
+    (source 11-18, target 15-18, target major >= source major)
   - source: wal_level = logical, free replication slots and WAL senders (one per database),
     REPLICATION, the right to create publications
   - target: CREATEDB, replication origins, SET session_replication_role, the pgshift schema

@@ -240,7 +240,15 @@ fn template_for(opts: &ClusterOptions) -> PathBuf {
         .unwrap_or_else(|_| "x".into());
     let root = std::env::temp_dir().join("pgshift-test-templates");
     let _ = std::fs::create_dir_all(&root);
-    let final_dir = root.join(format!("{version}-{enc}-v2"));
+    // Two builds of one release (Debian's, a fetched one) may differ in
+    // what a data directory holds: the bin dir is part of the key.
+    let build = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        bin.hash(&mut h);
+        h.finish() as u32
+    };
+    let final_dir = root.join(format!("{version}-{build:08x}-{enc}-v2"));
     if final_dir.join("data/PG_VERSION").is_file() {
         return final_dir.join("data");
     }
