@@ -1,6 +1,7 @@
 //! The cutover protocol (DESIGN.md "Cutover", issue 5):
 //! 0 prepare (connections) and prewarm (target backends opened while clients
-//! run) → 1 gate → 2 drain → 3 fence → 4 marker → 5 sequences → 6 verify →
+//! run) → 1 gate → 2 drain → 3 fence → 4 marker → 5 sequences and fence
+//! check (while the marker travels) → 6 verify →
 //! 7 point of no return (persist "switched", swap route, move sessions, open
 //! the gate) → finish (stop streaming, drop slot and publication).
 //! Every phase is timed, logged and exported; any failure or timeout before 7
@@ -349,10 +350,11 @@ impl<H: CutoverHost> Attempt<'_, H> {
         self.persist_running(Some(&rec))
             .await
             .map_err(|e| format!("cannot persist the fence record: {e}"))?;
-        self.planned_fence = Some(rec);
-        fence::count_bypassing(admin, &dbs, &self.host.source_backend_pids())
+        let n = fence::count_bypassing(admin, &rec, &self.host.source_backend_pids())
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        self.planned_fence = Some(rec);
+        n
     }
 
     async fn fence(&mut self, admin: &tokio_postgres::Client) -> Result<(), Abort> {
@@ -421,17 +423,24 @@ impl<H: CutoverHost> Attempt<'_, H> {
         }
     }
 
-    /// The marker and the sequences, concurrently: after the fence nothing
-    /// can call nextval on the source (new sessions are read-only, the others
-    /// terminated, the proxy's held), so the values read while the marker is
-    /// on its way are the final ones. The target never writes sequences
-    /// itself (apply inserts explicit values), so setting them before the
-    /// marker is applied changes nothing apply does; an abort leaves them
-    /// ahead, which the next attempt overwrites. Both must succeed.
-    async fn catch_up_and_sequences(&mut self) -> Result<(), Abort> {
-        let host = self.host;
+    /// The marker, the sequences and the fence check, concurrently: after
+    /// the fence nothing can call nextval on the source (new sessions are
+    /// read-only, the others terminated, the proxy's held), so the values
+    /// read while the marker is on its way are the final ones. The target
+    /// never writes sequences itself (apply inserts explicit values), so
+    /// setting them before the marker is applied changes nothing apply does;
+    /// an abort leaves them ahead, which the next attempt overwrites. The
+    /// fence check ([`fence::verify`]) tries to get past the fence as a
+    /// fenced role, in the time the marker takes anyway. All must succeed.
+    async fn catch_up_and_sequences(
+        &mut self,
+        admin: &tokio_postgres::Client,
+    ) -> Result<(), Abort> {
+        let (host, ctx, cfg) = (self.host, self.ctx, self.cfg);
         let (id, timeout) = (self.report.id.clone(), self.cfg.catchup_timeout.0);
-        let ((marker, marker_took), (seqs, seqs_took)) = tokio::join!(
+        let rec = self.fence.clone().unwrap_or_default();
+        let spare = host.source_backend_pids();
+        let ((marker, marker_took), (seqs, seqs_took), (check, check_took)) = tokio::join!(
             async {
                 let t = Instant::now();
                 (host.wait_caught_up(&id, timeout).await, t.elapsed())
@@ -440,7 +449,32 @@ impl<H: CutoverHost> Attempt<'_, H> {
                 let t = Instant::now();
                 (host.sync_sequences().await, t.elapsed())
             },
+            async {
+                let t = Instant::now();
+                let users = &ctx.config.file.proxy.users;
+                let r = fence::verify(
+                    admin,
+                    &ctx.config.source,
+                    &rec,
+                    &cfg.fence_roles,
+                    &spare,
+                    users,
+                );
+                (r.await, t.elapsed())
+            },
         );
+        let check = match check {
+            Ok(detail) => {
+                self.record_took("fence_check", check_took, "ok", Some(detail));
+                Ok(())
+            }
+            Err(e) => {
+                self.record_took("fence_check", check_took, "failed", Some(e.to_string()));
+                Err(Abort {
+                    reason: e.to_string(),
+                })
+            }
+        };
         let marker = match marker {
             Ok(()) => {
                 self.record_took("marker", marker_took, "ok", None);
@@ -474,7 +508,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
                 })
             }
         };
-        marker.and(seqs)
+        check.and(marker).and(seqs)
     }
 
     async fn verify(&mut self) -> Result<(), Abort> {
@@ -669,7 +703,7 @@ pub async fn run<H: CutoverHost>(
         a.failpoint("drain").await;
         a.fence(&admin).await?;
         a.failpoint("fence").await;
-        a.catch_up_and_sequences().await?;
+        a.catch_up_and_sequences(&admin).await?;
         a.failpoint("sequences").await;
         a.verify().await?;
         a.failpoint("verify").await;
