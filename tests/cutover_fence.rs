@@ -40,9 +40,14 @@ const OVERRIDES: [(&str, &str); 3] = [
     ),
 ];
 
-/// Runs `sql` on a new direct connection as the application role; the error if any.
+/// Runs `sql` on a new direct connection to the source as the application
+/// role; the error if any.
 async fn direct(pair: &Pair, db: &str, sql: &str) -> Result<(), String> {
-    let url = pair.source.url_as(APP_USER, APP_PW, db);
+    direct_on(&pair.source, db, sql).await
+}
+
+async fn direct_on(c: &Cluster, db: &str, sql: &str) -> Result<(), String> {
+    let url = c.url_as(APP_USER, APP_PW, db);
     let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .map_err(|e| pgshift::db::describe(&e))?;
@@ -65,6 +70,28 @@ async fn no_direct_session_commits_on_the_source_after_a_cutover() {
     }
     let owner = connect(&pair.source.url_as(APP_USER, APP_PW, "postgres")).await;
     let proxied = connect(&shift.url()).await;
+
+    // Before the switch the target refuses the application role's writes
+    // (it owns the table: privileges would not stop it) while apply goes on.
+    let e = direct_on(
+        &pair.target,
+        DB,
+        "INSERT INTO ledger (client) VALUES ('early')",
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("being migrated") && e.contains("25006"), "{e}");
+    let id: i64 = proxied
+        .query_one(
+            "INSERT INTO ledger (client) VALUES ('applied') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(wait_until(std::time::Duration::from_secs(30), || {
+        Pair::ledger_ids(&pair.target).contains(&id)
+    }));
 
     let out = shift.cli(&["cutover", "--wait"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", out_text(&out));
@@ -114,6 +141,46 @@ async fn no_direct_session_commits_on_the_source_after_a_cutover() {
         .unwrap()
         .get(0);
     assert_eq!(port as u16, pair.target.port);
+    // The guard is gone: the application writes on the target directly too.
+    direct_on(
+        &pair.target,
+        DB,
+        "INSERT INTO ledger (client) VALUES ('late')",
+    )
+    .await
+    .unwrap();
+    assert_eq!(guard_schemas(&pair.target), "0");
+}
+
+/// How many `pgshift_guard` schemas the target's migrated database has.
+fn guard_schemas(c: &Cluster) -> String {
+    c.psql(
+        DB,
+        "SELECT count(*) FROM pg_namespace WHERE nspname = 'pgshift_guard'",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_removes_the_target_guard() {
+    let pair = Pair::start();
+    let shift = Shift::start(&pair, "", "", &[]);
+    shift.wait_streaming().await;
+    assert_eq!(guard_schemas(&pair.target), "1");
+    let write = "INSERT INTO ledger (client) VALUES ('direct')";
+    assert!(direct_on(&pair.target, DB, write).await.is_err());
+    // A superuser (here the test harness) is not refused.
+    pair.target
+        .psql(DB, "DELETE FROM ledger WHERE client = 'nobody'");
+
+    let out = shift.cli(&["cancel"]).await;
+    assert!(out.status.success(), "{}", out_text(&out));
+    assert_eq!(guard_schemas(&pair.target), "0");
+    let triggers = pair.target.psql(
+        DB,
+        "SELECT count(*) FROM pg_trigger WHERE tgname = 'pgshift_guard'",
+    );
+    assert_eq!(triggers, "0");
+    direct_on(&pair.target, DB, write).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,6 +234,11 @@ async fn abort_gives_every_login_and_setting_back_exactly() {
         "a role that was NOLOGIN before got LOGIN"
     );
     blocker.batch_execute("ROLLBACK").await.unwrap();
+    // The target stays guarded: nothing switched.
+    let e = direct_on(&pair.target, DB, "INSERT INTO ledger (client) VALUES ('x')")
+        .await
+        .unwrap_err();
+    assert!(e.contains("being migrated"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

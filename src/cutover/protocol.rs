@@ -66,6 +66,12 @@ pub trait CutoverHost: Send + Sync {
     fn sync_sequences(&self) -> impl Future<Output = Result<u64, String>> + Send;
     /// Compares source and target while both are still.
     fn verify(&self, mode: CutoverVerify) -> impl Future<Output = Result<String, String>> + Send;
+    /// Inside the pause, just before the switch: lets application roles
+    /// write on the target's migrated databases ([`super::guard`]), so the
+    /// sessions write as soon as they move.
+    fn lift_target_guard(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// The switch did not happen after all: guards the target again.
+    fn rearm_target_guard(&self) -> impl Future<Output = ()> + Send;
     /// Swaps the route to the target, moves idle sessions, opens the gate.
     /// Returns (sessions moved, sessions dropped).
     fn switch_to_target(&self) -> impl Future<Output = (u64, u64)> + Send;
@@ -210,6 +216,8 @@ struct Attempt<'a, H: CutoverHost> {
     /// attempt stays recorded as running (with its fence), so the next
     /// start lifts it.
     fence_left_up: bool,
+    /// The target's guard was lifted for the switch: an abort puts it back.
+    guard_lifted: bool,
 }
 
 impl<H: CutoverHost> Attempt<'_, H> {
@@ -533,13 +541,21 @@ impl<H: CutoverHost> Attempt<'_, H> {
     /// Point of no return: persisted first, so a restart never comes back on the source.
     async fn switch(&mut self) -> Result<(), String> {
         let t = Instant::now();
+        // Before the switch is persisted, so a failure here is an abort; its
+        // commit is flushed by the switch's own synchronous one.
+        self.guard_lifted = true;
+        self.host
+            .lift_target_guard()
+            .await
+            .map_err(|e| format!("cannot lift the target's guard: {e}"))?;
+        let lifted = t.elapsed();
         self.migration
             .mark_switched()
             .await
             .map_err(|e| format!("cannot persist the switch: {e}"))?;
-        let persisted = t.elapsed();
+        let persisted = t.elapsed() - lifted;
         let (moved, dropped) = self.host.switch_to_target().await;
-        let switched = t.elapsed() - persisted;
+        let switched = t.elapsed() - persisted - lifted;
         let pause = self.gate_closed_at.map(|g| g.elapsed().as_secs_f64());
         self.report.pause_seconds = pause;
         self.report.sessions_moved = moved;
@@ -554,7 +570,8 @@ impl<H: CutoverHost> Attempt<'_, H> {
             t,
             "ok",
             Some(format!(
-                "{moved} session(s) moved, {dropped} dropped (persisted in {:.1} ms, moved in {:.1} ms)",
+                "{moved} session(s) moved, {dropped} dropped (target guard lifted in {:.1} ms, persisted in {:.1} ms, moved in {:.1} ms)",
+                lifted.as_secs_f64() * 1000.0,
                 persisted.as_secs_f64() * 1000.0,
                 switched.as_secs_f64() * 1000.0
             )),
@@ -575,6 +592,9 @@ impl<H: CutoverHost> Attempt<'_, H> {
             if let Err(e) = lifted {
                 still_up = Some((rec, e));
             }
+        }
+        if self.guard_lifted {
+            self.host.rearm_target_guard().await;
         }
         self.host.discard_prewarm();
         // Clients get the source back at once, also while the fence is still
@@ -645,6 +665,7 @@ pub async fn run<H: CutoverHost>(
         planned_fence: None,
         fence: None,
         fence_left_up: false,
+        guard_lifted: false,
     };
     a.publish();
     tracing::info!(cutover = %id, "cutover started");
