@@ -106,7 +106,7 @@ async fn no_direct_session_commits_on_the_source_after_a_cutover() {
     );
     assert_eq!(phase(&last, "fence_check")["outcome"], "ok", "{last:#}");
     assert!(
-        detail(&last, "fence_check").contains("login attempt(s) as proxy users refused"),
+        detail(&last, "fence_check").contains("login as proxy user app refused"),
         "{last:#}"
     );
 
