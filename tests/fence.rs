@@ -73,10 +73,11 @@ async fn fence_blocks_writes_spares_ours_and_lifts_exactly() {
     let ours = connect(&format!("{}&application_name=pgshift-apply", c.url("app"))).await;
     let spared_pid = pid(&spared).await;
     let bypass_pid = pid(&bypass).await;
-    // Temporary tables make its exit slow (it drops them on the way out).
+    // Temporary tables make its exit slow (it drops them on the way out),
+    // yet within the fence's 1 s wait.
     bypass
         .batch_execute(
-            "DO $$ BEGIN FOR i IN 1..300 LOOP
+            "DO $$ BEGIN FOR i IN 1..100 LOOP
                EXECUTE format('CREATE TEMP TABLE tmp_%s (id int PRIMARY KEY, v text)', i);
              END LOOP; END $$",
         )
@@ -99,15 +100,17 @@ async fn fence_blocks_writes_spares_ours_and_lifts_exactly() {
     assert_eq!(rec.terminated_sessions, 3, "{rec:?}");
     // Gone by the time the fence returns (awaited on PostgreSQL 14+), so it
     // cannot commit after a marker emitted next.
-    let left: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-            &[&bypass_pid],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0, "the terminated session is still there");
+    if rec.await_termination {
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&bypass_pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "the terminated session is still there");
+    }
     for (name, s) in [
         ("bypass", &bypass),
         ("posing", &posing),
