@@ -112,19 +112,63 @@ pub async fn set_armed(target: &Client, own_role: &str, armed: bool) -> Result<(
     }
 }
 
-/// Drops the guard (schema, function and triggers). Each trigger's drop
-/// locks its table: `lock_timeout` bounds the wait behind a client, and a
-/// guard left disarmed is harmless.
-pub async fn remove(target: &Client) -> Result<(), GuardError> {
-    let r = target
-        .batch_execute(
-            "BEGIN; SET LOCAL lock_timeout = '2s'; DROP SCHEMA IF EXISTS pgshift_guard CASCADE; COMMIT",
+/// How long dropping one table's trigger may wait for its lock, per try: a
+/// waiting DROP holds up every later query on the table behind it.
+const DROP_LOCK_TIMEOUT: &str = "50ms";
+const DROP_TRIES: u32 = 20;
+
+/// Drops the guard, disarmed first: each table's trigger in a transaction
+/// of its own with a short `lock_timeout` (retried: clients may be running
+/// on the table), then the schema and its function. A trigger that cannot
+/// be dropped is reported and stays, harmless while disarmed. `own_role` is
+/// the user `target` is connected as.
+pub async fn remove(target: &Client, own_role: &str) -> Result<(), GuardError> {
+    set_armed(target, own_role, false).await?;
+    let tables: Vec<String> = target
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_trigger t
+             JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE t.tgname = 'pgshift_guard'",
+            &[],
         )
-        .await;
-    if let Err(e) = r {
-        // End the failed transaction so the connection stays usable.
-        let _ = target.batch_execute("ROLLBACK").await;
-        return Err(sql_err("dropping the guard", e));
+        .await
+        .map_err(|e| sql_err("listing the guarded tables", e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut stuck = Vec::new();
+    for table in &tables {
+        let sql = format!(
+            "BEGIN; SET LOCAL lock_timeout = '{DROP_LOCK_TIMEOUT}'; DROP TRIGGER IF EXISTS pgshift_guard ON {table}; COMMIT"
+        );
+        let mut last = None;
+        for attempt in 0..DROP_TRIES {
+            match target.batch_execute(&sql).await {
+                Ok(()) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => {
+                    // End the failed transaction so the connection stays usable.
+                    let _ = target.batch_execute("ROLLBACK").await;
+                    last = Some(crate::db::describe(&e));
+                    tokio::time::sleep(std::time::Duration::from_millis(20 << attempt.min(4)))
+                        .await;
+                }
+            }
+        }
+        if let Some(e) = last {
+            stuck.push(format!("{table} ({e})"));
+        }
     }
-    Ok(())
+    if !stuck.is_empty() {
+        return Err(GuardError(format!(
+            "the disarmed guard stays on {}; drop it later with DROP SCHEMA pgshift_guard CASCADE",
+            stuck.join(", ")
+        )));
+    }
+    target
+        .batch_execute("DROP SCHEMA IF EXISTS pgshift_guard CASCADE")
+        .await
+        .map_err(|e| sql_err("dropping the guard's schema", e))
 }

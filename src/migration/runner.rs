@@ -527,7 +527,9 @@ impl Runner {
         let mut errors = Vec::new();
         for db in &self.migration().cfg.databases {
             let r = match crate::db::connect(&target.with_dbname(db), "target (guard)").await {
-                Ok(c) => guard::remove(&c).await.map_err(|e| e.to_string()),
+                Ok(c) => guard::remove(&c, &target.user)
+                    .await
+                    .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             if let Err(e) = r {
