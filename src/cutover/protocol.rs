@@ -2,8 +2,8 @@
 //! 0 prepare (connections) and prewarm (target backends opened while clients
 //! run) → 1 gate → 2 drain → 3 fence → 4 marker → 5 sequences and fence
 //! check (while the marker travels) → 6 verify →
-//! 7 point of no return (persist "switched", swap route, move sessions, open
-//! the gate) → finish (stop streaming, drop slot and publication).
+//! 7 point of no return (lift the target's guard, persist "switched", swap
+//! route, move sessions, open the gate) → finish (stop streaming, drop slot and publication).
 //! Every phase is timed, logged and exported; any failure or timeout before 7
 //! reopens the gate on the source and lifts the fence: clients saw a pause.
 

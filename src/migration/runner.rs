@@ -590,10 +590,11 @@ impl CutoverHost for Runner {
                 .await
                 .map_err(|e| crate::db::describe(&e))?;
             // Tables created by replicated DDL since streaming began get
-            // their guard too; this connection lifts it at the switch.
-            guard::install(&target)
-                .await
-                .map_err(|e| format!("database {db}: {e}"))?;
+            // their guard too; this connection lifts it at the switch. Not
+            // fatal, as when streaming starts (see `guard_target`).
+            if let Err(e) = guard::install(&target).await {
+                tracing::warn!(database = %db, "the target is not guarded against application writes: {e}");
+            }
             let sequences = crate::schema::SequenceSync::prepare(&source, &target)
                 .await
                 .map_err(|e| format!("database {db}: {e}"))?;
