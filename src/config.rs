@@ -398,7 +398,8 @@ pub struct CutoverConfig {
     pub max_attempts: u32,
     #[serde(default)]
     pub verify: CutoverVerify,
-    /// Roles set to NOLOGIN on the source while it is fenced.
+    /// Roles set to NOLOGIN on the source while it is fenced, besides every
+    /// role that can reach a migrated database (superusers included when listed).
     #[serde(default)]
     pub fence_roles: Vec<String>,
     /// Drop the slot and publication on the source after the switch.

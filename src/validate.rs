@@ -7,6 +7,7 @@
 //! exists on the target when its contents must be inspected.
 
 mod database;
+mod fence;
 mod objects;
 mod render;
 mod server;
@@ -187,6 +188,7 @@ pub async fn validate_resuming(config: &Config, own_copies: &[String]) -> Valida
     checks.extend(server::source_checks(source.as_ref(), m).await);
     checks.extend(server::target_checks(target.as_ref(), source.as_ref(), m, &config.target).await);
     checks.push(server::pg_dump_check(source.as_ref(), target.as_ref(), m.pg_bin.as_deref()).await);
+    checks.extend(fence::checks(source.as_ref(), config).await);
 
     let mut env = database::Environment::load(m, source.as_ref(), target.as_ref()).await;
     env.own_copies = own_copies.iter().cloned().collect();
@@ -234,6 +236,8 @@ Checks:
   - tables without a primary key or usable replica identity (a failure in online mode)
   - unlogged tables, large objects, materialized views: what is and is not carried
   - a pg_dump (with psql) at least the source's major version, preferably the target's
+  - the cutover's fence: the roles it sets NOLOGIN on the source, those it cannot, roles that
+    also use other databases, and logins it never covers (superusers, pgshift's own user)
 
 Exit status:
   0  no check failed (warnings allowed)

@@ -506,13 +506,16 @@ async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
         "{last:#}"
     );
     assert!(bypass.simple_query("SELECT 1").await.is_err());
-    let direct = connect(&pair.source.url_as(APP_USER, APP_PW, DB)).await;
-    let err = direct
-        .simple_query("INSERT INTO ledger (client) VALUES ('direct')")
-        .await
-        .unwrap_err();
+    // The application role can no longer log in to the source.
+    let err = tokio_postgres::connect(
+        &pair.source.url_as(APP_USER, APP_PW, DB),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .err()
+    .expect("the application role logged in to the fenced source");
     assert!(
-        pgshift::db::describe(&err).contains("read-only"),
+        pgshift::db::describe(&err).contains("not permitted to log in"),
         "{}",
         pgshift::db::describe(&err)
     );

@@ -774,3 +774,59 @@ async fn unsupported_version_pairs_fail() {
         assert!(report.has_failures());
     }
 }
+
+/// Who the cutover's fence reaches: the roles it will set NOLOGIN, a role
+/// it cannot (pgshift's own user, listed), one that also uses another
+/// database, and a superuser it does not cover.
+#[tokio::test]
+async fn fence_checks_name_who_the_fence_reaches_and_misses() {
+    let src = Cluster::start();
+    let dst = Cluster::start();
+    src.create_db("app");
+    src.psql(
+        "postgres",
+        "CREATE ROLE reporter LOGIN; CREATE ROLE dba SUPERUSER LOGIN;",
+    );
+    src.psql("postgres", "CREATE DATABASE reports OWNER reporter");
+    let base = config_text(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration(&["app"], ""),
+    );
+
+    let r = validate(&load(&base)).await;
+    assert_eq!(status_of(&r, "fence_roles", "source"), Status::Succeeded);
+    let found = &r.get("fence_roles", "source").unwrap().found;
+    assert!(
+        found.contains("app") && found.contains("reporter") && !found.contains("dba"),
+        "{found}"
+    );
+    assert_eq!(
+        status_of(&r, "fence_other_databases", "source"),
+        Status::Warning
+    );
+    let found = &r.get("fence_other_databases", "source").unwrap().found;
+    assert!(
+        found.contains("reporter") && !found.contains("app,"),
+        "{found}"
+    );
+    assert_eq!(
+        status_of(&r, "fence_unfenced_logins", "source"),
+        Status::Warning
+    );
+    assert!(
+        r.get("fence_unfenced_logins", "source")
+            .unwrap()
+            .found
+            .contains("dba")
+    );
+
+    // pgshift's own user listed: it cannot fence it (a warning: every
+    // cutover will stop at its fence check).
+    let listed = format!("{base}\n[cutover]\nfence_roles = [\"{SUPERUSER}\"]\n");
+    let r = validate(&load(&listed)).await;
+    assert_eq!(status_of(&r, "fence_roles", "source"), Status::Warning);
+    let c = r.get("fence_roles", "source").unwrap();
+    assert!(c.found.contains(SUPERUSER), "{c:?}");
+    assert!(!r.has_failures(), "{r:#?}");
+}

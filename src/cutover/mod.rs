@@ -1,5 +1,6 @@
 //! The cutover protocol (DESIGN.md, "Cutover") and its triggers.
 
 pub mod fence;
+pub mod guard;
 pub mod protocol;
 pub mod window;

@@ -1,8 +1,9 @@
 //! The cutover protocol (DESIGN.md "Cutover", issue 5):
 //! 0 prepare (connections) and prewarm (target backends opened while clients
-//! run) → 1 gate → 2 drain → 3 fence → 4 marker → 5 sequences → 6 verify →
-//! 7 point of no return (persist "switched", swap route, move sessions, open
-//! the gate) → finish (stop streaming, drop slot and publication).
+//! run) → 1 gate → 2 drain → 3 fence → 4 marker → 5 sequences and fence
+//! check (while the marker travels) → 6 verify →
+//! 7 point of no return (lift the target's guard, persist "switched", swap
+//! route, move sessions, open the gate) → finish (stop streaming, drop slot and publication).
 //! Every phase is timed, logged and exported; any failure or timeout before 7
 //! reopens the gate on the source and lifts the fence: clients saw a pause.
 
@@ -71,6 +72,12 @@ pub trait CutoverHost: Send + Sync {
     fn sync_sequences(&self) -> impl Future<Output = Result<u64, String>> + Send;
     /// Compares source and target while both are still.
     fn verify(&self, mode: CutoverVerify) -> impl Future<Output = Result<String, String>> + Send;
+    /// Inside the pause, just before the switch: lets application roles
+    /// write on the target's migrated databases ([`super::guard`]), so the
+    /// sessions write as soon as they move.
+    fn lift_target_guard(&self) -> impl Future<Output = Result<(), String>> + Send;
+    /// The switch did not happen after all: guards the target again.
+    fn rearm_target_guard(&self) -> impl Future<Output = ()> + Send;
     /// Swaps the route to the target, moves idle sessions, opens the gate.
     /// Returns (sessions moved, sessions dropped).
     fn switch_to_target(&self) -> impl Future<Output = (u64, u64)> + Send;
@@ -228,6 +235,8 @@ struct Attempt<'a, H: CutoverHost> {
     /// attempt stays recorded as running (with its fence), so the next
     /// start lifts it.
     fence_left_up: bool,
+    /// The target's guard was lifted for the switch: an abort puts it back.
+    guard_lifted: bool,
 }
 
 impl<H: CutoverHost> Attempt<'_, H> {
@@ -390,10 +399,11 @@ impl<H: CutoverHost> Attempt<'_, H> {
         self.persist_running(Some(&rec))
             .await
             .map_err(|e| format!("cannot persist the fence record: {e}"))?;
-        self.planned_fence = Some(rec);
-        fence::count_bypassing(admin, &dbs, &self.host.source_backend_pids())
+        let n = fence::count_bypassing(admin, &rec, &self.host.source_backend_pids())
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        self.planned_fence = Some(rec);
+        n
     }
 
     async fn fence(&mut self, admin: &tokio_postgres::Client) -> Result<(), Abort> {
@@ -476,17 +486,24 @@ impl<H: CutoverHost> Attempt<'_, H> {
         }
     }
 
-    /// The marker and the sequences, concurrently: after the fence nothing
-    /// can call nextval on the source (new sessions are read-only, the others
-    /// terminated, the proxy's held), so the values read while the marker is
-    /// on its way are the final ones. The target never writes sequences
-    /// itself (apply inserts explicit values), so setting them before the
-    /// marker is applied changes nothing apply does; an abort leaves them
-    /// ahead, which the next attempt overwrites. Both must succeed.
-    async fn catch_up_and_sequences(&mut self) -> Result<(), Abort> {
-        let host = self.host;
+    /// The marker, the sequences and the fence check, concurrently: after
+    /// the fence nothing can call nextval on the source (new sessions are
+    /// read-only, the others terminated, the proxy's held), so the values
+    /// read while the marker is on its way are the final ones. The target
+    /// never writes sequences itself (apply inserts explicit values), so
+    /// setting them before the marker is applied changes nothing apply does;
+    /// an abort leaves them ahead, which the next attempt overwrites. The
+    /// fence check ([`fence::verify`]) tries to get past the fence as a
+    /// fenced role, in the time the marker takes anyway. All must succeed.
+    async fn catch_up_and_sequences(
+        &mut self,
+        admin: &tokio_postgres::Client,
+    ) -> Result<(), Abort> {
+        let (host, ctx, cfg) = (self.host, self.ctx, self.cfg);
         let (id, timeout) = (self.report.id.clone(), self.cfg.catchup_timeout.0);
-        let ((marker, marker_took), (seqs, seqs_took)) = tokio::join!(
+        let rec = self.fence.clone().unwrap_or_default();
+        let spare = host.source_backend_pids();
+        let ((marker, marker_took), (seqs, seqs_took), (check, check_took)) = tokio::join!(
             async {
                 let t = Instant::now();
                 let r = match host.emit_markers(&id).await {
@@ -499,7 +516,32 @@ impl<H: CutoverHost> Attempt<'_, H> {
                 let t = Instant::now();
                 (host.sync_sequences().await, t.elapsed())
             },
+            async {
+                let t = Instant::now();
+                let users = &ctx.config.file.proxy.users;
+                let r = fence::verify(
+                    admin,
+                    &ctx.config.source,
+                    &rec,
+                    &cfg.fence_roles,
+                    &spare,
+                    users,
+                );
+                (r.await, t.elapsed())
+            },
         );
+        let check = match check {
+            Ok(detail) => {
+                self.record_took("fence_check", check_took, "ok", Some(detail));
+                Ok(())
+            }
+            Err(e) => {
+                self.record_took("fence_check", check_took, "failed", Some(e.to_string()));
+                Err(Abort {
+                    reason: e.to_string(),
+                })
+            }
+        };
         let marker = match marker {
             Ok(()) => {
                 self.record_took("marker", marker_took, "ok", None);
@@ -533,7 +575,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
                 })
             }
         };
-        marker.and(seqs)
+        check.and(marker).and(seqs)
     }
 
     async fn verify(&mut self) -> Result<(), Abort> {
@@ -558,13 +600,21 @@ impl<H: CutoverHost> Attempt<'_, H> {
     /// Point of no return: persisted first, so a restart never comes back on the source.
     async fn switch(&mut self) -> Result<(), String> {
         let t = Instant::now();
+        // Before the switch is persisted, so a failure here is an abort; its
+        // commit is flushed by the switch's own synchronous one.
+        self.guard_lifted = true;
+        self.host
+            .lift_target_guard()
+            .await
+            .map_err(|e| format!("cannot lift the target's guard: {e}"))?;
+        let lifted = t.elapsed();
         self.migration
             .mark_switched()
             .await
             .map_err(|e| format!("cannot persist the switch: {e}"))?;
-        let persisted = t.elapsed();
+        let persisted = t.elapsed() - lifted;
         let (moved, dropped) = self.host.switch_to_target().await;
-        let switched = t.elapsed() - persisted;
+        let switched = t.elapsed() - persisted - lifted;
         let pause = self.gate_closed_at.map(|g| g.elapsed().as_secs_f64());
         self.report.pause_seconds = pause;
         self.report.sessions_moved = moved;
@@ -579,7 +629,8 @@ impl<H: CutoverHost> Attempt<'_, H> {
             t,
             "ok",
             Some(format!(
-                "{moved} session(s) moved, {dropped} dropped (persisted in {:.1} ms, moved in {:.1} ms)",
+                "{moved} session(s) moved, {dropped} dropped (target guard lifted in {:.1} ms, persisted in {:.1} ms, moved in {:.1} ms)",
+                lifted.as_secs_f64() * 1000.0,
                 persisted.as_secs_f64() * 1000.0,
                 switched.as_secs_f64() * 1000.0
             )),
@@ -600,6 +651,9 @@ impl<H: CutoverHost> Attempt<'_, H> {
             if let Err(e) = lifted {
                 still_up = Some((rec, e));
             }
+        }
+        if self.guard_lifted {
+            self.host.rearm_target_guard().await;
         }
         self.host.discard_prewarm();
         // Clients get the source back at once, also while the fence is still
@@ -670,6 +724,7 @@ pub async fn run<H: CutoverHost>(
         planned_fence: None,
         fence: None,
         fence_left_up: false,
+        guard_lifted: false,
     };
     a.publish();
     tracing::info!(cutover = %id, "cutover started");
@@ -738,7 +793,7 @@ pub async fn run<H: CutoverHost>(
         a.failpoint("drain").await;
         a.fence(&admin).await?;
         a.failpoint("fence").await;
-        a.catch_up_and_sequences().await?;
+        a.catch_up_and_sequences(&admin).await?;
         a.failpoint("sequences").await;
         a.verify().await?;
         a.failpoint("verify").await;

@@ -17,6 +17,7 @@ use crate::admin::commands::{AdminCommand, CommandError, CommandKind, CommandRec
 use crate::config::{CutoverTrigger, CutoverVerify, MigrationMode};
 use crate::context::Context;
 use crate::cutover::fence::FenceRecord;
+use crate::cutover::guard;
 use crate::cutover::protocol::{self, CutoverHost, CutoverMetrics, LastCutover};
 use crate::cutover::window::{self, Window};
 use crate::proxy::ProxyHandle;
@@ -311,6 +312,9 @@ impl Runner {
     async fn start_streaming(&self, copied: Vec<Copied>) -> Result<(), PipelineError> {
         let m = self.migration();
         let c = &self.ctx().config;
+        for s in &copied {
+            self.guard_target(&s.database).await;
+        }
         let mut streams = self.streams.lock().await;
         for s in copied {
             let stream = DatabaseStream::start(
@@ -459,7 +463,8 @@ impl Runner {
         for s in self.streams.lock().await.drain(..) {
             s.stop().await;
         }
-        let notes = self.pipeline.release_source().await;
+        let mut notes = self.pipeline.release_source().await;
+        notes.extend(self.remove_target_guards().await);
         m.transition(
             State::Canceled,
             Substate::None,
@@ -571,6 +576,70 @@ impl Runner {
 }
 
 impl Runner {
+    /// Guards `db` on the target against application writes until the
+    /// switch ([`guard`]). A guard that cannot go up (e.g. the target user
+    /// may not create triggers) is logged: it protects against mistakes, the
+    /// migration does not depend on it.
+    async fn guard_target(&self, db: &str) {
+        let target = &self.ctx().config.target;
+        let r = match crate::db::connect(&target.with_dbname(db), "target (guard)").await {
+            Ok(c) => guard::install(&c).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match r {
+            Ok(n) => tracing::info!(
+                database = db,
+                new_tables = n,
+                "target guarded against application writes until the switch"
+            ),
+            Err(e) => tracing::warn!(
+                database = db,
+                "the target is not guarded against application writes: {e}"
+            ),
+        }
+    }
+
+    /// Drops the target's guard on every migrated database (after the
+    /// switch, or on cancel); returns what failed.
+    async fn remove_target_guards(&self) -> Vec<String> {
+        let target = &self.ctx().config.target;
+        let mut errors = Vec::new();
+        for db in &self.migration().cfg.databases {
+            let r = match crate::db::connect(&target.with_dbname(db), "target (guard)").await {
+                Ok(c) => guard::remove(&c, &target.user)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = r {
+                errors.push(format!("{db}: removing the target's guard failed: {e}"));
+            }
+        }
+        errors
+    }
+
+    /// Arms or disarms the guard on every database, on the cutover's own
+    /// target connections, all at once.
+    async fn set_guards(&self, armed: bool) -> Result<(), String> {
+        let conns = self.cutover_conns()?;
+        let user = &self.ctx().config.target.user;
+        let sets = conns
+            .dbs
+            .iter()
+            .map(|c| guard::set_armed(&c.target, user, armed));
+        let errors: Vec<String> = conns
+            .dbs
+            .iter()
+            .zip(futures_util::future::join_all(sets).await)
+            .filter_map(|(c, r)| r.err().map(|e| format!("database {}: {e}", c.database)))
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
     fn cutover_conns(&self) -> Result<Arc<CutoverConns>, String> {
         self.cutover_conns
             .lock()
@@ -601,6 +670,12 @@ impl CutoverHost for Runner {
                 .batch_execute("SET synchronous_commit = off")
                 .await
                 .map_err(|e| crate::db::describe(&e))?;
+            // Tables created by replicated DDL since streaming began get
+            // their guard too; this connection lifts it at the switch. Not
+            // fatal, as when streaming starts (see `guard_target`).
+            if let Err(e) = guard::install(&target).await {
+                tracing::warn!(database = %db, "the target is not guarded against application writes: {e}");
+            }
             let sequences = crate::schema::SequenceSync::prepare(&source, &target)
                 .await
                 .map_err(|e| format!("database {db}: {e}"))?;
@@ -747,6 +822,16 @@ impl CutoverHost for Runner {
         }
     }
 
+    async fn lift_target_guard(&self) -> Result<(), String> {
+        self.set_guards(false).await
+    }
+
+    async fn rearm_target_guard(&self) {
+        if let Err(e) = self.set_guards(true).await {
+            tracing::error!("cannot guard the target again after an aborted switch: {e}");
+        }
+    }
+
     async fn switch_to_target(&self) -> (u64, u64) {
         let proxy = &self.pipeline.proxy;
         // Each move is bounded by twice the connect timeout; waiting a little
@@ -768,7 +853,8 @@ impl CutoverHost for Runner {
         for s in self.streams.lock().await.drain(..) {
             s.stop().await;
         }
-        let mut errors = Vec::new();
+        // Lifted at the switch; now its triggers go (each locks its table briefly).
+        let mut errors = self.remove_target_guards().await;
         if drop_slot {
             for note in self.pipeline.release_source().await {
                 if note.contains("failed") {
