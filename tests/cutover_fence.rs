@@ -185,7 +185,20 @@ async fn cancel_removes_the_target_guard() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_gives_every_login_and_setting_back_exactly() {
-    let (pair, shift, blocker) = streaming_with_apply_blocked("catchup_timeout = \"2s\"").await;
+    // The attempt is held after its pre-gate catch-up until apply is
+    // blocked, so the marker in the pause cannot arrive and it aborts after
+    // the fence went up.
+    let pair = Pair::start();
+    let hold = tempfile::tempdir().unwrap();
+    let release = hold.path().join("release");
+    let failpoint = format!("hold:catchup:{}", release.display());
+    let shift = Shift::start(
+        &pair,
+        "",
+        "catchup_timeout = \"2s\"",
+        &[("PGSHIFT_FAILPOINT", failpoint.as_str())],
+    );
+    shift.wait_streaming().await;
     pair.source.psql(
         "postgres",
         "CREATE ROLE dormant NOLOGIN PASSWORD 'd';
@@ -193,14 +206,27 @@ async fn abort_gives_every_login_and_setting_back_exactly() {
          ALTER DATABASE shop SET default_transaction_read_only = off;
          ALTER ROLE app IN DATABASE shop SET work_mem = '8MB';",
     );
-    // Held back by the blocked apply: the marker cannot arrive.
-    pair.source
-        .psql(DB, "INSERT INTO ledger (client) VALUES ('held back')");
     let before = logins_and_settings(&pair.source);
     let bypass = connect(&pair.source.url_as(APP_USER, APP_PW, DB)).await;
     let proxied = connect(&shift.url()).await;
 
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let cutover = shift.cli(&["cutover", "--wait"]);
+    let block_apply = async {
+        shift
+            .wait_phase("catchup", std::time::Duration::from_secs(120))
+            .await;
+        let blocker = pair.target.client(DB).await;
+        blocker
+            .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        // Held back by the blocked apply: the marker cannot arrive.
+        pair.source
+            .psql(DB, "INSERT INTO ledger (client) VALUES ('held back')");
+        std::fs::write(&release, b"go").unwrap();
+        blocker
+    };
+    let (out, blocker) = tokio::join!(cutover, block_apply);
     assert_eq!(out.status.code(), Some(1), "{}", out_text(&out));
     let last = shift.last_cutover().await;
     assert_eq!(last["outcome"], "aborted", "{last:#}");

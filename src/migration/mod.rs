@@ -47,7 +47,7 @@ impl Migration {
     ) -> Result<Arc<Migration>, ControlError> {
         let control = ControlStore::open(&ctx.config.target, &cfg.name).await?;
         let row = match control.load().await? {
-            Some(row) => {
+            Some(mut row) => {
                 tracing::info!(
                     migration = %cfg.name,
                     from = %format!("{}/{}", row.state, row.substate),
@@ -57,6 +57,22 @@ impl Migration {
                     row.state,
                     row.substate
                 );
+                // Ready for cutover means streams that run and apply: after a
+                // restart they have yet to start (see the runner's readiness).
+                if !row.switched
+                    && (row.state, row.substate)
+                        == (
+                            State::WaitingForUserAction,
+                            Substate::WaitingForCutoverTrigger,
+                        )
+                {
+                    row.state = State::InProgress;
+                    row.substate = Substate::MigratingData;
+                    row.reason = Some(
+                        "pgshift restarted: streaming resumes; ready for cutover once every database streams and applies"
+                            .into(),
+                    );
+                }
                 row
             }
             None => {

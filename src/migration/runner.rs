@@ -299,12 +299,9 @@ impl Runner {
             if let Ok(r) = serde_json::from_value(report) {
                 self.last_cutover.set(r);
             }
-            m.transition(
-                State::WaitingForUserAction,
-                Substate::WaitingForCutoverTrigger,
-                Some(reason),
-            )
-            .await?;
+            // Not ready until the streams run again (see update_readiness).
+            m.transition(State::InProgress, Substate::MigratingData, Some(reason))
+                .await?;
         }
         Ok(())
     }

@@ -690,7 +690,10 @@ async fn session(
             l.transactions = stats.transactions;
             l.pending_since = stats.pending_since;
         });
-        status.confirmed(confirmed);
+        // Apply also commits on its own (a full group): what the target
+        // holds is at least its committed position, also while a backlog
+        // keeps the branches that confirm from running.
+        status.confirmed(confirmed.max(applier.applied_position()));
         metrics
             .applied_lsn
             .with_label_values(&[db])
