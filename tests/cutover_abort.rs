@@ -237,8 +237,11 @@ async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
         // The connection that ran the fence (and then its check), idle while
         // the marker is awaited.
         shift.wait_phase("fence", Duration::from_secs(120)).await;
+        // Its last query is the fence's, or the fence check's count of
+        // sessions left.
         let sql = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-                   WHERE (query LIKE '%pg_terminate_backend(pid%' OR query LIKE '%rolcanlogin%')
+                   WHERE (query LIKE '%pg_terminate_backend(pid%'
+                          OR query LIKE '%string_agg(DISTINCT usename%')
                      AND state = 'idle' AND pid <> pg_backend_pid()";
         for _ in 0..400 {
             let n: i64 = watcher.query_one(sql, &[]).await.unwrap().get(0);
