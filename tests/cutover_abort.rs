@@ -204,33 +204,13 @@ async fn on_drain_timeout_cancel_closes_the_held_session() {
 /// writable source back (not one left read-only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
-    // Apply is blocked once the pre-gate catch-up is done (the attempt is
-    // held there by a test hook), so the marker in the pause waits.
-    let pair = Pair::start();
-    let hold = tempfile::tempdir().unwrap();
-    let release = hold.path().join("release");
-    let failpoint = format!("hold:catchup:{}", release.display());
-    let shift = Shift::start(
-        &pair,
-        "",
-        "catchup_timeout = \"3s\"",
-        &[("PGSHIFT_FAILPOINT", failpoint.as_str())],
-    );
-    shift.wait_streaming().await;
+    // Apply is blocked once the pre-gate catch-up is done, so the marker
+    // in the pause waits.
+    let (pair, shift, held) = streaming_held_after_catchup("catchup_timeout = \"3s\"").await;
     let cutover = shift.cli(&["cutover", "--wait"]);
-    let block_apply_after_catchup = async {
-        shift
-            .wait_phase("catchup", std::time::Duration::from_secs(120))
-            .await;
-        let blocker = pair.target.client(DB).await;
-        blocker
-            .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
-            .await
-            .unwrap();
+    let block_apply_after_catchup = held.block_apply(&pair, &shift, async {
         write_one(&shift.url(), "before").await.unwrap();
-        std::fs::write(&release, b"go").unwrap();
-        blocker
-    };
+    });
 
     let watcher = pair.source.client("postgres").await;
     let break_fence_connection = async {

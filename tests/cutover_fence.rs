@@ -188,17 +188,7 @@ async fn abort_gives_every_login_and_setting_back_exactly() {
     // The attempt is held after its pre-gate catch-up until apply is
     // blocked, so the marker in the pause cannot arrive and it aborts after
     // the fence went up.
-    let pair = Pair::start();
-    let hold = tempfile::tempdir().unwrap();
-    let release = hold.path().join("release");
-    let failpoint = format!("hold:catchup:{}", release.display());
-    let shift = Shift::start(
-        &pair,
-        "",
-        "catchup_timeout = \"2s\"",
-        &[("PGSHIFT_FAILPOINT", failpoint.as_str())],
-    );
-    shift.wait_streaming().await;
+    let (pair, shift, held) = streaming_held_after_catchup("catchup_timeout = \"2s\"").await;
     pair.source.psql(
         "postgres",
         "CREATE ROLE dormant NOLOGIN PASSWORD 'd';
@@ -211,21 +201,11 @@ async fn abort_gives_every_login_and_setting_back_exactly() {
     let proxied = connect(&shift.url()).await;
 
     let cutover = shift.cli(&["cutover", "--wait"]);
-    let block_apply = async {
-        shift
-            .wait_phase("catchup", std::time::Duration::from_secs(120))
-            .await;
-        let blocker = pair.target.client(DB).await;
-        blocker
-            .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
-            .await
-            .unwrap();
-        // Held back by the blocked apply: the marker cannot arrive.
+    // Held back by the blocked apply: the marker cannot arrive.
+    let block_apply = held.block_apply(&pair, &shift, async {
         pair.source
             .psql(DB, "INSERT INTO ledger (client) VALUES ('held back')");
-        std::fs::write(&release, b"go").unwrap();
-        blocker
-    };
+    });
     let (out, blocker) = tokio::join!(cutover, block_apply);
     assert_eq!(out.status.code(), Some(1), "{}", out_text(&out));
     let last = shift.last_cutover().await;

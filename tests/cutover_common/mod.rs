@@ -404,3 +404,49 @@ pub async fn streaming_with_apply_blocked(
         .unwrap();
     (pair, shift, blocker)
 }
+
+/// A migration streaming with `cutover_conf` whose cutover attempts hold
+/// after their pre-gate catch-up (test hook) until [`Held::block_apply`]
+/// has blocked apply: the marker inside the pause then waits behind it.
+pub async fn streaming_held_after_catchup(cutover_conf: &str) -> (Pair, Shift, Held) {
+    let pair = Pair::start();
+    let dir = tempfile::tempdir().unwrap();
+    let release = dir.path().join("release");
+    let failpoint = format!("hold:catchup:{}", release.display());
+    let shift = Shift::start(
+        &pair,
+        "",
+        cutover_conf,
+        &[("PGSHIFT_FAILPOINT", failpoint.as_str())],
+    );
+    shift.wait_streaming().await;
+    (pair, shift, Held { _dir: dir, release })
+}
+
+pub struct Held {
+    _dir: tempfile::TempDir,
+    release: PathBuf,
+}
+
+impl Held {
+    /// Once the attempt's catch-up is done: locks the target's ledger (the
+    /// returned session holds the lock; roll it back to let apply go on),
+    /// writes a ledger row on the source through `write` so apply has a
+    /// change to wait on, then lets the attempt go on.
+    pub async fn block_apply(
+        &self,
+        pair: &Pair,
+        shift: &Shift,
+        write: impl std::future::Future<Output = ()>,
+    ) -> tokio_postgres::Client {
+        shift.wait_phase("catchup", Duration::from_secs(120)).await;
+        let blocker = pair.target.client(DB).await;
+        blocker
+            .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        write.await;
+        std::fs::write(&self.release, b"go").unwrap();
+        blocker
+    }
+}
