@@ -559,8 +559,10 @@ impl Endpoint {
             .application_name("pgshift")
             .connect_timeout(Duration::from_secs(10))
             // pgshift's own connections must keep working on a fenced source
-            // (default_transaction_read_only = on for every other session).
-            .options("-c default_transaction_read_only=off");
+            // (default_transaction_read_only = on for every other session);
+            // floats copied as text read back exactly (11 rounds them to 15
+            // digits by default).
+            .options("-c default_transaction_read_only=off -c extra_float_digits=3");
         if let Some(p) = &self.password {
             c.password(p.expose());
         }

@@ -18,6 +18,7 @@ use tokio_postgres::Client;
 use crate::config::{Config, ConfigError, Endpoint};
 use crate::db::{self, DbError, quote_ident, quote_literal};
 use crate::filter::TableFilter;
+use crate::pg::{self, Version};
 use crate::replication::copy::{CopyError, list_tables};
 
 /// Rows per checksum chunk.
@@ -122,10 +123,7 @@ pub async fn verify_database_with(
     db: &str,
     opts: &VerifyOptions,
 ) -> Result<VerifyReport, VerifyError> {
-    let (src, tgt) = tokio::try_join!(
-        connection(source, db, "source"),
-        connection(target, db, "target")
-    )?;
+    let (src, tgt) = connections(source, target, db).await?;
     let (src_tables, tgt_tables) = tokio::try_join!(
         list_tables(&src, &opts.filter),
         list_tables(&tgt, &opts.filter)
@@ -166,10 +164,7 @@ pub async fn verify_database_with(
         async move {
             let (src, tgt) = match pair {
                 Some(p) => p,
-                None => tokio::try_join!(
-                    connection(source, db, "source"),
-                    connection(target, db, "target")
-                )?,
+                None => connections(source, target, db).await?,
             };
             loop {
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
@@ -208,16 +203,38 @@ pub async fn verify_database_with(
     })
 }
 
-/// A connection whose text output of values is the same on both sides.
-async fn connection(ep: &Endpoint, db: &str, side: &str) -> Result<Client, VerifyError> {
+/// A connection to each side whose text output of values is the same on
+/// both (floats: see [`pg::settings::comparable_float_digits`]).
+async fn connections(
+    source: &Endpoint,
+    target: &Endpoint,
+    db: &str,
+) -> Result<(Client, Client), VerifyError> {
+    let (src, tgt) = tokio::try_join!(
+        connection(source, db, "source"),
+        connection(target, db, "target")
+    )?;
+    let digits = pg::settings::comparable_float_digits(src.1, tgt.1);
+    for (c, side) in [(&src.0, "source"), (&tgt.0, "target")] {
+        c.batch_execute(&format!("SET extra_float_digits = {digits}"))
+            .await
+            .map_err(sql_err(format!("configuring the {side} connection")))?;
+    }
+    Ok((src.0, tgt.0))
+}
+
+async fn connection(ep: &Endpoint, db: &str, side: &str) -> Result<(Client, Version), VerifyError> {
     let c = db::connect(&ep.with_dbname(db), &format!("{side} database {db}")).await?;
     c.batch_execute(
         "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; \
-         SET extra_float_digits = 3; SET bytea_output = 'hex'",
+         SET bytea_output = 'hex'",
     )
     .await
     .map_err(sql_err(format!("configuring the {side} connection")))?;
-    Ok(c)
+    let version = Version::of(&c)
+        .await
+        .map_err(sql_err(format!("reading the {side} server's version")))?;
+    Ok((c, version))
 }
 
 async fn compare_counts(

@@ -8,6 +8,7 @@
 mod common;
 mod e2e_common;
 use common::*;
+use e2e_common::corpus::{assert_same, run_file};
 use e2e_common::*;
 
 use std::process::Command;
@@ -18,90 +19,6 @@ use std::time::Duration;
 const DB: &str = "typesdb";
 const STARTUP: Duration = Duration::from_secs(180);
 const CATCH_UP: Duration = Duration::from_secs(120);
-
-fn data_file(name: &str) -> String {
-    format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Runs a SQL file with psql, each statement in its own transaction, with
-/// the psql variable `off` set to `off`.
-fn run_file(c: &Cluster, db: &str, file: &str, off: u32) {
-    let o = Command::new(pg_program("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-v",
-            &format!("off={off}"),
-        ])
-        .args(["-d", &c.url(db), "-f"])
-        .arg(data_file(file))
-        .output()
-        .expect("run psql");
-    assert!(
-        o.status.success(),
-        "{file}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// Every table holding rows (partitions and inheritance children each on
-/// their own), as a quoted name.
-fn tables(c: &Cluster, kinds: &str) -> Vec<String> {
-    c.psql(
-        DB,
-        &format!(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind::text = ANY (string_to_array('{kinds}', ',')) \
-             AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgshift') \
-             AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1"
-        ),
-    )
-    .lines()
-    .map(str::to_string)
-    .collect()
-}
-
-/// A table's rows as text, ordered, with its columns in name order (so a
-/// table whose column order differs on the target compares equal).
-fn rows(c: &Cluster, table: &str) -> Vec<String> {
-    let cols = c.psql(
-        DB,
-        &format!(
-            "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attname) FROM pg_attribute \
-             WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped",
-            table.replace('\'', "''")
-        ),
-    );
-    let out = c.psql(
-        DB,
-        &format!(
-            "SELECT r FROM (SELECT ROW({cols})::text AS r FROM ONLY {table}) x ORDER BY r COLLATE \"C\""
-        ),
-    );
-    // Row texts may hold newlines: the sorted whole is what is compared.
-    vec![out]
-}
-
-/// Source and target hold the same tables (`kinds`: relkinds, e.g. "r,m"
-/// with materialized views) with the same rows.
-fn assert_same(phase: &str, source: &Cluster, target: &Cluster, kinds: &str) {
-    let names = tables(source, kinds);
-    assert_eq!(names, tables(target, kinds), "{phase}: the tables differ");
-    assert!(names.len() >= 13, "{names:?}");
-    for t in &names {
-        let (s, d) = (rows(source, t), rows(target, t));
-        assert!(
-            s == d,
-            "{phase}: table {t} differs\nsource:\n{}\ntarget:\n{}",
-            s.join("\n"),
-            d.join("\n")
-        );
-    }
-    eprintln!("{phase}: {} tables identical", names.len());
-}
 
 /// Changes row by row in many small transactions until stopped; the last
 /// committed tick is published.
@@ -152,7 +69,7 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
     assert_eq!(format("types_schema.builtins"), "binary");
     assert_eq!(format("types_schema.builtins_text"), "text");
     assert_eq!(format("Tÿpes \"Ω\".Ünïcode Tåble"), "text");
-    assert_same("copy", &source, &target, "r,m");
+    assert_same("copy", &source, &target, DB, "r,m", 13);
     assert_eq!(
         target.psql(
             DB,
@@ -167,7 +84,7 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
     // moving between partitions, under DEFAULT / USING INDEX / FULL.
     run_file(&source, DB, "types_stream.sql", 100);
     p.wait_caught_up(&source, &[DB], CATCH_UP);
-    assert_same("stream", &source, &target, "r,m");
+    assert_same("stream", &source, &target, DB, "r,m", 13);
 
     // Phase 3: the target's column order differs (made by hand); an enum
     // value added on both sides (DDL is not replicated); replica identity
@@ -204,7 +121,7 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
          INSERT INTO types_schema.reordered VALUES (7, 'a7', 7, '2021-02-03');",
     );
     p.wait_caught_up(&source, &[DB], CATCH_UP);
-    assert_same("replica identities", &source, &target, "r,m");
+    assert_same("replica identities", &source, &target, DB, "r,m", 13);
 
     // Phase 4: kill -9 mid-stream, restart.
     let stop = Arc::new(AtomicBool::new(false));
@@ -237,7 +154,7 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
     p.wait_caught_up(&source, &[DB], CATCH_UP);
-    assert_same("kill -9 and restart", &source, &target, "r,m");
+    assert_same("kill -9 and restart", &source, &target, DB, "r,m", 13);
 
     // Phase 5: the cutover.
     let o = Command::new(pgshift_bin())
@@ -253,7 +170,7 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
     );
     p.wait_state("Succeeded", Duration::from_secs(60));
     // The source's materialized view is as it was; the target's is refreshed.
-    assert_same("cutover", &source, &target, "r");
+    assert_same("cutover", &source, &target, DB, "r", 13);
     // Refreshed again from the switched data, in the background.
     assert!(
         wait_until(CATCH_UP, || p

@@ -76,3 +76,15 @@ SET myext.flag = on;\nCREATE TABLE t (a int);\n  SET transaction_timeout = 0;\n"
         assert_eq!(dropped, vec!["transaction_timeout", "made_up"]);
     }
 }
+
+/// The `extra_float_digits` under which two servers print equal float
+/// values as equal text. From 12 any positive value prints the shortest
+/// exact form; 11 prints exactly only with 3, as 17 digits, which 12+ cannot
+/// print: a pair with an 11 compares both sides rounded to 15 digits.
+pub fn comparable_float_digits(a: Version, b: Version) -> i32 {
+    if a.at_least(12) && b.at_least(12) {
+        3
+    } else {
+        0
+    }
+}

@@ -257,6 +257,9 @@ impl ReplicationConnection {
             ("replication", "database"),
             ("application_name", application_name),
             ("client_encoding", "UTF8"),
+            // pgoutput prints values with the walsender's settings: floats
+            // must read back exactly (11 rounds them to 15 digits by default).
+            ("extra_float_digits", "3"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
         let opts = ConnectOptions::for_endpoint(endpoint);

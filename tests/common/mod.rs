@@ -386,6 +386,21 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// Row count and an order-independent checksum of every table in `db`'s user
 /// schemas, for comparing source and target row by row.
 pub fn table_fingerprints(c: &Cluster, db: &str) -> Vec<(String, i64, String)> {
+    table_fingerprints_with(c, db, "")
+}
+
+/// The `SET` under which two clusters print equal floats as equal text
+/// (11 cannot print them as 12+ does: see `comparable_float_digits`).
+pub fn comparable_floats(a: &Cluster, b: &Cluster) -> String {
+    let digits = pgshift::pg::settings::comparable_float_digits(
+        pgshift::pg::Version::major_release(a.major()),
+        pgshift::pg::Version::major_release(b.major()),
+    );
+    format!("SET extra_float_digits = {digits}; ")
+}
+
+/// [`table_fingerprints`] with `set` (SET statements) run first.
+pub fn table_fingerprints_with(c: &Cluster, db: &str, set: &str) -> Vec<(String, i64, String)> {
     let tables = c.psql(
         db,
         "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -396,7 +411,7 @@ pub fn table_fingerprints(c: &Cluster, db: &str) -> Vec<(String, i64, String)> {
     for t in tables.lines().filter(|l| !l.is_empty()) {
         let r = c.psql(
             db,
-            &format!("SELECT count(*), coalesce(md5(string_agg(md5(x::text), '' ORDER BY md5(x::text))), '') FROM {t} x"),
+            &format!("{set}SELECT count(*), coalesce(md5(string_agg(md5(x::text), '' ORDER BY md5(x::text))), '') FROM {t} x"),
         );
         let (n, sum) = r.split_once('|').unwrap_or((&r, ""));
         out.push((t.to_string(), n.parse().unwrap_or(-1), sum.to_string()));

@@ -48,3 +48,7 @@ DELETE FROM types_schema.dogs WHERE id = 2;
 INSERT INTO types_schema.reordered VALUES (:off + 6, 'a6', 6, NULL);
 UPDATE types_schema.reordered SET b = -b, c = NULL WHERE id = 1;
 DELETE FROM types_schema.reordered WHERE id = 2;
+
+INSERT INTO types_schema.floats SELECT id + :off, f8 * 3, f4 * 3, f8s || (f8 * 7), ROW((cx).r / 3, (cx).i * 1.1::float8)::types_schema.complex
+    FROM types_schema.floats WHERE id < 100;
+UPDATE types_schema.floats SET f8 = f8 * 1.1, cx.r = 0.7::float8 + 0.1 WHERE id = 1;

@@ -15,6 +15,8 @@ use serde_json::Value;
 
 use crate::common::*;
 
+pub mod corpus;
+
 /// A `pgshift run` process (killed when dropped) with its config and log.
 pub struct Pgshift {
     child: Option<Child>,
@@ -210,10 +212,11 @@ impl Pgshift {
     pub fn assert_exact_copy(&self, source: &Cluster, target: &Cluster, dbs: &[&str]) {
         let (code, out) = self.verify();
         assert_eq!(code, 0, "pgshift verify failed:\n{out}\n{}", self.logs());
+        let set = comparable_floats(source, target);
         for db in dbs {
             assert_eq!(
-                table_fingerprints(source, db),
-                table_fingerprints(target, db),
+                table_fingerprints_with(source, db, &set),
+                table_fingerprints_with(target, db, &set),
                 "database {db} differs"
             );
         }
@@ -303,6 +306,29 @@ pub fn proxied_writer(
     last: Arc<AtomicI64>,
     seen: Arc<Mutex<Seen>>,
 ) {
+    write_through_proxy(port, db, false, stop, last, seen)
+}
+
+/// [`proxied_writer`] with one named prepared statement, prepared once and
+/// executed for every write: the statement must survive a session move.
+pub fn proxied_prepared_writer(
+    port: u16,
+    db: &str,
+    stop: Arc<AtomicBool>,
+    last: Arc<AtomicI64>,
+    seen: Arc<Mutex<Seen>>,
+) {
+    write_through_proxy(port, db, true, stop, last, seen)
+}
+
+fn write_through_proxy(
+    port: u16,
+    db: &str,
+    prepared: bool,
+    stop: Arc<AtomicBool>,
+    last: Arc<AtomicI64>,
+    seen: Arc<Mutex<Seen>>,
+) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -310,13 +336,20 @@ pub fn proxied_writer(
     let url = format!("postgres://{APP_USER}:{APP_PW}@127.0.0.1:{port}/{db}");
     rt.block_on(async move {
         let c = connect(&url).await;
+        const INSERT: &str = "INSERT INTO writes(id) VALUES ($1)";
+        let statement = if prepared {
+            Some(c.prepare(INSERT).await.expect("prepare the write"))
+        } else {
+            None
+        };
         let mut id = 0i64;
         while !stop.load(Ordering::Relaxed) {
             id += 1;
             let t = Instant::now();
-            let r = c
-                .execute("INSERT INTO writes(id) VALUES ($1)", &[&id])
-                .await;
+            let r = match &statement {
+                Some(st) => c.execute(st, &[&id]).await,
+                None => c.execute(INSERT, &[&id]).await,
+            };
             {
                 let mut s = seen.lock().unwrap();
                 s.slowest = s.slowest.max(t.elapsed());
