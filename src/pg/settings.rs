@@ -52,6 +52,18 @@ pub fn probes(_v: Version) -> Vec<Probe> {
     vec![Probe::new("settings.known", KNOWN_SETTINGS_SQL)]
 }
 
+/// The `extra_float_digits` under which two servers print equal float
+/// values as equal text. From 12 any positive value prints the shortest
+/// exact form; 11 prints exactly only with 3, as 17 digits, which 12+ cannot
+/// print: a pair with an 11 compares both sides rounded to 15 digits.
+pub fn comparable_float_digits(a: Version, b: Version) -> i32 {
+    if a.at_least(12) && b.at_least(12) {
+        3
+    } else {
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,16 +87,13 @@ SET myext.flag = on;\nCREATE TABLE t (a int);\n  SET transaction_timeout = 0;\n"
         );
         assert_eq!(dropped, vec!["transaction_timeout", "made_up"]);
     }
-}
 
-/// The `extra_float_digits` under which two servers print equal float
-/// values as equal text. From 12 any positive value prints the shortest
-/// exact form; 11 prints exactly only with 3, as 17 digits, which 12+ cannot
-/// print: a pair with an 11 compares both sides rounded to 15 digits.
-pub fn comparable_float_digits(a: Version, b: Version) -> i32 {
-    if a.at_least(12) && b.at_least(12) {
-        3
-    } else {
-        0
+    #[test]
+    fn floats_compare_exactly_only_between_12_and_newer() {
+        let v = Version::major_release;
+        assert_eq!(comparable_float_digits(v(12), v(18)), 3);
+        assert_eq!(comparable_float_digits(v(15), v(15)), 3);
+        assert_eq!(comparable_float_digits(v(11), v(18)), 0);
+        assert_eq!(comparable_float_digits(v(18), v(11)), 0);
     }
 }
