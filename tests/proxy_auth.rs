@@ -177,35 +177,9 @@ async fn tls_toward_clients_when_configured() {
     );
     let proxy = start_proxy_with(&pg, "scram-sha-256", &extra).await;
     let port = proxy.port;
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(pg_program("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                APP_USER,
-                "-d",
-                "postgres",
-            ])
-            .arg("-p")
-            .arg(port.to_string())
-            .args(["-c", "SELECT 'over tls'", "-c", "\\conninfo"])
-            .env("PGPASSWORD", APP_PW)
-            .env("PGSSLMODE", "require")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = tokio::task::spawn_blocking(move || query_over_tls(port))
+        .await
+        .unwrap();
     assert!(
         text.contains("over tls") && text.contains("SSL connection"),
         "{text}"
@@ -219,6 +193,55 @@ async fn tls_toward_clients_when_configured() {
     .await
     .unwrap();
     assert!(ok && out.contains("plain"), "{err}");
+}
+
+/// `SELECT 'over tls'` through the proxy on `port` with sslmode=require,
+/// and whether the connection used TLS ("SSL connection"): by psql, or by
+/// psycopg where psql's libpq has no TLS (the PyPI builds a machine without
+/// PostgreSQL fetches).
+fn query_over_tls(port: u16) -> String {
+    let out = std::process::Command::new(pg_program("psql"))
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            APP_USER,
+            "-d",
+            "postgres",
+        ])
+        .arg("-p")
+        .arg(port.to_string())
+        .args(["-c", "SELECT 'over tls'", "-c", "\\conninfo"])
+        .env("PGPASSWORD", APP_PW)
+        .env("PGSSLMODE", "require")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !err.contains("not compiled in") {
+        assert!(out.status.success(), "{err}");
+        return String::from_utf8_lossy(&out.stdout).into_owned();
+    }
+    ensure_psycopg();
+    let script = format!(
+        "import psycopg\n\
+         c = psycopg.connect(host='127.0.0.1', port={port}, user='{APP_USER}', password='{APP_PW}', \
+         dbname='postgres', sslmode='require')\n\
+         print(c.execute(\"SELECT 'over tls'\").fetchone()[0])\n\
+         print('SSL connection' if c.pgconn.ssl_in_use else 'no SSL')"
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A TCP connection to the proxy from the loopback address `from`.
