@@ -17,6 +17,7 @@ use tokio_postgres::Client;
 
 use crate::config::Endpoint;
 use crate::db::{self, DbError, quote_ident};
+use crate::filter::TableFilter;
 use crate::pg::Version;
 use crate::pgbin::{ClientTools, ToolsFit};
 
@@ -271,6 +272,9 @@ pub struct DumpPlan {
     /// knows, so the dump's SET lines for others are left out.
     #[serde(skip)]
     pub target_settings: Option<HashSet<String>>,
+    /// Tables the migration leaves out (`tables` / `exclude_tables`), as
+    /// `"schema"."table"`: pg_dump does not create them on the target.
+    pub excluded_tables: Vec<String>,
 }
 
 impl DumpPlan {
@@ -338,17 +342,20 @@ pub async fn plan_dump(
     target: &Endpoint,
     db: &str,
 ) -> Result<DumpPlan, SchemaError> {
-    plan_dump_with(source, target, db, None).await
+    plan_dump_with(source, target, db, None, &TableFilter::default()).await
 }
 
-/// [`plan_dump`] with the configured client programs' directory (`[migration] pg_bin`).
+/// [`plan_dump`] with the configured client programs' directory (`[migration]
+/// pg_bin`) and the migration's table selection.
 pub async fn plan_dump_with(
     source: &Endpoint,
     target: &Endpoint,
     db: &str,
     pg_bin: Option<&std::path::Path>,
+    filter: &TableFilter,
 ) -> Result<DumpPlan, SchemaError> {
     let src = db::connect(&source.with_dbname(db), "source database").await?;
+    let excluded_tables = excluded_tables(&src, filter).await?;
     // pg_shdepend records owners and grantees, except the bootstrap superuser.
     let roles: Vec<String> = src
         .query(
@@ -408,7 +415,34 @@ pub async fn plan_dump_with(
         missing_roles: missing,
         tools,
         target_settings,
+        excluded_tables,
     })
+}
+
+/// The tables of the source database behind `c` that `filter` leaves out,
+/// as exact pg_dump patterns (quoted: no wildcards, no case folding).
+async fn excluded_tables(c: &Client, filter: &TableFilter) -> Result<Vec<String>, SchemaError> {
+    if !filter.is_filtered() {
+        return Ok(Vec::new());
+    }
+    let rows = c
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't' \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgshift') \
+               AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(sql_err("listing the source tables to leave out"))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter(|(schema, table)| !filter.includes(schema, table))
+        .map(|(schema, table)| format!("{}.{}", quote_ident(&schema), quote_ident(&table)))
+        .collect())
 }
 
 /// A section of `pg_dump --schema-only`.
@@ -468,6 +502,11 @@ pub async fn dump_section(
     if let Some(s) = snapshot {
         args.push(format!("--snapshot={s}"));
     }
+    args.extend(
+        plan.excluded_tables
+            .iter()
+            .map(|t| format!("--exclude-table={t}")),
+    );
     if !plan.keep_owners {
         args.push("--no-owner".into());
         args.push("--no-privileges".into());

@@ -49,7 +49,7 @@ async fn newer_pg_dump_restores_into_older_target() {
     schema::prepare_target_database(&t, &s, "shop", false)
         .await
         .unwrap();
-    let plan = schema::plan_dump_with(&s, &t, "shop", Some(&bin18))
+    let plan = schema::plan_dump_with(&s, &t, "shop", Some(&bin18), &Default::default())
         .await
         .unwrap();
     assert_eq!(plan.tools.major(), 18);

@@ -13,6 +13,7 @@ use super::{DatabasePhase, Migration, State, Substate};
 use crate::config::{MigrationMode, MigrationOption};
 use crate::context::Context;
 use crate::cutover::fence::{self, FenceRecord};
+use crate::filter::TableFilter;
 use crate::proxy::ProxyHandle;
 use crate::replication::Lsn;
 use crate::replication::client::{ReplicationConnection, SnapshotAction};
@@ -287,9 +288,15 @@ impl Pipeline {
             (snap, None)
         };
 
-        let plan = schema::plan_dump_with(source, target, db, self.cfg().pg_bin.as_deref())
-            .await
-            .map_err(step(db, "planning the schema dump"))?;
+        let plan = schema::plan_dump_with(
+            source,
+            target,
+            db,
+            self.cfg().pg_bin.as_deref(),
+            &TableFilter::from_migration(self.cfg()),
+        )
+        .await
+        .map_err(step(db, "planning the schema dump"))?;
         schema::dump_restore_pre_data(source, target, db, Some(&snapshot), &plan)
             .await
             .map_err(step(db, "copying the schema (pre-data)"))?;
