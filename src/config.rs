@@ -17,7 +17,9 @@ use thiserror::Error;
 mod expand;
 mod tls_params;
 mod toml_error;
+pub mod window;
 
+pub use crate::wire::tls::SslMode;
 pub use expand::{expand, expand_conn};
 
 /// A configuration error, always naming the key it is about.
@@ -76,16 +78,23 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// A duration or size in the config that does not parse, with examples.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct ValueError(String);
+
 /// Parses `500ms`, `5s`, `2m`, `1h`, `1d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (examples: 500ms, 5s, 2m, 1h)"))?;
+    let n: f64 = num.parse().map_err(|_| {
+        ValueError(format!(
+            "`{s}` is not a duration (examples: 500ms, 5s, 2m, 1h)"
+        ))
+    })?;
     let secs = match unit.trim() {
         "ms" => n / 1000.0,
         "s" | "" => n,
@@ -93,13 +102,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         "d" => n * 86400.0,
         other => {
-            return Err(format!(
+            return Err(ValueError(format!(
                 "`{s}`: unknown duration unit `{other}` (use ms, s, m, h, d)"
-            ));
+            )));
         }
     };
     if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("`{s}` is not a valid duration"));
+        return Err(ValueError(format!("`{s}` is not a valid duration")));
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -127,13 +136,13 @@ impl<'de> Deserialize<'de> for ByteSize {
 }
 
 /// Parses `16MB`, `1GB`, `512kB`, `1TB`, `100` (bytes).
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub fn parse_bytes(s: &str) -> Result<u64, ValueError> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a size (examples: 16MB, 1GB)"))?;
+        .map_err(|_| ValueError(format!("`{s}` is not a size (examples: 16MB, 1GB)")))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" | "k" | "kib" => 1 << 10,
@@ -141,13 +150,13 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "gb" | "g" | "gib" => 1 << 30,
         "tb" | "t" | "tib" => 1 << 40,
         other => {
-            return Err(format!(
+            return Err(ValueError(format!(
                 "`{s}`: unknown size unit `{other}` (use B, kB, MB, GB, TB)"
-            ));
+            )));
         }
     };
     n.checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is too large"))
+        .ok_or_else(|| ValueError(format!("`{s}` is too large")))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -439,47 +448,18 @@ pub struct FileConfig {
     pub cutover: CutoverConfig,
 }
 
-/// TLS toward a server, from the URL's `sslmode` (libpq's meanings; `allow` is not supported).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SslMode {
-    /// Never TLS.
-    Disable,
-    /// TLS if the server offers it, else plaintext (libpq's default).
-    Prefer,
-    /// TLS or fail; the certificate is checked only if `sslrootcert` is given.
-    Require,
-    /// TLS with the certificate chain verified against `sslrootcert`.
-    VerifyCa,
-    /// As verify-ca, and the certificate must name the host.
-    VerifyFull,
-}
-
-impl SslMode {
-    /// The URL spelling (`verify-full`), e.g. for PGSSLMODE.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
+impl crate::wire::connect::ConnectOptions {
+    /// How pgshift's own wire-level connections (replication, apply) reach `ep`.
+    pub fn for_endpoint(ep: &Endpoint) -> crate::wire::connect::ConnectOptions {
+        crate::wire::connect::ConnectOptions {
+            host: ep.host.clone(),
+            port: ep.port,
+            sslmode: ep.sslmode,
+            connect_timeout: Duration::from_secs(10),
+            max_message_size: 1 << 30,
+            sslrootcert: ep.sslrootcert.clone(),
+            tls: None,
         }
-    }
-
-    fn parse(s: &str) -> Option<SslMode> {
-        Some(match s {
-            "disable" => SslMode::Disable,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            _ => return None,
-        })
-    }
-
-    /// Whether a server without TLS must be refused.
-    pub fn requires_tls(self) -> bool {
-        !matches!(self, SslMode::Disable | SslMode::Prefer)
     }
 }
 
@@ -899,8 +879,8 @@ fn validate_cutover(c: &CutoverConfig) -> Result<(), ConfigError> {
         ));
     }
     if let Some(w) = &c.window {
-        crate::cutover::window::parse_all(&w.list())
-            .map_err(|e| ConfigError::invalid("cutover.window", e))?;
+        window::parse_all(&w.list())
+            .map_err(|e| ConfigError::invalid("cutover.window", e.to_string()))?;
     }
     if c.max_attempts == 0 {
         return Err(ConfigError::invalid(

@@ -3,6 +3,12 @@
 //! A window whose end is before its start runs past midnight into the next day.
 
 use chrono::{DateTime, Datelike, Duration, Timelike, Utc};
+use thiserror::Error;
+
+/// A window's text that does not parse, with what is wrong and an example.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct WindowError(String);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Window {
@@ -17,7 +23,7 @@ pub struct Window {
 
 const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 
-fn day(s: &str) -> Result<usize, String> {
+fn day(s: &str) -> Result<usize, WindowError> {
     const FULL: [&str; 7] = [
         "monday",
         "tuesday",
@@ -31,26 +37,30 @@ fn day(s: &str) -> Result<usize, String> {
     DAYS.iter()
         .zip(FULL)
         .position(|(short, full)| l == *short || l == full)
-        .ok_or_else(|| format!("`{s}` is not a day (Mon, Tue, Wed, Thu, Fri, Sat, Sun, daily)"))
+        .ok_or_else(|| {
+            WindowError(format!(
+                "`{s}` is not a day (Mon, Tue, Wed, Thu, Fri, Sat, Sun, daily)"
+            ))
+        })
 }
 
-fn hhmm(s: &str) -> Result<u32, String> {
+fn hhmm(s: &str) -> Result<u32, WindowError> {
     let (h, m) = s
         .split_once(':')
-        .ok_or_else(|| format!("`{s}` is not a time (HH:MM)"))?;
+        .ok_or_else(|| WindowError(format!("`{s}` is not a time (HH:MM)")))?;
     let h: u32 = h
         .parse()
-        .map_err(|_| format!("`{s}` is not a time (HH:MM)"))?;
+        .map_err(|_| WindowError(format!("`{s}` is not a time (HH:MM)")))?;
     let m: u32 = m
         .parse()
-        .map_err(|_| format!("`{s}` is not a time (HH:MM)"))?;
+        .map_err(|_| WindowError(format!("`{s}` is not a time (HH:MM)")))?;
     if h > 24 || m > 59 || (h == 24 && m != 0) {
-        return Err(format!("`{s}` is not a time of day"));
+        return Err(WindowError(format!("`{s}` is not a time of day")));
     }
     Ok(h * 60 + m)
 }
 
-fn offset(s: &str) -> Result<i32, String> {
+fn offset(s: &str) -> Result<i32, WindowError> {
     let u = s.to_ascii_uppercase();
     if u == "UTC" || u == "Z" || u == "GMT" {
         return Ok(0);
@@ -59,33 +69,33 @@ fn offset(s: &str) -> Result<i32, String> {
         Some('+') => 1,
         Some('-') => -1,
         _ => {
-            return Err(format!(
+            return Err(WindowError(format!(
                 "`{s}`: time zone must be UTC or a fixed offset like +02:00 (named zones are not supported)"
-            ));
+            )));
         }
     };
     let digits: String = u[1..].chars().filter(|c| c.is_ascii_digit()).collect();
     if digits.len() != 4 && digits.len() != 2 {
-        return Err(format!("`{s}` is not an offset like +02:00"));
+        return Err(WindowError(format!("`{s}` is not an offset like +02:00")));
     }
     let h: i32 = digits[..2]
         .parse()
-        .map_err(|_| format!("`{s}` is not an offset"))?;
+        .map_err(|_| WindowError(format!("`{s}` is not an offset")))?;
     let m: i32 = if digits.len() == 4 {
         digits[2..]
             .parse()
-            .map_err(|_| format!("`{s}` is not an offset"))?
+            .map_err(|_| WindowError(format!("`{s}` is not an offset")))?
     } else {
         0
     };
     if h > 14 || m > 59 {
-        return Err(format!("`{s}` is not a valid offset"));
+        return Err(WindowError(format!("`{s}` is not a valid offset")));
     }
     Ok(sign * (h * 60 + m))
 }
 
 impl Window {
-    pub fn parse(text: &str) -> Result<Window, String> {
+    pub fn parse(text: &str) -> Result<Window, WindowError> {
         let parts: Vec<&str> = text.split_whitespace().collect();
         let (days_part, range, tz) = match parts.as_slice() {
             [d, r, tz] => (Some(*d), *r, *tz),
@@ -93,9 +103,9 @@ impl Window {
             [d, r] => (Some(*d), *r, "UTC"),
             [r] => (None, *r, "UTC"),
             _ => {
-                return Err(format!(
+                return Err(WindowError(format!(
                     "`{text}` is not a window (example: \"Sun 02:00-04:00 UTC\")"
-                ));
+                )));
             }
         };
         let mut days = [false; 7];
@@ -122,10 +132,12 @@ impl Window {
         }
         let (s, e) = range
             .split_once('-')
-            .ok_or_else(|| format!("`{range}` is not a time range (HH:MM-HH:MM)"))?;
+            .ok_or_else(|| WindowError(format!("`{range}` is not a time range (HH:MM-HH:MM)")))?;
         let (start_min, end_min) = (hhmm(s)?, hhmm(e)?);
         if start_min == end_min {
-            return Err(format!("`{range}`: a window must not be empty"));
+            return Err(WindowError(format!(
+                "`{range}`: a window must not be empty"
+            )));
         }
         Ok(Window {
             days,
@@ -156,7 +168,7 @@ impl Window {
 }
 
 /// Parses every configured window, naming the bad one.
-pub fn parse_all(list: &[String]) -> Result<Vec<Window>, String> {
+pub fn parse_all(list: &[String]) -> Result<Vec<Window>, WindowError> {
     list.iter().map(|w| Window::parse(w)).collect()
 }
 

@@ -3,4 +3,3 @@
 pub mod fence;
 pub mod guard;
 pub mod protocol;
-pub mod window;

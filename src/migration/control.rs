@@ -24,7 +24,7 @@ pub enum ControlError {
     )]
     Locked(String),
     #[error("control schema holds an invalid value: {0}")]
-    Corrupt(String),
+    Corrupt(#[from] super::state::UnknownName),
 }
 
 const SCHEMA_SQL: &str = r#"
@@ -177,8 +177,8 @@ impl ControlStore {
         let state: String = r.get(0);
         let substate: String = r.get(1);
         Ok(Some(MigrationRow {
-            state: state.parse().map_err(ControlError::Corrupt)?,
-            substate: substate.parse().map_err(ControlError::Corrupt)?,
+            state: state.parse()?,
+            substate: substate.parse()?,
             reason: r.get(2),
             switched: r.get(3),
         }))
@@ -224,7 +224,7 @@ impl ControlStore {
                 let phase: String = r.get(1);
                 Ok(DatabaseRow {
                     database: r.get(0),
-                    phase: phase.parse().map_err(ControlError::Corrupt)?,
+                    phase: phase.parse()?,
                     consistent_point: r.get(2),
                     copy_restarts: r.get(3),
                     last_error: r.get(4),

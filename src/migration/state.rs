@@ -94,29 +94,41 @@ impl fmt::Display for Substate {
     }
 }
 
+/// A persisted name that is not a state, substate or phase of this version
+/// of pgshift (e.g. written by a newer one).
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown {what} `{name}`")]
+pub struct UnknownName {
+    pub what: &'static str,
+    pub name: String,
+}
+
 /// The variant of `all` whose persisted name is `s`.
 fn by_name<T: Copy>(
     all: &[T],
     name: fn(T) -> &'static str,
     s: &str,
-    what: &str,
-) -> Result<T, String> {
+    what: &'static str,
+) -> Result<T, UnknownName> {
     all.iter()
         .copied()
         .find(|x| name(*x) == s)
-        .ok_or_else(|| format!("unknown {what} `{s}`"))
+        .ok_or_else(|| UnknownName {
+            what,
+            name: s.to_string(),
+        })
 }
 
 impl FromStr for State {
-    type Err = String;
-    fn from_str(s: &str) -> Result<State, String> {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<State, UnknownName> {
         by_name(&State::ALL, State::as_str, s, "migration state")
     }
 }
 
 impl FromStr for Substate {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Substate, String> {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Substate, UnknownName> {
         by_name(&Substate::ALL, Substate::as_str, s, "migration substate")
     }
 }
@@ -153,8 +165,8 @@ impl DatabasePhase {
 }
 
 impl FromStr for DatabasePhase {
-    type Err = String;
-    fn from_str(s: &str) -> Result<DatabasePhase, String> {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<DatabasePhase, UnknownName> {
         use DatabasePhase::*;
         let all = [
             Pending,

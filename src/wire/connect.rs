@@ -17,7 +17,7 @@ use super::WireError;
 use super::frame::{FrameReader, get_cstr};
 use super::messages::{self, ErrorFields, TxStatus};
 use super::stream::PgStream;
-use crate::config::{Endpoint, SslMode};
+use super::tls::SslMode;
 
 /// Where to connect and how.
 #[derive(Clone)]
@@ -31,20 +31,6 @@ pub struct ConnectOptions {
     pub sslrootcert: Option<PathBuf>,
     /// A ready TLS config, used instead of the one sslmode/sslrootcert call for.
     pub tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-impl ConnectOptions {
-    pub fn for_endpoint(ep: &Endpoint) -> ConnectOptions {
-        ConnectOptions {
-            host: ep.host.clone(),
-            port: ep.port,
-            sslmode: ep.sslmode,
-            connect_timeout: Duration::from_secs(10),
-            max_message_size: 1 << 30,
-            sslrootcert: ep.sslrootcert.clone(),
-            tls: None,
-        }
-    }
 }
 
 /// An authenticated server connection, positioned after the first ReadyForQuery.

@@ -11,7 +11,50 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use super::WireError;
-use crate::config::SslMode;
+
+/// TLS toward a server, from the URL's `sslmode` (libpq's meanings; `allow` is not supported).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SslMode {
+    /// Never TLS.
+    Disable,
+    /// TLS if the server offers it, else plaintext (libpq's default).
+    Prefer,
+    /// TLS or fail; the certificate is checked only if `sslrootcert` is given.
+    Require,
+    /// TLS with the certificate chain verified against `sslrootcert`.
+    VerifyCa,
+    /// As verify-ca, and the certificate must name the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// The URL spelling (`verify-full`), e.g. for PGSSLMODE.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    /// Whether a server without TLS must be refused.
+    pub fn requires_tls(self) -> bool {
+        !matches!(self, SslMode::Disable | SslMode::Prefer)
+    }
+}
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
