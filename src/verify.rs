@@ -18,8 +18,8 @@ use tokio_postgres::Client;
 use crate::config::{Config, ConfigError, Endpoint};
 use crate::db::{self, DbError, quote_ident, quote_literal};
 use crate::filter::TableFilter;
+use crate::pg::tables::{CatalogError, SourceTable, list_tables};
 use crate::pg::{self, Version};
-use crate::replication::copy::{CopyError, list_tables};
 
 /// Rows per checksum chunk.
 pub const CHUNK_ROWS: i64 = 100_000;
@@ -31,7 +31,7 @@ pub enum VerifyError {
     #[error("{0}")]
     Connect(#[from] DbError),
     #[error("{0}")]
-    List(#[from] CopyError),
+    List(#[from] CatalogError),
     #[error("{what}: {}", crate::db::describe(.source))]
     Sql {
         what: String,
@@ -138,9 +138,7 @@ pub async fn verify_database_with(
     let mut results: Vec<Option<TableVerify>> = vec![None; names.len()];
     let mut work = std::collections::VecDeque::new();
     for (i, (schema, name)) in names.iter().enumerate() {
-        let on = |list: &[crate::replication::copy::SourceTable]| {
-            list.iter().any(|t| &t.schema == schema && &t.name == name)
-        };
+        let on = |list: &[SourceTable]| list.iter().any(|t| &t.schema == schema && &t.name == name);
         let (in_src, in_tgt) = (on(&src_tables), on(&tgt_tables));
         if in_src && in_tgt {
             work.push_back(i);

@@ -130,7 +130,7 @@ async fn check_slot_and_publication(c: &Cluster, client: &tokio_postgres::Client
 }
 
 async fn check_tables_and_sequences(c: &Cluster, client: &tokio_postgres::Client, major: i32) {
-    let tables = pgshift::replication::copy::list_tables(client, &Default::default())
+    let tables = pgshift::pg::tables::list_tables(client, &Default::default())
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL {major}: list_tables: {e}"));
     let mut names: Vec<String> = tables.iter().map(|t| t.quoted()).collect();

@@ -10,9 +10,9 @@ use common::*;
 
 use std::time::Duration;
 
+use pgshift::pg::tables::list_tables;
 use pgshift::replication::Lsn;
 use pgshift::replication::client::{ReplicationConnection, SnapshotAction};
-use pgshift::replication::copy::list_tables;
 use pgshift::replication::marker;
 use pgshift::replication::names::ReplicationNames;
 use pgshift::replication::slot::{Cleanup, cleanup};

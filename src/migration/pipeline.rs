@@ -356,8 +356,8 @@ impl Pipeline {
         if cfg.tables.is_empty() && cfg.exclude_tables.is_empty() {
             return Ok(None);
         }
-        let filter = CopyOptions::from_config(cfg).filter;
-        let tables = copy::list_tables(src, &filter)
+        let filter = TableFilter::from_migration(cfg);
+        let tables = crate::pg::tables::list_tables(src, &filter)
             .await
             .map_err(step(db, "listing tables"))?;
         Ok(Some(tables.iter().map(|t| t.quoted()).collect()))

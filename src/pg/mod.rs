@@ -10,6 +10,7 @@
 //! - `activity`: `pg_stat_activity`, terminating sessions
 //! - `catalog`: relations, columns, sequences, privileges
 //! - `settings`: configuration parameters a dump may set
+//! - `tables`: the tables a migration carries (copy, verify, publication)
 //!
 //! Each module's `probes` lists its version-dependent read-only queries, so a
 //! test can run every one of them against a live server of each version.
@@ -21,6 +22,7 @@ pub mod publication;
 pub mod settings;
 pub mod slot;
 pub mod support;
+pub mod tables;
 
 use tokio_postgres::Client;
 

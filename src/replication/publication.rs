@@ -17,7 +17,7 @@ use crate::db::quote_ident;
 /// superuser.
 ///
 /// Partitioned tables are published as their leaf partitions on every
-/// source version: lists name leaves (as `copy::list_tables` gives them;
+/// source version: lists name leaves (as `pg::tables::list_tables` gives them;
 /// before 13 a partitioned table cannot be in a publication at all), and
 /// `publish_via_partition_root` (13+) is never set, so changes arrive for
 /// the leaf tables the schema copy recreates on the target.
