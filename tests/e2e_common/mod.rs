@@ -148,6 +148,46 @@ impl Pgshift {
         )
     }
 
+    /// Polls /status until `f` holds, for as long as `progress` (e.g. the
+    /// applied position) keeps changing: fails only after `stall` without
+    /// any change, with the last status and the logs.
+    pub fn wait_status_progress(
+        &self,
+        what: &str,
+        stall: Duration,
+        progress: impl Fn(&Value) -> String,
+        f: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let start = Instant::now();
+        let mut moved = Instant::now();
+        let mut seen = String::new();
+        let mut last = Value::Null;
+        while moved.elapsed() < stall {
+            if let Some(s) = self.status() {
+                if f(&s) {
+                    eprintln!(
+                        "{what}: reached after {:.1}s",
+                        start.elapsed().as_secs_f64()
+                    );
+                    return s;
+                }
+                let p = progress(&s);
+                if p != seen {
+                    seen = p;
+                    moved = Instant::now();
+                }
+                last = s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{what}: no progress for {stall:?} (after {:.1}s); last status:\n{}\n{}",
+            start.elapsed().as_secs_f64(),
+            serde_json::to_string_pretty(&last).unwrap_or_default(),
+            self.logs()
+        )
+    }
+
     /// Waits for `state` (e.g. "WaitingForUserAction"); fails fast on an
     /// unexpected terminal state.
     pub fn wait_state(&self, state: &str, timeout: Duration) -> Value {
@@ -173,7 +213,14 @@ impl Pgshift {
             .psql("postgres", "SELECT pg_current_wal_lsn()")
             .parse()
             .expect("an LSN");
-        self.wait_status("lag 0", timeout, |s| {
+        // A slow machine applies slowly: wait while apply moves on, fail
+        // only when it stops moving for `timeout`.
+        let applied = |s: &Value| -> String {
+            dbs.iter()
+                .map(|db| s["databases"][db]["stream"]["applied_lsn"].to_string())
+                .collect()
+        };
+        self.wait_status_progress("lag 0", timeout, applied, |s| {
             dbs.iter().all(|db| {
                 let st = &s["databases"][db]["stream"];
                 let sampled: Lsn = st["source_lsn"]
