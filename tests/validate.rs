@@ -122,7 +122,15 @@ async fn healthy_pair_passes_and_reports_what_is_not_carried() {
             "{name}"
         );
     }
-    assert_eq!(status_of(&report, "pg_dump", "pgshift"), Status::Succeeded);
+    // A pg_dump of the target's own version fits exactly; on a machine that
+    // has only a newer one (no PostgreSQL installed: the fetched 16 and 18),
+    // validation warns that the dump may hold syntax the target lacks.
+    let fits = if client_bin_for(dst.major()).is_some() {
+        Status::Succeeded
+    } else {
+        Status::Warning
+    };
+    assert_eq!(status_of(&report, "pg_dump", "pgshift"), fits);
     for name in [
         "database_on_source",
         "database_on_target",
