@@ -15,8 +15,7 @@ pub mod gate;
 mod incident;
 pub mod listener;
 pub mod metrics;
-pub mod prewarm;
-pub mod replay;
+mod moving;
 pub mod route;
 pub mod scan;
 pub mod session;
@@ -90,7 +89,7 @@ pub struct Shared {
     pub(crate) kill: CancellationToken,
     /// Sessions that could not move to a new route and were closed.
     pub(crate) moves_failed: std::sync::atomic::AtomicU64,
-    /// The route backends are being pre-warmed for (see [`prewarm`]).
+    /// The route backends are being pre-warmed for (see [`moving::prewarm`]).
     pub(crate) prewarm: arc_swap::ArcSwapOption<Route>,
     /// The threads sessions run on.
     pub(crate) workers: workers::Workers,
@@ -226,12 +225,12 @@ impl ProxyHandle {
     /// before closing the gate: the pause then pays only for replaying
     /// session state. Returns how many backends are parked.
     pub async fn prewarm(&self, route: Route) -> usize {
-        prewarm::all(&self.shared, route).await
+        moving::prewarm::all(&self.shared, route).await
     }
 
     /// Closes the parked backends (the switch will not happen). Returns how many.
     pub fn discard_prewarm(&self) -> usize {
-        prewarm::discard_all(&self.shared)
+        moving::prewarm::discard_all(&self.shared)
     }
 
     /// Swaps the route to `route` and waits (at most `timeout`) until every

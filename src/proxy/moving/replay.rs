@@ -10,32 +10,17 @@
 //! session advisory locks cannot move: the session is refused.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
-use thiserror::Error;
 use tokio::io::AsyncWriteExt;
+
+use super::MoveError;
 
 use crate::db::quote_ident;
 use crate::wire::connect::{TextRow, parse_data_row};
 use crate::wire::messages;
 use crate::wire::{ErrorFields, FrameReader, PgStream, WireError};
-
-/// Why a session could not move.
-#[derive(Debug, Error)]
-pub enum MoveError {
-    #[error("it holds {0}, which cannot move to another server")]
-    Unmovable(String),
-    #[error("cannot read the session state from the old server: {0}")]
-    OldBackend(WireError),
-    #[error("cannot open a backend on the new server: {0}")]
-    NewBackend(WireError),
-    #[error("cannot restore the session state on the new server: {0}")]
-    Replay(String),
-    #[error("moving took longer than {0:?}")]
-    Timeout(Duration),
-}
 
 /// Text as hex of its UTF-8 bytes, readable whatever the session's
 /// client_encoding is.
@@ -107,7 +92,7 @@ pub struct SessionState {
     pub settings: Vec<(String, String)>,
     /// SQL `PREPARE` texts to replay, oldest first, each once: for each name
     /// its own statement cut out of the query string it came in (see
-    /// [`super::sqltext::prepare_replay`]), or that whole string if it
+    /// [`crate::proxy::sqltext::prepare_replay`]), or that whole string if it
     /// cannot be found there.
     pub sql_texts: Vec<String>,
     /// Names of the statements SQL `PREPARE` created.
@@ -297,7 +282,7 @@ fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> 
         // PREPARE b …`): only this name's PREPARE (after the settings
         // before it) is replayed, or the whole string, once, when it
         // cannot be found there.
-        let stmt = super::sqltext::prepare_replay(&text, &name).unwrap_or(text);
+        let stmt = crate::proxy::sqltext::prepare_replay(&text, &name).unwrap_or(text);
         if !st.sql_texts.contains(&stmt) {
             st.sql_texts.push(stmt);
         }
