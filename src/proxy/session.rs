@@ -23,6 +23,7 @@ use super::Shared;
 use super::backend;
 use super::listener::{Authed, reject};
 use super::moving::prewarm;
+use super::moving::unnamed::Unnamed;
 use super::route::Route;
 use super::scan::{ScanError, Scanner};
 use super::sessions::{BackendRef, NewSession, SessionInfo};
@@ -199,6 +200,8 @@ pub(super) struct State {
     saw_ready: bool,
     /// Server parameters as the client knows them.
     pub(super) params: Vec<(String, String)>,
+    /// The client's unnamed prepared statement, which a move carries.
+    pub(super) unnamed: Unnamed,
     queries: u64,
     transactions: u64,
     bytes_c2s: u64,
@@ -214,6 +217,7 @@ impl State {
             terminated: false,
             saw_ready: false,
             params,
+            unnamed: Unnamed::default(),
             queries: 0,
             transactions: 0,
             bytes_c2s: 0,
@@ -221,7 +225,8 @@ impl State {
         }
     }
 
-    fn on_client(&mut self, tag: u8) {
+    fn on_client(&mut self, tag: u8, body: &[u8]) {
+        self.unnamed.on_client(tag, body);
         match tag {
             b'Q' => {
                 self.pending += 1;
@@ -243,6 +248,7 @@ impl State {
     }
 
     fn on_server(&mut self, tag: u8, body: &[u8]) {
+        self.unnamed.on_server(tag);
         match tag {
             b'Z' => {
                 if let Some(s) = body.first().and_then(|b| TxStatus::from_byte(*b)) {
@@ -274,6 +280,12 @@ pub(super) fn set_param(params: &mut Vec<(String, String)>, k: String, v: String
         Some(p) => p.1 = v,
         None => params.push((k, v)),
     }
+}
+
+/// The messages whose bodies the relay reads from the client: Parse, for
+/// the unnamed statement.
+fn client_reads(tag: u8) -> bool {
+    tag == b'P'
 }
 
 /// The messages whose bodies the relay reads from the server.
@@ -388,10 +400,9 @@ impl Session {
             return Some(end);
         }
         let st = &mut self.st;
-        let n = match self
-            .cscan
-            .scan(&self.cbuf, |_| false, |tag, _| st.on_client(tag))
-        {
+        let n = match self.cscan.scan(&self.cbuf, client_reads, |tag, body| {
+            st.on_client(tag, body)
+        }) {
             Ok(n) => n,
             Err(e) => return Some(self.client_protocol_error(e).await),
         };

@@ -6,12 +6,12 @@
 //! Replayed: settings changed in the session (`pg_settings` source
 //! 'session'), prepared statements (protocol-level ones with their parameter
 //! types resolved by name on the new server, SQL `PREPARE` by re-running its
-//! text) and LISTEN channels. Temporary tables, WITH HOLD cursors and
+//! text), the unnamed statement (see [`super::unnamed`]) and LISTEN channels. Temporary tables, WITH HOLD cursors and
 //! session advisory locks cannot move: the session is refused.
 
 use std::collections::HashSet;
 
-use bytes::BytesMut;
+use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 
@@ -101,6 +101,18 @@ pub struct SessionState {
     pub channels: Vec<String>,
     /// Set in the session; replayed last, after every text the proxy sends.
     pub client_encoding: Option<String>,
+    /// The unnamed statement; parsed after `client_encoding` is back, as
+    /// its text is in the session's encoding.
+    pub unnamed: Option<UnnamedStatement>,
+}
+
+/// The unnamed prepared statement, as the client parsed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnnamedStatement {
+    /// The text as the client sent it (in the session's client_encoding).
+    pub query: Bytes,
+    /// Parameter type names as the old server resolved them (`regtype`).
+    pub types: Vec<String>,
 }
 
 impl SessionState {
@@ -124,6 +136,8 @@ pub struct Link<'a> {
 struct Reply {
     rows: Vec<TextRow>,
     error: Option<ErrorFields>,
+    /// A ParameterDescription's type OIDs.
+    param_types: Option<Vec<u32>>,
 }
 
 impl<'a> Link<'a> {
@@ -145,6 +159,7 @@ impl<'a> Link<'a> {
     async fn reply(&mut self) -> Result<Reply, WireError> {
         let mut rows = Vec::new();
         let mut error = None;
+        let mut param_types = None;
         loop {
             let f = self.reader.read_required(self.stream).await?;
             match f.tag() {
@@ -164,7 +179,14 @@ impl<'a> Link<'a> {
                     messages::put_cstr(&mut body, "pgshift does not replay COPY");
                     self.send(&messages::message(b'f', &body)).await?;
                 }
-                b'Z' => return Ok(Reply { rows, error }),
+                b't' => param_types = Some(parse_parameter_description(f.body())?),
+                b'Z' => {
+                    return Ok(Reply {
+                        rows,
+                        error,
+                        param_types,
+                    });
+                }
                 _ => {}
             }
         }
@@ -183,18 +205,124 @@ fn query(sql: &str) -> Result<BytesMut, WireError> {
 }
 
 /// Reads the session's state from its (idle) backend; `user` is the one the
-/// session logged in as (new backends log in as it too).
-pub async fn capture(link: &mut Link<'_>, user: &str) -> Result<SessionState, MoveError> {
-    let reply = async {
-        link.send(&query(&capture_sql())?).await?;
-        link.reply().await
+/// session logged in as (new backends log in as it too), `unnamed` the text
+/// of the unnamed statement it may hold.
+pub async fn capture(
+    link: &mut Link<'_>,
+    user: &str,
+    unnamed: Option<&Bytes>,
+) -> Result<SessionState, MoveError> {
+    let old = |e: WireError| MoveError::OldBackend(e);
+    // Asked before the capture query, which (a simple Query) drops it.
+    let mut out = BytesMut::new();
+    if unnamed.is_some() {
+        out.extend_from_slice(&describe_unnamed());
     }
-    .await
-    .map_err(MoveError::OldBackend)?;
+    out.extend_from_slice(&query(&capture_sql()).map_err(old)?);
+    link.send(&out).await.map_err(old)?;
+    // No unnamed statement: an error (it does not exist) or no description.
+    let types = match unnamed {
+        Some(_) => link.reply().await.map_err(old)?.param_types,
+        None => None,
+    };
+    let reply = link.reply().await.map_err(old)?;
     if let Some(e) = reply.error {
         return Err(MoveError::OldBackend(WireError::Server(e)));
     }
-    from_rows(reply.rows, user)
+    let mut st = from_rows(reply.rows, user)?;
+    if let (Some(text), Some(oids)) = (unnamed, types) {
+        st.unnamed = Some(keep_unnamed(link, text, &oids).await?);
+    }
+    Ok(st)
+}
+
+/// Describe of the unnamed statement, and Sync.
+fn describe_unnamed() -> BytesMut {
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&messages::message(b'D', b"S\0"));
+    frontend::sync(&mut out);
+    out
+}
+
+/// Parse of the unnamed statement from raw text, and Sync.
+fn parse_unnamed(query: &[u8], types: &[u32]) -> BytesMut {
+    let mut body = BytesMut::with_capacity(query.len() + 4 + 4 * types.len());
+    body.put_u8(0);
+    body.extend_from_slice(query);
+    body.put_u8(0);
+    // A ParameterDescription holds at most i16::MAX types.
+    body.put_i16(types.len() as i16);
+    for t in types {
+        body.put_u32(*t);
+    }
+    let mut out = BytesMut::from(&messages::message(b'P', &body)[..]);
+    frontend::sync(&mut out);
+    out
+}
+
+fn parse_parameter_description(body: &[u8]) -> Result<Vec<u32>, WireError> {
+    let bad = || WireError::Protocol("invalid ParameterDescription".into());
+    let (n, rest) = body.split_at_checked(2).ok_or_else(bad)?;
+    let n = i16::from_be_bytes([n[0], n[1]]);
+    let n = usize::try_from(n).map_err(|_| bad())?;
+    if rest.len() != 4 * n {
+        return Err(bad());
+    }
+    Ok(rest
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Reads the names of the unnamed statement's parameter types and parses it
+/// again on the old backend (the capture query dropped it there, and the
+/// session may stay: staging reads the state ahead of the switch). Same
+/// text, same types: the same statement.
+async fn keep_unnamed(
+    link: &mut Link<'_>,
+    text: &Bytes,
+    oids: &[u32],
+) -> Result<UnnamedStatement, MoveError> {
+    let old = |e: WireError| MoveError::OldBackend(e);
+    let mut out = BytesMut::new();
+    if !oids.is_empty() {
+        let list: Vec<String> = oids.iter().map(u32::to_string).collect();
+        let sql = format!(
+            "SELECT {} FROM unnest('{{{}}}'::pg_catalog.oid[]) WITH ORDINALITY AS u(t, i) ORDER BY i",
+            hex("u.t::pg_catalog.regtype::text"),
+            list.join(",")
+        );
+        out.extend_from_slice(&query(&sql).map_err(old)?);
+    }
+    out.extend_from_slice(&parse_unnamed(text, oids));
+    link.send(&out).await.map_err(old)?;
+    let mut types = Vec::new();
+    if !oids.is_empty() {
+        let r = link.reply().await.map_err(old)?;
+        if let Some(e) = r.error {
+            return Err(old(WireError::Server(e)));
+        }
+        for row in r.rows {
+            let name = row.into_iter().next().flatten().and_then(|h| unhex(&h));
+            types.push(name.ok_or_else(|| {
+                MoveError::OldBackend(WireError::Protocol(
+                    "unreadable parameter type of the unnamed statement".into(),
+                ))
+            })?);
+        }
+    }
+    if let Some(e) = link.reply().await.map_err(old)?.error {
+        return Err(old(WireError::Server(e)));
+    }
+    if types.len() != oids.len() {
+        return Err(old(WireError::Protocol(
+            "parameter types of the unnamed statement went missing".into(),
+        )));
+    }
+    Ok(UnnamedStatement {
+        query: text.clone(),
+        types,
+    })
 }
 
 /// Settings never replayed: they belong to a transaction.
@@ -344,6 +472,15 @@ pub async fn restore(
             None => None,
         };
         statements_and_channels(link, st, &oids, last).await?;
+        if let Some(u) = &st.unnamed {
+            // Last: a simple Query would drop it.
+            link.send(&parse_unnamed(&u.query, &type_oids(&u.types, &oids)))
+                .await
+                .map_err(wire)?;
+            if let Some(e) = link.reply().await.map_err(wire)?.error {
+                return Err(server_error("preparing the unnamed statement", e));
+            }
+        }
     }
     Ok(Replayed {
         notifications: std::mem::take(&mut link.notifications),
@@ -368,6 +505,7 @@ fn type_names(st: &SessionState) -> Vec<&str> {
     st.prepared
         .iter()
         .flat_map(|p| p.types.iter())
+        .chain(st.unnamed.iter().flat_map(|u| u.types.iter()))
         .map(String::as_str)
         .filter(|t| *t != "-" && seen.insert(*t))
         .collect()
@@ -435,6 +573,14 @@ async fn settings_and_types(
     Ok(oids)
 }
 
+/// Type names as OIDs on the new server (0, unspecified, for `-`).
+fn type_oids(names: &[String], oids: &[(String, u32)]) -> Vec<u32> {
+    names
+        .iter()
+        .map(|t| oids.iter().find(|(n, _)| n == t).map_or(0, |(_, o)| *o))
+        .collect()
+}
+
 fn set_config_sql(settings: &[(String, String)]) -> String {
     let calls: Vec<String> = settings
         .iter()
@@ -474,11 +620,7 @@ async fn statements_and_channels(
     let mut expect = Vec::new();
     if !st.prepared.is_empty() {
         for p in &st.prepared {
-            let types: Vec<u32> = p
-                .types
-                .iter()
-                .map(|t| oids.iter().find(|(n, _)| n == t).map_or(0, |(_, o)| *o))
-                .collect();
+            let types = type_oids(&p.types, oids);
             frontend::parse(&p.name, &p.query, types, &mut out)
                 .map_err(|e| MoveError::NewBackend(e.into()))?;
         }

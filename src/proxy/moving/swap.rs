@@ -183,7 +183,7 @@ impl Session {
             max: self.shared.limits.max_message_size,
         };
         let mut link = Link::new(&mut self.server, &mut reader);
-        let state = replay::capture(&mut link, &self.user).await;
+        let state = replay::capture(&mut link, &self.user, self.st.unnamed.text()).await;
         let notes = std::mem::take(&mut link.notifications);
         self.sbuf = reader.buf;
         if !notes.is_empty() {
