@@ -89,7 +89,7 @@ impl SessionInfo {
         self.status.store(s.byte(), Ordering::Relaxed);
     }
     /// Inside a transaction or with a request in flight (counted by the gate).
-    pub fn busy(&self) -> bool {
+    pub(crate) fn busy(&self) -> bool {
         self.busy.load(Ordering::Relaxed)
     }
     pub(crate) fn set_busy(&self, b: bool) {
@@ -152,7 +152,7 @@ pub struct SessionSnapshot {
 }
 
 /// What a new session registers with.
-pub struct NewSession {
+pub(crate) struct NewSession {
     pub user: String,
     pub database: String,
     pub application_name: String,
@@ -230,7 +230,7 @@ impl Registry {
 
     /// Resolves when `done` holds, re-checked whenever a session leaves or
     /// moves; false if `timeout` passes first.
-    pub async fn wait_changed_until(
+    pub(crate) async fn wait_changed_until(
         &self,
         timeout: std::time::Duration,
         mut done: impl FnMut() -> bool,
@@ -250,7 +250,7 @@ impl Registry {
     }
 
     /// The session a client's CancelRequest names, if the secret matches.
-    pub fn lookup_cancel(&self, pid: i32, secret: i32) -> Option<Arc<SessionInfo>> {
+    pub(crate) fn lookup_cancel(&self, pid: i32, secret: i32) -> Option<Arc<SessionInfo>> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.get(&pid).filter(|s| s.proxy_key.1 == secret).cloned()
     }
@@ -290,7 +290,7 @@ impl Registry {
     }
 
     /// Resolves when no session is registered.
-    pub async fn wait_empty(&self) {
+    pub(crate) async fn wait_empty(&self) {
         loop {
             let n = self.emptied.notified();
             tokio::pin!(n);

@@ -38,22 +38,75 @@ use thiserror::Error;
 
 use super::route::Route;
 use super::sessions::SessionInfo;
-use crate::wire::{ServerConnection, WireError};
+use crate::wire::{ErrorFields, ServerConnection, WireError};
 use replay::{Replayed, SessionState};
 
 /// Why a session could not move.
 #[derive(Debug, Error)]
 pub(crate) enum MoveError {
     #[error("it holds {0}, which cannot move to another server")]
-    Unmovable(String),
+    Unmovable(Unmovable),
     #[error("cannot read the session state from the old server: {0}")]
     OldBackend(WireError),
     #[error("cannot open a backend on the new server: {0}")]
     NewBackend(WireError),
     #[error("cannot restore the session state on the new server: {0}")]
-    Replay(String),
+    Replay(ReplayError),
     #[error("moving took longer than {0:?}")]
     Timeout(Duration),
+}
+
+/// Session state that cannot move to another server.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Unmovable {
+    pub(crate) temp_tables: bool,
+    pub(crate) temp_functions: bool,
+    pub(crate) advisory_locks: bool,
+    /// Names of the session's WITH HOLD cursors.
+    pub(crate) cursors: Vec<String>,
+}
+
+impl Unmovable {
+    pub(crate) fn is_empty(&self) -> bool {
+        *self == Unmovable::default()
+    }
+}
+
+impl std::fmt::Display for Unmovable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        for (held, what) in [
+            (self.temp_tables, "temporary tables"),
+            (self.temp_functions, "temporary functions"),
+            (self.advisory_locks, "session-level advisory locks"),
+        ] {
+            if held {
+                parts.push(what.to_string());
+            }
+        }
+        if !self.cursors.is_empty() {
+            parts.push(format!("WITH HOLD cursors ({})", self.cursors.join(", ")));
+        }
+        f.write_str(&parts.join(" and "))
+    }
+}
+
+/// What went wrong replaying a session's state on the new server.
+#[derive(Debug, Error)]
+pub(crate) enum ReplayError {
+    /// The server refused one step of the replay.
+    #[error("{step}: {} ({})", .error.message, .error.code)]
+    Server {
+        step: &'static str,
+        error: ErrorFields,
+    },
+    #[error("type {0} of a prepared statement does not exist on the new server")]
+    MissingType(String),
+    #[error("prepared statement {name} could not be re-created{}", .error.as_ref().map(|e| format!(": {} ({})", e.message, e.code)).unwrap_or_default())]
+    NotRecreated {
+        name: String,
+        error: Option<ErrorFields>,
+    },
 }
 
 /// A backend opened ahead of a route swap, waiting for its session.

@@ -6,8 +6,9 @@
 //! Replayed: settings changed in the session (`pg_settings` source
 //! 'session'), prepared statements (protocol-level ones with their parameter
 //! types resolved by name on the new server, SQL `PREPARE` by re-running its
-//! text), the unnamed statement (see [`super::unnamed`]) and LISTEN channels. Temporary tables, WITH HOLD cursors and
-//! session advisory locks cannot move: the session is refused.
+//! text), the unnamed statement (see [`super::unnamed`]) and LISTEN
+//! channels. Temporary tables, WITH HOLD cursors and session advisory locks
+//! cannot move: the session is refused.
 
 use std::collections::HashSet;
 
@@ -15,7 +16,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 
-use super::MoveError;
+use super::{MoveError, ReplayError, Unmovable};
 
 use crate::db::quote_ident;
 use crate::wire::connect::{TextRow, parse_data_row};
@@ -78,7 +79,7 @@ fn unhex(s: &str) -> Option<String> {
 
 /// A protocol-level prepared statement: replayed with Parse.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Prepared {
+pub(crate) struct Prepared {
     pub name: String,
     pub query: String,
     /// Parameter type names as the old server prints them (`regtype`).
@@ -87,7 +88,7 @@ pub struct Prepared {
 
 /// What a session carries from one backend to the next.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SessionState {
+pub(crate) struct SessionState {
     /// (name, value), in replay order.
     pub settings: Vec<(String, String)>,
     /// SQL `PREPARE` texts to replay, oldest first, each once: for each name
@@ -108,7 +109,7 @@ pub struct SessionState {
 
 /// The unnamed prepared statement, as the client parsed it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UnnamedStatement {
+pub(crate) struct UnnamedStatement {
     /// The text as the client sent it (in the session's client_encoding).
     pub query: Bytes,
     /// Parameter type names as the old server resolved them (`regtype`).
@@ -116,14 +117,14 @@ pub struct UnnamedStatement {
 }
 
 impl SessionState {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         *self == SessionState::default()
     }
 }
 
 /// A backend connection the proxy talks to itself, collecting what it must
 /// not swallow.
-pub struct Link<'a> {
+pub(crate) struct Link<'a> {
     stream: &'a mut PgStream,
     reader: &'a mut FrameReader,
     /// NotificationResponse frames, to pass on to the client.
@@ -141,7 +142,7 @@ struct Reply {
 }
 
 impl<'a> Link<'a> {
-    pub fn new(stream: &'a mut PgStream, reader: &'a mut FrameReader) -> Link<'a> {
+    pub(crate) fn new(stream: &'a mut PgStream, reader: &'a mut FrameReader) -> Link<'a> {
         Link {
             stream,
             reader,
@@ -207,7 +208,7 @@ fn query(sql: &str) -> Result<BytesMut, WireError> {
 /// Reads the session's state from its (idle) backend; `user` is the one the
 /// session logged in as (new backends log in as it too), `unnamed` the text
 /// of the unnamed statement it may hold.
-pub async fn capture(
+pub(crate) async fn capture(
     link: &mut Link<'_>,
     user: &str,
     unnamed: Option<&Bytes>,
@@ -343,8 +344,7 @@ fn identity(name: &str, value: &str, user: &str) -> Option<usize> {
 
 fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> {
     let mut st = SessionState::default();
-    let mut unmovable = Vec::new();
-    let mut cursors = Vec::new();
+    let mut unmovable = Unmovable::default();
     let mut sql: Vec<(f64, String, String)> = Vec::new();
     let mut types: Vec<(String, usize, String)> = Vec::new();
     let mut idents = Vec::new();
@@ -362,10 +362,10 @@ fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> 
             _ => raw(i),
         };
         match raw(0).as_str() {
-            "temp" => unmovable.push("temporary tables".to_string()),
-            "tempfn" => unmovable.push("temporary functions".to_string()),
-            "lock" => unmovable.push("session-level advisory locks".to_string()),
-            "cursor" => cursors.push(col(1)),
+            "temp" => unmovable.temp_tables = true,
+            "tempfn" => unmovable.temp_functions = true,
+            "lock" => unmovable.advisory_locks = true,
+            "cursor" => unmovable.cursors.push(col(1)),
             "set" if skipped_setting(&col(1)) => {}
             "set" if col(1) == "client_encoding" => st.client_encoding = Some(col(2)),
             "ident" => {
@@ -389,11 +389,8 @@ fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> 
             }
         }
     }
-    if !cursors.is_empty() {
-        unmovable.push(format!("WITH HOLD cursors ({})", cursors.join(", ")));
-    }
     if !unmovable.is_empty() {
-        return Err(MoveError::Unmovable(unmovable.join(" and ")));
+        return Err(MoveError::Unmovable(unmovable));
     }
     idents.sort();
     st.settings
@@ -421,7 +418,7 @@ fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> 
 
 /// What replaying left for the client.
 #[derive(Default)]
-pub struct Replayed {
+pub(crate) struct Replayed {
     pub notifications: BytesMut,
     /// ParameterStatus values the new server reported while replaying.
     pub reported: Vec<(String, String)>,
@@ -430,7 +427,7 @@ pub struct Replayed {
 impl Replayed {
     /// `later` happened after `self` on the same backend: its notifications
     /// follow, its reported values win.
-    pub fn merge(&mut self, later: Replayed) {
+    pub(crate) fn merge(&mut self, later: Replayed) {
         self.notifications.extend_from_slice(&later.notifications);
         for (k, v) in later.reported {
             match self.reported.iter_mut().find(|(n, _)| *n == k) {
@@ -443,7 +440,7 @@ impl Replayed {
 
 /// Returns a backend to a fresh session's state (`DISCARD ALL`), so a
 /// state can be replayed there again.
-pub async fn reset(link: &mut Link<'_>) -> Result<(), MoveError> {
+pub(crate) async fn reset(link: &mut Link<'_>) -> Result<(), MoveError> {
     link.send(&query("DISCARD ALL").map_err(wire)?)
         .await
         .map_err(wire)?;
@@ -458,7 +455,7 @@ pub async fn reset(link: &mut Link<'_>) -> Result<(), MoveError> {
 /// (the caller may retry on another connection).
 /// `client_encoding` is the new backend's, as it reported at startup: the
 /// proxy's own texts go in UTF-8, the session's encoding is put back last.
-pub async fn restore(
+pub(crate) async fn restore(
     link: &mut Link<'_>,
     st: &SessionState,
     client_encoding: Option<&str>,
@@ -490,13 +487,16 @@ pub async fn restore(
 
 fn wire(e: WireError) -> MoveError {
     match e {
-        WireError::Server(f) => MoveError::Replay(f.message),
+        WireError::Server(error) => MoveError::Replay(ReplayError::Server {
+            step: "replaying",
+            error,
+        }),
         other => MoveError::NewBackend(other),
     }
 }
 
-fn server_error(what: &str, e: ErrorFields) -> MoveError {
-    MoveError::Replay(format!("{what}: {} ({})", e.message, e.code))
+fn server_error(step: &'static str, error: ErrorFields) -> MoveError {
+    MoveError::Replay(ReplayError::Server { step, error })
 }
 
 /// Distinct parameter type names of the protocol-level statements.
@@ -563,11 +563,7 @@ async fn settings_and_types(
             .cloned()
             .flatten()
             .and_then(|o| o.parse::<u32>().ok())
-            .ok_or_else(|| {
-                MoveError::Replay(format!(
-                    "type {name} of a prepared statement does not exist on the new server"
-                ))
-            })?;
+            .ok_or_else(|| MoveError::Replay(ReplayError::MissingType(name.to_string())))?;
         oids.push((name.to_string(), oid));
     }
     Ok(oids)
@@ -731,13 +727,10 @@ async fn check_sql_statements(
     errors: Vec<ErrorFields>,
 ) -> Result<(), MoveError> {
     if let Some(missing) = st.sql_names.iter().find(|n| !present.contains(n)) {
-        let why = errors
-            .first()
-            .map(|e| format!(": {} ({})", e.message, e.code))
-            .unwrap_or_default();
-        return Err(MoveError::Replay(format!(
-            "prepared statement {missing} could not be re-created{why}"
-        )));
+        return Err(MoveError::Replay(ReplayError::NotRecreated {
+            name: missing.clone(),
+            error: errors.into_iter().next(),
+        }));
     }
     let extra: Vec<String> = present
         .iter()
