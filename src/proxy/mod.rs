@@ -264,7 +264,7 @@ impl ProxyHandle {
     }
 
     /// Resolves true once no session is inside a transaction or staging its
-    /// move (see `Session::stage_move`), false if `timeout` passes first.
+    /// move (see `moving::stage`), false if `timeout` passes first.
     pub async fn wait_quiet(&self, timeout: Duration) -> bool {
         let (gate, sessions) = (&self.shared.gate, &self.shared.sessions);
         let quiet = || gate.sessions_in_transaction() == 0 && !sessions.any_staging();

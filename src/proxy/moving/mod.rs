@@ -16,14 +16,17 @@
 //! [`SessionInfo`] where pre-warming and the cutover's waits read it:
 //!
 //! ```text
-//!  Idle ──park──▶ Prewarmed ──stage──▶ Staging ──replayed──▶ ReadyToSwap ─┐
-//!   ▲                 ▲                   │ └─state unreadable─▶ Refused ──┤
-//!   │                 └──(other route)────┘      (both: stage again after  │
-//!   │                                             the session's next request)
-//!   └── the switch takes the parked backend, or it is discarded ◀─────────┘
+//!  Idle ──park──▶ Prewarmed ──stage──▶ Staging ──replayed──▶ ReadyToSwap
+//!                                      │  │  ▲                    │
+//!                                      │  │  └── stage again ─────┤ after the next
+//!                                      │  └─unreadable─▶ Refused ─┘ request (Refused:
+//!                                      ▼                            only while held)
+//!                               Idle (replay failed: backend closed)
 //! ```
 //!
-//! A session that moved is Idle again, on its new route.
+//! From any state with a backend the session becomes Idle when the switch
+//! takes that backend, or when it is discarded (cutover aborted, session
+//! ended). A session that moved is Idle again, on its new route.
 
 pub(super) mod prewarm;
 mod replay;
