@@ -732,3 +732,139 @@ async fn psycopg_prepared_writer_keeps_going_across_a_switch() {
         .collect();
     assert_eq!(all, committed);
 }
+
+/// Sends `out` (ending in Sync) on a raw session and collects the replies up
+/// to ReadyForQuery.
+async fn raw_exchange(s: &mut tokio::net::TcpStream, out: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    s.write_all(out).await.unwrap();
+    let mut msgs = Vec::new();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), read_msg(s))
+            .await
+            .expect("reply within 10s")
+            .expect("connection open");
+        let done = m.0 == b'Z';
+        msgs.push(m);
+        if done {
+            return msgs;
+        }
+    }
+}
+
+/// Parse of the unnamed statement (parameter types left to the server), Sync.
+fn parse_unnamed(sql: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    postgres_protocol::message::frontend::parse("", sql, [], &mut out).unwrap();
+    postgres_protocol::message::frontend::sync(&mut out);
+    out
+}
+
+/// Bind of the unnamed statement with one text parameter, Execute, Sync
+/// (what libpq's PQexecPrepared(conn, "", …) sends).
+fn run_unnamed(param: &str) -> BytesMut {
+    let mut body = BytesMut::new();
+    body.extend_from_slice(b"\0\0"); // portal "", statement ""
+    body.extend_from_slice(&0i16.to_be_bytes()); // parameters in text
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&(param.len() as i32).to_be_bytes());
+    body.extend_from_slice(param.as_bytes());
+    body.extend_from_slice(&0i16.to_be_bytes()); // results in text
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&pgshift::wire::messages::message(b'B', &body));
+    postgres_protocol::message::frontend::execute("", 0, &mut out).unwrap();
+    postgres_protocol::message::frontend::sync(&mut out);
+    out
+}
+
+/// The single text value the unnamed statement returns for `param`; panics
+/// on an ErrorResponse.
+async fn unnamed_value(s: &mut tokio::net::TcpStream, param: &str) -> String {
+    let replies = raw_exchange(s, &run_unnamed(param)).await;
+    if let Some((_, body)) = replies.iter().find(|(t, _)| *t == b'E') {
+        panic!(
+            "the unnamed statement failed: {} {}",
+            sqlstate(body),
+            String::from_utf8_lossy(body)
+        );
+    }
+    let (_, row) = replies.iter().find(|(t, _)| *t == b'D').expect("a DataRow");
+    String::from_utf8_lossy(&row[6..]).into_owned()
+}
+
+/// A raw session that parsed the unnamed statement: its parameter type is
+/// inferred as the enum `app_s.mood`, whose OID differs on the target.
+async fn session_with_unnamed(proxy: &TestProxy) -> tokio::net::TcpStream {
+    let mut s = raw_session(proxy.port, APP_USER, "postgres").await;
+    let replies = raw_exchange(
+        &mut s,
+        &parse_unnamed("SELECT v || ':' || id FROM whoami, app_s.items WHERE m = $1"),
+    )
+    .await;
+    let tags: Vec<u8> = replies.iter().map(|(t, _)| *t).collect();
+    assert_eq!(tags, b"1Z", "Parse failed: {replies:?}");
+    assert_eq!(unnamed_value(&mut s, "happy").await, "A:2");
+    s
+}
+
+/// A client that parsed the unnamed statement on the source can Bind and
+/// Execute it after its session moved: the move parses it again on the
+/// target, with its parameter type resolved there by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_moves_with_the_session() {
+    let (a, b) = pair();
+    let proxy = start_proxy_with(&a, "trust", "").await;
+    let mut s = session_with_unnamed(&proxy).await;
+    // A failed Parse drops the unnamed statement: nothing to carry, and the
+    // session still moves.
+    let mut dropped = session_with_unnamed(&proxy).await;
+    let r = raw_exchange(&mut dropped, &parse_unnamed("SELECT no_such_column")).await;
+    assert!(r.iter().any(|(t, _)| *t == b'E'));
+
+    proxy.handle.router().swap(route_to(&b));
+    assert!(wait_until(Duration::from_secs(10), || proxy
+        .handle
+        .sessions()
+        .snapshot()
+        .iter()
+        .all(|x| x.route == "target")));
+    assert_eq!(unnamed_value(&mut s, "happy").await, "B:2");
+    assert_eq!(unnamed_value(&mut s, "sad").await, "B:1");
+    // As on a server: there is no unnamed statement to bind.
+    let r = raw_exchange(&mut dropped, &run_unnamed("happy")).await;
+    let error = r.iter().find(|(t, _)| *t == b'E').expect("an error");
+    assert_eq!(sqlstate(&error.1), "26000");
+    assert_eq!(proxy.handle.moves_failed(), 0);
+}
+
+/// Staging reads the session's state on the source ahead of the switch:
+/// the unnamed statement is still there afterwards for the client, and the
+/// switch to the staged backend carries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unnamed_statement_survives_staging_and_a_prewarmed_switch() {
+    let (a, b) = pair();
+    let proxy = start_proxy_with(&a, "trust", "").await;
+    let h = &proxy.handle;
+    let mut s = session_with_unnamed(&proxy).await;
+
+    let route = route_to(&b);
+    assert_eq!(h.prewarm(route.clone()).await, 1);
+    assert!(h.wait_quiet(Duration::from_secs(10)).await);
+    // Staged: its state (with the unnamed statement) was read on the source.
+    let parked = h.sessions().sessions()[0].parked_backend().unwrap().1;
+    let replayed = b.psql(
+        "postgres",
+        &format!("SELECT query <> '' FROM pg_stat_activity WHERE pid = {parked}"),
+    );
+    assert_eq!(
+        replayed, "t",
+        "the state was not replayed ahead of the pause"
+    );
+    assert_eq!(unnamed_value(&mut s, "happy").await, "A:2");
+    assert!(h.wait_quiet(Duration::from_secs(10)).await);
+
+    h.gate().close();
+    let (moved, dropped) = h.switch_to(route, Duration::from_secs(10)).await;
+    h.gate().open();
+    assert_eq!((moved, dropped), (1, 0));
+    assert_eq!(unnamed_value(&mut s, "happy").await, "B:2");
+}

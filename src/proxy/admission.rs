@@ -11,18 +11,18 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 /// PostgreSQL's NAMEDATALEN - 1: the longest user or database name.
-pub const MAX_NAME_BYTES: usize = 63;
+pub(crate) const MAX_NAME_BYTES: usize = 63;
 
 /// Why a connection got no startup slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Full {
+pub(crate) enum Full {
     Total(usize),
     PerAddress(usize),
 }
 
 impl Full {
     /// The message for the client (53300).
-    pub fn message(self) -> String {
+    pub(crate) fn message(self) -> String {
         match self {
             Full::Total(n) => format!(
                 "sorry, too many connections are still authenticating (proxy.max_startup_connections = {n})"
@@ -43,14 +43,14 @@ struct Counts {
 
 /// The startup slots.
 #[derive(Debug)]
-pub struct StartupSlots {
+pub(crate) struct StartupSlots {
     max_total: usize,
     max_per_address: usize,
     counts: Mutex<Counts>,
 }
 
 impl StartupSlots {
-    pub fn new(max_total: usize, max_per_address: usize) -> Arc<StartupSlots> {
+    pub(crate) fn new(max_total: usize, max_per_address: usize) -> Arc<StartupSlots> {
         Arc::new(StartupSlots {
             max_total,
             max_per_address,
@@ -59,7 +59,7 @@ impl StartupSlots {
     }
 
     /// A slot for a connection from `ip`, released when dropped.
-    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<StartupSlot, Full> {
+    pub(crate) fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<StartupSlot, Full> {
         // An IPv4 client on a dual-stack socket is one address, however written.
         let ip = ip.to_canonical();
         let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
@@ -79,14 +79,15 @@ impl StartupSlots {
     }
 
     /// Connections in startup now.
-    pub fn in_use(&self) -> usize {
+    #[cfg(test)]
+    fn in_use(&self) -> usize {
         self.counts.lock().unwrap_or_else(|e| e.into_inner()).total
     }
 }
 
 /// One connection in startup or authentication.
 #[derive(Debug)]
-pub struct StartupSlot {
+pub(crate) struct StartupSlot {
     slots: Arc<StartupSlots>,
     ip: IpAddr,
 }
@@ -106,7 +107,7 @@ impl Drop for StartupSlot {
 
 /// A startup packet the proxy refuses: SQLSTATE and message.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Refusal {
+pub(crate) struct Refusal {
     pub code: &'static str,
     pub message: String,
 }
@@ -139,7 +140,7 @@ fn check_name(what: &str, code: &'static str, name: &str) -> Result<(), Refusal>
 }
 
 /// The user and database a startup packet asks for, or why it is refused.
-pub fn check_startup(params: &[(String, String)]) -> Result<(String, String), Refusal> {
+pub(crate) fn check_startup(params: &[(String, String)]) -> Result<(String, String), Refusal> {
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     if let Some(r) = get("replication")
         && !matches!(

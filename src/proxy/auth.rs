@@ -20,7 +20,7 @@ struct UserEntry {
 }
 
 /// The configured users, with their SCRAM verifiers.
-pub struct Users {
+pub(crate) struct Users {
     method: AuthMethod,
     map: HashMap<String, UserEntry>,
     /// Used for unknown users so a SCRAM exchange fails the same way as a wrong password.
@@ -28,7 +28,7 @@ pub struct Users {
 }
 
 impl Users {
-    pub fn new(method: AuthMethod, users: &[ProxyUser]) -> Users {
+    pub(crate) fn new(method: AuthMethod, users: &[ProxyUser]) -> Users {
         let map = users
             .iter()
             .map(|u| {
@@ -49,7 +49,7 @@ impl Users {
     }
 
     /// The password the proxy logs into servers with (None: none configured).
-    pub fn server_password(&self, user: &str) -> Option<Secret> {
+    pub(crate) fn server_password(&self, user: &str) -> Option<Secret> {
         self.map
             .get(user)
             .map(|u| u.password.clone())
@@ -58,7 +58,7 @@ impl Users {
 
     /// Runs the exchange with the client. Does not send AuthenticationOk
     /// (that follows once the backend is connected).
-    pub async fn authenticate(
+    pub(crate) async fn authenticate(
         &self,
         stream: &mut PgStream,
         reader: &mut FrameReader,

@@ -8,7 +8,7 @@ use super::route::Route;
 use crate::wire::{ConnectOptions, ServerConnection, WireError};
 
 /// How to reach the server of `route`.
-pub fn connect_options(shared: &Shared, route: &Route) -> ConnectOptions {
+pub(crate) fn connect_options(shared: &Shared, route: &Route) -> ConnectOptions {
     ConnectOptions {
         host: route.host.clone(),
         port: route.port,
@@ -21,7 +21,7 @@ pub fn connect_options(shared: &Shared, route: &Route) -> ConnectOptions {
 }
 
 /// Connects and authenticates a backend for a session.
-pub async fn open(
+pub(crate) async fn open(
     shared: &Shared,
     route: &Arc<Route>,
     startup: &[(String, String)],

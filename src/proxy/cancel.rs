@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::Shared;
 use super::backend::connect_options;
 
-pub async fn forward(shared: Arc<Shared>, pid: i32, secret: i32) {
+pub(crate) async fn forward(shared: Arc<Shared>, pid: i32, secret: i32) {
     let Some(session) = shared.sessions.lookup_cancel(pid, secret) else {
         // As PostgreSQL does: no answer, just a log line.
         tracing::debug!(pid, "cancel request for an unknown session key");

@@ -7,22 +7,21 @@
 //! [`ProxyHandle::switch_to`] (swap the route, wait for sessions to move) and
 //! [`ProxyHandle::sessions`].
 
-pub mod admission;
-pub mod auth;
-pub mod backend;
-pub mod cancel;
-pub mod gate;
+pub(crate) mod admission;
+pub(crate) mod auth;
+mod backend;
+mod cancel;
+mod gate;
 mod incident;
-pub mod listener;
-pub mod metrics;
-pub mod prewarm;
-pub mod replay;
-pub mod route;
-pub mod scan;
-pub mod session;
-pub mod sessions;
-pub mod sqltext;
-pub(crate) mod workers;
+mod listener;
+mod metrics;
+mod moving;
+pub(crate) mod route;
+pub(crate) mod scan;
+mod session;
+mod sessions;
+pub(crate) mod sqltext;
+mod workers;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -37,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub use gate::Gate;
 pub use metrics::ProxyMetrics;
 pub use route::{Route, Router};
-pub use sessions::{Registry, SessionInfo, SessionSnapshot};
+pub use sessions::{BackendRef, Registry, SessionInfo, SessionSnapshot};
 
 use crate::config::ConfigError;
 use crate::context::Context;
@@ -52,12 +51,12 @@ pub enum ProxyError {
 
 /// Limits from `[proxy]`, resolved once.
 #[derive(Clone, Debug)]
-pub struct Limits {
-    pub max_clients: usize,
-    pub max_message_size: usize,
-    pub startup_timeout: Duration,
-    pub connect_timeout: Duration,
-    pub shutdown_timeout: Duration,
+pub(crate) struct Limits {
+    pub(crate) max_clients: usize,
+    pub(crate) max_message_size: usize,
+    pub(crate) startup_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
 }
 
 impl Shared {
@@ -68,15 +67,15 @@ impl Shared {
 }
 
 /// State shared by the listener and every session.
-pub struct Shared {
+pub(crate) struct Shared {
     pub(crate) ctx: Arc<Context>,
     pub(crate) users: auth::Users,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
-    pub router: Router,
-    pub gate: Gate,
-    pub sessions: Arc<Registry>,
-    pub metrics: ProxyMetrics,
-    pub limits: Limits,
+    pub(crate) router: Router,
+    pub(crate) gate: Gate,
+    pub(crate) sessions: Arc<Registry>,
+    pub(crate) metrics: ProxyMetrics,
+    pub(crate) limits: Limits,
     /// Client sessions holding a place under `max_client_connections`.
     pub(crate) clients: AtomicUsize,
     /// Connections still in startup or authentication.
@@ -90,7 +89,7 @@ pub struct Shared {
     pub(crate) kill: CancellationToken,
     /// Sessions that could not move to a new route and were closed.
     pub(crate) moves_failed: std::sync::atomic::AtomicU64,
-    /// The route backends are being pre-warmed for (see [`prewarm`]).
+    /// The route backends are being pre-warmed for (see [`moving::prewarm`]).
     pub(crate) prewarm: arc_swap::ArcSwapOption<Route>,
     /// The threads sessions run on.
     pub(crate) workers: workers::Workers,
@@ -226,12 +225,12 @@ impl ProxyHandle {
     /// before closing the gate: the pause then pays only for replaying
     /// session state. Returns how many backends are parked.
     pub async fn prewarm(&self, route: Route) -> usize {
-        prewarm::all(&self.shared, route).await
+        moving::prewarm::all(&self.shared, route).await
     }
 
     /// Closes the parked backends (the switch will not happen). Returns how many.
     pub fn discard_prewarm(&self) -> usize {
-        prewarm::discard_all(&self.shared)
+        moving::prewarm::discard_all(&self.shared)
     }
 
     /// Swaps the route to `route` and waits (at most `timeout`) until every
@@ -265,7 +264,7 @@ impl ProxyHandle {
     }
 
     /// Resolves true once no session is inside a transaction or staging its
-    /// move (see `Session::stage_move`), false if `timeout` passes first.
+    /// move (see `moving::stage`), false if `timeout` passes first.
     pub async fn wait_quiet(&self, timeout: Duration) -> bool {
         let (gate, sessions) = (&self.shared.gate, &self.shared.sessions);
         let quiet = || gate.sessions_in_transaction() == 0 && !sessions.any_staging();

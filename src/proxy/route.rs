@@ -53,7 +53,7 @@ impl Router {
     }
 
     /// Is `r` the current route (the very same swap generation)?
-    pub fn is_current(&self, r: &Arc<Route>) -> bool {
+    pub(crate) fn is_current(&self, r: &Arc<Route>) -> bool {
         Arc::ptr_eq(&self.current.load(), r)
     }
 

@@ -3,18 +3,17 @@
 //!
 //! The relay forwards the original bytes. Per read it scans frame headers
 //! ([`Scanner`]) and writes the whole scanned chunk at once; it reads only
-//! ReadyForQuery and ParameterStatus from the server and the tags of client
-//! messages. Between requests (after ReadyForQuery 'I' with nothing pending)
-//! the session is at a transaction boundary: only there it passes the pause
-//! gate and moves to a new route — with its state ([`super::replay`]), onto a
-//! pre-warmed backend when there is one ([`super::prewarm`]). Idle sessions
-//! move as soon as the route is swapped, even with the gate closed.
+//! ReadyForQuery and ParameterStatus from the server, the tags of client
+//! messages and the bodies of the client's Parse messages (see
+//! [`super::moving::unnamed`]). Between requests (after ReadyForQuery 'I'
+//! with nothing pending) the session is at a transaction boundary: only
+//! there it passes the pause gate and moves to a new route
+//! ([`super::moving`]). Idle sessions move as soon as the route is swapped,
+//! even with the gate closed.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,13 +22,13 @@ use tokio_util::io::poll_read_buf;
 use super::Shared;
 use super::backend;
 use super::listener::{Authed, reject};
-use super::prewarm;
-use super::replay::{self, Link, MoveError, Replayed, SessionState};
+use super::moving::prewarm;
+use super::moving::unnamed::Unnamed;
 use super::route::Route;
 use super::scan::{ScanError, Scanner};
-use super::sessions::{BackendRef, NewSession, Parked, SessionInfo, Staged};
+use super::sessions::{BackendRef, NewSession, SessionInfo};
 use crate::wire::messages::{self, TxStatus};
-use crate::wire::{FrameReader, PgStream, ServerConnection, WireError};
+use crate::wire::{PgStream, ServerConnection, WireError};
 
 const CLIENT_READ_RESERVE: usize = 16 * 1024;
 const SERVER_READ_RESERVE: usize = 64 * 1024;
@@ -109,7 +108,6 @@ pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
         sscan: Scanner::new(max),
         st: State::new(status, server_params),
         entered: false,
-        stage_checked: None,
         requests: 0,
     };
     let end = s.relay().await;
@@ -123,7 +121,7 @@ struct Registered<'a>(&'a Shared, Arc<SessionInfo>);
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         self.0.sessions.remove(self.1.proxy_key.0);
-        if let Some(p) = self.1.take_parked() {
+        if let Some((p, _)) = self.1.moving.take_parked() {
             prewarm::discard(self.0, p);
         }
     }
@@ -182,7 +180,7 @@ async fn greet(
 
 /// Why the relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
+pub(super) enum End {
     /// The client closed its connection (with or without Terminate).
     ClientGone,
     /// The client sent Terminate and the server closed.
@@ -192,8 +190,8 @@ enum End {
 }
 
 /// What the relay learns from the messages it sees.
-struct State {
-    status: TxStatus,
+pub(super) struct State {
+    pub(super) status: TxStatus,
     /// Query / Sync / FunctionCall messages sent whose ReadyForQuery is outstanding.
     pending: u32,
     /// Extended-protocol messages sent since the last Sync.
@@ -201,7 +199,9 @@ struct State {
     terminated: bool,
     saw_ready: bool,
     /// Server parameters as the client knows them.
-    params: Vec<(String, String)>,
+    pub(super) params: Vec<(String, String)>,
+    /// The client's unnamed prepared statement, which a move carries.
+    pub(super) unnamed: Unnamed,
     queries: u64,
     transactions: u64,
     bytes_c2s: u64,
@@ -217,6 +217,7 @@ impl State {
             terminated: false,
             saw_ready: false,
             params,
+            unnamed: Unnamed::default(),
             queries: 0,
             transactions: 0,
             bytes_c2s: 0,
@@ -224,7 +225,8 @@ impl State {
         }
     }
 
-    fn on_client(&mut self, tag: u8) {
+    fn on_client(&mut self, tag: u8, body: &[u8]) {
+        self.unnamed.on_client(tag, body);
         match tag {
             b'Q' => {
                 self.pending += 1;
@@ -246,6 +248,7 @@ impl State {
     }
 
     fn on_server(&mut self, tag: u8, body: &[u8]) {
+        self.unnamed.on_server(tag);
         match tag {
             b'Z' => {
                 if let Some(s) = body.first().and_then(|b| TxStatus::from_byte(*b)) {
@@ -272,11 +275,17 @@ impl State {
     }
 }
 
-fn set_param(params: &mut Vec<(String, String)>, k: String, v: String) {
+pub(super) fn set_param(params: &mut Vec<(String, String)>, k: String, v: String) {
     match params.iter_mut().find(|(n, _)| *n == k) {
         Some(p) => p.1 = v,
         None => params.push((k, v)),
     }
+}
+
+/// The messages whose bodies the relay reads from the client: Parse, for
+/// the unnamed statement.
+fn client_reads(tag: u8) -> bool {
+    tag == b'P'
 }
 
 /// The messages whose bodies the relay reads from the server.
@@ -284,27 +293,26 @@ fn server_reads(tag: u8) -> bool {
     tag == b'Z' || tag == b'S'
 }
 
-struct Session {
-    shared: Arc<Shared>,
-    info: Arc<SessionInfo>,
-    user: String,
-    startup: Vec<(String, String)>,
-    client: PgStream,
-    server: PgStream,
-    route: Arc<Route>,
+/// The relay's side of a session; the move ([`super::moving`]) works on
+/// the same fields at transaction boundaries.
+pub(super) struct Session {
+    pub(super) shared: Arc<Shared>,
+    pub(super) info: Arc<SessionInfo>,
+    pub(super) user: String,
+    pub(super) startup: Vec<(String, String)>,
+    pub(super) client: PgStream,
+    pub(super) server: PgStream,
+    pub(super) route: Arc<Route>,
     cbuf: BytesMut,
-    sbuf: BytesMut,
+    pub(super) sbuf: BytesMut,
     cscan: Scanner,
-    sscan: Scanner,
-    st: State,
+    pub(super) sscan: Scanner,
+    pub(super) st: State,
     /// Counted by the gate as inside a transaction.
-    entered: bool,
-    /// The pre-warm route this session checked its staged move for while
-    /// held by the gate (since it last ran a request).
-    stage_checked: Option<Arc<Route>>,
-    /// Requests the session has run; a staged state records the count it
-    /// was read at (see [`Staged::at_request`]).
-    requests: u64,
+    pub(super) entered: bool,
+    /// Requests the session has run; a staged move records the count its
+    /// state was read at (see [`super::moving::MoveState`]).
+    pub(super) requests: u64,
 }
 
 fn reserve(buf: &mut BytesMut, amount: usize) {
@@ -392,10 +400,9 @@ impl Session {
             return Some(end);
         }
         let st = &mut self.st;
-        let n = match self
-            .cscan
-            .scan(&self.cbuf, |_| false, |tag, _| st.on_client(tag))
-        {
+        let n = match self.cscan.scan(&self.cbuf, client_reads, |tag, body| {
+            st.on_client(tag, body)
+        }) {
             Ok(n) => n,
             Err(e) => return Some(self.client_protocol_error(e).await),
         };
@@ -501,7 +508,6 @@ impl Session {
         // A state staged before this request may not be the session's any
         // more: the next idle moment (or the switch) reads it again.
         self.requests += 1;
-        self.stage_checked = None;
         if !self.shared.router.is_current(&self.route)
             && let Err(e) = self.move_backend().await
         {
@@ -510,327 +516,15 @@ impl Session {
         None
     }
 
-    /// Moves the cost of a move out of the cutover's pause. While a cutover
-    /// pre-warms a backend for this session, the idle session replays its
-    /// state there ahead of time, and reads it again (replaying only what
-    /// changed) each time it is idle after a request, until the gate holds
-    /// it. A state read while idle stays the session's state until it runs
-    /// its next request, so the switch then only swaps backends — and a
-    /// session the gate holds reads nothing in the pause unless it ran a
-    /// request since. A failure leaves the move to the switch, which starts
-    /// over and reports it.
-    async fn stage_move(&mut self) -> Option<End> {
-        if self.entered || self.shared.is_draining() || !self.shared.router.is_current(&self.route)
-        {
-            return None;
-        }
-        let target = {
-            let guard = self.shared.prewarm.load();
-            guard.as_ref()?.clone()
-        };
-        // Staged (or tried, while held) since the session last ran a request.
-        if self
-            .stage_checked
-            .as_ref()
-            .is_some_and(|r| Arc::ptr_eq(r, &target))
-        {
-            return None;
-        }
-        let held = self.shared.gate.is_closed();
-        if self.info.is_staging() {
-            // Its state is being replayed in the background (see below): a
-            // held session waits for that, an active one looks again later.
-            if !held {
-                return None;
-            }
-            self.await_staging().await;
-        }
-        // Flagged before the backend is taken out, so pre-warming never sees
-        // this session as settled meanwhile.
-        self.info.set_staging(true);
-        let Some(mut p) = self.info.take_parked() else {
-            self.staging_done();
-            return None;
-        };
-        if !Arc::ptr_eq(&p.route, &target) || (!held && p.stage_failed) {
-            prewarm::park(&self.shared, &self.info, p);
-            self.staging_done();
-            return None;
-        }
-        // Tried once per hold, also when it fails; while active, once per
-        // request (a failed replay is left to the switch).
-        self.stage_checked = Some(target);
-        let started = Instant::now();
-        let limit = self.move_limit();
-        // Read on the old backend: the client's next request waits for this.
-        let state = match tokio::time::timeout(limit, self.capture()).await {
-            Ok(Ok(state)) => state,
-            Ok(Err(e)) => {
-                p.stage_failed = true;
-                prewarm::park(&self.shared, &self.info, p);
-                self.staging_done();
-                return self.not_staged(e).await;
-            }
-            Err(_) => {
-                // Cut off mid-query: the old backend's replies are out of step.
-                prewarm::discard(&self.shared, p);
-                self.staging_done();
-                return Some(self.move_failed(MoveError::Timeout(limit)).await);
-            }
-        };
-        let requests = self.requests;
-        let Some(state) = still_staged(&mut p, state, requests) else {
-            prewarm::park(&self.shared, &self.info, p);
-            self.staging_done();
-            return None;
-        };
-        // Replayed on the new backend, which the client does not wait for
-        // while the gate is open: a session's first replay (its prepared
-        // statements parsed on a cold backend) can take tens of ms.
-        let (shared, info) = (self.shared.clone(), self.info.clone());
-        let replay = async move {
-            match tokio::time::timeout(limit, replay_onto(&mut p, state, requests)).await {
-                Ok(Ok(())) => {
-                    tracing::debug!(
-                        session = info.id,
-                        held,
-                        ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1000.0),
-                        "session move staged"
-                    );
-                    prewarm::park(&shared, &info, p);
-                }
-                Ok(Err((e, touched))) => {
-                    tracing::debug!(session = info.id, "move not staged: {e}");
-                    if touched {
-                        // Partly replayed: of no use, the switch opens another.
-                        prewarm::discard(&shared, p);
-                    } else {
-                        p.stage_failed = true;
-                        prewarm::park(&shared, &info, p);
-                    }
-                }
-                Err(_) => prewarm::discard(&shared, p),
-            }
-            info.set_staging(false);
-            shared.sessions.note_changed();
-            // A request the session ran meanwhile made this state stale:
-            // the idle session reads it again now, not in the pause.
-            info.wake.notify();
-        };
-        if held {
-            replay.await;
-        } else {
-            tokio::spawn(replay);
-        }
-        None
-    }
-
-    /// A state that could not be read for staging: the old backend broke or
-    /// is out of step (as a move would fail), or it cannot move or replay
-    /// (the switch reports it).
-    async fn not_staged(&mut self, e: MoveError) -> Option<End> {
-        match e {
-            MoveError::OldBackend(ref w) if !matches!(w, WireError::Server(_)) => {
-                Some(self.move_failed(e).await)
-            }
-            e => {
-                tracing::debug!(session = self.info.id, "move not staged: {e}");
-                None
-            }
-        }
-    }
-
-    /// Waits for this session's background replay (bounded like a move).
-    async fn await_staging(&self) {
-        let info = &self.info;
-        self.shared
-            .sessions
-            .wait_changed_until(self.move_limit(), || !info.is_staging())
-            .await;
-    }
-
-    /// Reads the session's state and makes `p` hold it: nothing to do when
-    /// it already holds this state, else replayed.
-    /// The error says whether `p`'s backend was touched (then it is of no use).
-    async fn stage_on(&mut self, p: &mut Parked) -> Result<(), (MoveError, bool)> {
-        let state = self.capture().await.map_err(|e| (e, false))?;
-        match still_staged(p, state, self.requests) {
-            None => Ok(()),
-            Some(state) => replay_onto(p, state, self.requests).await,
-        }
-    }
-
-    /// Ends what `set_staging(true)` began; waiters on "nobody is staging"
-    /// (pre-warming, the cutover's quiet moment) look again.
-    fn staging_done(&self) {
-        self.info.set_staging(false);
-        self.shared.sessions.note_changed();
-    }
-
-    fn leave(&mut self) {
+    pub(super) fn leave(&mut self) {
         self.entered = false;
         self.info.set_busy(false);
         self.shared.gate.leave();
     }
 
-    /// An idle session moves as soon as the route changes, also while the gate
-    /// is closed (the cutover's switch waits for it); with the gate open it
-    /// counts as busy meanwhile.
-    async fn move_if_rerouted(&mut self) -> Option<End> {
-        if self.shared.router.is_current(&self.route) || self.shared.is_draining() {
-            return None;
-        }
-        let counted = self.shared.gate.try_enter();
-        if counted {
-            self.entered = true;
-            self.info.set_busy(true);
-        }
-        let r = self.move_backend().await;
-        if counted {
-            self.leave();
-        }
-        match r {
-            Ok(()) => None,
-            Err(e) => Some(self.move_failed(e).await),
-        }
-    }
-
-    /// The session cannot move: the client is told why and must reconnect.
-    async fn move_failed(&mut self, e: MoveError) -> End {
-        let m = &self.shared.metrics;
-        m.session_moves.with_label_values(&["dropped"]).inc();
-        if matches!(e, MoveError::NewBackend(_)) {
-            m.error("backend_connect");
-        }
-        self.shared.moves_failed.fetch_add(1, Ordering::Relaxed);
-        let route = self.shared.router.current();
-        let message = match &e {
-            // What the session holds is the client's own business: named.
-            MoveError::Unmovable(_) => {
-                tracing::warn!(session = self.info.id, from = %self.route.name, to = %route.name, "cannot move session: {e}");
-                format!(
-                    "terminating connection: pgshift cannot move this session to the {} server: {e}; reconnect to continue",
-                    route.name
-                )
-            }
-            _ => super::incident::report(
-                Some(self.info.id),
-                &format!(
-                    "terminating connection: pgshift cannot move this session to the {} server; reconnect to continue",
-                    route.name
-                ),
-                &format_args!("from the {} server: {e}", self.route.name),
-            ),
-        };
-        self.fatal("57P01", &message).await;
-        End::Closed
-    }
-
-    /// How long one move may take before the session is given up.
-    fn move_limit(&self) -> Duration {
-        self.shared.limits.connect_timeout * 2
-    }
-
-    /// Moves the session to a backend on the current route: reads its state
-    /// from the old backend, takes the pre-warmed backend (or opens one),
-    /// replays the state there, tells the client about parameters that
-    /// differ, and closes the old backend. Only at a transaction boundary.
-    async fn move_backend(&mut self) -> Result<(), MoveError> {
-        let started = Instant::now();
-        let route = self.shared.router.current();
-        let limit = self.move_limit();
-        let (conn, replayed) = tokio::time::timeout(limit, self.capture_and_replay(&route))
-            .await
-            .map_err(|_| MoveError::Timeout(limit))??;
-        self.adopt(conn, replayed, route)
-            .await
-            .map_err(|e| MoveError::NewBackend(e.into()))?;
-        let m = &self.shared.metrics;
-        m.session_moves.with_label_values(&["moved"]).inc();
-        m.session_move_seconds
-            .observe(started.elapsed().as_secs_f64());
-        tracing::debug!(
-            session = self.info.id,
-            ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1000.0),
-            "session move done"
-        );
-        self.shared.sessions.note_changed();
-        Ok(())
-    }
-
-    async fn capture_and_replay(
-        &mut self,
-        route: &Arc<Route>,
-    ) -> Result<(ServerConnection, Replayed), MoveError> {
-        if self.info.is_staging() {
-            self.await_staging().await;
-        }
-        if let Some(mut p) = self.info.take_parked() {
-            if *p.route == **route {
-                let staged = match p.staged.as_ref() {
-                    // Read while the session was idle, and it ran no request
-                    // since: its state is the one replayed.
-                    Some(st) if st.at_request == self.requests => {
-                        self.settle_server().await.map_err(MoveError::OldBackend)?;
-                        Ok(())
-                    }
-                    _ => self.stage_on(&mut p).await,
-                };
-                match staged {
-                    Ok(()) => {
-                        self.shared.metrics.prewarm("used");
-                        let r = p.staged.take().map(|st| st.replayed);
-                        return Ok((p.conn, r.unwrap_or_default()));
-                    }
-                    // A parked backend may have died while it waited.
-                    Err((MoveError::NewBackend(e), _)) => {
-                        tracing::info!(
-                            session = self.info.id,
-                            "pre-warmed backend unusable ({e}); opening another"
-                        );
-                        self.shared.metrics.prewarm("failed");
-                        prewarm::discard(&self.shared, p);
-                    }
-                    Err((e, _)) => {
-                        prewarm::discard(&self.shared, p);
-                        return Err(e);
-                    }
-                }
-            } else {
-                prewarm::discard(&self.shared, p);
-            }
-        }
-        let state = self.capture().await?;
-        let mut conn = backend::open(&self.shared, route, &self.startup, &self.user)
-            .await
-            .map_err(MoveError::NewBackend)?;
-        let r = restore_on(&mut conn, &state).await?;
-        Ok((conn, r))
-    }
-
-    /// Reads the session state from the old backend; notifications that
-    /// arrive meanwhile go to the client.
-    async fn capture(&mut self) -> Result<SessionState, MoveError> {
-        self.settle_server().await.map_err(MoveError::OldBackend)?;
-        let mut reader = FrameReader {
-            buf: std::mem::take(&mut self.sbuf),
-            max: self.shared.limits.max_message_size,
-        };
-        let mut link = Link::new(&mut self.server, &mut reader);
-        let state = replay::capture(&mut link, &self.user).await;
-        let notes = std::mem::take(&mut link.notifications);
-        self.sbuf = reader.buf;
-        if !notes.is_empty() {
-            write_chunk(&mut self.client, &notes)
-                .await
-                .map_err(|e| MoveError::OldBackend(e.into()))?;
-        }
-        state
-    }
-
     /// Forwards the rest of a server message the relay passed on in part, so
     /// the proxy's own queries start on a message boundary.
-    async fn settle_server(&mut self) -> Result<(), WireError> {
+    pub(super) async fn settle_server(&mut self) -> Result<(), WireError> {
         while !self.sscan.at_boundary() {
             if self.sbuf.is_empty() && self.server.read_buf(&mut self.sbuf).await? == 0 {
                 return Err(WireError::Closed);
@@ -845,52 +539,6 @@ impl Session {
             write_chunk(&mut self.client, &self.sbuf[..n]).await?;
             self.sbuf.advance(n);
         }
-        Ok(())
-    }
-
-    /// Switches the relay to `conn` and closes the old backend.
-    async fn adopt(
-        &mut self,
-        conn: ServerConnection,
-        replayed: Replayed,
-        route: Arc<Route>,
-    ) -> std::io::Result<()> {
-        let mut params = conn.params.clone();
-        for (k, v) in replayed.reported {
-            set_param(&mut params, k, v);
-        }
-        let mut out = BytesMut::new();
-        for (k, v) in &params {
-            if !self.st.params.iter().any(|(n, old)| n == k && old == v) {
-                out.extend_from_slice(&messages::parameter_status(k, v));
-            }
-        }
-        out.extend_from_slice(&replayed.notifications);
-        if !out.is_empty() {
-            write_chunk(&mut self.client, &out).await?;
-        }
-        for (k, v) in params {
-            set_param(&mut self.st.params, k, v);
-        }
-        let (pid, secret) = conn.key.unwrap_or((0, 0));
-        self.info.set_backend(BackendRef {
-            route: route.clone(),
-            pid,
-            secret,
-        });
-        let old = std::mem::replace(&mut self.server, conn.stream);
-        tokio::spawn(retire(self.shared.clone(), old));
-        self.sbuf = conn.reader.buf;
-        self.sscan = Scanner::new(self.shared.limits.max_message_size);
-        tracing::debug!(
-            session = self.info.id,
-            from = %self.route.name,
-            to = %route.name,
-            "session moved to a new backend"
-        );
-        self.route = route;
-        self.st.status = conn.status;
-        self.stage_checked = None;
         Ok(())
     }
 
@@ -939,7 +587,7 @@ impl Session {
     }
 
     /// Sends a FATAL error to the client if that does not cut a message in two.
-    async fn fatal(&mut self, code: &str, message: &str) {
+    pub(super) async fn fatal(&mut self, code: &str, message: &str) {
         if self.sscan.at_boundary() {
             let frame = crate::wire::ErrorFields::new("FATAL", code, message).to_frame();
             let _ = write_chunk(&mut self.client, &frame).await;
@@ -981,81 +629,7 @@ impl Session {
     }
 }
 
-async fn write_chunk(w: &mut PgStream, data: &[u8]) -> std::io::Result<()> {
+pub(super) async fn write_chunk(w: &mut PgStream, data: &[u8]) -> std::io::Result<()> {
     w.write_all(data).await?;
     w.flush().await
-}
-
-/// Returns a backend to a clean session (before replaying another state).
-async fn reset_on(conn: &mut ServerConnection) -> Result<(), MoveError> {
-    let mut link = Link::new(&mut conn.stream, &mut conn.reader);
-    replay::reset(&mut link).await
-}
-
-/// Replays `state` on a new backend.
-async fn restore_on(
-    conn: &mut ServerConnection,
-    state: &SessionState,
-) -> Result<Replayed, MoveError> {
-    let encoding = conn
-        .params
-        .iter()
-        .find(|(k, _)| k == "client_encoding")
-        .map(|(_, v)| v.as_str());
-    let mut link = Link::new(&mut conn.stream, &mut conn.reader);
-    replay::restore(&mut link, state, encoding).await
-}
-
-/// Replays `state` on `p`'s backend (on a clean session when an older state
-/// was replayed there before) and records it as read at request `at_request`.
-/// The error says whether the backend was touched (then it is of no use).
-async fn replay_onto(
-    p: &mut Parked,
-    state: SessionState,
-    at_request: u64,
-) -> Result<(), (MoveError, bool)> {
-    let mut earlier = Replayed::default();
-    if let Some(old) = p.staged.take() {
-        earlier = old.replayed;
-        reset_on(&mut p.conn).await.map_err(|e| (e, true))?;
-    }
-    let r = restore_on(&mut p.conn, &state)
-        .await
-        .map_err(|e| (e, true))?;
-    earlier.merge(r);
-    p.staged = Some(Staged {
-        state,
-        replayed: earlier,
-        at_request,
-    });
-    Ok(())
-}
-
-/// Records `state`, just read while the session was idle at request
-/// `at_request`, as still the one `p` holds; returns it when it is not (it
-/// must be replayed).
-fn still_staged(p: &mut Parked, state: SessionState, at_request: u64) -> Option<SessionState> {
-    match p.staged.as_mut() {
-        Some(st) if st.state == state => {
-            st.at_request = at_request;
-            None
-        }
-        _ => Some(state),
-    }
-}
-
-/// Closes a backend the session moved away from, once the gate is open: a
-/// server process exiting takes CPU the paused sessions' moves are waiting
-/// for (on a small machine, milliseconds of the pause).
-async fn retire(shared: Arc<Shared>, old: PgStream) {
-    tokio::select! {
-        _ = shared.gate.opened() => {}
-        _ = shared.kill.cancelled() => {}
-    }
-    terminate(old).await;
-}
-
-async fn terminate(mut old: PgStream) {
-    let _ = old.write_all(&messages::message(b'X', &[])).await;
-    let _ = old.shutdown().await;
 }

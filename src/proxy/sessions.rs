@@ -13,9 +13,8 @@ use arc_swap::ArcSwap;
 use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
-use super::replay::{Replayed, SessionState};
+use super::moving::MoveSlot;
 use super::route::Route;
-use crate::wire::ServerConnection;
 use crate::wire::messages::TxStatus;
 
 /// The server process a session currently talks to.
@@ -47,37 +46,13 @@ pub struct SessionInfo {
     /// Set to close this one session (e.g. a cutover that cannot wait for
     /// its transaction); the message goes to the client.
     kill_message: Mutex<Option<String>>,
-    /// A backend opened ahead of a route swap (see [`super::prewarm`]).
-    parked: Mutex<Option<Parked>>,
-    staging: AtomicBool,
+    /// Where the session's move to the next route stands.
+    pub(crate) moving: MoveSlot,
     /// Set when the session has left the registry.
     closed: AtomicBool,
     /// The relay thread the session runs on: its backends are opened there
     /// (pre-warming too), so their sockets are polled by that thread.
     pub(crate) runtime: Option<tokio::runtime::Handle>,
-}
-
-/// A pre-warmed backend waiting for its session to move onto `route`.
-pub(crate) struct Parked {
-    pub route: Arc<Route>,
-    pub conn: ServerConnection,
-    /// The session's state replayed on `conn` ahead of the move (see
-    /// `Session::stage_move`).
-    pub staged: Option<Staged>,
-    /// The session's state could not be read for staging (e.g. it holds
-    /// temporary tables): not tried again before the gate holds it.
-    pub stage_failed: bool,
-}
-
-/// A session state replayed on a parked backend.
-pub(crate) struct Staged {
-    /// The state as read from the old backend and replayed.
-    pub state: SessionState,
-    pub replayed: Replayed,
-    /// The session's request count when the state was read (while it was
-    /// idle): equal to its count now, it ran no request since, so this is
-    /// still its state and the move only swaps backends.
-    pub at_request: u64,
 }
 
 /// A per-session, lock-free wake-up flag: the relay polls it on every loop
@@ -114,7 +89,7 @@ impl SessionInfo {
         self.status.store(s.byte(), Ordering::Relaxed);
     }
     /// Inside a transaction or with a request in flight (counted by the gate).
-    pub fn busy(&self) -> bool {
+    pub(crate) fn busy(&self) -> bool {
         self.busy.load(Ordering::Relaxed)
     }
     pub(crate) fn set_busy(&self, b: bool) {
@@ -139,53 +114,6 @@ impl SessionInfo {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    /// Route name and backend pid of the pre-warmed backend, if one is parked.
-    pub fn parked_backend(&self) -> Option<(String, i32)> {
-        let p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        p.as_ref()
-            .map(|p| (p.route.name.clone(), p.conn.key.map_or(0, |k| k.0)))
-    }
-
-    /// Parks `conn`, returning whatever was parked before.
-    pub(crate) fn park(&self, p: Parked) -> Option<Parked> {
-        self.parked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replace(p)
-    }
-
-    pub(crate) fn parked_route(&self) -> Option<Arc<Route>> {
-        let p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        p.as_ref().map(|p| p.route.clone())
-    }
-
-    pub(crate) fn take_parked(&self) -> Option<Parked> {
-        self.parked.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-
-    /// Nothing more to wait for before the gate closes: not staging now,
-    /// and no backend parked for `route` or the state replayed on it.
-    pub(crate) fn staged_or_unparked(&self, route: &Arc<Route>) -> bool {
-        let p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        if self.staging.load(Ordering::SeqCst) {
-            return false;
-        }
-        match p.as_ref() {
-            Some(p) => !Arc::ptr_eq(&p.route, route) || p.staged.is_some() || p.stage_failed,
-            None => true,
-        }
-    }
-
-    /// Set while the session replays its state on its parked backend (which
-    /// is then taken out of `parked`).
-    pub(crate) fn set_staging(&self, on: bool) {
-        self.staging.store(on, Ordering::SeqCst);
-    }
-
-    pub(crate) fn is_staging(&self) -> bool {
-        self.staging.load(Ordering::SeqCst)
     }
 
     /// The session has ended (it may still be referenced by a snapshot).
@@ -224,7 +152,7 @@ pub struct SessionSnapshot {
 }
 
 /// What a new session registers with.
-pub struct NewSession {
+pub(crate) struct NewSession {
     pub user: String,
     pub database: String,
     pub application_name: String,
@@ -269,8 +197,7 @@ impl Registry {
             backend: ArcSwap::from_pointee(s.backend),
             wake: Wake::default(),
             kill_message: Mutex::new(None),
-            parked: Mutex::new(None),
-            staging: AtomicBool::new(false),
+            moving: MoveSlot::default(),
             closed: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::try_current().ok(),
         });
@@ -303,7 +230,7 @@ impl Registry {
 
     /// Resolves when `done` holds, re-checked whenever a session leaves or
     /// moves; false if `timeout` passes first.
-    pub async fn wait_changed_until(
+    pub(crate) async fn wait_changed_until(
         &self,
         timeout: std::time::Duration,
         mut done: impl FnMut() -> bool,
@@ -323,7 +250,7 @@ impl Registry {
     }
 
     /// The session a client's CancelRequest names, if the secret matches.
-    pub fn lookup_cancel(&self, pid: i32, secret: i32) -> Option<Arc<SessionInfo>> {
+    pub(crate) fn lookup_cancel(&self, pid: i32, secret: i32) -> Option<Arc<SessionInfo>> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.get(&pid).filter(|s| s.proxy_key.1 == secret).cloned()
     }
@@ -336,10 +263,10 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Some session is staging its move (see [`SessionInfo::set_staging`]).
+    /// Some session is staging its move (see [`super::moving::MoveState`]).
     pub(crate) fn any_staging(&self) -> bool {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.values().any(|s| s.staging.load(Ordering::SeqCst))
+        map.values().any(|s| s.moving.is_staging())
     }
 
     /// Every live session.
@@ -363,7 +290,7 @@ impl Registry {
     }
 
     /// Resolves when no session is registered.
-    pub async fn wait_empty(&self) {
+    pub(crate) async fn wait_empty(&self) {
         loop {
             let n = self.emptied.notified();
             tokio::pin!(n);

@@ -6,36 +6,22 @@
 //! Replayed: settings changed in the session (`pg_settings` source
 //! 'session'), prepared statements (protocol-level ones with their parameter
 //! types resolved by name on the new server, SQL `PREPARE` by re-running its
-//! text) and LISTEN channels. Temporary tables, WITH HOLD cursors and
-//! session advisory locks cannot move: the session is refused.
+//! text), the unnamed statement (see [`super::unnamed`]) and LISTEN
+//! channels. Temporary tables, WITH HOLD cursors and session advisory locks
+//! cannot move: the session is refused.
 
 use std::collections::HashSet;
-use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{BufMut, Bytes, BytesMut};
 use postgres_protocol::message::frontend;
-use thiserror::Error;
 use tokio::io::AsyncWriteExt;
+
+use super::{MoveError, ReplayError, Unmovable};
 
 use crate::db::quote_ident;
 use crate::wire::connect::{TextRow, parse_data_row};
 use crate::wire::messages;
 use crate::wire::{ErrorFields, FrameReader, PgStream, WireError};
-
-/// Why a session could not move.
-#[derive(Debug, Error)]
-pub enum MoveError {
-    #[error("it holds {0}, which cannot move to another server")]
-    Unmovable(String),
-    #[error("cannot read the session state from the old server: {0}")]
-    OldBackend(WireError),
-    #[error("cannot open a backend on the new server: {0}")]
-    NewBackend(WireError),
-    #[error("cannot restore the session state on the new server: {0}")]
-    Replay(String),
-    #[error("moving took longer than {0:?}")]
-    Timeout(Duration),
-}
 
 /// Text as hex of its UTF-8 bytes, readable whatever the session's
 /// client_encoding is.
@@ -93,7 +79,7 @@ fn unhex(s: &str) -> Option<String> {
 
 /// A protocol-level prepared statement: replayed with Parse.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Prepared {
+pub(crate) struct Prepared {
     pub name: String,
     pub query: String,
     /// Parameter type names as the old server prints them (`regtype`).
@@ -102,12 +88,12 @@ pub struct Prepared {
 
 /// What a session carries from one backend to the next.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SessionState {
+pub(crate) struct SessionState {
     /// (name, value), in replay order.
     pub settings: Vec<(String, String)>,
     /// SQL `PREPARE` texts to replay, oldest first, each once: for each name
     /// its own statement cut out of the query string it came in (see
-    /// [`super::sqltext::prepare_replay`]), or that whole string if it
+    /// [`crate::proxy::sqltext::prepare_replay`]), or that whole string if it
     /// cannot be found there.
     pub sql_texts: Vec<String>,
     /// Names of the statements SQL `PREPARE` created.
@@ -116,17 +102,29 @@ pub struct SessionState {
     pub channels: Vec<String>,
     /// Set in the session; replayed last, after every text the proxy sends.
     pub client_encoding: Option<String>,
+    /// The unnamed statement; parsed after `client_encoding` is back, as
+    /// its text is in the session's encoding.
+    pub unnamed: Option<UnnamedStatement>,
+}
+
+/// The unnamed prepared statement, as the client parsed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct UnnamedStatement {
+    /// The text as the client sent it (in the session's client_encoding).
+    pub query: Bytes,
+    /// Parameter type names as the old server resolved them (`regtype`).
+    pub types: Vec<String>,
 }
 
 impl SessionState {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         *self == SessionState::default()
     }
 }
 
 /// A backend connection the proxy talks to itself, collecting what it must
 /// not swallow.
-pub struct Link<'a> {
+pub(crate) struct Link<'a> {
     stream: &'a mut PgStream,
     reader: &'a mut FrameReader,
     /// NotificationResponse frames, to pass on to the client.
@@ -139,10 +137,12 @@ pub struct Link<'a> {
 struct Reply {
     rows: Vec<TextRow>,
     error: Option<ErrorFields>,
+    /// A ParameterDescription's type OIDs.
+    param_types: Option<Vec<u32>>,
 }
 
 impl<'a> Link<'a> {
-    pub fn new(stream: &'a mut PgStream, reader: &'a mut FrameReader) -> Link<'a> {
+    pub(crate) fn new(stream: &'a mut PgStream, reader: &'a mut FrameReader) -> Link<'a> {
         Link {
             stream,
             reader,
@@ -160,6 +160,7 @@ impl<'a> Link<'a> {
     async fn reply(&mut self) -> Result<Reply, WireError> {
         let mut rows = Vec::new();
         let mut error = None;
+        let mut param_types = None;
         loop {
             let f = self.reader.read_required(self.stream).await?;
             match f.tag() {
@@ -179,7 +180,14 @@ impl<'a> Link<'a> {
                     messages::put_cstr(&mut body, "pgshift does not replay COPY");
                     self.send(&messages::message(b'f', &body)).await?;
                 }
-                b'Z' => return Ok(Reply { rows, error }),
+                b't' => param_types = Some(parse_parameter_description(f.body())?),
+                b'Z' => {
+                    return Ok(Reply {
+                        rows,
+                        error,
+                        param_types,
+                    });
+                }
                 _ => {}
             }
         }
@@ -198,18 +206,124 @@ fn query(sql: &str) -> Result<BytesMut, WireError> {
 }
 
 /// Reads the session's state from its (idle) backend; `user` is the one the
-/// session logged in as (new backends log in as it too).
-pub async fn capture(link: &mut Link<'_>, user: &str) -> Result<SessionState, MoveError> {
-    let reply = async {
-        link.send(&query(&capture_sql())?).await?;
-        link.reply().await
+/// session logged in as (new backends log in as it too), `unnamed` the text
+/// of the unnamed statement it may hold.
+pub(crate) async fn capture(
+    link: &mut Link<'_>,
+    user: &str,
+    unnamed: Option<&Bytes>,
+) -> Result<SessionState, MoveError> {
+    let old = |e: WireError| MoveError::OldBackend(e);
+    // Asked before the capture query, which (a simple Query) drops it.
+    let mut out = BytesMut::new();
+    if unnamed.is_some() {
+        out.extend_from_slice(&describe_unnamed());
     }
-    .await
-    .map_err(MoveError::OldBackend)?;
+    out.extend_from_slice(&query(&capture_sql()).map_err(old)?);
+    link.send(&out).await.map_err(old)?;
+    // No unnamed statement: an error (it does not exist) or no description.
+    let types = match unnamed {
+        Some(_) => link.reply().await.map_err(old)?.param_types,
+        None => None,
+    };
+    let reply = link.reply().await.map_err(old)?;
     if let Some(e) = reply.error {
         return Err(MoveError::OldBackend(WireError::Server(e)));
     }
-    from_rows(reply.rows, user)
+    let mut st = from_rows(reply.rows, user)?;
+    if let (Some(text), Some(oids)) = (unnamed, types) {
+        st.unnamed = Some(keep_unnamed(link, text, &oids).await?);
+    }
+    Ok(st)
+}
+
+/// Describe of the unnamed statement, and Sync.
+fn describe_unnamed() -> BytesMut {
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&messages::message(b'D', b"S\0"));
+    frontend::sync(&mut out);
+    out
+}
+
+/// Parse of the unnamed statement from raw text, and Sync.
+fn parse_unnamed(query: &[u8], types: &[u32]) -> BytesMut {
+    let mut body = BytesMut::with_capacity(query.len() + 4 + 4 * types.len());
+    body.put_u8(0);
+    body.extend_from_slice(query);
+    body.put_u8(0);
+    // A ParameterDescription holds at most i16::MAX types.
+    body.put_i16(types.len() as i16);
+    for t in types {
+        body.put_u32(*t);
+    }
+    let mut out = BytesMut::from(&messages::message(b'P', &body)[..]);
+    frontend::sync(&mut out);
+    out
+}
+
+fn parse_parameter_description(body: &[u8]) -> Result<Vec<u32>, WireError> {
+    let bad = || WireError::Protocol("invalid ParameterDescription".into());
+    let (n, rest) = body.split_at_checked(2).ok_or_else(bad)?;
+    let n = i16::from_be_bytes([n[0], n[1]]);
+    let n = usize::try_from(n).map_err(|_| bad())?;
+    if rest.len() != 4 * n {
+        return Err(bad());
+    }
+    Ok(rest
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// Reads the names of the unnamed statement's parameter types and parses it
+/// again on the old backend (the capture query dropped it there, and the
+/// session may stay: staging reads the state ahead of the switch). Same
+/// text, same types: the same statement.
+async fn keep_unnamed(
+    link: &mut Link<'_>,
+    text: &Bytes,
+    oids: &[u32],
+) -> Result<UnnamedStatement, MoveError> {
+    let old = |e: WireError| MoveError::OldBackend(e);
+    let mut out = BytesMut::new();
+    if !oids.is_empty() {
+        let list: Vec<String> = oids.iter().map(u32::to_string).collect();
+        let sql = format!(
+            "SELECT {} FROM unnest('{{{}}}'::pg_catalog.oid[]) WITH ORDINALITY AS u(t, i) ORDER BY i",
+            hex("u.t::pg_catalog.regtype::text"),
+            list.join(",")
+        );
+        out.extend_from_slice(&query(&sql).map_err(old)?);
+    }
+    out.extend_from_slice(&parse_unnamed(text, oids));
+    link.send(&out).await.map_err(old)?;
+    let mut types = Vec::new();
+    if !oids.is_empty() {
+        let r = link.reply().await.map_err(old)?;
+        if let Some(e) = r.error {
+            return Err(old(WireError::Server(e)));
+        }
+        for row in r.rows {
+            let name = row.into_iter().next().flatten().and_then(|h| unhex(&h));
+            types.push(name.ok_or_else(|| {
+                MoveError::OldBackend(WireError::Protocol(
+                    "unreadable parameter type of the unnamed statement".into(),
+                ))
+            })?);
+        }
+    }
+    if let Some(e) = link.reply().await.map_err(old)?.error {
+        return Err(old(WireError::Server(e)));
+    }
+    if types.len() != oids.len() {
+        return Err(old(WireError::Protocol(
+            "parameter types of the unnamed statement went missing".into(),
+        )));
+    }
+    Ok(UnnamedStatement {
+        query: text.clone(),
+        types,
+    })
 }
 
 /// Settings never replayed: they belong to a transaction.
@@ -230,8 +344,7 @@ fn identity(name: &str, value: &str, user: &str) -> Option<usize> {
 
 fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> {
     let mut st = SessionState::default();
-    let mut unmovable = Vec::new();
-    let mut cursors = Vec::new();
+    let mut unmovable = Unmovable::default();
     let mut sql: Vec<(f64, String, String)> = Vec::new();
     let mut types: Vec<(String, usize, String)> = Vec::new();
     let mut idents = Vec::new();
@@ -249,10 +362,10 @@ fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> 
             _ => raw(i),
         };
         match raw(0).as_str() {
-            "temp" => unmovable.push("temporary tables".to_string()),
-            "tempfn" => unmovable.push("temporary functions".to_string()),
-            "lock" => unmovable.push("session-level advisory locks".to_string()),
-            "cursor" => cursors.push(col(1)),
+            "temp" => unmovable.temp_tables = true,
+            "tempfn" => unmovable.temp_functions = true,
+            "lock" => unmovable.advisory_locks = true,
+            "cursor" => unmovable.cursors.push(col(1)),
             "set" if skipped_setting(&col(1)) => {}
             "set" if col(1) == "client_encoding" => st.client_encoding = Some(col(2)),
             "ident" => {
@@ -276,11 +389,8 @@ fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> 
             }
         }
     }
-    if !cursors.is_empty() {
-        unmovable.push(format!("WITH HOLD cursors ({})", cursors.join(", ")));
-    }
     if !unmovable.is_empty() {
-        return Err(MoveError::Unmovable(unmovable.join(" and ")));
+        return Err(MoveError::Unmovable(unmovable));
     }
     idents.sort();
     st.settings
@@ -297,7 +407,7 @@ fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> 
         // PREPARE b …`): only this name's PREPARE (after the settings
         // before it) is replayed, or the whole string, once, when it
         // cannot be found there.
-        let stmt = super::sqltext::prepare_replay(&text, &name).unwrap_or(text);
+        let stmt = crate::proxy::sqltext::prepare_replay(&text, &name).unwrap_or(text);
         if !st.sql_texts.contains(&stmt) {
             st.sql_texts.push(stmt);
         }
@@ -308,7 +418,7 @@ fn from_rows(rows: Vec<TextRow>, user: &str) -> Result<SessionState, MoveError> 
 
 /// What replaying left for the client.
 #[derive(Default)]
-pub struct Replayed {
+pub(crate) struct Replayed {
     pub notifications: BytesMut,
     /// ParameterStatus values the new server reported while replaying.
     pub reported: Vec<(String, String)>,
@@ -317,7 +427,7 @@ pub struct Replayed {
 impl Replayed {
     /// `later` happened after `self` on the same backend: its notifications
     /// follow, its reported values win.
-    pub fn merge(&mut self, later: Replayed) {
+    pub(crate) fn merge(&mut self, later: Replayed) {
         self.notifications.extend_from_slice(&later.notifications);
         for (k, v) in later.reported {
             match self.reported.iter_mut().find(|(n, _)| *n == k) {
@@ -330,7 +440,7 @@ impl Replayed {
 
 /// Returns a backend to a fresh session's state (`DISCARD ALL`), so a
 /// state can be replayed there again.
-pub async fn reset(link: &mut Link<'_>) -> Result<(), MoveError> {
+pub(crate) async fn reset(link: &mut Link<'_>) -> Result<(), MoveError> {
     link.send(&query("DISCARD ALL").map_err(wire)?)
         .await
         .map_err(wire)?;
@@ -345,7 +455,7 @@ pub async fn reset(link: &mut Link<'_>) -> Result<(), MoveError> {
 /// (the caller may retry on another connection).
 /// `client_encoding` is the new backend's, as it reported at startup: the
 /// proxy's own texts go in UTF-8, the session's encoding is put back last.
-pub async fn restore(
+pub(crate) async fn restore(
     link: &mut Link<'_>,
     st: &SessionState,
     client_encoding: Option<&str>,
@@ -359,6 +469,15 @@ pub async fn restore(
             None => None,
         };
         statements_and_channels(link, st, &oids, last).await?;
+        if let Some(u) = &st.unnamed {
+            // Last: a simple Query would drop it.
+            link.send(&parse_unnamed(&u.query, &type_oids(&u.types, &oids)))
+                .await
+                .map_err(wire)?;
+            if let Some(e) = link.reply().await.map_err(wire)?.error {
+                return Err(server_error("preparing the unnamed statement", e));
+            }
+        }
     }
     Ok(Replayed {
         notifications: std::mem::take(&mut link.notifications),
@@ -368,13 +487,16 @@ pub async fn restore(
 
 fn wire(e: WireError) -> MoveError {
     match e {
-        WireError::Server(f) => MoveError::Replay(f.message),
+        WireError::Server(error) => MoveError::Replay(ReplayError::Server {
+            step: "replaying",
+            error,
+        }),
         other => MoveError::NewBackend(other),
     }
 }
 
-fn server_error(what: &str, e: ErrorFields) -> MoveError {
-    MoveError::Replay(format!("{what}: {} ({})", e.message, e.code))
+fn server_error(step: &'static str, error: ErrorFields) -> MoveError {
+    MoveError::Replay(ReplayError::Server { step, error })
 }
 
 /// Distinct parameter type names of the protocol-level statements.
@@ -383,6 +505,7 @@ fn type_names(st: &SessionState) -> Vec<&str> {
     st.prepared
         .iter()
         .flat_map(|p| p.types.iter())
+        .chain(st.unnamed.iter().flat_map(|u| u.types.iter()))
         .map(String::as_str)
         .filter(|t| *t != "-" && seen.insert(*t))
         .collect()
@@ -440,14 +563,18 @@ async fn settings_and_types(
             .cloned()
             .flatten()
             .and_then(|o| o.parse::<u32>().ok())
-            .ok_or_else(|| {
-                MoveError::Replay(format!(
-                    "type {name} of a prepared statement does not exist on the new server"
-                ))
-            })?;
+            .ok_or_else(|| MoveError::Replay(ReplayError::MissingType(name.to_string())))?;
         oids.push((name.to_string(), oid));
     }
     Ok(oids)
+}
+
+/// Type names as OIDs on the new server (0, unspecified, for `-`).
+fn type_oids(names: &[String], oids: &[(String, u32)]) -> Vec<u32> {
+    names
+        .iter()
+        .map(|t| oids.iter().find(|(n, _)| n == t).map_or(0, |(_, o)| *o))
+        .collect()
 }
 
 fn set_config_sql(settings: &[(String, String)]) -> String {
@@ -489,11 +616,7 @@ async fn statements_and_channels(
     let mut expect = Vec::new();
     if !st.prepared.is_empty() {
         for p in &st.prepared {
-            let types: Vec<u32> = p
-                .types
-                .iter()
-                .map(|t| oids.iter().find(|(n, _)| n == t).map_or(0, |(_, o)| *o))
-                .collect();
+            let types = type_oids(&p.types, oids);
             frontend::parse(&p.name, &p.query, types, &mut out)
                 .map_err(|e| MoveError::NewBackend(e.into()))?;
         }
@@ -604,13 +727,10 @@ async fn check_sql_statements(
     errors: Vec<ErrorFields>,
 ) -> Result<(), MoveError> {
     if let Some(missing) = st.sql_names.iter().find(|n| !present.contains(n)) {
-        let why = errors
-            .first()
-            .map(|e| format!(": {} ({})", e.message, e.code))
-            .unwrap_or_default();
-        return Err(MoveError::Replay(format!(
-            "prepared statement {missing} could not be re-created{why}"
-        )));
+        return Err(MoveError::Replay(ReplayError::NotRecreated {
+            name: missing.clone(),
+            error: errors.into_iter().next(),
+        }));
     }
     let extra: Vec<String> = present
         .iter()

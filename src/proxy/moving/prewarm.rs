@@ -1,17 +1,19 @@
 //! Pre-warming: before the cutover pauses clients, every live session gets a
 //! backend on the route it is about to move to (same user, database and
-//! startup parameters), parked in its [`SessionInfo`]. The move then pays
-//! only for replaying session state, not for connecting and authenticating.
-//! Sessions that connect while a pre-warm route is set get one too.
+//! startup parameters), parked in its [`SessionInfo`]'s [`super::MoveState`].
+//! The move then pays only for replaying session state, not for connecting
+//! and authenticating. Sessions that connect while a pre-warm route is set
+//! get one too.
 
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use super::Shared;
-use super::backend;
-use super::route::Route;
-use super::sessions::{Parked, SessionInfo};
+use super::{MoveState, Parked};
+use crate::proxy::Shared;
+use crate::proxy::backend;
+use crate::proxy::route::Route;
+use crate::proxy::sessions::SessionInfo;
 
 /// Backends opened at once, so a few thousand sessions do not storm the
 /// target with simultaneous authentications.
@@ -43,13 +45,13 @@ pub(crate) async fn all(shared: &Arc<Shared>, route: Route) -> usize {
         .filter(|ok| matches!(ok, Ok(true)))
         .count();
     // Idle sessions replay their state on their parked backend now (see
-    // `Session::stage_move`); give busy ones a moment to reach a boundary.
+    // [`super::stage`]); give busy ones a moment to reach a boundary.
     let staged = shared
         .sessions
         .wait_changed_until(STAGE_WAIT, || {
             sessions
                 .iter()
-                .all(|s| s.is_closed() || s.staged_or_unparked(&route))
+                .all(|s| s.is_closed() || s.moving.settled_for(&route))
         })
         .await;
     tracing::info!(
@@ -82,7 +84,7 @@ pub(crate) fn discard_all(shared: &Shared) -> usize {
     shared.prewarm.store(None);
     let mut n = 0;
     for s in shared.sessions.sessions() {
-        if let Some(p) = s.take_parked() {
+        if let Some((p, _)) = s.moving.take_parked() {
             discard(shared, p);
             n += 1;
         }
@@ -100,7 +102,7 @@ pub(crate) fn discard(shared: &Shared, p: Parked) {
 async fn one(shared: &Shared, info: &SessionInfo, route: &Arc<Route>) -> bool {
     let already = |info: &SessionInfo| {
         *info.backend().route == **route
-            || info.parked_route().is_some_and(|r| Arc::ptr_eq(&r, route))
+            || info.moving.route().is_some_and(|r| Arc::ptr_eq(&r, route))
     };
     if info.is_closed() || already(info) {
         return false;
@@ -129,8 +131,6 @@ async fn one(shared: &Shared, info: &SessionInfo, route: &Arc<Route>) -> bool {
     let parked = Parked {
         route: route.clone(),
         conn,
-        staged: None,
-        stage_failed: false,
     };
     if !park(shared, info, parked) {
         return false;
@@ -140,31 +140,67 @@ async fn one(shared: &Shared, info: &SessionInfo, route: &Arc<Route>) -> bool {
     true
 }
 
-/// Puts a pre-warmed backend back where the switch looks for it, unless the
+/// Whether a backend parked for `route` is still of use to `info`.
+fn wanted(shared: &Shared, info: &SessionInfo, route: &Arc<Route>) -> bool {
+    !info.is_closed()
+        && shared
+            .prewarm
+            .load()
+            .as_ref()
+            .is_some_and(|w| Arc::ptr_eq(w, route))
+}
+
+/// Parks a pre-warmed backend where the switch looks for it, unless the
 /// session ended or the cutover gave up its pre-warming meanwhile (checked
 /// again after parking: whoever looks last closes it). True if it stays parked.
-pub(crate) fn park(shared: &Shared, info: &SessionInfo, p: Parked) -> bool {
-    let wanted = |r: &Arc<Route>| {
-        !info.is_closed()
-            && shared
-                .prewarm
-                .load()
-                .as_ref()
-                .is_some_and(|w| Arc::ptr_eq(w, r))
-    };
-    if !wanted(&p.route) {
+fn park(shared: &Shared, info: &SessionInfo, p: Parked) -> bool {
+    if !wanted(shared, info, &p.route) {
         discard(shared, p);
         return false;
     }
     let route = p.route.clone();
-    if let Some(other) = info.park(p) {
+    match info.moving.park_prewarmed(p) {
+        Ok(Some(other)) => discard(shared, other),
+        Ok(None) => {}
+        Err(p) => {
+            discard(shared, p);
+            return false;
+        }
+    }
+    still_wanted(shared, info, &route)
+}
+
+/// Ends a session's staging with `outcome` (see [`park`] for when what is
+/// parked is closed instead), and tells waiters on "nobody is staging"
+/// (pre-warming, the cutover's quiet moment) to look again.
+pub(super) fn end_staging(shared: &Shared, info: &SessionInfo, outcome: MoveState) {
+    let route = outcome.parked().map(|p| p.route.clone());
+    let outcome = match route {
+        Some(r) if !wanted(shared, info, &r) => {
+            if let Some((p, _)) = outcome.into_parked() {
+                discard(shared, p);
+            }
+            MoveState::Idle
+        }
+        _ => outcome,
+    };
+    let route = outcome.parked().map(|p| p.route.clone());
+    if let Some(other) = info.moving.end_staging(outcome) {
         discard(shared, other);
     }
-    if !wanted(&route) {
-        if let Some(p) = info.take_parked() {
-            discard(shared, p);
-        }
-        return false;
+    if let Some(r) = route {
+        still_wanted(shared, info, &r);
     }
-    true
+    shared.sessions.note_changed();
+}
+
+/// Closes what is parked when it is no longer wanted; true if it stays.
+fn still_wanted(shared: &Shared, info: &SessionInfo, route: &Arc<Route>) -> bool {
+    if wanted(shared, info, route) {
+        return true;
+    }
+    if let Some((p, _)) = info.moving.take_parked() {
+        discard(shared, p);
+    }
+    false
 }
