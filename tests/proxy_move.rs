@@ -618,47 +618,50 @@ async fn pgbench_prepared_runs_through_a_switch_without_failures() {
     }
     let proxy = start_proxy(&a).await;
     let port = proxy.port;
-    let bench = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(pg_program("pgbench"))
-            .args(["-M", "prepared", "-c", "4", "-j", "2", "-T", "7"])
-            .args(["-h", "127.0.0.1", "-U", SUPERUSER, "-p"])
-            .arg(port.to_string())
-            .arg("postgres")
-            .env("PGPASSWORD", SUPERUSER_PW)
-            .env("PGSSLMODE", "disable")
-            .output()
+    // pgbench runs until the checks are done (not for a fixed time: the
+    // switch must find all four clients running however slow the machine).
+    let mut bench = std::process::Command::new(pg_program("pgbench"))
+        .args(["-M", "prepared", "-c", "4", "-j", "2", "-t", "10000000"])
+        .args(["-h", "127.0.0.1", "-U", SUPERUSER, "-p"])
+        .arg(port.to_string())
+        .arg("postgres")
+        .env("PGPASSWORD", SUPERUSER_PW)
+        .env("PGSSLMODE", "disable")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let history = |c: &Cluster| -> i64 {
+        c.psql("postgres", "SELECT count(*) FROM pgbench_history")
+            .parse()
             .unwrap()
-    });
+    };
     let h = &proxy.handle;
     assert!(
-        wait_until(Duration::from_secs(5), || h.sessions().len() == 4),
-        "pgbench clients connected"
+        wait_until(Duration::from_secs(120), || h.sessions().len() == 4
+            && history(&a) >= 50),
+        "pgbench clients connected and running"
     );
-    tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(h.prewarm(route_to(&b)).await, 4);
     h.gate().close();
-    tokio::time::timeout(Duration::from_secs(5), h.gate().drained())
+    tokio::time::timeout(Duration::from_secs(120), h.gate().drained())
         .await
         .expect("drained");
     let (moved, dropped) = h.switch_to(route_to(&b), Duration::from_secs(10)).await;
     h.gate().open();
     assert_eq!((moved, dropped), (4, 0));
-
-    let out = bench.await.unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(!stderr.contains("aborted"), "{stderr}");
+    // Work continues on the target after the switch, then pgbench is stopped.
     assert!(
-        stdout.contains("number of failed transactions: 0 "),
-        "{stdout}"
+        wait_until(Duration::from_secs(120), || history(&b) >= 50),
+        "no transaction ran on the target"
     );
-    // Work continued on the target after the switch.
-    let after: i64 = b
-        .psql("postgres", "SELECT count(*) FROM pgbench_history")
-        .parse()
-        .unwrap();
-    assert!(after > 0, "no transaction ran on the target");
+    let _ = bench.kill();
+    let out = bench.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("aborted") && !stderr.contains("ERROR"),
+        "pgbench failed across the switch: {stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -677,18 +680,28 @@ async fn psycopg_prepared_writer_keeps_going_across_a_switch() {
         proxy.port
     );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/move_psycopg.py");
+    // The client writes until told to stop, not for a fixed time.
+    let stop_dir = tempfile::tempdir().unwrap();
+    let stop = stop_dir.path().join("stop");
+    let stop_arg = stop.to_string_lossy().into_owned();
     let client = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")
-            .args([script, &dsn, "4"])
+            .args([script, &dsn, &stop_arg])
             .output()
             .unwrap()
     });
+    let rows = |c: &Cluster| -> i64 {
+        c.psql("postgres", "SELECT count(*) FROM ledger")
+            .parse()
+            .unwrap()
+    };
     let h = &proxy.handle;
-    assert!(wait_until(Duration::from_secs(10), || h.sessions().len() == 1));
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(wait_until(Duration::from_secs(120), || h.sessions().len()
+        == 1
+        && rows(&a) >= 20));
     assert_eq!(h.prewarm(route_to(&b)).await, 1);
     h.gate().close();
-    tokio::time::timeout(Duration::from_secs(5), h.gate().drained())
+    tokio::time::timeout(Duration::from_secs(120), h.gate().drained())
         .await
         .expect("drained");
     assert_eq!(
@@ -696,6 +709,11 @@ async fn psycopg_prepared_writer_keeps_going_across_a_switch() {
         (1, 0)
     );
     h.gate().open();
+    assert!(
+        wait_until(Duration::from_secs(120), || rows(&b) >= 20),
+        "the client does not write on the target"
+    );
+    std::fs::write(&stop, b"").unwrap();
 
     let out = client.await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

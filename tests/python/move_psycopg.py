@@ -1,21 +1,22 @@
 """A psycopg 3 client with server-side prepared statements (prepare_threshold=0)
-and a session setting, writing a ledger for SECONDS while the test moves its
-session to another server. Usage: move_psycopg.py DSN SECONDS. Prints JSON:
-committed ids, failures, and what the session looks like at the end."""
+and a session setting, writing a ledger until the file STOP exists while the
+test moves its session to another server. Usage: move_psycopg.py DSN STOP.
+Prints JSON: committed ids, failures, and what the session looks like at the
+end."""
 
 import json
+import os
 import sys
 import time
 
 import psycopg
 
-dsn, seconds = sys.argv[1], float(sys.argv[2])
+dsn, stop = sys.argv[1], sys.argv[2]
 conn = psycopg.connect(dsn, autocommit=True, prepare_threshold=0)
 conn.execute("SET application_name = 'mover'")
 committed, failed, errors = [], 0, []
-deadline = time.time() + seconds
 i = 0
-while time.time() < deadline:
+while not os.path.exists(stop):
     i += 1
     try:
         with conn.transaction():
