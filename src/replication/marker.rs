@@ -14,6 +14,7 @@ use tokio_postgres::{Client, Statement};
 use super::Lsn;
 use super::client::ReplicationError;
 use super::names::ReplicationNames;
+use crate::config::Endpoint;
 use crate::db::quote_ident;
 use crate::pg::Version;
 use crate::pg::replication::MarkerTransport;
@@ -164,6 +165,40 @@ pub async fn emit(
         MarkerTransport::Row => emit_row(source, &marker.stmt, id).await?,
     };
     Ok(lsn.parse().unwrap_or(Lsn::ZERO))
+}
+
+/// A source connection for the markers of the migration's database `names`
+/// belongs to, with the marker statement prepared. It must write through
+/// the fence, and its commit is flushed at once so the walsender sends it
+/// without waiting for the WAL writer (the source may run with
+/// synchronous_commit = off).
+pub struct MarkerConnection {
+    client: Client,
+    marker: PreparedMarker,
+}
+
+impl MarkerConnection {
+    pub async fn connect(
+        source_db: &Endpoint,
+        names: &ReplicationNames,
+    ) -> Result<MarkerConnection, ReplicationError> {
+        let client = crate::db::connect(source_db, "source (marker)").await?;
+        client
+            .batch_execute(
+                "SET default_transaction_read_only = off; SET synchronous_commit = on; SET application_name = 'pgshift-marker'",
+            )
+            .await
+            .map_err(sql_err("setting up the marker session".into()))?;
+        let marker = prepare(&client, names)
+            .await
+            .map_err(sql_err("preparing the marker statement".into()))?;
+        Ok(MarkerConnection { client, marker })
+    }
+
+    /// Emits marker `id`; returns its LSN (see [`emit`]).
+    pub async fn emit(&self, id: &str) -> Result<Lsn, tokio_postgres::Error> {
+        emit(&self.client, &self.marker, id).await
+    }
 }
 
 /// The row in its own transaction, sent as one pipelined round trip. The

@@ -15,10 +15,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Lsn;
-use super::apply::{self, Applier, ApplyError, ApplyMetrics, ApplyOptions, Marker};
+use super::apply::{Applier, ApplyError, ApplyMetrics, ApplyOptions, Marker};
 use super::client::{ReplicationConnection, ReplicationMessage, StreamOptions};
-use super::marker::PreparedMarker;
+use super::marker::MarkerConnection;
 use super::names::ReplicationNames;
+use super::pgoutput::{DecodeError, Decoder};
 use crate::admin::status::Report;
 use crate::config::Endpoint;
 
@@ -141,6 +142,9 @@ pub enum StreamError {
     Source(String),
     #[error("the source ended the replication stream")]
     Ended,
+    /// A pgoutput message the decoder could not read.
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
 }
@@ -155,7 +159,7 @@ impl StreamError {
             StreamError::Apply(ApplyError::Connection { .. } | ApplyError::Origin { .. }) => {
                 "target"
             }
-            StreamError::Apply(ApplyError::Decode(_) | ApplyError::Protocol { .. }) => "protocol",
+            StreamError::Decode(_) | StreamError::Apply(ApplyError::Protocol { .. }) => "protocol",
             StreamError::Apply(_) => "apply",
         }
     }
@@ -447,11 +451,11 @@ impl DatabaseStream {
     /// source before it is on the target. Opens its own source connection.
     pub async fn catch_up(&self, id: &str, timeout: Duration) -> Result<Lsn, CatchUpError> {
         let names = ReplicationNames::new(&self.cfg.migration, &self.database);
-        let src = marker_connection(&self.cfg.source.with_dbname(&self.database), &names)
+        let src = MarkerConnection::connect(&self.cfg.source.with_dbname(&self.database), &names)
             .await
-            .map_err(|error| CatchUpError::Emit {
+            .map_err(|e| CatchUpError::Emit {
                 database: self.database.clone(),
-                error,
+                error: e.to_string(),
             })?;
         let lsn = self.emit_marker(&src, id).await?;
         // Patient: a stream that breaks and recovers within `timeout` is fine.
@@ -459,15 +463,13 @@ impl DatabaseStream {
         Ok(lsn)
     }
 
-    /// Emits the marker `id` on a connection from [`marker_connection`];
-    /// returns its position.
+    /// Emits the marker `id` on a source connection for markers; returns
+    /// its position.
     pub async fn emit_marker(&self, src: &MarkerConnection, id: &str) -> Result<Lsn, CatchUpError> {
-        apply::emit_marker_with(&src.client, &src.emit, id)
-            .await
-            .map_err(|e| CatchUpError::Emit {
-                database: self.database.clone(),
-                error: crate::db::describe(&e),
-            })
+        src.emit(id).await.map_err(|e| CatchUpError::Emit {
+            database: self.database.clone(),
+            error: crate::db::describe(&e),
+        })
     }
 
     /// Waits until apply has committed the marker `id`, for at most
@@ -531,34 +533,6 @@ impl Drop for DatabaseStream {
         }
         self.lag_task.abort();
     }
-}
-
-/// A source connection for the markers of the migration's database `names`
-/// belongs to: it must write through the fence, and its commit is flushed
-/// at once so the walsender sends it without waiting for the WAL writer
-/// (the source may run with synchronous_commit = off).
-pub async fn marker_connection(
-    source_db: &Endpoint,
-    names: &ReplicationNames,
-) -> Result<MarkerConnection, String> {
-    let client = crate::db::connect(source_db, "source (marker)")
-        .await
-        .map_err(|e| e.to_string())?;
-    client.batch_execute(
-        "SET default_transaction_read_only = off; SET synchronous_commit = on; SET application_name = 'pgshift-marker'",
-    )
-    .await
-    .map_err(|e| crate::db::describe(&e))?;
-    let emit = apply::prepare_marker(&client, names)
-        .await
-        .map_err(|e| crate::db::describe(&e))?;
-    Ok(MarkerConnection { client, emit })
-}
-
-/// A source connection for markers with the marker statement prepared.
-pub struct MarkerConnection {
-    client: tokio_postgres::Client,
-    emit: PreparedMarker,
 }
 
 /// The outer loop: run a session, and on any error wait and start again
@@ -641,6 +615,8 @@ async fn session(
     tracing::info!(database = %db, slot = %names.slot, start = %start, "streaming changes");
     status.confirmed(start);
 
+    // This session's stream is decoded here; apply gets typed messages.
+    let mut decoder = Decoder::new();
     // The position the target holds; only this is ever reported as flushed.
     let mut confirmed = applier.applied_position().max(start);
     let mut keepalive_end = Lsn::ZERO;
@@ -660,7 +636,7 @@ async fn session(
                 match msg.map_err(StreamError::source)? {
                     None => return Ok(()),
                     Some(ReplicationMessage::XLogData { data, .. }) => {
-                        applier.handle_xlogdata(data).await?;
+                        applier.handle(decoder.decode(data)?).await?;
                     }
                     Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. }) => {
                         keepalive_end = keepalive_end.max(wal_end);

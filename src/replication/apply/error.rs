@@ -4,7 +4,6 @@
 use thiserror::Error;
 
 use crate::replication::Lsn;
-use crate::replication::pgoutput::DecodeError;
 use crate::wire::{ErrorFields, WireError};
 
 #[derive(Debug, Error)]
@@ -23,8 +22,6 @@ pub enum ApplyError {
         origin: String,
         error: String,
     },
-    #[error("{0}")]
-    Decode(#[from] DecodeError),
     #[error("table {table} no longer matches the target: {difference}. Apply is stopped; {remedy}")]
     SchemaMismatch {
         database: String,

@@ -19,9 +19,11 @@
 //! - After any error the applier is unusable: drop it, fix the cause,
 //!   connect a new one and stream again from [`Applier::applied_position`].
 //!
-//! Feeding: [`Applier::handle_xlogdata`] (raw XLogData payloads) or
-//! [`Applier::handle`] (decoded messages), then [`Applier::flush`] whenever
-//! the input is idle, so complete transactions are committed promptly.
+//! Feeding: the stream decodes pgoutput and hands each message to
+//! [`Applier::handle`], then calls [`Applier::flush`] whenever its input is
+//! idle, so complete transactions are committed promptly. Apply emits
+//! nothing on the source: cutover markers are emitted by
+//! [`replication::marker`](super::marker) and only recognised here.
 
 mod batch;
 mod batching;
@@ -37,8 +39,7 @@ mod transaction;
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use self::batching::Batching;
 use self::markers::MarkerTable;
@@ -49,9 +50,7 @@ use self::statements::{Relations, RowChange};
 use self::streamed::Streamed;
 use self::transaction::Transactions;
 use super::Lsn;
-use super::marker::PreparedMarker;
-use super::names::ReplicationNames;
-use super::pgoutput::{Decoder, PgOutputMessage};
+use super::pgoutput::PgOutputMessage;
 use crate::config::Endpoint;
 use crate::wire::messages::TxStatus;
 use crate::wire::{ConnectOptions, ServerConnection, WireError};
@@ -60,7 +59,6 @@ pub use self::error::ApplyError;
 pub use self::markers::{Marker, wait_for_marker};
 pub use self::origin::origin_name;
 pub use self::progress::{ApplyMetrics, ApplyProgress, ApplyStats};
-pub use super::marker::MARKER_PREFIX;
 
 /// Options of one database's applier.
 #[derive(Clone, Debug)]
@@ -105,44 +103,12 @@ impl ApplyOptions {
     }
 }
 
-/// Emits a transactional cutover marker on the source database of `names`
-/// (see [`marker`](super::marker) for how it travels); returns its LSN.
-/// When apply reports a [`Marker`] with this id, every transaction committed
-/// on the source before it is committed on the target.
-pub async fn emit_marker(
-    source: &tokio_postgres::Client,
-    names: &ReplicationNames,
-    id: &str,
-) -> Result<Lsn, tokio_postgres::Error> {
-    let prepared = prepare_marker(source, names).await?;
-    emit_marker_with(source, &prepared, id).await
-}
-
-/// Prepares [`emit_marker_with`]'s statement on `source`, so emitting the
-/// marker during the cutover's pause is one round trip.
-pub async fn prepare_marker(
-    source: &tokio_postgres::Client,
-    names: &ReplicationNames,
-) -> Result<PreparedMarker, tokio_postgres::Error> {
-    super::marker::prepare(source, names).await
-}
-
-/// [`emit_marker`] with a statement from [`prepare_marker`] on `source`.
-pub async fn emit_marker_with(
-    source: &tokio_postgres::Client,
-    prepared: &PreparedMarker,
-    id: &str,
-) -> Result<Lsn, tokio_postgres::Error> {
-    super::marker::emit(source, prepared, id).await
-}
-
 pub struct Applier {
     /// The target connection, statements queued on it.
     pipe: Pipeline,
     opts: ApplyOptions,
     origin: Origin,
     marker_table: MarkerTable,
-    decoder: Decoder,
     rel: Relations,
     tx: Transactions,
     streamed: Streamed,
@@ -218,7 +184,6 @@ impl Applier {
             progress: Progress::new(origin.applied, metrics),
             origin,
             opts,
-            decoder: Decoder::new(),
             rel: Relations::default(),
             tx: Transactions::default(),
             streamed: Streamed::default(),
@@ -258,43 +223,6 @@ impl Applier {
     /// Complete transactions received but not yet committed on the target.
     pub fn has_pending(&self) -> bool {
         self.tx.group.transactions > 0
-    }
-
-    /// Decodes and applies one XLogData payload.
-    pub async fn handle_xlogdata(&mut self, data: Bytes) -> Result<(), ApplyError> {
-        let msg = self.decoder.decode(data)?;
-        self.handle(msg).await
-    }
-
-    /// Applies XLogData payloads from a channel until it closes, committing
-    /// whenever the channel runs empty, so a caught-up stream is applied at
-    /// once while a backlog is applied in groups. Progress is seen through
-    /// [`subscribe`](Self::subscribe) (e.g. by the task sending standby
-    /// status updates).
-    pub async fn apply_channel(
-        &mut self,
-        rx: &mut mpsc::Receiver<Bytes>,
-    ) -> Result<(), ApplyError> {
-        loop {
-            let data = match rx.try_recv() {
-                Ok(d) => d,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    self.flush().await?;
-                    match rx.recv().await {
-                        Some(d) => d,
-                        None => break,
-                    }
-                }
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-            };
-            // A transaction starting with nothing behind it: commit the
-            // complete ones first rather than hold them while it arrives.
-            if data.first() == Some(&b'B') && rx.is_empty() && !self.decoder.in_stream() {
-                self.flush().await?;
-            }
-            self.handle_xlogdata(data).await?;
-        }
-        self.flush().await.map(|_| ())
     }
 
     /// Applies one decoded message. Messages must come in the order the
@@ -338,7 +266,6 @@ impl Applier {
         self.batching.discard_batch();
         self.reset_batching();
         self.streamed = Streamed::default();
-        self.decoder = Decoder::new();
         if self.pipe.conn.status != TxStatus::Idle {
             let r = self.pipe.conn.simple_query("ROLLBACK").await;
             let r = r.map(|_| ()).map_err(|source| ApplyError::Connection {
