@@ -915,7 +915,10 @@ fn streams_health(streams: &[DatabaseStream]) -> Result<(), String> {
     if streams.is_empty() {
         return Err("no database is streaming".into());
     }
-    let errors: Vec<Result<(), String>> = streams.iter().map(|s| s.status.health()).collect();
+    let errors: Vec<Result<(), String>> = streams
+        .iter()
+        .map(|s| s.status.health().map_err(|e| e.to_string()))
+        .collect();
     join_errors(errors)
 }
 

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Lsn;
 use super::apply::{Applier, ApplyError, ApplyMetrics, ApplyOptions, Marker};
-use super::client::{ReplicationConnection, ReplicationMessage, StreamOptions};
+use super::client::{ReplicationConnection, ReplicationError, ReplicationMessage, StreamOptions};
 use super::marker::MarkerConnection;
 use super::names::ReplicationNames;
 use super::pgoutput::{DecodeError, Decoder};
@@ -139,7 +139,9 @@ pub enum StreamError {
     /// The replication connection to the source (connect, START_REPLICATION,
     /// reading or answering the stream).
     #[error("{0}")]
-    Source(String),
+    Source(#[from] ReplicationError),
+    #[error("the source did not report its server_version")]
+    NoServerVersion,
     #[error("the source ended the replication stream")]
     Ended,
     /// A pgoutput message the decoder could not read.
@@ -155,7 +157,7 @@ impl StreamError {
     /// The `kind` label of `pgshift_replication_errors_total`.
     pub fn kind(&self) -> &'static str {
         match self {
-            StreamError::Source(_) | StreamError::Ended => "source",
+            StreamError::Source(_) | StreamError::NoServerVersion | StreamError::Ended => "source",
             StreamError::Apply(ApplyError::Connection { .. } | ApplyError::Origin { .. }) => {
                 "target"
             }
@@ -163,10 +165,14 @@ impl StreamError {
             StreamError::Apply(_) => "apply",
         }
     }
+}
 
-    fn source(e: impl std::fmt::Display) -> StreamError {
-        StreamError::Source(e.to_string())
-    }
+/// A stream that is not streaming: its state, and what is wrong in words.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{detail}")]
+pub struct Unhealthy {
+    pub state: StreamState,
+    pub detail: String,
 }
 
 /// Why a marker was not seen committed on the target.
@@ -272,9 +278,9 @@ impl StreamStatus {
         self.with(|l| l.state)
     }
 
-    /// Ok when the stream is connected and applying; otherwise what is
-    /// wrong, for an operator (state, retries, the last error).
-    pub fn health(&self) -> Result<(), String> {
+    /// Ok when the stream is connected and applying; otherwise its state
+    /// and what is wrong, for an operator (state, retries, the last error).
+    pub fn health(&self) -> Result<(), Unhealthy> {
         self.with(|l| {
             if l.state == StreamState::Streaming {
                 return Ok(());
@@ -295,7 +301,10 @@ impl StreamStatus {
                 }
                 None => {}
             }
-            Err(s)
+            Err(Unhealthy {
+                state: l.state,
+                detail: s,
+            })
         })
     }
 
@@ -494,7 +503,9 @@ impl DatabaseStream {
             }
             changed.borrow_and_update();
             if fail_fast {
-                self.status.health().map_err(CatchUpError::Unhealthy)?;
+                self.status
+                    .health()
+                    .map_err(|u| CatchUpError::Unhealthy(u.detail))?;
             }
             tokio::select! {
                 r = markers.changed() => if r.is_err() {
@@ -602,16 +613,14 @@ async fn session(
     let start = applier.applied_position().max(cfg.consistent_point);
     let conn = ReplicationConnection::connect(&cfg.source, db, "pgshift-replication")
         .await
-        .map_err(StreamError::source)?;
-    let version = conn.server_version().ok_or_else(|| {
-        StreamError::Source("the source did not report its server_version".into())
-    })?;
+        .map_err(StreamError::Source)?;
+    let version = conn.server_version().ok_or(StreamError::NoServerVersion)?;
     // Markers are logical messages on 14+, rows of the marker table before.
     let opts = StreamOptions::for_server(&names.slot, start, &names.publication, version);
     let mut stream = conn
         .start_replication(&opts)
         .await
-        .map_err(StreamError::source)?;
+        .map_err(StreamError::Source)?;
     tracing::info!(database = %db, slot = %names.slot, start = %start, "streaming changes");
     status.confirmed(start);
 
@@ -633,7 +642,7 @@ async fn session(
                 return Ok(());
             }
             msg = stream.next() => {
-                match msg.map_err(StreamError::source)? {
+                match msg.map_err(StreamError::Source)? {
                     None => return Ok(()),
                     Some(ReplicationMessage::XLogData { data, .. }) => {
                         applier.handle(decoder.decode(data)?).await?;
@@ -643,7 +652,7 @@ async fn session(
                         confirmed = commit_and_confirm(&mut applier, confirmed, keepalive_end).await?;
                         if reply_requested {
                             let flushed = durable(&mut applier, keepalive_end).await?;
-                            stream.send_status(confirmed, flushed, flushed, false).await.map_err(StreamError::source)?;
+                            stream.send_status(confirmed, flushed, flushed, false).await.map_err(StreamError::Source)?;
                         }
                     }
                 }
@@ -658,7 +667,7 @@ async fn session(
                 confirmed = commit_and_confirm(&mut applier, confirmed, Lsn::ZERO).await?;
                 // Ask for a keepalive so an idle stream learns the server's end.
                 let flushed = durable(&mut applier, keepalive_end).await?;
-                stream.send_status(confirmed, flushed, flushed, true).await.map_err(StreamError::source)?;
+                stream.send_status(confirmed, flushed, flushed, true).await.map_err(StreamError::Source)?;
             }
         }
         let stats = applier.stats();

@@ -3,6 +3,7 @@
 
 use thiserror::Error;
 
+use super::origin::OriginError;
 use crate::replication::Lsn;
 use crate::wire::{ErrorFields, WireError};
 
@@ -20,7 +21,8 @@ pub enum ApplyError {
     Origin {
         database: String,
         origin: String,
-        error: String,
+        #[source]
+        error: OriginError,
     },
     #[error("table {table} no longer matches the target: {difference}. Apply is stopped; {remedy}")]
     SchemaMismatch {

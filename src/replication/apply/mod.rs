@@ -43,7 +43,7 @@ use tokio::sync::watch;
 
 use self::batching::Batching;
 use self::markers::MarkerTable;
-use self::origin::Origin;
+use self::origin::{Origin, OriginError};
 use self::pipeline::{Pipeline, RoundError};
 use self::progress::Progress;
 use self::statements::{Relations, RowChange};
@@ -174,7 +174,7 @@ impl Applier {
                 return Err(ApplyError::Origin {
                     database,
                     origin: origin_name,
-                    error: format!("{e:?}"),
+                    error: OriginError::Prepare(format!("{e:?}")),
                 });
             }
         }

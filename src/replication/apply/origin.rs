@@ -6,11 +6,27 @@
 
 use std::time::Duration;
 
+use thiserror::Error;
+
 use super::pipeline::{Op, Param, Pipeline};
 use super::{Applier, ApplyError};
 use crate::db::quote_literal;
 use crate::replication::Lsn;
+use crate::replication::lsn::ParseLsnError;
 use crate::wire::{ServerConnection, WireError};
+
+/// Why the replication origin could not be set up on the target.
+#[derive(Debug, Error)]
+pub enum OriginError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The origin's position was not an LSN.
+    #[error(transparent)]
+    Position(#[from] ParseLsnError),
+    /// The statements a group needs could not be prepared.
+    #[error("{0}")]
+    Prepare(String),
+}
 
 const STMT_ORIGIN: &str = "pgshift_origin";
 
@@ -58,7 +74,7 @@ impl Origin {
     pub(super) async fn set_up(
         conn: &mut ServerConnection,
         name: String,
-    ) -> Result<Origin, String> {
+    ) -> Result<Origin, OriginError> {
         let applied = setup_origin(conn, &name).await?;
         Ok(Origin { name, applied })
     }
@@ -115,7 +131,7 @@ impl Applier {
             .and_then(|r| r.first().cloned().flatten())
             .unwrap_or_else(|| "0/0".into());
         text.parse()
-            .map_err(|e: String| self.protocol(format!("origin progress: {e}")))
+            .map_err(|e: ParseLsnError| self.protocol(format!("origin progress: {e}")))
     }
 }
 
@@ -128,13 +144,12 @@ fn pg_timestamp(micros: i64) -> String {
     }
 }
 
-async fn setup_origin(conn: &mut ServerConnection, origin: &str) -> Result<Lsn, String> {
+async fn setup_origin(conn: &mut ServerConnection, origin: &str) -> Result<Lsn, OriginError> {
     let lit = quote_literal(origin);
     conn.simple_query(&format!(
         "SELECT pg_replication_origin_create({lit}) WHERE pg_replication_origin_oid({lit}) IS NULL"
     ))
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     // A previous applier's backend may still hold the origin for a moment.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -150,17 +165,16 @@ async fn setup_origin(conn: &mut ServerConnection, origin: &str) -> Result<Lsn, 
             {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
     let rows = conn
         .simple_query(&format!(
             "SELECT pg_replication_origin_progress({lit}, true)"
         ))
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     match rows.first().and_then(|r| r.first().cloned().flatten()) {
-        Some(s) => s.parse().map_err(|e: String| e),
+        Some(s) => Ok(s.parse()?),
         None => Ok(Lsn::ZERO),
     }
 }
