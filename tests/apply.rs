@@ -13,7 +13,7 @@ use pgshift::replication::Lsn;
 use pgshift::replication::apply::{
     Applier, ApplyError, ApplyMetrics, ApplyOptions, wait_for_marker,
 };
-use pgshift::replication::marker;
+use pgshift::replication::marker::MarkerConnection;
 use pgshift::replication::names::ReplicationNames;
 use pgshift::replication::pgoutput::{Decoder, PgOutputMessage};
 use pgshift::replication::stream::{DatabaseStream, StreamConfig, StreamMetrics};
@@ -637,10 +637,10 @@ async fn marker_resolves_only_after_earlier_transactions_are_visible() {
     }
     let refs: Vec<&str> = w.iter().map(String::as_str).collect();
     p.run(&refs).await;
-    let src = p.src.client(DB).await;
+    let source = Endpoint::parse("source.url", &p.src.url(DB)).unwrap();
     let names = ReplicationNames::new("mig", DB);
-    let prepared = marker::prepare(&src, &names).await.unwrap();
-    let marker_lsn = marker::emit(&src, &prepared, "cutover-42").await.unwrap();
+    let src = MarkerConnection::connect(&source, &names).await.unwrap();
+    let marker_lsn = src.emit("cutover-42").await.unwrap();
     assert!(marker_lsn.0 > 0);
     p.run(&["INSERT INTO t VALUES (51)"]).await;
     let msgs = p.changes("1").await;

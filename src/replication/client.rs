@@ -548,7 +548,7 @@ impl StreamOptions {
     /// are rows of a published table, see [`MarkerTransport`]).
     ///
     /// [`MarkerTransport`]: crate::pg::replication::MarkerTransport
-    pub fn for_server(
+    pub(crate) fn for_server(
         slot: &str,
         start: Lsn,
         publication: &str,
@@ -830,7 +830,7 @@ impl ReplicationStream {
 const PG_EPOCH_OFFSET_SECS: u64 = 946_684_800;
 
 /// A PostgreSQL timestamp (microseconds since 2000-01-01 UTC) as a SystemTime.
-pub fn pg_timestamp_to_system_time(micros: i64) -> SystemTime {
+pub(crate) fn pg_timestamp_to_system_time(micros: i64) -> SystemTime {
     let epoch = UNIX_EPOCH + Duration::from_secs(PG_EPOCH_OFFSET_SECS);
     if micros >= 0 {
         epoch + Duration::from_micros(micros as u64)
@@ -840,7 +840,7 @@ pub fn pg_timestamp_to_system_time(micros: i64) -> SystemTime {
 }
 
 /// A SystemTime as a PostgreSQL timestamp (microseconds since 2000-01-01 UTC).
-pub fn system_time_to_pg_timestamp(t: SystemTime) -> i64 {
+pub(crate) fn system_time_to_pg_timestamp(t: SystemTime) -> i64 {
     let epoch = UNIX_EPOCH + Duration::from_secs(PG_EPOCH_OFFSET_SECS);
     match t.duration_since(epoch) {
         Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),

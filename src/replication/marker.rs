@@ -20,10 +20,10 @@ use crate::pg::Version;
 use crate::pg::replication::MarkerTransport;
 
 /// The prefix of the logical decoding messages that mark cutover points.
-pub const MARKER_PREFIX: &str = "pgshift";
+pub(crate) const MARKER_PREFIX: &str = "pgshift";
 
 /// The source schema of pgshift's marker tables; never migrated.
-pub const MARKER_SCHEMA: &str = "pgshift";
+pub(crate) const MARKER_SCHEMA: &str = "pgshift";
 
 /// The marker table's name (in [`MARKER_SCHEMA`]) of one (migration,
 /// database): one per migration, so two migrations of one database never
@@ -75,7 +75,7 @@ pub async fn ensure_table(
 /// Drops the marker table, and the `pgshift` schema once nothing else is
 /// in it. Returns whether the table existed. The session must be allowed to
 /// write (a fenced source's databases default to read-only).
-pub async fn drop_table(
+pub(crate) async fn drop_table(
     client: &Client,
     names: &ReplicationNames,
 ) -> Result<bool, ReplicationError> {
@@ -112,20 +112,14 @@ pub async fn drop_table(
 
 /// A marker statement prepared on a source connection, so emitting a
 /// marker during the cutover's pause is one round trip.
-pub struct PreparedMarker {
+struct PreparedMarker {
     stmt: Statement,
     transport: MarkerTransport,
 }
 
-impl PreparedMarker {
-    pub fn transport(&self) -> MarkerTransport {
-        self.transport
-    }
-}
-
 /// Prepares the marker statement for the source behind `source` (a
 /// connection to the migrated database `names` belongs to).
-pub async fn prepare(
+async fn prepare(
     source: &Client,
     names: &ReplicationNames,
 ) -> Result<PreparedMarker, tokio_postgres::Error> {
@@ -152,7 +146,7 @@ pub async fn prepare(
 /// Emits marker `id` with a statement from [`prepare`] on `source`;
 /// returns its LSN (for a row marker, where its transaction's WAL was when
 /// the row was written).
-pub async fn emit(
+async fn emit(
     source: &Client,
     marker: &PreparedMarker,
     id: &str,
@@ -227,7 +221,7 @@ async fn emit_row(
 
 /// Whether a relation streamed from the source is pgshift's own (schema
 /// `pgshift`): never applied to the target.
-pub fn is_pgshift_relation(namespace: &str) -> bool {
+pub(crate) fn is_pgshift_relation(namespace: &str) -> bool {
     namespace == MARKER_SCHEMA
 }
 

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::Lsn;
+use super::ParseLsnError;
 use super::client::ReplicationError;
-use super::lsn::ParseLsnError;
 use super::names::ReplicationNames;
 use super::publication::drop_publication;
 use crate::config::Endpoint;

@@ -43,7 +43,7 @@ use tokio::sync::watch;
 
 use self::batching::Batching;
 use self::markers::MarkerTable;
-use self::origin::{Origin, OriginError};
+use self::origin::{Origin, origin_name};
 use self::pipeline::{Pipeline, RoundError};
 use self::progress::Progress;
 use self::statements::{Relations, RowChange};
@@ -57,7 +57,7 @@ use crate::wire::{ConnectOptions, ServerConnection, WireError};
 
 pub use self::error::ApplyError;
 pub use self::markers::{Marker, wait_for_marker};
-pub use self::origin::origin_name;
+pub use self::origin::OriginError;
 pub use self::progress::{ApplyMetrics, ApplyProgress, ApplyStats};
 
 /// Options of one database's applier.
@@ -216,12 +216,12 @@ impl Applier {
     /// Nothing received is still unapplied: no transaction half received,
     /// none waiting to be committed, no streamed (v2) transaction open. Only
     /// then may a keepalive's position be reported as flushed.
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.tx.current.is_none() && self.tx.group.transactions == 0 && self.streamed.is_empty()
     }
 
     /// Complete transactions received but not yet committed on the target.
-    pub fn has_pending(&self) -> bool {
+    pub(crate) fn has_pending(&self) -> bool {
         self.tx.group.transactions > 0
     }
 

@@ -12,7 +12,7 @@ use super::pipeline::{Op, Param, Pipeline};
 use super::{Applier, ApplyError};
 use crate::db::quote_literal;
 use crate::replication::Lsn;
-use crate::replication::lsn::ParseLsnError;
+use crate::replication::ParseLsnError;
 use crate::wire::{ServerConnection, WireError};
 
 /// Why the replication origin could not be set up on the target.
@@ -40,7 +40,7 @@ pub(super) struct Origin {
 /// The replication origin of a migration's database on the target: a valid
 /// identifier of at most 63 bytes; names that had to be cleaned or shortened
 /// get a hash of the original so two databases never share an origin.
-pub fn origin_name(migration: &str, db: &str) -> String {
+pub(super) fn origin_name(migration: &str, db: &str) -> String {
     let clean = |s: &str| -> String {
         s.chars()
             .map(|c| {
@@ -109,7 +109,7 @@ impl Applier {
     /// The origin position that is flushed to disk on the target: the only
     /// position that may be reported to the source as flushed. Queried on the
     /// target; call it between groups (when nothing is pending).
-    pub async fn durable_position(&mut self) -> Result<Lsn, ApplyError> {
+    pub(crate) async fn durable_position(&mut self) -> Result<Lsn, ApplyError> {
         if self.tx.group.open || self.has_pending() {
             return Err(self.protocol("durable_position called with a target transaction open"));
         }
