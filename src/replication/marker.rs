@@ -25,7 +25,7 @@ pub(crate) const MARKER_PREFIX: &str = "pgshift";
 /// The source schema of pgshift's marker tables; never migrated.
 pub(crate) const MARKER_SCHEMA: &str = "pgshift";
 
-/// The marker table's name (in [`MARKER_SCHEMA`]) of one (migration,
+/// The marker table's name (in schema `pgshift`) of one (migration,
 /// database): one per migration, so two migrations of one database never
 /// share (or drop) each other's.
 pub fn table_name(names: &ReplicationNames) -> &str {
@@ -189,7 +189,8 @@ impl MarkerConnection {
         Ok(MarkerConnection { client, marker })
     }
 
-    /// Emits marker `id`; returns its LSN (see [`emit`]).
+    /// Emits marker `id`; returns its LSN (for a row marker, where its
+    /// transaction's WAL was when the row was written).
     pub async fn emit(&self, id: &str) -> Result<Lsn, tokio_postgres::Error> {
         emit(&self.client, &self.marker, id).await
     }

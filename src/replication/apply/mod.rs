@@ -24,6 +24,20 @@
 //! idle, so complete transactions are committed promptly. Apply emits
 //! nothing on the source: cutover markers are emitted by
 //! [`replication::marker`](super::marker) and only recognised here.
+//!
+//! The pieces, each owning the part of the applier's state it uses:
+//! - `transaction`: the transaction being received and the group it joins;
+//!   pipeline rounds, group commit.
+//! - `origin`: the replication origin: set-up, position, progress per group.
+//! - `statements`: relations resolved on the target; row changes and
+//!   TRUNCATE as statements (SQL text in `relation`, the extended-protocol
+//!   pipeline in `pipeline`).
+//! - `batching`: the group as net changes (the fold is `batch`), and the
+//!   exact re-apply when a batched statement fails.
+//! - `streamed`: in-progress (v2) transactions buffered until Stream Commit.
+//! - `markers`: cutover markers recognised in the stream.
+//! - `progress`: counters, metrics and committed markers, published per group.
+//! - `error`: [`ApplyError`].
 
 mod batch;
 mod batching;
