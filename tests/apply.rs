@@ -9,10 +9,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pgshift::config::Endpoint;
+use pgshift::replication::Lsn;
 use pgshift::replication::apply::{
-    Applier, ApplyError, ApplyMetrics, ApplyOptions, emit_marker, wait_for_marker,
+    Applier, ApplyError, ApplyMetrics, ApplyOptions, wait_for_marker,
 };
+use pgshift::replication::marker::MarkerConnection;
+use pgshift::replication::names::ReplicationNames;
 use pgshift::replication::pgoutput::{Decoder, PgOutputMessage};
+use pgshift::replication::stream::{DatabaseStream, StreamConfig, StreamMetrics};
 
 const DB: &str = "postgres";
 
@@ -117,11 +121,18 @@ fn commit_lsns(msgs: &[Bytes]) -> Vec<pgshift::replication::Lsn> {
         .collect()
 }
 
+/// Decodes each message (as the stream does) and applies it.
+async fn feed(a: &mut Applier, d: &mut Decoder, msgs: &[Bytes]) -> Result<(), ApplyError> {
+    for m in msgs {
+        a.handle(d.decode(m.clone()).expect("pgoutput decodes"))
+            .await?;
+    }
+    Ok(())
+}
+
 /// Feeds every message, then commits what is pending.
 async fn apply_all(a: &mut Applier, msgs: &[Bytes]) -> Result<(), ApplyError> {
-    for m in msgs {
-        a.handle_xlogdata(m.clone()).await?;
-    }
+    feed(a, &mut Decoder::new(), msgs).await?;
     a.flush().await.map(|_| ())
 }
 
@@ -556,9 +567,9 @@ async fn restart_after_a_crash_applies_each_transaction_exactly_once() {
         o.max_net_batch_transactions = 16;
         let mut a = p.applier(o).await;
         let from = a.applied_position();
-        for m in &msgs[..cut] {
-            a.handle_xlogdata(m.clone()).await.unwrap();
-        }
+        feed(&mut a, &mut Decoder::new(), &msgs[..cut])
+            .await
+            .unwrap();
         // "Crash": the applier goes away without a flush, mid-group and mid-transaction.
         drop(a);
         let n: i64 = p
@@ -577,9 +588,13 @@ async fn restart_after_a_crash_applies_each_transaction_exactly_once() {
     }
     let mut a = p.applier(opts()).await;
     // The source stream breaks mid-transaction and restarts from the position.
-    for m in &msgs[..msgs.len() * 9 / 10 + 1] {
-        a.handle_xlogdata(m.clone()).await.unwrap();
-    }
+    feed(
+        &mut a,
+        &mut Decoder::new(),
+        &msgs[..msgs.len() * 9 / 10 + 1],
+    )
+    .await
+    .unwrap();
     let from = a.restart_stream().await.unwrap();
     assert_eq!(from, a.applied_position());
     apply_all(&mut a, &msgs).await.unwrap();
@@ -622,9 +637,10 @@ async fn marker_resolves_only_after_earlier_transactions_are_visible() {
     }
     let refs: Vec<&str> = w.iter().map(String::as_str).collect();
     p.run(&refs).await;
-    let src = p.src.client(DB).await;
-    let names = pgshift::replication::names::ReplicationNames::new("mig", DB);
-    let marker_lsn = emit_marker(&src, &names, "cutover-42").await.unwrap();
+    let source = Endpoint::parse("source.url", &p.src.url(DB)).unwrap();
+    let names = ReplicationNames::new("mig", DB);
+    let src = MarkerConnection::connect(&source, &names).await.unwrap();
+    let marker_lsn = src.emit("cutover-42").await.unwrap();
     assert!(marker_lsn.0 > 0);
     p.run(&["INSERT INTO t VALUES (51)"]).await;
     let msgs = p.changes("1").await;
@@ -643,9 +659,7 @@ async fn marker_resolves_only_after_earlier_transactions_are_visible() {
         (m, n)
     });
     // Before the marker's transaction is committed, it is not reported.
-    for m in &msgs {
-        a.handle_xlogdata(m.clone()).await.unwrap();
-    }
+    feed(&mut a, &mut Decoder::new(), &msgs).await.unwrap();
     assert!(
         a.subscribe().borrow().markers.is_empty(),
         "nothing committed yet"
@@ -685,44 +699,57 @@ async fn streamed_large_transactions_apply_once_and_aborts_are_dropped() {
     assert_eq!(p.dst.psql(DB, "SELECT count(*) FROM t"), "3002");
 }
 
-#[tokio::test]
-async fn applies_from_a_channel_committing_when_it_runs_empty() {
+/// The production path (the stream decoding and applying) commits whenever
+/// its input runs empty: a transaction with nothing behind it is on the
+/// target while the stream waits for more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_commits_whenever_its_input_runs_empty() {
     let p = Pair::new("CREATE TABLE t (id int PRIMARY KEY, v text);");
-    p.run(&[
-        "INSERT INTO t SELECT g, 'a' FROM generate_series(1, 100) g",
-        "UPDATE t SET v = 'b' WHERE id % 2 = 0",
-    ])
-    .await;
-    let msgs = p.changes("1").await;
-    let mut a = p.applier(opts()).await;
-    let mut progress = a.subscribe();
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let task = tokio::spawn(async move {
-        let r = a.apply_channel(&mut rx).await;
-        (a, r)
-    });
-    // The first transaction.
-    let cut = msgs.iter().position(|m| m[0] == b'C').unwrap() + 1;
-    for m in &msgs[..cut] {
-        tx.send(m.clone()).await.unwrap();
-    }
-    // The first transaction is committed while the channel waits for more.
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        progress.wait_for(|p| p.stats.transactions == 1),
-    )
+    let names = ReplicationNames::new("mig", DB);
+    p.src.psql(
+        DB,
+        &format!(
+            "CREATE PUBLICATION \"{}\" FOR ALL TABLES",
+            names.publication
+        ),
+    );
+    let start: Lsn = p
+        .src
+        .psql(
+            DB,
+            &format!(
+                "SELECT lsn FROM pg_create_logical_replication_slot('{}', 'pgoutput')",
+                names.slot
+            ),
+        )
+        .parse()
+        .unwrap();
+    let cfg = StreamConfig {
+        migration: "mig".into(),
+        database: DB.into(),
+        source: Endpoint::parse("source.url", &p.src.url(DB)).unwrap(),
+        target: p.target(),
+        consistent_point: start,
+    };
+    let stream = DatabaseStream::start(cfg, StreamMetrics::register(&prometheus::Registry::new()));
+    p.run(&["INSERT INTO t SELECT g, 'a' FROM generate_series(1, 100) g"])
+        .await;
+    // Nothing comes after it: it is committed while the stream waits.
+    let rows = || p.dst.psql(DB, "SELECT count(*) FROM t");
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while rows() != "100" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
     .await
-    .unwrap()
-    .unwrap();
-    assert_eq!(p.dst.psql(DB, "SELECT count(*) FROM t"), "100");
-    for m in &msgs[cut..] {
-        tx.send(m.clone()).await.unwrap();
-    }
-    drop(tx);
-    let (a, r) = task.await.unwrap();
-    r.unwrap();
-    assert_eq!(a.stats().transactions, 2);
+    .unwrap_or_else(|_| panic!("not applied: stream {:?}", stream.status.health()));
+    p.run(&["UPDATE t SET v = 'b' WHERE id % 2 = 0"]).await;
+    stream
+        .catch_up("caught-up", Duration::from_secs(60))
+        .await
+        .unwrap();
     p.same_data();
+    stream.stop().await;
 }
 
 /// Updates, deletes and inserts counted by the target's statistics, after

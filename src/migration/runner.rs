@@ -23,8 +23,9 @@ use crate::cutover::protocol::{self, CutoverHost, CutoverMetrics, LastCutover};
 use crate::proxy::ProxyHandle;
 use crate::proxy::route::Route;
 use crate::replication::Lsn;
+use crate::replication::marker::MarkerConnection;
 use crate::replication::names::ReplicationNames;
-use crate::replication::stream::{DatabaseStream, MarkerConnection, StreamConfig, StreamMetrics};
+use crate::replication::stream::{DatabaseStream, StreamConfig, StreamMetrics};
 
 /// Connections the cutover uses inside the pause, opened (and their
 /// statements prepared) before it.
@@ -652,9 +653,9 @@ impl CutoverHost for Runner {
         let mut dbs = Vec::new();
         for db in &self.migration().cfg.databases {
             let names = ReplicationNames::new(&self.migration().cfg.name, db);
-            let marker =
-                crate::replication::stream::marker_connection(&c.source.with_dbname(db), &names)
-                    .await?;
+            let marker = MarkerConnection::connect(&c.source.with_dbname(db), &names)
+                .await
+                .map_err(|e| e.to_string())?;
             let source = crate::db::connect(&c.source.with_dbname(db), "source (sequences)")
                 .await
                 .map_err(|e| e.to_string())?;
@@ -914,7 +915,10 @@ fn streams_health(streams: &[DatabaseStream]) -> Result<(), String> {
     if streams.is_empty() {
         return Err("no database is streaming".into());
     }
-    let errors: Vec<Result<(), String>> = streams.iter().map(|s| s.status.health()).collect();
+    let errors: Vec<Result<(), String>> = streams
+        .iter()
+        .map(|s| s.status.health().map_err(|e| e.to_string()))
+        .collect();
     join_errors(errors)
 }
 

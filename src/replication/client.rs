@@ -551,7 +551,7 @@ impl StreamOptions {
     /// are rows of a published table, see [`MarkerTransport`]).
     ///
     /// [`MarkerTransport`]: crate::pg::replication::MarkerTransport
-    pub fn for_server(
+    pub(crate) fn for_server(
         slot: &str,
         start: Lsn,
         publication: &str,
@@ -705,9 +705,9 @@ impl ReplicationStream {
             };
             match frame.tag() {
                 b'd' => {
-                    let msg = parse_copy_data(&frame.bytes).map_err(|m| {
+                    let msg = parse_copy_data(&frame.bytes).map_err(|e| {
                         self.state = StreamState::Failed;
-                        self.conn.protocol(m)
+                        self.conn.protocol(e.to_string())
                     })?;
                     let (ReplicationMessage::XLogData { wal_end, .. }
                     | ReplicationMessage::Keepalive { wal_end, .. }) = &msg;
@@ -833,7 +833,7 @@ impl ReplicationStream {
 const PG_EPOCH_OFFSET_SECS: u64 = 946_684_800;
 
 /// A PostgreSQL timestamp (microseconds since 2000-01-01 UTC) as a SystemTime.
-pub fn pg_timestamp_to_system_time(micros: i64) -> SystemTime {
+pub(crate) fn pg_timestamp_to_system_time(micros: i64) -> SystemTime {
     let epoch = UNIX_EPOCH + Duration::from_secs(PG_EPOCH_OFFSET_SECS);
     if micros >= 0 {
         epoch + Duration::from_micros(micros as u64)
@@ -843,7 +843,7 @@ pub fn pg_timestamp_to_system_time(micros: i64) -> SystemTime {
 }
 
 /// A SystemTime as a PostgreSQL timestamp (microseconds since 2000-01-01 UTC).
-pub fn system_time_to_pg_timestamp(t: SystemTime) -> i64 {
+pub(crate) fn system_time_to_pg_timestamp(t: SystemTime) -> i64 {
     let epoch = UNIX_EPOCH + Duration::from_secs(PG_EPOCH_OFFSET_SECS);
     match t.duration_since(epoch) {
         Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
@@ -851,8 +851,19 @@ pub fn system_time_to_pg_timestamp(t: SystemTime) -> i64 {
     }
 }
 
+/// A CopyData frame of the replication stream that is not one pgshift reads.
+#[derive(Debug, Error, PartialEq, Eq)]
+enum CopyDataError {
+    #[error("truncated replication message of {0} bytes")]
+    Truncated(usize),
+    #[error("unknown replication message {0:?}")]
+    Unknown(char),
+    #[error("empty CopyData message")]
+    Empty,
+}
+
 /// Parses a CopyData frame ('d' + header) into XLogData or a keepalive.
-fn parse_copy_data(frame: &Bytes) -> Result<ReplicationMessage, String> {
+fn parse_copy_data(frame: &Bytes) -> Result<ReplicationMessage, CopyDataError> {
     let body = &frame[5..];
     let read_u64 = |at: usize| -> u64 {
         let mut b = [0u8; 8];
@@ -871,12 +882,9 @@ fn parse_copy_data(frame: &Bytes) -> Result<ReplicationMessage, String> {
             server_time: pg_timestamp_to_system_time(read_u64(9) as i64),
             reply_requested: body[17] != 0,
         }),
-        Some(b'w') | Some(b'k') => Err(format!(
-            "truncated replication message of {} bytes",
-            body.len()
-        )),
-        Some(t) => Err(format!("unknown replication message {:?}", *t as char)),
-        None => Err("empty CopyData message".into()),
+        Some(b'w') | Some(b'k') => Err(CopyDataError::Truncated(body.len())),
+        Some(t) => Err(CopyDataError::Unknown(*t as char)),
+        None => Err(CopyDataError::Empty),
     }
 }
 
@@ -941,10 +949,21 @@ mod tests {
 
     #[test]
     fn rejects_short_or_unknown_copy_data() {
-        assert!(parse_copy_data(&copy_data(b"w\0\0")).is_err());
+        assert_eq!(
+            parse_copy_data(&copy_data(b"w\0\0"))
+                .unwrap_err()
+                .to_string(),
+            "truncated replication message of 3 bytes"
+        );
         assert!(parse_copy_data(&copy_data(b"k\0\0\0\0\0\0\0\0")).is_err());
-        assert!(parse_copy_data(&copy_data(b"x")).is_err());
-        assert!(parse_copy_data(&copy_data(b"")).is_err());
+        assert_eq!(
+            parse_copy_data(&copy_data(b"x")).unwrap_err(),
+            CopyDataError::Unknown('x')
+        );
+        assert_eq!(
+            parse_copy_data(&copy_data(b"")).unwrap_err(),
+            CopyDataError::Empty
+        );
     }
 
     #[test]

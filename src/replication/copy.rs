@@ -468,7 +468,7 @@ impl Shared {
 }
 
 /// A source connection inside a REPEATABLE READ transaction on `snapshot`.
-pub async fn snapshot_connection(
+pub(crate) async fn snapshot_connection(
     source: &Endpoint,
     snapshot: &str,
     what: &str,

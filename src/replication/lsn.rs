@@ -28,17 +28,20 @@ impl fmt::Display for Lsn {
     }
 }
 
+/// Text that is not an LSN (the text is kept for the message).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not an LSN")]
+pub struct ParseLsnError(pub String);
+
 impl FromStr for Lsn {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Lsn, String> {
-        let (hi, lo) = s
-            .trim()
-            .split_once('/')
-            .ok_or_else(|| format!("`{s}` is not an LSN"))?;
-        let hi = u64::from_str_radix(hi, 16).map_err(|_| format!("`{s}` is not an LSN"))?;
-        let lo = u64::from_str_radix(lo, 16).map_err(|_| format!("`{s}` is not an LSN"))?;
+    type Err = ParseLsnError;
+    fn from_str(s: &str) -> Result<Lsn, ParseLsnError> {
+        let bad = || ParseLsnError(s.to_string());
+        let (hi, lo) = s.trim().split_once('/').ok_or_else(bad)?;
+        let hi = u64::from_str_radix(hi, 16).map_err(|_| bad())?;
+        let lo = u64::from_str_radix(lo, 16).map_err(|_| bad())?;
         if hi > 0xffff_ffff || lo > 0xffff_ffff {
-            return Err(format!("`{s}` is not an LSN"));
+            return Err(bad());
         }
         Ok(Lsn((hi << 32) | lo))
     }
@@ -53,7 +56,10 @@ mod tests {
         assert_eq!(l.0, 0x16_B374_D848);
         assert_eq!(l.to_string(), "16/B374D848");
         assert_eq!("0/0".parse::<Lsn>().unwrap(), Lsn::ZERO);
-        assert!("x".parse::<Lsn>().is_err());
+        assert_eq!(
+            "x".parse::<Lsn>().unwrap_err().to_string(),
+            "`x` is not an LSN"
+        );
         assert!("1/100000000".parse::<Lsn>().is_err());
     }
 }

@@ -14,17 +14,18 @@ use tokio_postgres::{Client, Statement};
 use super::Lsn;
 use super::client::ReplicationError;
 use super::names::ReplicationNames;
+use crate::config::Endpoint;
 use crate::db::quote_ident;
 use crate::pg::Version;
 use crate::pg::replication::MarkerTransport;
 
 /// The prefix of the logical decoding messages that mark cutover points.
-pub const MARKER_PREFIX: &str = "pgshift";
+pub(crate) const MARKER_PREFIX: &str = "pgshift";
 
 /// The source schema of pgshift's marker tables; never migrated.
-pub const MARKER_SCHEMA: &str = "pgshift";
+pub(crate) const MARKER_SCHEMA: &str = "pgshift";
 
-/// The marker table's name (in [`MARKER_SCHEMA`]) of one (migration,
+/// The marker table's name (in schema `pgshift`) of one (migration,
 /// database): one per migration, so two migrations of one database never
 /// share (or drop) each other's.
 pub fn table_name(names: &ReplicationNames) -> &str {
@@ -74,7 +75,7 @@ pub async fn ensure_table(
 /// Drops the marker table, and the `pgshift` schema once nothing else is
 /// in it. Returns whether the table existed. The session must be allowed to
 /// write (a fenced source's databases default to read-only).
-pub async fn drop_table(
+pub(crate) async fn drop_table(
     client: &Client,
     names: &ReplicationNames,
 ) -> Result<bool, ReplicationError> {
@@ -111,20 +112,14 @@ pub async fn drop_table(
 
 /// A marker statement prepared on a source connection, so emitting a
 /// marker during the cutover's pause is one round trip.
-pub struct PreparedMarker {
+struct PreparedMarker {
     stmt: Statement,
     transport: MarkerTransport,
 }
 
-impl PreparedMarker {
-    pub fn transport(&self) -> MarkerTransport {
-        self.transport
-    }
-}
-
 /// Prepares the marker statement for the source behind `source` (a
 /// connection to the migrated database `names` belongs to).
-pub async fn prepare(
+async fn prepare(
     source: &Client,
     names: &ReplicationNames,
 ) -> Result<PreparedMarker, tokio_postgres::Error> {
@@ -151,7 +146,7 @@ pub async fn prepare(
 /// Emits marker `id` with a statement from [`prepare`] on `source`;
 /// returns its LSN (for a row marker, where its transaction's WAL was when
 /// the row was written).
-pub async fn emit(
+async fn emit(
     source: &Client,
     marker: &PreparedMarker,
     id: &str,
@@ -164,6 +159,41 @@ pub async fn emit(
         MarkerTransport::Row => emit_row(source, &marker.stmt, id).await?,
     };
     Ok(lsn.parse().unwrap_or(Lsn::ZERO))
+}
+
+/// A source connection for the markers of the migration's database `names`
+/// belongs to, with the marker statement prepared. It must write through
+/// the fence, and its commit is flushed at once so the walsender sends it
+/// without waiting for the WAL writer (the source may run with
+/// synchronous_commit = off).
+pub struct MarkerConnection {
+    client: Client,
+    marker: PreparedMarker,
+}
+
+impl MarkerConnection {
+    pub async fn connect(
+        source_db: &Endpoint,
+        names: &ReplicationNames,
+    ) -> Result<MarkerConnection, ReplicationError> {
+        let client = crate::db::connect(source_db, "source (marker)").await?;
+        client
+            .batch_execute(
+                "SET default_transaction_read_only = off; SET synchronous_commit = on; SET application_name = 'pgshift-marker'",
+            )
+            .await
+            .map_err(sql_err("setting up the marker session".into()))?;
+        let marker = prepare(&client, names)
+            .await
+            .map_err(sql_err("preparing the marker statement".into()))?;
+        Ok(MarkerConnection { client, marker })
+    }
+
+    /// Emits marker `id`; returns its LSN (for a row marker, where its
+    /// transaction's WAL was when the row was written).
+    pub async fn emit(&self, id: &str) -> Result<Lsn, tokio_postgres::Error> {
+        emit(&self.client, &self.marker, id).await
+    }
 }
 
 /// The row in its own transaction, sent as one pipelined round trip. The
@@ -192,7 +222,7 @@ async fn emit_row(
 
 /// Whether a relation streamed from the source is pgshift's own (schema
 /// `pgshift`): never applied to the target.
-pub fn is_pgshift_relation(namespace: &str) -> bool {
+pub(crate) fn is_pgshift_relation(namespace: &str) -> bool {
     namespace == MARKER_SCHEMA
 }
 

@@ -4,7 +4,7 @@
 pub mod apply;
 pub mod client;
 pub mod copy;
-pub mod lsn;
+mod lsn;
 pub mod marker;
 pub mod names;
 pub mod pgoutput;
@@ -12,4 +12,4 @@ pub mod publication;
 pub mod slot;
 pub mod stream;
 
-pub use lsn::Lsn;
+pub use lsn::{Lsn, ParseLsnError};

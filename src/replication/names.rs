@@ -8,7 +8,7 @@
 use sha2::{Digest, Sha256};
 
 /// Longest identifier PostgreSQL keeps (NAMEDATALEN - 1), in bytes.
-pub const MAX_NAME_LEN: usize = 63;
+pub(crate) const MAX_NAME_LEN: usize = 63;
 
 const PREFIX: &str = "pgshift_";
 /// Hex digits of the hash suffix; 32 bits keep names of one migration apart.
@@ -84,7 +84,7 @@ fn clean(s: &str) -> String {
 
 /// Is `name` acceptable as a replication slot name (PostgreSQL allows only
 /// lowercase letters, digits and underscores, up to 63 bytes)?
-pub fn is_valid_slot_name(name: &str) -> bool {
+pub(crate) fn is_valid_slot_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && name

@@ -82,7 +82,10 @@ pub async fn drop_publication(client: &Client, name: &str) -> Result<bool, Repli
     Ok(existed)
 }
 
-pub async fn publication_exists(client: &Client, name: &str) -> Result<bool, ReplicationError> {
+pub(crate) async fn publication_exists(
+    client: &Client,
+    name: &str,
+) -> Result<bool, ReplicationError> {
     let row = client
         .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
         .await
@@ -155,7 +158,7 @@ fn create_sql(version: crate::pg::Version, name: &str, tables: Option<&TableSet>
 
 /// Splits `schema.table` in SQL syntax into its two names: quoted parts keep
 /// their case (`""` is a quote), unquoted parts fold to lowercase.
-pub fn parse_qualified_name(s: &str) -> Result<(String, String), ReplicationError> {
+pub(crate) fn parse_qualified_name(s: &str) -> Result<(String, String), ReplicationError> {
     let invalid = |why: &str| ReplicationError::Invalid {
         what: "table name".into(),
         message: format!(

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::Lsn;
+use super::ParseLsnError;
 use super::client::ReplicationError;
 use super::names::ReplicationNames;
 use super::publication::drop_publication;
@@ -58,10 +59,11 @@ pub async fn slot_state(
     let lsn = |i: usize| -> Result<Option<Lsn>, ReplicationError> {
         r.get::<_, Option<String>>(i)
             .map(|s| {
-                s.parse().map_err(|message| ReplicationError::Invalid {
-                    what: "LSN from pg_replication_slots".into(),
-                    message,
-                })
+                s.parse()
+                    .map_err(|e: ParseLsnError| ReplicationError::Invalid {
+                        what: "LSN from pg_replication_slots".into(),
+                        message: e.to_string(),
+                    })
             })
             .transpose()
     };

@@ -15,10 +15,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Lsn;
-use super::apply::{self, Applier, ApplyError, ApplyMetrics, ApplyOptions, Marker};
-use super::client::{ReplicationConnection, ReplicationMessage, StreamOptions};
-use super::marker::PreparedMarker;
+use super::apply::{Applier, ApplyError, ApplyMetrics, ApplyOptions, Marker};
+use super::client::{ReplicationConnection, ReplicationError, ReplicationMessage, StreamOptions};
+use super::marker::MarkerConnection;
 use super::names::ReplicationNames;
+use super::pgoutput::{DecodeError, Decoder};
 use crate::admin::status::Report;
 use crate::config::Endpoint;
 
@@ -138,9 +139,14 @@ pub enum StreamError {
     /// The replication connection to the source (connect, START_REPLICATION,
     /// reading or answering the stream).
     #[error("{0}")]
-    Source(String),
+    Source(#[from] ReplicationError),
+    #[error("the source did not report its server_version")]
+    NoServerVersion,
     #[error("the source ended the replication stream")]
     Ended,
+    /// A pgoutput message the decoder could not read.
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
 }
@@ -151,18 +157,22 @@ impl StreamError {
     /// The `kind` label of `pgshift_replication_errors_total`.
     pub fn kind(&self) -> &'static str {
         match self {
-            StreamError::Source(_) | StreamError::Ended => "source",
+            StreamError::Source(_) | StreamError::NoServerVersion | StreamError::Ended => "source",
             StreamError::Apply(ApplyError::Connection { .. } | ApplyError::Origin { .. }) => {
                 "target"
             }
-            StreamError::Apply(ApplyError::Decode(_) | ApplyError::Protocol { .. }) => "protocol",
+            StreamError::Decode(_) | StreamError::Apply(ApplyError::Protocol { .. }) => "protocol",
             StreamError::Apply(_) => "apply",
         }
     }
+}
 
-    fn source(e: impl std::fmt::Display) -> StreamError {
-        StreamError::Source(e.to_string())
-    }
+/// A stream that is not streaming: its state, and what is wrong in words.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{detail}")]
+pub struct Unhealthy {
+    pub state: StreamState,
+    pub detail: String,
 }
 
 /// Why a marker was not seen committed on the target.
@@ -268,9 +278,9 @@ impl StreamStatus {
         self.with(|l| l.state)
     }
 
-    /// Ok when the stream is connected and applying; otherwise what is
-    /// wrong, for an operator (state, retries, the last error).
-    pub fn health(&self) -> Result<(), String> {
+    /// Ok when the stream is connected and applying; otherwise its state
+    /// and what is wrong, for an operator (state, retries, the last error).
+    pub fn health(&self) -> Result<(), Unhealthy> {
         self.with(|l| {
             if l.state == StreamState::Streaming {
                 return Ok(());
@@ -291,7 +301,10 @@ impl StreamStatus {
                 }
                 None => {}
             }
-            Err(s)
+            Err(Unhealthy {
+                state: l.state,
+                detail: s,
+            })
         })
     }
 
@@ -447,11 +460,11 @@ impl DatabaseStream {
     /// source before it is on the target. Opens its own source connection.
     pub async fn catch_up(&self, id: &str, timeout: Duration) -> Result<Lsn, CatchUpError> {
         let names = ReplicationNames::new(&self.cfg.migration, &self.database);
-        let src = marker_connection(&self.cfg.source.with_dbname(&self.database), &names)
+        let src = MarkerConnection::connect(&self.cfg.source.with_dbname(&self.database), &names)
             .await
-            .map_err(|error| CatchUpError::Emit {
+            .map_err(|e| CatchUpError::Emit {
                 database: self.database.clone(),
-                error,
+                error: e.to_string(),
             })?;
         let lsn = self.emit_marker(&src, id).await?;
         // Patient: a stream that breaks and recovers within `timeout` is fine.
@@ -459,15 +472,13 @@ impl DatabaseStream {
         Ok(lsn)
     }
 
-    /// Emits the marker `id` on a connection from [`marker_connection`];
-    /// returns its position.
+    /// Emits the marker `id` on a source connection for markers; returns
+    /// its position.
     pub async fn emit_marker(&self, src: &MarkerConnection, id: &str) -> Result<Lsn, CatchUpError> {
-        apply::emit_marker_with(&src.client, &src.emit, id)
-            .await
-            .map_err(|e| CatchUpError::Emit {
-                database: self.database.clone(),
-                error: crate::db::describe(&e),
-            })
+        src.emit(id).await.map_err(|e| CatchUpError::Emit {
+            database: self.database.clone(),
+            error: crate::db::describe(&e),
+        })
     }
 
     /// Waits until apply has committed the marker `id`, for at most
@@ -492,7 +503,9 @@ impl DatabaseStream {
             }
             changed.borrow_and_update();
             if fail_fast {
-                self.status.health().map_err(CatchUpError::Unhealthy)?;
+                self.status
+                    .health()
+                    .map_err(|u| CatchUpError::Unhealthy(u.detail))?;
             }
             tokio::select! {
                 r = markers.changed() => if r.is_err() {
@@ -531,34 +544,6 @@ impl Drop for DatabaseStream {
         }
         self.lag_task.abort();
     }
-}
-
-/// A source connection for the markers of the migration's database `names`
-/// belongs to: it must write through the fence, and its commit is flushed
-/// at once so the walsender sends it without waiting for the WAL writer
-/// (the source may run with synchronous_commit = off).
-pub async fn marker_connection(
-    source_db: &Endpoint,
-    names: &ReplicationNames,
-) -> Result<MarkerConnection, String> {
-    let client = crate::db::connect(source_db, "source (marker)")
-        .await
-        .map_err(|e| e.to_string())?;
-    client.batch_execute(
-        "SET default_transaction_read_only = off; SET synchronous_commit = on; SET application_name = 'pgshift-marker'",
-    )
-    .await
-    .map_err(|e| crate::db::describe(&e))?;
-    let emit = apply::prepare_marker(&client, names)
-        .await
-        .map_err(|e| crate::db::describe(&e))?;
-    Ok(MarkerConnection { client, emit })
-}
-
-/// A source connection for markers with the marker statement prepared.
-pub struct MarkerConnection {
-    client: tokio_postgres::Client,
-    emit: PreparedMarker,
 }
 
 /// The outer loop: run a session, and on any error wait and start again
@@ -628,19 +613,19 @@ async fn session(
     let start = applier.applied_position().max(cfg.consistent_point);
     let conn = ReplicationConnection::connect(&cfg.source, db, "pgshift-replication")
         .await
-        .map_err(StreamError::source)?;
-    let version = conn.server_version().ok_or_else(|| {
-        StreamError::Source("the source did not report its server_version".into())
-    })?;
+        .map_err(StreamError::Source)?;
+    let version = conn.server_version().ok_or(StreamError::NoServerVersion)?;
     // Markers are logical messages on 14+, rows of the marker table before.
     let opts = StreamOptions::for_server(&names.slot, start, &names.publication, version);
     let mut stream = conn
         .start_replication(&opts)
         .await
-        .map_err(StreamError::source)?;
+        .map_err(StreamError::Source)?;
     tracing::info!(database = %db, slot = %names.slot, start = %start, "streaming changes");
     status.confirmed(start);
 
+    // This session's stream is decoded here; apply gets typed messages.
+    let mut decoder = Decoder::new();
     // The position the target holds; only this is ever reported as flushed.
     let mut confirmed = applier.applied_position().max(start);
     let mut keepalive_end = Lsn::ZERO;
@@ -657,17 +642,17 @@ async fn session(
                 return Ok(());
             }
             msg = stream.next() => {
-                match msg.map_err(StreamError::source)? {
+                match msg.map_err(StreamError::Source)? {
                     None => return Ok(()),
                     Some(ReplicationMessage::XLogData { data, .. }) => {
-                        applier.handle_xlogdata(data).await?;
+                        applier.handle(decoder.decode(data)?).await?;
                     }
                     Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. }) => {
                         keepalive_end = keepalive_end.max(wal_end);
                         confirmed = commit_and_confirm(&mut applier, confirmed, keepalive_end).await?;
                         if reply_requested {
                             let flushed = durable(&mut applier, keepalive_end).await?;
-                            stream.send_status(confirmed, flushed, flushed, false).await.map_err(StreamError::source)?;
+                            stream.send_status(confirmed, flushed, flushed, false).await.map_err(StreamError::Source)?;
                         }
                     }
                 }
@@ -682,7 +667,7 @@ async fn session(
                 confirmed = commit_and_confirm(&mut applier, confirmed, Lsn::ZERO).await?;
                 // Ask for a keepalive so an idle stream learns the server's end.
                 let flushed = durable(&mut applier, keepalive_end).await?;
-                stream.send_status(confirmed, flushed, flushed, true).await.map_err(StreamError::source)?;
+                stream.send_status(confirmed, flushed, flushed, true).await.map_err(StreamError::Source)?;
             }
         }
         let stats = applier.stats();

@@ -1,0 +1,84 @@
+//! What stops apply, typed so the stream can tell a lost target from a
+//! change the target refused.
+
+use thiserror::Error;
+
+use super::origin::OriginError;
+use crate::replication::Lsn;
+use crate::wire::{ErrorFields, WireError};
+
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    #[error("apply to target database {database}: {source}")]
+    Connection {
+        database: String,
+        #[source]
+        source: Box<WireError>,
+    },
+    #[error(
+        "apply to target database {database}: cannot set up replication origin {origin}: {error}"
+    )]
+    Origin {
+        database: String,
+        origin: String,
+        #[source]
+        error: OriginError,
+    },
+    #[error("table {table} no longer matches the target: {difference}. Apply is stopped; {remedy}")]
+    SchemaMismatch {
+        database: String,
+        table: String,
+        difference: String,
+        /// A statement to run on the target, only when certainly right and safe.
+        fix: Option<String>,
+        /// What to do: run `fix`, or what to change by hand.
+        remedy: String,
+    },
+    #[error(
+        "cannot apply the source transaction committed at {commit_lsn} to {table} ({op}) in database {database}: {error}"
+    )]
+    Row {
+        database: String,
+        commit_lsn: Lsn,
+        table: String,
+        op: &'static str,
+        error: Box<ErrorFields>,
+    },
+    #[error(
+        "the source transaction committed at {commit_lsn} {op}s a row of {table} in database {database} that the target does not have ({rows} rows matched): the target has diverged"
+    )]
+    RowNotFound {
+        database: String,
+        commit_lsn: Lsn,
+        table: String,
+        op: &'static str,
+        rows: u64,
+    },
+    #[error("apply to target database {database}: unexpected stream: {detail}")]
+    Protocol { database: String, detail: String },
+    #[error(
+        "apply to target database {database} stopped after an earlier error; reconnect to resume"
+    )]
+    Stopped { database: String },
+    /// Internal: a batched statement failed and the group is being applied
+    /// again change by change; never returned by the public methods.
+    #[doc(hidden)]
+    #[error("a batched statement failed; applying the group again change by change")]
+    Replay,
+}
+
+impl ApplyError {
+    /// A failure that may pass by itself (a deadlock, a serialization
+    /// failure, a lock or statement timeout, a server shutting down), so
+    /// applying the same change again can succeed; every other row or
+    /// schema error needs an operator.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Row { error, .. } => {
+                ["40", "53", "55", "57", "58", "08"].contains(&error.code.get(..2).unwrap_or(""))
+            }
+            ApplyError::SchemaMismatch { .. } | ApplyError::RowNotFound { .. } => false,
+            _ => true,
+        }
+    }
+}
