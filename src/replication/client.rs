@@ -849,7 +849,7 @@ pub fn system_time_to_pg_timestamp(t: SystemTime) -> i64 {
 }
 
 /// Parses a CopyData frame ('d' + header) into XLogData or a keepalive.
-fn parse_copy_data(frame: &Bytes) -> Result<ReplicationMessage, String> {
+pub(crate) fn parse_copy_data(frame: &Bytes) -> Result<ReplicationMessage, String> {
     let body = &frame[5..];
     let read_u64 = |at: usize| -> u64 {
         let mut b = [0u8; 8];
