@@ -5,6 +5,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -318,7 +319,10 @@ pub fn run(target: &'static Target, seed: u64, count: u64) -> Summary {
                 if s != 0 && now.saturating_sub(s) > limit.as_micros() as u64 {
                     let index = current.load(Ordering::SeqCst);
                     let data = input(target, seed, index);
-                    eprintln!(
+                    // Straight to stderr: the test harness's capture
+                    // would swallow it with the process.
+                    let _ = writeln!(
+                        std::io::stderr(),
                         "fuzz {}: HANG: input {index} of seed {seed:#x} still runs after {limit:?}; input hex: {}",
                         target.name,
                         hex(&data)
