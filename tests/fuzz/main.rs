@@ -95,8 +95,16 @@ fn inputs(default: u64) -> u64 {
 
 fn report(t: &Target, seed: u64, s: &Summary) {
     eprintln!(
-        "fuzz {}: seed {seed:#x}: {} inputs, {} panics, {} hangs, {} over-allocations; slowest input {:?}, largest allocation {} bytes, {:.1?}",
-        t.name, s.inputs, s.panics, s.hangs, s.over_alloc, s.max_input_time, s.max_alloc, s.elapsed
+        "fuzz {}: seed {seed:#x}: {} inputs, {} panics, {} hangs, {} over-allocations; slowest input {:?} (number {}), largest allocation {} bytes, {:.1?}",
+        t.name,
+        s.inputs,
+        s.panics,
+        s.hangs,
+        s.over_alloc,
+        s.max_input_time,
+        s.slowest,
+        s.max_alloc,
+        s.elapsed
     );
     for f in &s.failures {
         eprintln!("  {f}");
@@ -171,7 +179,10 @@ fn regressions() {
 #[test]
 #[ignore = "long: run by bench/fuzz.sh"]
 fn bench() {
-    let name = std::env::var("PGSHIFT_FUZZ_TARGET").expect("PGSHIFT_FUZZ_TARGET");
+    let Ok(name) = std::env::var("PGSHIFT_FUZZ_TARGET") else {
+        eprintln!("fuzz bench: set PGSHIFT_FUZZ_TARGET (bench/fuzz.sh does); nothing run");
+        return;
+    };
     let t = target(&name);
     let seed = runner::seed(
         std::time::SystemTime::now()
@@ -199,7 +210,12 @@ fn bench() {
 #[test]
 #[ignore = "reproduces one input"]
 fn one_input() {
-    let name = std::env::var("PGSHIFT_FUZZ_TARGET").expect("PGSHIFT_FUZZ_TARGET");
-    let hex = std::env::var("PGSHIFT_FUZZ_INPUT").expect("PGSHIFT_FUZZ_INPUT");
+    let (Ok(name), Ok(hex)) = (
+        std::env::var("PGSHIFT_FUZZ_TARGET"),
+        std::env::var("PGSHIFT_FUZZ_INPUT"),
+    ) else {
+        eprintln!("fuzz one_input: set PGSHIFT_FUZZ_TARGET and PGSHIFT_FUZZ_INPUT; nothing run");
+        return;
+    };
     runner::run_one(target(&name), &runner::unhex(hex.trim())).unwrap();
 }

@@ -181,6 +181,8 @@ pub struct Summary {
     pub hangs: u64,
     pub over_alloc: u64,
     pub max_input_time: Duration,
+    /// The index of the slowest input.
+    pub slowest: u64,
     pub max_alloc: usize,
     pub elapsed: Duration,
     /// Up to a few failures: what, the input's index and hex.
@@ -213,8 +215,8 @@ fn hang_limit() -> Duration {
     let secs = std::env::var("PGSHIFT_FUZZ_HANG_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    Duration::from_secs(secs)
+        .unwrap_or(10.0);
+    Duration::from_secs_f64(secs)
 }
 
 thread_local! {
@@ -351,7 +353,10 @@ pub fn run(target: &'static Target, seed: u64, count: u64) -> Summary {
                 let took = t.elapsed();
                 let alloc = take_max_alloc();
                 s.inputs += 1;
-                s.max_input_time = s.max_input_time.max(took);
+                if took > s.max_input_time {
+                    s.max_input_time = took;
+                    s.slowest = index;
+                }
                 s.max_alloc = s.max_alloc.max(alloc);
                 let failure = if result.is_err() {
                     s.panics += 1;
