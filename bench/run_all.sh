@@ -4,7 +4,7 @@
 # script), plus bench/lag.svg (bench/lag_run.sh: /status sampled through a
 # migration and cutover under load).
 #
-#   bench/run_all.sh                   # everything, default sizes (about 35 min on 2 cores)
+#   bench/run_all.sh                   # everything, default sizes (about 27 min on 2 cores)
 #   ONLY="copy apply" bench/run_all.sh # some of them; the others keep their last output
 #   QUICK=1 bench/run_all.sh           # smaller sizes (scale 20 copy, 50k backlog, 10 s proxy runs)
 #
