@@ -23,6 +23,9 @@ TITLES = {
     "copy": ("Initial copy", "Schema + data + indexes of a pgbench database onto an empty target."),
     "apply": ("Apply throughput", "Draining a TPC-B backlog, and streaming under a live load."),
     "cutover": ("Cutover write pause", "pgbench at a steady rate through the proxy, cutover mid-run."),
+    "fuzz": ("Fuzzed inputs", "Every parser of bytes from the network or a file, fed seeded structured, damaged "
+             "and random inputs in release mode (tests/fuzz); per target: inputs, panics, hangs, allocations "
+             "beyond the target's cap, the slowest input, the largest single allocation, the process's peak RSS."),
 }
 
 
@@ -87,7 +90,7 @@ print("**Machine**: " + ", ".join(x for x in [
 note = notes()
 if note.get("summary"):
     print(note["summary"] + "\n")
-for name in ["proxy_overhead", "copy", "apply", "cutover"]:
+for name in ["proxy_overhead", "copy", "apply", "cutover", "fuzz"]:
     title, what = TITLES[name]
     print(f"## {title} (`bench/{name}.sh`)\n")
     print(what + "\n")

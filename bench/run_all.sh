@@ -4,7 +4,7 @@
 # script), plus bench/lag.svg (bench/lag_run.sh: /status sampled through a
 # migration and cutover under load).
 #
-#   bench/run_all.sh                   # everything, default sizes (about 25 min on 2 cores)
+#   bench/run_all.sh                   # everything, default sizes (about 27 min on 2 cores)
 #   ONLY="copy apply" bench/run_all.sh # some of them; the others keep their last output
 #   QUICK=1 bench/run_all.sh           # smaller sizes (scale 20 copy, 50k backlog, 10 s proxy runs)
 #
@@ -12,7 +12,7 @@
 # NAME.cmd (the exact command); JSON lines in bench/results/*.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ONLY=${ONLY:-proxy_overhead copy apply cutover lag_run}
+ONLY=${ONLY:-proxy_overhead copy apply cutover lag_run fuzz}
 OUT=bench/results/latest
 mkdir -p "$OUT"
 cargo build --release --quiet
@@ -24,12 +24,14 @@ declare -A ENVS=(
   [apply]="${APPLY_ENV:-}"
   [cutover]="${CUTOVER_ENV:-}"
   [lag_run]="${LAG_ENV:-}"
+  [fuzz]="${FUZZ_ENV:-}"
 )
 if [ -n "${QUICK:-}" ]; then
   ENVS[proxy_overhead]=${PROXY_ENV:-"DURATION=10 REPS=2"}
   ENVS[copy]=${COPY_ENV:-"SCALE=20"}
   ENVS[apply]=${APPLY_ENV:-"N=50000 REPS=2 LIVE_SECONDS=20"}
   ENVS[cutover]=${CUTOVER_ENV:-"REPS=5"}
+  ENVS[fuzz]=${FUZZ_ENV:-"N=100000"}
 fi
 
 for name in $ONLY; do

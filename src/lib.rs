@@ -12,6 +12,8 @@ pub mod cutover;
 pub mod db;
 pub mod demo;
 pub mod filter;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod localpg;
 pub mod logging;
 pub mod migration;

@@ -99,26 +99,7 @@ impl Users {
             .write_all(&messages::auth_sasl(&["SCRAM-SHA-256"]))
             .await?;
         let initial = read_password_message(stream, reader).await?;
-        let mut b = &initial[..];
-        let mechanism = get_cstr(&mut b)?;
-        if mechanism != "SCRAM-SHA-256" {
-            // Never echoed: a client answering with a cleartext password
-            // sends it here.
-            return Err(WireError::Protocol(
-                "client selected an invalid SASL authentication mechanism (expected SCRAM-SHA-256)"
-                    .into(),
-            ));
-        }
-        if b.len() < 4 {
-            return Err(WireError::Protocol("short SASLInitialResponse".into()));
-        }
-        let len = b.get_i32();
-        let data = if len < 0 {
-            &[][..]
-        } else {
-            b.get(..len as usize)
-                .ok_or_else(|| WireError::Protocol("SASLInitialResponse length is wrong".into()))?
-        };
+        let data = sasl_initial_response(&initial)?;
         let (server, first) = ScramServer::start(verifier.unwrap_or(&self.dummy), data)?;
         stream
             .write_all(&messages::auth_sasl_continue(first.as_bytes()))
@@ -134,6 +115,30 @@ impl Users {
             .await?;
         Ok(())
     }
+}
+
+/// The client-first-message in a SASLInitialResponse body (mechanism name,
+/// int32 length, data), checking the mechanism is SCRAM-SHA-256.
+pub(crate) fn sasl_initial_response(body: &[u8]) -> Result<&[u8], WireError> {
+    let mut b = body;
+    let mechanism = get_cstr(&mut b)?;
+    if mechanism != "SCRAM-SHA-256" {
+        // Never echoed: a client answering with a cleartext password
+        // sends it here.
+        return Err(WireError::Protocol(
+            "client selected an invalid SASL authentication mechanism (expected SCRAM-SHA-256)"
+                .into(),
+        ));
+    }
+    if b.len() < 4 {
+        return Err(WireError::Protocol("short SASLInitialResponse".into()));
+    }
+    let len = b.get_i32();
+    if len < 0 {
+        return Ok(&[]);
+    }
+    b.get(..len as usize)
+        .ok_or_else(|| WireError::Protocol("SASLInitialResponse length is wrong".into()))
 }
 
 fn auth_failed(user: &str) -> WireError {

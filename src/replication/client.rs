@@ -863,7 +863,7 @@ enum CopyDataError {
 }
 
 /// Parses a CopyData frame ('d' + header) into XLogData or a keepalive.
-fn parse_copy_data(frame: &Bytes) -> Result<ReplicationMessage, CopyDataError> {
+pub(crate) fn parse_copy_data(frame: &Bytes) -> Result<ReplicationMessage, CopyDataError> {
     let body = &frame[5..];
     let read_u64 = |at: usize| -> u64 {
         let mut b = [0u8; 8];

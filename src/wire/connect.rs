@@ -166,7 +166,9 @@ pub fn parse_data_row(body: &[u8]) -> Result<TextRow, WireError> {
         return Err(WireError::Protocol("short DataRow".into()));
     }
     let n = b.get_i16();
-    let mut row = Vec::with_capacity(n.max(0) as usize);
+    // Each column takes at least its 4-byte length: the count alone must not
+    // size the allocation.
+    let mut row = Vec::with_capacity((n.max(0) as usize).min(b.len() / 4));
     for _ in 0..n {
         if b.len() < 4 {
             return Err(WireError::Protocol("short DataRow".into()));
