@@ -74,7 +74,7 @@ async fn held_transaction_aborts_then_second_cutover_succeeds() {
         .unwrap();
     let writer = Writer::start(&shift.url(), "w1").await;
     let (_listener, mut notes) = listen(&shift.url(), "cutover_news").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.wait_committed(3).await;
 
     let out = shift.cli(&["cutover", "--wait"]).await;
     let text = out_text(&out);
@@ -101,7 +101,7 @@ async fn held_transaction_aborts_then_second_cutover_succeeds() {
         .parse()
         .unwrap();
     // The writer kept writing through the pause without an error.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.wait_more(3).await;
 
     // Second attempt, nothing holds it: it succeeds.
     let out = shift.cli(&["cutover", "--wait"]).await;
@@ -111,7 +111,8 @@ async fn held_transaction_aborts_then_second_cutover_succeeds() {
         assert!(text.contains(phase), "{phase} not printed: {text}");
     }
     assert!(text.contains("cutover succeeded"), "{text}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Writes after the switch (checked below to have landed on the target).
+    writer.wait_more(3).await;
     let w = writer.finish().await;
     assert!(w.errors.is_empty(), "writer errors: {:?}", w.errors);
     assert!(w.committed.iter().any(|c| c.1 as u16 == pair.source.port));
@@ -134,7 +135,7 @@ async fn held_transaction_aborts_then_second_cutover_succeeds() {
     // The LISTEN session moved too: a NOTIFY sent on the target reaches it.
     pair.target
         .psql(DB, "NOTIFY cutover_news, 'hello from the target'");
-    let note = tokio::time::timeout(Duration::from_secs(5), notes.recv())
+    let note = tokio::time::timeout(Duration::from_secs(120), notes.recv())
         .await
         .expect("no notification after the switch");
     assert_eq!(note.as_deref(), Some("hello from the target"));
@@ -179,7 +180,7 @@ async fn on_drain_timeout_cancel_closes_the_held_session() {
 
     // The held session was closed with a clear error; its insert never committed.
     assert!(held.batch_execute("COMMIT").await.is_err());
-    let closed = tokio::time::timeout(Duration::from_secs(5), conn)
+    let closed = tokio::time::timeout(Duration::from_secs(120), conn)
         .await
         .expect("held connection not closed")
         .unwrap();
@@ -206,7 +207,9 @@ async fn on_drain_timeout_cancel_closes_the_held_session() {
 async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
     // Apply is blocked once the pre-gate catch-up is done, so the marker
     // in the pause waits.
-    let (pair, shift, held) = streaming_held_after_catchup("catchup_timeout = \"3s\"").await;
+    // catchup_timeout is the window in which the test must find and break
+    // the fence's connection: long enough for a loaded machine.
+    let (pair, shift, held) = streaming_held_after_catchup("catchup_timeout = \"10s\"").await;
     let cutover = shift.cli(&["cutover", "--wait"]);
     let block_apply_after_catchup = held.block_apply(&pair, &shift, async {
         write_one(&shift.url(), "before").await.unwrap();
@@ -223,7 +226,8 @@ async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
                    WHERE (query LIKE '%pg_terminate_backend(pid%'
                           OR query LIKE '%string_agg(DISTINCT usename%')
                      AND state = 'idle' AND pid <> pg_backend_pid()";
-        for _ in 0..400 {
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(120) {
             let n: i64 = watcher.query_one(sql, &[]).await.unwrap().get(0);
             if n > 0 {
                 return true;
@@ -260,7 +264,7 @@ async fn target_that_stops_applying_aborts_on_catchup_timeout() {
         "INSERT INTO ledger (client, note) SELECT 'bulk', repeat('x', 200) FROM generate_series(1, 2000)",
     );
     let writer = Writer::start(&shift.url(), "w").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    writer.wait_committed(3).await;
 
     let out = shift.cli(&["cutover", "--wait"]).await;
     let text = out_text(&out);
@@ -289,7 +293,7 @@ async fn target_that_stops_applying_aborts_on_catchup_timeout() {
         .wait_state(
             "WaitingForUserAction",
             "WaitingForCutoverTrigger",
-            Duration::from_secs(5),
+            Duration::from_secs(120),
         )
         .await;
     assert!(
@@ -297,13 +301,14 @@ async fn target_that_stops_applying_aborts_on_catchup_timeout() {
         "{doc:#}"
     );
     assert_on_unfenced_source(&pair, &shift).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The writer goes on on the unfenced source.
+    writer.wait_more(3).await;
 
     // Apply resumes once the lock goes; a new cutover then succeeds.
     blocker.batch_execute("ROLLBACK").await.unwrap();
     // Let apply work off the backlog first (catchup_timeout is short).
     let latest = *Pair::ledger_ids(&pair.source).last().unwrap();
-    assert!(wait_until(Duration::from_secs(30), || {
+    assert!(wait_until(Duration::from_secs(120), || {
         Pair::ledger_ids(&pair.target).contains(&latest)
     }));
     let out = shift.cli(&["cutover", "--wait"]).await;
@@ -406,7 +411,7 @@ async fn concurrent_requests_start_one_attempt_and_cancel_waits() {
         }
         other => panic!("expected 409, got {other:?}"),
     }
-    let ok = wait_until(Duration::from_secs(20), || {
+    let ok = wait_until(Duration::from_secs(120), || {
         pair.target.psql(
             "postgres",
             "SELECT count(*) FROM pgshift.cutover_attempt WHERE outcome = 'aborted'",
@@ -423,7 +428,7 @@ async fn concurrent_requests_start_one_attempt_and_cancel_waits() {
         .wait_state(
             "WaitingForUserAction",
             "WaitingForCutoverTrigger",
-            Duration::from_secs(5),
+            Duration::from_secs(120),
         )
         .await;
     // Once it has finished, cancel is accepted.

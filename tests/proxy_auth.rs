@@ -135,7 +135,7 @@ async fn client_limit_is_enforced_with_53300() {
         2.0
     );
     drop(a);
-    assert!(wait_until(std::time::Duration::from_secs(5), || {
+    assert!(wait_until(std::time::Duration::from_secs(120), || {
         metric(&proxy.ctx, "pgshift_proxy_client_connections", "") == 1.0
     }));
     let c = try_connect(&proxy.url("postgres")).await.unwrap();

@@ -61,7 +61,7 @@ async fn garbage_oversized_timeouts_and_vanishing_clients() {
     let mut s = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
     s.write_all(&[0, 0, 0]).await.unwrap();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+    let n = tokio::time::timeout(Duration::from_secs(120), s.read(&mut buf))
         .await
         .expect("closed by the startup timeout")
         .unwrap_or(0);
@@ -76,7 +76,7 @@ async fn garbage_oversized_timeouts_and_vanishing_clients() {
     let mut one = [0u8; 1];
     s.read_exact(&mut one).await.unwrap();
     assert_eq!(&one, b"N");
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+    let n = tokio::time::timeout(Duration::from_secs(120), s.read(&mut buf))
         .await
         .expect("closed by the startup timeout")
         .unwrap_or(0);
@@ -97,12 +97,12 @@ async fn garbage_oversized_timeouts_and_vanishing_clients() {
     drop(s);
     let count = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'";
     assert!(
-        wait_until(Duration::from_secs(10), || pg.psql("postgres", count)
+        wait_until(Duration::from_secs(120), || pg.psql("postgres", count)
             == "1"),
         "the vanished client's backend stays: {}",
         pg.psql("postgres", count)
     );
-    assert!(wait_until(Duration::from_secs(5), || proxy
+    assert!(wait_until(Duration::from_secs(120), || proxy
         .handle
         .sessions()
         .len()
@@ -128,14 +128,15 @@ async fn server_killed_mid_query_gives_an_error_then_close() {
         let r = victim.simple_query("SELECT pg_sleep(30)").await;
         (r.map(|_| ()), victim)
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Killed mid-query: once the query runs on the server.
+    wait_running(&pg.client("postgres").await, "SELECT pg_sleep(30)").await;
     let st = std::process::Command::new("kill")
         .arg("-9")
         .arg(pid.to_string())
         .status()
         .unwrap();
     assert!(st.success());
-    let (r, victim) = tokio::time::timeout(Duration::from_secs(10), query)
+    let (r, victim) = tokio::time::timeout(Duration::from_secs(120), query)
         .await
         .expect("the client hears about it")
         .unwrap();
@@ -146,7 +147,8 @@ async fn server_killed_mid_query_gives_an_error_then_close() {
     assert!(metric(&proxy.ctx, "pgshift_proxy_errors_total", "server_lost") >= 1.0);
     // The server recovers from the crash; the proxy serves new sessions.
     let mut ok = false;
-    for _ in 0..100 {
+    let recovering = Instant::now();
+    while recovering.elapsed() < Duration::from_secs(120) {
         if let Ok((c, conn)) =
             tokio_postgres::connect(&proxy.url("postgres"), tokio_postgres::NoTls).await
         {

@@ -54,7 +54,7 @@ async fn psql_script_with_copy_and_errors_in_transactions() {
     assert!(out.contains("copied-out"), "{out}");
     assert_eq!(pg.psql("shop", "SELECT count(*) FROM t WHERE id = 4"), "0");
     // The session ended cleanly and the counters moved.
-    assert!(wait_until(Duration::from_secs(5), || proxy
+    assert!(wait_until(Duration::from_secs(120), || proxy
         .handle
         .sessions()
         .is_empty()));
@@ -113,7 +113,7 @@ async fn tokio_postgres_extended_pipelining_notify_and_cancel() {
         .unwrap_err();
     assert_eq!(e.code().unwrap().code(), "23505");
     // The client may see the error before the proxy has read ReadyForQuery.
-    assert!(wait_until(Duration::from_secs(5), || proxy
+    assert!(wait_until(Duration::from_secs(120), || proxy
         .handle
         .sessions()
         .snapshot()[0]
@@ -142,23 +142,26 @@ async fn tokio_postgres_extended_pipelining_notify_and_cancel() {
     });
     listener.batch_execute("LISTEN chan").await.unwrap();
     c.batch_execute("NOTIFY chan, 'hello'").await.unwrap();
-    let n = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+    let n = tokio::time::timeout(Duration::from_secs(120), rx.recv())
         .await
-        .expect("notification within 5s")
+        .expect("no notification")
         .unwrap();
     assert_eq!(n, ("chan".to_string(), "hello".to_string()));
 
-    // Cancel: the proxy-issued key reaches the real backend.
+    // Cancel: the proxy-issued key reaches the real backend (sent once the
+    // query runs there).
     let token = c.cancel_token();
     let started = std::time::Instant::now();
+    let watcher = pg.client("postgres").await;
     let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_running(&watcher, "SELECT pg_sleep(30)").await;
         token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     });
     let e = c.simple_query("SELECT pg_sleep(30)").await.unwrap_err();
     canceller.await.unwrap();
     assert_eq!(e.code().unwrap().code(), "57014", "{e}");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    // Cancelled, not run to its end.
+    assert!(started.elapsed() < Duration::from_secs(30));
     // The session works after the cancel. (The postmaster signals a
     // cancelled backend twice — its pid and its process group — so on a
     // loaded machine the second signal can still hit the next statement.)
@@ -270,21 +273,22 @@ async fn psql_ctrl_c_cancels_through_the_proxy() {
     let pg = Cluster::start();
     let proxy = start_proxy(&pg).await;
     let port = proxy.port;
+    let watcher = pg.client("postgres").await;
+    let started = std::time::Instant::now();
+    let child = std::process::Command::new(pg_program("psql"))
+        .args(["-X", "-h", "127.0.0.1", "-U", APP_USER, "-d", "postgres"])
+        .arg("-p")
+        .arg(port.to_string())
+        .args(["-c", "SELECT pg_sleep(30)"])
+        .env("PGPASSWORD", APP_PW)
+        .env("PGSSLMODE", "disable")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once psql's query runs on the server, press Ctrl-C.
+    wait_running(&watcher, "SELECT pg_sleep(30)").await;
     let (elapsed, stderr) = tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
-        let child = std::process::Command::new(pg_program("psql"))
-            .args(["-X", "-h", "127.0.0.1", "-U", APP_USER, "-d", "postgres"])
-            .arg("-p")
-            .arg(port.to_string())
-            .args(["-c", "SELECT pg_sleep(30)"])
-            .env("PGPASSWORD", APP_PW)
-            .env("PGSSLMODE", "disable")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Give psql time to connect and start the query, then press Ctrl-C.
-        std::thread::sleep(Duration::from_millis(1500));
         let st = std::process::Command::new("kill")
             .arg("-INT")
             .arg(child.id().to_string())
@@ -303,5 +307,6 @@ async fn psql_ctrl_c_cancels_through_the_proxy() {
         stderr.contains("canceling statement due to user request"),
         "{stderr}"
     );
-    assert!(elapsed < Duration::from_secs(15), "{elapsed:?}");
+    // Cancelled, not run to its end.
+    assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
 }

@@ -143,7 +143,7 @@ async fn streams_every_change_and_marks(major: u32, table_list: bool, target_maj
          INSERT INTO trunc SELECT generate_series(1, 100);",
     );
     let lsn = stream
-        .catch_up("m1", Duration::from_secs(60))
+        .catch_up("m1", Duration::from_secs(300))
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL {major}: {e}"));
     assert!(lsn > Lsn::ZERO);
@@ -167,7 +167,7 @@ async fn streams_every_change_and_marks(major: u32, table_list: bool, target_maj
         &format!("ALTER DATABASE {DB} SET default_transaction_read_only = on"),
     );
     stream
-        .catch_up("m2", Duration::from_secs(60))
+        .catch_up("m2", Duration::from_secs(300))
         .await
         .unwrap_or_else(|e| panic!("PostgreSQL {major}, fenced: {e}"));
     assert_eq!(counts(&target), counts(&source));
@@ -319,7 +319,7 @@ async fn cutover_from_13_to_16() {
         "the marker table exists while streaming"
     );
     let writer = Writer::start(&shift.url(), "w").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    writer.wait_committed(3).await;
     let out = shift.cli(&["cutover", "--wait"]).await;
     assert_eq!(
         out.status.code(),
@@ -329,9 +329,10 @@ async fn cutover_from_13_to_16() {
         shift.log()
     );
     shift
-        .wait_state("Succeeded", "Completed", Duration::from_secs(60))
+        .wait_state("Succeeded", "Completed", Duration::from_secs(120))
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Writes after the switch (checked below to have landed on the target).
+    writer.wait_more(3).await;
     let w = writer.finish().await;
     assert!(w.errors.is_empty(), "writer errors: {:?}", w.errors);
     assert!(w.committed.iter().any(|c| c.1 as u16 == pair.source.port));

@@ -174,13 +174,22 @@ async fn converges_under_mixed_load() {
         "INSERT INTO events (item, kind) VALUES (1, 'after truncate')",
     );
 
-    wait_caught_up(&source, &stream, Duration::from_secs(90)).await;
+    wait_caught_up(&source, &stream, Duration::from_secs(300)).await;
     assert_same(&source, &target, "bench");
-    // Lag metrics report zero once caught up and idle.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let report = pgshift::admin::status::Report::report(stream.status.as_ref());
-    assert_eq!(report["state"], "streaming", "{report}");
-    assert!(report["lag_bytes"].as_u64().unwrap() < 1024, "{report}");
+    // Lag metrics come down to zero once caught up and idle (however long
+    // the next status update takes on this machine).
+    let start = std::time::Instant::now();
+    loop {
+        let report = pgshift::admin::status::Report::report(stream.status.as_ref());
+        if report["state"] == "streaming" && report["lag_bytes"].as_u64().unwrap() < 1024 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "lag not reported as zero: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stream.stop().await;
 }
 
@@ -217,7 +226,7 @@ async fn crashes_and_restarts_lose_and_duplicate_nothing() {
     }
     writer.await.unwrap();
     let stream = DatabaseStream::start(cfg.clone(), metrics());
-    wait_caught_up(&source, &stream, Duration::from_secs(60)).await;
+    wait_caught_up(&source, &stream, Duration::from_secs(300)).await;
     stream.stop().await;
     assert_eq!(
         target.psql(
@@ -246,7 +255,7 @@ async fn marker_resolves_after_earlier_commits_and_servers_restart() {
         "INSERT INTO t SELECT g, 'a' FROM generate_series(1, 1000) g",
     );
     stream
-        .catch_up("marker-1", Duration::from_secs(30))
+        .catch_up("marker-1", Duration::from_secs(300))
         .await
         .unwrap();
     // The marker came after those rows: they are all there now.
@@ -259,7 +268,7 @@ async fn marker_resolves_after_earlier_commits_and_servers_restart() {
         "INSERT INTO t SELECT g, 'b' FROM generate_series(1001, 1500) g",
     );
     stream
-        .catch_up("marker-2", Duration::from_secs(60))
+        .catch_up("marker-2", Duration::from_secs(300))
         .await
         .unwrap();
     assert_eq!(target.psql("app", "SELECT count(*) FROM t"), "1500");
@@ -268,7 +277,7 @@ async fn marker_resolves_after_earlier_commits_and_servers_restart() {
     source.restart();
     source.psql("app", "UPDATE t SET v = 'c' WHERE id % 2 = 0");
     stream
-        .catch_up("marker-3", Duration::from_secs(60))
+        .catch_up("marker-3", Duration::from_secs(300))
         .await
         .unwrap();
     assert_same(&source, &target, "app");
@@ -289,7 +298,7 @@ async fn schema_change_stops_apply_until_the_target_is_fixed() {
     let stream = DatabaseStream::start(cfg, metrics());
     source.psql("app", "INSERT INTO t VALUES (1, 'a')");
     stream
-        .catch_up("m1", Duration::from_secs(30))
+        .catch_up("m1", Duration::from_secs(300))
         .await
         .unwrap();
 
@@ -305,7 +314,7 @@ async fn schema_change_stops_apply_until_the_target_is_fixed() {
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(30),
+            start.elapsed() < Duration::from_secs(120),
             "no clear error: {e:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -315,7 +324,7 @@ async fn schema_change_stops_apply_until_the_target_is_fixed() {
     // The operator fixes the target; apply resumes with nothing lost.
     target.psql("app", "ALTER TABLE t ADD COLUMN extra int");
     stream
-        .catch_up("m2", Duration::from_secs(60))
+        .catch_up("m2", Duration::from_secs(300))
         .await
         .unwrap();
     assert_eq!(target.psql("app", "SELECT extra FROM t WHERE id = 2"), "42");

@@ -168,7 +168,7 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
         String::from_utf8_lossy(&o.stderr),
         p.logs()
     );
-    p.wait_state("Succeeded", Duration::from_secs(60));
+    p.wait_state("Succeeded", STARTUP);
     // The source's materialized view is as it was; the target's is refreshed.
     assert_same("cutover", &source, &target, DB, "r", 13);
     // Refreshed again from the switched data, in the background.

@@ -371,6 +371,31 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// Waits until `watcher` (a direct session on the server) sees a session
+/// running exactly `query` (e.g. before cancelling it: a cancel sent before
+/// the query has started reaches nothing). Panics after 120 s.
+pub async fn wait_running(watcher: &tokio_postgres::Client, query: &str) {
+    let start = Instant::now();
+    loop {
+        let n: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = $1",
+                &[&query],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{query} never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `f` until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

@@ -132,6 +132,11 @@ impl Shift {
         self.dir.path().join(format!("pgshift-{}.log", self.runs))
     }
 
+    /// The log of the current run.
+    pub fn current_log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
     /// Every run's log, for failure messages.
     pub fn log(&self) -> String {
         (1..=self.runs)
@@ -201,7 +206,7 @@ impl Shift {
             .wait_state(
                 "WaitingForUserAction",
                 "WaitingForCutoverTrigger",
-                Duration::from_secs(90),
+                Duration::from_secs(300),
             )
             .await;
         let _ = doc;
@@ -209,7 +214,7 @@ impl Shift {
         loop {
             let doc = self.status().await.unwrap();
             let st = &doc["databases"][DB];
-            if st["stream"]["state"] == "streaming" || start.elapsed() > Duration::from_secs(30) {
+            if st["stream"]["state"] == "streaming" || start.elapsed() > Duration::from_secs(120) {
                 return doc;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -236,7 +241,7 @@ impl Shift {
     pub async fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = tokio::process::Command::new(pgshift_bin());
         cmd.args(args).arg("--config").arg(&self.config);
-        tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        tokio::time::timeout(Duration::from_secs(600), cmd.output())
             .await
             .expect("pgshift CLI did not finish")
             .expect("run pgshift CLI")
@@ -286,6 +291,8 @@ pub fn out_text(o: &Output) -> String {
 pub struct Writer {
     pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub task: tokio::task::JoinHandle<WriterResult>,
+    /// How many commits were acknowledged so far (for waiting on progress).
+    pub acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Debug, Default)]
@@ -300,6 +307,8 @@ impl Writer {
         let client = connect(url).await;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let a = acked.clone();
         let name = name.to_string();
         let task = tokio::spawn(async move {
             let mut r = WriterResult::default();
@@ -318,7 +327,10 @@ impl Writer {
                 }
                 .await;
                 match res {
-                    Ok(x) => r.committed.push(x),
+                    Ok(x) => {
+                        r.committed.push(x);
+                        a.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Err(e) => {
                         r.errors.push(pgshift::db::describe(&e));
                         if client.is_closed() {
@@ -331,7 +343,30 @@ impl Writer {
             }
             r
         });
-        Writer { stop, task }
+        Writer { stop, task, acked }
+    }
+
+    /// How many commits were acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more commits than now were acknowledged.
+    pub async fn wait_more(&self, n: usize) {
+        self.wait_committed(self.acked() + n).await;
+    }
+
+    /// Waits until at least `n` commits were acknowledged (no time budget:
+    /// a slow machine only makes it take longer; a stuck writer fails after 120 s).
+    pub async fn wait_committed(&self, n: usize) {
+        let start = Instant::now();
+        while self.acked.load(std::sync::atomic::Ordering::Relaxed) < n {
+            assert!(
+                !self.task.is_finished() && start.elapsed() < Duration::from_secs(120),
+                "the writer did not reach {n} commits"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn finish(self) -> WriterResult {
@@ -365,7 +400,7 @@ pub async fn connect_retry(url: &str) -> tokio_postgres::Client {
                 tokio::spawn(conn);
                 return c;
             }
-            Err(e) if start.elapsed() > Duration::from_secs(30) => panic!("connect {url}: {e}"),
+            Err(e) if start.elapsed() > Duration::from_secs(120) => panic!("connect {url}: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }

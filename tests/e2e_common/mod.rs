@@ -71,7 +71,7 @@ impl Pgshift {
             .expect("start pgshift");
         self.child = Some(child);
         // The admin port answers once the migration state is loaded.
-        let ok = wait_until(Duration::from_secs(30), || self.status().is_some());
+        let ok = wait_until(Duration::from_secs(120), || self.status().is_some());
         assert!(ok, "pgshift did not start\n{}", self.logs());
     }
 
@@ -90,7 +90,7 @@ impl Pgshift {
             .arg("-TERM")
             .arg(c.id().to_string())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
             if let Ok(Some(s)) = c.try_wait() {
                 return s.code();
