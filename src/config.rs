@@ -110,7 +110,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(ValueError(format!("`{s}` is not a valid duration")));
     }
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is too long a duration"))
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| ValueError(format!("`{s}` is too long a duration")))
 }
 
 /// A byte size written as `16MB`, `1GB`, `512kB` or a plain number of bytes.

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::commands::CommandSender;
-use crate::admin::status::StatusBoard;
+use crate::commands::CommandSender;
 use crate::config::Config;
+use crate::telemetry::status::StatusBoard;
 
 pub struct Context {
     pub config: Config,

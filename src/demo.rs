@@ -452,8 +452,8 @@ async fn request_cutover(ctx: &Arc<crate::Context>) -> Result<(), DemoError> {
         .get()
         .ok_or_else(|| DemoError::Failed("the migration runner is not running".into()))?;
     let (reply, rx) = tokio::sync::oneshot::channel();
-    tx.send(crate::admin::commands::AdminCommand {
-        kind: crate::admin::commands::CommandKind::Cutover,
+    tx.send(crate::commands::AdminCommand {
+        kind: crate::commands::CommandKind::Cutover,
         reply,
     })
     .await

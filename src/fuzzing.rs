@@ -275,7 +275,7 @@ pub fn config(data: &[u8]) {
         let value = value.trim_matches('"');
         let _ = crate::config::parse_duration(value);
         let _ = crate::config::parse_bytes(value);
-        let _ = crate::cutover::window::parse_all(&[value.to_string()]);
+        let _ = crate::config::window::parse_all(&[value.to_string()]);
         let _ = crate::config::expand_conn("x", value, &env);
         let _ = Endpoint::parse("x", value);
     }

@@ -6,6 +6,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod admin;
+pub mod commands;
 pub mod config;
 pub mod context;
 pub mod cutover;
@@ -23,6 +24,7 @@ pub mod proxy;
 pub mod replication;
 pub mod run;
 pub mod schema;
+pub mod telemetry;
 pub mod validate;
 pub mod verify;
 pub mod wire;

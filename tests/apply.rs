@@ -211,7 +211,7 @@ async fn mixed_workload_with_truncate_cascade_and_key_changes_converges() {
         ),
         "1,false"
     );
-    let text = pgshift::admin::metrics::render(&reg).unwrap();
+    let text = pgshift::telemetry::metrics::render(&reg).unwrap();
     assert!(
         text.contains("pgshift_apply_transactions_total{database=\"postgres\"} 212"),
         "{text}"

@@ -84,7 +84,7 @@ async fn migrate(
         .await
         .unwrap();
     assert!(seqs.missing_on_target.is_empty(), "{seqs:?}");
-    let text = pgshift::admin::metrics::render(&registry).unwrap();
+    let text = pgshift::telemetry::metrics::render(&registry).unwrap();
     assert!(
         text.contains(&format!(
             "pgshift_copy_tables{{database=\"{db}\",state=\"copied\"}} {}",

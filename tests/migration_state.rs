@@ -44,7 +44,7 @@ async fn state_survives_restart_and_lock_is_exclusive() {
     assert_eq!(doc["substate"], "MigratingData");
     assert_eq!(doc["databases"]["app"]["phase"], "copied");
     assert_eq!(doc["databases"]["billing"]["phase"], "pending");
-    let metrics = pgshift::admin::metrics::render(&ctx.registry).unwrap();
+    let metrics = pgshift::telemetry::metrics::render(&ctx.registry).unwrap();
     assert!(
         metrics
             .contains("pgshift_migration_state{state=\"InProgress\",substate=\"MigratingData\"} 1"),

@@ -9,7 +9,7 @@ use common::*;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use pgshift::admin::commands::{AdminCommand, CommandKind};
+use pgshift::commands::{AdminCommand, CommandKind};
 
 /// Metrics that only appear once something went wrong.
 const ONLY_AFTER_ERRORS: &[&str] = &["pgshift_proxy_errors_total", "pgshift_apply_errors_total"];

@@ -180,7 +180,7 @@ async fn converges_under_mixed_load() {
     // the next status update takes on this machine).
     let start = std::time::Instant::now();
     loop {
-        let report = pgshift::admin::status::Report::report(stream.status.as_ref());
+        let report = pgshift::telemetry::status::Report::report(stream.status.as_ref());
         if report["state"] == "streaming" && report["lag_bytes"].as_u64().unwrap() < 1024 {
             break;
         }

@@ -7,9 +7,6 @@
 //! without addresses, user names or error texts ([`status::redact`]).
 
 pub mod client;
-pub mod commands;
-pub mod metrics;
-pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +19,9 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
+use crate::commands;
 use crate::context::Context;
+use crate::telemetry::{metrics, status};
 
 /// Builds the router with the endpoints every pgshift has; parts merge their own.
 pub fn base_router(ctx: Arc<Context>) -> Router {

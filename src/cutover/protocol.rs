@@ -16,10 +16,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::fence::{self, FenceRecord};
-use crate::admin::status::Report;
 use crate::config::{CutoverConfig, CutoverVerify, OnDrainTimeout};
 use crate::context::Context;
 use crate::migration::{Migration, State, Substate};
+use crate::telemetry::status::Report;
 
 /// What the cutover needs from the rest of pgshift. Implemented by the
 /// runner over the proxy handle and the per-database streams.
@@ -124,7 +124,7 @@ pub struct CutoverMetrics {
 
 impl CutoverMetrics {
     pub fn new(reg: &prometheus::Registry) -> CutoverMetrics {
-        use crate::admin::metrics as m;
+        use crate::telemetry::metrics as m;
         CutoverMetrics {
             phase_seconds: m::gauge_vec(
                 reg,

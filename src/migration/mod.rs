@@ -13,9 +13,9 @@ use std::sync::{Arc, RwLock};
 use prometheus::IntGaugeVec;
 use serde_json::{Value, json};
 
-use crate::admin::status::Report;
 use crate::config::MigrationConfig;
 use crate::context::Context;
+use crate::telemetry::status::Report;
 pub use control::{ControlError, ControlStore, DatabaseRow, MigrationRow};
 pub use state::{DatabasePhase, State, Substate};
 
@@ -107,7 +107,7 @@ impl Migration {
                 },
             );
         }
-        let state_metric = crate::admin::metrics::int_gauge_vec(
+        let state_metric = crate::telemetry::metrics::int_gauge_vec(
             &ctx.registry,
             "pgshift_migration_state",
             "1 for the migration's current state and substate, 0 otherwise",

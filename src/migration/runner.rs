@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::pipeline::{Copied, Pipeline, PipelineError, cancel_message};
 use super::{DatabasePhase, Migration, State, Substate};
-use crate::admin::commands::{AdminCommand, CommandError, CommandKind, CommandReceiver};
+use crate::commands::{AdminCommand, CommandError, CommandKind, CommandReceiver};
 use crate::config::window::{self, Window};
 use crate::config::{CutoverTrigger, CutoverVerify, MigrationMode};
 use crate::context::Context;
@@ -81,7 +81,7 @@ pub async fn start(
             .swap(Route::from_endpoint("target", &ctx.config.target));
         tracing::info!("migration already switched: every session goes to the target");
     }
-    let (tx, rx) = crate::admin::commands::channel();
+    let (tx, rx) = crate::commands::channel();
     let _ = ctx.commands.set(tx);
     let last_cutover = LastCutover::default();
     if let Ok(Some(doc)) = migration.control().last_cutover_attempt().await

@@ -3,7 +3,7 @@
 
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
 
-use crate::admin::metrics as m;
+use crate::telemetry::metrics as m;
 
 #[derive(Clone)]
 pub struct ProxyMetrics {

@@ -853,7 +853,7 @@ pub(crate) fn system_time_to_pg_timestamp(t: SystemTime) -> i64 {
 
 /// A CopyData frame of the replication stream that is not one pgshift reads.
 #[derive(Debug, Error, PartialEq, Eq)]
-enum CopyDataError {
+pub(crate) enum CopyDataError {
     #[error("truncated replication message of {0} bytes")]
     Truncated(usize),
     #[error("unknown replication message {0:?}")]

@@ -389,7 +389,7 @@ impl CopyProgress {
 
 /// `/status` shows a database's copy as its progress snapshot
 /// (attach with `Migration::attach(db, "copy", progress)`).
-impl crate::admin::status::Report for CopyProgress {
+impl crate::telemetry::status::Report for CopyProgress {
     fn report(&self) -> serde_json::Value {
         serde_json::to_value(self.snapshot()).unwrap_or(serde_json::Value::Null)
     }

@@ -20,8 +20,8 @@ use super::client::{ReplicationConnection, ReplicationError, ReplicationMessage,
 use super::marker::MarkerConnection;
 use super::names::ReplicationNames;
 use super::pgoutput::{DecodeError, Decoder};
-use crate::admin::status::Report;
 use crate::config::Endpoint;
+use crate::telemetry::status::Report;
 
 /// Streaming metrics, shared by every database's stream.
 #[derive(Clone)]
@@ -38,7 +38,7 @@ pub struct StreamMetrics {
 
 impl StreamMetrics {
     pub fn register(reg: &prometheus::Registry) -> StreamMetrics {
-        use crate::admin::metrics as m;
+        use crate::telemetry::metrics as m;
         StreamMetrics {
             lag_bytes: m::int_gauge_vec(
                 reg,

@@ -158,7 +158,7 @@ pub fn metric_in(text: &str, name: &str, label: &str) -> f64 {
 
 /// A metric of the in-process proxy (see [`metric_in`]).
 pub fn metric(ctx: &Context, name: &str, label: &str) -> f64 {
-    let text = pgshift::admin::metrics::render(&ctx.registry).unwrap();
+    let text = pgshift::telemetry::metrics::render(&ctx.registry).unwrap();
     metric_in(&text, name, label)
 }
 

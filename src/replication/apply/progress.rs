@@ -47,7 +47,7 @@ pub struct ApplyMetrics {
 
 impl ApplyMetrics {
     pub fn register(reg: &Registry) -> ApplyMetrics {
-        use crate::admin::metrics::int_counter_vec;
+        use crate::telemetry::metrics::int_counter_vec;
         ApplyMetrics {
             transactions: int_counter_vec(
                 reg,
