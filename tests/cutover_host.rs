@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use pgshift::config::CutoverVerify;
-use pgshift::cutover::protocol::{self, CutoverHost, CutoverMetrics, LastCutover};
+use pgshift::cutover::protocol::{self, CutoverHost, CutoverMetrics, HostError, LastCutover};
 use pgshift::migration::{Migration, State, Substate};
 
 /// The one failure a case injects.
@@ -39,8 +39,8 @@ enum Fault {
 
 /// The error an injected failure returns (one place to change if the
 /// trait's errors become typed).
-fn injected(what: &str) -> String {
-    format!("injected: {what}")
+fn injected(what: &str) -> HostError {
+    HostError::Failed(format!("injected: {what}"))
 }
 
 struct FakeHost {
@@ -104,7 +104,7 @@ impl FakeHost {
 }
 
 impl CutoverHost for FakeHost {
-    async fn prepare(&self) -> Result<(), String> {
+    async fn prepare(&self) -> Result<(), HostError> {
         self.call("prepare");
         if self.fails(Fault::PrepareFails) {
             return Err(injected("cannot connect to the target"));
@@ -185,7 +185,7 @@ impl CutoverHost for FakeHost {
         vec![]
     }
 
-    async fn emit_markers(&self, id: &str) -> Result<(), String> {
+    async fn emit_markers(&self, id: &str) -> Result<(), HostError> {
         self.call("emit_markers");
         if !self.healthy.load(Ordering::SeqCst) {
             return Err(injected("a stream is not healthy"));
@@ -196,7 +196,7 @@ impl CutoverHost for FakeHost {
         Ok(())
     }
 
-    async fn wait_markers(&self, id: &str, _timeout: Duration) -> Result<(), String> {
+    async fn wait_markers(&self, id: &str, _timeout: Duration) -> Result<(), HostError> {
         self.call("wait_markers");
         let catchup = id.contains("-catchup");
         if catchup && self.fails(Fault::StreamBreaksDuringCatchup) {
@@ -226,7 +226,7 @@ impl CutoverHost for FakeHost {
         }
     }
 
-    async fn stream_health(&self) -> Result<(), String> {
+    async fn stream_health(&self) -> Result<(), HostError> {
         self.call("stream_health");
         if self.healthy.load(Ordering::SeqCst) {
             Ok(())
@@ -235,7 +235,7 @@ impl CutoverHost for FakeHost {
         }
     }
 
-    async fn sync_sequences(&self) -> Result<u64, String> {
+    async fn sync_sequences(&self) -> Result<u64, HostError> {
         self.call("sync_sequences");
         if self.fails(Fault::SequencesFail) {
             return Err(injected("cannot read the source's sequences"));
@@ -243,7 +243,7 @@ impl CutoverHost for FakeHost {
         Ok(4)
     }
 
-    async fn verify(&self, _mode: CutoverVerify) -> Result<String, String> {
+    async fn verify(&self, _mode: CutoverVerify) -> Result<String, HostError> {
         self.call("verify");
         if self.fails(Fault::VerifyFails) {
             return Err(injected("public.t: 10 rows on the source, 9 on the target"));
@@ -251,7 +251,7 @@ impl CutoverHost for FakeHost {
         Ok("1 table(s) match".into())
     }
 
-    async fn lift_target_guard(&self) -> Result<(), String> {
+    async fn lift_target_guard(&self) -> Result<(), HostError> {
         self.call("lift_target_guard");
         if self.fails(Fault::GuardLiftFails) {
             return Err(injected("permission denied to alter role"));
@@ -270,7 +270,7 @@ impl CutoverHost for FakeHost {
         (3, 0)
     }
 
-    async fn finish_replication(&self, _drop_slot: bool) -> Result<(), String> {
+    async fn finish_replication(&self, _drop_slot: bool) -> Result<(), HostError> {
         self.call("finish_replication");
         if self.fails(Fault::CleanupFails) {
             return Err(injected("cannot drop the slot"));

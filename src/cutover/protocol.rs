@@ -21,12 +21,88 @@ use crate::context::Context;
 use crate::migration::{Migration, State, Substate};
 use crate::telemetry::status::Report;
 
+/// Why a [`CutoverHost`] step failed: typed, so the protocol (and whatever
+/// drives a cutover) can tell a broken stream from a failed statement.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// `prepare` did not run (or failed): there are no cutover connections.
+    #[error("the cutover was not prepared")]
+    NotPrepared,
+    /// No database has a stream.
+    #[error("no database is streaming")]
+    NoStreams,
+    /// A stream is not connected and applying.
+    #[error("{0}")]
+    Unhealthy(#[from] crate::replication::stream::Unhealthy),
+    /// A marker was not emitted, or not seen committed on the target.
+    #[error("{0}")]
+    Marker(#[from] crate::replication::stream::CatchUpError),
+    /// The marker connection to a source database failed.
+    #[error("database {database}: {source}")]
+    MarkerConnection {
+        database: String,
+        source: crate::replication::client::ReplicationError,
+    },
+    /// A connection the cutover needs failed.
+    #[error("{0}")]
+    Connect(#[from] crate::db::DbError),
+    /// A statement on a database failed.
+    #[error("database {database}: {what}: {}", crate::db::describe(.source))]
+    Sql {
+        database: String,
+        what: &'static str,
+        source: tokio_postgres::Error,
+    },
+    /// Reading or writing sequences failed.
+    #[error("database {database}: {source}")]
+    Sequences {
+        database: String,
+        source: crate::schema::SchemaError,
+    },
+    /// Verification could not run.
+    #[error("{0}")]
+    Verify(#[from] crate::verify::VerifyError),
+    /// Verification ran and these tables differ.
+    #[error("{}", .tables.join(", "))]
+    Mismatch { tables: Vec<String> },
+    /// Arming or lifting the target's guard failed.
+    #[error("database {database}: {source}")]
+    Guard {
+        database: String,
+        source: super::guard::GuardError,
+    },
+    /// Cleanup after the switch left these things undone.
+    #[error("{}", .0.join("; "))]
+    Cleanup(Vec<String>),
+    /// A step failed for a reason without a type of its own (e.g. a host
+    /// other than the runner).
+    #[error("{0}")]
+    Failed(String),
+    /// Several databases failed the step, each for its own reason.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Several(Vec<HostError>),
+}
+
+impl HostError {
+    /// Ok when every result is; the one error, or all of them.
+    pub fn join<T>(
+        results: impl IntoIterator<Item = Result<T, HostError>>,
+    ) -> Result<(), HostError> {
+        let mut errors: Vec<HostError> = results.into_iter().filter_map(Result::err).collect();
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0)),
+            _ => Err(HostError::Several(errors)),
+        }
+    }
+}
+
 /// What the cutover needs from the rest of pgshift. Implemented by the
 /// runner over the proxy handle and the per-database streams.
 pub trait CutoverHost: Send + Sync {
     /// Before the gate closes (not part of the pause): opens every connection
     /// the cutover will need, so the pause pays no connection set-up.
-    fn prepare(&self) -> impl Future<Output = Result<(), String>> + Send;
+    fn prepare(&self) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Before the gate closes (not part of the pause): opens a backend on the
     /// target for every session, so moving it pays only for its state.
     /// Returns how many are ready.
@@ -53,29 +129,30 @@ pub trait CutoverHost: Send + Sync {
     fn source_backend_pids(&self) -> Vec<i32>;
     /// Emits the marker `id` on every source database (refused while a
     /// stream is not healthy).
-    fn emit_markers(&self, id: &str) -> impl Future<Output = Result<(), String>> + Send;
+    fn emit_markers(&self, id: &str) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Waits until apply has committed the marker `id` on the target in
     /// every database, at most `timeout`; ends at once when a stream breaks.
     fn wait_markers(
         &self,
         id: &str,
         timeout: Duration,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Ok when every database's stream is connected and applying;
     /// otherwise why not.
-    fn stream_health(&self) -> impl Future<Output = Result<(), String>> + Send;
+    fn stream_health(&self) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Copies every sequence's last_value / is_called to the target; returns
     /// how many. Runs after the fence, while the marker is awaited. The
     /// target's writes need not be flushed here: the switch persists its
     /// state synchronously on the same target server afterwards, which
     /// flushes the WAL through them before any client runs there.
-    fn sync_sequences(&self) -> impl Future<Output = Result<u64, String>> + Send;
+    fn sync_sequences(&self) -> impl Future<Output = Result<u64, HostError>> + Send;
     /// Compares source and target while both are still.
-    fn verify(&self, mode: CutoverVerify) -> impl Future<Output = Result<String, String>> + Send;
+    fn verify(&self, mode: CutoverVerify)
+    -> impl Future<Output = Result<String, HostError>> + Send;
     /// Inside the pause, just before the switch: lets application roles
     /// write on the target's migrated databases ([`super::guard`]), so the
     /// sessions write as soon as they move.
-    fn lift_target_guard(&self) -> impl Future<Output = Result<(), String>> + Send;
+    fn lift_target_guard(&self) -> impl Future<Output = Result<(), HostError>> + Send;
     /// The switch did not happen after all: guards the target again.
     fn rearm_target_guard(&self) -> impl Future<Output = ()> + Send;
     /// Swaps the route to the target, moves idle sessions, opens the gate.
@@ -86,7 +163,7 @@ pub trait CutoverHost: Send + Sync {
     fn finish_replication(
         &self,
         drop_slot: bool,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -321,7 +398,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
                     Ok(()) if t.elapsed() >= bound => format!(
                         "apply did not catch up within pregate_catchup_timeout {bound:?} ({e}); clients were not paused"
                     ),
-                    Ok(()) => e,
+                    Ok(()) => e.to_string(),
                 };
                 self.record("catchup", t, "failed", Some(reason.clone()));
                 return Err(Abort { reason });
@@ -569,7 +646,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
                 Ok(())
             }
             Err(e) => {
-                self.record_took("sequences", seqs_took, "failed", Some(e.clone()));
+                self.record_took("sequences", seqs_took, "failed", Some(e.to_string()));
                 Err(Abort {
                     reason: format!("sequence sync failed: {e}"),
                 })
@@ -589,7 +666,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
                 Ok(())
             }
             Err(e) => {
-                self.record("verify", t, "failed", Some(e.clone()));
+                self.record("verify", t, "failed", Some(e.to_string()));
                 Err(Abort {
                     reason: format!("verification found differences: {e}"),
                 })
@@ -760,7 +837,7 @@ pub async fn run<H: CutoverHost>(
     let t = Instant::now();
     let prepared = match host.prepare().await {
         Ok(()) => a.plan_fence(&admin).await,
-        Err(e) => Err(e),
+        Err(e) => Err(e.to_string()),
     };
     match prepared {
         Ok(bypassing) => a.record(
@@ -815,7 +892,7 @@ pub async fn run<H: CutoverHost>(
     let t = Instant::now();
     match host.finish_replication(cfg.drop_slot_after_cutover).await {
         Ok(()) => a.record("cleanup", t, "ok", None),
-        Err(e) => a.record("cleanup", t, "failed", Some(e)),
+        Err(e) => a.record("cleanup", t, "failed", Some(e.to_string())),
     }
     a.report.outcome = "succeeded".into();
     finish(a).await

@@ -19,7 +19,7 @@ use crate::config::{CutoverTrigger, CutoverVerify, MigrationMode};
 use crate::context::Context;
 use crate::cutover::fence::FenceRecord;
 use crate::cutover::guard;
-use crate::cutover::protocol::{self, CutoverHost, CutoverMetrics, LastCutover};
+use crate::cutover::protocol::{self, CutoverHost, CutoverMetrics, HostError, LastCutover};
 use crate::proxy::ProxyHandle;
 use crate::proxy::route::Route;
 use crate::replication::Lsn;
@@ -536,7 +536,7 @@ impl Runner {
             .map_err(|e| PipelineError::Step {
                 db: "-".into(),
                 step: "cleanup after the switch",
-                message: e,
+                message: e.to_string(),
             })?;
         self.close_switched_attempt().await?;
         self.migration()
@@ -618,56 +618,62 @@ impl Runner {
 
     /// Arms or disarms the guard on every database, on the cutover's own
     /// target connections, all at once.
-    async fn set_guards(&self, armed: bool) -> Result<(), String> {
+    async fn set_guards(&self, armed: bool) -> Result<(), HostError> {
         let conns = self.cutover_conns()?;
         let user = &self.ctx().config.target.user;
         let sets = conns
             .dbs
             .iter()
             .map(|c| guard::set_armed(&c.target, user, armed));
-        let errors: Vec<String> = conns
-            .dbs
-            .iter()
-            .zip(futures_util::future::join_all(sets).await)
-            .filter_map(|(c, r)| r.err().map(|e| format!("database {}: {e}", c.database)))
-            .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("; "))
-        }
+        HostError::join(
+            conns
+                .dbs
+                .iter()
+                .zip(futures_util::future::join_all(sets).await)
+                .map(|(c, r)| {
+                    r.map_err(|source| HostError::Guard {
+                        database: c.database.clone(),
+                        source,
+                    })
+                }),
+        )
     }
 
-    fn cutover_conns(&self) -> Result<Arc<CutoverConns>, String> {
+    fn cutover_conns(&self) -> Result<Arc<CutoverConns>, HostError> {
         self.cutover_conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .ok_or_else(|| "the cutover was not prepared".to_string())
+            .ok_or(HostError::NotPrepared)
     }
 }
 
 impl CutoverHost for Runner {
-    async fn prepare(&self) -> Result<(), String> {
+    async fn prepare(&self) -> Result<(), HostError> {
         let c = &self.ctx().config;
         let mut dbs = Vec::new();
         for db in &self.migration().cfg.databases {
             let names = ReplicationNames::new(&self.migration().cfg.name, db);
             let marker = MarkerConnection::connect(&c.source.with_dbname(db), &names)
                 .await
-                .map_err(|e| e.to_string())?;
-            let source = crate::db::connect(&c.source.with_dbname(db), "source (sequences)")
-                .await
-                .map_err(|e| e.to_string())?;
-            let target = crate::db::connect(&c.target.with_dbname(db), "target (sequences)")
-                .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|source| HostError::MarkerConnection {
+                    database: db.clone(),
+                    source,
+                })?;
+            let source =
+                crate::db::connect(&c.source.with_dbname(db), "source (sequences)").await?;
+            let target =
+                crate::db::connect(&c.target.with_dbname(db), "target (sequences)").await?;
             // The switch's synchronous commit on the same target server
             // flushes these writes before any client runs there.
             target
                 .batch_execute("SET synchronous_commit = off")
                 .await
-                .map_err(|e| crate::db::describe(&e))?;
+                .map_err(|source| HostError::Sql {
+                    database: db.clone(),
+                    what: "configuring the target connection",
+                    source,
+                })?;
             // Tables created by replicated DDL since streaming began get
             // their guard too; this connection lifts it at the switch. Not
             // fatal, as when streaming starts (see `guard_target`).
@@ -676,7 +682,10 @@ impl CutoverHost for Runner {
             }
             let sequences = crate::schema::SequenceSync::prepare(&source, &target)
                 .await
-                .map_err(|e| format!("database {db}: {e}"))?;
+                .map_err(|source| HostError::Sequences {
+                    database: db.clone(),
+                    source,
+                })?;
             dbs.push(CutoverDb {
                 database: db.clone(),
                 marker,
@@ -745,7 +754,7 @@ impl CutoverHost for Runner {
             .collect()
     }
 
-    async fn emit_markers(&self, id: &str) -> Result<(), String> {
+    async fn emit_markers(&self, id: &str) -> Result<(), HostError> {
         let streams = self.streams.lock().await;
         let conns = self.cutover_conns()?;
         let emits = streams.iter().map(|s| async {
@@ -754,31 +763,26 @@ impl CutoverHost for Runner {
                     .emit_marker(&c.marker, id)
                     .await
                     .map(|_| ())
-                    .map_err(|e| e.to_string()),
-                None => Err(format!("no marker connection for database {}", s.database)),
+                    .map_err(HostError::from),
+                None => Err(HostError::NotPrepared),
             }
         });
-        join_errors(futures_util::future::join_all(emits).await)
+        HostError::join(futures_util::future::join_all(emits).await)
     }
 
-    async fn wait_markers(&self, id: &str, timeout: Duration) -> Result<(), String> {
+    async fn wait_markers(&self, id: &str, timeout: Duration) -> Result<(), HostError> {
         let streams = self.streams.lock().await;
         let waits = streams.iter().map(|s| s.wait_marker(id, timeout));
         let results = futures_util::future::join_all(waits).await;
-        join_errors(
-            results
-                .into_iter()
-                .map(|r| r.map_err(|e| e.to_string()))
-                .collect(),
-        )
+        HostError::join(results.into_iter().map(|r| r.map_err(HostError::from)))
     }
 
-    async fn stream_health(&self) -> Result<(), String> {
+    async fn stream_health(&self) -> Result<(), HostError> {
         let streams = self.streams.lock().await;
         streams_health(&streams)
     }
 
-    async fn sync_sequences(&self) -> Result<u64, String> {
+    async fn sync_sequences(&self) -> Result<u64, HostError> {
         let conns = self.cutover_conns()?;
         // Every database at once: each has its own connections.
         let syncs = conns.dbs.iter().map(|c| async move {
@@ -792,13 +796,16 @@ impl CutoverHost for Runner {
             .zip(futures_util::future::join_all(syncs).await)
         {
             n += r
-                .map_err(|e| format!("database {}: {e}", c.database))?
+                .map_err(|source| HostError::Sequences {
+                    database: c.database.clone(),
+                    source,
+                })?
                 .copied as u64;
         }
         Ok(n)
     }
 
-    async fn verify(&self, mode: CutoverVerify) -> Result<String, String> {
+    async fn verify(&self, mode: CutoverVerify) -> Result<String, HostError> {
         let c = &self.ctx().config;
         let vm = match mode {
             CutoverVerify::Checksums => crate::verify::VerifyMode::Checksums,
@@ -807,20 +814,18 @@ impl CutoverHost for Runner {
         let mut tables = 0;
         let mut bad = Vec::new();
         for db in &self.migration().cfg.databases {
-            let r = crate::verify::verify_database(&c.source, &c.target, db, vm)
-                .await
-                .map_err(|e| e.to_string())?;
+            let r = crate::verify::verify_database(&c.source, &c.target, db, vm).await?;
             tables += r.tables.len();
             bad.extend(r.mismatches().map(|t| format!("{db}.{}", t.table)));
         }
         if bad.is_empty() {
             Ok(format!("{tables} table(s) match"))
         } else {
-            Err(bad.join(", "))
+            Err(HostError::Mismatch { tables: bad })
         }
     }
 
-    async fn lift_target_guard(&self) -> Result<(), String> {
+    async fn lift_target_guard(&self) -> Result<(), HostError> {
         self.set_guards(false).await
     }
 
@@ -847,7 +852,7 @@ impl CutoverHost for Runner {
         counts
     }
 
-    async fn finish_replication(&self, drop_slot: bool) -> Result<(), String> {
+    async fn finish_replication(&self, drop_slot: bool) -> Result<(), HostError> {
         for s in self.streams.lock().await.drain(..) {
             s.stop().await;
         }
@@ -873,7 +878,7 @@ impl CutoverHost for Runner {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(errors.join("; "))
+            Err(HostError::Cleanup(errors))
         }
     }
 }
@@ -898,28 +903,17 @@ impl Runner {
     }
 }
 
-/// Cancels everything the runner started (used by shutdown paths).
-/// Ok when every result is; else the errors, joined.
-fn join_errors(results: Vec<Result<(), String>>) -> Result<(), String> {
-    let errors: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors.join("; "))
-    }
-}
-
 /// Ok when every stream is connected and applying; otherwise why not. No
 /// stream at all is not healthy.
-fn streams_health(streams: &[DatabaseStream]) -> Result<(), String> {
+fn streams_health(streams: &[DatabaseStream]) -> Result<(), HostError> {
     if streams.is_empty() {
-        return Err("no database is streaming".into());
+        return Err(HostError::NoStreams);
     }
-    let errors: Vec<Result<(), String>> = streams
-        .iter()
-        .map(|s| s.status.health().map_err(|e| e.to_string()))
-        .collect();
-    join_errors(errors)
+    HostError::join(
+        streams
+            .iter()
+            .map(|s| s.status.health().map_err(HostError::from)),
+    )
 }
 
 pub fn child_token(ctx: &Arc<Context>) -> CancellationToken {
