@@ -649,7 +649,7 @@ async fn marker_resolves_only_after_earlier_transactions_are_visible() {
     let mut rx = a.subscribe();
     let dst_url = p.dst.url(DB);
     let watcher = tokio::spawn(async move {
-        let m = wait_for_marker(&mut rx, "cutover-42", Duration::from_secs(30)).await;
+        let m = wait_for_marker(&mut rx, "cutover-42", Duration::from_secs(120)).await;
         let c = connect(&dst_url).await;
         let n: i64 = c
             .query_one("SELECT count(*) FROM t WHERE id <= 50", &[])
@@ -755,7 +755,7 @@ async fn the_stream_commits_whenever_its_input_runs_empty() {
 /// Updates, deletes and inserts counted by the target's statistics, after
 /// the applier's backend exited (which flushes them).
 async fn target_tuple_counts(p: &Pair, table: &str) -> String {
-    wait_until(Duration::from_secs(10), || {
+    wait_until(Duration::from_secs(120), || {
         p.dst
             .psql(
                 DB,
