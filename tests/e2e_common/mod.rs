@@ -124,28 +124,10 @@ impl Pgshift {
         (code == 200).then(|| serde_json::from_str(&body).ok())?
     }
 
-    /// Polls /status until `f` holds; panics with the last status and the logs.
+    /// Polls /status until `f` holds, at most `timeout`; panics with the
+    /// last status and the logs.
     pub fn wait_status(&self, what: &str, timeout: Duration, f: impl Fn(&Value) -> bool) -> Value {
-        let start = Instant::now();
-        let mut last = Value::Null;
-        while start.elapsed() < timeout {
-            if let Some(s) = self.status() {
-                if f(&s) {
-                    eprintln!(
-                        "{what}: reached after {:.1}s",
-                        start.elapsed().as_secs_f64()
-                    );
-                    return s;
-                }
-                last = s;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "timed out waiting for {what}; last status:\n{}\n{}",
-            serde_json::to_string_pretty(&last).unwrap_or_default(),
-            self.logs()
-        )
+        self.wait_status_progress(what, timeout, |_| String::new(), f)
     }
 
     /// Polls /status until `f` holds, for as long as `progress` (e.g. the
