@@ -482,16 +482,24 @@ async fn run_case(source: &Cluster, target: &Cluster, i: usize, case: &Case) {
     let metrics = CutoverMetrics::new(&ctx.registry);
     let last = LastCutover::default();
 
-    let report = protocol::run(&ctx, &migration, &host, &metrics, &last, format!("c{i}")).await;
+    let report = protocol::run(
+        &ctx,
+        migration.as_ref(),
+        &host,
+        &metrics,
+        &last,
+        format!("c{i}"),
+    )
+    .await;
 
     let calls = host.calls();
     let phase = |name: &str| report.phases.iter().find(|p| p.phase == name);
-    assert_eq!(report.outcome, case.outcome, "{what}: {report:?}");
+    assert_eq!(report.outcome.as_str(), case.outcome, "{what}: {report:?}");
     let reason = report.reason.clone().unwrap_or_default();
     assert!(reason.contains(case.reason), "{what}: reason {reason:?}");
     if let Some((name, outcome)) = case.failed_phase {
         let p = phase(name).unwrap_or_else(|| panic!("{what}: no phase {name}: {report:?}"));
-        assert_eq!(p.outcome, outcome, "{what}: {p:?}");
+        assert_eq!(p.outcome.as_str(), outcome, "{what}: {p:?}");
         assert!(
             p.detail.as_deref().unwrap_or("").contains("injected")
                 || case.fault == Fault::FenceFails
@@ -500,7 +508,7 @@ async fn run_case(source: &Cluster, target: &Cluster, i: usize, case: &Case) {
             "{what}: {p:?}"
         );
     }
-    assert_eq!(last.get().map(|r| r.outcome), Some(report.outcome.clone()));
+    assert_eq!(last.get().map(|r| r.outcome), Some(report.outcome));
 
     // The gate: closed only when the case reaches it, and open at the end,
     // reopened on the source (abort) or by the switch (success).

@@ -18,7 +18,6 @@ use serde_json::Value;
 use super::fence::{self, FenceRecord};
 use crate::config::{CutoverConfig, CutoverVerify, OnDrainTimeout};
 use crate::context::Context;
-use crate::migration::{Migration, State, Substate};
 use crate::telemetry::status::Report;
 
 /// Why a [`CutoverHost`] step failed: typed, so the protocol (and whatever
@@ -166,11 +165,118 @@ pub trait CutoverHost: Send + Sync {
     ) -> impl Future<Output = Result<(), HostError>> + Send;
 }
 
+/// A ledger step failed (the migration's control store, for the runner).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LedgerError(pub Box<dyn std::error::Error + Send + Sync>);
+
+/// Where the migration goes once an attempt has ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AfterAttempt {
+    /// Clients run on the target: the migration has succeeded.
+    Succeeded,
+    /// The attempt ended and replication is not healthy: back to streaming
+    /// until it is (the reason says why).
+    WaitingForReplication(String),
+    /// The attempt ended; another may be triggered (with why this one ended).
+    WaitingForTrigger(Option<String>),
+}
+
+/// Where attempts are recorded and how the migration's state follows them.
+/// The protocol decides; the ledger persists (implemented by
+/// `migration::Migration` over the control store on the target), so the
+/// cutover never imports the migration that runs it.
+pub trait CutoverLedger: Send + Sync {
+    /// The migrated databases (the fence covers them).
+    fn databases(&self) -> Vec<String>;
+    /// The attempt begins: the migration is completing.
+    fn begin(&self) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    /// Saves the attempt's report (`doc`: the report, with `fence` while a
+    /// fence may be up), so a restarted pgshift knows what to undo.
+    fn save_attempt(
+        &self,
+        id: &str,
+        outcome: Outcome,
+        reason: Option<&str>,
+        doc: &Value,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    /// The point of no return, persisted (synchronously) before any session
+    /// moves: a restart never comes back on the source.
+    fn mark_switched(&self) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    /// Moves the migration to where it goes after the attempt.
+    fn end(&self, next: AfterAttempt) -> impl Future<Output = Result<(), LedgerError>> + Send;
+}
+
+/// How an attempt ended (or that it is still running).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Running,
+    /// Past the point of no return: clients run on the target.
+    Succeeded,
+    /// Stopped before the point of no return; everything was undone.
+    Aborted,
+    /// Could not start (the migration's state could not be persisted).
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Running => "running",
+            Outcome::Succeeded => "succeeded",
+            Outcome::Aborted => "aborted",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How one phase ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PhaseOutcome {
+    Ok,
+    Failed,
+    /// The phase's bound ran out (drain, marker).
+    Timeout,
+}
+
+impl PhaseOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PhaseOutcome::Ok => "ok",
+            PhaseOutcome::Failed => "failed",
+            PhaseOutcome::Timeout => "timeout",
+        }
+    }
+}
+
+/// Why a step of the attempt (other than a host step) failed.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    #[error("{0}")]
+    Host(#[from] HostError),
+    #[error("{0}")]
+    Fence(#[from] fence::FenceError),
+    #[error("cannot persist the fence record: {0}")]
+    PersistFence(LedgerError),
+    #[error("cannot lift the target's guard: {0}")]
+    Guard(HostError),
+    #[error("cannot persist the switch: {0}")]
+    PersistSwitch(LedgerError),
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PhaseReport {
     pub phase: String,
     pub seconds: f64,
-    pub outcome: String,
+    pub outcome: PhaseOutcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
@@ -179,8 +285,7 @@ pub struct PhaseReport {
 pub struct CutoverReport {
     pub id: String,
     pub started_at: String,
-    /// running | succeeded | aborted | failed
-    pub outcome: String,
+    pub outcome: Outcome,
     pub reason: Option<String>,
     pub phases: Vec<PhaseReport>,
     /// Gate closed → gate opened, as clients experienced it.
@@ -296,9 +401,9 @@ struct Abort {
 }
 
 /// One cutover attempt in progress.
-struct Attempt<'a, H: CutoverHost> {
+struct Attempt<'a, H: CutoverHost, L: CutoverLedger> {
     ctx: &'a Arc<Context>,
-    migration: &'a Migration,
+    ledger: &'a L,
     host: &'a H,
     cfg: &'a CutoverConfig,
     metrics: &'a CutoverMetrics,
@@ -316,7 +421,7 @@ struct Attempt<'a, H: CutoverHost> {
     guard_lifted: bool,
 }
 
-impl<H: CutoverHost> Attempt<'_, H> {
+impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
     fn publish(&self) {
         self.last.set(self.report.clone());
     }
@@ -325,7 +430,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
         &mut self,
         phase: &'static str,
         started: Instant,
-        outcome: &str,
+        outcome: PhaseOutcome,
         detail: Option<String>,
     ) {
         self.record_took(phase, started.elapsed(), outcome, detail);
@@ -335,7 +440,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
         &mut self,
         phase: &'static str,
         took: Duration,
-        outcome: &str,
+        outcome: PhaseOutcome,
         detail: Option<String>,
     ) {
         let seconds = took.as_secs_f64();
@@ -347,14 +452,14 @@ impl<H: CutoverHost> Attempt<'_, H> {
             cutover = %self.report.id,
             phase,
             seconds = format!("{seconds:.3}"),
-            outcome,
+            outcome = outcome.as_str(),
             detail = detail.as_deref().unwrap_or(""),
             "cutover phase"
         );
         self.report.phases.push(PhaseReport {
             phase: phase.to_string(),
             seconds,
-            outcome: outcome.to_string(),
+            outcome,
             detail,
         });
         self.publish();
@@ -366,7 +471,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
         self.record(
             "prewarm",
             t,
-            "ok",
+            PhaseOutcome::Ok,
             Some(format!("{n} backend(s) ready on the target")),
         );
     }
@@ -400,12 +505,12 @@ impl<H: CutoverHost> Attempt<'_, H> {
                     ),
                     Ok(()) => e.to_string(),
                 };
-                self.record("catchup", t, "failed", Some(reason.clone()));
+                self.record("catchup", t, PhaseOutcome::Failed, Some(reason.clone()));
                 return Err(Abort { reason });
             }
             if round.elapsed() <= CATCHUP_ROUND_FITS || t.elapsed() >= bound {
                 let detail = (rounds > 1).then(|| format!("{rounds} rounds"));
-                self.record("catchup", t, "ok", detail);
+                self.record("catchup", t, PhaseOutcome::Ok, detail);
                 return Ok(());
             }
         }
@@ -421,13 +526,13 @@ impl<H: CutoverHost> Attempt<'_, H> {
         let t = Instant::now();
         self.host.close_gate();
         self.gate_closed_at = Some(t);
-        self.record("gate", t, "ok", None);
+        self.record("gate", t, PhaseOutcome::Ok, None);
     }
 
     async fn drain(&mut self) -> Result<(), Abort> {
         let t = Instant::now();
         if self.host.wait_idle(self.cfg.drain_timeout.0).await {
-            self.record("drain", t, "ok", None);
+            self.record("drain", t, PhaseOutcome::Ok, None);
             return Ok(());
         }
         let open = self.host.in_transaction();
@@ -437,7 +542,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
                     "{open} session(s) still inside a transaction after drain_timeout {:?}",
                     self.cfg.drain_timeout.0
                 );
-                self.record("drain", t, "timeout", Some(reason.clone()));
+                self.record("drain", t, PhaseOutcome::Timeout, Some(reason.clone()));
                 Err(Abort { reason })
             }
             OnDrainTimeout::Cancel => {
@@ -453,10 +558,10 @@ impl<H: CutoverHost> Attempt<'_, H> {
                 if !self.host.wait_idle(grace).await {
                     let reason =
                         format!("sessions still inside a transaction after cancel: {detail}");
-                    self.record("drain", t, "timeout", Some(reason.clone()));
+                    self.record("drain", t, PhaseOutcome::Timeout, Some(reason.clone()));
                     return Err(Abort { reason });
                 }
-                self.record("drain", t, "ok", Some(detail));
+                self.record("drain", t, PhaseOutcome::Ok, Some(detail));
                 Ok(())
             }
         }
@@ -468,26 +573,22 @@ impl<H: CutoverHost> Attempt<'_, H> {
     /// read here, which is harmless when the fence never went up.
     /// Returns how many sessions bypass the proxy now (logged: the fence
     /// will terminate them).
-    async fn plan_fence(&mut self, admin: &tokio_postgres::Client) -> Result<u64, String> {
-        let dbs = self.migration.cfg.databases.clone();
-        let rec = fence::plan(admin, &dbs, &self.cfg.fence_roles)
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn plan_fence(&mut self, admin: &tokio_postgres::Client) -> Result<u64, StepError> {
+        let dbs = self.ledger.databases();
+        let rec = fence::plan(admin, &dbs, &self.cfg.fence_roles).await?;
         self.persist_running(Some(&rec))
             .await
-            .map_err(|e| format!("cannot persist the fence record: {e}"))?;
-        let n = fence::count_bypassing(admin, &rec, &self.host.source_backend_pids())
-            .await
-            .map_err(|e| e.to_string());
+            .map_err(StepError::PersistFence)?;
+        let n = fence::count_bypassing(admin, &rec, &self.host.source_backend_pids()).await;
         self.planned_fence = Some(rec);
-        n
+        Ok(n?)
     }
 
     async fn fence(&mut self, admin: &tokio_postgres::Client) -> Result<(), Abort> {
         let t = Instant::now();
         let Some(mut rec) = self.planned_fence.take() else {
             let reason = "the fence was not planned".to_string();
-            self.record("fence", t, "failed", Some(reason.clone()));
+            self.record("fence", t, PhaseOutcome::Failed, Some(reason.clone()));
             return Err(Abort { reason });
         };
         // From here on an abort lifts it, also when only part of it went up.
@@ -501,7 +602,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
                     // persisted before the gate closed must say what to restore.
                     if let Err(e) = self.persist_running(Some(&rec)).await {
                         let reason = format!("cannot persist the corrected fence record: {e}");
-                        self.record("fence", t, "failed", Some(reason.clone()));
+                        self.record("fence", t, PhaseOutcome::Failed, Some(reason.clone()));
                         return Err(Abort { reason });
                     }
                 }
@@ -509,11 +610,11 @@ impl<H: CutoverHost> Attempt<'_, H> {
                     "terminated {} session(s) that bypassed the proxy",
                     rec.terminated_sessions
                 );
-                self.record("fence", t, "ok", Some(detail));
+                self.record("fence", t, PhaseOutcome::Ok, Some(detail));
                 Ok(())
             }
             Err(e) => {
-                self.record("fence", t, "failed", Some(e.to_string()));
+                self.record("fence", t, PhaseOutcome::Failed, Some(e.to_string()));
                 Err(Abort {
                     reason: e.to_string(),
                 })
@@ -523,17 +624,13 @@ impl<H: CutoverHost> Attempt<'_, H> {
 
     /// Saves the attempt as running (with the fence record once there is one),
     /// so a restarted pgshift knows an attempt was interrupted and what to undo.
-    async fn persist_running(
-        &self,
-        fence: Option<&FenceRecord>,
-    ) -> Result<(), crate::migration::ControlError> {
+    async fn persist_running(&self, fence: Option<&FenceRecord>) -> Result<(), LedgerError> {
         let mut doc = serde_json::to_value(&self.report).unwrap_or_default();
         if let Some(rec) = fence {
             doc["fence"] = serde_json::to_value(rec).unwrap_or_default();
         }
-        self.migration
-            .control()
-            .save_cutover_attempt(&self.report.id, "running", None, &doc)
+        self.ledger
+            .save_attempt(&self.report.id, Outcome::Running, None, &doc)
             .await
     }
 
@@ -609,11 +706,16 @@ impl<H: CutoverHost> Attempt<'_, H> {
         );
         let check = match check {
             Ok(detail) => {
-                self.record_took("fence_check", check_took, "ok", Some(detail));
+                self.record_took("fence_check", check_took, PhaseOutcome::Ok, Some(detail));
                 Ok(())
             }
             Err(e) => {
-                self.record_took("fence_check", check_took, "failed", Some(e.to_string()));
+                self.record_took(
+                    "fence_check",
+                    check_took,
+                    PhaseOutcome::Failed,
+                    Some(e.to_string()),
+                );
                 Err(Abort {
                     reason: e.to_string(),
                 })
@@ -621,12 +723,17 @@ impl<H: CutoverHost> Attempt<'_, H> {
         };
         let marker = match marker {
             Ok(()) => {
-                self.record_took("marker", marker_took, "ok", None);
+                self.record_took("marker", marker_took, PhaseOutcome::Ok, None);
                 Ok(())
             }
             Err(e) => {
                 let reason = format!("target did not catch up: {e}");
-                self.record_took("marker", marker_took, "timeout", Some(reason.clone()));
+                self.record_took(
+                    "marker",
+                    marker_took,
+                    PhaseOutcome::Timeout,
+                    Some(reason.clone()),
+                );
                 Err(Abort { reason })
             }
         };
@@ -640,13 +747,18 @@ impl<H: CutoverHost> Attempt<'_, H> {
                 self.record_took(
                     "sequences",
                     seqs_took,
-                    "ok",
+                    PhaseOutcome::Ok,
                     Some(format!("{n} sequence(s), while the marker was awaited")),
                 );
                 Ok(())
             }
             Err(e) => {
-                self.record_took("sequences", seqs_took, "failed", Some(e.to_string()));
+                self.record_took(
+                    "sequences",
+                    seqs_took,
+                    PhaseOutcome::Failed,
+                    Some(e.to_string()),
+                );
                 Err(Abort {
                     reason: format!("sequence sync failed: {e}"),
                 })
@@ -662,11 +774,11 @@ impl<H: CutoverHost> Attempt<'_, H> {
         let t = Instant::now();
         match self.host.verify(self.cfg.verify).await {
             Ok(summary) => {
-                self.record("verify", t, "ok", Some(summary));
+                self.record("verify", t, PhaseOutcome::Ok, Some(summary));
                 Ok(())
             }
             Err(e) => {
-                self.record("verify", t, "failed", Some(e.to_string()));
+                self.record("verify", t, PhaseOutcome::Failed, Some(e.to_string()));
                 Err(Abort {
                     reason: format!("verification found differences: {e}"),
                 })
@@ -675,7 +787,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
     }
 
     /// Point of no return: persisted first, so a restart never comes back on the source.
-    async fn switch(&mut self) -> Result<(), String> {
+    async fn switch(&mut self) -> Result<(), StepError> {
         let t = Instant::now();
         // Before the switch is persisted, so a failure here is an abort; its
         // commit is flushed by the switch's own synchronous one.
@@ -683,12 +795,12 @@ impl<H: CutoverHost> Attempt<'_, H> {
         self.host
             .lift_target_guard()
             .await
-            .map_err(|e| format!("cannot lift the target's guard: {e}"))?;
+            .map_err(StepError::Guard)?;
         let lifted = t.elapsed();
-        self.migration
+        self.ledger
             .mark_switched()
             .await
-            .map_err(|e| format!("cannot persist the switch: {e}"))?;
+            .map_err(StepError::PersistSwitch)?;
         let persisted = t.elapsed() - lifted;
         let (moved, dropped) = self.host.switch_to_target().await;
         let switched = t.elapsed() - persisted - lifted;
@@ -704,7 +816,7 @@ impl<H: CutoverHost> Attempt<'_, H> {
         self.record(
             "switch",
             t,
-            "ok",
+            PhaseOutcome::Ok,
             Some(format!(
                 "{moved} session(s) moved, {dropped} dropped (target guard lifted in {:.1} ms, persisted in {:.1} ms, moved in {:.1} ms)",
                 lifted.as_secs_f64() * 1000.0,
@@ -760,10 +872,10 @@ impl<H: CutoverHost> Attempt<'_, H> {
         self.record(
             "abort",
             t,
-            "ok",
+            PhaseOutcome::Ok,
             (!detail.is_empty()).then(|| detail.join("; ")),
         );
-        self.report.outcome = "aborted".into();
+        self.report.outcome = Outcome::Aborted;
         self.report.reason = Some(reason);
     }
 }
@@ -771,9 +883,9 @@ impl<H: CutoverHost> Attempt<'_, H> {
 /// Runs one cutover attempt to its end. The migration must be in
 /// WaitingForCutoverTrigger; afterwards it is Succeeded/Completed, or back in
 /// WaitingForCutoverTrigger with the reason recorded.
-pub async fn run<H: CutoverHost>(
+pub async fn run<H: CutoverHost, L: CutoverLedger>(
     ctx: &Arc<Context>,
-    migration: &Migration,
+    ledger: &L,
     host: &H,
     metrics: &CutoverMetrics,
     last: &LastCutover,
@@ -782,7 +894,7 @@ pub async fn run<H: CutoverHost>(
     let cfg = ctx.config.cutover().clone();
     let mut a = Attempt {
         ctx,
-        migration,
+        ledger,
         host,
         cfg: &cfg,
         metrics,
@@ -790,7 +902,7 @@ pub async fn run<H: CutoverHost>(
         report: CutoverReport {
             id: id.clone(),
             started_at: chrono::Utc::now().to_rfc3339(),
-            outcome: "running".into(),
+            outcome: Outcome::Running,
             reason: None,
             phases: vec![],
             pause_seconds: None,
@@ -805,11 +917,8 @@ pub async fn run<H: CutoverHost>(
     };
     a.publish();
     tracing::info!(cutover = %id, "cutover started");
-    if let Err(e) = migration
-        .transition(State::InProgress, Substate::CompletingMigration, None)
-        .await
-    {
-        a.report.outcome = "failed".into();
+    if let Err(e) = ledger.begin().await {
+        a.report.outcome = Outcome::Failed;
         a.report.reason = Some(format!("cannot persist state: {e}"));
         a.publish();
         return finish(a).await;
@@ -822,7 +931,7 @@ pub async fn run<H: CutoverHost>(
     // A stream known to be broken cannot deliver the marker: refuse before
     // anything, clients never paused.
     if let Err(e) = host.stream_health().await {
-        a.report.outcome = "aborted".into();
+        a.report.outcome = Outcome::Aborted;
         a.report.reason = Some(format!("replication is not healthy: {e}"));
         return finish(a).await;
     }
@@ -837,20 +946,20 @@ pub async fn run<H: CutoverHost>(
     let t = Instant::now();
     let prepared = match host.prepare().await {
         Ok(()) => a.plan_fence(&admin).await,
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(StepError::Host(e)),
     };
     match prepared {
         Ok(bypassing) => a.record(
             "prepare",
             t,
-            "ok",
+            PhaseOutcome::Ok,
             (bypassing > 0).then(|| {
                 format!("{bypassing} session(s) bypass the proxy; the fence will terminate them")
             }),
         ),
         Err(e) => {
-            a.record("prepare", t, "failed", Some(e.clone()));
-            a.report.outcome = "aborted".into();
+            a.record("prepare", t, PhaseOutcome::Failed, Some(e.to_string()));
+            a.report.outcome = Outcome::Aborted;
             a.report.reason = Some(format!("cannot prepare the cutover: {e}"));
             return finish(a).await;
         }
@@ -881,8 +990,8 @@ pub async fn run<H: CutoverHost>(
         a.abort(Some(&admin), reason).await;
         return finish(a).await;
     }
-    if let Err(reason) = a.switch().await {
-        a.abort(Some(&admin), reason).await;
+    if let Err(e) = a.switch().await {
+        a.abort(Some(&admin), e.to_string()).await;
         return finish(a).await;
     }
     a.failpoint("switch").await;
@@ -891,15 +1000,15 @@ pub async fn run<H: CutoverHost>(
     // is cleanup; a failure is reported but never undoes the switch.
     let t = Instant::now();
     match host.finish_replication(cfg.drop_slot_after_cutover).await {
-        Ok(()) => a.record("cleanup", t, "ok", None),
-        Err(e) => a.record("cleanup", t, "failed", Some(e.to_string())),
+        Ok(()) => a.record("cleanup", t, PhaseOutcome::Ok, None),
+        Err(e) => a.record("cleanup", t, PhaseOutcome::Failed, Some(e.to_string())),
     }
-    a.report.outcome = "succeeded".into();
+    a.report.outcome = Outcome::Succeeded;
     finish(a).await
 }
 
 /// Persists the outcome and moves the migration to its next state.
-async fn finish<H: CutoverHost>(a: Attempt<'_, H>) -> CutoverReport {
+async fn finish<H: CutoverHost, L: CutoverLedger>(a: Attempt<'_, H, L>) -> CutoverReport {
     let r = a.report.clone();
     a.metrics
         .attempts
@@ -913,36 +1022,29 @@ async fn finish<H: CutoverHost>(a: Attempt<'_, H>) -> CutoverReport {
     }
     let json = serde_json::to_value(&r).unwrap_or(Value::Null);
     if let Err(e) = a
-        .migration
-        .control()
-        .save_cutover_attempt(&r.id, &r.outcome, r.reason.as_deref(), &json)
+        .ledger
+        .save_attempt(&r.id, r.outcome, r.reason.as_deref(), &json)
         .await
     {
         tracing::error!("cannot record the cutover attempt: {e}");
     }
-    let next = if r.outcome == "succeeded" {
-        (State::Succeeded, Substate::Completed, None)
+    let next = if r.outcome == Outcome::Succeeded {
+        AfterAttempt::Succeeded
     } else if let Err(e) = a.host.stream_health().await {
         // Not ready for another attempt until replication is healthy again.
-        (
-            State::InProgress,
-            Substate::MigratingData,
-            Some(format!(
-                "last cutover attempt {}: {}; waiting for replication: {e}",
-                r.outcome,
-                r.reason.clone().unwrap_or_default()
-            )),
-        )
+        AfterAttempt::WaitingForReplication(format!(
+            "last cutover attempt {}: {}; waiting for replication: {e}",
+            r.outcome,
+            r.reason.clone().unwrap_or_default()
+        ))
     } else {
-        (
-            State::WaitingForUserAction,
-            Substate::WaitingForCutoverTrigger,
+        AfterAttempt::WaitingForTrigger(
             r.reason
                 .clone()
                 .map(|x| format!("last cutover attempt {}: {x}", r.outcome)),
         )
     };
-    if let Err(e) = a.migration.transition(next.0, next.1, next.2).await {
+    if let Err(e) = a.ledger.end(next).await {
         tracing::error!("cannot persist the state after cutover: {e}");
     }
     tracing::info!(

@@ -3,6 +3,7 @@
 //! control schema on the target, and exported as `pgshift_migration_state`.
 
 pub mod control;
+mod ledger;
 pub mod pipeline;
 pub mod runner;
 pub mod state;

@@ -426,7 +426,7 @@ impl Runner {
             let ctx = this.ctx().clone();
             protocol::run(
                 &ctx,
-                this.migration(),
+                this.migration().as_ref(),
                 this.as_ref(),
                 &this.cutover_metrics,
                 &this.last_cutover,
