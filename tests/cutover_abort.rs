@@ -62,7 +62,9 @@ async fn held_transaction_aborts_then_second_cutover_succeeds() {
     let shift = Shift::start(
         &pair,
         "",
-        "drain_timeout = \"1s\"\ncatchup_timeout = \"20s\"",
+        // Long enough for the writer's in-flight insert to finish on a
+        // loaded machine (the second attempt); the held transaction never does.
+        "drain_timeout = \"5s\"\ncatchup_timeout = \"20s\"",
         &[],
     );
     shift.wait_streaming().await;
@@ -387,7 +389,17 @@ async fn cancel_with_token_releases_the_source() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_requests_start_one_attempt_and_cancel_waits() {
     let pair = Pair::start();
-    let shift = Shift::start(&pair, "", "drain_timeout = \"2s\"", &[]);
+    // The attempt holds after pre-warming until `release` exists, so the
+    // cancel below meets it running however slow the machine is.
+    let dir = tempfile::tempdir().unwrap();
+    let release = dir.path().join("release");
+    let failpoint = format!("hold:prewarm:{}", release.display());
+    let shift = Shift::start(
+        &pair,
+        "",
+        "drain_timeout = \"2s\"",
+        &[("PGSHIFT_FAILPOINT", failpoint.as_str())],
+    );
     shift.wait_streaming().await;
     let held = connect(&shift.url()).await;
     held.batch_execute("BEGIN; SELECT 1").await.unwrap();
@@ -411,6 +423,7 @@ async fn concurrent_requests_start_one_attempt_and_cancel_waits() {
         }
         other => panic!("expected 409, got {other:?}"),
     }
+    std::fs::write(&release, b"go").unwrap();
     let ok = wait_until(Duration::from_secs(120), || {
         pair.target.psql(
             "postgres",
