@@ -45,6 +45,17 @@ pub enum HostError {
     /// A connection the cutover needs failed.
     #[error("{0}")]
     Connect(#[from] crate::db::DbError),
+    /// The target cannot take every session that would move to it.
+    #[error(
+        "the target accepts {} but {sessions} client session(s) and {own} of pgshift's move to it at the switch; \
+         make room: ALTER SYSTEM SET max_connections = {}; then restart the target server",
+        .slots.describe(), .slots.max_connections_for(*.sessions + *.own)
+    )]
+    NoRoom {
+        slots: crate::pg::activity::Slots,
+        sessions: i32,
+        own: i32,
+    },
     /// A statement on a database failed.
     #[error("database {database}: {what}: {}", crate::db::describe(.source))]
     Sql {

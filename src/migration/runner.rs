@@ -639,6 +639,41 @@ impl Runner {
         )
     }
 
+    /// Before anything of the cutover: every live session gets a backend
+    /// on the target (pre-warmed now, used after the switch), and the
+    /// cutover opens one connection per database there. A target that
+    /// cannot take them all would drop sessions at the switch: refused
+    /// here, before clients are paused, with the setting that makes room.
+    async fn check_target_room(&self) -> Result<(), HostError> {
+        let target = &self.ctx().config.target;
+        let c = crate::db::connect(target, "target (connection slots)").await?;
+        let sql_err = |source| HostError::Sql {
+            database: target.dbname.clone(),
+            what: "reading the connection slots",
+            source,
+        };
+        let v = crate::pg::Version::of(&c).await.map_err(sql_err)?;
+        let slots = crate::pg::activity::Slots::of(&c, v)
+            .await
+            .map_err(sql_err)?;
+        drop(c);
+        // Without the reading connection, closed again.
+        let slots = crate::pg::activity::Slots {
+            used: (slots.used - 1).max(0),
+            ..slots
+        };
+        let sessions = i32::try_from(self.pipeline.proxy.sessions().len()).unwrap_or(i32::MAX);
+        let own = i32::try_from(self.migration().cfg.databases.len()).unwrap_or(i32::MAX);
+        if sessions.saturating_add(own) > slots.free() {
+            return Err(HostError::NoRoom {
+                slots,
+                sessions,
+                own,
+            });
+        }
+        Ok(())
+    }
+
     fn cutover_conns(&self) -> Result<Arc<CutoverConns>, HostError> {
         self.cutover_conns
             .lock()
@@ -651,6 +686,7 @@ impl Runner {
 impl CutoverHost for Runner {
     async fn prepare(&self) -> Result<(), HostError> {
         let c = &self.ctx().config;
+        self.check_target_room().await?;
         let mut dbs = Vec::new();
         for db in &self.migration().cfg.databases {
             let names = ReplicationNames::new(&self.migration().cfg.name, db);

@@ -386,8 +386,64 @@ pub async fn target_checks(
         out.push(preload_libraries_check(s, t));
     }
     out.push(createdb_check(t));
+    out.push(connection_room_check(t, source, m).await);
     out.extend(target_privilege_checks(t, m, ep).await);
     out
+}
+
+/// At the switch every client session of the migrated databases gets a
+/// backend on the target, and pgshift holds its own there (apply and the
+/// cutover's, per database, and the control store). A target with fewer
+/// free slots would drop sessions at the cutover (which then refuses to
+/// start): said now, with the setting that makes room. A warning: how many
+/// sessions there are at cutover time is not known yet.
+async fn connection_room_check(t: &Server, source: Option<&Server>, m: &MigrationConfig) -> Check {
+    const NAME: &str = "connection_room";
+    let slots =
+        match crate::pg::activity::Slots::of(&t.client, crate::pg::Version(t.version_num)).await {
+            Ok(s) => s,
+            Err(e) => {
+                return Check::warning(
+                    NAME,
+                    "target",
+                    format!("cannot read the connection slots: {}", pg_error_text(&e)),
+                    "make sure the target user may read pg_stat_activity",
+                );
+            }
+        };
+    // Without the validation's own connection.
+    let slots = crate::pg::activity::Slots {
+        used: (slots.used - 1).max(0),
+        ..slots
+    };
+    let sessions: i64 = match source {
+        Some(s) => s
+            .client
+            .query_one(crate::pg::activity::CLIENT_BACKENDS_SQL, &[&m.databases])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0),
+        None => 0,
+    };
+    let sessions = i32::try_from(sessions).unwrap_or(i32::MAX);
+    let own = i32::try_from(2 * m.databases.len() + 1).unwrap_or(i32::MAX);
+    let found = format!(
+        "the target accepts {}; the source has {sessions} client session(s) on the migrated databases now, each moving to the target at the cutover, and pgshift needs {own}",
+        slots.describe()
+    );
+    if sessions.saturating_add(own) > slots.free() {
+        Check::warning(
+            NAME,
+            "target",
+            found,
+            format!(
+                "make room on the target before the cutover: ALTER SYSTEM SET max_connections = {}; then restart the target server",
+                slots.max_connections_for(sessions.saturating_add(own))
+            ),
+        )
+    } else {
+        Check::succeeded(NAME, "target", found)
+    }
 }
 
 /// Migrating a server onto itself would drop the source databases (overwrite)
