@@ -47,30 +47,53 @@ fn fetched_dir(program: &str) -> Option<PathBuf> {
         .find(|d| d.join(program).is_file())
 }
 
+/// Why [`fetch`] found no PostgreSQL.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{} is not there to fetch PostgreSQL", .script.display())]
+    NoScript { script: PathBuf },
+    #[error("running {}: {source}", .script.display())]
+    Run {
+        script: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} {args} failed ({status})", .script.display())]
+    Failed {
+        script: PathBuf,
+        args: String,
+        status: std::process::ExitStatus,
+    },
+    #[error("{} printed no directory", .script.display())]
+    NoDirectory { script: PathBuf },
+}
+
 /// Runs scripts/fetch-pg.sh (of the source tree pgshift was built from)
 /// with `args`, returning the last bin directory it prints.
-pub fn fetch(args: &[&str]) -> Result<PathBuf, String> {
+pub fn fetch(args: &[&str]) -> Result<PathBuf, FetchError> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-pg.sh");
     if !script.is_file() {
-        return Err(format!(
-            "{} is not there to fetch PostgreSQL",
-            script.display()
-        ));
+        return Err(FetchError::NoScript { script });
     }
-    let out = std::process::Command::new("bash")
+    let out = match std::process::Command::new("bash")
         .arg(&script)
         .args(args)
         .stderr(std::process::Stdio::inherit())
         .output()
-        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    {
+        Ok(out) => out,
+        Err(source) => return Err(FetchError::Run { script, source }),
+    };
     if !out.status.success() {
-        return Err(format!("{} {} failed", script.display(), args.join(" ")));
+        return Err(FetchError::Failed {
+            script,
+            args: args.join(" "),
+            status: out.status,
+        });
     }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .map(PathBuf::from)
-        .ok_or_else(|| format!("{} printed no directory", script.display()))
+    match String::from_utf8_lossy(&out.stdout).lines().last() {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => Err(FetchError::NoDirectory { script }),
+    }
 }
 
 /// The full path of `program`, or None.

@@ -582,22 +582,27 @@ impl Pipeline {
     }
 }
 
+/// Why offline mode's snapshot could not be exported.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error("{0}")]
+    Connect(#[from] crate::db::DbError),
+    #[error("{}", crate::db::describe(.0))]
+    Query(#[from] tokio_postgres::Error),
+}
+
 /// Offline mode's snapshot: a REPEATABLE READ transaction that exports its
 /// snapshot and stays open (returned) until the copy no longer needs it.
 async fn export_snapshot(
     source: &crate::config::Endpoint,
     db: &str,
-) -> Result<(tokio_postgres::Client, String), String> {
-    let c = crate::db::connect(&source.with_dbname(db), "source (snapshot)")
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(tokio_postgres::Client, String), SnapshotError> {
+    let c = crate::db::connect(&source.with_dbname(db), "source (snapshot)").await?;
     c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .await
-        .map_err(|e| crate::db::describe(&e))?;
+        .await?;
     let snap: String = c
         .query_one("SELECT pg_export_snapshot()", &[])
-        .await
-        .map_err(|e| crate::db::describe(&e))?
+        .await?
         .get(0);
     Ok((c, snap))
 }
