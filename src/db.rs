@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 
 use crate::config::{Endpoint, SslMode};
 
-pub mod tls;
+pub(crate) mod tls;
 
 #[derive(Debug, Error)]
 pub enum DbError {
@@ -57,7 +57,7 @@ pub async fn connect(ep: &Endpoint, what: &str) -> Result<Client, DbError> {
 /// the connection's `label`: at DEBUG, WARNINGs at WARN. (Awaiting the
 /// connection itself would log every NOTICE at INFO, e.g. each
 /// `DROP … IF EXISTS` that found nothing.)
-pub async fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>, label: String)
+pub(crate) async fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>, label: String)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -100,7 +100,7 @@ pub fn quote_ident(s: &str) -> String {
 }
 
 /// Quotes a string literal for SQL (`'it''s'`).
-pub fn quote_literal(s: &str) -> String {
+pub(crate) fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
@@ -126,7 +126,7 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 
 /// [`describe`], followed by the causes tokio-postgres keeps out of its own
 /// message ("error performing TLS handshake: invalid peer certificate: …").
-pub fn describe_chain(e: &tokio_postgres::Error) -> String {
+fn describe_chain(e: &tokio_postgres::Error) -> String {
     let mut s = describe(e);
     if e.as_db_error().is_some() {
         return s;

@@ -10,7 +10,7 @@ pub fn server_bin_dir() -> Option<PathBuf> {
 }
 
 /// The directory holding `program`, searched as described above.
-pub fn find_dir(program: &str) -> Option<PathBuf> {
+fn find_dir(program: &str) -> Option<PathBuf> {
     if let Ok(d) = std::env::var("PG_BIN") {
         let p = PathBuf::from(d);
         if p.join(program).is_file() {
@@ -166,7 +166,7 @@ pub fn dir_major(dir: &Path, program: &str) -> Option<i32> {
 
 /// The version of a PostgreSQL program as `server_version_num` would say
 /// it (150008 for 15.8), from its `--version`.
-pub fn program_version(path: &Path) -> Option<i32> {
+pub(crate) fn program_version(path: &Path) -> Option<i32> {
     let out = std::process::Command::new(path)
         .arg("--version")
         .stdin(std::process::Stdio::null())
@@ -179,7 +179,7 @@ pub fn program_version(path: &Path) -> Option<i32> {
 }
 
 /// `pg_dump (PostgreSQL) 15.8 (Debian 15.8-1)` → 150008; `9.6.24` → 90624.
-pub fn parse_program_version(text: &str) -> Option<i32> {
+fn parse_program_version(text: &str) -> Option<i32> {
     let v = text
         .split_whitespace()
         .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
@@ -215,7 +215,7 @@ impl ClientTools {
     }
 
     /// `dir/name`.
-    pub fn program(&self, name: &str) -> PathBuf {
+    pub(crate) fn program(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
@@ -326,7 +326,7 @@ pub enum ToolsFit {
 /// major `target`: pg_dump must be at least the source's version (it
 /// refuses newer servers); the target's own version is preferred, then the
 /// newest older one, then the oldest newer one. None when nothing fits.
-pub fn choose_client_tools(
+pub(crate) fn choose_client_tools(
     candidates: &[ClientTools],
     source: i32,
     target: i32,
@@ -348,7 +348,7 @@ pub fn choose_client_tools(
 }
 
 /// What to install when no client programs fit (see [`choose_client_tools`]).
-pub fn client_tools_hint(target: i32) -> String {
+pub(crate) fn client_tools_hint(target: i32) -> String {
     let fetch = if matches!(target, 16 | 18) {
         format!(", or `scripts/fetch-pg.sh --clients {target}`")
     } else {

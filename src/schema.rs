@@ -326,7 +326,7 @@ pub fn client_tools(
 }
 
 /// "pg_dump 15 (…), pg_dump 16 (…)" or "none".
-pub fn describe_found(found: &[ClientTools]) -> String {
+fn describe_found(found: &[ClientTools]) -> String {
     if found.is_empty() {
         "none (PG_BIN, [migration] pg_bin, PATH, /usr/lib/postgresql/*/bin, the fetch cache)".into()
     } else {
@@ -600,7 +600,7 @@ pub async fn dump_restore_pre_data(
 }
 
 /// Dumps and restores the post-data section of `db` (run after the data copy).
-pub async fn dump_restore_post_data(
+pub(crate) async fn dump_restore_post_data(
     source: &Endpoint,
     target: &Endpoint,
     db: &str,
@@ -618,7 +618,7 @@ pub async fn dump_restore_post_data(
 /// unpopulated (it does not fail the migration). Returns how many were
 /// refreshed. `why` says in the log when this runs (after the copy, after
 /// the switch).
-pub async fn refresh_materialized_views(
+pub(crate) async fn refresh_materialized_views(
     target: &Endpoint,
     db: &str,
     why: &str,
@@ -941,7 +941,7 @@ const WRITE_SEQUENCES_SQL: &str = "SELECT x.name FROM unnest($1::text[], $2::int
 
 /// Sequence values read from the source, to be set on the target.
 #[derive(Clone, Debug, Default)]
-pub struct SequenceValues {
+pub(crate) struct SequenceValues {
     names: Vec<String>,
     values: Vec<i64>,
     called: Vec<bool>,
@@ -950,7 +950,7 @@ pub struct SequenceValues {
 /// [`copy_sequences`] in steps with statements prepared ahead, so the
 /// cutover pays one round trip per side (two on the source when a sequence
 /// was never called) and may read while it waits for something else.
-pub struct SequenceSync {
+pub(crate) struct SequenceSync {
     read: tokio_postgres::Statement,
     write: tokio_postgres::Statement,
 }

@@ -622,7 +622,7 @@ async fn existing<S: AsRef<str>>(
 /// read-only is an outage. Returns how many attempts it took, or `None` when
 /// `cancel` fires first (the fence is still up; whoever persisted `rec`
 /// must lift it later).
-pub async fn lift_until_done(
+pub(crate) async fn lift_until_done(
     source: &Endpoint,
     rec: &FenceRecord,
     cancel: &CancellationToken,

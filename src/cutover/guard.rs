@@ -121,7 +121,11 @@ pub async fn install(target: &Client) -> Result<usize, GuardError> {
 /// Arms (`true`) or disarms the guard where it is installed: one statement,
 /// effective for every session's next write. `own_role` is the user
 /// `target` is connected as.
-pub async fn set_armed(target: &Client, own_role: &str, armed: bool) -> Result<(), GuardError> {
+pub(crate) async fn set_armed(
+    target: &Client,
+    own_role: &str,
+    armed: bool,
+) -> Result<(), GuardError> {
     match target.batch_execute(&function_sql(own_role, armed)?).await {
         Ok(()) => Ok(()),
         // Not installed (offline mode, or already removed): nothing to switch.

@@ -14,7 +14,7 @@ use crate::db::{quote_ident, quote_literal};
 
 /// A database as listed in `pg_database`.
 #[derive(Clone, Debug)]
-pub struct DbInfo {
+pub(crate) struct DbInfo {
     pub allow_conn: bool,
     pub encoding: String,
     pub collate: String,
@@ -28,10 +28,10 @@ pub struct DbInfo {
 }
 
 /// What the target server can install: extension name → available versions.
-pub type Available = HashMap<String, Vec<String>>;
+pub(crate) type Available = HashMap<String, Vec<String>>;
 
 /// Server-wide facts loaded once, shared by the per-database checks.
-pub struct Environment<'a> {
+pub(crate) struct Environment<'a> {
     pub m: &'a MigrationConfig,
     pub source: Option<&'a Server>,
     pub target: Option<&'a Server>,
@@ -101,7 +101,7 @@ impl<'a> Environment<'a> {
     }
 
     /// Every check for database `db`, in a stable order.
-    pub async fn check_database(&self, db: &str) -> Vec<Check> {
+    pub(crate) async fn check_database(&self, db: &str) -> Vec<Check> {
         let mut out = Vec::new();
         let src = self.source_dbs.as_ref().map(|d| d.get(db));
         match src {
