@@ -27,8 +27,8 @@ pub struct AdminCommand {
     pub reply: oneshot::Sender<Result<Value, CommandError>>,
 }
 
-pub type CommandSender = mpsc::Sender<AdminCommand>;
-pub type CommandReceiver = mpsc::Receiver<AdminCommand>;
+pub(crate) type CommandSender = mpsc::Sender<AdminCommand>;
+pub(crate) type CommandReceiver = mpsc::Receiver<AdminCommand>;
 
 pub fn channel() -> (CommandSender, CommandReceiver) {
     mpsc::channel(8)

@@ -17,10 +17,10 @@ use thiserror::Error;
 mod expand;
 mod tls_params;
 mod toml_error;
-pub mod window;
+pub(crate) mod window;
 
 pub use crate::wire::tls::SslMode;
-pub use expand::{expand, expand_conn};
+pub(crate) use expand::{expand, expand_conn};
 
 /// A configuration error, always naming the key it is about.
 #[derive(Debug, Error)]
@@ -37,7 +37,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError::Invalid {
             key: key.into(),
             message: message.into(),
@@ -84,7 +84,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
 pub struct ValueError(String);
 
 /// Parses `500ms`, `5s`, `2m`, `1h`, `1d`.
-pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -531,7 +531,7 @@ impl Endpoint {
     }
 
     /// A tokio-postgres config for ordinary SQL connections.
-    pub fn pg_config(&self) -> tokio_postgres::Config {
+    pub(crate) fn pg_config(&self) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.host(&self.host)
             .port(self.port)
@@ -705,7 +705,7 @@ impl Config {
 }
 
 /// Shortest `[admin].token` accepted.
-pub const MIN_TOKEN_LEN: usize = 16;
+const MIN_TOKEN_LEN: usize = 16;
 
 /// An empty or short token would make the admin API as good as open.
 fn validate_token(t: &Secret) -> Result<(), ConfigError> {
@@ -813,7 +813,7 @@ fn validate_proxy(p: &ProxyConfig) -> Result<(), ConfigError> {
 }
 
 /// Migration names become parts of slot, publication and origin names.
-pub fn valid_migration_name(name: &str) -> bool {
+fn valid_migration_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 40
         && !name.starts_with('-')

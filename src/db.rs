@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 
 use crate::config::{Endpoint, SslMode};
 
-pub mod tls;
+pub(crate) mod tls;
 
 #[derive(Debug, Error)]
 pub enum DbError {
@@ -49,13 +49,49 @@ pub async fn connect(ep: &Endpoint, what: &str) -> Result<Client, DbError> {
             addr: ep.display(),
             source,
         })?;
-    let label = what.to_string();
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(connection = %label, "connection ended: {e}");
-        }
-    });
+    tokio::spawn(drive(conn, what.to_string()));
     Ok(client)
+}
+
+/// Drives a connection until it ends, logging the server's notices under
+/// the connection's `label`: at DEBUG, WARNINGs at WARN. (Awaiting the
+/// connection itself would log every NOTICE at INFO, e.g. each
+/// `DROP … IF EXISTS` that found nothing.)
+pub(crate) async fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>, label: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(tokio_postgres::AsyncMessage::Notice(n)) => {
+                if notice_is_warning(n.parsed_severity(), n.severity()) {
+                    tracing::warn!(connection = %label, "{}: {}", n.severity(), n.message());
+                } else {
+                    tracing::debug!(connection = %label, "{}: {}", n.severity(), n.message());
+                }
+            }
+            // Notifications: pgshift LISTENs nowhere.
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(connection = %label, "connection ended: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Whether a notice deserves WARN: WARNING (or worse). Servers before 9.6
+/// send only the localized severity, so the text is the fallback.
+fn notice_is_warning(parsed: Option<tokio_postgres::error::Severity>, text: &str) -> bool {
+    use tokio_postgres::error::Severity;
+    match parsed {
+        Some(Severity::Warning | Severity::Error | Severity::Fatal | Severity::Panic) => true,
+        Some(_) => false,
+        None => matches!(text, "WARNING" | "ERROR" | "FATAL" | "PANIC"),
+    }
 }
 
 /// Quotes an identifier for SQL (`"a""b"`).
@@ -64,7 +100,7 @@ pub fn quote_ident(s: &str) -> String {
 }
 
 /// Quotes a string literal for SQL (`'it''s'`).
-pub fn quote_literal(s: &str) -> String {
+pub(crate) fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
@@ -90,7 +126,7 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 
 /// [`describe`], followed by the causes tokio-postgres keeps out of its own
 /// message ("error performing TLS handshake: invalid peer certificate: …").
-pub fn describe_chain(e: &tokio_postgres::Error) -> String {
+fn describe_chain(e: &tokio_postgres::Error) -> String {
     let mut s = describe(e);
     if e.as_db_error().is_some() {
         return s;
@@ -105,4 +141,20 @@ pub fn describe_chain(e: &tokio_postgres::Error) -> String {
         cause = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_postgres::error::Severity;
+
+    #[test]
+    fn warnings_are_told_from_notices() {
+        assert!(notice_is_warning(Some(Severity::Warning), "WARNUNG"));
+        assert!(!notice_is_warning(Some(Severity::Notice), "NOTICE"));
+        assert!(!notice_is_warning(Some(Severity::Info), "INFO"));
+        // Before 9.6 only the (possibly localized) text is sent.
+        assert!(notice_is_warning(None, "WARNING"));
+        assert!(!notice_is_warning(None, "NOTICE"));
+    }
 }

@@ -20,8 +20,29 @@ pub enum DemoError {
     Cluster(#[from] LocalPgError),
     #[error("{0}")]
     Run(#[from] crate::run::RunError),
+    #[error("{0}; {hint}", hint = crate::pgbin::INSTALL_HINT)]
+    Fetch(#[from] crate::pgbin::FetchError),
+    #[error("a demo task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("the demo's configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot run pgbench: {0}")]
+    PgbenchStart(#[source] std::io::Error),
+    #[error("pgbench -i failed: {stderr}")]
+    Pgbench { stderr: String },
+    #[error("the migration runner is not running")]
+    NoRunner,
+    #[error("the migration runner stopped")]
+    RunnerStopped,
     #[error("{0}")]
-    Failed(String),
+    Command(#[from] crate::commands::CommandError),
+    #[error("cutover aborted: {reason}")]
+    CutoverAborted { reason: String },
+    #[error("migration {state}: {reason}")]
+    MigrationEnded { state: String, reason: String },
+    /// Ledger rows a client saw committed that the target lacks.
+    #[error("{count} committed ledger rows missing on the target (e.g. {examples:?})")]
+    MissingWrites { count: usize, examples: Vec<i64> },
     #[error("interrupted (Ctrl-C): everything the demo started was stopped and removed")]
     Interrupted,
 }
@@ -70,8 +91,7 @@ fn server_programs() -> Result<std::path::PathBuf, DemoError> {
             println!(
                 "• no PostgreSQL installed: fetching PostgreSQL 18 (scripts/fetch-pg.sh --clients 18)"
             );
-            let bin = crate::pgbin::fetch(&["--clients", "18"])
-                .map_err(|e| DemoError::Failed(format!("{e}; {}", crate::pgbin::INSTALL_HINT)))?;
+            let bin = crate::pgbin::fetch(&["--clients", "18"])?;
             (bin, "fetched now")
         }
     };
@@ -100,9 +120,7 @@ pub async fn run(opts: DemoOptions) -> Result<u8, DemoError> {
     println!("pgshift demo: an online migration and cutover on two throwaway local clusters\n");
 
     // 1. Two clusters and sample data.
-    let bin = tokio::task::spawn_blocking(server_programs)
-        .await
-        .map_err(|e| DemoError::Failed(e.to_string()))??;
+    let bin = tokio::task::spawn_blocking(server_programs).await??;
     let (source, target) = tokio::task::spawn_blocking(move || -> Result<_, LocalPgError> {
         let o = Options {
             bin: Some(bin),
@@ -113,8 +131,7 @@ pub async fn run(opts: DemoOptions) -> Result<u8, DemoError> {
             LocalCluster::create(&o, None)?,
         ))
     })
-    .await
-    .map_err(|e| DemoError::Failed(e.to_string()))??;
+    .await??;
     println!(
         "• source cluster on 127.0.0.1:{}, target cluster on 127.0.0.1:{}",
         source.port, target.port
@@ -194,12 +211,11 @@ async fn load_sample_data(
         .arg(source.socket_dir())
         .args(["-p", &source.port.to_string(), "-U", "postgres", DB])
         .output()
-        .map_err(|e| DemoError::Failed(format!("cannot run pgbench: {e}")))?;
+        .map_err(DemoError::PgbenchStart)?;
     if !out.status.success() {
-        return Err(DemoError::Failed(format!(
-            "pgbench -i failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
+        return Err(DemoError::Pgbench {
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
     }
     // pgbench_history has no key: give it one so it can be streamed; a
     // ledger the clients append to proves that no write is lost.
@@ -255,7 +271,7 @@ verify = "counts"
         sp = source.port,
         tp = target.port,
     );
-    crate::Config::from_toml(&text, &|_| None).map_err(|e| DemoError::Failed(e.to_string()))
+    Ok(crate::Config::from_toml(&text, &|_| None)?)
 }
 
 /// One client of the write load: TPC-B-like transactions plus a ledger
@@ -264,7 +280,7 @@ async fn client_loop(url: String, stats: Arc<LoadStats>, scale: u32, seed: u64) 
     let client = loop {
         match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
             Ok((c, conn)) => {
-                tokio::spawn(conn);
+                tokio::spawn(crate::db::drive(conn, "demo client".into()));
                 break c;
             }
             Err(e) => {
@@ -418,10 +434,9 @@ async fn watch_migration(
                 let last = &doc["last_cutover"];
                 if cutover_requested && last["outcome"].as_str() == Some("aborted") {
                     bar.finish_and_clear();
-                    return Err(DemoError::Failed(format!(
-                        "cutover aborted: {}",
-                        last["reason"].as_str().unwrap_or("?")
-                    )));
+                    return Err(DemoError::CutoverAborted {
+                        reason: last["reason"].as_str().unwrap_or("?").to_string(),
+                    });
                 }
                 // Caught up after streaming a while under load: cut over.
                 if !cutover_requested && since.elapsed() >= opts.stream_for && lag_b < 16 << 20 {
@@ -436,10 +451,10 @@ async fn watch_migration(
             }
             ("Failed" | "ValidationFailed" | "Canceled", _) => {
                 bar.finish_and_clear();
-                return Err(DemoError::Failed(format!(
-                    "migration {state}: {}",
-                    doc["reason"].as_str().unwrap_or("no reason")
-                )));
+                return Err(DemoError::MigrationEnded {
+                    state: state.clone(),
+                    reason: doc["reason"].as_str().unwrap_or("no reason").to_string(),
+                });
             }
             _ => {}
         }
@@ -447,21 +462,16 @@ async fn watch_migration(
 }
 
 async fn request_cutover(ctx: &Arc<crate::Context>) -> Result<(), DemoError> {
-    let tx = ctx
-        .commands
-        .get()
-        .ok_or_else(|| DemoError::Failed("the migration runner is not running".into()))?;
+    let tx = ctx.commands.get().ok_or(DemoError::NoRunner)?;
     let (reply, rx) = tokio::sync::oneshot::channel();
     tx.send(crate::commands::AdminCommand {
         kind: crate::commands::CommandKind::Cutover,
         reply,
     })
     .await
-    .map_err(|_| DemoError::Failed("the migration runner stopped".into()))?;
-    rx.await
-        .map_err(|_| DemoError::Failed("the migration runner stopped".into()))?
-        .map(|_| ())
-        .map_err(|e| DemoError::Failed(e.to_string()))
+    .map_err(|_| DemoError::RunnerStopped)?;
+    rx.await.map_err(|_| DemoError::RunnerStopped)??;
+    Ok(())
 }
 
 fn console_is_terminal() -> bool {
@@ -475,11 +485,9 @@ async fn check_writes(
     source: &LocalCluster,
     target: &LocalCluster,
     stats: &LoadStats,
-) -> Result<String, String> {
+) -> Result<String, DemoError> {
     let ids = stats.ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let on_target = target
-        .psql(DB, "SELECT string_agg(id::text, ',') FROM ledger")
-        .map_err(|e| e.to_string())?;
+    let on_target = target.psql(DB, "SELECT string_agg(id::text, ',') FROM ledger")?;
     let target_ids: std::collections::HashSet<i64> = on_target
         .split(',')
         .filter_map(|s| s.parse().ok())
@@ -490,16 +498,14 @@ async fn check_writes(
         .copied()
         .collect();
     let source_rows: i64 = source
-        .psql(DB, "SELECT count(*) FROM ledger")
-        .map_err(|e| e.to_string())?
+        .psql(DB, "SELECT count(*) FROM ledger")?
         .parse()
         .unwrap_or(-1);
     if !missing.is_empty() {
-        return Err(format!(
-            "{} committed ledger rows missing on the target (e.g. {:?})",
-            missing.len(),
-            &missing[..missing.len().min(5)]
-        ));
+        return Err(DemoError::MissingWrites {
+            count: missing.len(),
+            examples: missing[..missing.len().min(5)].to_vec(),
+        });
     }
     Ok(format!(
         "all {} ledger rows clients saw committed are on the target ({} were written before the switch, on the source)",
@@ -512,7 +518,7 @@ fn print_report(
     doc: &Value,
     stats: &LoadStats,
     w: &Watched,
-    checked: &Result<String, String>,
+    checked: &Result<String, DemoError>,
     total: Duration,
 ) {
     let db = &doc["databases"][DB];

@@ -21,26 +21,26 @@ impl TableFilter {
         }
     }
 
-    pub fn from_migration(m: &MigrationConfig) -> TableFilter {
+    pub(crate) fn from_migration(m: &MigrationConfig) -> TableFilter {
         TableFilter::new(&m.tables, &m.exclude_tables)
     }
 
     /// True when `schema.table` is carried: listed (or no list) and not excluded.
     /// Names are matched as stored in the catalog, unquoted.
-    pub fn includes(&self, schema: &str, table: &str) -> bool {
+    pub(crate) fn includes(&self, schema: &str, table: &str) -> bool {
         let name = format!("{schema}.{table}");
         let listed = self.include.is_empty() || self.include.iter().any(|p| glob_match(p, &name));
         listed && !self.exclude.iter().any(|p| glob_match(p, &name))
     }
 
     /// True when some tables are left out by configuration.
-    pub fn is_filtered(&self) -> bool {
+    pub(crate) fn is_filtered(&self) -> bool {
         !self.include.is_empty() || !self.exclude.is_empty()
     }
 }
 
 /// Glob match with `*` and `?`, iterative with backtracking to the last `*`.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
+fn glob_match(pattern: &str, text: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let t: Vec<char> = text.chars().collect();
     let (mut pi, mut ti) = (0, 0);

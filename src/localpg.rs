@@ -24,7 +24,7 @@ pub enum LocalPgError {
 }
 
 /// Is this process root (then servers run as the `postgres` user)?
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe extern "C" {
         fn geteuid() -> u32;
@@ -278,7 +278,7 @@ impl LocalCluster {
 
     /// A PostgreSQL program from the same installation; else found as
     /// [`crate::pgbin::find`] does (server-only installations lack psql).
-    pub fn program(&self, name: &str) -> PathBuf {
+    pub(crate) fn program(&self, name: &str) -> PathBuf {
         let p = self.bin.join(name);
         if p.is_file() {
             p

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use tracing_subscriber::fmt::format::{self, FormatFields};
 
 /// `\n`, `\r`, `\t` and other control characters as escapes.
-pub fn escape_control(s: &str) -> std::borrow::Cow<'_, str> {
+fn escape_control(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.chars().any(char::is_control) {
         return std::borrow::Cow::Borrowed(s);
     }
@@ -30,7 +30,7 @@ pub fn escape_control(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// The text format's field formatter: `name=value`, the message bare,
 /// every value escaped.
-pub fn text_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {
+fn text_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {
     use tracing_subscriber::field::MakeExt;
     format::debug_fn(|w, field, value| {
         let text = format!("{value:?}");
@@ -46,7 +46,7 @@ pub fn text_fields() -> impl for<'w> FormatFields<'w> + Send + Sync + 'static {
 
 /// True at most once per `secs` seconds for the same `last` (seconds since
 /// the epoch when it was last true): rate-limits warnings about floods.
-pub fn once_per(last: &std::sync::atomic::AtomicU64, secs: u64) -> bool {
+pub(crate) fn once_per(last: &std::sync::atomic::AtomicU64, secs: u64) -> bool {
     use std::sync::atomic::Ordering;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

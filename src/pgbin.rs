@@ -10,7 +10,7 @@ pub fn server_bin_dir() -> Option<PathBuf> {
 }
 
 /// The directory holding `program`, searched as described above.
-pub fn find_dir(program: &str) -> Option<PathBuf> {
+fn find_dir(program: &str) -> Option<PathBuf> {
     if let Ok(d) = std::env::var("PG_BIN") {
         let p = PathBuf::from(d);
         if p.join(program).is_file() {
@@ -47,30 +47,53 @@ fn fetched_dir(program: &str) -> Option<PathBuf> {
         .find(|d| d.join(program).is_file())
 }
 
+/// Why [`fetch`] found no PostgreSQL.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("{} is not there to fetch PostgreSQL", .script.display())]
+    NoScript { script: PathBuf },
+    #[error("running {}: {source}", .script.display())]
+    Run {
+        script: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{} {args} failed ({status})", .script.display())]
+    Failed {
+        script: PathBuf,
+        args: String,
+        status: std::process::ExitStatus,
+    },
+    #[error("{} printed no directory", .script.display())]
+    NoDirectory { script: PathBuf },
+}
+
 /// Runs scripts/fetch-pg.sh (of the source tree pgshift was built from)
 /// with `args`, returning the last bin directory it prints.
-pub fn fetch(args: &[&str]) -> Result<PathBuf, String> {
+pub fn fetch(args: &[&str]) -> Result<PathBuf, FetchError> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-pg.sh");
     if !script.is_file() {
-        return Err(format!(
-            "{} is not there to fetch PostgreSQL",
-            script.display()
-        ));
+        return Err(FetchError::NoScript { script });
     }
-    let out = std::process::Command::new("bash")
+    let out = match std::process::Command::new("bash")
         .arg(&script)
         .args(args)
         .stderr(std::process::Stdio::inherit())
         .output()
-        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    {
+        Ok(out) => out,
+        Err(source) => return Err(FetchError::Run { script, source }),
+    };
     if !out.status.success() {
-        return Err(format!("{} {} failed", script.display(), args.join(" ")));
+        return Err(FetchError::Failed {
+            script,
+            args: args.join(" "),
+            status: out.status,
+        });
     }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .map(PathBuf::from)
-        .ok_or_else(|| format!("{} printed no directory", script.display()))
+    match String::from_utf8_lossy(&out.stdout).lines().last() {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => Err(FetchError::NoDirectory { script }),
+    }
 }
 
 /// The full path of `program`, or None.
@@ -143,7 +166,7 @@ pub fn dir_major(dir: &Path, program: &str) -> Option<i32> {
 
 /// The version of a PostgreSQL program as `server_version_num` would say
 /// it (150008 for 15.8), from its `--version`.
-pub fn program_version(path: &Path) -> Option<i32> {
+pub(crate) fn program_version(path: &Path) -> Option<i32> {
     let out = std::process::Command::new(path)
         .arg("--version")
         .stdin(std::process::Stdio::null())
@@ -156,7 +179,7 @@ pub fn program_version(path: &Path) -> Option<i32> {
 }
 
 /// `pg_dump (PostgreSQL) 15.8 (Debian 15.8-1)` → 150008; `9.6.24` → 90624.
-pub fn parse_program_version(text: &str) -> Option<i32> {
+fn parse_program_version(text: &str) -> Option<i32> {
     let v = text
         .split_whitespace()
         .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()))?;
@@ -192,7 +215,7 @@ impl ClientTools {
     }
 
     /// `dir/name`.
-    pub fn program(&self, name: &str) -> PathBuf {
+    pub(crate) fn program(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 
@@ -303,7 +326,7 @@ pub enum ToolsFit {
 /// major `target`: pg_dump must be at least the source's version (it
 /// refuses newer servers); the target's own version is preferred, then the
 /// newest older one, then the oldest newer one. None when nothing fits.
-pub fn choose_client_tools(
+pub(crate) fn choose_client_tools(
     candidates: &[ClientTools],
     source: i32,
     target: i32,
@@ -325,7 +348,7 @@ pub fn choose_client_tools(
 }
 
 /// What to install when no client programs fit (see [`choose_client_tools`]).
-pub fn client_tools_hint(target: i32) -> String {
+pub(crate) fn client_tools_hint(target: i32) -> String {
     let fetch = if matches!(target, 16 | 18) {
         format!(", or `scripts/fetch-pg.sh --clients {target}`")
     } else {

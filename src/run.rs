@@ -87,7 +87,7 @@ pub async fn run(path: &Path) -> Result<u8, RunError> {
 }
 
 /// Resolves on SIGTERM or SIGINT and cancels the context's shutdown token.
-pub async fn wait_for_signal(ctx: &Arc<Context>) {
+async fn wait_for_signal(ctx: &Arc<Context>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,

@@ -157,10 +157,14 @@ pub async fn prepare_target_database(
         }
         return Ok(TargetPrepared::Reused);
     }
+    // Read once: dropping and creating both depend on it.
+    let version = Version::of(&admin)
+        .await
+        .map_err(sql_err("reading the target version"))?;
     if exists {
-        drop_database(&admin, db).await?;
+        drop_database(&admin, version, db).await?;
     }
-    create_database(&admin, db, &locale).await?;
+    create_database(&admin, version, db, &locale).await?;
     Ok(if exists {
         TargetPrepared::Recreated
     } else {
@@ -206,10 +210,7 @@ async fn user_objects(c: &Client) -> Result<Option<String>, SchemaError> {
     Ok((!found.is_empty()).then(|| found.join(", ")))
 }
 
-async fn drop_database(admin: &Client, db: &str) -> Result<(), SchemaError> {
-    let version = Version::of(admin)
-        .await
-        .map_err(sql_err("reading the target version"))?;
+async fn drop_database(admin: &Client, version: Version, db: &str) -> Result<(), SchemaError> {
     // Terminating first also serves servers before 13, which lack WITH (FORCE).
     admin
         .execute(crate::pg::database::TERMINATE_SESSIONS_SQL, &[&db])
@@ -225,7 +226,12 @@ async fn drop_database(admin: &Client, db: &str) -> Result<(), SchemaError> {
     Ok(())
 }
 
-async fn create_database(admin: &Client, db: &str, l: &DbLocale) -> Result<(), SchemaError> {
+async fn create_database(
+    admin: &Client,
+    version: Version,
+    db: &str,
+    l: &DbLocale,
+) -> Result<(), SchemaError> {
     // The source's owner is kept when that role exists on the target and the
     // connected user may create objects for it.
     let owner_ok: bool = admin
@@ -237,9 +243,6 @@ async fn create_database(admin: &Client, db: &str, l: &DbLocale) -> Result<(), S
         .await
         .map_err(sql_err("checking the database owner on the target"))?
         .get(0);
-    let version = Version::of(admin)
-        .await
-        .map_err(sql_err("reading the target version"))?;
     let mut sql =
         crate::pg::database::create_database_sql(version, db, &l.locale).map_err(|e| {
             SchemaError::Unsupported {
@@ -323,7 +326,7 @@ pub fn client_tools(
 }
 
 /// "pg_dump 15 (…), pg_dump 16 (…)" or "none".
-pub fn describe_found(found: &[ClientTools]) -> String {
+fn describe_found(found: &[ClientTools]) -> String {
     if found.is_empty() {
         "none (PG_BIN, [migration] pg_bin, PATH, /usr/lib/postgresql/*/bin, the fetch cache)".into()
     } else {
@@ -333,6 +336,18 @@ pub fn describe_found(found: &[ClientTools]) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// The source's and the target's versions, which choose the client
+/// programs (read in this one place for the dump and the roles copy).
+async fn server_versions(src: &Client, tgt: &Client) -> Result<(Version, Version), SchemaError> {
+    let sv = Version::of(src)
+        .await
+        .map_err(sql_err("reading the source version"))?;
+    let tv = Version::of(tgt)
+        .await
+        .map_err(sql_err("reading the target version"))?;
+    Ok((sv, tv))
 }
 
 /// Decides whether owners and privileges can be kept: only when every role
@@ -384,14 +399,7 @@ pub async fn plan_dump_with(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let (sv, tv) = (
-        Version::of(&src)
-            .await
-            .map_err(sql_err("reading the source version"))?,
-        Version::of(&tgt)
-            .await
-            .map_err(sql_err("reading the target version"))?,
-    );
+    let (sv, tv) = server_versions(&src, &tgt).await?;
     let (tools, fit) = client_tools(sv, tv, pg_bin)?;
     tracing::info!(database = db, tools = %tools.describe(), source = sv.major(), target = tv.major(), "schema copy programs");
     let target_settings = if fit == ToolsFit::Newer {
@@ -592,7 +600,7 @@ pub async fn dump_restore_pre_data(
 }
 
 /// Dumps and restores the post-data section of `db` (run after the data copy).
-pub async fn dump_restore_post_data(
+pub(crate) async fn dump_restore_post_data(
     source: &Endpoint,
     target: &Endpoint,
     db: &str,
@@ -610,7 +618,7 @@ pub async fn dump_restore_post_data(
 /// unpopulated (it does not fail the migration). Returns how many were
 /// refreshed. `why` says in the log when this runs (after the copy, after
 /// the switch).
-pub async fn refresh_materialized_views(
+pub(crate) async fn refresh_materialized_views(
     target: &Endpoint,
     db: &str,
     why: &str,
@@ -668,14 +676,7 @@ pub struct RolesReport {
 pub async fn copy_roles(source: &Endpoint, target: &Endpoint) -> Result<RolesReport, SchemaError> {
     let tgt = db::connect(target, "target").await?;
     let src = db::connect(source, "source").await?;
-    let (sv, tv) = (
-        Version::of(&src)
-            .await
-            .map_err(sql_err("reading the source version"))?,
-        Version::of(&tgt)
-            .await
-            .map_err(sql_err("reading the target version"))?,
-    );
+    let (sv, tv) = server_versions(&src, &tgt).await?;
     drop(src);
     let (tools, _) = client_tools(sv, tv, None)?;
     let (pg_dumpall, psql) = (
@@ -940,7 +941,7 @@ const WRITE_SEQUENCES_SQL: &str = "SELECT x.name FROM unnest($1::text[], $2::int
 
 /// Sequence values read from the source, to be set on the target.
 #[derive(Clone, Debug, Default)]
-pub struct SequenceValues {
+pub(crate) struct SequenceValues {
     names: Vec<String>,
     values: Vec<i64>,
     called: Vec<bool>,
@@ -949,7 +950,7 @@ pub struct SequenceValues {
 /// [`copy_sequences`] in steps with statements prepared ahead, so the
 /// cutover pays one round trip per side (two on the source when a sequence
 /// was never called) and may read while it waits for something else.
-pub struct SequenceSync {
+pub(crate) struct SequenceSync {
     read: tokio_postgres::Statement,
     write: tokio_postgres::Statement,
 }

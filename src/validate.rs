@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, MigrationMode};
 
 use crate::filter::TableFilter;
-pub use render::{render_json, render_table};
+pub(crate) use render::{render_json, render_table};
 
 /// The outcome of one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,7 +157,7 @@ pub async fn validate(config: &Config) -> ValidationReport {
 
 /// [`validate`] for a migration that resumes after a restart: `own_copies`
 /// are target databases that already hold this migration's copy.
-pub async fn validate_resuming(config: &Config, own_copies: &[String]) -> ValidationReport {
+pub(crate) async fn validate_resuming(config: &Config, own_copies: &[String]) -> ValidationReport {
     let Some(m) = config.migration() else {
         let c = Check::failed(
             "migration",

@@ -22,7 +22,7 @@ use crate::pg::tables::{CatalogError, SourceTable, list_tables};
 use crate::pg::{self, Version};
 
 /// Rows per checksum chunk.
-pub const CHUNK_ROWS: i64 = 100_000;
+const CHUNK_ROWS: i64 = 100_000;
 
 #[derive(Debug, Error)]
 pub enum VerifyError {
@@ -455,7 +455,7 @@ pub async fn run_cli(
 }
 
 /// The per-table results as an aligned text table.
-pub fn render_table(reports: &[VerifyReport]) -> String {
+pub(crate) fn render_table(reports: &[VerifyReport]) -> String {
     let fmt_rows = |n: Option<i64>| n.map(|n| n.to_string()).unwrap_or_else(|| "-".into());
     let mut rows: Vec<[String; 5]> = vec![[
         "DATABASE".into(),

@@ -175,8 +175,14 @@ async fn verify_catches_a_fence_that_does_not_hold() {
     assert_eq!(rec.unfenceable, vec![SUPERUSER.to_string()], "{rec:?}");
     let err = fence::verify(&admin, &source, &rec, &listed, &[], &users)
         .await
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    // Typed: the cutover can tell a fence that does not hold from an SQL failure.
+    assert!(
+        err.does_not_hold()
+            && matches!(&err, fence::FenceError::RolesCanLogIn { roles } if roles.contains(&SUPERUSER.to_string())),
+        "{err:?}"
+    );
+    let err = err.to_string();
     assert!(
         err.contains("does not hold") && err.contains(SUPERUSER),
         "{err}"

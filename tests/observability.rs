@@ -378,3 +378,59 @@ async fn admin_api_drops_slow_and_excess_connections() {
     }
     running.shutdown().await;
 }
+
+/// A log sink for one test's tracing subscriber.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The server's notices on pgshift's connections are logged at DEBUG
+/// (WARNINGs at WARN) with the connection's label, not at INFO.
+#[tokio::test]
+async fn server_notices_are_logged_at_debug_with_the_connection_label() {
+    let pg = Cluster::start();
+    let cfg = config_for(&pg, &pg, "");
+    let sink = Captured::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The current-thread runtime runs the connection task on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let c = pgshift::db::connect(&cfg.source, "notice probe")
+        .await
+        .unwrap();
+    c.batch_execute(
+        "DO $$ BEGIN RAISE NOTICE 'pgshift-test-notice'; RAISE WARNING 'pgshift-test-warning'; END $$",
+    )
+    .await
+    .unwrap();
+    let log = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+    let line = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no log line with {needle} in:\n{log}"))
+            .to_string()
+    };
+    let notice = line("pgshift-test-notice");
+    assert!(
+        notice.contains("DEBUG") && notice.contains("notice probe"),
+        "{notice}"
+    );
+    let warning = line("pgshift-test-warning");
+    assert!(
+        warning.contains("WARN") && warning.contains("notice probe"),
+        "{warning}"
+    );
+}

@@ -246,7 +246,7 @@ pub fn render_status(doc: &Value) -> String {
 }
 
 /// 1536 → "1.5 kB".
-pub fn human_bytes(b: f64) -> String {
+pub(crate) fn human_bytes(b: f64) -> String {
     let units = ["B", "kB", "MB", "GB", "TB"];
     let mut v = b;
     let mut i = 0;

@@ -24,7 +24,7 @@ use crate::context::Context;
 use crate::telemetry::{metrics, status};
 
 /// Builds the router with the endpoints every pgshift has; parts merge their own.
-pub fn base_router(ctx: Arc<Context>) -> Router {
+pub(crate) fn base_router(ctx: Arc<Context>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -169,7 +169,7 @@ async fn command(
 }
 
 /// A client must send a whole request head within this.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Open admin connections at most; more are answered 503 and closed.
 pub const MAX_CONNECTIONS: usize = 32;
 
@@ -177,7 +177,7 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// a header-read timeout (also ending idle keep-alive connections) and at
 /// most [`MAX_CONNECTIONS`] connections, so slow or idle clients cannot
 /// hold the API.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     ctx: Arc<Context>,

@@ -59,7 +59,7 @@ fn lookup(
 }
 
 /// Expands `${VAR}` references as they are; `$$` is a literal `$`.
-pub fn expand(
+pub(crate) fn expand(
     key: &str,
     s: &str,
     env: &dyn Fn(&str) -> Option<String>,
@@ -90,7 +90,7 @@ enum Place {
 
 /// Expands a connection string (`[source].url`, `[target].url`) so every
 /// value substituted means itself; see the module comment.
-pub fn expand_conn(
+pub(crate) fn expand_conn(
     key: &str,
     s: &str,
     env: &dyn Fn(&str) -> Option<String>,

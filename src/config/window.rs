@@ -161,14 +161,10 @@ impl Window {
             (self.days[wd] && m >= self.start_min) || (self.days[(wd + 6) % 7] && m < self.end_min)
         }
     }
-
-    pub fn text(&self) -> &str {
-        &self.text
-    }
 }
 
 /// Parses every configured window, naming the bad one.
-pub fn parse_all(list: &[String]) -> Result<Vec<Window>, WindowError> {
+pub(crate) fn parse_all(list: &[String]) -> Result<Vec<Window>, WindowError> {
     list.iter().map(|w| Window::parse(w)).collect()
 }
 

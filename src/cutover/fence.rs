@@ -55,12 +55,53 @@ pub struct FenceRecord {
 /// How long the fence waits for each terminated session to exit.
 const TERMINATE_WAIT_MS: u32 = 1000;
 
+/// Why fencing (or lifting, or checking) the source failed: an SQL step,
+/// or a fence that does not hold ([`FenceError::does_not_hold`]).
 #[derive(Debug, thiserror::Error)]
-#[error("fencing the source: {0}")]
-pub struct FenceError(pub String);
+pub enum FenceError {
+    #[error("fencing the source: {what}: {}", crate::db::describe(.source))]
+    Sql {
+        what: String,
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "fencing the source: the fence does not hold: role(s) {} can still log in to the source (pgshift's user cannot fence them)",
+        .roles.join(", ")
+    )]
+    RolesCanLogIn { roles: Vec<String> },
+    #[error(
+        "fencing the source: the fence does not hold: {count} session(s) of fenced role(s) {roles} are still open"
+    )]
+    SessionsOpen { count: i64, roles: String },
+    #[error(
+        "fencing the source: the fence does not hold: {user} logged in to the fenced source{}",
+        if *.wrote { " and could write" } else { "" }
+    )]
+    LoggedIn { user: String, wrote: bool },
+    #[error("fencing the source: cannot verify the fence by logging in as {user}: {source}")]
+    CannotVerify {
+        user: String,
+        source: crate::db::DbError,
+    },
+}
 
-fn sql_err(what: &str, e: tokio_postgres::Error) -> FenceError {
-    FenceError(format!("{what}: {}", crate::db::describe(&e)))
+impl FenceError {
+    /// The source still lets a fenced client in (not an SQL failure).
+    pub fn does_not_hold(&self) -> bool {
+        matches!(
+            self,
+            FenceError::RolesCanLogIn { .. }
+                | FenceError::SessionsOpen { .. }
+                | FenceError::LoggedIn { .. }
+        )
+    }
+}
+
+fn sql_err(what: &str, source: tokio_postgres::Error) -> FenceError {
+    FenceError::Sql {
+        what: what.to_string(),
+        source,
+    }
 }
 
 /// Fences the source. `spare_pids` are backends that must survive (the
@@ -428,10 +469,7 @@ pub async fn verify(
             .map(|r| r.name)
             .collect();
         if !open.is_empty() {
-            return Err(FenceError(format!(
-                "the fence does not hold: role(s) {} can still log in to the source (pgshift's user cannot fence them)",
-                open.join(", ")
-            )));
+            return Err(FenceError::RolesCanLogIn { roles: open });
         }
         sessions_gone(admin, &rec.roles, spare_pids).await
     };
@@ -480,10 +518,10 @@ async fn sessions_gone(
         }
         if tokio::time::Instant::now() >= deadline {
             let who: Option<String> = row.get(1);
-            return Err(FenceError(format!(
-                "the fence does not hold: {n} session(s) of fenced role(s) {} are still open",
-                who.unwrap_or_default()
-            )));
+            return Err(FenceError::SessionsOpen {
+                count: n,
+                roles: who.unwrap_or_default(),
+            });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -504,10 +542,10 @@ async fn login_attempt(source: &Endpoint, db: &str, user: &ProxyUser) -> Result<
         {
             Ok(())
         }
-        Err(e) => Err(FenceError(format!(
-            "cannot verify the fence by logging in as {}: {e}",
-            user.name
-        ))),
+        Err(source) => Err(FenceError::CannotVerify {
+            user: user.name.clone(),
+            source,
+        }),
         Ok(c) => {
             let wrote = c
                 .batch_execute(
@@ -515,11 +553,10 @@ async fn login_attempt(source: &Endpoint, db: &str, user: &ProxyUser) -> Result<
                 )
                 .await
                 .is_ok();
-            Err(FenceError(format!(
-                "the fence does not hold: {} logged in to the fenced source{}",
-                user.name,
-                if wrote { " and could write" } else { "" }
-            )))
+            Err(FenceError::LoggedIn {
+                user: user.name.clone(),
+                wrote,
+            })
         }
     }
 }
@@ -585,7 +622,7 @@ async fn existing<S: AsRef<str>>(
 /// read-only is an outage. Returns how many attempts it took, or `None` when
 /// `cancel` fires first (the fence is still up; whoever persisted `rec`
 /// must lift it later).
-pub async fn lift_until_done(
+pub(crate) async fn lift_until_done(
     source: &Endpoint,
     rec: &FenceRecord,
     cancel: &CancellationToken,

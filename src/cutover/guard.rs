@@ -24,20 +24,38 @@ use tokio_postgres::Client;
 use crate::db::{quote_ident, quote_literal};
 
 #[derive(Debug, thiserror::Error)]
-#[error("guarding the target: {0}")]
-pub struct GuardError(pub String);
+pub enum GuardError {
+    #[error("guarding the target: {what}: {}", crate::db::describe(.source))]
+    Sql {
+        what: String,
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "guarding the target: the target user's name {role:?} cannot be written into the guard"
+    )]
+    UnwritableRole { role: String },
+    /// Disarming could not drop the guard from these tables (each with why).
+    #[error(
+        "guarding the target: the disarmed guard stays on {}; drop it later with DROP SCHEMA pgshift_guard CASCADE",
+        .tables.join(", ")
+    )]
+    LeftBehind { tables: Vec<String> },
+}
 
-fn sql_err(what: &str, e: tokio_postgres::Error) -> GuardError {
-    GuardError(format!("{what}: {}", crate::db::describe(&e)))
+fn sql_err(what: &str, source: tokio_postgres::Error) -> GuardError {
+    GuardError::Sql {
+        what: what.to_string(),
+        source,
+    }
 }
 
 /// The trigger function's body: refusing (armed) or a no-op.
 fn function_sql(own_role: &str, armed: bool) -> Result<String, GuardError> {
     // The body is dollar-quoted: a role name must not end it.
     if own_role.contains("$pgshift_guard$") {
-        return Err(GuardError(format!(
-            "the target user's name {own_role:?} cannot be written into the guard"
-        )));
+        return Err(GuardError::UnwritableRole {
+            role: own_role.to_string(),
+        });
     }
     let body = if armed {
         format!(
@@ -103,7 +121,11 @@ pub async fn install(target: &Client) -> Result<usize, GuardError> {
 /// Arms (`true`) or disarms the guard where it is installed: one statement,
 /// effective for every session's next write. `own_role` is the user
 /// `target` is connected as.
-pub async fn set_armed(target: &Client, own_role: &str, armed: bool) -> Result<(), GuardError> {
+pub(crate) async fn set_armed(
+    target: &Client,
+    own_role: &str,
+    armed: bool,
+) -> Result<(), GuardError> {
     match target.batch_execute(&function_sql(own_role, armed)?).await {
         Ok(()) => Ok(()),
         // Not installed (offline mode, or already removed): nothing to switch.
@@ -162,13 +184,25 @@ pub async fn remove(target: &Client, own_role: &str) -> Result<(), GuardError> {
         }
     }
     if !stuck.is_empty() {
-        return Err(GuardError(format!(
-            "the disarmed guard stays on {}; drop it later with DROP SCHEMA pgshift_guard CASCADE",
-            stuck.join(", ")
-        )));
+        return Err(GuardError::LeftBehind { tables: stuck });
     }
     target
         .batch_execute("DROP SCHEMA IF EXISTS pgshift_guard CASCADE")
         .await
         .map_err(|e| sql_err("dropping the guard's schema", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_role_that_would_end_the_body_is_refused_by_name() {
+        let e = function_sql("x$pgshift_guard$y", true).unwrap_err();
+        assert!(
+            matches!(&e, GuardError::UnwritableRole { role } if role == "x$pgshift_guard$y"),
+            "{e:?}"
+        );
+        assert!(function_sql("app", true).is_ok());
+    }
 }

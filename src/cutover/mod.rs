@@ -1,5 +1,5 @@
 //! The cutover protocol (DESIGN.md, "Cutover") and its triggers.
 
 pub mod fence;
-pub mod guard;
+pub(crate) mod guard;
 pub mod protocol;

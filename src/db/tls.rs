@@ -16,7 +16,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 
 /// Makes [`RustlsConnect`]ors that share one client config.
 #[derive(Clone)]
-pub struct MakeRustlsConnect {
+pub(crate) struct MakeRustlsConnect {
     config: Arc<rustls::ClientConfig>,
 }
 

@@ -185,7 +185,7 @@ impl ControlStore {
     }
 
     /// Persists the state and appends it to the event history, in one transaction.
-    pub async fn save(&self, row: &MigrationRow, mode: &str) -> Result<(), ControlError> {
+    pub(crate) async fn save(&self, row: &MigrationRow, mode: &str) -> Result<(), ControlError> {
         let (state, substate) = (row.state.as_str(), row.substate.as_str());
         let stmt = self
             .save_stmt
@@ -233,7 +233,7 @@ impl ControlStore {
             .collect()
     }
 
-    pub async fn save_database(&self, row: &DatabaseRow) -> Result<(), ControlError> {
+    pub(crate) async fn save_database(&self, row: &DatabaseRow) -> Result<(), ControlError> {
         self.client
             .execute(
                 "INSERT INTO pgshift.database (migration, database, phase, consistent_point, copy_restarts, last_error)
@@ -255,7 +255,7 @@ impl ControlStore {
     }
 
     /// Records a cutover attempt's outcome and report.
-    pub async fn save_cutover_attempt(
+    pub(crate) async fn save_cutover_attempt(
         &self,
         id: &str,
         outcome: &str,
@@ -277,7 +277,7 @@ impl ControlStore {
 
     /// A cutover attempt that never finished (pgshift stopped inside it):
     /// its id and the report it persisted (with `fence` once the fence was planned).
-    pub async fn unfinished_cutover(
+    pub(crate) async fn unfinished_cutover(
         &self,
     ) -> Result<Option<(String, serde_json::Value)>, ControlError> {
         let row = self

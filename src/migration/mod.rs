@@ -2,11 +2,11 @@
 //! its persisted state. Every transition is logged once, persisted in the
 //! control schema on the target, and exported as `pgshift_migration_state`.
 
-pub mod control;
+pub(crate) mod control;
 mod ledger;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod runner;
-pub mod state;
+pub(crate) mod state;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use crate::config::MigrationConfig;
 use crate::context::Context;
 use crate::telemetry::status::Report;
-pub use control::{ControlError, ControlStore, DatabaseRow, MigrationRow};
+pub use control::ControlError;
+pub(crate) use control::{ControlStore, DatabaseRow, MigrationRow};
 pub use state::{DatabasePhase, State, Substate};
 
 struct DbEntry {
@@ -201,7 +202,7 @@ impl Migration {
     }
 
     /// Records the point of no return: from now on a restart comes back switched.
-    pub async fn mark_switched(&self) -> Result<(), ControlError> {
+    pub(crate) async fn mark_switched(&self) -> Result<(), ControlError> {
         let row = {
             let mut i = self.write();
             i.row.switched = true;
@@ -232,7 +233,7 @@ impl Migration {
     }
 
     /// Attaches a live provider (e.g. "copy", "stream") to a database's status.
-    pub fn attach(&self, db: &str, key: &str, provider: Arc<dyn Report>) {
+    pub(crate) fn attach(&self, db: &str, key: &str, provider: Arc<dyn Report>) {
         if let Some(e) = self.write().databases.get_mut(db) {
             e.providers.insert(key.to_string(), provider);
         }

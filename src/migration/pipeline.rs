@@ -22,7 +22,7 @@ use crate::replication::names::ReplicationNames;
 use crate::schema;
 
 #[derive(Debug, Error)]
-pub enum PipelineError {
+pub(crate) enum PipelineError {
     #[error("database {db}: {step}: {message}")]
     Step {
         db: String,
@@ -53,7 +53,7 @@ pub struct Copied {
 }
 
 /// Everything the pipeline needs, passed in as one struct.
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     pub ctx: Arc<Context>,
     pub migration: Arc<Migration>,
     pub proxy: ProxyHandle,
@@ -68,7 +68,7 @@ impl Pipeline {
     }
 
     /// Checks both servers answer, with the configured credentials.
-    pub async fn prerequisites(&self) -> Result<(), PipelineError> {
+    pub(crate) async fn prerequisites(&self) -> Result<(), PipelineError> {
         self.migration
             .transition(
                 State::InProgress,
@@ -88,7 +88,7 @@ impl Pipeline {
 
     /// Runs the premigration checks. Returns false when the migration must
     /// stop here (option = validate, or failures).
-    pub async fn validation(&self) -> Result<bool, PipelineError> {
+    pub(crate) async fn validation(&self) -> Result<bool, PipelineError> {
         if self.cfg().option == MigrationOption::Migrate {
             return Ok(true);
         }
@@ -150,7 +150,7 @@ impl Pipeline {
 
     /// Copies every database that is not already copied. A database whose
     /// copy was interrupted starts over cleanly, and the state says so.
-    pub async fn copy_all(&self) -> Result<Vec<Copied>, PipelineError> {
+    pub(crate) async fn copy_all(&self) -> Result<Vec<Copied>, PipelineError> {
         self.migration
             .transition(State::InProgress, Substate::MigratingData, None)
             .await?;
@@ -516,7 +516,7 @@ impl Pipeline {
 
     /// The fence of an attempt (cutover or offline switch) that a stopped
     /// pgshift left unfinished, with its id.
-    pub async fn interrupted_fence(&self) -> Result<Option<(String, FenceRecord)>, PipelineError> {
+    async fn interrupted_fence(&self) -> Result<Option<(String, FenceRecord)>, PipelineError> {
         let Some((id, report)) = self.migration.control().unfinished_cutover().await? else {
             return Ok(None);
         };
@@ -530,7 +530,10 @@ impl Pipeline {
     /// Lifts a fence left by an interrupted attempt, retrying while the
     /// source is unreachable: a restarted pgshift must not leave the source
     /// read-only because it came back before the source did.
-    pub async fn lift_fence_until_done(&self, rec: &FenceRecord) -> Result<(), PipelineError> {
+    pub(crate) async fn lift_fence_until_done(
+        &self,
+        rec: &FenceRecord,
+    ) -> Result<(), PipelineError> {
         // An attempt stopped before it fenced anything needs no source connection.
         if *rec == FenceRecord::default() {
             return Ok(());
@@ -546,7 +549,7 @@ impl Pipeline {
 
     /// Lifts an interrupted attempt's fence exactly and records the attempt
     /// as interrupted; returns the reason to report.
-    pub async fn lift_interrupted_fence(
+    async fn lift_interrupted_fence(
         &self,
         id: &str,
         rec: FenceRecord,
@@ -568,7 +571,7 @@ impl Pipeline {
     }
 
     /// Releases the source's slots and publications (cancel, or after cutover).
-    pub async fn release_source(&self) -> Vec<String> {
+    pub(crate) async fn release_source(&self) -> Vec<String> {
         let mut notes = Vec::new();
         for db in &self.cfg().databases {
             match crate::replication::slot::cleanup(&self.ctx.config.source, &self.cfg().name, db)
@@ -582,28 +585,33 @@ impl Pipeline {
     }
 }
 
+/// Why offline mode's snapshot could not be exported.
+#[derive(Debug, Error)]
+enum SnapshotError {
+    #[error("{0}")]
+    Connect(#[from] crate::db::DbError),
+    #[error("{}", crate::db::describe(.0))]
+    Query(#[from] tokio_postgres::Error),
+}
+
 /// Offline mode's snapshot: a REPEATABLE READ transaction that exports its
 /// snapshot and stays open (returned) until the copy no longer needs it.
 async fn export_snapshot(
     source: &crate::config::Endpoint,
     db: &str,
-) -> Result<(tokio_postgres::Client, String), String> {
-    let c = crate::db::connect(&source.with_dbname(db), "source (snapshot)")
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(tokio_postgres::Client, String), SnapshotError> {
+    let c = crate::db::connect(&source.with_dbname(db), "source (snapshot)").await?;
     c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .await
-        .map_err(|e| crate::db::describe(&e))?;
+        .await?;
     let snap: String = c
         .query_one("SELECT pg_export_snapshot()", &[])
-        .await
-        .map_err(|e| crate::db::describe(&e))?
+        .await?
         .get(0);
     Ok((c, snap))
 }
 
 /// The JSON a cancel answers with.
-pub fn cancel_message(notes: &[String]) -> serde_json::Value {
+pub(crate) fn cancel_message(notes: &[String]) -> serde_json::Value {
     json!({
         "message": "migration canceled: replication slots and publications released on the source; the target was left as it is",
         "details": notes,
@@ -611,4 +619,4 @@ pub fn cancel_message(notes: &[String]) -> serde_json::Value {
 }
 
 /// How long start-up waits for the control schema before refusing to serve.
-pub const CONTROL_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const CONTROL_WAIT: Duration = Duration::from_secs(30);

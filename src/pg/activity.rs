@@ -7,13 +7,13 @@ use super::{Probe, Version};
 
 impl Version {
     /// Can `pg_terminate_backend` wait for the session to exit (14+)?
-    pub fn terminate_can_wait(self) -> bool {
+    pub(crate) fn terminate_can_wait(self) -> bool {
         self.at_least(14)
     }
 }
 
 /// `pg_terminate_backend(pid_expr[, wait_ms])`: waiting where the server can.
-pub fn terminate_call(v: Version, pid_expr: &str, wait_ms: u32) -> String {
+fn terminate_call(v: Version, pid_expr: &str, wait_ms: u32) -> String {
     if v.terminate_can_wait() {
         format!("pg_terminate_backend({pid_expr}, {wait_ms})")
     } else {
@@ -24,7 +24,7 @@ pub fn terminate_call(v: Version, pid_expr: &str, wait_ms: u32) -> String {
 /// pgshift's sessions on `pg_stat_activity`: client backends of other
 /// databases than its own are what the fence terminates (`backend_type`
 /// exists from 10).
-pub const CLIENT_BACKENDS_SQL: &str = "SELECT count(*) FROM pg_stat_activity \
+pub(crate) const CLIENT_BACKENDS_SQL: &str = "SELECT count(*) FROM pg_stat_activity \
      WHERE datname = ANY($1::text[]) AND pid <> pg_backend_pid() AND backend_type = 'client backend'";
 
 /// A server's connection slots for ordinary roles: `max_connections` less

@@ -9,14 +9,14 @@ impl Version {
     /// Does `WHERE ctid >= … AND ctid < …` scan only that block range (a TID
     /// range scan, 14+)? Before, it reads the whole table, so splitting a
     /// table's copy into ranges would read it once per range.
-    pub fn tid_range_scans(self) -> bool {
+    pub(crate) fn tid_range_scans(self) -> bool {
         self.at_least(14)
     }
 }
 
 /// A condition on `pg_attribute a` that leaves out generated columns (12+),
 /// whose values the target computes itself and COPY cannot write.
-pub fn not_generated(v: Version) -> &'static str {
+fn not_generated(v: Version) -> &'static str {
     if v.at_least(12) {
         "AND a.attgenerated = ''"
     } else {
@@ -28,7 +28,7 @@ pub fn not_generated(v: Version) -> &'static str {
 /// (`rel` itself when it is no partition). 11 lacks `pg_partition_root`:
 /// there the parents are walked in `pg_inherits` (a partition's parents
 /// are always partitioned tables).
-pub fn partition_root(v: Version, rel: &str) -> String {
+fn partition_root(v: Version, rel: &str) -> String {
     if v.at_least(12) {
         format!("pg_partition_root({rel})")
     } else {
@@ -42,7 +42,7 @@ pub fn partition_root(v: Version, rel: &str) -> String {
 
 /// Columns of the relations in `$1::oid[]` that COPY writes: relation oid,
 /// name, type oid, in column order.
-pub fn copy_columns_sql(v: Version) -> String {
+pub(crate) fn copy_columns_sql(v: Version) -> String {
     format!(
         "SELECT a.attrelid, a.attname::text, a.atttypid FROM pg_attribute a \
          WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped {} \
@@ -54,7 +54,7 @@ pub fn copy_columns_sql(v: Version) -> String {
 /// Every user sequence: name as `schema.name` SQL, last value (NULL when
 /// never called) and start. The `pg_sequences` view hides `is_called`, so
 /// its building blocks are used (`pg_sequence` and `pg_sequence_last_value`, 10+).
-pub fn read_sequences_sql(_v: Version) -> &'static str {
+pub(crate) fn read_sequences_sql(_v: Version) -> &'static str {
     "SELECT format('%I.%I', n.nspname, c.relname), \
         pg_sequence_last_value(c.oid), s.seqstart \
      FROM pg_class c \
@@ -68,7 +68,7 @@ pub fn read_sequences_sql(_v: Version) -> &'static str {
 
 /// May the current user SET `parameter`? Before 15 only superusers may SET
 /// a superuser-only parameter, and there is no function to ask: false.
-pub fn may_set_parameter(v: Version, parameter: &str) -> String {
+pub(crate) fn may_set_parameter(v: Version, parameter: &str) -> String {
     if v.at_least(15) {
         format!(
             "has_parameter_privilege({}, 'SET')",
@@ -80,7 +80,7 @@ pub fn may_set_parameter(v: Version, parameter: &str) -> String {
 }
 
 /// How to let `user_sql` (a quoted role) SET `parameter`.
-pub fn grant_set_parameter(v: Version, parameter: &str, user_sql: &str) -> String {
+pub(crate) fn grant_set_parameter(v: Version, parameter: &str, user_sql: &str) -> String {
     if v.at_least(15) {
         format!("GRANT SET ON PARAMETER {parameter} TO {user_sql};")
     } else {
@@ -90,7 +90,7 @@ pub fn grant_set_parameter(v: Version, parameter: &str, user_sql: &str) -> Strin
 
 /// Tables and materialized views of the connected database with what the
 /// replica identity checks need (see validate/objects.rs for the columns).
-pub fn relations_sql(v: Version) -> String {
+pub(crate) fn relations_sql(v: Version) -> String {
     format!(
         "SELECT n.nspname::text, c.relname::text, c.relkind::text, c.relpersistence = 'u', c.relreplident::text, \
                 EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary), \

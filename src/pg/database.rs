@@ -32,7 +32,7 @@ fn provider_columns(v: Version, alias: &str) -> String {
 
 /// Every database: name, datallowconn, encoding, collate, ctype, provider,
 /// provider locale, ICU rules, and whether the current user owns it.
-pub fn list_databases_sql(v: Version) -> String {
+pub(crate) fn list_databases_sql(v: Version) -> String {
     format!(
         "SELECT d.datname::text, d.datallowconn, pg_encoding_to_char(d.encoding)::text, \
                 d.datcollate::text, d.datctype::text, {}, pg_has_role(d.datdba, 'USAGE') \

@@ -15,18 +15,18 @@
 //! Each module's `probes` lists its version-dependent read-only queries, so a
 //! test can run every one of them against a live server of each version.
 
-pub mod activity;
-pub mod catalog;
+pub(crate) mod activity;
+pub(crate) mod catalog;
 pub mod database;
-pub mod publication;
+pub(crate) mod publication;
 pub mod settings;
-pub mod slot;
-pub mod support;
+pub(crate) mod slot;
+pub(crate) mod support;
 pub mod tables;
 
 use tokio_postgres::Client;
 
-pub mod replication;
+pub(crate) mod replication;
 
 /// A server's version as `server_version_num` (e.g. 150004 for 15.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -9,7 +9,7 @@ use super::{Probe, Version};
 
 /// `WITH (…)` for CREATE PUBLICATION: changes under the leaf partition's
 /// name, stated where the server has the option (13+; the only behaviour before).
-pub fn create_options(v: Version) -> &'static str {
+pub(crate) fn create_options(v: Version) -> &'static str {
     if v.at_least(13) {
         " WITH (publish_via_partition_root = false)"
     } else {
@@ -19,7 +19,7 @@ pub fn create_options(v: Version) -> &'static str {
 
 /// Publication `$1`: oid, puballtables, and whether it publishes plainly:
 /// every action, under leaf names, all rows and columns, no schemas.
-pub fn shape_sql(v: Version) -> String {
+pub(crate) fn shape_sql(v: Version) -> String {
     let mut plain = vec!["p.pubinsert", "p.pubupdate", "p.pubdelete"];
     if v.at_least(11) {
         plain.push("p.pubtruncate");
@@ -41,7 +41,7 @@ pub fn shape_sql(v: Version) -> String {
 }
 
 /// The tables of publication oid `$1`: schema and name.
-pub const TABLES_SQL: &str = "SELECT n.nspname::text, c.relname::text FROM pg_publication_rel pr \
+pub(crate) const TABLES_SQL: &str = "SELECT n.nspname::text, c.relname::text FROM pg_publication_rel pr \
      JOIN pg_class c ON c.oid = pr.prrelid \
      JOIN pg_namespace n ON n.oid = c.relnamespace WHERE pr.prpubid = $1";
 

@@ -24,7 +24,7 @@ pub struct Pgoutput {
 
 /// How a cutover marker travels from the source to apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MarkerTransport {
+pub(crate) enum MarkerTransport {
     /// A transactional logical decoding message (`pg_logical_emit_message`),
     /// which pgoutput delivers from 14 on.
     LogicalMessage,
@@ -38,7 +38,7 @@ impl Version {
     /// Reads the `server_version` a server reports at startup ("13.4
     /// (Debian 13.4-1)", "16beta1", "9.6.3"): a replication connection has
     /// no `server_version_num`. None if it does not start with a number.
-    pub fn from_server_version(v: &str) -> Option<Version> {
+    pub(crate) fn from_server_version(v: &str) -> Option<Version> {
         let mut parts = v
             .split(|c: char| !c.is_ascii_digit())
             .map(|s| s.parse::<i32>().ok());
@@ -71,7 +71,7 @@ impl Version {
     }
 
     /// How this source's cutover markers travel.
-    pub fn marker_transport(self) -> MarkerTransport {
+    pub(crate) fn marker_transport(self) -> MarkerTransport {
         if self.pgoutput().messages {
             MarkerTransport::LogicalMessage
         } else {
@@ -82,7 +82,12 @@ impl Version {
     /// `CREATE_REPLICATION_SLOT` for a pgoutput slot. 15 introduced the
     /// parenthesised option list; before, only the keyword form exists
     /// (still accepted later, but deprecated).
-    pub fn create_slot_command(self, name: &str, temporary: bool, export_snapshot: bool) -> String {
+    pub(crate) fn create_slot_command(
+        self,
+        name: &str,
+        temporary: bool,
+        export_snapshot: bool,
+    ) -> String {
         let temp = if temporary { " TEMPORARY" } else { "" };
         let snap = match (export_snapshot, self.major() >= 15) {
             (true, true) => " (SNAPSHOT 'export')",
@@ -95,7 +100,7 @@ impl Version {
 
     /// `DROP_REPLICATION_SLOT`; None when `wait` is asked of a server
     /// without the WAIT option (before 13).
-    pub fn drop_slot_command(self, name: &str, wait: bool) -> Option<String> {
+    pub(crate) fn drop_slot_command(self, name: &str, wait: bool) -> Option<String> {
         match (wait, self.major() >= 13) {
             (true, false) => None,
             (true, true) => Some(format!("DROP_REPLICATION_SLOT {name} WAIT")),

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use super::{Probe, Version};
 
 /// The parameters the server knows.
-pub const KNOWN_SETTINGS_SQL: &str = "SELECT name::text FROM pg_settings";
+pub(crate) const KNOWN_SETTINGS_SQL: &str = "SELECT name::text FROM pg_settings";
 
 /// The parameter a dump line sets, for the forms pg_dump writes at the top
 /// level: `SET name = value;` and `SELECT pg_catalog.set_config('name', …);`.
@@ -29,7 +29,10 @@ fn set_parameter(line: &str) -> Option<&str> {
 
 /// `dump` without the lines that set a parameter not in `known`, and the
 /// names of those parameters (in order, each once).
-pub fn drop_unknown_settings(dump: &[u8], known: &HashSet<String>) -> (Vec<u8>, Vec<String>) {
+pub(crate) fn drop_unknown_settings(
+    dump: &[u8],
+    known: &HashSet<String>,
+) -> (Vec<u8>, Vec<String>) {
     let mut out = Vec::with_capacity(dump.len());
     let mut dropped: Vec<String> = Vec::new();
     for line in dump.split_inclusive(|&b| b == b'\n') {

@@ -5,7 +5,7 @@ use super::{Probe, Version};
 /// Slot `$1`: name, plugin, type, database, temporary, active, active_pid,
 /// restart_lsn, confirmed_flush_lsn, wal_status (NULL before 13), and the
 /// WAL it retains in bytes (needs a primary).
-pub fn slot_state_sql(v: Version) -> String {
+pub(crate) fn slot_state_sql(v: Version) -> String {
     let wal_status = if v.at_least(13) {
         "wal_status"
     } else {

@@ -6,16 +6,16 @@ use super::Version;
 
 /// The oldest source major version. 10 lacks what the copy and validation
 /// rely on (TRUNCATE in pgoutput, procedures, `pubtruncate`) and is not tested.
-pub const OLDEST_SOURCE: i32 = 11;
+const OLDEST_SOURCE: i32 = 11;
 /// The oldest target major version: apply and validation use functions and
 /// privileges of 15 (`pg_current_xact_id`, `has_parameter_privilege`, GRANT SET ON PARAMETER).
-pub const OLDEST_TARGET: i32 = 15;
+const OLDEST_TARGET: i32 = 15;
 /// The newest major version tested; newer ones are allowed with a warning.
-pub const NEWEST_TESTED: i32 = 18;
+const NEWEST_TESTED: i32 = 18;
 
 /// Why a pair is not (or not fully) supported.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PairIssue {
+pub(crate) enum PairIssue {
     /// The source is older than [`OLDEST_SOURCE`]: refused.
     SourceTooOld,
     /// The target is older than [`OLDEST_TARGET`]: refused.
@@ -28,7 +28,7 @@ pub enum PairIssue {
 
 impl PairIssue {
     /// Refused pairs fail validation; untested ones only warn.
-    pub fn refuses(&self) -> bool {
+    pub(crate) fn refuses(&self) -> bool {
         !matches!(self, PairIssue::Untested { .. })
     }
 
@@ -76,7 +76,7 @@ impl PairIssue {
 }
 
 /// The problems of migrating from `source` to `target`; empty when supported.
-pub fn check_pair(source: Version, target: Version) -> Vec<PairIssue> {
+pub(crate) fn check_pair(source: Version, target: Version) -> Vec<PairIssue> {
     let mut out = Vec::new();
     if source.major() < OLDEST_SOURCE {
         out.push(PairIssue::SourceTooOld);

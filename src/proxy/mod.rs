@@ -33,10 +33,12 @@ use tokio::task::JoinHandle;
 use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
-pub use gate::Gate;
-pub use metrics::ProxyMetrics;
-pub use route::{Route, Router};
-pub use sessions::{BackendRef, Registry, SessionInfo, SessionSnapshot};
+pub(crate) use gate::Gate;
+pub(crate) use metrics::ProxyMetrics;
+pub use route::Route;
+pub(crate) use route::Router;
+pub use sessions::Registry;
+pub(crate) use sessions::SessionInfo;
 
 use crate::config::ConfigError;
 use crate::context::Context;
@@ -182,7 +184,7 @@ impl ProxyHandle {
     /// Accepts clients on `listener`. The task ends after the proxy has shut
     /// down: on [`shutdown`](Self::shutdown) or when the context's shutdown
     /// token fires (then it drains for `proxy.shutdown_timeout` first).
-    pub fn serve(&self, listener: TcpListener) -> JoinHandle<()> {
+    pub(crate) fn serve(&self, listener: TcpListener) -> JoinHandle<()> {
         if let Ok(addr) = listener.local_addr() {
             tracing::info!(%addr, "proxy listening");
         }
@@ -295,7 +297,7 @@ impl ProxyHandle {
 
     /// Cancels the running query of every session inside a transaction or
     /// request (as a client's CancelRequest would). Returns how many.
-    pub async fn cancel_busy_sessions(&self) -> usize {
+    pub(crate) async fn cancel_busy_sessions(&self) -> usize {
         let busy: Vec<_> = self
             .sessions()
             .sessions()
@@ -314,7 +316,7 @@ impl ProxyHandle {
 
     /// Closes every session still inside a transaction or request, with an
     /// ErrorResponse carrying `message`; their transactions roll back.
-    pub fn terminate_busy_sessions(&self, message: &str) -> usize {
+    pub(crate) fn terminate_busy_sessions(&self, message: &str) -> usize {
         let busy: Vec<_> = self
             .sessions()
             .sessions()

@@ -6,7 +6,7 @@
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum ScanError {
+pub(crate) enum ScanError {
     #[error("invalid message length {len} for message type {tag:?}")]
     BadLength { tag: char, len: i32 },
     #[error("message of {len} bytes exceeds the limit of {max} bytes (proxy.max_message_size)")]
@@ -15,7 +15,7 @@ pub enum ScanError {
 
 /// Scanner state for one direction.
 #[derive(Debug)]
-pub struct Scanner {
+pub(crate) struct Scanner {
     /// Bytes of the current message not yet seen (it was forwarded in part).
     remaining: usize,
     max: usize,
@@ -28,7 +28,7 @@ impl Scanner {
 
     /// True when everything forwarded so far ends on a message boundary, so
     /// the proxy may inject a message of its own.
-    pub fn at_boundary(&self) -> bool {
+    pub(crate) fn at_boundary(&self) -> bool {
         self.remaining == 0
     }
 
@@ -36,7 +36,7 @@ impl Scanner {
     /// returns how many leading bytes may be forwarded. `on_msg` sees every
     /// message header once: the tag and, when `full(tag)`, the whole body.
     /// A trailing partial header (or partial `full` message) stays unforwarded.
-    pub fn scan(
+    pub(crate) fn scan(
         &mut self,
         buf: &[u8],
         full: impl Fn(u8) -> bool,

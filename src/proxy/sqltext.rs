@@ -43,7 +43,7 @@ pub fn statements(text: &str) -> Vec<&str> {
 /// `text` runs again: not the other PREPAREs or DEALLOCATEs, which would
 /// change other statements, nor writes or transaction control. `None` if
 /// `text` has no such PREPARE.
-pub fn prepare_replay(text: &str, name: &str) -> Option<String> {
+pub(crate) fn prepare_replay(text: &str, name: &str) -> Option<String> {
     let stmts = statements(text);
     let at = stmts
         .iter()

@@ -70,7 +70,7 @@ pub struct CopyOptions {
 }
 
 impl CopyOptions {
-    pub fn from_config(m: &MigrationConfig) -> CopyOptions {
+    pub(crate) fn from_config(m: &MigrationConfig) -> CopyOptions {
         CopyOptions {
             jobs: m.copy_jobs,
             split_larger_than: m.split_tables_larger_than.0,

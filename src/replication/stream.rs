@@ -135,7 +135,7 @@ impl std::fmt::Display for StreamState {
 
 /// What ended a stream session.
 #[derive(Debug, thiserror::Error)]
-pub enum StreamError {
+enum StreamError {
     /// The replication connection to the source (connect, START_REPLICATION,
     /// reading or answering the stream).
     #[error("{0}")]
@@ -474,7 +474,11 @@ impl DatabaseStream {
 
     /// Emits the marker `id` on a source connection for markers; returns
     /// its position.
-    pub async fn emit_marker(&self, src: &MarkerConnection, id: &str) -> Result<Lsn, CatchUpError> {
+    pub(crate) async fn emit_marker(
+        &self,
+        src: &MarkerConnection,
+        id: &str,
+    ) -> Result<Lsn, CatchUpError> {
         src.emit(id).await.map_err(|e| CatchUpError::Emit {
             database: self.database.clone(),
             error: crate::db::describe(&e),
@@ -484,7 +488,11 @@ impl DatabaseStream {
     /// Waits until apply has committed the marker `id`, for at most
     /// `timeout`; ends at once when the stream is not healthy (the cutover
     /// must not hold clients for a stream it knows is broken).
-    pub async fn wait_marker(&self, id: &str, timeout: Duration) -> Result<(), CatchUpError> {
+    pub(crate) async fn wait_marker(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<(), CatchUpError> {
         self.wait_for_marker(id, timeout, true).await
     }
 

@@ -13,7 +13,7 @@ fn check(name: &str) {
     );
 }
 
-pub fn int_gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
+pub(crate) fn int_gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
     check(name);
     let m = IntGauge::new(name, help).expect("valid metric");
     reg.register(Box::new(m.clone()))
@@ -21,7 +21,12 @@ pub fn int_gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
     m
 }
 
-pub fn int_gauge_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+pub(crate) fn int_gauge_vec(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> IntGaugeVec {
     check(name);
     let m = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     reg.register(Box::new(m.clone()))
@@ -29,7 +34,7 @@ pub fn int_gauge_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) ->
     m
 }
 
-pub fn gauge(reg: &Registry, name: &str, help: &str) -> Gauge {
+pub(crate) fn gauge(reg: &Registry, name: &str, help: &str) -> Gauge {
     check(name);
     let m = Gauge::new(name, help).expect("valid metric");
     reg.register(Box::new(m.clone()))
@@ -37,7 +42,7 @@ pub fn gauge(reg: &Registry, name: &str, help: &str) -> Gauge {
     m
 }
 
-pub fn gauge_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+pub(crate) fn gauge_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
     check(name);
     let m = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
     reg.register(Box::new(m.clone()))
@@ -45,7 +50,7 @@ pub fn gauge_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> Gau
     m
 }
 
-pub fn int_counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
+pub(crate) fn int_counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
     check(name);
     let m = IntCounter::new(name, help).expect("valid metric");
     reg.register(Box::new(m.clone()))
@@ -53,7 +58,12 @@ pub fn int_counter(reg: &Registry, name: &str, help: &str) -> IntCounter {
     m
 }
 
-pub fn int_counter_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+pub(crate) fn int_counter_vec(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> IntCounterVec {
     check(name);
     let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     reg.register(Box::new(m.clone()))
@@ -61,7 +71,7 @@ pub fn int_counter_vec(reg: &Registry, name: &str, help: &str, labels: &[&str]) 
     m
 }
 
-pub fn histogram(reg: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+pub(crate) fn histogram(reg: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
     check(name);
     let m = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
         .expect("valid metric");

@@ -28,7 +28,7 @@ pub struct StatusBoard {
 
 impl StatusBoard {
     /// Registers a provider whose object's keys appear at the top level.
-    pub fn register_top(&self, r: Arc<dyn Report>) {
+    pub(crate) fn register_top(&self, r: Arc<dyn Report>) {
         self.top.write().unwrap_or_else(|e| e.into_inner()).push(r);
     }
 
@@ -84,7 +84,7 @@ const PUBLIC_TEXT: &[&str] = &[
 
 /// The document without addresses, user names or free text: numbers,
 /// flags and the states above stay, so state and lag remain visible.
-pub fn redact(doc: &Value) -> Value {
+pub(crate) fn redact(doc: &Value) -> Value {
     let mut v = redact_value(doc);
     if let Value::Object(m) = &mut v {
         m.insert("redacted".into(), Value::Bool(true));

@@ -14,7 +14,7 @@ use crate::db::{quote_ident, quote_literal};
 
 /// A database as listed in `pg_database`.
 #[derive(Clone, Debug)]
-pub struct DbInfo {
+pub(crate) struct DbInfo {
     pub allow_conn: bool,
     pub encoding: String,
     pub collate: String,
@@ -28,10 +28,10 @@ pub struct DbInfo {
 }
 
 /// What the target server can install: extension name → available versions.
-pub type Available = HashMap<String, Vec<String>>;
+pub(crate) type Available = HashMap<String, Vec<String>>;
 
 /// Server-wide facts loaded once, shared by the per-database checks.
-pub struct Environment<'a> {
+pub(crate) struct Environment<'a> {
     pub m: &'a MigrationConfig,
     pub source: Option<&'a Server>,
     pub target: Option<&'a Server>,
@@ -101,7 +101,7 @@ impl<'a> Environment<'a> {
     }
 
     /// Every check for database `db`, in a stable order.
-    pub async fn check_database(&self, db: &str) -> Vec<Check> {
+    pub(crate) async fn check_database(&self, db: &str) -> Vec<Check> {
         let mut out = Vec::new();
         let src = self.source_dbs.as_ref().map(|d| d.get(db));
         match src {
@@ -452,14 +452,27 @@ fn locales_to_probe(info: &DbInfo) -> Vec<(&'static str, String)> {
     out
 }
 
+/// Why the target cannot use a locale.
+#[derive(Debug, thiserror::Error)]
+enum LocaleError {
+    /// The server refused the probe collation (its message says why).
+    #[error("{0}")]
+    Refused(String),
+    /// Neither the probe nor the target's imported collations know it.
+    #[error("no collation for it in the target's pg_collation")]
+    NotImported,
+    #[error("{}", crate::db::describe(.0))]
+    Query(#[from] tokio_postgres::Error),
+}
+
 /// Asks the target to load a locale by creating (and rolling back) a
 /// temporary collation: the server itself reports whether the locale exists.
-async fn probe_locale(c: &Client, provider: &str, locale: &str) -> Result<(), String> {
+async fn probe_locale(c: &Client, provider: &str, locale: &str) -> Result<(), LocaleError> {
     let sql = format!(
         "CREATE COLLATION pg_temp.pgshift_locale_probe (provider = {provider}, locale = {})",
         quote_literal(locale)
     );
-    c.batch_execute("BEGIN").await.map_err(|e| e.to_string())?;
+    c.batch_execute("BEGIN").await?;
     let result = c.batch_execute(&sql).await;
     let _ = c.batch_execute("ROLLBACK").await;
     match result {
@@ -467,24 +480,23 @@ async fn probe_locale(c: &Client, provider: &str, locale: &str) -> Result<(), St
         Err(e) => match e.as_db_error() {
             // No TEMP privilege: fall back to the collations the target imported.
             Some(d) if d.code().code() == "42501" => lookup_collation(c, locale).await,
-            Some(d) => Err(d.message().to_string()),
-            None => Err(e.to_string()),
+            Some(d) => Err(LocaleError::Refused(d.message().to_string())),
+            None => Err(e.into()),
         },
     }
 }
 
-async fn lookup_collation(c: &Client, locale: &str) -> Result<(), String> {
+async fn lookup_collation(c: &Client, locale: &str) -> Result<(), LocaleError> {
     let found = c
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_collation WHERE lower(replace(collcollate, '-', '')) = lower(replace($1, '-', '')))",
             &[&locale],
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     if found.get::<_, bool>(0) {
         Ok(())
     } else {
-        Err("no collation for it in the target's pg_collation".into())
+        Err(LocaleError::NotImported)
     }
 }
 

@@ -15,7 +15,7 @@ use crate::db::{quote_ident, quote_literal};
 /// At most this many statements are spelled out in one action; the rest are counted.
 const MAX_LISTED: usize = 50;
 
-pub struct DbContext<'a> {
+pub(crate) struct DbContext<'a> {
     pub db: &'a str,
     pub client: &'a Client,
     pub source: &'a Server,
@@ -68,7 +68,7 @@ impl Relation {
     }
 }
 
-pub async fn check_objects(ctx: &DbContext<'_>) -> Vec<Check> {
+pub(crate) async fn check_objects(ctx: &DbContext<'_>) -> Vec<Check> {
     let mut out = Vec::new();
     match load_relations(ctx).await {
         Ok(rels) => {
@@ -338,7 +338,7 @@ fn preload_check(db: &str, installed: &[(String, String)], t: &Server) -> Check 
 }
 
 /// Compares dotted versions numerically where possible (`1.10` > `1.9`).
-pub fn compare_versions(a: &str, b: &str) -> Ordering {
+fn compare_versions(a: &str, b: &str) -> Ordering {
     let parts = |s: &str| -> Vec<String> {
         s.split(|c: char| !c.is_ascii_alphanumeric())
             .map(str::to_string)

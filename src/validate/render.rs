@@ -6,7 +6,7 @@ use super::{Status, ValidationReport};
 use crate::config::MigrationMode;
 
 /// Pretty-printed JSON: `{migration, mode, source, target, summary, checks: […]}`.
-pub fn render_json(report: &ValidationReport) -> String {
+pub(crate) fn render_json(report: &ValidationReport) -> String {
     // Plain data with string keys: serialization cannot fail.
     serde_json::to_string_pretty(report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
@@ -14,7 +14,7 @@ pub fn render_json(report: &ValidationReport) -> String {
 /// An aligned table: status, check, scope, what was found; the corrective
 /// action under every row that is not Succeeded. `color` adds ANSI colours
 /// to the status words (only for a terminal).
-pub fn render_table(report: &ValidationReport, color: bool) -> String {
+pub(crate) fn render_table(report: &ValidationReport, color: bool) -> String {
     let mode = match report.mode {
         MigrationMode::Online => "online",
         MigrationMode::Offline => "offline",

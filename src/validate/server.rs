@@ -11,7 +11,7 @@ use crate::db::{self, DbError, quote_ident, quote_literal};
 const STATEMENT_TIMEOUT: &str = "30s";
 
 /// Extensions whose library must be in `shared_preload_libraries` (name → library).
-pub const PRELOAD_EXTENSIONS: &[(&str, &str)] = &[
+pub(crate) const PRELOAD_EXTENSIONS: &[(&str, &str)] = &[
     ("pg_stat_statements", "pg_stat_statements"),
     ("timescaledb", "timescaledb"),
     ("pg_cron", "pg_cron"),
@@ -122,7 +122,7 @@ pub async fn open(ep: &Endpoint, what: &str) -> Result<Client, DbError> {
 }
 
 /// Library names from a `shared_preload_libraries` value (`'$libdir/x', y` → [x, y]).
-pub fn parse_preload(value: &str) -> Vec<String> {
+fn parse_preload(value: &str) -> Vec<String> {
     value
         .split(',')
         .map(|s| s.trim().trim_matches('"').trim_matches('\''))
@@ -133,7 +133,7 @@ pub fn parse_preload(value: &str) -> Vec<String> {
 }
 
 /// The statement that adds `missing` to a server's preload list.
-pub fn preload_action(server_preload: &[String], missing: &[String], side: &str) -> String {
+pub(crate) fn preload_action(server_preload: &[String], missing: &[String], side: &str) -> String {
     let mut all: Vec<String> = server_preload.to_vec();
     for m in missing {
         if !all.contains(m) {
@@ -147,7 +147,11 @@ pub fn preload_action(server_preload: &[String], missing: &[String], side: &str)
 }
 
 /// Connection row for one side: version and user on success, the reason and fix otherwise.
-pub fn connection_check(side: &str, ep: &Endpoint, result: &Result<Server, DbError>) -> Check {
+pub(crate) fn connection_check(
+    side: &str,
+    ep: &Endpoint,
+    result: &Result<Server, DbError>,
+) -> Check {
     match result {
         Ok(s) => Check::succeeded(
             "connection",
@@ -171,7 +175,7 @@ pub fn connection_check(side: &str, ep: &Endpoint, result: &Result<Server, DbErr
     }
 }
 
-pub fn connect_error_text(e: &DbError) -> String {
+pub(crate) fn connect_error_text(e: &DbError) -> String {
     match e {
         DbError::Connect { what, addr, source } => {
             format!(
@@ -184,7 +188,7 @@ pub fn connect_error_text(e: &DbError) -> String {
 }
 
 /// The server's own message for a database error (tokio-postgres shows only "db error").
-pub fn pg_error_text(e: &tokio_postgres::Error) -> String {
+fn pg_error_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(d) => format!("{}: {}", d.severity(), d.message()),
         None => e.to_string(),
@@ -220,7 +224,7 @@ fn connection_action(side: &str, ep: &Endpoint, e: &DbError) -> String {
 }
 
 /// wal_level, slots, senders and replication privilege on the source.
-pub async fn source_checks(source: Option<&Server>, m: &MigrationConfig) -> Vec<Check> {
+pub(crate) async fn source_checks(source: Option<&Server>, m: &MigrationConfig) -> Vec<Check> {
     let Some(s) = source else {
         return vec![];
     };
@@ -370,7 +374,7 @@ fn replication_privilege_check(s: &Server, online: bool) -> Check {
 }
 
 /// Version order and the target user's privileges.
-pub async fn target_checks(
+pub(crate) async fn target_checks(
     target: Option<&Server>,
     source: Option<&Server>,
     m: &MigrationConfig,
@@ -550,7 +554,7 @@ fn preload_libraries_check(s: &Server, t: &Server) -> Check {
 }
 
 /// A Warning for a server whose `shared_preload_libraries` the user cannot read.
-pub fn unreadable_preload(name: &str, scope: &str, s: &Server) -> Check {
+pub(crate) fn unreadable_preload(name: &str, scope: &str, s: &Server) -> Check {
     Check::warning(
         name,
         scope,
@@ -719,7 +723,7 @@ const ORIGIN_FUNCTIONS: &[&str] = &[
 
 /// A pg_dump (with its psql) must fit: at least the source's major version,
 /// preferably the target's (see [`crate::schema::client_tools`]).
-pub async fn pg_dump_check(
+pub(crate) async fn pg_dump_check(
     source: Option<&Server>,
     target: Option<&Server>,
     pg_bin: Option<&std::path::Path>,
@@ -801,7 +805,7 @@ pub async fn pg_dump_check(
 }
 
 /// A check whose query failed: reported, not fatal.
-pub fn query_failed(name: &str, scope: &str, e: tokio_postgres::Error) -> Check {
+pub(crate) fn query_failed(name: &str, scope: &str, e: tokio_postgres::Error) -> Check {
     let msg = pg_error_text(&e);
     Check::failed(
         name,

@@ -41,7 +41,7 @@ const LEAF_TYPES: &str = "WITH RECURSIVE walk(nspname, relname, attname, top, t,
 
 /// One type a column is built from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ColumnType {
+struct ColumnType {
     /// `schema.table.column`, for messages.
     pub column: String,
     /// The column's declared type.
@@ -54,7 +54,7 @@ pub struct ColumnType {
     pub extension: Option<String>,
 }
 
-pub async fn column_types_check(ctx: &DbContext<'_>) -> Check {
+pub(crate) async fn column_types_check(ctx: &DbContext<'_>) -> Check {
     let rows = match ctx.client.query(LEAF_TYPES, &[]).await {
         Ok(r) => r,
         Err(e) => return query_failed(NAME, ctx.db, e),
@@ -100,7 +100,7 @@ pub async fn column_types_check(ctx: &DbContext<'_>) -> Check {
 
 /// The check from the column types, what the target can install and the
 /// built-in types it lacks (None: the target was not reachable).
-pub fn judge(
+fn judge(
     db: &str,
     types: &[ColumnType],
     available: Option<&Available>,

@@ -10,7 +10,7 @@ use super::WireError;
 
 type HmacSha256 = Hmac<Sha256>;
 
-pub const SCRAM_ITERATIONS: u32 = 4096;
+const SCRAM_ITERATIONS: u32 = 4096;
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     let mut m = <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
@@ -36,7 +36,7 @@ fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
 /// A SCRAM-SHA-256 verifier: what a server stores instead of the password.
 /// Computed once per configured user, so a login costs no PBKDF2.
 #[derive(Clone)]
-pub struct ScramVerifier {
+pub(crate) struct ScramVerifier {
     pub salt: Vec<u8>,
     pub iterations: u32,
     pub stored_key: [u8; 32],
@@ -50,13 +50,13 @@ impl std::fmt::Debug for ScramVerifier {
 }
 
 impl ScramVerifier {
-    pub fn from_password(password: &str) -> ScramVerifier {
+    pub(crate) fn from_password(password: &str) -> ScramVerifier {
         let mut salt = vec![0u8; 16];
         rand::fill(&mut salt[..]);
         Self::with_salt(password, salt, SCRAM_ITERATIONS)
     }
 
-    pub fn with_salt(password: &str, salt: Vec<u8>, iterations: u32) -> ScramVerifier {
+    pub(crate) fn with_salt(password: &str, salt: Vec<u8>, iterations: u32) -> ScramVerifier {
         // SASLprep; PostgreSQL falls back to the raw bytes when it fails.
         let normalized = stringprep::saslprep(password)
             .map(|c| c.into_owned())
@@ -75,7 +75,7 @@ impl ScramVerifier {
 }
 
 /// Server side of one SCRAM-SHA-256 exchange (no channel binding).
-pub struct ScramServer<'a> {
+pub(crate) struct ScramServer<'a> {
     verifier: &'a ScramVerifier,
     client_first_bare: String,
     server_first: String,
@@ -169,17 +169,17 @@ impl<'a> ScramServer<'a> {
 }
 
 /// Compares secrets without leaking where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The md5 response a client must send: `md5` + md5(md5(password + user) + salt).
-pub fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> String {
+pub(crate) fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> String {
     postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt)
 }
 
 /// Checks an md5 password response from a client.
-pub fn md5_check(user: &str, password: &str, salt: [u8; 4], response: &[u8]) -> bool {
+pub(crate) fn md5_check(user: &str, password: &str, salt: [u8; 4], response: &[u8]) -> bool {
     let expected = md5_response(user, password, salt);
     let got = response.strip_suffix(&[0]).unwrap_or(response);
     constant_time_eq(expected.as_bytes(), got)

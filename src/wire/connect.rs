@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -45,7 +45,7 @@ pub struct ServerConnection {
 }
 
 /// One row of a simple query result, as text (None = NULL).
-pub type TextRow = Vec<Option<String>>;
+pub(crate) type TextRow = Vec<Option<String>>;
 
 impl ServerConnection {
     /// Connects and authenticates. `startup` must include `user` and usually `database`.
@@ -160,7 +160,7 @@ impl ServerConnection {
 }
 
 /// Parses a DataRow body into text columns.
-pub fn parse_data_row(body: &[u8]) -> Result<TextRow, WireError> {
+pub(crate) fn parse_data_row(body: &[u8]) -> Result<TextRow, WireError> {
     let mut b = body;
     if b.len() < 2 {
         return Err(WireError::Protocol("short DataRow".into()));
@@ -325,7 +325,11 @@ async fn authenticate(
 }
 
 /// Sends a CancelRequest for (pid, secret) to a server.
-pub async fn send_cancel(opts: &ConnectOptions, pid: i32, secret: i32) -> Result<(), WireError> {
+pub(crate) async fn send_cancel(
+    opts: &ConnectOptions,
+    pid: i32,
+    secret: i32,
+) -> Result<(), WireError> {
     let mut tcp = tokio::time::timeout(
         opts.connect_timeout,
         TcpStream::connect((opts.host.as_str(), opts.port)),
@@ -338,9 +342,4 @@ pub async fn send_cancel(opts: &ConnectOptions, pid: i32, secret: i32) -> Result
     let mut sink = [0u8; 1];
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut sink)).await;
     Ok(())
-}
-
-/// Bytes helper for tests and callers that build frames.
-pub fn frame_bytes(tag: u8, body: &[u8]) -> Bytes {
-    messages::message(tag, body)
 }

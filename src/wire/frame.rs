@@ -43,7 +43,7 @@ impl FrameReader {
     }
 
     /// Splits one complete frame off the buffer, if there is one.
-    pub fn try_frame(&mut self) -> Result<Option<Frame>, WireError> {
+    pub(crate) fn try_frame(&mut self) -> Result<Option<Frame>, WireError> {
         if self.buf.len() < 5 {
             return Ok(None);
         }
@@ -94,7 +94,7 @@ impl FrameReader {
     }
 
     /// Like [`read`](Self::read) but EOF is an error.
-    pub async fn read_required<R: AsyncRead + Unpin>(
+    pub(crate) async fn read_required<R: AsyncRead + Unpin>(
         &mut self,
         r: &mut R,
     ) -> Result<Frame, WireError> {
@@ -111,7 +111,7 @@ impl FrameReader {
 }
 
 /// Reads an untagged startup-phase packet (length-prefixed, no tag byte).
-pub async fn read_startup_packet<R: AsyncRead + Unpin>(
+pub(crate) async fn read_startup_packet<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<Bytes, WireError> {
@@ -141,7 +141,7 @@ pub async fn read_startup_packet<R: AsyncRead + Unpin>(
 }
 
 /// Reads a NUL-terminated string from a message body.
-pub fn get_cstr(buf: &mut &[u8]) -> Result<String, WireError> {
+pub(crate) fn get_cstr(buf: &mut &[u8]) -> Result<String, WireError> {
     let end = buf
         .iter()
         .position(|&b| b == 0)
@@ -152,7 +152,7 @@ pub fn get_cstr(buf: &mut &[u8]) -> Result<String, WireError> {
 }
 
 /// Reads a big-endian int32 from a message body.
-pub fn get_i32(buf: &mut &[u8]) -> Result<i32, WireError> {
+pub(crate) fn get_i32(buf: &mut &[u8]) -> Result<i32, WireError> {
     if buf.len() < 4 {
         return Err(WireError::Protocol("message too short".into()));
     }

@@ -8,10 +8,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::WireError;
 use super::frame::{get_cstr, get_i32};
 
-pub const PROTOCOL_3_0: i32 = 196_608;
-pub const SSL_REQUEST: i32 = 80_877_103;
-pub const GSSENC_REQUEST: i32 = 80_877_104;
-pub const CANCEL_REQUEST: i32 = 80_877_102;
+const PROTOCOL_3_0: i32 = 196_608;
+const SSL_REQUEST: i32 = 80_877_103;
+const GSSENC_REQUEST: i32 = 80_877_104;
+const CANCEL_REQUEST: i32 = 80_877_102;
 
 /// Transaction status from ReadyForQuery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -22,7 +22,7 @@ pub enum TxStatus {
 }
 
 impl TxStatus {
-    pub fn from_byte(b: u8) -> Option<TxStatus> {
+    pub(crate) fn from_byte(b: u8) -> Option<TxStatus> {
         match b {
             b'I' => Some(TxStatus::Idle),
             b'T' => Some(TxStatus::InTransaction),
@@ -41,7 +41,7 @@ impl TxStatus {
 
 /// What the first packet of a connection asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum StartupPacket {
+pub(crate) enum StartupPacket {
     Ssl,
     GssEnc,
     Cancel { pid: i32, secret: i32 },
@@ -102,7 +102,7 @@ pub fn startup_message(params: &[(String, String)]) -> Bytes {
 }
 
 /// Builds a CancelRequest packet.
-pub fn cancel_request(pid: i32, secret: i32) -> Bytes {
+pub(crate) fn cancel_request(pid: i32, secret: i32) -> Bytes {
     let mut out = BytesMut::with_capacity(16);
     out.put_i32(16);
     out.put_i32(CANCEL_REQUEST);
@@ -111,7 +111,7 @@ pub fn cancel_request(pid: i32, secret: i32) -> Bytes {
     out.freeze()
 }
 
-pub fn put_cstr(buf: &mut BytesMut, s: &str) {
+pub(crate) fn put_cstr(buf: &mut BytesMut, s: &str) {
     buf.extend_from_slice(s.as_bytes());
     buf.put_u8(0);
 }
@@ -125,22 +125,22 @@ pub fn message(tag: u8, body: &[u8]) -> Bytes {
     out.freeze()
 }
 
-pub fn ready_for_query(status: TxStatus) -> Bytes {
+pub(crate) fn ready_for_query(status: TxStatus) -> Bytes {
     message(b'Z', &[status.byte()])
 }
 
-pub fn auth_ok() -> Bytes {
+pub(crate) fn auth_ok() -> Bytes {
     message(b'R', &0i32.to_be_bytes())
 }
 
-pub fn auth_md5(salt: [u8; 4]) -> Bytes {
+pub(crate) fn auth_md5(salt: [u8; 4]) -> Bytes {
     let mut b = BytesMut::new();
     b.put_i32(5);
     b.extend_from_slice(&salt);
     message(b'R', &b)
 }
 
-pub fn auth_sasl(mechanisms: &[&str]) -> Bytes {
+pub(crate) fn auth_sasl(mechanisms: &[&str]) -> Bytes {
     let mut b = BytesMut::new();
     b.put_i32(10);
     for m in mechanisms {
@@ -150,28 +150,28 @@ pub fn auth_sasl(mechanisms: &[&str]) -> Bytes {
     message(b'R', &b)
 }
 
-pub fn auth_sasl_continue(data: &[u8]) -> Bytes {
+pub(crate) fn auth_sasl_continue(data: &[u8]) -> Bytes {
     let mut b = BytesMut::new();
     b.put_i32(11);
     b.extend_from_slice(data);
     message(b'R', &b)
 }
 
-pub fn auth_sasl_final(data: &[u8]) -> Bytes {
+pub(crate) fn auth_sasl_final(data: &[u8]) -> Bytes {
     let mut b = BytesMut::new();
     b.put_i32(12);
     b.extend_from_slice(data);
     message(b'R', &b)
 }
 
-pub fn parameter_status(name: &str, value: &str) -> Bytes {
+pub(crate) fn parameter_status(name: &str, value: &str) -> Bytes {
     let mut b = BytesMut::new();
     put_cstr(&mut b, name);
     put_cstr(&mut b, value);
     message(b'S', &b)
 }
 
-pub fn backend_key_data(pid: i32, secret: i32) -> Bytes {
+pub(crate) fn backend_key_data(pid: i32, secret: i32) -> Bytes {
     let mut b = BytesMut::new();
     b.put_i32(pid);
     b.put_i32(secret);
@@ -179,13 +179,13 @@ pub fn backend_key_data(pid: i32, secret: i32) -> Bytes {
 }
 
 /// Parses a ParameterStatus body.
-pub fn parse_parameter_status(body: &[u8]) -> Result<(String, String), WireError> {
+pub(crate) fn parse_parameter_status(body: &[u8]) -> Result<(String, String), WireError> {
     let mut b = body;
     Ok((get_cstr(&mut b)?, get_cstr(&mut b)?))
 }
 
 /// Parses a BackendKeyData body.
-pub fn parse_backend_key(body: &[u8]) -> Result<(i32, i32), WireError> {
+pub(crate) fn parse_backend_key(body: &[u8]) -> Result<(i32, i32), WireError> {
     let mut b = body;
     Ok((get_i32(&mut b)?, get_i32(&mut b)?))
 }
@@ -266,7 +266,7 @@ impl ErrorFields {
     }
 
     /// Encodes as an ErrorResponse (or returns the original bytes).
-    pub fn to_frame(&self) -> Bytes {
+    pub(crate) fn to_frame(&self) -> Bytes {
         if let Some(r) = &self.raw {
             return r.clone();
         }
@@ -274,7 +274,7 @@ impl ErrorFields {
     }
 
     /// Encodes as a NoticeResponse.
-    pub fn to_notice(&self) -> Bytes {
+    pub(crate) fn to_notice(&self) -> Bytes {
         self.encode(b'N')
     }
 
@@ -302,7 +302,7 @@ impl ErrorFields {
     }
 
     /// Is this fatal for the connection (FATAL or PANIC)?
-    pub fn is_fatal(&self) -> bool {
+    pub(crate) fn is_fatal(&self) -> bool {
         matches!(self.severity.as_str(), "FATAL" | "PANIC")
     }
 }

@@ -6,17 +6,17 @@
 // relayed verbatim; errors are rare, so their size costs nothing that matters.
 #![allow(clippy::result_large_err)]
 
-pub mod auth;
-pub mod connect;
-pub mod frame;
+pub(crate) mod auth;
+pub(crate) mod connect;
+pub(crate) mod frame;
 pub mod messages;
-pub mod stream;
-pub mod tls;
+pub(crate) mod stream;
+pub(crate) mod tls;
 
 pub use connect::{ConnectOptions, ServerConnection};
-pub use frame::{Frame, FrameReader};
-pub use messages::ErrorFields;
-pub use stream::PgStream;
+pub(crate) use frame::{Frame, FrameReader};
+pub(crate) use messages::ErrorFields;
+pub(crate) use stream::PgStream;
 
 use thiserror::Error;
 

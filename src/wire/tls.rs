@@ -51,7 +51,7 @@ impl SslMode {
     }
 
     /// Whether a server without TLS must be refused.
-    pub fn requires_tls(self) -> bool {
+    pub(crate) fn requires_tls(self) -> bool {
         !matches!(self, SslMode::Disable | SslMode::Prefer)
     }
 }
@@ -61,7 +61,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Loads a server certificate chain and key for TLS toward clients.
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, WireError> {
+pub(crate) fn server_config(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ServerConfig>, WireError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| WireError::Tls(format!("cannot read certificate {}: {e}", cert.display())))?
         .collect::<Result<_, _>>()
@@ -85,7 +88,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
 
 /// A client config that encrypts without verifying the server certificate,
 /// as libpq does for `sslmode=require`.
-pub fn client_config_no_verify() -> Arc<rustls::ClientConfig> {
+pub(crate) fn client_config_no_verify() -> Arc<rustls::ClientConfig> {
     let p = provider();
     let cfg = rustls::ClientConfig::builder_with_provider(p.clone())
         .with_safe_default_protocol_versions()
@@ -102,7 +105,7 @@ pub fn client_config_no_verify() -> Arc<rustls::ClientConfig> {
 /// The client config for a server connection with `mode` (not `disable`):
 /// as libpq, a given root certificate file means the chain is verified
 /// (whatever the mode), and `verify-full` also checks the host name.
-pub fn client_config_for(
+pub(crate) fn client_config_for(
     mode: SslMode,
     rootcert: Option<&Path>,
 ) -> Result<Arc<rustls::ClientConfig>, WireError> {
@@ -118,7 +121,7 @@ pub fn client_config_for(
 /// A client config that verifies the server's certificate chain against the
 /// CA certificates in the PEM file `root`, and with `check_host` also that
 /// the certificate names the host connected to (`verify-full`).
-pub fn verifying_client_config(
+fn verifying_client_config(
     root: &Path,
     check_host: bool,
 ) -> Result<Arc<rustls::ClientConfig>, WireError> {
@@ -145,7 +148,7 @@ pub fn verifying_client_config(
 }
 
 /// Reads the CA certificates of a PEM file.
-pub fn root_store(path: &Path) -> Result<rustls::RootCertStore, WireError> {
+pub(crate) fn root_store(path: &Path) -> Result<rustls::RootCertStore, WireError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .map_err(|e| WireError::Tls(format!("cannot read {}: {e}", path.display())))?
         .collect::<Result<_, _>>()

@@ -93,7 +93,7 @@ impl NetBatch {
     /// folded into what is pending (the caller flushes and retries, or
     /// applies it on its own). `key` marks the replica identity columns;
     /// none: the table has no key, only inserts are taken.
-    pub fn offer(&mut self, oid: u32, key: &[bool], change: Offer) -> Result<(), Offer> {
+    pub(crate) fn offer(&mut self, oid: u32, key: &[bool], change: Offer) -> Result<(), Offer> {
         let tuple = match &change {
             Offer::Insert(t) | Offer::Update(t) | Offer::Delete(t) => t,
         };

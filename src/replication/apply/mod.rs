@@ -70,9 +70,11 @@ use crate::wire::messages::TxStatus;
 use crate::wire::{ConnectOptions, ServerConnection, WireError};
 
 pub use self::error::ApplyError;
-pub use self::markers::{Marker, wait_for_marker};
-pub use self::origin::OriginError;
-pub use self::progress::{ApplyMetrics, ApplyProgress, ApplyStats};
+pub(crate) use self::markers::Marker;
+pub use self::markers::wait_for_marker;
+pub(crate) use self::origin::OriginError;
+pub use self::progress::ApplyMetrics;
+pub(crate) use self::progress::{ApplyProgress, ApplyStats};
 
 /// Options of one database's applier.
 #[derive(Clone, Debug)]

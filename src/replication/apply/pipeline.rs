@@ -67,11 +67,11 @@ impl Pipeline {
     }
 
     /// Bytes queued and not yet sent.
-    pub fn queued_bytes(&self) -> usize {
+    pub(crate) fn queued_bytes(&self) -> usize {
         self.out.len()
     }
 
-    pub fn queued_ops(&self) -> usize {
+    pub(crate) fn queued_ops(&self) -> usize {
         self.ops.len()
     }
 

@@ -93,18 +93,18 @@ impl RelEntry {
         }
     }
 
-    pub fn full_identity(&self) -> bool {
+    pub(crate) fn full_identity(&self) -> bool {
         self.source.replica_identity == ReplicaIdentity::Full
     }
 
     /// The columns rows are found by under DEFAULT / USING INDEX.
-    pub fn key_mask(&self) -> Vec<bool> {
+    pub(crate) fn key_mask(&self) -> Vec<bool> {
         self.source.columns.iter().map(|c| c.key).collect()
     }
 
     /// The key rows are folded by in a batch: none under FULL (rows may be
     /// duplicates; only inserts are batched there).
-    pub fn batch_key(&self) -> Vec<bool> {
+    pub(crate) fn batch_key(&self) -> Vec<bool> {
         let full = self.full_identity();
         self.source.columns.iter().map(|c| c.key && !full).collect()
     }
@@ -112,7 +112,7 @@ impl RelEntry {
     /// The catalog query that describes the target table: per column its
     /// type, and the base type at the end of its domain chain (what
     /// pgoutput's Type message names for a domain column).
-    pub fn catalog_query(&self) -> String {
+    pub(crate) fn catalog_query(&self) -> String {
         format!(
             "SELECT c.relkind::text, a.attname, a.atttypid::int8::text, format_type(a.atttypid, a.atttypmod), \
              tn.nspname, t.typname, bn.nspname, bt.typname, t.typtype::text, bt.oid::int8::text FROM pg_class c \
@@ -131,7 +131,7 @@ impl RelEntry {
     /// The query (run on the source, with `search_path` = pg_catalog so
     /// that every other name comes qualified) of the source columns'
     /// definitions, for messages and remedies: name, type, default, NOT NULL.
-    pub fn source_columns_query(&self) -> String {
+    pub(crate) fn source_columns_query(&self) -> String {
         format!(
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod), \
              pg_get_expr(d.adbin, d.adrelid), a.attnotnull::text, t.typtype::text \
@@ -158,7 +158,7 @@ impl RelEntry {
     /// `names` says what is known of each source column for messages:
     /// built-in types by `format_type`, and, when the applier could read the
     /// source catalog, every column's definition there.
-    pub fn resolve(
+    pub(crate) fn resolve(
         &self,
         rows: &[TextRow],
         types: &HashMap<u32, TypeInfo>,
@@ -344,7 +344,7 @@ impl RelEntry {
     }
 
     /// The SQL and parameter types of a statement shape.
-    pub fn statement_sql(&self, key: &StmtKey) -> (String, Vec<u32>) {
+    pub(crate) fn statement_sql(&self, key: &StmtKey) -> (String, Vec<u32>) {
         let target = self
             .target
             .as_ref()
@@ -395,7 +395,7 @@ impl RelEntry {
     /// trigger fires in replica mode, it is not partitioned, and its only
     /// unique constraint (if any) is a plain unique index on exactly the
     /// key columns.
-    pub fn batchable_query(&self) -> String {
+    pub(crate) fn batchable_query(&self) -> String {
         let keys: Vec<String> = self
             .source
             .columns
@@ -420,7 +420,7 @@ impl RelEntry {
     /// The SQL of a net-change batch statement: one `text[]` parameter per
     /// column (all columns for insert and update, the key columns for
     /// delete), unnested and cast to the column types.
-    pub fn batch_sql(&self, kind: BatchKind) -> (String, Vec<u32>) {
+    pub(crate) fn batch_sql(&self, kind: BatchKind) -> (String, Vec<u32>) {
         const TEXT_ARRAY: u32 = 1009;
         let target = self.target.as_ref().expect("resolved before batching");
         let cols = &self.source.columns;
@@ -556,7 +556,7 @@ pub(super) struct SourceColumn {
 
 impl SourceColumn {
     /// Rows of [`RelEntry::source_columns_query`], by column name.
-    pub fn from_rows(rows: &[TextRow]) -> HashMap<String, SourceColumn> {
+    pub(crate) fn from_rows(rows: &[TextRow]) -> HashMap<String, SourceColumn> {
         let field = |r: &TextRow, i: usize| r.get(i).cloned().flatten();
         rows.iter()
             .filter_map(|r| {
