@@ -137,7 +137,7 @@ fn validate_option_stops_after_validation() {
     let s = p.wait_state("Succeeded", STARTUP);
     assert_eq!(s["substate"], "Completed");
     assert!(slots(&source).is_empty(), "validate creates no slot");
-    p.kill9();
+    p.kill();
 
     // Online mode cannot carry a table without a key.
     source.psql("shop", "CREATE TABLE nokey(a int, b text)");
@@ -183,8 +183,8 @@ fn cancel_releases_the_source_and_stays_canceled() {
     assert_eq!(target.psql("shop", "SELECT count(*) FROM orders"), "2000");
 
     // A restart does not start a canceled migration again.
-    p.kill9();
-    p.spawn();
+    p.kill();
+    p.restart();
     // It comes back Canceled, and stays so: a short watch for something that
     // must NOT happen (a slot created again, another state).
     p.wait_state("Canceled", STARTUP);
@@ -239,7 +239,7 @@ fn overwrite_false_refuses_a_non_empty_target_and_true_recreates_it() {
             slots(&source)
         );
         assert!(publications(&source, "shop").is_empty());
-        p.kill9();
+        p.kill();
     }
 
     let p = Pgshift::start(
@@ -341,7 +341,7 @@ fn online_cutover_moves_a_proxied_writer_to_the_target() {
         "cutover: {}{}\n{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr),
-        p.logs()
+        p.log()
     );
     let s = p.wait_state("Succeeded", STARTUP);
     assert_eq!(s["proxy"]["route"], "target");
@@ -353,7 +353,7 @@ fn online_cutover_moves_a_proxied_writer_to_the_target() {
         goes_on,
         "the writer stopped after the switch: {:?}\n{}",
         seen.lock().unwrap().errors,
-        p.logs()
+        p.log()
     );
     let seen = seen.lock().unwrap();
     assert!(seen.errors.is_empty(), "writes failed: {:?}", seen.errors);
