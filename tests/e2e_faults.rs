@@ -235,10 +235,7 @@ fn offline_kill_mid_copy_keeps_the_fence_and_cancel_lifts_it() {
 
     p.restart();
     p.wait_status("the offline copy under way again", STARTUP, copying);
-    let o = std::process::Command::new(pgshift_bin())
-        .args(["cancel", "--admin", &p.admin_url()])
-        .output()
-        .unwrap();
+    let o = p.cli_admin(&["cancel"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     p.wait_state("Canceled", STARTUP);
     // The fence is lifted to what it was before the first run, not to the

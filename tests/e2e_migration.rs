@@ -100,10 +100,7 @@ fn online_migration_streams_direct_and_proxied_writes() {
     );
 
     // `pgshift status` against the running binary: the table and the JSON.
-    let table = Command::new(pgshift_bin())
-        .args(["status", "--admin", &p.admin_url()])
-        .output()
-        .unwrap();
+    let table = p.cli_admin(&["status"]);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
         table.status.success()
@@ -113,10 +110,7 @@ fn online_migration_streams_direct_and_proxied_writes() {
                 .any(|l| l.starts_with("shop") && l.contains("streaming")),
         "status table:\n{text}"
     );
-    let json = Command::new(pgshift_bin())
-        .args(["status", "--json", "--admin", &p.admin_url()])
-        .output()
-        .unwrap();
+    let json = p.cli_admin(&["status", "--json"]);
     let doc: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json");
     // (lag_bytes itself moves with any WAL the source writes meanwhile.)
     assert_eq!(doc["state"], "WaitingForUserAction");
@@ -166,10 +160,7 @@ fn cancel_releases_the_source_and_stays_canceled() {
         vec![names.publication.clone()]
     );
 
-    let o = Command::new(pgshift_bin())
-        .args(["cancel", "--admin", &p.admin_url()])
-        .output()
-        .unwrap();
+    let o = p.cli_admin(&["cancel"]);
     assert!(
         o.status.success(),
         "cancel: {}",
@@ -196,10 +187,7 @@ fn cancel_releases_the_source_and_stays_canceled() {
         assert!(slots(&source).is_empty());
     }
     // And a second cancel is refused.
-    let o = Command::new(pgshift_bin())
-        .args(["cancel", "--admin", &p.admin_url()])
-        .output()
-        .unwrap();
+    let o = p.cli_admin(&["cancel"]);
     assert!(!o.status.success());
 }
 
@@ -332,10 +320,7 @@ fn online_cutover_moves_a_proxied_writer_to_the_target() {
         std::thread::spawn(move || proxied_writer(port, "shop", stop, last, seen))
     };
     assert!(wait_until(STARTUP, || last.load(Ordering::Relaxed) > 50));
-    let o = Command::new(pgshift_bin())
-        .args(["cutover", "--wait", "--admin", &p.admin_url()])
-        .output()
-        .unwrap();
+    let o = p.cli_admin(&["cutover", "--wait"]);
     assert!(
         o.status.success(),
         "cutover: {}{}\n{}",

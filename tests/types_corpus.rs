@@ -10,7 +10,6 @@ mod e2e_common;
 use common::*;
 use e2e_common::corpus::{assert_same, run_file};
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
@@ -156,10 +155,7 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
     assert_same("kill -9 and restart", &source, &target, DB, "r,m", 13);
 
     // Phase 5: the cutover.
-    let o = Command::new(pgshift_bin())
-        .args(["cutover", "--wait", "--admin", &p.admin_url()])
-        .output()
-        .expect("run pgshift cutover");
+    let o = p.cli_admin(&["cutover", "--wait"]);
     assert!(
         o.status.success(),
         "cutover: {}{}\n{}",

@@ -10,13 +10,14 @@ use std::process::Command;
 use pgshift::validate::{Status, ValidationReport, validate};
 
 /// A config text for `source`/`target` URLs and the `[migration]` body.
-fn config_text(source: &str, target: &str, migration: &str) -> String {
+fn config_for_urls(source: &str, target: &str, migration: &str) -> String {
     format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n\n[source]\nurl = \"{source}\"\n\n[target]\nurl = \"{target}\"\n\n[migration]\n{migration}\n"
     )
 }
 
-fn migration(databases: &[&str], extra: &str) -> String {
+/// The body of `[migration]` (migration `vt` of `databases`) with `extra` keys.
+fn migration_body(databases: &[&str], extra: &str) -> String {
     let list = databases
         .iter()
         .map(|d| format!("\"{d}\""))
@@ -28,10 +29,10 @@ fn migration(databases: &[&str], extra: &str) -> String {
 /// The config of a migration of `databases` from `src` to `dst` as the
 /// superuser, with `extra` keys in `[migration]`.
 fn pair_config(src: &Cluster, dst: &Cluster, databases: &[&str], extra: &str) -> String {
-    config_text(
+    config_for_urls(
         &src.url("postgres"),
         &dst.url("postgres"),
-        &migration(databases, extra),
+        &migration_body(databases, extra),
     )
 }
 
@@ -557,10 +558,10 @@ async fn non_superusers_get_the_grants_they_need() {
     let (src, dst) = pair_with_app(ClusterOptions::default());
     src.psql("app", "CREATE TABLE t (id int PRIMARY KEY)");
     src.psql("postgres", "REVOKE CREATE ON DATABASE app FROM PUBLIC");
-    let text = config_text(
+    let text = config_for_urls(
         &src.url_as(APP_USER, APP_PW, "postgres"),
         &dst.url_as(APP_USER, APP_PW, "postgres"),
-        &migration(&["app"], ""),
+        &migration_body(&["app"], ""),
     );
     let report = report_for(&text).await;
     // app has REPLICATION and CREATEDB.
@@ -626,10 +627,10 @@ async fn non_superusers_get_the_grants_they_need() {
 async fn unreachable_or_refused_servers_are_failed_rows() {
     let dst = Cluster::start();
     dst.create_db("app");
-    let bad_pw = config_text(
+    let bad_pw = config_for_urls(
         &dst.url_as(SUPERUSER, "wrong", "postgres"),
         &dst.url("postgres"),
-        &migration(&["app"], ""),
+        &migration_body(&["app"], ""),
     );
     let report = report_for(&bad_pw).await;
     assert_eq!(status_of(&report, "connection", "source"), Status::Failed);
@@ -661,10 +662,10 @@ async fn unreachable_or_refused_servers_are_failed_rows() {
     assert!(report.has_failures());
 
     let port = free_port();
-    let down = config_text(
+    let down = config_for_urls(
         &format!("postgres://postgres:pw@127.0.0.1:{port}/postgres"),
         &dst.url("postgres"),
-        &migration(&["app"], ""),
+        &migration_body(&["app"], ""),
     );
     let (code, out, err) = run_validate_config(&down, &[]);
     assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
@@ -680,21 +681,24 @@ async fn unreachable_or_refused_servers_are_failed_rows() {
 fn bad_config_or_invocation_exits_2() {
     let url = "postgres://postgres:pw@127.0.0.1:1/postgres";
     let cases = [
-        (migration(&["app"], "mode = \"sideways\""), "mode"),
-        (migration(&["app"], "copy_jobs = 0"), "migration.copy_jobs"),
+        (migration_body(&["app"], "mode = \"sideways\""), "mode"),
+        (
+            migration_body(&["app"], "copy_jobs = 0"),
+            "migration.copy_jobs",
+        ),
         (
             "name = \"-bad\"\ndatabases = [\"app\"]".to_string(),
             "migration.name",
         ),
     ];
     for (body, key) in cases {
-        let (code, out, err) = run_validate_config(&config_text(url, url, &body), &[]);
+        let (code, out, err) = run_validate_config(&config_for_urls(url, url, &body), &[]);
         assert_eq!(code, 2, "{key}: stdout {out} stderr {err}");
         assert!(err.contains(key), "{key}: {err}");
         assert!(out.is_empty(), "{out}");
     }
     // No [migration] section.
-    let text = config_text(url, url, "").replace("[migration]\n", "");
+    let text = config_for_urls(url, url, "").replace("[migration]\n", "");
     let (code, _, err) = run_validate_config(&text, &[]);
     assert_eq!(code, 2);
     assert!(err.contains("`migration`"), "{err}");

@@ -355,6 +355,17 @@ impl Pgshift {
             .expect("run pgshift")
     }
 
+    /// Runs a pgshift subcommand that reaches this instance by `--admin URL`
+    /// (no config file), as an operator on another machine would.
+    pub fn cli_admin(&self, args: &[&str]) -> Output {
+        Command::new(pgshift_bin())
+            .args(args)
+            .arg("--admin")
+            .arg(self.admin_url())
+            .output()
+            .expect("run pgshift")
+    }
+
     /// [`Pgshift::cli`] as a future (e.g. a `cutover --wait` beside other work).
     pub async fn cli_async(&self, args: &[&str]) -> Output {
         let mut cmd = tokio::process::Command::new(pgshift_bin());
