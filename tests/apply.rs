@@ -50,18 +50,34 @@ impl Pair {
         }
         src.psql(DB, schema_and_data);
         dst.psql(DB, schema_and_data);
-        src.psql(DB, "CREATE PUBLICATION pub FOR ALL TABLES");
-        src.psql(
+        let p = Pair { src, dst };
+        p.publish("pub", "slot");
+        p
+    }
+
+    /// A publication of every table and a pgoutput slot on the source;
+    /// returns the slot's consistent point.
+    fn publish(&self, publication: &str, slot: &str) -> Lsn {
+        self.src.psql(
             DB,
-            "SELECT pg_create_logical_replication_slot('slot', 'pgoutput')",
+            &format!("CREATE PUBLICATION \"{publication}\" FOR ALL TABLES"),
         );
-        Pair { src, dst }
+        self.src
+            .psql(
+                DB,
+                &format!(
+                    "SELECT lsn FROM pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+                ),
+            )
+            .parse()
+            .expect("an LSN")
     }
 
     /// Runs each statement as its own transaction on the source.
-    async fn run(&self, statements: &[&str]) {
+    async fn run(&self, statements: &[impl AsRef<str>]) {
         let c = self.src.client(DB).await;
         for s in statements {
+            let s = s.as_ref();
             c.batch_execute(s)
                 .await
                 .unwrap_or_else(|e| panic!("{s}: {e}"));
@@ -94,6 +110,18 @@ impl Pair {
         Endpoint::parse("target.url", &self.dst.url(DB)).unwrap()
     }
 
+    fn source(&self) -> Endpoint {
+        Endpoint::parse("source.url", &self.src.url(DB)).unwrap()
+    }
+
+    /// How far the target's replication origin says apply got.
+    fn origin_progress(&self) -> String {
+        self.dst.psql(
+            DB,
+            "SELECT pg_replication_origin_progress('pgshift_mig_postgres', true)",
+        )
+    }
+
     async fn applier(&self, opts: ApplyOptions) -> Applier {
         Applier::connect(&self.target(), opts, None).await.unwrap()
     }
@@ -108,6 +136,22 @@ impl Pair {
 
 fn opts() -> ApplyOptions {
     ApplyOptions::new("mig", DB)
+}
+
+/// Options whose transaction groups (plain and net) hold at most `n`.
+fn opts_in_groups_of(n: usize) -> ApplyOptions {
+    let mut o = opts();
+    o.max_batch_transactions = n;
+    o.max_net_batch_transactions = n;
+    o
+}
+
+/// The table and the suggested fix of a schema mismatch; panics on any other error.
+fn schema_mismatch(err: &ApplyError) -> (&str, Option<&str>) {
+    let ApplyError::SchemaMismatch { table, fix, .. } = err else {
+        panic!("expected a schema mismatch, got {err}");
+    };
+    (table, fix.as_deref())
 }
 
 /// The commit LSN of every transaction in the messages, in order.
@@ -175,16 +219,13 @@ async fn mixed_workload_with_truncate_cascade_and_key_changes_converges() {
     w.push("UPDATE keysonly SET b = 2".into());
     w.push("TRUNCATE ledger".into());
     w.push("INSERT INTO ledger VALUES (1, 1, 1)".into());
-    let refs: Vec<&str> = w.iter().map(String::as_str).collect();
-    p.run(&refs).await;
+    p.run(&w).await;
 
     let msgs = p.changes("1").await;
     let reg = prometheus::Registry::new();
     let metrics = ApplyMetrics::register(&reg);
-    let mut o = opts();
     // Small groups and rounds, so group and round boundaries fall everywhere.
-    o.max_batch_transactions = 7;
-    o.max_net_batch_transactions = 7;
+    let mut o = opts_in_groups_of(7);
     o.max_round_bytes = 2048;
     let mut a = Applier::connect(&p.target(), o, Some(metrics))
         .await
@@ -198,10 +239,7 @@ async fn mixed_workload_with_truncate_cascade_and_key_changes_converges() {
     // changes of rows that survived the delete of every 7th id (42 rows).
     assert_eq!((s.inserts, s.updates, s.deletes), (408, 235, 42), "{s:?}");
     assert_eq!(s.truncates, 3);
-    let progress: String = p.dst.psql(
-        DB,
-        "SELECT pg_replication_origin_progress('pgshift_mig_postgres', true)",
-    );
+    let progress = p.origin_progress();
     assert_eq!(progress, s.applied_lsn.to_string());
     // RESTART IDENTITY reached the target's sequence (rows carry explicit ids).
     assert_eq!(
@@ -307,23 +345,21 @@ async fn relation_mismatch_stops_with_the_fix_and_resumes_after_it() {
     let mut a = p.applier(opts()).await;
     let err = apply_all(&mut a, &msgs).await.unwrap_err();
     let text = err.to_string();
-    let ApplyError::SchemaMismatch { table, fix, .. } = &err else {
-        panic!("expected a schema mismatch, got {err}");
-    };
+    let (table, fix) = schema_mismatch(&err);
     assert_eq!(table, "public.t");
     assert!(
         text.contains("\"extra\" (integer) exists on the source but not on the target"),
         "{text}"
     );
     assert_eq!(
-        fix.as_deref(),
+        fix,
         Some("ALTER TABLE \"public\".\"t\" ADD COLUMN \"extra\" integer;")
     );
     // A stopped applier refuses more work.
     assert!(matches!(a.flush().await, Err(ApplyError::Stopped { .. })));
     drop(a);
     // The operator runs the fix; apply again from the origin position.
-    p.dst.psql(DB, fix.as_deref().unwrap());
+    p.dst.psql(DB, fix.unwrap());
     let mut a = p.applier(opts()).await;
     apply_all(&mut a, &msgs).await.unwrap();
     p.same_data();
@@ -362,7 +398,7 @@ async fn a_column_type_difference_names_both_types() {
 /// Options that let the applier read the source catalog for messages.
 fn opts_with_source(p: &Pair) -> ApplyOptions {
     let mut o = opts();
-    o.source = Some(Endpoint::parse("source.url", &p.src.url(DB)).unwrap());
+    o.source = Some(p.source());
     o
 }
 
@@ -415,11 +451,9 @@ async fn a_domain_difference_names_the_real_source_type_and_a_safe_fix() {
     // Without the source catalog: the stream's word only, and no statement.
     let mut a = p.applier(opts()).await;
     let err = apply_all(&mut a, &msgs).await.unwrap_err();
-    let ApplyError::SchemaMismatch { fix, .. } = &err else {
-        panic!("expected a schema mismatch, got {err}");
-    };
+    let (_, fix) = schema_mismatch(&err);
     let text = err.to_string();
-    assert_eq!(fix, &None, "{text}");
+    assert_eq!(fix, None, "{text}");
     assert!(
         text.contains("column \"d\" is the user type with OID")
             && text.contains("int4 or a domain over it")
@@ -432,15 +466,13 @@ async fn a_domain_difference_names_the_real_source_type_and_a_safe_fix() {
     // the domain again.
     let mut a = p.applier(opts_with_source(&p)).await;
     let err = apply_all(&mut a, &msgs).await.unwrap_err();
-    let ApplyError::SchemaMismatch { fix, .. } = &err else {
-        panic!("expected a schema mismatch, got {err}");
-    };
+    let (_, fix) = schema_mismatch(&err);
     let text = err.to_string();
     assert!(
         text.contains("column \"d\" is s.posint on the source but text on the target"),
         "{text}"
     );
-    let fix = fix.clone().expect("a statement");
+    let fix = fix.expect("a statement").to_string();
     assert_eq!(
         fix,
         "ALTER TABLE \"s\".\"t\" ALTER COLUMN \"d\" TYPE s.posint USING \"d\"::s.posint;"
@@ -452,11 +484,9 @@ async fn a_domain_difference_names_the_real_source_type_and_a_safe_fix() {
     // column would drop its domain, so both types are named instead.
     let mut a = p.applier(opts_with_source(&p)).await;
     let err = apply_all(&mut a, &msgs).await.unwrap_err();
-    let ApplyError::SchemaMismatch { fix, .. } = &err else {
-        panic!("expected a schema mismatch, got {err}");
-    };
+    let (_, fix) = schema_mismatch(&err);
     let text = err.to_string();
-    assert_eq!(fix, &None, "{text}");
+    assert_eq!(fix, None, "{text}");
     assert!(
         text.contains("column \"e\" is integer on the source but s.posint on the target")
             && text.contains("source: integer; target: s.posint"),
@@ -486,10 +516,7 @@ async fn a_missing_user_typed_column_is_added_with_the_source_definition() {
     ] {
         let mut a = p.applier(opts_with_source(&p)).await;
         let err = apply_all(&mut a, &msgs).await.unwrap_err();
-        let ApplyError::SchemaMismatch { fix, .. } = &err else {
-            panic!("expected a schema mismatch, got {err}");
-        };
-        assert_eq!(fix.as_deref(), Some(expected), "{err}");
+        assert_eq!(schema_mismatch(&err).1, Some(expected), "{err}");
         drop(a);
         p.dst.psql(DB, expected);
     }
@@ -510,10 +537,7 @@ async fn a_row_that_cannot_be_applied_stops_with_its_lsn_and_commits_nothing_of_
     ])
     .await;
     let msgs = p.changes("1").await;
-    let mut o = opts();
-    o.max_batch_transactions = 1;
-    o.max_net_batch_transactions = 1;
-    let mut a = p.applier(o).await;
+    let mut a = p.applier(opts_in_groups_of(1)).await;
     let err = apply_all(&mut a, &msgs).await.unwrap_err();
     let ApplyError::Row {
         commit_lsn,
@@ -558,14 +582,10 @@ async fn restart_after_a_crash_applies_each_transaction_exactly_once() {
             "BEGIN; INSERT INTO ledger VALUES ({i}, {i}); UPDATE counter SET n = n + 1; COMMIT"
         ));
     }
-    let refs: Vec<&str> = w.iter().map(String::as_str).collect();
-    p.run(&refs).await;
+    p.run(&w).await;
     let msgs = p.changes("1").await;
     for cut in [msgs.len() / 3 + 2, msgs.len() / 2 + 1, msgs.len() * 4 / 5] {
-        let mut o = opts();
-        o.max_batch_transactions = 16;
-        o.max_net_batch_transactions = 16;
-        let mut a = p.applier(o).await;
+        let mut a = p.applier(opts_in_groups_of(16)).await;
         let from = a.applied_position();
         feed(&mut a, &mut Decoder::new(), &msgs[..cut])
             .await
@@ -580,10 +600,7 @@ async fn restart_after_a_crash_applies_each_transaction_exactly_once() {
         let counter: i64 = p.dst.psql(DB, "SELECT n FROM counter").parse().unwrap();
         assert_eq!(n, counter, "rows and progress are one fact");
         assert!(n > 0 && n < 400);
-        let progress = p.dst.psql(
-            DB,
-            "SELECT pg_replication_origin_progress('pgshift_mig_postgres', true)",
-        );
+        let progress = p.origin_progress();
         assert_ne!(progress, from.to_string());
     }
     let mut a = p.applier(opts()).await;
@@ -635,11 +652,11 @@ async fn marker_resolves_only_after_earlier_transactions_are_visible() {
     for i in 1..=50 {
         w.push(format!("INSERT INTO t VALUES ({i})"));
     }
-    let refs: Vec<&str> = w.iter().map(String::as_str).collect();
-    p.run(&refs).await;
-    let source = Endpoint::parse("source.url", &p.src.url(DB)).unwrap();
+    p.run(&w).await;
     let names = ReplicationNames::new("mig", DB);
-    let src = MarkerConnection::connect(&source, &names).await.unwrap();
+    let src = MarkerConnection::connect(&p.source(), &names)
+        .await
+        .unwrap();
     let marker_lsn = src.emit("cutover-42").await.unwrap();
     assert!(marker_lsn.0 > 0);
     p.run(&["INSERT INTO t VALUES (51)"]).await;
@@ -706,28 +723,11 @@ async fn streamed_large_transactions_apply_once_and_aborts_are_dropped() {
 async fn the_stream_commits_whenever_its_input_runs_empty() {
     let p = Pair::new("CREATE TABLE t (id int PRIMARY KEY, v text);");
     let names = ReplicationNames::new("mig", DB);
-    p.src.psql(
-        DB,
-        &format!(
-            "CREATE PUBLICATION \"{}\" FOR ALL TABLES",
-            names.publication
-        ),
-    );
-    let start: Lsn = p
-        .src
-        .psql(
-            DB,
-            &format!(
-                "SELECT lsn FROM pg_create_logical_replication_slot('{}', 'pgoutput')",
-                names.slot
-            ),
-        )
-        .parse()
-        .unwrap();
+    let start = p.publish(&names.publication, &names.slot);
     let cfg = StreamConfig {
         migration: "mig".into(),
         database: DB.into(),
-        source: Endpoint::parse("source.url", &p.src.url(DB)).unwrap(),
+        source: p.source(),
         target: p.target(),
         consistent_point: start,
     };
@@ -805,8 +805,7 @@ async fn a_group_is_applied_as_one_net_change_per_row() {
         ]
         .map(String::from),
     );
-    let refs: Vec<&str> = w.iter().map(String::as_str).collect();
-    p.run(&refs).await;
+    p.run(&w).await;
     let msgs = p.changes("1").await;
 
     let mut a = p.applier(opts()).await;
@@ -835,8 +834,7 @@ async fn without_net_batching_every_change_is_its_own_statement() {
     let w: Vec<String> = (0..30)
         .map(|_| "UPDATE hot SET n = n + 1 WHERE id = 1".to_string())
         .collect();
-    let refs: Vec<&str> = w.iter().map(String::as_str).collect();
-    p.run(&refs).await;
+    p.run(&w).await;
     let msgs = p.changes("1").await;
     let mut o = opts();
     o.net_batching = false;

@@ -102,7 +102,7 @@ fn pgshift(args: &[&str], config: &str, extra_env: &[(&str, &str)]) -> (bool, St
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pgshift.toml");
     std::fs::write(&path, config).unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pgshift"));
+    let mut cmd = std::process::Command::new(common::pgshift_bin());
     cmd.args(args).arg("--config").arg(&path);
     for k in [
         "APP_PASSWORD",

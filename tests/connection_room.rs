@@ -88,19 +88,19 @@ async fn validation_warns_when_the_target_cannot_take_the_sessions_newest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cutover_that_would_drop_sessions_is_refused_before_the_pause() {
     let pair = Pair::start_with(ClusterOptions::default(), small_target(None));
-    let shift = Shift::start(&pair, "", "", &[]);
-    shift.wait_streaming().await;
+    let shift = pair.launch("", "", &[]);
+    shift.wait_streaming_async(DB).await;
 
     // More sessions through the proxy than the target has free slots.
     let mut sessions = Vec::new();
     for _ in 0..10 {
-        sessions.push(connect(&shift.url()).await);
+        sessions.push(connect(&shift.url(DB)).await);
     }
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     let text = out_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("10 client session(s)"), "{text}");
-    let doc = shift.status().await.unwrap();
+    let doc = shift.status_async().await.unwrap();
     let last = &doc["last_cutover"];
     assert_eq!(last["outcome"], "aborted", "{last:#}");
     // Refused at prepare: the gate never closed, clients were not paused.
@@ -123,7 +123,7 @@ async fn a_cutover_that_would_drop_sessions_is_refused_before_the_pause() {
     sessions.truncate(3);
     let mut closed = false;
     for _ in 0..1200 {
-        let doc = shift.status().await.unwrap();
+        let doc = shift.status_async().await.unwrap();
         if doc["proxy"]["sessions"] == 3 {
             closed = true;
             break;
@@ -131,7 +131,7 @@ async fn a_cutover_that_would_drop_sessions_is_refused_before_the_pause() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(closed, "the proxy still counts the closed sessions");
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     let text = out_text(&out);
     assert_eq!(out.status.code(), Some(0), "{text}\n{}", shift.log());
     for s in &sessions {

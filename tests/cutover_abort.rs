@@ -41,9 +41,9 @@ async fn listen(
 }
 
 /// Checks that clients of the proxy are on the source, which is writable.
-async fn assert_on_unfenced_source(pair: &Pair, shift: &Shift) {
+async fn assert_on_unfenced_source(pair: &Pair, shift: &Pgshift) {
     assert!(!Pair::fenced(&pair.source), "fence still up on the source");
-    let (id, port) = write_one(&shift.url(), "after abort").await.unwrap();
+    let (id, port) = write_one(&shift.url(DB), "after abort").await.unwrap();
     assert_eq!(
         port as u16, pair.source.port,
         "write after abort not on source"
@@ -59,32 +59,27 @@ async fn assert_on_unfenced_source(pair: &Pair, shift: &Shift) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_transaction_aborts_then_second_cutover_succeeds() {
     let pair = Pair::start();
-    let shift = Shift::start(
-        &pair,
-        "",
-        // Long enough for the writer's in-flight insert to finish on a
-        // loaded machine (the second attempt); the held transaction never does.
-        "drain_timeout = \"5s\"\ncatchup_timeout = \"20s\"",
-        &[],
-    );
-    shift.wait_streaming().await;
+    // Long enough for the writer's in-flight insert to finish on a loaded
+    // machine (the second attempt); the held transaction never does.
+    let shift = pair.launch("", "drain_timeout = \"5s\"\ncatchup_timeout = \"20s\"", &[]);
+    shift.wait_streaming_async(DB).await;
 
     // A session through the proxy, inside a transaction, idle.
-    let held = connect(&shift.url()).await;
+    let held = connect(&shift.url(DB)).await;
     held.batch_execute("BEGIN; INSERT INTO ledger (client, note) VALUES ('held', 'open tx')")
         .await
         .unwrap();
-    let writer = Writer::start(&shift.url(), "w1").await;
-    let (_listener, mut notes) = listen(&shift.url(), "cutover_news").await;
+    let writer = Writer::start(&shift.url(DB), "w1").await;
+    let (_listener, mut notes) = listen(&shift.url(DB), "cutover_news").await;
     writer.wait_committed(3).await;
 
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     let text = out_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("drain"), "{text}");
     assert!(text.contains("cutover aborted"), "{text}");
 
-    let doc = shift.status().await.unwrap();
+    let doc = shift.status_async().await.unwrap();
     assert_eq!(doc["state"], "WaitingForUserAction", "{doc:#}");
     assert_eq!(doc["substate"], "WaitingForCutoverTrigger", "{doc:#}");
     let last = &doc["last_cutover"];
@@ -106,7 +101,7 @@ async fn held_transaction_aborts_then_second_cutover_succeeds() {
     writer.wait_more(3).await;
 
     // Second attempt, nothing holds it: it succeeds.
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     let text = out_text(&out);
     assert_eq!(out.status.code(), Some(0), "{text}\n{}", shift.log());
     for phase in ["gate", "drain", "fence", "marker", "sequences", "switch"] {
@@ -147,7 +142,7 @@ async fn held_transaction_aborts_then_second_cutover_succeeds() {
         Err(ClientError::Refused { status: 409, .. }) => {}
         other => panic!("expected 409, got {other:?}"),
     }
-    let status = shift.cli(&["status"]).await;
+    let status = shift.cli_async(&["status"]).await;
     let st = out_text(&status);
     assert!(status.status.success(), "{st}");
     assert!(st.contains("Succeeded"), "{st}");
@@ -157,27 +152,26 @@ async fn held_transaction_aborts_then_second_cutover_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_drain_timeout_cancel_closes_the_held_session() {
     let pair = Pair::start();
-    let shift = Shift::start(
-        &pair,
+    let shift = pair.launch(
         "",
         "drain_timeout = \"1s\"\non_drain_timeout = \"cancel\"",
         &[],
     );
-    shift.wait_streaming().await;
+    shift.wait_streaming_async(DB).await;
     // Keep the connection's own result: the ErrorResponse that closes it.
-    let (held, conn) = tokio_postgres::connect(&shift.url(), tokio_postgres::NoTls)
+    let (held, conn) = tokio_postgres::connect(&shift.url(DB), tokio_postgres::NoTls)
         .await
         .unwrap();
     let conn = tokio::spawn(conn);
     held.batch_execute("BEGIN; INSERT INTO ledger (client, note) VALUES ('held', 'doomed')")
         .await
         .unwrap();
-    let writer = Writer::start(&shift.url(), "w").await;
+    let writer = Writer::start(&shift.url(DB), "w").await;
 
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     let text = out_text(&out);
     assert_eq!(out.status.code(), Some(0), "{text}\n{}", shift.log());
-    let last = shift.last_cutover().await;
+    let last = shift.last_cutover_async().await;
     assert!(detail(&last, "drain").contains("terminated 1"), "{last:#}");
 
     // The held session was closed with a clear error; its insert never committed.
@@ -212,16 +206,18 @@ async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
     // catchup_timeout is the window in which the test must find and break
     // the fence's connection: long enough for a loaded machine.
     let (pair, shift, held) = streaming_held_after_catchup("catchup_timeout = \"10s\"").await;
-    let cutover = shift.cli(&["cutover", "--wait"]);
+    let cutover = shift.cli_async(&["cutover", "--wait"]);
     let block_apply_after_catchup = held.block_apply(&pair, &shift, async {
-        write_one(&shift.url(), "before").await.unwrap();
+        write_one(&shift.url(DB), "before").await.unwrap();
     });
 
     let watcher = pair.source.client("postgres").await;
     let break_fence_connection = async {
         // The connection that ran the fence (and then its check), idle while
         // the marker is awaited.
-        shift.wait_phase("fence", Duration::from_secs(120)).await;
+        shift
+            .wait_phase_async("fence", Duration::from_secs(120))
+            .await;
         // Its last query is the fence's, or the fence check's count of
         // sessions left.
         let sql = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
@@ -244,7 +240,7 @@ async fn abort_lifts_the_fence_on_a_new_connection_when_the_first_broke() {
     });
     assert!(broke, "never saw the fence's connection");
     assert_eq!(out.status.code(), Some(1), "{}", out_text(&out));
-    let last = shift.last_cutover().await;
+    let last = shift.last_cutover_async().await;
     assert_eq!(last["outcome"], "aborted", "{last:#}");
     assert!(
         detail(&last, "abort").starts_with("fence lifted on a new connection"),
@@ -265,13 +261,13 @@ async fn target_that_stops_applying_aborts_on_catchup_timeout() {
         DB,
         "INSERT INTO ledger (client, note) SELECT 'bulk', repeat('x', 200) FROM generate_series(1, 2000)",
     );
-    let writer = Writer::start(&shift.url(), "w").await;
+    let writer = Writer::start(&shift.url(DB), "w").await;
     writer.wait_committed(3).await;
 
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     let text = out_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    let last = shift.last_cutover().await;
+    let last = shift.last_cutover_async().await;
     assert_eq!(last["outcome"], "aborted");
     assert!(
         last["reason"]
@@ -292,7 +288,7 @@ async fn target_that_stops_applying_aborts_on_catchup_timeout() {
         "{last:#}"
     );
     let doc = shift
-        .wait_state(
+        .wait_substate_async(
             "WaitingForUserAction",
             "WaitingForCutoverTrigger",
             Duration::from_secs(120),
@@ -313,7 +309,7 @@ async fn target_that_stops_applying_aborts_on_catchup_timeout() {
     assert!(wait_until(Duration::from_secs(120), || {
         Pair::ledger_ids(&pair.target).contains(&latest)
     }));
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -337,8 +333,8 @@ async fn target_that_stops_applying_aborts_on_catchup_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_with_token_releases_the_source() {
     let pair = Pair::start();
-    let shift = Shift::start(&pair, "token = \"s3cret-token-0123456789\"", "", &[]);
-    shift.wait_streaming().await;
+    let shift = pair.launch("token = \"s3cret-token-0123456789\"", "", &[]);
+    shift.wait_streaming_async(DB).await;
     assert_eq!(
         pair.source
             .psql(DB, "SELECT count(*) FROM pg_replication_slots"),
@@ -357,15 +353,15 @@ async fn cancel_with_token_releases_the_source() {
         }
     }
     assert!(shift.admin_with(None).get("/status").await.is_ok());
-    let out = shift.cli(&["cancel", "--token", "wrong"]).await;
+    let out = shift.cli_async(&["cancel", "--token", "wrong"]).await;
     assert!(!out.status.success(), "{}", out_text(&out));
 
     // The CLI takes the token from the config.
-    let out = shift.cli(&["cancel"]).await;
+    let out = shift.cli_async(&["cancel"]).await;
     let text = out_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.to_lowercase().contains("slot"), "{text}");
-    let doc = shift.status().await.unwrap();
+    let doc = shift.status_async().await.unwrap();
     assert_eq!(doc["state"], "Canceled", "{doc:#}");
     assert_eq!(
         pair.source
@@ -394,14 +390,13 @@ async fn concurrent_requests_start_one_attempt_and_cancel_waits() {
     let dir = tempfile::tempdir().unwrap();
     let release = dir.path().join("release");
     let failpoint = format!("hold:prewarm:{}", release.display());
-    let shift = Shift::start(
-        &pair,
+    let shift = pair.launch(
         "",
         "drain_timeout = \"2s\"",
         &[("PGSHIFT_FAILPOINT", failpoint.as_str())],
     );
-    shift.wait_streaming().await;
-    let held = connect(&shift.url()).await;
+    shift.wait_streaming_async(DB).await;
+    let held = connect(&shift.url(DB)).await;
     held.batch_execute("BEGIN; SELECT 1").await.unwrap();
 
     // Two requests at once: one attempt starts, the other is refused.
@@ -438,14 +433,14 @@ async fn concurrent_requests_start_one_attempt_and_cancel_waits() {
     );
     held.batch_execute("COMMIT").await.unwrap();
     shift
-        .wait_state(
+        .wait_substate_async(
             "WaitingForUserAction",
             "WaitingForCutoverTrigger",
             Duration::from_secs(120),
         )
         .await;
     // Once it has finished, cancel is accepted.
-    let out = shift.cli(&["cancel"]).await;
+    let out = shift.cli_async(&["cancel"]).await;
     assert!(out.status.success(), "{}", out_text(&out));
     assert_on_unfenced_source(&pair, &shift).await;
 }
@@ -453,8 +448,8 @@ async fn concurrent_requests_start_one_attempt_and_cancel_waits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
     let pair = Pair::start();
-    let shift = Shift::start(&pair, "", "drain_timeout = \"10s\"", &[]);
-    shift.wait_streaming().await;
+    let shift = pair.launch("", "drain_timeout = \"10s\"", &[]);
+    shift.wait_streaming_async(DB).await;
     // A session straight on the source, not through the proxy.
     let bypass = connect(&pair.source.url_as(APP_USER, APP_PW, DB)).await;
     bypass.simple_query("SELECT 1").await.unwrap();
@@ -464,12 +459,12 @@ async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
     // waits for an advisory lock that a transaction through the proxy holds
     // until the gate is closed, so it runs into the pause however slow the
     // machine is.
-    let holder = connect(&shift.url()).await;
+    let holder = connect(&shift.url(DB)).await;
     holder
         .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(4242)")
         .await
         .unwrap();
-    let slow = connect(&shift.url()).await;
+    let slow = connect(&shift.url(DB)).await;
     let slow_task = tokio::spawn(async move {
         slow.query_one(
             "INSERT INTO ledger (client, note) SELECT 'slow', 'x' FROM (SELECT pg_advisory_xact_lock(4242)) l RETURNING id",
@@ -478,9 +473,11 @@ async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
         .await
         .map(|r| r.get::<_, i64>(0))
     });
-    let cutover = shift.cli(&["cutover", "--wait"]);
+    let cutover = shift.cli_async(&["cutover", "--wait"]);
     let release_after_gate = async {
-        shift.wait_phase("gate", Duration::from_secs(120)).await;
+        shift
+            .wait_phase_async("gate", Duration::from_secs(120))
+            .await;
         // Both sessions are still inside their statements or transactions.
         holder.batch_execute("COMMIT").await.unwrap();
     };
@@ -491,7 +488,7 @@ async fn running_statement_is_drained_and_bypassing_sessions_are_fenced() {
         Pair::ledger_ids(&pair.target).contains(&id),
         "slow row lost"
     );
-    let last = shift.last_cutover().await;
+    let last = shift.last_cutover_async().await;
     let drain = phase(&last, "drain");
     assert!(drain["seconds"].as_f64().unwrap() > 0.0, "{last:#}");
     assert!(

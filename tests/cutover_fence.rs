@@ -60,8 +60,8 @@ async fn direct_on(c: &Cluster, db: &str, sql: &str) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_direct_session_commits_on_the_source_after_a_cutover() {
     let pair = Pair::start();
-    let shift = Shift::start(&pair, "", "", &[]);
-    shift.wait_streaming().await;
+    let shift = pair.launch("", "", &[]);
+    shift.wait_streaming_async(DB).await;
     // Sessions straight on the source, opened before the cutover: one per
     // override, and the database owner's (app owns shop) on another database.
     let mut before = Vec::new();
@@ -69,7 +69,7 @@ async fn no_direct_session_commits_on_the_source_after_a_cutover() {
         before.push(connect(&pair.source.url_as(APP_USER, APP_PW, DB)).await);
     }
     let owner = connect(&pair.source.url_as(APP_USER, APP_PW, "postgres")).await;
-    let proxied = connect(&shift.url()).await;
+    let proxied = connect(&shift.url(DB)).await;
 
     // Before the switch the target refuses the application role's writes
     // (it owns the table: privileges would not stop it) while apply goes on.
@@ -93,9 +93,9 @@ async fn no_direct_session_commits_on_the_source_after_a_cutover() {
         Pair::ledger_ids(&pair.target).contains(&id)
     }));
 
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", out_text(&out));
-    let last = shift.last_cutover().await;
+    let last = shift.last_cutover_async().await;
     eprintln!(
         "fence {:.1} ms ({}); fence check {:.1} ms ({}); pause {:.1} ms",
         phase(&last, "fence")["seconds"].as_f64().unwrap() * 1000.0,
@@ -163,8 +163,8 @@ fn guard_schemas(c: &Cluster) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_removes_the_target_guard() {
     let pair = Pair::start();
-    let shift = Shift::start(&pair, "", "", &[]);
-    shift.wait_streaming().await;
+    let shift = pair.launch("", "", &[]);
+    shift.wait_streaming_async(DB).await;
     assert_eq!(guard_schemas(&pair.target), "1");
     let write = "INSERT INTO ledger (client) VALUES ('direct')";
     assert!(direct_on(&pair.target, DB, write).await.is_err());
@@ -172,7 +172,7 @@ async fn cancel_removes_the_target_guard() {
     pair.target
         .psql(DB, "DELETE FROM ledger WHERE client = 'nobody'");
 
-    let out = shift.cli(&["cancel"]).await;
+    let out = shift.cli_async(&["cancel"]).await;
     assert!(out.status.success(), "{}", out_text(&out));
     assert_eq!(guard_schemas(&pair.target), "0");
     let triggers = pair.target.psql(
@@ -198,9 +198,9 @@ async fn abort_gives_every_login_and_setting_back_exactly() {
     );
     let before = logins_and_settings(&pair.source);
     let bypass = connect(&pair.source.url_as(APP_USER, APP_PW, DB)).await;
-    let proxied = connect(&shift.url()).await;
+    let proxied = connect(&shift.url(DB)).await;
 
-    let cutover = shift.cli(&["cutover", "--wait"]);
+    let cutover = shift.cli_async(&["cutover", "--wait"]);
     // Held back by the blocked apply: the marker cannot arrive.
     let block_apply = held.block_apply(&pair, &shift, async {
         pair.source
@@ -208,7 +208,7 @@ async fn abort_gives_every_login_and_setting_back_exactly() {
     });
     let (out, blocker) = tokio::join!(cutover, block_apply);
     assert_eq!(out.status.code(), Some(1), "{}", out_text(&out));
-    let last = shift.last_cutover().await;
+    let last = shift.last_cutover_async().await;
     assert_eq!(last["outcome"], "aborted", "{last:#}");
     assert_eq!(phase(&last, "fence")["outcome"], "ok", "{last:#}");
 
@@ -252,13 +252,13 @@ async fn fence_check_stops_a_cutover_whose_fence_does_not_hold() {
     let pair = Pair::start();
     // pgshift's own user, listed: it cannot fence itself, so the fence
     // cannot hold for it.
-    let shift = Shift::start(&pair, "", &format!("fence_roles = [\"{SUPERUSER}\"]"), &[]);
-    shift.wait_streaming().await;
-    let proxied = connect(&shift.url()).await;
+    let shift = pair.launch("", &format!("fence_roles = [\"{SUPERUSER}\"]"), &[]);
+    shift.wait_streaming_async(DB).await;
+    let proxied = connect(&shift.url(DB)).await;
 
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     assert_eq!(out.status.code(), Some(1), "{}", out_text(&out));
-    let last = shift.last_cutover().await;
+    let last = shift.last_cutover_async().await;
     assert_eq!(last["outcome"], "aborted", "{last:#}");
     assert_eq!(phase(&last, "fence_check")["outcome"], "failed", "{last:#}");
     let reason = last["reason"].as_str().unwrap_or_default();

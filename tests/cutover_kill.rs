@@ -6,7 +6,6 @@
 
 mod common;
 mod cutover_common;
-#[allow(unused_imports)]
 use common::*;
 use cutover_common::*;
 
@@ -15,18 +14,19 @@ use std::time::Duration;
 async fn kill_after(phase: &str) {
     let pair = Pair::start();
     let failpoint = format!("after:{phase}");
-    let mut shift = Shift::start(
-        &pair,
+    let mut shift = pair.launch(
         "",
         "drain_timeout = \"5s\"\ncatchup_timeout = \"20s\"\nverify = \"counts\"",
         &[("PGSHIFT_FAILPOINT", &failpoint)],
     );
-    shift.wait_streaming().await;
-    let writer = Writer::start(&shift.url(), "before-kill").await;
+    shift.wait_streaming_async(DB).await;
+    let writer = Writer::start(&shift.url(DB), "before-kill").await;
     writer.wait_committed(3).await;
 
     shift.admin().post("/cutover").await.unwrap();
-    let doc = shift.wait_phase(phase, Duration::from_secs(120)).await;
+    let doc = shift
+        .wait_phase_async(phase, Duration::from_secs(120))
+        .await;
     let phases: Vec<&str> = doc["last_cutover"]["phases"]
         .as_array()
         .unwrap()
@@ -42,10 +42,10 @@ async fn kill_after(phase: &str) {
     let before = writer.finish().await;
     assert!(!before.committed.is_empty());
 
-    shift.spawn(&[]);
+    shift.spawn();
     if phase == "switch" {
         let doc = shift
-            .wait_state("Succeeded", "Completed", Duration::from_secs(120))
+            .wait_substate_async("Succeeded", "Completed", Duration::from_secs(120))
             .await;
         assert_eq!(doc["switched"], true);
         assert_eq!(
@@ -55,7 +55,7 @@ async fn kill_after(phase: &str) {
             shift.log()
         );
         // Clients land on the target; the source stays fenced.
-        let (id, port) = write_one(&shift.url(), "after restart").await.unwrap();
+        let (id, port) = write_one(&shift.url(DB), "after restart").await.unwrap();
         assert_eq!(port as u16, pair.target.port);
         assert!(Pair::ledger_ids(&pair.target).contains(&id));
         assert!(Pair::fenced(&pair.source));
@@ -72,7 +72,7 @@ async fn kill_after(phase: &str) {
         }
     } else {
         let doc = shift
-            .wait_state(
+            .wait_substate_async(
                 "WaitingForUserAction",
                 "WaitingForCutoverTrigger",
                 Duration::from_secs(120),
@@ -87,10 +87,10 @@ async fn kill_after(phase: &str) {
         );
         // The fence is lifted; clients are on the source, which is writable.
         assert!(!Pair::fenced(&pair.source));
-        let (_, port) = write_one(&shift.url(), "after restart").await.unwrap();
+        let (_, port) = write_one(&shift.url(DB), "after restart").await.unwrap();
         assert_eq!(port as u16, pair.source.port);
         // A new cutover succeeds.
-        let out = shift.cli(&["cutover", "--wait"]).await;
+        let out = shift.cli_async(&["cutover", "--wait"]).await;
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -99,7 +99,7 @@ async fn kill_after(phase: &str) {
             shift.log()
         );
         assert!(Pair::fenced(&pair.source));
-        let (_, port) = write_one(&shift.url(), "after cutover").await.unwrap();
+        let (_, port) = write_one(&shift.url(DB), "after cutover").await.unwrap();
         assert_eq!(port as u16, pair.target.port);
     }
     // Nothing lost: every acknowledged write is on the target, and the
@@ -158,23 +158,24 @@ async fn killed_after_switch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_after_fence_restarted_while_the_source_is_down() {
     let mut pair = Pair::start();
-    let mut shift = Shift::start(
-        &pair,
+    let mut shift = pair.launch(
         "",
         "drain_timeout = \"5s\"",
         &[("PGSHIFT_FAILPOINT", "after:fence")],
     );
-    shift.wait_streaming().await;
-    let writer = Writer::start(&shift.url(), "before-kill").await;
+    shift.wait_streaming_async(DB).await;
+    let writer = Writer::start(&shift.url(DB), "before-kill").await;
     writer.wait_committed(3).await;
     shift.admin().post("/cutover").await.unwrap();
-    shift.wait_phase("fence", Duration::from_secs(120)).await;
+    shift
+        .wait_phase_async("fence", Duration::from_secs(120))
+        .await;
     assert!(Pair::fenced(&pair.source));
     shift.kill();
     let before = writer.finish().await;
 
     pair.source.stop();
-    shift.spawn(&[]);
+    shift.spawn();
     // The restarted pgshift tries to lift the fence and keeps retrying while
     // the source is down (seen twice in its log); meanwhile it must not
     // offer a new cutover nor give up.
@@ -190,22 +191,22 @@ async fn killed_after_fence_restarted_while_the_source_is_down() {
         "{}",
         shift.log()
     );
-    let doc = shift.status().await.unwrap();
+    let doc = shift.status_async().await.unwrap();
     assert_ne!(doc["substate"], "WaitingForCutoverTrigger", "{doc:#}");
     assert_ne!(doc["state"], "Failed", "{doc:#}\n{}", shift.log());
     pair.source.start().unwrap();
 
     shift
-        .wait_state(
+        .wait_substate_async(
             "WaitingForUserAction",
             "WaitingForCutoverTrigger",
             Duration::from_secs(120),
         )
         .await;
     assert!(!Pair::fenced(&pair.source));
-    let (_, port) = write_one(&shift.url(), "after restart").await.unwrap();
+    let (_, port) = write_one(&shift.url(DB), "after restart").await.unwrap();
     assert_eq!(port as u16, pair.source.port);
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     assert_eq!(
         out.status.code(),
         Some(0),

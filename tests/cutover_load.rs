@@ -42,15 +42,14 @@ async fn cutover_under_pgbench_and_psycopg_load() {
     ensure_psycopg();
     let pair = Pair::start();
     pgbench_init(&pair);
-    let shift = Shift::start(
-        &pair,
+    let shift = pair.launch(
         "",
         // Generous bounds: this test is about correctness; the abort paths
         // are tested in cutover_abort.rs.
         "drain_timeout = \"60s\"\ncatchup_timeout = \"120s\"\nverify = \"checksums\"",
         &[],
     );
-    shift.wait_streaming().await;
+    shift.wait_streaming_async(DB).await;
 
     // pgbench: TPC-B through the proxy, prepared statements. It runs until
     // the test stops it after the checks (-T only as a safety net), so it is
@@ -86,7 +85,7 @@ async fn cutover_under_pgbench_and_psycopg_load() {
     );
     let py = tokio::process::Command::new("python3")
         .arg(script)
-        .arg(shift.dsn())
+        .arg(shift.dsn(DB))
         .arg(&stop)
         .arg(&result)
         .output();
@@ -100,11 +99,11 @@ async fn cutover_under_pgbench_and_psycopg_load() {
         shift.log()
     );
     let started = std::time::Instant::now();
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     let cutover_took = started.elapsed().as_secs_f64();
     let text = out_text(&out);
     assert_eq!(out.status.code(), Some(0), "{text}\n{}", shift.log());
-    let last = shift.last_cutover().await;
+    let last = shift.last_cutover_async().await;
     assert_eq!(last["outcome"], "succeeded", "{last:#}");
 
     // Both clients go on writing, now on the target.
@@ -264,9 +263,9 @@ async fn a_backlog_is_applied_before_the_gate_closes() {
     );
     blocker.batch_execute("ROLLBACK").await.unwrap();
 
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", out_text(&out));
-    let last = shift.last_cutover().await;
+    let last = shift.last_cutover_async().await;
     assert_eq!(phase(&last, "catchup")["outcome"], "ok", "{last:#}");
     let seconds = |name: &str| phase(&last, name)["seconds"].as_f64().unwrap();
     assert!(

@@ -55,7 +55,7 @@ fn kill_mid_copy_then_restart_copies_exactly() {
         c["rows"].as_u64().unwrap_or(0) > 0
             && c["tables_copied"].as_u64().unwrap_or(0) < c["tables_total"].as_u64().unwrap_or(0)
     });
-    p.kill9();
+    p.kill();
     let copied = s["databases"]["big"]["copy"]["tables_copied"].clone();
     assert_eq!(s["databases"]["big"]["phase"], "copying", "{s}");
 
@@ -64,7 +64,7 @@ fn kill_mid_copy_then_restart_copies_exactly() {
         "big",
         "UPDATE t1 SET pad = 'after the crash' WHERE id <= 100",
     );
-    p.spawn();
+    p.restart();
     let s = p.wait_state("WaitingForUserAction", STARTUP);
     let db = &s["databases"]["big"];
     assert!(
@@ -162,13 +162,13 @@ fn kill_during_streaming_loses_and_duplicates_nothing() {
         // Let the stream apply for a random while, then kill it mid-flight
         // (a random kill point, not a wait for something to have happened).
         std::thread::sleep(Duration::from_millis(300 + rand::random::<u64>() % 1500));
-        p.kill9();
+        p.kill();
         source.psql(
             "bank",
             &format!("UPDATE accounts SET balance = balance + {round} WHERE id % 3 = {round}"),
         );
         std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 500));
-        p.spawn();
+        p.restart();
         p.wait_state("WaitingForUserAction", STARTUP);
         p.wait_status("streaming again", STARTUP, |s| {
             s["databases"]["bank"]["stream"]["state"] == "streaming"
@@ -228,17 +228,14 @@ fn offline_kill_mid_copy_keeps_the_fence_and_cancel_lifts_it() {
             && c["tables_copied"].as_u64().unwrap_or(0) < c["tables_total"].as_u64().unwrap_or(0)
     };
     p.wait_status("the offline copy under way", STARTUP, copying);
-    p.kill9();
+    p.kill();
     // Killed mid-copy: the source stays fenced, so nothing can change under
     // the part already copied.
     assert_eq!(read_only(&source, "shop"), "on");
 
-    p.spawn();
+    p.restart();
     p.wait_status("the offline copy under way again", STARTUP, copying);
-    let o = std::process::Command::new(pgshift_bin())
-        .args(["cancel", "--admin", &p.admin_url()])
-        .output()
-        .unwrap();
+    let o = p.cli_admin(&["cancel"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     p.wait_state("Canceled", STARTUP);
     // The fence is lifted to what it was before the first run, not to the
@@ -246,7 +243,7 @@ fn offline_kill_mid_copy_keeps_the_fence_and_cancel_lifts_it() {
     assert!(
         wait_until(STARTUP, || read_only(&source, "shop") == "off"),
         "the source stays read-only after the cancel\n{}",
-        p.logs()
+        p.log()
     );
     source.psql("shop", "INSERT INTO t1 VALUES (0, 'writable again')");
 }

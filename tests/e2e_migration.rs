@@ -100,10 +100,7 @@ fn online_migration_streams_direct_and_proxied_writes() {
     );
 
     // `pgshift status` against the running binary: the table and the JSON.
-    let table = Command::new(pgshift_bin())
-        .args(["status", "--admin", &p.admin_url()])
-        .output()
-        .unwrap();
+    let table = p.cli_admin(&["status"]);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
         table.status.success()
@@ -113,10 +110,7 @@ fn online_migration_streams_direct_and_proxied_writes() {
                 .any(|l| l.starts_with("shop") && l.contains("streaming")),
         "status table:\n{text}"
     );
-    let json = Command::new(pgshift_bin())
-        .args(["status", "--json", "--admin", &p.admin_url()])
-        .output()
-        .unwrap();
+    let json = p.cli_admin(&["status", "--json"]);
     let doc: serde_json::Value = serde_json::from_slice(&json.stdout).expect("status --json");
     // (lag_bytes itself moves with any WAL the source writes meanwhile.)
     assert_eq!(doc["state"], "WaitingForUserAction");
@@ -137,7 +131,7 @@ fn validate_option_stops_after_validation() {
     let s = p.wait_state("Succeeded", STARTUP);
     assert_eq!(s["substate"], "Completed");
     assert!(slots(&source).is_empty(), "validate creates no slot");
-    p.kill9();
+    p.kill();
 
     // Online mode cannot carry a table without a key.
     source.psql("shop", "CREATE TABLE nokey(a int, b text)");
@@ -166,10 +160,7 @@ fn cancel_releases_the_source_and_stays_canceled() {
         vec![names.publication.clone()]
     );
 
-    let o = Command::new(pgshift_bin())
-        .args(["cancel", "--admin", &p.admin_url()])
-        .output()
-        .unwrap();
+    let o = p.cli_admin(&["cancel"]);
     assert!(
         o.status.success(),
         "cancel: {}",
@@ -183,8 +174,8 @@ fn cancel_releases_the_source_and_stays_canceled() {
     assert_eq!(target.psql("shop", "SELECT count(*) FROM orders"), "2000");
 
     // A restart does not start a canceled migration again.
-    p.kill9();
-    p.spawn();
+    p.kill();
+    p.restart();
     // It comes back Canceled, and stays so: a short watch for something that
     // must NOT happen (a slot created again, another state).
     p.wait_state("Canceled", STARTUP);
@@ -196,10 +187,7 @@ fn cancel_releases_the_source_and_stays_canceled() {
         assert!(slots(&source).is_empty());
     }
     // And a second cancel is refused.
-    let o = Command::new(pgshift_bin())
-        .args(["cancel", "--admin", &p.admin_url()])
-        .output()
-        .unwrap();
+    let o = p.cli_admin(&["cancel"]);
     assert!(!o.status.success());
 }
 
@@ -239,7 +227,7 @@ fn overwrite_false_refuses_a_non_empty_target_and_true_recreates_it() {
             slots(&source)
         );
         assert!(publications(&source, "shop").is_empty());
-        p.kill9();
+        p.kill();
     }
 
     let p = Pgshift::start(
@@ -332,16 +320,13 @@ fn online_cutover_moves_a_proxied_writer_to_the_target() {
         std::thread::spawn(move || proxied_writer(port, "shop", stop, last, seen))
     };
     assert!(wait_until(STARTUP, || last.load(Ordering::Relaxed) > 50));
-    let o = Command::new(pgshift_bin())
-        .args(["cutover", "--wait", "--admin", &p.admin_url()])
-        .output()
-        .unwrap();
+    let o = p.cli_admin(&["cutover", "--wait"]);
     assert!(
         o.status.success(),
         "cutover: {}{}\n{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr),
-        p.logs()
+        p.log()
     );
     let s = p.wait_state("Succeeded", STARTUP);
     assert_eq!(s["proxy"]["route"], "target");
@@ -353,7 +338,7 @@ fn online_cutover_moves_a_proxied_writer_to_the_target() {
         goes_on,
         "the writer stopped after the switch: {:?}\n{}",
         seen.lock().unwrap().errors,
-        p.logs()
+        p.log()
     );
     let seen = seen.lock().unwrap();
     assert!(seen.errors.is_empty(), "writes failed: {:?}", seen.errors);

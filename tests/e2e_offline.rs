@@ -57,7 +57,7 @@ fn offline_mode_holds_proxied_writes_and_lands_them_on_the_target() {
         goes_on,
         "the writer stopped after the switch: {:?}\n{}",
         seen.lock().unwrap().errors,
-        p.logs()
+        p.log()
     );
 
     let seen = seen.lock().unwrap();

@@ -138,14 +138,14 @@ pub fn online_pair(source: i32, target: i32) {
     );
 
     // kill -9 mid-stream; writes while pgshift is down arrive after the restart.
-    p.kill9();
+    p.kill();
     src.psql(
         "shop",
         "INSERT INTO items(name, price) SELECT 'while down ' || g, g FROM generate_series(1, 40) g;
          UPDATE events SET at = at + 1 WHERE id % 3 = 0;",
     );
     run_file(&src, "shop", "types_stream.sql", 200);
-    p.spawn();
+    p.restart();
     p.wait_state("WaitingForUserAction", STARTUP);
     p.wait_caught_up(&src, &["shop"], Duration::from_secs(90));
     assert_same(&format!("{test}: restart"), &src, &tgt, "shop", "r,m", 20);
@@ -188,7 +188,7 @@ pub fn online_pair(source: i32, target: i32) {
         out.status.success(),
         "{test}: cutover failed: {}\n{}",
         text(&out),
-        p.logs()
+        p.log()
     );
     // The same sessions go on writing, now on the target.
     let at_switch = last.load(Ordering::Relaxed);

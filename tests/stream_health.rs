@@ -6,49 +6,19 @@
 
 mod common;
 mod cutover_common;
+use common::*;
 use cutover_common::*;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgshift::admin::client::ClientError;
-use serde_json::Value;
 
-/// Polls /status until `f` holds; panics with the last document and the log.
-async fn wait_status(shift: &Shift, what: &str, f: impl Fn(&Value) -> bool) -> Value {
-    let start = Instant::now();
-    let mut last = Value::Null;
-    while start.elapsed() < Duration::from_secs(120) {
-        if let Ok(doc) = shift.status().await {
-            if f(&doc) {
-                return doc;
-            }
-            last = doc;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what}: not seen; last status {last:#}\n{}", shift.log());
-}
-
-async fn metrics(shift: &Shift) -> String {
-    let url = format!("127.0.0.1:{}", shift.admin_port);
-    tokio::task::spawn_blocking(move || {
-        let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
-        e2e_http(port, "/metrics")
-    })
-    .await
-    .unwrap()
-}
-
-/// GET over plain HTTP/1.0 (the admin API), the body.
-fn e2e_http(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default()
+/// The admin API's /metrics text.
+async fn metrics(shift: &Pgshift) -> String {
+    let port = shift.admin_port;
+    tokio::task::spawn_blocking(move || http(port, "GET", "/metrics").expect("GET /metrics").1)
+        .await
+        .unwrap()
 }
 
 /// The value of one sample line of the Prometheus text, if present.
@@ -62,8 +32,8 @@ fn sample(text: &str, prefix: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_stream_is_reported_refuses_cutover_and_recovers() {
     let pair = Pair::start();
-    let shift = Shift::start(&pair, "", "", &[]);
-    shift.wait_streaming().await;
+    let shift = pair.launch("", "", &[]);
+    shift.wait_streaming_async(DB).await;
 
     // Break apply on purpose: the target refuses a row the source accepts.
     pair.target.psql(
@@ -77,11 +47,16 @@ async fn a_broken_stream_is_reported_refuses_cutover_and_recovers() {
 
     // Status tells the truth: the stream's state, its error and retries,
     // and the migration is no longer ready for cutover.
-    let doc = wait_status(&shift, "apply_stopped and not ready", |d| {
-        let s = &d["databases"][DB]["stream"];
-        s["state"] == "apply_stopped" && d["substate"] == "MigratingData"
-    })
-    .await;
+    let doc = shift
+        .wait_status_async(
+            "apply_stopped and not ready",
+            Duration::from_secs(120),
+            |d| {
+                let s = &d["databases"][DB]["stream"];
+                s["state"] == "apply_stopped" && d["substate"] == "MigratingData"
+            },
+        )
+        .await;
     let stream = &doc["databases"][DB]["stream"];
     assert_eq!(doc["state"], "InProgress", "{doc:#}");
     assert!(
@@ -115,7 +90,7 @@ async fn a_broken_stream_is_reported_refuses_cutover_and_recovers() {
         Some(1.0),
         "{m}"
     );
-    let out = shift.cli(&["status"]).await;
+    let out = shift.cli_async(&["status"]).await;
     let text = out_text(&out);
     assert!(
         text.contains("apply_stopped") && text.contains("small_ids"),
@@ -124,7 +99,7 @@ async fn a_broken_stream_is_reported_refuses_cutover_and_recovers() {
 
     // A cutover is refused at once, naming the stream's error; no attempt
     // starts, so no client ever waits at a closed gate.
-    let client = connect_retry(&shift.url()).await;
+    let client = connect_retry(&shift.url(DB)).await;
     let refused = shift.admin().post("/cutover").await;
     match refused {
         Err(ClientError::Refused {
@@ -136,7 +111,7 @@ async fn a_broken_stream_is_reported_refuses_cutover_and_recovers() {
         ),
         other => panic!("cutover not refused: {other:?}\n{}", shift.log()),
     }
-    assert!(shift.last_cutover().await.is_null());
+    assert!(shift.last_cutover_async().await.is_null());
     let m = metrics(&shift).await;
     assert!(
         !m.contains("pgshift_cutover_attempts_total{"),
@@ -153,11 +128,12 @@ async fn a_broken_stream_is_reported_refuses_cutover_and_recovers() {
     // cleared, and the migration is ready again.
     pair.target
         .psql(DB, "ALTER TABLE items DROP CONSTRAINT small_ids");
-    let doc = wait_status(&shift, "recovered and ready", |d| {
-        d["databases"][DB]["stream"]["state"] == "streaming"
-            && d["substate"] == "WaitingForCutoverTrigger"
-    })
-    .await;
+    let doc = shift
+        .wait_status_async("recovered and ready", Duration::from_secs(120), |d| {
+            d["databases"][DB]["stream"]["state"] == "streaming"
+                && d["substate"] == "WaitingForCutoverTrigger"
+        })
+        .await;
     assert!(
         doc["databases"][DB]["stream"]["last_error"].is_null(),
         "{doc:#}"
@@ -187,9 +163,9 @@ async fn a_failed_validation_is_not_sticky() {
         DB,
         "CREATE TABLE notes (body text); INSERT INTO notes VALUES ('a'), ('b');",
     );
-    let mut shift = Shift::start(&pair, "", "", &[]);
+    let mut shift = pair.launch("", "", &[]);
     let doc = shift
-        .wait_state("ValidationFailed", "None", Duration::from_secs(120))
+        .wait_substate_async("ValidationFailed", "None", Duration::from_secs(120))
         .await;
     assert!(
         doc["reason"].as_str().unwrap_or("").contains("notes"),
@@ -201,8 +177,8 @@ async fn a_failed_validation_is_not_sticky() {
     // again and goes on.
     pair.source
         .psql(DB, "ALTER TABLE notes ADD COLUMN id serial PRIMARY KEY");
-    shift.spawn(&[]);
-    shift.wait_streaming().await;
+    shift.spawn();
+    shift.wait_streaming_async(DB).await;
     assert_eq!(pair.target.psql(DB, "SELECT count(*) FROM notes"), "2");
     // The earlier failure stays in the history.
     assert_eq!(
@@ -223,8 +199,8 @@ async fn a_failed_validation_is_not_sticky() {
     // A restart while streaming resumes streaming (no new copy) and says so;
     // a state is never logged as changing to itself.
     shift.kill();
-    shift.spawn(&[]);
-    shift.wait_streaming().await;
+    shift.spawn();
+    shift.wait_streaming_async(DB).await;
     let log = shift.log();
     let third = log.split("--- run 3 ---").nth(1).unwrap();
     assert!(

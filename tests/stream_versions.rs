@@ -290,7 +290,7 @@ async fn cleanup_drops_the_marker_table_on_a_fenced_source() {
 /// reaches the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cutover_from_13_to_16() {
-    use cutover_common::{DB as SHOP, Pair, Shift, Writer, out_text, phase, write_one};
+    use cutover_common::{DB as SHOP, Pair, Writer, phase, write_one};
     if !(version_or_skip(13, "cutover_from_13_to_16")
         & version_or_skip(16, "cutover_from_13_to_16"))
     {
@@ -306,8 +306,8 @@ async fn cutover_from_13_to_16() {
             ..Default::default()
         },
     );
-    let shift = Shift::start(&pair, "", "", &[]);
-    shift.wait_streaming().await;
+    let shift = pair.launch("", "", &[]);
+    shift.wait_streaming_async(SHOP).await;
     let names = ReplicationNames::new("cut", SHOP);
     let marker_table = marker::qualified_table(&names);
     assert_eq!(
@@ -318,9 +318,9 @@ async fn cutover_from_13_to_16() {
         "t",
         "the marker table exists while streaming"
     );
-    let writer = Writer::start(&shift.url(), "w").await;
+    let writer = Writer::start(&shift.url(SHOP), "w").await;
     writer.wait_committed(3).await;
-    let out = shift.cli(&["cutover", "--wait"]).await;
+    let out = shift.cli_async(&["cutover", "--wait"]).await;
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -329,7 +329,7 @@ async fn cutover_from_13_to_16() {
         shift.log()
     );
     shift
-        .wait_state("Succeeded", "Completed", Duration::from_secs(120))
+        .wait_substate_async("Succeeded", "Completed", Duration::from_secs(120))
         .await;
     // Writes after the switch (checked below to have landed on the target).
     writer.wait_more(3).await;
@@ -337,7 +337,7 @@ async fn cutover_from_13_to_16() {
     assert!(w.errors.is_empty(), "writer errors: {:?}", w.errors);
     assert!(w.committed.iter().any(|c| c.1 as u16 == pair.source.port));
     assert!(w.committed.iter().any(|c| c.1 as u16 == pair.target.port));
-    let last = shift.last_cutover().await;
+    let last = shift.last_cutover_async().await;
     assert_eq!(phase(&last, "marker")["outcome"], "ok", "{last:#}");
     // Every write the source acknowledged is on the target exactly once.
     let on_source = Pair::ledger_ids(&pair.source);
@@ -346,7 +346,7 @@ async fn cutover_from_13_to_16() {
     for (id, _) in &w.committed {
         assert!(on_target.contains(id), "id {id} lost");
     }
-    let (id, port) = write_one(&shift.url(), "after").await.unwrap();
+    let (id, port) = write_one(&shift.url(SHOP), "after").await.unwrap();
     assert_eq!(port as u16, pair.target.port);
     assert!(Pair::ledger_ids(&pair.target).contains(&id));
     // The switch released the slot, publication and marker table.

@@ -9,9 +9,7 @@ mod common;
 mod e2e_common;
 use common::*;
 use e2e_common::corpus::{assert_same, run_file};
-use e2e_common::*;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
@@ -77,7 +75,7 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
         ),
         "t",
         "the materialized view is populated after the copy\n{}",
-        p.logs()
+        p.log()
     );
 
     // Phase 2: inserts, updates (TOASTed values unchanged), deletes, rows
@@ -140,16 +138,16 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
     assert!(
         wait_until(CATCH_UP, || applied(20)),
         "ticks are not applied\n{}",
-        p.logs()
+        p.log()
     );
-    p.kill9();
+    p.kill();
     let at_kill = last.load(Ordering::Relaxed);
-    p.spawn();
+    p.restart();
     p.wait_state("WaitingForUserAction", STARTUP);
     assert!(
         wait_until(CATCH_UP, || applied(at_kill + 20)),
         "ticks are not applied after the restart\n{}",
-        p.logs()
+        p.log()
     );
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("writer");
@@ -157,16 +155,13 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
     assert_same("kill -9 and restart", &source, &target, DB, "r,m", 13);
 
     // Phase 5: the cutover.
-    let o = Command::new(pgshift_bin())
-        .args(["cutover", "--wait", "--admin", &p.admin_url()])
-        .output()
-        .expect("run pgshift cutover");
+    let o = p.cli_admin(&["cutover", "--wait"]);
     assert!(
         o.status.success(),
         "cutover: {}{}\n{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr),
-        p.logs()
+        p.log()
     );
     p.wait_state("Succeeded", STARTUP);
     // The source's materialized view is as it was; the target's is refreshed.
@@ -174,10 +169,10 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
     // Refreshed again from the switched data, in the background.
     assert!(
         wait_until(CATCH_UP, || p
-            .logs()
+            .log()
             .contains("materialized view 1/1 refreshed after the switch")),
         "{}",
-        p.logs()
+        p.log()
     );
     assert_eq!(
         target.psql(

@@ -10,13 +10,14 @@ use std::process::Command;
 use pgshift::validate::{Status, ValidationReport, validate};
 
 /// A config text for `source`/`target` URLs and the `[migration]` body.
-fn config_text(source: &str, target: &str, migration: &str) -> String {
+fn config_for_urls(source: &str, target: &str, migration: &str) -> String {
     format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n\n[source]\nurl = \"{source}\"\n\n[target]\nurl = \"{target}\"\n\n[migration]\n{migration}\n"
     )
 }
 
-fn migration(databases: &[&str], extra: &str) -> String {
+/// The body of `[migration]` (migration `vt` of `databases`) with `extra` keys.
+fn migration_body(databases: &[&str], extra: &str) -> String {
     let list = databases
         .iter()
         .map(|d| format!("\"{d}\""))
@@ -25,14 +26,47 @@ fn migration(databases: &[&str], extra: &str) -> String {
     format!("name = \"vt\"\ndatabases = [{list}]\n{extra}")
 }
 
+/// The config of a migration of `databases` from `src` to `dst` as the
+/// superuser, with `extra` keys in `[migration]`.
+fn pair_config(src: &Cluster, dst: &Cluster, databases: &[&str], extra: &str) -> String {
+    config_for_urls(
+        &src.url("postgres"),
+        &dst.url("postgres"),
+        &migration_body(databases, extra),
+    )
+}
+
+/// A source (started with `source`) with an empty database `app`, and a target.
+fn pair_with_app(source: ClusterOptions) -> (Cluster, Cluster) {
+    let src = Cluster::start_with(source);
+    let dst = Cluster::start();
+    src.create_db("app");
+    (src, dst)
+}
+
 fn load(text: &str) -> pgshift::Config {
     pgshift::Config::from_toml(text, &|_| None).expect("valid test config")
+}
+
+/// The library's validation report for a config text.
+async fn report_for(text: &str) -> ValidationReport {
+    validate(&load(text)).await
 }
 
 fn write_config(dir: &Path, text: &str) -> PathBuf {
     let p = dir.join("pgshift.toml");
     std::fs::write(&p, text).unwrap();
     p
+}
+
+/// Writes `text` to a config file and runs `pgshift validate --config FILE`
+/// with `args`: (exit code, stdout, stderr).
+fn run_validate_config(text: &str, args: &[&str]) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), text);
+    let mut all = vec!["--config", cfg.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run_validate(&all)
 }
 
 /// Runs `pgshift validate` and returns (exit code, stdout, stderr).
@@ -63,9 +97,7 @@ fn action_of(r: &ValidationReport, name: &str, scope: &str) -> String {
 
 #[tokio::test]
 async fn healthy_pair_passes_and_reports_what_is_not_carried() {
-    let src = Cluster::start();
-    let dst = Cluster::start();
-    src.create_db("app");
+    let (src, dst) = pair_with_app(ClusterOptions::default());
     src.psql("app", "CREATE TABLE orders (id bigint PRIMARY KEY, note text); INSERT INTO orders VALUES (1, 'a');");
     src.create_db("extras");
     src.psql(
@@ -79,13 +111,9 @@ async fn healthy_pair_passes_and_reports_what_is_not_carried() {
         "postgres",
         "CREATE DATABASE latin TEMPLATE template0 ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C'",
     );
-    let text = config_text(
-        &src.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["app", "extras", "latin"], ""),
-    );
+    let text = pair_config(&src, &dst, &["app", "extras", "latin"], "");
 
-    let report = validate(&load(&text)).await;
+    let report = report_for(&text).await;
     assert!(!report.has_failures(), "{report:#?}");
     assert_eq!(status_of(&report, "column_types", "app"), Status::Succeeded);
     assert_eq!(
@@ -184,9 +212,7 @@ async fn healthy_pair_passes_and_reports_what_is_not_carried() {
     );
 
     // The binary: exit 0, a JSON document with the same checks, and a readable table.
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &text);
-    let (code, out, err) = run_validate(&["--config", cfg.to_str().unwrap(), "--json"]);
+    let (code, out, err) = run_validate_config(&text, &["--json"]);
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     let doc: serde_json::Value = serde_json::from_str(&out).expect("JSON output");
     assert_eq!(doc["summary"]["failed"], 0);
@@ -203,7 +229,7 @@ async fn healthy_pair_passes_and_reports_what_is_not_carried() {
             .any(|c| c["name"] == "wal_level" && c["status"] == "Succeeded")
     );
 
-    let (code, out, _) = run_validate(&["--config", cfg.to_str().unwrap()]);
+    let (code, out, _) = run_validate_config(&text, &[]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("STATUS") && out.contains("FOUND"), "{out}");
     assert!(
@@ -217,18 +243,12 @@ async fn healthy_pair_passes_and_reports_what_is_not_carried() {
 
 #[tokio::test]
 async fn source_with_replica_wal_level_fails_online_only() {
-    let src = Cluster::start_with(ClusterOptions {
+    let (src, dst) = pair_with_app(ClusterOptions {
         wal_level: "replica".into(),
         ..Default::default()
     });
-    let dst = Cluster::start();
-    src.create_db("app");
-    let text = config_text(
-        &src.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["app"], ""),
-    );
-    let report = validate(&load(&text)).await;
+    let text = pair_config(&src, &dst, &["app"], "");
+    let report = report_for(&text).await;
     assert_eq!(status_of(&report, "wal_level", "source"), Status::Failed);
     assert!(
         report
@@ -241,9 +261,7 @@ async fn source_with_replica_wal_level_fails_online_only() {
         action_of(&report, "wal_level", "source").contains("ALTER SYSTEM SET wal_level = logical")
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &text);
-    let (code, out, err) = run_validate(&["--config", cfg.to_str().unwrap()]);
+    let (code, out, err) = run_validate_config(&text, &[]);
     assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
     assert!(
         out.lines()
@@ -256,21 +274,15 @@ async fn source_with_replica_wal_level_fails_online_only() {
     );
 
     // Offline mode does not need logical decoding.
-    let offline = config_text(
-        &src.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["app"], "mode = \"offline\""),
-    );
-    let report = validate(&load(&offline)).await;
+    let offline = pair_config(&src, &dst, &["app"], "mode = \"offline\"");
+    let report = report_for(&offline).await;
     assert_eq!(status_of(&report, "wal_level", "source"), Status::Succeeded);
     assert!(!report.has_failures(), "{report:#?}");
 }
 
 #[tokio::test]
 async fn tables_without_key_fail_online_with_the_fix() {
-    let src = Cluster::start();
-    let dst = Cluster::start();
-    src.create_db("app");
+    let (src, dst) = pair_with_app(ClusterOptions::default());
     src.psql(
         "app",
         "CREATE SCHEMA \"Odd Schema\"; \
@@ -282,12 +294,8 @@ async fn tables_without_key_fail_online_with_the_fix() {
          CREATE TABLE public.parted (id int, k int) PARTITION BY RANGE (k); \
          CREATE TABLE public.parted_1 PARTITION OF public.parted FOR VALUES FROM (0) TO (10);",
     );
-    let text = config_text(
-        &src.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["app"], ""),
-    );
-    let report = validate(&load(&text)).await;
+    let text = pair_config(&src, &dst, &["app"], "");
+    let report = report_for(&text).await;
     assert_eq!(
         status_of(&report, "replica_identity", "app"),
         Status::Failed
@@ -314,7 +322,7 @@ async fn tables_without_key_fail_online_with_the_fix() {
         .collect::<Vec<_>>()
         .join("\n");
     src.psql("app", &fixes);
-    let report = validate(&load(&text)).await;
+    let report = report_for(&text).await;
     assert_eq!(
         status_of(&report, "replica_identity", "app"),
         Status::Succeeded,
@@ -325,19 +333,13 @@ async fn tables_without_key_fail_online_with_the_fix() {
         "ALTER TABLE \"Odd Schema\".nokey REPLICA IDENTITY DEFAULT",
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &text);
-    let (code, out, _) = run_validate(&["--config", cfg.to_str().unwrap()]);
+    let (code, out, _) = run_validate_config(&text, &[]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("REPLICA IDENTITY FULL;"), "{out}");
 
     // Offline mode streams nothing: not a failure.
-    let offline = config_text(
-        &src.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["app"], "mode = \"offline\""),
-    );
-    let report = validate(&load(&offline)).await;
+    let offline = pair_config(&src, &dst, &["app"], "mode = \"offline\"");
+    let report = report_for(&offline).await;
     assert_eq!(
         status_of(&report, "replica_identity", "app"),
         Status::Succeeded
@@ -345,12 +347,8 @@ async fn tables_without_key_fail_online_with_the_fix() {
     assert!(!report.has_failures(), "{report:#?}");
 
     // Filters: an excluded table is not checked.
-    let filtered = config_text(
-        &src.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["app"], "exclude_tables = [\"Odd Schema.*\"]"),
-    );
-    let report = validate(&load(&filtered)).await;
+    let filtered = pair_config(&src, &dst, &["app"], "exclude_tables = [\"Odd Schema.*\"]");
+    let report = report_for(&filtered).await;
     assert_eq!(
         status_of(&report, "replica_identity", "app"),
         Status::Succeeded,
@@ -360,22 +358,16 @@ async fn tables_without_key_fail_online_with_the_fix() {
 
 #[tokio::test]
 async fn extensions_missing_or_not_preloaded_on_target_fail() {
-    let src = Cluster::start_with(ClusterOptions {
+    let (src, dst) = pair_with_app(ClusterOptions {
         conf: vec!["shared_preload_libraries = 'pg_stat_statements'".into()],
         ..Default::default()
     });
-    let dst = Cluster::start();
-    src.create_db("app");
     src.psql(
         "app",
         "CREATE EXTENSION pg_stat_statements; CREATE EXTENSION hstore;",
     );
-    let text = config_text(
-        &src.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["app"], ""),
-    );
-    let report = validate(&load(&text)).await;
+    let text = pair_config(&src, &dst, &["app"], "");
+    let report = report_for(&text).await;
     assert_eq!(
         status_of(&report, "extensions", "app"),
         Status::Succeeded,
@@ -408,12 +400,8 @@ async fn extensions_missing_or_not_preloaded_on_target_fail() {
         "ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'",
     );
     dst.restart();
-    let text = config_text(
-        &src.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["app"], ""),
-    );
-    let report = validate(&load(&text)).await;
+    let text = pair_config(&src, &dst, &["app"], "");
+    let report = report_for(&text).await;
     assert_eq!(
         status_of(&report, "extension_preload", "app"),
         Status::Succeeded,
@@ -429,7 +417,7 @@ async fn extensions_missing_or_not_preloaded_on_target_fail() {
          VALUES (pg_nextoid('pg_extension', 'oid', 'pg_extension_oid_index'), 'pgshift_missing_ext', 10, 2200, false, '1.0'); \
          UPDATE pg_extension SET extversion = '99.0' WHERE extname = 'hstore';",
     );
-    let report = validate(&load(&text)).await;
+    let report = report_for(&text).await;
     assert_eq!(status_of(&report, "extensions", "app"), Status::Failed);
     let found = &report.get("extensions", "app").unwrap().found;
     assert!(
@@ -451,7 +439,7 @@ async fn extensions_missing_or_not_preloaded_on_target_fail() {
          INSERT INTO pg_depend VALUES ('pg_type'::regclass, 'ext_t'::regtype, 0, 'pg_extension'::regclass, \
            (SELECT oid FROM pg_extension WHERE extname = 'pgshift_missing_ext'), 0, 'e');",
     );
-    let report = validate(&load(&text)).await;
+    let report = report_for(&text).await;
     assert_eq!(status_of(&report, "column_types", "app"), Status::Failed);
     let found = &report.get("column_types", "app").unwrap().found;
     assert!(
@@ -461,9 +449,7 @@ async fn extensions_missing_or_not_preloaded_on_target_fail() {
         "{found}"
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &text);
-    let (code, out, _) = run_validate(&["--config", cfg.to_str().unwrap(), "--json"]);
+    let (code, out, _) = run_validate_config(&text, &["--json"]);
     assert_eq!(code, 1, "{out}");
     let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(
@@ -485,12 +471,13 @@ async fn databases_missing_on_source_or_busy_on_target() {
     dst.create_db("busy");
     dst.psql("busy", "CREATE TABLE leftover (id int)");
     dst.create_db("empty");
-    let text = config_text(
-        &src.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["app", "ghost", "busy", "empty"], "overwrite = false"),
+    let text = pair_config(
+        &src,
+        &dst,
+        &["app", "ghost", "busy", "empty"],
+        "overwrite = false",
     );
-    let report = validate(&load(&text)).await;
+    let report = report_for(&text).await;
     assert_eq!(
         status_of(&report, "database_on_source", "app"),
         Status::Succeeded
@@ -528,9 +515,7 @@ async fn databases_missing_on_source_or_busy_on_target() {
     assert!(report.get("replica_identity", "ghost").is_none());
     assert!(report.get("database_on_target", "ghost").is_none());
 
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &text);
-    let (code, out, _) = run_validate(&["--config", cfg.to_str().unwrap()]);
+    let (code, out, _) = run_validate_config(&text, &[]);
     assert_eq!(code, 1, "{out}");
     assert!(
         out.lines()
@@ -545,23 +530,15 @@ async fn databases_missing_on_source_or_busy_on_target() {
         "postgres",
         "UPDATE pg_database SET datcollate = 'xx_XX.UTF-8', datctype = 'xx_XX.UTF-8' WHERE datname = 'badloc'",
     );
-    let locale = config_text(
-        &src.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["badloc"], ""),
-    );
-    let report = validate(&load(&locale)).await;
+    let locale = pair_config(&src, &dst, &["badloc"], "");
+    let report = report_for(&locale).await;
     let check = report.get("encoding_locale", "badloc").unwrap();
     assert_eq!(check.status, Status::Failed, "{check:?}");
     assert!(check.found.contains("xx_XX.UTF-8"), "{check:?}");
     assert!(action_of(&report, "encoding_locale", "badloc").contains("locale-gen"));
 
-    let overwrite = config_text(
-        &src.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["app", "busy"], "overwrite = true"),
-    );
-    let report = validate(&load(&overwrite)).await;
+    let overwrite = pair_config(&src, &dst, &["app", "busy"], "overwrite = true");
+    let report = report_for(&overwrite).await;
     assert_eq!(
         status_of(&report, "database_on_target", "busy"),
         Status::Warning
@@ -578,17 +555,15 @@ async fn databases_missing_on_source_or_busy_on_target() {
 
 #[tokio::test]
 async fn non_superusers_get_the_grants_they_need() {
-    let src = Cluster::start();
-    let dst = Cluster::start();
-    src.create_db("app");
+    let (src, dst) = pair_with_app(ClusterOptions::default());
     src.psql("app", "CREATE TABLE t (id int PRIMARY KEY)");
     src.psql("postgres", "REVOKE CREATE ON DATABASE app FROM PUBLIC");
-    let text = config_text(
+    let text = config_for_urls(
         &src.url_as(APP_USER, APP_PW, "postgres"),
         &dst.url_as(APP_USER, APP_PW, "postgres"),
-        &migration(&["app"], ""),
+        &migration_body(&["app"], ""),
     );
-    let report = validate(&load(&text)).await;
+    let report = report_for(&text).await;
     // app has REPLICATION and CREATEDB.
     assert_eq!(
         status_of(&report, "replication_privilege", "source"),
@@ -644,7 +619,7 @@ async fn non_superusers_get_the_grants_they_need() {
         "postgres",
         &action_of(&report, "control_schema", "target").replace("on the target: ", ""),
     );
-    let report = validate(&load(&text)).await;
+    let report = report_for(&text).await;
     assert!(!report.has_failures(), "{report:#?}");
 }
 
@@ -652,12 +627,12 @@ async fn non_superusers_get_the_grants_they_need() {
 async fn unreachable_or_refused_servers_are_failed_rows() {
     let dst = Cluster::start();
     dst.create_db("app");
-    let bad_pw = config_text(
+    let bad_pw = config_for_urls(
         &dst.url_as(SUPERUSER, "wrong", "postgres"),
         &dst.url("postgres"),
-        &migration(&["app"], ""),
+        &migration_body(&["app"], ""),
     );
-    let report = validate(&load(&bad_pw)).await;
+    let report = report_for(&bad_pw).await;
     assert_eq!(status_of(&report, "connection", "source"), Status::Failed);
     assert!(action_of(&report, "connection", "source").contains("fix the password"));
     assert_eq!(
@@ -678,12 +653,8 @@ async fn unreachable_or_refused_servers_are_failed_rows() {
     assert!(report.has_failures());
 
     // The same server on both sides is refused before anything could be dropped.
-    let same = config_text(
-        &dst.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["app"], "overwrite = true"),
-    );
-    let report = validate(&load(&same)).await;
+    let same = pair_config(&dst, &dst, &["app"], "overwrite = true");
+    let report = report_for(&same).await;
     assert_eq!(
         status_of(&report, "distinct_servers", "target"),
         Status::Failed
@@ -691,14 +662,12 @@ async fn unreachable_or_refused_servers_are_failed_rows() {
     assert!(report.has_failures());
 
     let port = free_port();
-    let down = config_text(
+    let down = config_for_urls(
         &format!("postgres://postgres:pw@127.0.0.1:{port}/postgres"),
         &dst.url("postgres"),
-        &migration(&["app"], ""),
+        &migration_body(&["app"], ""),
     );
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), &down);
-    let (code, out, err) = run_validate(&["--config", cfg.to_str().unwrap()]);
+    let (code, out, err) = run_validate_config(&down, &[]);
     assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
     assert!(
         out.lines()
@@ -710,27 +679,27 @@ async fn unreachable_or_refused_servers_are_failed_rows() {
 
 #[test]
 fn bad_config_or_invocation_exits_2() {
-    let dir = tempfile::tempdir().unwrap();
     let url = "postgres://postgres:pw@127.0.0.1:1/postgres";
     let cases = [
-        (migration(&["app"], "mode = \"sideways\""), "mode"),
-        (migration(&["app"], "copy_jobs = 0"), "migration.copy_jobs"),
+        (migration_body(&["app"], "mode = \"sideways\""), "mode"),
+        (
+            migration_body(&["app"], "copy_jobs = 0"),
+            "migration.copy_jobs",
+        ),
         (
             "name = \"-bad\"\ndatabases = [\"app\"]".to_string(),
             "migration.name",
         ),
     ];
     for (body, key) in cases {
-        let cfg = write_config(dir.path(), &config_text(url, url, &body));
-        let (code, out, err) = run_validate(&["--config", cfg.to_str().unwrap()]);
+        let (code, out, err) = run_validate_config(&config_for_urls(url, url, &body), &[]);
         assert_eq!(code, 2, "{key}: stdout {out} stderr {err}");
         assert!(err.contains(key), "{key}: {err}");
         assert!(out.is_empty(), "{out}");
     }
     // No [migration] section.
-    let text = config_text(url, url, "").replace("[migration]\n", "");
-    let cfg = write_config(dir.path(), &text);
-    let (code, _, err) = run_validate(&["--config", cfg.to_str().unwrap()]);
+    let text = config_for_urls(url, url, "").replace("[migration]\n", "");
+    let (code, _, err) = run_validate_config(&text, &[]);
     assert_eq!(code, 2);
     assert!(err.contains("`migration`"), "{err}");
     // A file that does not exist, and a missing --config.
@@ -764,12 +733,8 @@ async fn unsupported_version_pairs_fail() {
             continue;
         };
         src.create_db("app");
-        let text = config_text(
-            &src.url("postgres"),
-            &tgt.url("postgres"),
-            &migration(&["app"], ""),
-        );
-        let report = validate(&load(&text)).await;
+        let text = pair_config(&src, &tgt, &["app"], "");
+        let report = report_for(&text).await;
         let check = report
             .get("server_version", "target")
             .expect("version check");
@@ -788,21 +753,15 @@ async fn unsupported_version_pairs_fail() {
 /// database, and a superuser it does not cover.
 #[tokio::test]
 async fn fence_checks_name_who_the_fence_reaches_and_misses() {
-    let src = Cluster::start();
-    let dst = Cluster::start();
-    src.create_db("app");
+    let (src, dst) = pair_with_app(ClusterOptions::default());
     src.psql(
         "postgres",
         "CREATE ROLE reporter LOGIN; CREATE ROLE dba SUPERUSER LOGIN;",
     );
     src.psql("postgres", "CREATE DATABASE reports OWNER reporter");
-    let base = config_text(
-        &src.url("postgres"),
-        &dst.url("postgres"),
-        &migration(&["app"], ""),
-    );
+    let base = pair_config(&src, &dst, &["app"], "");
 
-    let r = validate(&load(&base)).await;
+    let r = report_for(&base).await;
     assert_eq!(status_of(&r, "fence_roles", "source"), Status::Succeeded);
     let found = &r.get("fence_roles", "source").unwrap().found;
     assert!(
@@ -832,7 +791,7 @@ async fn fence_checks_name_who_the_fence_reaches_and_misses() {
     // pgshift's own user listed: it cannot fence it (a warning: every
     // cutover will stop at its fence check).
     let listed = format!("{base}\n[cutover]\nfence_roles = [\"{SUPERUSER}\"]\n");
-    let r = validate(&load(&listed)).await;
+    let r = report_for(&listed).await;
     assert_eq!(status_of(&r, "fence_roles", "source"), Status::Warning);
     let c = r.get("fence_roles", "source").unwrap();
     assert!(c.found.contains(SUPERUSER), "{c:?}");

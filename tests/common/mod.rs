@@ -20,6 +20,10 @@
 //! - `trustuser` (no password; pg_hba trust)
 #![allow(dead_code)]
 
+mod process;
+#[allow(unused_imports)]
+pub use process::*;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;

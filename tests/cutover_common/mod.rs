@@ -1,12 +1,12 @@
-//! Helpers for the cutover tests: `pgshift run` as a real process on a
-//! source/target pair, its admin API, and a ledger that clients write to.
+//! What the cutover scenarios share beyond the harness's [`Pgshift`]
+//! (tests/common/process.rs): a source/target pair with a ledger that
+//! clients write to through the proxy, the online migration's config, and
+//! set-ups that hold or block a cutover at a chosen point.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-use pgshift::admin::client::{AdminClient, ClientError};
 use serde_json::Value;
 
 use crate::common::*;
@@ -60,6 +60,17 @@ impl Pair {
         ) == "1"
     }
 
+    /// Writes the online migration's config for `shop` (`admin_extra`
+    /// lands inside `[admin]`, `cutover` inside `[cutover]`) and launches
+    /// `pgshift run` with the extra environment.
+    pub fn launch(&self, admin_extra: &str, cutover: &str, env: &[(&str, &str)]) -> Pgshift {
+        let extra = format!(
+            "{admin_extra}\n\n{}\n[cutover]\n{cutover}\n",
+            migration("cut", &[DB], "mode = \"online\"")
+        );
+        Pgshift::launch(&self.source, &self.target, &extra, env)
+    }
+
     /// Ledger ids on a cluster.
     pub fn ledger_ids(c: &Cluster) -> Vec<i64> {
         c.psql(DB, "SELECT id FROM ledger ORDER BY id")
@@ -67,222 +78,6 @@ impl Pair {
             .filter_map(|l| l.trim().parse().ok())
             .collect()
     }
-}
-
-/// A `pgshift run --config FILE` process; killed when dropped.
-pub struct Shift {
-    pub child: Option<Child>,
-    pub dir: tempfile::TempDir,
-    pub config: PathBuf,
-    pub proxy_port: u16,
-    pub admin_port: u16,
-    pub token: Option<String>,
-    runs: usize,
-}
-
-impl Shift {
-    /// Writes the config (`admin_extra` lands inside `[admin]`, `cutover`
-    /// inside `[cutover]`) and starts pgshift with the extra environment.
-    pub fn start(pair: &Pair, admin_extra: &str, cutover: &str, env: &[(&str, &str)]) -> Shift {
-        let dir = tempfile::tempdir().unwrap();
-        let proxy_port = free_port();
-        let admin_port = free_port();
-        let extra = format!(
-            "{admin_extra}\n\n[migration]\nname = \"cut\"\ndatabases = [\"{DB}\"]\nmode = \"online\"\n\n[cutover]\n{cutover}\n"
-        );
-        let text = config_text(&pair.source, &pair.target, proxy_port, admin_port, &extra);
-        let config = dir.path().join("pgshift.toml");
-        std::fs::write(&config, text).unwrap();
-        let token = admin_extra
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("token = "))
-            .map(|t| t.trim_matches('"').to_string());
-        let mut s = Shift {
-            child: None,
-            dir,
-            config,
-            proxy_port,
-            admin_port,
-            token,
-            runs: 0,
-        };
-        s.spawn(env);
-        s
-    }
-
-    /// Starts the process (again), logging into the temp dir.
-    pub fn spawn(&mut self, env: &[(&str, &str)]) {
-        self.runs += 1;
-        let log = std::fs::File::create(self.log_path()).unwrap();
-        let mut cmd = Command::new(pgshift_bin());
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .env_remove("PGSHIFT_FAILPOINT")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        self.child = Some(cmd.spawn().expect("start pgshift run"));
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join(format!("pgshift-{}.log", self.runs))
-    }
-
-    /// The log of the current run.
-    pub fn current_log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    /// Every run's log, for failure messages.
-    pub fn log(&self) -> String {
-        (1..=self.runs)
-            .map(|i| {
-                let p = self.dir.path().join(format!("pgshift-{i}.log"));
-                format!(
-                    "--- run {i} ---\n{}",
-                    std::fs::read_to_string(p).unwrap_or_default()
-                )
-            })
-            .collect()
-    }
-
-    /// SIGKILL: no cleanup of any kind.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn admin(&self) -> AdminClient {
-        AdminClient::new(
-            &format!("http://127.0.0.1:{}", self.admin_port),
-            self.token.clone(),
-        )
-        .unwrap()
-    }
-
-    pub fn admin_with(&self, token: Option<&str>) -> AdminClient {
-        AdminClient::new(
-            &format!("http://127.0.0.1:{}", self.admin_port),
-            token.map(str::to_string),
-        )
-        .unwrap()
-    }
-
-    pub async fn status(&self) -> Result<Value, ClientError> {
-        self.admin().get("/status").await
-    }
-
-    /// Waits until /status shows `state`/`substate`; panics with the log otherwise.
-    pub async fn wait_state(&self, state: &str, substate: &str, timeout: Duration) -> Value {
-        let start = Instant::now();
-        let mut last = Value::Null;
-        while start.elapsed() < timeout {
-            if let Ok(doc) = self.status().await {
-                if doc["state"] == state && doc["substate"] == substate {
-                    return doc;
-                }
-                if doc["state"] == "Failed" {
-                    panic!("migration failed: {doc:#}\n{}", self.log());
-                }
-                last = doc;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!(
-            "state {state}/{substate} not reached in {timeout:?}; last status {last:#}\n{}",
-            self.log()
-        );
-    }
-
-    /// Waits until streaming with the target caught up (lag 0 bytes).
-    pub async fn wait_streaming(&self) -> Value {
-        let doc = self
-            .wait_state(
-                "WaitingForUserAction",
-                "WaitingForCutoverTrigger",
-                Duration::from_secs(300),
-            )
-            .await;
-        let _ = doc;
-        let start = Instant::now();
-        loop {
-            let doc = self.status().await.unwrap();
-            let st = &doc["databases"][DB];
-            if st["stream"]["state"] == "streaming" || start.elapsed() > Duration::from_secs(120) {
-                return doc;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Waits until the last cutover attempt has `phase` in its report.
-    pub async fn wait_phase(&self, phase: &str, timeout: Duration) -> Value {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if let Ok(doc) = self.status().await
-                && doc["last_cutover"]["phases"]
-                    .as_array()
-                    .is_some_and(|p| p.iter().any(|x| x["phase"] == phase))
-            {
-                return doc;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("phase {phase} not reached\n{}", self.log());
-    }
-
-    /// Runs a pgshift CLI command against this instance (`--config` added).
-    pub async fn cli(&self, args: &[&str]) -> Output {
-        let mut cmd = tokio::process::Command::new(pgshift_bin());
-        cmd.args(args).arg("--config").arg(&self.config);
-        tokio::time::timeout(Duration::from_secs(600), cmd.output())
-            .await
-            .expect("pgshift CLI did not finish")
-            .expect("run pgshift CLI")
-    }
-
-    /// The proxy URL for `app`.
-    pub fn url(&self) -> String {
-        format!(
-            "postgres://{APP_USER}:{APP_PW}@127.0.0.1:{}/{DB}?sslmode=disable",
-            self.proxy_port
-        )
-    }
-
-    /// A libpq-style DSN for the proxy (psycopg, pgbench).
-    pub fn dsn(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user={APP_USER} password={APP_PW} dbname={DB} sslmode=disable",
-            self.proxy_port
-        )
-    }
-
-    /// The last cutover's report, from /status.
-    pub async fn last_cutover(&self) -> Value {
-        self.status().await.unwrap()["last_cutover"].clone()
-    }
-}
-
-impl Drop for Shift {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Text of a finished command, for assertions.
-pub fn out_text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// A writer through the proxy on one persistent connection: inserts ledger
@@ -428,10 +223,10 @@ pub fn detail(last: &Value, name: &str) -> String {
 /// apply go on).
 pub async fn streaming_with_apply_blocked(
     cutover_conf: &str,
-) -> (Pair, Shift, tokio_postgres::Client) {
+) -> (Pair, Pgshift, tokio_postgres::Client) {
     let pair = Pair::start();
-    let shift = Shift::start(&pair, "", cutover_conf, &[]);
-    shift.wait_streaming().await;
+    let shift = pair.launch("", cutover_conf, &[]);
+    shift.wait_streaming_async(DB).await;
     let blocker = pair.target.client(DB).await;
     blocker
         .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
@@ -443,18 +238,17 @@ pub async fn streaming_with_apply_blocked(
 /// A migration streaming with `cutover_conf` whose cutover attempts hold
 /// after their pre-gate catch-up (test hook) until [`Held::block_apply`]
 /// has blocked apply: the marker inside the pause then waits behind it.
-pub async fn streaming_held_after_catchup(cutover_conf: &str) -> (Pair, Shift, Held) {
+pub async fn streaming_held_after_catchup(cutover_conf: &str) -> (Pair, Pgshift, Held) {
     let pair = Pair::start();
     let dir = tempfile::tempdir().unwrap();
     let release = dir.path().join("release");
     let failpoint = format!("hold:catchup:{}", release.display());
-    let shift = Shift::start(
-        &pair,
+    let shift = pair.launch(
         "",
         cutover_conf,
         &[("PGSHIFT_FAILPOINT", failpoint.as_str())],
     );
-    shift.wait_streaming().await;
+    shift.wait_streaming_async(DB).await;
     (pair, shift, Held { _dir: dir, release })
 }
 
@@ -471,10 +265,12 @@ impl Held {
     pub async fn block_apply(
         &self,
         pair: &Pair,
-        shift: &Shift,
+        shift: &Pgshift,
         write: impl std::future::Future<Output = ()>,
     ) -> tokio_postgres::Client {
-        shift.wait_phase("catchup", Duration::from_secs(120)).await;
+        shift
+            .wait_phase_async("catchup", Duration::from_secs(120))
+            .await;
         let blocker = pair.target.client(DB).await;
         blocker
             .batch_execute("BEGIN; LOCK TABLE ledger IN ACCESS EXCLUSIVE MODE")
