@@ -183,6 +183,7 @@ impl Applier {
     /// Records a message of the open group for a possible re-apply.
     pub(super) async fn record(&mut self, msg: &PgOutputMessage) -> Result<(), ApplyError> {
         if self.batching.exact
+            || self.child
             || !self.opts.net_batching
             || matches!(
                 msg,
