@@ -310,7 +310,15 @@ async fn interleaved_large_transactions_stay_apart() {
             }
         }
         wait_open_sessions(&s.target, 4, "four interleaved");
-        assert_eq!(stream.status.report()["streamed_transactions_open"], 5);
+        assert!(
+            wait_until(
+                WAIT,
+                || stream.status.report()["streamed_transactions_open"] == 5
+            ),
+            "{:#}",
+            stream.status.report()
+        );
+        assert_eq!(open_apply_sessions(&s.target).0, 4);
         assert_eq!(
             metric(&reg, "pgshift_apply_spilled_transactions_total"),
             1.0

@@ -188,13 +188,7 @@ impl Applier {
     ) -> Result<Applier, ApplyError> {
         let mut pipe = open_session(target, opts).await?;
         prepare(&mut pipe, opts, &origin.name).await?;
-        // Change by change: a failed net-change batch is found out by
-        // applying its group again, and a streamed session keeps no
-        // messages to do that with.
-        let opts = ApplyOptions {
-            net_batching: false,
-            ..opts.clone()
-        };
+        let opts = opts.clone();
         Ok(Applier {
             pipe,
             marker_table: MarkerTable::new(&opts.migration, &opts.database),

@@ -120,7 +120,7 @@ impl Applier {
             self.streamed.open = None;
             if let Some(t) = self.streamed.live.get_mut(&xid) {
                 // What the block carried is applied now, not at commit.
-                t.apply.flush_batch();
+                t.apply.flush_batch().await?;
                 t.apply.round().await?;
             }
             return Ok(());
@@ -157,7 +157,7 @@ impl Applier {
                 && !t.subxacts.contains(&sub)
             {
                 // Everything before belongs to the enclosing (sub)transaction.
-                t.apply.flush_batch();
+                t.apply.flush_batch().await?;
                 t.apply.open_group();
                 t.apply
                     .control(&format!("SAVEPOINT {}", savepoint(sub)), "SAVEPOINT");
@@ -271,7 +271,7 @@ impl Applier {
             // Aborted before any block of it arrived.
             return Ok(());
         };
-        t.apply.flush_batch();
+        t.apply.flush_batch().await?;
         if let Some(i) = t.subxacts.iter().position(|s| *s == a.subxid) {
             let sql = format!("ROLLBACK TO SAVEPOINT {}", savepoint(a.subxid));
             t.apply.control(&sql, "ROLLBACK TO SAVEPOINT");
@@ -303,7 +303,7 @@ impl Applier {
             self.progress.stats.skipped_transactions += 1;
             return apply.close().await;
         }
-        apply.flush_batch();
+        apply.flush_batch().await?;
         apply.round().await?;
         let counts = apply
             .tx
@@ -399,7 +399,7 @@ impl Applier {
     }
 
     /// Queues a control statement (SAVEPOINT …) on the unnamed statement.
-    fn control(&mut self, sql: &str, what: &'static str) {
+    pub(super) fn control(&mut self, sql: &str, what: &'static str) {
         self.pipe.parse("", sql, &[]);
         self.pipe.execute("", &[], Op::control(what));
     }

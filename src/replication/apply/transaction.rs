@@ -182,7 +182,7 @@ impl Applier {
         }
     }
 
-    fn round_error(&self, e: RoundError) -> ApplyError {
+    pub(super) fn round_error(&self, e: RoundError) -> ApplyError {
         let database = self.opts.database.clone();
         match e {
             RoundError::Wire(source) => ApplyError::Connection {
@@ -220,7 +220,7 @@ impl Applier {
         let Some((lsn, time)) = self.tx.group.last_commit else {
             return Ok(());
         };
-        self.flush_batch();
+        self.flush_batch().await?;
         self.open_group();
         if self.tx.group.statements == 0 {
             // A transaction without an xid writes no commit record, and so no
