@@ -8,7 +8,9 @@
 //! compared row by row after each.
 
 mod common;
+mod e2e_common;
 use common::*;
+use e2e_common::{Pgshift, migration};
 
 use std::process::Command;
 use std::time::Duration;
@@ -492,5 +494,63 @@ async fn lag_counts_an_unapplied_large_transaction() {
             stream.status.report()
         );
         stream.stop().await;
+    }
+}
+
+/// The real binary: `pgshift run` killed with SIGKILL while a large
+/// transaction is open on the source and being applied on the target, then
+/// started again; the transaction is applied exactly once after its commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_pgshift_mid_stream_then_restart() {
+    for major in VERSIONS {
+        if !version_or_skip(major, "streamed kill -9") {
+            continue;
+        }
+        let source = Cluster::start_with(ClusterOptions {
+            conf: vec![
+                "logical_decoding_work_mem = '64kB'".into(),
+                "synchronous_commit = on".into(),
+            ],
+            version: Some(major),
+            ..Default::default()
+        });
+        // pgshift migrates to 15 and later.
+        let target = Cluster::start_version(major.max(15));
+        source.create_db(DB);
+        source.psql(DB, SCHEMA);
+        let mut p = Pgshift::start(&source, &target, &migration("killstreamed", &[DB], ""));
+        p.wait_state("WaitingForUserAction", WAIT);
+        let c = source.client(DB).await;
+        c.batch_execute(
+            "BEGIN;
+             INSERT INTO t SELECT g, 'big', repeat('k', 200) FROM generate_series(1, 3000) g;
+             SAVEPOINT a;
+             INSERT INTO nokey SELECT g, 'gone' FROM generate_series(1, 1000) g;
+             ROLLBACK TO SAVEPOINT a;
+             INSERT INTO nokey SELECT g, 'big' FROM generate_series(1, 1000) g;",
+        )
+        .await
+        .unwrap();
+        wait_open_sessions(&target, 1, "open before kill -9");
+        p.kill9();
+        assert!(
+            wait_until(WAIT, || open_apply_sessions(&target).0 == 0),
+            "the open target transaction outlived pgshift"
+        );
+        c.batch_execute(
+            "INSERT INTO t SELECT g, 'more', NULL FROM generate_series(5001, 6000) g; COMMIT;
+             INSERT INTO nokey VALUES (0, 'after');",
+        )
+        .await
+        .unwrap();
+        p.spawn();
+        p.wait_caught_up(&source, &[DB], WAIT);
+        assert_eq!(
+            table_fingerprints(&source, DB),
+            table_fingerprints(&target, DB)
+        );
+        assert_eq!(target.psql(DB, "SELECT count(*) FROM t"), "4000");
+        assert_eq!(target.psql(DB, "SELECT count(*) FROM nokey"), "1001");
+        p.terminate();
     }
 }
