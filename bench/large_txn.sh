@@ -94,12 +94,12 @@ for r in $(seq "$REPS"); do
       caught_up "$NAT"
       wal0=$(q "$SRC" "$DB" "SELECT pg_current_wal_lsn()")
       large "$rep" "$NAT"
-      rss=0
+      rss=""
       native_disable
     fi
     wal=$(q "$SRC" "$DB" "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '$wal0')")
     echo "  rep $r $who: $ROWS rows, $((wal / 1048576)) MB of WAL; INSERT ${INSERT_S}s, commit to visible ${VISIBLE_S}s${rss:+, peak RSS $((rss / 1024)) MB}" >&2
-    echo "$who $r $INSERT_S $VISIBLE_S $rss $wal" >> "$RES"
+    echo "$who $r $INSERT_S $VISIBLE_S ${rss:-0} $wal" >> "$RES"
   done
 done
 
