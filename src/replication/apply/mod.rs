@@ -163,10 +163,12 @@ impl Applier {
                 error,
             })?;
         prepare(&mut pipe, &opts, &origin.name).await?;
+        let progress = Progress::new(origin.applied, metrics);
+        progress.export(&opts.database);
         Ok(Applier {
             pipe,
             marker_table: MarkerTable::new(&opts.migration, &opts.database),
-            progress: Progress::new(origin.applied, metrics),
+            progress,
             origin,
             opts,
             rel: Relations::default(),

@@ -142,6 +142,14 @@ impl Progress {
         }
     }
 
+    /// Exports the counters that may stay at 0 for long (spills), so a rate
+    /// or an alert on them works before the first one.
+    pub(super) fn export(&self, database: &str) {
+        if let Some(m) = &self.metrics {
+            m.spilled.with_label_values(&[database]);
+        }
+    }
+
     /// A streamed transaction is spilled to a file (no session was free).
     pub(super) fn spilled(&self, database: &str) {
         if let Some(m) = &self.metrics {
