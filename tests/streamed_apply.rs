@@ -567,3 +567,70 @@ async fn kill9_of_pgshift_mid_stream_then_restart() {
         p.terminate();
     }
 }
+
+/// A transaction below logical_decoding_work_mem is not streamed: while it
+/// is open on the source, keepalives pass its WAL (the stream is idle) —
+/// and once it commits, lag still counts it whole until it is committed on
+/// the target, not from the keepalive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_counts_a_transaction_a_keepalive_passed_while_it_was_open() {
+    for major in VERSIONS {
+        if !version_or_skip(major, "keepalive lag") {
+            continue;
+        }
+        let s = setup(major, SCHEMA, false).await;
+        s.source.psql(
+            "postgres",
+            "ALTER SYSTEM SET logical_decoding_work_mem = '64MB'",
+        );
+        s.source.psql("postgres", "SELECT pg_reload_conf()");
+        let reg = prometheus::Registry::new();
+        let stream = start(&s.cfg, &reg);
+        let c = s.source.client(DB).await;
+        caught_up(&stream, "before-keepalive").await;
+        let before = current_lsn(&c).await;
+        c.batch_execute(
+            "BEGIN; INSERT INTO t SELECT g, 'open', repeat('o', 100) FROM generate_series(1, 20000) g;",
+        )
+        .await
+        .unwrap();
+        let written = current_lsn(&c).await;
+        // The stream is idle: a keepalive moves what the target holds past
+        // the open transaction's WAL.
+        assert!(
+            wait_until(WAIT, || {
+                let r = stream.status.report();
+                r["applied_lsn"].as_str().unwrap().parse::<Lsn>().unwrap() >= written
+            }),
+            "{:#}",
+            stream.status.report()
+        );
+        let blocker = s.target.client(DB).await;
+        blocker
+            .batch_execute("BEGIN; LOCK TABLE u IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        c.batch_execute("UPDATE u SET n = 3 WHERE id = 2; COMMIT")
+            .await
+            .unwrap();
+        let committed = current_lsn(&c).await;
+        let size = committed.0 - before.0;
+        assert!(
+            wait_until(WAIT, || {
+                let r = stream.status.report();
+                let source: Lsn = r["source_lsn"].as_str().unwrap().parse().unwrap();
+                source >= committed && r["transaction_in_flight"] == true
+            }),
+            "{:#}",
+            stream.status.report()
+        );
+        let r = stream.status.report();
+        let lag = r["lag_bytes"].as_u64().unwrap();
+        assert!(lag >= size, "lag {lag} < transaction {size}: {r:#}");
+        assert!(metric(&reg, "pgshift_replication_lag_bytes") >= size as f64);
+        blocker.batch_execute("COMMIT").await.unwrap();
+        caught_up(&stream, "after-keepalive").await;
+        assert_same(&s);
+        stream.stop().await;
+    }
+}
