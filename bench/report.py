@@ -22,6 +22,8 @@ TITLES = {
     "proxy_overhead": ("Proxy overhead", "pgbench through pgshift vs directly vs through PgBouncer (session mode)."),
     "copy": ("Initial copy", "Schema + data + indexes of a pgbench database onto an empty target."),
     "apply": ("Apply throughput", "Draining a TPC-B backlog, and streaming under a live load."),
+    "large_txn": ("One large transaction", "One large INSERT (a million rows by default): from the source's COMMIT to the rows "
+                  "visible on the target, pgshift vs native logical replication with streaming; pgshift's peak RSS."),
     "cutover": ("Cutover write pause", "pgbench at a steady rate through the proxy, cutover mid-run."),
     "fuzz": ("Fuzzed inputs", "Every parser of bytes from the network or a file, fed seeded structured, damaged "
              "and random inputs in release mode (tests/fuzz); per target: inputs, panics, hangs, allocations "
@@ -90,7 +92,7 @@ print("**Machine**: " + ", ".join(x for x in [
 note = notes()
 if note.get("summary"):
     print(note["summary"] + "\n")
-for name in ["proxy_overhead", "copy", "apply", "cutover", "fuzz"]:
+for name in ["proxy_overhead", "copy", "apply", "large_txn", "cutover", "fuzz"]:
     title, what = TITLES[name]
     print(f"## {title} (`bench/{name}.sh`)\n")
     print(what + "\n")

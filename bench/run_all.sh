@@ -12,7 +12,7 @@
 # NAME.cmd (the exact command); JSON lines in bench/results/*.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ONLY=${ONLY:-proxy_overhead copy apply cutover lag_run fuzz}
+ONLY=${ONLY:-proxy_overhead copy apply large_txn cutover lag_run fuzz}
 OUT=bench/results/latest
 mkdir -p "$OUT"
 cargo build --release --quiet
@@ -22,6 +22,7 @@ declare -A ENVS=(
   [proxy_overhead]="${PROXY_ENV:-}"
   [copy]="${COPY_ENV:-}"
   [apply]="${APPLY_ENV:-}"
+  [large_txn]="${LARGE_TXN_ENV:-}"
   [cutover]="${CUTOVER_ENV:-}"
   [lag_run]="${LAG_ENV:-}"
   [fuzz]="${FUZZ_ENV:-}"
@@ -30,6 +31,7 @@ if [ -n "${QUICK:-}" ]; then
   ENVS[proxy_overhead]=${PROXY_ENV:-"DURATION=10 REPS=2"}
   ENVS[copy]=${COPY_ENV:-"SCALE=20"}
   ENVS[apply]=${APPLY_ENV:-"N=50000 REPS=2 LIVE_SECONDS=20"}
+  ENVS[large_txn]=${LARGE_TXN_ENV:-"ROWS=500000"}
   ENVS[cutover]=${CUTOVER_ENV:-"REPS=5"}
   ENVS[fuzz]=${FUZZ_ENV:-"N=100000"}
 fi

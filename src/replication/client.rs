@@ -545,10 +545,13 @@ pub struct StreamOptions {
 }
 
 impl StreamOptions {
-    /// What pgshift streams from a server of `version`: protocol 1 (whole
-    /// transactions, as apply wants them), and logical decoding messages
-    /// (the cutover markers) where pgoutput has them (14+; before, markers
-    /// are rows of a published table, see [`MarkerTransport`]).
+    /// What pgshift streams from a server of `version`: from 14 on,
+    /// protocol 2 with large in-progress transactions streamed (apply
+    /// applies them as they arrive, so a large transaction does not put the
+    /// target behind by its whole apply time at its commit) and logical
+    /// decoding messages (the cutover markers); before 14, protocol 1
+    /// (whole transactions; markers are rows of a published table, see
+    /// [`MarkerTransport`]).
     ///
     /// [`MarkerTransport`]: crate::pg::replication::MarkerTransport
     pub(crate) fn for_server(
@@ -557,8 +560,11 @@ impl StreamOptions {
         publication: &str,
         version: Version,
     ) -> StreamOptions {
+        let p = version.pgoutput();
         StreamOptions {
-            messages: version.pgoutput().messages,
+            messages: p.messages,
+            proto_version: if p.streaming { 2 } else { 1 },
+            streaming: p.streaming,
             ..StreamOptions::new(slot, start, publication)
         }
     }
@@ -1025,7 +1031,9 @@ mod tests {
         ] {
             let v = Version(num);
             let o = StreamOptions::for_server("s", Lsn(0), "p", v);
-            assert_eq!(o.proto_version, 1);
+            // Streaming of in-progress transactions comes with messages (14+).
+            assert_eq!(o.proto_version, if messages { 2 } else { 1 });
+            assert_eq!(o.streaming, messages, "{v}");
             assert_eq!(o.messages, messages, "{v}");
             assert_eq!(o.command().contains("messages"), messages, "{v}");
             o.check(v).unwrap();
@@ -1035,6 +1043,7 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("messages option"), "{e}");
         let mut o = StreamOptions::for_server("s", Lsn(0), "p", Version(130004));
+        assert_eq!(o.proto_version, 1);
         o.proto_version = 2;
         assert!(o.check(Version(130004)).is_err());
         assert!(o.check(Version(140000)).is_ok());

@@ -195,6 +195,16 @@ struct Live {
     /// What the target holds: the last committed commit LSN, or the
     /// keepalive end when nothing received is still unapplied.
     applied: Lsn,
+    /// The end of the last source transaction committed on the target (the
+    /// replication origin's position), never a keepalive's end.
+    committed: Lsn,
+    /// A transaction is in flight: received (or streamed, v2) and not yet
+    /// committed on the target. Lag then counts from `committed`: a
+    /// keepalive that passed the transaction's WAL while it was still open
+    /// on the source says nothing about whether the target holds it.
+    in_flight: bool,
+    /// Streamed (v2) transactions open on the source, being applied.
+    streamed_open: usize,
     source_current: Lsn,
     lag_bytes: u64,
     lag_seconds: f64,
@@ -217,6 +227,18 @@ struct Live {
     pending_since: Option<i64>,
 }
 
+impl Live {
+    /// The position lag is measured from: what the target holds, but only
+    /// its committed position while a transaction is in flight.
+    fn held(&self) -> Lsn {
+        if self.in_flight {
+            self.committed
+        } else {
+            self.applied
+        }
+    }
+}
+
 pub struct StreamStatus {
     database: String,
     live: Mutex<Live>,
@@ -232,6 +254,7 @@ impl StreamStatus {
             database: database.to_string(),
             live: Mutex::new(Live {
                 applied,
+                committed: applied,
                 ..Default::default()
             }),
             changed: watch::channel(()).0,
@@ -376,6 +399,9 @@ impl Report for StreamStatus {
                 "healthy": l.state == StreamState::Streaming,
                 "received_lsn": l.received.to_string(),
                 "applied_lsn": l.applied.to_string(),
+                "committed_lsn": l.committed.to_string(),
+                "transaction_in_flight": l.in_flight,
+                "streamed_transactions_open": l.streamed_open,
                 "source_lsn": l.source_current.to_string(),
                 "lag_bytes": l.lag_bytes,
                 "lag_seconds": (l.lag_seconds * 1000.0).round() / 1000.0,
@@ -653,7 +679,8 @@ async fn session(
                 match msg.map_err(StreamError::Source)? {
                     None => return Ok(()),
                     Some(ReplicationMessage::XLogData { data, .. }) => {
-                        applier.handle(decoder.decode(data)?).await?;
+                        let msg = decoder.decode(data.clone())?;
+                        applier.handle_with_bytes(msg, Some(data)).await?;
                     }
                     Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. }) => {
                         keepalive_end = keepalive_end.max(wal_end);
@@ -679,9 +706,14 @@ async fn session(
             }
         }
         let stats = applier.stats();
+        let (committed, in_flight) = (applier.applied_position(), !applier.is_idle());
+        let streamed_open = applier.streamed_open();
         status.with(|l| {
             l.transactions = stats.transactions;
             l.pending_since = stats.pending_since;
+            l.committed = committed;
+            l.in_flight = in_flight;
+            l.streamed_open = streamed_open;
         });
         // Apply also commits on its own (a full group): what the target
         // holds is at least its committed position, also while a backlog
@@ -690,7 +722,7 @@ async fn session(
         metrics
             .applied_lsn
             .with_label_values(&[db])
-            .set(confirmed.0 as i64);
+            .set(committed.0 as i64);
         metrics
             .received_lsn
             .with_label_values(&[db])
@@ -816,13 +848,14 @@ async fn lag_loop(
             while l.samples.len() > 3600 {
                 l.samples.pop_front();
             }
-            l.lag_bytes = current.0.saturating_sub(l.applied.0);
-            l.lag_seconds = if l.applied >= current {
+            let held = l.held();
+            l.lag_bytes = current.0.saturating_sub(held.0);
+            l.lag_seconds = if held >= current {
                 0.0
             } else {
                 // The samples reach back only to this stream's start; a
                 // transaction received but not applied tells its own age.
-                let sampled = caught_up_at(&l.samples, l.applied)
+                let sampled = caught_up_at(&l.samples, held)
                     .map_or(0.0, |t| now.duration_since(t).as_secs_f64());
                 let pending = l.pending_since.map_or(0.0, |t| {
                     let unix = t.saturating_add(super::pgoutput::PG_EPOCH_OFFSET_MICROS);

@@ -8,7 +8,7 @@
 use bytes::Bytes;
 
 use super::batch::{self, NetBatch, Offer};
-use super::pipeline::{Op, Param};
+use super::pipeline::{Op, Param, RoundError};
 use super::relation::BatchKind;
 use super::statements::RowChange;
 use super::{Applier, ApplyError};
@@ -102,7 +102,7 @@ impl Applier {
             Ok(()) => None,
             Err(offer) if !self.batching.batch.is_empty() => {
                 // It cannot be folded into what is pending: send that first.
-                self.flush_batch();
+                self.flush_batch().await?;
                 self.batching.batch.offer(oid, &key, offer).err()
             }
             Err(offer) => Some(offer),
@@ -125,18 +125,95 @@ impl Applier {
         if self.batching.batch.changes >= MAX_BATCH_CHANGES
             || self.batching.batch.bytes >= self.opts.max_round_bytes
         {
-            self.flush_batch();
+            self.flush_batch().await?;
             self.round().await?;
         }
         Ok(None)
     }
 
     /// Queues the statements of the net-change batch (one per table and
-    /// operation), each checked to affect exactly its number of rows.
-    pub(super) fn flush_batch(&mut self) {
+    /// operation), each checked to affect exactly its number of rows; a
+    /// streamed transaction's session sends them at once (see
+    /// `flush_streamed_batch`).
+    pub(super) async fn flush_batch(&mut self) -> Result<(), ApplyError> {
         if self.batching.batch.is_empty() {
-            return;
+            return Ok(());
         }
+        if self.child {
+            return self.flush_streamed_batch().await;
+        }
+        self.queue_batch();
+        Ok(())
+    }
+
+    /// A streamed transaction's session keeps no messages to apply its
+    /// transaction again, so its batch runs in a round of its own under a
+    /// savepoint: when a batched statement fails, the batch is rolled back
+    /// and its rows are applied one by one, which names the row at fault.
+    async fn flush_streamed_batch(&mut self) -> Result<(), ApplyError> {
+        // What is queued before the batch is verified on its own.
+        self.round().await?;
+        self.open_group();
+        self.control("SAVEPOINT pgshift_batch", "SAVEPOINT");
+        let kept = self.queue_batch();
+        self.control("RELEASE SAVEPOINT pgshift_batch", "RELEASE SAVEPOINT");
+        match self.pipe.sync().await {
+            Ok(_) => {
+                self.batching.unverified = false;
+                Ok(())
+            }
+            Err(RoundError::Wire(e)) => Err(self.round_error(RoundError::Wire(e))),
+            Err(_) => {
+                self.batching.unverified = false;
+                let r = self
+                    .pipe
+                    .conn
+                    .simple_query(
+                        "ROLLBACK TO SAVEPOINT pgshift_batch; RELEASE SAVEPOINT pgshift_batch",
+                    )
+                    .await;
+                r.map_err(|e| self.round_error(RoundError::Wire(e)))?;
+                tracing::info!(
+                    database = %self.opts.database,
+                    "a batched statement of a streamed transaction failed; applying its rows one by one"
+                );
+                self.apply_rows_exactly(kept).await
+            }
+        }
+    }
+
+    /// Applies a batch's net changes one by one (they are counted already).
+    async fn apply_rows_exactly(&mut self, kept: Vec<KeptRows>) -> Result<(), ApplyError> {
+        let counts = self.tx.current.as_ref().map(|c| c.counts);
+        let exact = std::mem::replace(&mut self.batching.exact, true);
+        let mut r = Ok(());
+        'rows: for k in kept {
+            let changes = k
+                .deletes
+                .into_iter()
+                .map(RowChange::Delete)
+                .chain(k.updates.into_iter().map(|t| RowChange::Update(None, t)))
+                .chain(k.inserts.into_iter().map(RowChange::Insert));
+            for change in changes {
+                r = Box::pin(self.row(k.oid, change)).await;
+                if r.is_err() {
+                    break 'rows;
+                }
+            }
+        }
+        if r.is_ok() {
+            r = self.round().await;
+        }
+        self.batching.exact = exact;
+        if let (Some(c), Some(counts)) = (self.tx.current.as_mut(), counts) {
+            c.counts = counts;
+        }
+        r
+    }
+
+    /// Queues the batch's statements; returns its rows.
+    fn queue_batch(&mut self) -> Vec<KeptRows> {
+        let mut kept = Vec::new();
         self.open_group();
         for tb in self.batching.batch.take() {
             let oid = tb.oid;
@@ -148,9 +225,9 @@ impl Applier {
                 .collect();
             let (deletes, updates, inserts) = tb.split();
             for (kind, rows, what) in [
-                (BatchKind::Delete, deletes, "delete"),
-                (BatchKind::Update, updates, "update"),
-                (BatchKind::Insert, inserts, "insert"),
+                (BatchKind::Delete, &deletes, "delete"),
+                (BatchKind::Update, &updates, "update"),
+                (BatchKind::Insert, &inserts, "insert"),
             ] {
                 if rows.is_empty() {
                     continue;
@@ -176,13 +253,23 @@ impl Applier {
                     },
                 );
             }
+            if self.child {
+                kept.push(KeptRows {
+                    oid,
+                    deletes,
+                    updates,
+                    inserts,
+                });
+            }
         }
         self.batching.unverified = true;
+        kept
     }
 
     /// Records a message of the open group for a possible re-apply.
     pub(super) async fn record(&mut self, msg: &PgOutputMessage) -> Result<(), ApplyError> {
         if self.batching.exact
+            || self.child
             || !self.opts.net_batching
             || matches!(
                 msg,
@@ -198,7 +285,7 @@ impl Applier {
         self.batching.replay.push(msg.clone());
         if self.batching.replay_bytes > MAX_REPLAY_BYTES {
             // Too much to keep: verify what is batched, then go on exactly.
-            self.flush_batch();
+            self.flush_batch().await?;
             self.round().await?;
             self.stop_batching_for_group();
         }
@@ -265,6 +352,15 @@ impl Applier {
         }
         Ok(())
     }
+}
+
+/// A batch's rows of one table, kept by a streamed transaction's session
+/// until its round succeeds.
+struct KeptRows {
+    oid: u32,
+    deletes: Vec<Tuple>,
+    updates: Vec<Tuple>,
+    inserts: Vec<Tuple>,
 }
 
 /// Whether an update's old key tuple has the same key values as its new row.

@@ -54,6 +54,17 @@ pub enum ApplyError {
         op: &'static str,
         rows: u64,
     },
+    /// A streamed transaction spilled to a temporary file (the pool of
+    /// streamed sessions was full) could not be written or read back.
+    #[error(
+        "apply to target database {database}: streamed transaction {xid} spilled to a temporary file: {source}"
+    )]
+    Spill {
+        database: String,
+        xid: u32,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("apply to target database {database}: unexpected stream: {detail}")]
     Protocol { database: String, detail: String },
     #[error(

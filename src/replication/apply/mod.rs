@@ -7,8 +7,10 @@
 //!   last one's commit record ends in a replication origin, as PostgreSQL's
 //!   own apply does; a restarted applier skips every transaction whose
 //!   commit record starts before that position (`transaction`, `origin`).
-//! - Only whole source transactions are committed; a streamed (v2)
-//!   transaction is applied only at its Stream Commit (`streamed`).
+//! - Only whole source transactions are committed; a streamed (v2+)
+//!   transaction is applied as it arrives into an open target transaction
+//!   of its own session, committed (with the origin's progress) at its
+//!   Stream Commit (`streamed`).
 //! - A net-change batch is exact: it holds only changes whose folding
 //!   cannot be seen once the group commits, and every batched statement
 //!   affects exactly its rows; when one fails, the group is rolled back and
@@ -34,7 +36,8 @@
 //!   pipeline in `pipeline`).
 //! - `batching`: the group as net changes (the fold is `batch`), and the
 //!   exact re-apply when a batched statement fails.
-//! - `streamed`: in-progress (v2) transactions buffered until Stream Commit.
+//! - `streamed`: in-progress (v2+) transactions applied as they arrive, each
+//!   in its own target session (spilled to a file when none is free).
 //! - `markers`: cutover markers recognised in the stream.
 //! - `progress`: counters, metrics and committed markers, published per group.
 //! - `error`: [`ApplyError`].
@@ -98,6 +101,10 @@ pub struct ApplyOptions {
     /// definitions exactly in a schema mismatch (pgoutput names only a
     /// domain's base type); None: messages say what the stream says.
     pub source: Option<Endpoint>,
+    /// Target sessions for streamed (in-progress) transactions: this many
+    /// are applied as they arrive; more open at once are spilled to a
+    /// temporary file and applied at their commit.
+    pub streamed_sessions: usize,
 }
 
 impl ApplyOptions {
@@ -115,6 +122,7 @@ impl ApplyOptions {
             client_encoding: None,
             net_batching: true,
             source: None,
+            streamed_sessions: 4,
         }
     }
 }
@@ -131,6 +139,11 @@ pub struct Applier {
     batching: Batching,
     progress: Progress,
     stopped: bool,
+    /// The target database, for streamed transactions' sessions.
+    target: Endpoint,
+    /// A streamed transaction's session (see `streamed`): holds no origin
+    /// and keeps no messages to re-apply.
+    child: bool,
 }
 
 impl Applier {
@@ -141,39 +154,9 @@ impl Applier {
         opts: ApplyOptions,
         metrics: Option<ApplyMetrics>,
     ) -> Result<Applier, ApplyError> {
+        let mut pipe = open_session(target, &opts).await?;
         let database = opts.database.clone();
-        let conn_err = |source: WireError| ApplyError::Connection {
-            database: database.clone(),
-            source: Box::new(source),
-        };
-        let mut startup = vec![
-            ("user".to_string(), target.user.clone()),
-            ("database".to_string(), target.dbname.clone()),
-            ("application_name".to_string(), "pgshift apply".to_string()),
-        ];
-        if let Some(enc) = &opts.client_encoding {
-            startup.push(("client_encoding".to_string(), enc.clone()));
-        }
-        let conn = ServerConnection::connect(
-            &ConnectOptions::for_endpoint(target),
-            &startup,
-            target.password.as_ref().map(|p| p.expose()),
-        )
-        .await
-        .map_err(conn_err)?;
         let origin_name = origin_name(&opts.migration, &opts.database);
-        let mut pipe = Pipeline::new(conn);
-        // Replica role: no user triggers or FK checks fire for replayed rows.
-        // Commits do not wait for the WAL flush (as native subscriptions do):
-        // only `durable_position()` — flushed origin progress — is ever
-        // reported to the source. A cutover needs no flush here either: it
-        // persists "switched" synchronously on the same target server
-        // before any client runs there, which flushes the WAL through every
-        // group applied before it.
-        pipe.conn
-            .simple_query("SET session_replication_role = replica; SET synchronous_commit = off")
-            .await
-            .map_err(conn_err)?;
         let origin = Origin::set_up(&mut pipe.conn, origin_name.clone())
             .await
             .map_err(|error| ApplyError::Origin {
@@ -181,23 +164,13 @@ impl Applier {
                 origin: origin_name.clone(),
                 error,
             })?;
-        Transactions::prepare(&mut pipe);
-        Origin::prepare(&mut pipe);
-        match pipe.sync().await {
-            Ok(_) => {}
-            Err(RoundError::Wire(e)) => return Err(conn_err(e)),
-            Err(e) => {
-                return Err(ApplyError::Origin {
-                    database,
-                    origin: origin_name,
-                    error: OriginError::Prepare(format!("{e:?}")),
-                });
-            }
-        }
+        prepare(&mut pipe, &opts, &origin.name).await?;
+        let progress = Progress::new(origin.applied, metrics);
+        progress.export(&opts.database);
         Ok(Applier {
             pipe,
             marker_table: MarkerTable::new(&opts.migration, &opts.database),
-            progress: Progress::new(origin.applied, metrics),
+            progress,
             origin,
             opts,
             rel: Relations::default(),
@@ -205,6 +178,37 @@ impl Applier {
             streamed: Streamed::default(),
             batching: Batching::default(),
             stopped: false,
+            target: target.clone(),
+            child: false,
+        })
+    }
+
+    /// A session for one streamed transaction: set up as apply's own, but
+    /// without the origin, which it borrows only to commit.
+    async fn connect_child(
+        target: &Endpoint,
+        opts: &ApplyOptions,
+        origin: &Origin,
+    ) -> Result<Applier, ApplyError> {
+        let mut pipe = open_session(target, opts).await?;
+        prepare(&mut pipe, opts, &origin.name).await?;
+        let opts = opts.clone();
+        Ok(Applier {
+            pipe,
+            marker_table: MarkerTable::new(&opts.migration, &opts.database),
+            progress: Progress::new(origin.applied, None),
+            origin: Origin {
+                name: origin.name.clone(),
+                applied: origin.applied,
+            },
+            opts,
+            rel: Relations::default(),
+            tx: Transactions::default(),
+            streamed: Streamed::default(),
+            batching: Batching::default(),
+            stopped: false,
+            target: target.clone(),
+            child: true,
         })
     }
 
@@ -236,6 +240,11 @@ impl Applier {
         self.tx.current.is_none() && self.tx.group.transactions == 0 && self.streamed.is_empty()
     }
 
+    /// Streamed transactions open on the source (applied or spilled).
+    pub(crate) fn streamed_open(&self) -> usize {
+        self.streamed.len()
+    }
+
     /// Complete transactions received but not yet committed on the target.
     pub(crate) fn has_pending(&self) -> bool {
         self.tx.group.transactions > 0
@@ -244,8 +253,22 @@ impl Applier {
     /// Applies one decoded message. Messages must come in the order the
     /// server sent them; whole transactions are committed in groups.
     pub async fn handle(&mut self, msg: PgOutputMessage) -> Result<(), ApplyError> {
+        self.handle_with_bytes(msg, None).await
+    }
+
+    /// [`handle`](Self::handle), with the message's wire bytes: a streamed
+    /// transaction that must be spilled is written to its file as such (a
+    /// spill without them is kept in memory).
+    pub async fn handle_with_bytes(
+        &mut self,
+        msg: PgOutputMessage,
+        raw: Option<bytes::Bytes>,
+    ) -> Result<(), ApplyError> {
         self.check_running()?;
-        let mut r = self.dispatch(msg).await;
+        let mut r = match self.streamed.in_block() {
+            Some(xid) => self.stream_message(xid, msg, raw).await,
+            None => self.dispatch(msg).await,
+        };
         if matches!(r, Err(ApplyError::Replay)) {
             r = self.apply_again_exactly().await;
         }
@@ -259,15 +282,31 @@ impl Applier {
         if self.tx.current.as_ref().is_some_and(|c| c.statements > 0) {
             return Ok(self.origin.applied);
         }
-        let mut r = self.commit_group().await;
-        if matches!(r, Err(ApplyError::Replay)) {
-            r = match self.apply_again_exactly().await {
-                Ok(()) => self.commit_group().await,
-                Err(e) => Err(e),
-            };
-        }
+        let r = self.commit_group_exactly().await;
         self.check(r).await?;
         Ok(self.origin.applied)
+    }
+
+    /// Commits the open group; when a batched statement failed, applies it
+    /// again change by change first.
+    async fn commit_group_exactly(&mut self) -> Result<(), ApplyError> {
+        match self.commit_group().await {
+            Err(ApplyError::Replay) => {
+                self.apply_again_exactly().await?;
+                self.commit_group().await
+            }
+            r => r,
+        }
+    }
+
+    /// Dispatches a message outside the stream's own order (a spilled
+    /// transaction read back); a batched statement that failed is applied
+    /// again change by change before going on.
+    async fn dispatch_exactly(&mut self, msg: PgOutputMessage) -> Result<(), ApplyError> {
+        match Box::pin(self.dispatch(msg)).await {
+            Err(ApplyError::Replay) => self.apply_again_exactly().await,
+            r => r,
+        }
     }
 
     /// Forgets everything not yet committed on the target, for when the
@@ -306,6 +345,8 @@ impl Applier {
     async fn check<T>(&mut self, r: Result<T, ApplyError>) -> Result<T, ApplyError> {
         if r.is_err() {
             self.stopped = true;
+            // Streamed transactions' sessions close, rolling back.
+            self.streamed = Streamed::default();
             self.pipe.clear();
             if self.pipe.conn.status != TxStatus::Idle {
                 // The connection may be gone: do not wait on it for long.
@@ -326,9 +367,6 @@ impl Applier {
 
     /// Routes one message to the piece that handles it.
     async fn dispatch(&mut self, msg: PgOutputMessage) -> Result<(), ApplyError> {
-        let Some(msg) = self.streamed.buffer(msg) else {
-            return Ok(());
-        };
         self.record(&msg).await?;
         match msg {
             PgOutputMessage::Begin(b) => self.begin(b),
@@ -346,13 +384,61 @@ impl Applier {
             PgOutputMessage::Delete(d) => self.row(d.relation, RowChange::Delete(d.old)).await,
             PgOutputMessage::Truncate(t) => self.truncate(t).await,
             PgOutputMessage::Message(m) => self.message(m),
-            PgOutputMessage::StreamStart(s) => self.stream_start(s),
+            PgOutputMessage::StreamStart(s) => self.stream_start(s).await,
             PgOutputMessage::StreamStop => Err(self.protocol("Stream Stop outside a stream")),
-            PgOutputMessage::StreamAbort(a) => {
-                self.stream_abort(a);
-                Ok(())
-            }
+            PgOutputMessage::StreamAbort(a) => self.stream_abort(a).await,
             PgOutputMessage::StreamCommit(c) => self.stream_commit(c).await,
         }
+    }
+}
+
+/// A target session set up for apply: replica role (no user triggers or FK
+/// checks fire for replayed rows), the source's encoding, and commits that
+/// do not wait for the WAL flush (as native subscriptions do): only
+/// `durable_position()` — flushed origin progress — is ever reported to the
+/// source. A cutover needs no flush here either: it persists "switched"
+/// synchronously on the same target server before any client runs there,
+/// which flushes the WAL through every group applied before it.
+async fn open_session(target: &Endpoint, opts: &ApplyOptions) -> Result<Pipeline, ApplyError> {
+    let conn_err = |source: WireError| ApplyError::Connection {
+        database: opts.database.clone(),
+        source: Box::new(source),
+    };
+    let mut startup = vec![
+        ("user".to_string(), target.user.clone()),
+        ("database".to_string(), target.dbname.clone()),
+        ("application_name".to_string(), "pgshift apply".to_string()),
+    ];
+    if let Some(enc) = &opts.client_encoding {
+        startup.push(("client_encoding".to_string(), enc.clone()));
+    }
+    let mut conn = ServerConnection::connect(
+        &ConnectOptions::for_endpoint(target),
+        &startup,
+        target.password.as_ref().map(|p| p.expose()),
+    )
+    .await
+    .map_err(conn_err)?;
+    conn.simple_query("SET session_replication_role = replica; SET synchronous_commit = off")
+        .await
+        .map_err(conn_err)?;
+    Ok(Pipeline::new(conn))
+}
+
+/// Prepares the statements every group needs on a new session.
+async fn prepare(pipe: &mut Pipeline, opts: &ApplyOptions, origin: &str) -> Result<(), ApplyError> {
+    Transactions::prepare(pipe);
+    Origin::prepare(pipe);
+    match pipe.sync().await {
+        Ok(_) => Ok(()),
+        Err(RoundError::Wire(source)) => Err(ApplyError::Connection {
+            database: opts.database.clone(),
+            source: Box::new(source),
+        }),
+        Err(e) => Err(ApplyError::Origin {
+            database: opts.database.clone(),
+            origin: origin.to_string(),
+            error: OriginError::Prepare(format!("{e:?}")),
+        }),
     }
 }

@@ -106,6 +106,14 @@ impl Origin {
 }
 
 impl Applier {
+    pub(super) fn origin_error(&self, error: OriginError) -> ApplyError {
+        ApplyError::Origin {
+            database: self.opts.database.clone(),
+            origin: self.origin.name.clone(),
+            error,
+        }
+    }
+
     /// The origin position that is flushed to disk on the target: the only
     /// position that may be reported to the source as flushed. Queried on the
     /// target; call it between groups (when nothing is pending).
@@ -150,6 +158,24 @@ async fn setup_origin(conn: &mut ServerConnection, origin: &str) -> Result<Lsn, 
         "SELECT pg_replication_origin_create({lit}) WHERE pg_replication_origin_oid({lit}) IS NULL"
     ))
     .await?;
+    acquire_origin(conn, origin).await?;
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT pg_replication_origin_progress({lit}, true)"
+        ))
+        .await?;
+    match rows.first().and_then(|r| r.first().cloned().flatten()) {
+        Some(s) => Ok(s.parse()?),
+        None => Ok(Lsn::ZERO),
+    }
+}
+
+/// Binds the origin to this session (one session at a time may hold it).
+pub(super) async fn acquire_origin(
+    conn: &mut ServerConnection,
+    origin: &str,
+) -> Result<(), OriginError> {
+    let lit = quote_literal(origin);
     // A previous applier's backend may still hold the origin for a moment.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -168,15 +194,17 @@ async fn setup_origin(conn: &mut ServerConnection, origin: &str) -> Result<Lsn, 
             Err(e) => return Err(e.into()),
         }
     }
-    let rows = conn
-        .simple_query(&format!(
-            "SELECT pg_replication_origin_progress({lit}, true)"
-        ))
+    Ok(())
+}
+
+/// Unbinds the origin from this session, for another session to take it.
+pub(super) async fn release_origin(
+    conn: &mut ServerConnection,
+    _origin: &str,
+) -> Result<(), OriginError> {
+    conn.simple_query("SELECT pg_replication_origin_session_reset()")
         .await?;
-    match rows.first().and_then(|r| r.first().cloned().flatten()) {
-        Some(s) => Ok(s.parse()?),
-        None => Ok(Lsn::ZERO),
-    }
+    Ok(())
 }
 
 #[cfg(test)]

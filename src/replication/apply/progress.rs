@@ -43,6 +43,7 @@ pub struct ApplyMetrics {
     transactions: IntCounterVec,
     rows: IntCounterVec,
     errors: IntCounterVec,
+    spilled: IntCounterVec,
 }
 
 impl ApplyMetrics {
@@ -65,6 +66,12 @@ impl ApplyMetrics {
                 reg,
                 "pgshift_apply_errors_total",
                 "Errors that stopped apply",
+                &["database"],
+            ),
+            spilled: int_counter_vec(
+                reg,
+                "pgshift_apply_spilled_transactions_total",
+                "Streamed transactions spilled to a temporary file and applied at their commit, because every streamed apply session was busy",
                 &["database"],
             ),
         }
@@ -132,6 +139,21 @@ impl Progress {
     pub(super) fn error(&self, database: &str) {
         if let Some(m) = &self.metrics {
             m.errors.with_label_values(&[database]).inc();
+        }
+    }
+
+    /// Exports the counters that may stay at 0 for long (spills), so a rate
+    /// or an alert on them works before the first one.
+    pub(super) fn export(&self, database: &str) {
+        if let Some(m) = &self.metrics {
+            m.spilled.with_label_values(&[database]);
+        }
+    }
+
+    /// A streamed transaction is spilled to a file (no session was free).
+    pub(super) fn spilled(&self, database: &str) {
+        if let Some(m) = &self.metrics {
+            m.spilled.with_label_values(&[database]).inc();
         }
     }
 

@@ -87,7 +87,7 @@ impl Applier {
             if !self.batching.exact() && self.rel.map.contains_key(&r.oid) {
                 // A re-apply would need the old layout: verify what
                 // is batched and apply the rest of the group exactly.
-                self.flush_batch();
+                self.flush_batch().await?;
                 self.round().await?;
                 self.stop_batching_for_group();
             }
@@ -227,7 +227,7 @@ impl Applier {
             return Ok(());
         };
         // Applied on its own, after everything batched before it.
-        self.flush_batch();
+        self.flush_batch().await?;
         let entry = &self.rel.map[&oid];
         let ncols = entry.source.columns.len();
         let table = entry.display.clone();
@@ -380,7 +380,7 @@ impl Applier {
         if names.is_empty() {
             return Ok(());
         }
-        self.flush_batch();
+        self.flush_batch().await?;
         let sql = format!(
             "TRUNCATE {}{}{}",
             names.join(", "),

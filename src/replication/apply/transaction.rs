@@ -13,7 +13,7 @@ use crate::replication::pgoutput::{Begin, Commit};
 use crate::wire::messages::TxStatus;
 
 const STMT_BEGIN: &str = "pgshift_begin";
-const STMT_COMMIT: &str = "pgshift_commit";
+pub(super) const STMT_COMMIT: &str = "pgshift_commit";
 const STMT_XID: &str = "pgshift_xid";
 
 /// The source transaction being received.
@@ -169,19 +169,20 @@ impl Applier {
     /// One pipeline round. A failure in a round that carried batched
     /// statements is answered by applying the group again change by change
     /// ([`ApplyError::Replay`]), which finds the exact change at fault.
-    async fn sync(&mut self) -> Result<TxStatus, ApplyError> {
+    pub(super) async fn sync(&mut self) -> Result<TxStatus, ApplyError> {
         match self.pipe.sync().await {
             Ok(status) => {
                 self.batching.unverified = false;
                 Ok(status)
             }
             Err(RoundError::Wire(e)) => Err(self.round_error(RoundError::Wire(e))),
-            Err(_) if self.batching.unverified => Err(ApplyError::Replay),
+            // A streamed transaction's session keeps no messages to re-apply.
+            Err(_) if self.batching.unverified && !self.child => Err(ApplyError::Replay),
             Err(e) => Err(self.round_error(e)),
         }
     }
 
-    fn round_error(&self, e: RoundError) -> ApplyError {
+    pub(super) fn round_error(&self, e: RoundError) -> ApplyError {
         let database = self.opts.database.clone();
         match e {
             RoundError::Wire(source) => ApplyError::Connection {
@@ -219,7 +220,7 @@ impl Applier {
         let Some((lsn, time)) = self.tx.group.last_commit else {
             return Ok(());
         };
-        self.flush_batch();
+        self.flush_batch().await?;
         self.open_group();
         if self.tx.group.statements == 0 {
             // A transaction without an xid writes no commit record, and so no
