@@ -8,9 +8,7 @@
 //! compared row by row after each.
 
 mod common;
-mod e2e_common;
 use common::*;
-use e2e_common::{Pgshift, migration};
 
 use std::process::Command;
 use std::time::Duration;
@@ -545,7 +543,7 @@ async fn kill9_of_pgshift_mid_stream_then_restart() {
         .await
         .unwrap();
         wait_open_sessions(&target, 1, "open before kill -9");
-        p.kill9();
+        p.kill();
         assert!(
             wait_until(WAIT, || open_apply_sessions(&target).0 == 0),
             "the open target transaction outlived pgshift"
