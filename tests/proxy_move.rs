@@ -355,11 +355,13 @@ async fn a_slow_replay_does_not_hold_up_the_client() {
         )
     };
     assert!(
-        wait_until(Duration::from_secs(10), || waiting() == "1"),
+        wait_until(Duration::from_secs(120), || waiting() == "1"),
         "the replay is not waiting for the lock"
     );
     for _ in 0..3 {
-        let n: i64 = tokio::time::timeout(Duration::from_secs(3), c.query_one(&count, &[]))
+        // The replay waits as long as the lock is held: any bound shows
+        // the client does not.
+        let n: i64 = tokio::time::timeout(Duration::from_secs(60), c.query_one(&count, &[]))
             .await
             .expect("the client waited for the replay")
             .unwrap()
@@ -370,11 +372,15 @@ async fn a_slow_replay_does_not_hold_up_the_client() {
     assert_eq!(waiting(), "1", "the replay finished early");
 
     locker.batch_execute("ROLLBACK").await.unwrap();
-    assert!(h.wait_quiet(Duration::from_secs(10)).await);
+    assert!(h.wait_quiet(Duration::from_secs(120)).await);
     // (Briefly out while the session reads its state once more.)
-    let parked = || h.sessions().sessions()[0].parked_backend();
-    assert!(wait_until(Duration::from_secs(5), || parked().is_some()));
-    let parked = parked().unwrap().1;
+    // Taken when seen: it may be out again a moment later.
+    let mut seen = None;
+    assert!(wait_until(Duration::from_secs(120), || {
+        seen = h.sessions().sessions()[0].parked_backend();
+        seen.is_some()
+    }));
+    let parked = seen.unwrap().1;
     h.gate().close();
     let (moved, dropped) = h.switch_to(route, Duration::from_secs(10)).await;
     assert_eq!((moved, dropped), (1, 0));
