@@ -368,3 +368,60 @@ fn online_cutover_moves_a_proxied_writer_to_the_target() {
     );
     assert!(slots(&source).is_empty(), "slot dropped after cutover");
 }
+
+#[test]
+fn copy_roles_brings_owners_and_grants_before_the_schema() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    shop(&source);
+    source.psql(
+        "postgres",
+        "CREATE ROLE reporting LOGIN PASSWORD 'r'; CREATE ROLE auditors NOLOGIN;
+         GRANT auditors TO reporting;",
+    );
+    source.psql(
+        "shop",
+        "CREATE TABLE reports(id int PRIMARY KEY, body text);
+         ALTER TABLE reports OWNER TO reporting;
+         GRANT SELECT ON items TO auditors;",
+    );
+    let mut p = Pgshift::start(
+        &source,
+        &target,
+        &migration("roles", &["shop"], "copy_roles = true"),
+    );
+    p.wait_streaming("shop");
+    // The roles exist with their membership, and the objects kept their
+    // owner and grants (without the roles, the restore would have given
+    // them to the target user and dropped the grant).
+    assert_eq!(
+        target.psql(
+            "postgres",
+            "SELECT string_agg(rolname || ':' || rolcanlogin, ',' ORDER BY rolname) FROM pg_roles WHERE rolname IN ('reporting', 'auditors')"
+        ),
+        "auditors:false,reporting:true"
+    );
+    assert_eq!(
+        target.psql(
+            "postgres",
+            "SELECT pg_has_role('reporting', 'auditors', 'MEMBER')"
+        ),
+        "t"
+    );
+    assert_eq!(
+        target.psql(
+            "shop",
+            "SELECT tableowner FROM pg_tables WHERE tablename = 'reports'"
+        ),
+        "reporting"
+    );
+    assert_eq!(
+        target.psql(
+            "shop",
+            "SELECT has_table_privilege('auditors', 'items', 'SELECT')"
+        ),
+        "t"
+    );
+    p.assert_exact_copy(&source, &target, &["shop"]);
+    p.terminate();
+}

@@ -154,6 +154,9 @@ impl Pipeline {
         self.migration
             .transition(State::InProgress, Substate::MigratingData, None)
             .await?;
+        if self.cfg().copy_roles {
+            self.copy_roles().await?;
+        }
         let mut out = Vec::new();
         for db in self.cfg().databases.clone() {
             if self.cancel.is_cancelled() {
@@ -219,6 +222,27 @@ impl Pipeline {
             }
         }
         Ok(out)
+    }
+
+    /// `copy_roles`: the source's roles onto the target before any schema,
+    /// so objects keep their owners and grants. Roles already there are
+    /// left as they are, so a restarted copy runs it again harmlessly.
+    async fn copy_roles(&self) -> Result<(), PipelineError> {
+        let c = &self.ctx.config;
+        let r = schema::copy_roles(&c.source, &c.target)
+            .await
+            .map_err(step("-", "copying roles"))?;
+        tracing::info!(
+            created = r.created.len(),
+            existing = r.existing.len(),
+            refused = r.errors.len(),
+            "roles copied to the target: created {}",
+            r.created.join(", ")
+        );
+        for e in &r.errors {
+            tracing::warn!("copying roles: the target refused: {e}");
+        }
+        Ok(())
     }
 
     /// Schema, data and post-data of one database, from one consistent
