@@ -14,7 +14,6 @@ use super::statements::RowChange;
 use super::{Applier, ApplyError};
 use crate::replication::Lsn;
 use crate::replication::pgoutput::{PgOutputMessage, Tuple, TupleValue};
-use crate::wire::messages::TxStatus;
 
 /// Changes held in a net-change batch before it is sent.
 const MAX_BATCH_CHANGES: usize = 10_000;
@@ -327,14 +326,7 @@ impl Applier {
         let msgs = std::mem::take(&mut self.batching.replay);
         self.batching.replay_bytes = 0;
         self.batching.group_end = 0;
-        self.pipe.clear();
-        if self.pipe.conn.status != TxStatus::Idle {
-            let r = self.pipe.conn.simple_query("ROLLBACK").await;
-            r.map_err(|source| ApplyError::Connection {
-                database: self.opts.database.clone(),
-                source: Box::new(source),
-            })?;
-        }
+        self.discard_open_transaction().await?;
         // Statements parsed after the failure were never prepared.
         self.rel.forget_statements();
         self.progress.stats.skipped_transactions -= self.batching.group_skipped;

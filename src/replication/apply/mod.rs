@@ -167,7 +167,34 @@ impl Applier {
         prepare(&mut pipe, &opts, &origin.name).await?;
         let progress = Progress::new(origin.applied, metrics);
         progress.export(&opts.database);
-        Ok(Applier {
+        Ok(Applier::assemble(
+            pipe, opts, progress, origin, target, false,
+        ))
+    }
+
+    /// Drops whatever is queued and rolls back the target transaction in
+    /// progress, if any.
+    async fn discard_open_transaction(&mut self) -> Result<(), ApplyError> {
+        self.pipe.clear();
+        if self.pipe.conn.status != TxStatus::Idle {
+            let r = self.pipe.conn.simple_query("ROLLBACK").await;
+            r.map_err(|source| ApplyError::Connection {
+                database: self.opts.database.clone(),
+                source: Box::new(source),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn assemble(
+        pipe: Pipeline,
+        opts: ApplyOptions,
+        progress: Progress,
+        origin: Origin,
+        target: &Endpoint,
+        child: bool,
+    ) -> Applier {
+        Applier {
             pipe,
             marker_table: MarkerTable::new(&opts.migration, &opts.database),
             progress,
@@ -179,8 +206,8 @@ impl Applier {
             batching: Batching::default(),
             stopped: false,
             target: target.clone(),
-            child: false,
-        })
+            child,
+        }
     }
 
     /// A session for one streamed transaction: set up as apply's own, but
@@ -192,24 +219,19 @@ impl Applier {
     ) -> Result<Applier, ApplyError> {
         let mut pipe = open_session(target, opts).await?;
         prepare(&mut pipe, opts, &origin.name).await?;
-        let opts = opts.clone();
-        Ok(Applier {
+        let origin = Origin {
+            name: origin.name.clone(),
+            applied: origin.applied,
+        };
+        let progress = Progress::new(origin.applied, None);
+        Ok(Applier::assemble(
             pipe,
-            marker_table: MarkerTable::new(&opts.migration, &opts.database),
-            progress: Progress::new(origin.applied, None),
-            origin: Origin {
-                name: origin.name.clone(),
-                applied: origin.applied,
-            },
-            opts,
-            rel: Relations::default(),
-            tx: Transactions::default(),
-            streamed: Streamed::default(),
-            batching: Batching::default(),
-            stopped: false,
-            target: target.clone(),
-            child: true,
-        })
+            opts.clone(),
+            progress,
+            origin,
+            target,
+            true,
+        ))
     }
 
     /// The replication origin's name.

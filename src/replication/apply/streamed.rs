@@ -429,14 +429,7 @@ impl Applier {
 
     /// Rolls a child applier's transaction back and closes its session.
     async fn close(mut self) -> Result<(), ApplyError> {
-        self.pipe.clear();
-        if self.pipe.conn.status != TxStatus::Idle {
-            let r = self.pipe.conn.simple_query("ROLLBACK").await;
-            r.map_err(|source| ApplyError::Connection {
-                database: self.opts.database.clone(),
-                source: Box::new(source),
-            })?;
-        }
+        self.discard_open_transaction().await?;
         Ok(())
     }
 
