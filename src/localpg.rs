@@ -23,18 +23,9 @@ pub enum LocalPgError {
     Io(#[from] std::io::Error),
 }
 
-/// Is this process root (then servers run as the `postgres` user)?
-pub(crate) fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe extern "C" {
-        fn geteuid() -> u32;
-    }
-    unsafe { geteuid() == 0 }
-}
-
 /// A command that runs as the server's OS user.
 fn as_server_user(program: &Path) -> Command {
-    if is_root() {
+    if crate::pgbin::is_root() {
         let mut c = Command::new("runuser");
         c.arg("-u").arg("postgres").arg("--").arg(program);
         c
@@ -44,7 +35,7 @@ fn as_server_user(program: &Path) -> Command {
 }
 
 fn chown_to_server_user(path: &Path) -> Result<(), LocalPgError> {
-    if is_root() {
+    if crate::pgbin::is_root() {
         let st = Command::new("chown")
             .arg("-R")
             .arg("postgres:postgres")

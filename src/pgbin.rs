@@ -130,7 +130,7 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("PGSHIFT_PG_CACHE").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
-    if crate::localpg::is_root() {
+    if is_root() {
         return PathBuf::from("/var/cache/pgshift/pg");
     }
     let base = std::env::var_os("XDG_CACHE_HOME")
@@ -358,6 +358,16 @@ pub(crate) fn client_tools_hint(target: i32) -> String {
         "install the PostgreSQL {target} client programs (Debian/Ubuntu: apt-get install postgresql-client-{target}{fetch}) \
          and set PG_BIN or [migration] pg_bin to their directory if they are not on PATH"
     )
+}
+
+/// Is this process root? (Then the cache is shared, and servers run as
+/// the `postgres` user, see `localpg`.)
+pub(crate) fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe extern "C" {
+        fn geteuid() -> u32;
+    }
+    unsafe { geteuid() == 0 }
 }
 
 #[cfg(test)]
