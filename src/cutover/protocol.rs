@@ -229,6 +229,9 @@ pub enum Outcome {
     Aborted,
     /// Could not start (the migration's state could not be persisted).
     Failed,
+    /// pgshift stopped inside the attempt, before the switch; the next
+    /// start undid it (recorded by the runner, not by [`run`]).
+    Interrupted,
 }
 
 impl Outcome {
@@ -238,6 +241,7 @@ impl Outcome {
             Outcome::Succeeded => "succeeded",
             Outcome::Aborted => "aborted",
             Outcome::Failed => "failed",
+            Outcome::Interrupted => "interrupted",
         }
     }
 }

@@ -13,6 +13,7 @@ use super::{DatabasePhase, Migration, State, Substate};
 use crate::config::{MigrationMode, MigrationOption};
 use crate::context::Context;
 use crate::cutover::fence::{self, FenceRecord};
+use crate::cutover::protocol::Outcome;
 use crate::filter::TableFilter;
 use crate::proxy::ProxyHandle;
 use crate::replication::Lsn;
@@ -442,7 +443,8 @@ impl Pipeline {
         };
         match self.copy_all().await {
             Ok(_) => {
-                self.save_offline_attempt(&id, "succeeded", &fence).await?;
+                self.save_offline_attempt(&id, Outcome::Succeeded, &fence)
+                    .await?;
                 self.migration.mark_switched().await?;
                 self.proxy
                     .router()
@@ -469,7 +471,10 @@ impl Pipeline {
                 // Nothing switched: clients get the source back, unfenced.
                 if let Err(le) = fence::lift(&admin, &fence).await {
                     tracing::error!("lifting the fence after a failed offline copy: {le}");
-                } else if let Err(se) = self.save_offline_attempt(&id, "aborted", &fence).await {
+                } else if let Err(se) = self
+                    .save_offline_attempt(&id, Outcome::Aborted, &fence)
+                    .await
+                {
                     tracing::error!("recording the lifted fence: {se}");
                 }
                 gate.open();
@@ -516,7 +521,7 @@ impl Pipeline {
                 fresh,
             ),
         };
-        if let Err(e) = self.save_offline_attempt(&id, "running", &rec).await {
+        if let Err(e) = self.save_offline_attempt(&id, Outcome::Running, &rec).await {
             let _ = fence::lift(admin, &rec).await;
             return Err(e);
         }
@@ -526,14 +531,14 @@ impl Pipeline {
     async fn save_offline_attempt(
         &self,
         id: &str,
-        outcome: &str,
+        outcome: Outcome,
         rec: &FenceRecord,
     ) -> Result<(), PipelineError> {
         let doc =
             json!({"id": id, "kind": "offline", "outcome": outcome, "fence": rec, "phases": []});
         self.migration
             .control()
-            .save_cutover_attempt(id, outcome, None, &doc)
+            .save_cutover_attempt(id, outcome.as_str(), None, &doc)
             .await?;
         Ok(())
     }
@@ -586,9 +591,9 @@ impl Pipeline {
             .control()
             .save_cutover_attempt(
                 id,
-                "interrupted",
+                Outcome::Interrupted.as_str(),
                 Some(&reason),
-                &json!({"id": id, "outcome": "interrupted", "reason": reason, "phases": []}),
+                &json!({"id": id, "outcome": Outcome::Interrupted, "reason": reason, "phases": []}),
             )
             .await?;
         Ok(reason)

@@ -19,7 +19,9 @@ use crate::config::{CutoverTrigger, CutoverVerify, MigrationMode};
 use crate::context::Context;
 use crate::cutover::fence::FenceRecord;
 use crate::cutover::guard;
-use crate::cutover::protocol::{self, CutoverHost, CutoverMetrics, HostError, LastCutover};
+use crate::cutover::protocol::{
+    self, CutoverHost, CutoverMetrics, HostError, LastCutover, Outcome,
+};
 use crate::proxy::ProxyHandle;
 use crate::proxy::route::Route;
 use crate::replication::Lsn;
@@ -292,10 +294,10 @@ impl Runner {
             if !report.is_object() {
                 report = json!({"id": id, "phases": []});
             }
-            report["outcome"] = json!("interrupted");
+            report["outcome"] = json!(Outcome::Interrupted);
             report["reason"] = json!(reason);
             m.control()
-                .save_cutover_attempt(&id, "interrupted", Some(&reason), &report)
+                .save_cutover_attempt(&id, Outcome::Interrupted.as_str(), Some(&reason), &report)
                 .await?;
             if let Ok(r) = serde_json::from_value(report) {
                 self.last_cutover.set(r);
@@ -555,7 +557,7 @@ impl Runner {
         if !report.is_object() {
             report = json!({"id": id, "phases": []});
         }
-        report["outcome"] = json!("succeeded");
+        report["outcome"] = json!(Outcome::Succeeded);
         report["reason"] =
             json!("pgshift restarted after the switch; cleanup finished after the restart");
         if let Some(phases) = report["phases"].as_array_mut() {
@@ -564,7 +566,7 @@ impl Runner {
         }
         let reason = report["reason"].as_str().map(str::to_string);
         m.control()
-            .save_cutover_attempt(&id, "succeeded", reason.as_deref(), &report)
+            .save_cutover_attempt(&id, Outcome::Succeeded.as_str(), reason.as_deref(), &report)
             .await?;
         if let Ok(r) = serde_json::from_value(report) {
             self.last_cutover.set(r);
