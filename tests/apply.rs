@@ -11,7 +11,7 @@ use bytes::Bytes;
 use pgshift::config::Endpoint;
 use pgshift::replication::Lsn;
 use pgshift::replication::apply::{
-    Applier, ApplyError, ApplyMetrics, ApplyOptions, wait_for_marker,
+    Applier, ApplyError, ApplyMetrics, ApplyOptions, SourceTxn, wait_for_marker,
 };
 use pgshift::replication::marker::MarkerConnection;
 use pgshift::replication::names::ReplicationNames;
@@ -540,7 +540,7 @@ async fn a_row_that_cannot_be_applied_stops_with_its_lsn_and_commits_nothing_of_
     let mut a = p.applier(opts_in_groups_of(1)).await;
     let err = apply_all(&mut a, &msgs).await.unwrap_err();
     let ApplyError::Row {
-        commit_lsn,
+        transaction: SourceTxn::Committed(commit_lsn),
         table,
         op,
         error,
@@ -903,7 +903,7 @@ async fn a_batched_row_missing_on_the_target_is_reported_with_its_transaction() 
     let mut a = p.applier(opts()).await;
     let err = apply_all(&mut a, &msgs).await.unwrap_err();
     let ApplyError::RowNotFound {
-        commit_lsn,
+        transaction: SourceTxn::Committed(commit_lsn),
         table,
         op,
         ..

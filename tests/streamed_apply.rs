@@ -632,3 +632,59 @@ async fn lag_counts_a_transaction_a_keepalive_passed_while_it_was_open() {
         stream.stop().await;
     }
 }
+
+/// A row of a streamed transaction that the target refuses stops apply
+/// while the source transaction is still open, with an error naming the
+/// table and the transaction (by xid: its commit LSN is not known yet);
+/// nothing of it is visible on the target; once the target is fixed, the
+/// transaction is applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_the_target_refuses_in_a_streamed_transaction_is_named_and_nothing_is_lost() {
+    for major in VERSIONS {
+        if !version_or_skip(major, "streamed row error") {
+            continue;
+        }
+        let s = setup(major, SCHEMA, false).await;
+        s.target
+            .psql(DB, "INSERT INTO t VALUES (2500, 'target only', NULL)");
+        let reg = prometheus::Registry::new();
+        let stream = start(&s.cfg, &reg);
+        let c = s.source.client(DB).await;
+        c.batch_execute(
+            "BEGIN;
+             INSERT INTO t SELECT g, 'big', repeat('b', 200) FROM generate_series(1, 3000) g;",
+        )
+        .await
+        .unwrap();
+        let xid: String = c
+            .query_one("SELECT (txid_current() % 4294967296)::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let named = wait_until(WAIT, || {
+            stream
+                .status
+                .last_error()
+                .is_some_and(|e| e.contains("public.t"))
+        });
+        let e = stream.status.last_error().unwrap_or_default();
+        assert!(named, "no error while the transaction is open: {e:?}");
+        assert!(
+            e.contains(&format!("xid {xid} (streamed while in progress)")),
+            "the error names the transaction: {e}"
+        );
+        assert!(e.contains("insert"), "the error names the operation: {e}");
+        assert_eq!(
+            s.target.psql(DB, "SELECT count(*) FROM t WHERE v = 'big'"),
+            "0"
+        );
+
+        // The operator removes the target's stray row; the source commits.
+        s.target.psql(DB, "DELETE FROM t WHERE id = 2500");
+        c.batch_execute("COMMIT").await.unwrap();
+        caught_up(&stream, "fixed").await;
+        assert_same(&s);
+        assert_eq!(s.target.psql(DB, "SELECT count(*) FROM t"), "3000");
+        stream.stop().await;
+    }
+}

@@ -755,6 +755,7 @@ async fn commit_and_confirm(
     confirmed: Lsn,
     keepalive_end: Lsn,
 ) -> Result<Lsn, StreamError> {
+    applier.check_streamed().await?;
     let applied = if applier.has_pending() {
         applier.flush().await?
     } else {

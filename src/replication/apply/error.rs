@@ -35,21 +35,21 @@ pub enum ApplyError {
         remedy: String,
     },
     #[error(
-        "cannot apply the source transaction committed at {commit_lsn} to {table} ({op}) in database {database}: {error}"
+        "cannot apply the source transaction {transaction} to {table} ({op}) in database {database}: {error}"
     )]
     Row {
         database: String,
-        commit_lsn: Lsn,
+        transaction: SourceTxn,
         table: String,
         op: &'static str,
         error: Box<ErrorFields>,
     },
     #[error(
-        "the source transaction committed at {commit_lsn} {op}s a row of {table} in database {database} that the target does not have ({rows} rows matched): the target has diverged"
+        "the source transaction {transaction} {op}s a row of {table} in database {database} that the target does not have ({rows} rows matched): the target has diverged"
     )]
     RowNotFound {
         database: String,
-        commit_lsn: Lsn,
+        transaction: SourceTxn,
         table: String,
         op: &'static str,
         rows: u64,
@@ -76,6 +76,27 @@ pub enum ApplyError {
     #[doc(hidden)]
     #[error("a batched statement failed; applying the group again change by change")]
     Replay,
+}
+
+/// The source transaction a failed change came from, as errors name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceTxn {
+    /// A committed transaction, by its commit LSN.
+    Committed(Lsn),
+    /// A transaction streamed while still in progress on the source: its
+    /// commit LSN is not known yet, its xid is.
+    InProgress { xid: u32 },
+}
+
+impl std::fmt::Display for SourceTxn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceTxn::Committed(lsn) => write!(f, "committed at {lsn}"),
+            SourceTxn::InProgress { xid } => {
+                write!(f, "with xid {xid} (streamed while in progress)")
+            }
+        }
+    }
 }
 
 impl ApplyError {

@@ -72,7 +72,7 @@ use crate::config::Endpoint;
 use crate::wire::messages::TxStatus;
 use crate::wire::{ConnectOptions, ServerConnection, WireError};
 
-pub use self::error::ApplyError;
+pub use self::error::{ApplyError, SourceTxn};
 pub(crate) use self::markers::Marker;
 pub use self::markers::wait_for_marker;
 pub(crate) use self::origin::OriginError;
@@ -301,12 +301,22 @@ impl Applier {
     /// a transaction that already wrote rows, the group commits with it.
     pub async fn flush(&mut self) -> Result<Lsn, ApplyError> {
         self.check_running()?;
+        self.check_streamed().await?;
         if self.tx.current.as_ref().is_some_and(|c| c.statements > 0) {
             return Ok(self.origin.applied);
         }
         let r = self.commit_group_exactly().await;
         self.check(r).await?;
         Ok(self.origin.applied)
+    }
+
+    /// A streamed transaction's session that failed stops apply now, not
+    /// when its transaction's next block or commit arrives (the stream asks
+    /// on every status tick).
+    pub(crate) async fn check_streamed(&mut self) -> Result<(), ApplyError> {
+        self.check_running()?;
+        let r = self.streamed_failure().await;
+        self.check(r).await
     }
 
     /// Commits the open group; when a batched statement failed, applies it

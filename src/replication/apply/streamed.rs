@@ -16,6 +16,12 @@
 //! (a pgshift killed mid-stream loses the open target transaction with its
 //! connection and receives the whole transaction again from the slot).
 //!
+//! Each such session is driven by a task of its own, fed through a bounded
+//! channel: the stream goes on being received and decoded while the target
+//! applies the blocks before (a large transaction's rows reach the target
+//! while the source is still writing them), and only the block received
+//! last is left to apply after the source's commit.
+//!
 //! When more streamed transactions are open than the pool has connections,
 //! the others are spilled to a temporary file (never memory) and applied as
 //! one ordinary transaction at Stream Commit; a log line and
@@ -36,7 +42,12 @@
 //!   block is applied, so a streamed session never waits on the main one.
 //! - Two streamed transactions cannot hold the same row either; one that
 //!   waited for another on the source continues only after that one's
-//!   Stream Commit, which is committed on the target first.
+//!   Stream Commit, which is committed on the target first (the stream
+//!   waits for its session's commit before anything after it is passed on).
+//! - Locks freed on the source by a rolled-back subtransaction or transaction
+//!   are freed on the target by the session's own task, in its own order
+//!   (a whole transaction's session is dropped, closing its connection):
+//!   whoever waits for them there waits for a task that waits for nobody.
 //!
 //! A streamed transaction still open is not caught up: the applier is not
 //! idle until it commits or aborts, so no keepalive position is reported
@@ -47,6 +58,8 @@ use std::io::SeekFrom;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use super::origin::{acquire_origin, release_origin};
 use super::pipeline::Op;
@@ -69,12 +82,151 @@ pub(super) struct Streamed {
     open: Option<u32>,
 }
 
-/// A streamed transaction applied into an open target transaction.
+/// A streamed transaction applied into an open target transaction, by a
+/// task of its own (see [`run_live`]); dropping it ends the task and closes
+/// its session, rolling the transaction back.
 struct LiveTxn {
-    /// The child applier: its own connection, its target transaction open.
-    apply: Applier,
-    /// Subtransactions with a savepoint, in the order they appeared.
-    subxacts: Vec<u32>,
+    to: mpsc::Sender<Cmd>,
+    task: JoinHandle<Result<(), ApplyError>>,
+}
+
+/// Messages queued for a streamed transaction's task: enough for the target
+/// to stay busy, little enough to bound memory.
+const LIVE_QUEUE: usize = 1024;
+
+/// What the stream asks of a streamed transaction's task, in stream order.
+enum Cmd {
+    /// A change (or a Relation / Type) of the block.
+    Change(PgOutputMessage),
+    /// The block ended: apply what it carried now, not at the commit.
+    BlockEnd,
+    /// A subtransaction was rolled back on the source.
+    AbortSub(u32),
+    /// Stream Commit: apply the rest and commit with the origin (released
+    /// by the main session meanwhile); the reply carries what was applied.
+    Commit {
+        end_lsn: Lsn,
+        commit_time: i64,
+        reply: oneshot::Sender<(OpCounts, Vec<String>)>,
+    },
+}
+
+impl Drop for LiveTxn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl LiveTxn {
+    fn start(apply: Applier, xid: u32) -> LiveTxn {
+        let (to, from) = mpsc::channel(LIVE_QUEUE);
+        LiveTxn {
+            to,
+            task: tokio::spawn(run_live(apply, xid, from)),
+        }
+    }
+
+    /// Queues `cmd`; when the task has ended, returns why.
+    async fn send(&mut self, cmd: Cmd) -> Result<(), ApplyError> {
+        if self.to.send(cmd).await.is_err() {
+            return Err(self.failure().await);
+        }
+        Ok(())
+    }
+
+    /// Why the task ended before it was told to.
+    async fn failure(&mut self) -> ApplyError {
+        match (&mut self.task).await {
+            Ok(Err(e)) => e,
+            Ok(Ok(())) => ApplyError::Protocol {
+                database: String::new(),
+                detail: "a streamed transaction's session ended before its commit".into(),
+            },
+            Err(e) => ApplyError::Protocol {
+                database: String::new(),
+                detail: format!("a streamed transaction's session failed: {e}"),
+            },
+        }
+    }
+
+    /// Commits the transaction on its session; returns what it applied.
+    async fn commit(
+        mut self,
+        end_lsn: Lsn,
+        commit_time: i64,
+    ) -> Result<(OpCounts, Vec<String>), ApplyError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Cmd::Commit {
+            end_lsn,
+            commit_time,
+            reply,
+        })
+        .await?;
+        match answer.await {
+            Ok(applied) => Ok(applied),
+            Err(_) => Err(self.failure().await),
+        }
+    }
+}
+
+/// A streamed transaction's task: applies what the stream passes on, in
+/// order, into its session's open transaction. Ends with the commit, with
+/// an error, or — when the stream drops it — rolling back.
+async fn run_live(
+    mut apply: Applier,
+    xid: u32,
+    mut from: mpsc::Receiver<Cmd>,
+) -> Result<(), ApplyError> {
+    // Subtransactions with a savepoint, in the order they appeared.
+    let mut subxacts: Vec<u32> = Vec::new();
+    while let Some(cmd) = from.recv().await {
+        match cmd {
+            Cmd::Change(msg) => {
+                let sub = change_xid(&msg).filter(|s| *s != xid && *s != 0);
+                if let Some(sub) = sub
+                    && !subxacts.contains(&sub)
+                {
+                    // Everything before belongs to the enclosing (sub)transaction.
+                    apply.flush_batch().await?;
+                    apply.open_group();
+                    apply.control(&format!("SAVEPOINT {}", savepoint(sub)), "SAVEPOINT");
+                    subxacts.push(sub);
+                }
+                Box::pin(apply.dispatch(msg)).await?;
+            }
+            Cmd::BlockEnd => {
+                apply.flush_batch().await?;
+                apply.round().await?;
+            }
+            Cmd::AbortSub(subxid) => {
+                apply.flush_batch().await?;
+                if let Some(i) = subxacts.iter().position(|s| *s == subxid) {
+                    let sql = format!("ROLLBACK TO SAVEPOINT {}", savepoint(subxid));
+                    apply.control(&sql, "ROLLBACK TO SAVEPOINT");
+                    // Later subtransactions were nested in it: gone with it.
+                    subxacts.truncate(i);
+                }
+                apply.round().await?;
+            }
+            Cmd::Commit {
+                end_lsn,
+                commit_time,
+                reply,
+            } => {
+                apply.flush_batch().await?;
+                apply.round().await?;
+                let current = apply.tx.current.as_mut();
+                let counts = current.as_ref().map(|c| c.counts).unwrap_or_default();
+                let markers = current
+                    .map(|c| std::mem::take(&mut c.markers))
+                    .unwrap_or_default();
+                apply.commit_streamed(end_lsn, commit_time).await?;
+                let _ = reply.send((counts, markers));
+                return Ok(());
+            }
+        }
+    }
+    apply.close().await
 }
 
 /// A streamed transaction's messages in a temporary file.
@@ -120,8 +272,8 @@ impl Applier {
             self.streamed.open = None;
             if let Some(t) = self.streamed.live.get_mut(&xid) {
                 // What the block carried is applied now, not at commit.
-                t.apply.flush_batch().await?;
-                t.apply.round().await?;
+                let r = t.send(Cmd::BlockEnd).await;
+                return r.map_err(|e| self.named(e));
             }
             return Ok(());
         }
@@ -151,20 +303,11 @@ impl Applier {
                 return Ok(());
             }
         }
-        let sub = change_xid(&msg).filter(|s| *s != xid && *s != 0);
         if let Some(t) = self.streamed.live.get_mut(&xid) {
-            if let Some(sub) = sub
-                && !t.subxacts.contains(&sub)
-            {
-                // Everything before belongs to the enclosing (sub)transaction.
-                t.apply.flush_batch().await?;
-                t.apply.open_group();
-                t.apply
-                    .control(&format!("SAVEPOINT {}", savepoint(sub)), "SAVEPOINT");
-                t.subxacts.push(sub);
-            }
-            return Box::pin(t.apply.dispatch(msg)).await;
+            let r = t.send(Cmd::Change(msg)).await;
+            return r.map_err(|e| self.named(e));
         }
+        let sub = change_xid(&msg).filter(|s| *s != xid && *s != 0);
         let Some(spill) = self.streamed.spilled.get_mut(&xid) else {
             return Err(self.protocol(format!("streamed block of unknown transaction {xid}")));
         };
@@ -175,6 +318,21 @@ impl Applier {
         }
         let r = spill.append(msg, raw).await;
         r.map_err(|e| self.spill_error(xid, e))
+    }
+
+    /// The error of a streamed transaction's session that has ended on one.
+    pub(super) async fn streamed_failure(&mut self) -> Result<(), ApplyError> {
+        let failed = self
+            .streamed
+            .live
+            .iter()
+            .find(|(_, t)| t.task.is_finished())
+            .map(|(xid, _)| *xid);
+        let Some(mut t) = failed.and_then(|xid| self.streamed.live.remove(&xid)) else {
+            return Ok(());
+        };
+        let e = t.failure().await;
+        Err(self.named(e))
     }
 
     pub(super) async fn stream_start(&mut self, s: StreamStart) -> Result<(), ApplyError> {
@@ -219,13 +377,9 @@ impl Applier {
                 commit_time: 0,
                 xid,
             })?;
-            self.streamed.live.insert(
-                xid,
-                Box::new(LiveTxn {
-                    apply,
-                    subxacts: Vec::new(),
-                }),
-            );
+            self.streamed
+                .live
+                .insert(xid, Box::new(LiveTxn::start(apply, xid)));
             return Ok(());
         }
         tracing::info!(
@@ -262,23 +416,16 @@ impl Applier {
             return Ok(());
         }
         if a.xid == a.subxid {
-            if let Some(t) = self.streamed.live.remove(&a.xid) {
-                t.apply.close().await?;
-            }
+            // Its task ends and its session closes, rolling back.
+            self.streamed.live.remove(&a.xid);
             return Ok(());
         }
         let Some(t) = self.streamed.live.get_mut(&a.xid) else {
             // Aborted before any block of it arrived.
             return Ok(());
         };
-        t.apply.flush_batch().await?;
-        if let Some(i) = t.subxacts.iter().position(|s| *s == a.subxid) {
-            let sql = format!("ROLLBACK TO SAVEPOINT {}", savepoint(a.subxid));
-            t.apply.control(&sql, "ROLLBACK TO SAVEPOINT");
-            // Later subtransactions were nested in it: gone with it.
-            t.subxacts.truncate(i);
-        }
-        t.apply.round().await
+        let r = t.send(Cmd::AbortSub(a.subxid)).await;
+        r.map_err(|e| self.named(e))
     }
 
     pub(super) async fn stream_commit(&mut self, c: StreamCommit) -> Result<(), ApplyError> {
@@ -295,34 +442,22 @@ impl Applier {
                 c.xid
             )));
         };
-        let mut apply = t.apply;
         // Ordinary transactions received before it committed before it.
         self.commit_group_exactly().await?;
         if c.commit_lsn < self.origin.applied {
-            // Already applied before a restart.
+            // Already applied before a restart: its session rolls back.
             self.progress.stats.skipped_transactions += 1;
-            return apply.close().await;
+            return Ok(());
         }
-        apply.flush_batch().await?;
-        apply.round().await?;
-        let counts = apply
-            .tx
-            .current
-            .as_ref()
-            .map(|c| c.counts)
-            .unwrap_or_default();
-        let markers = apply
-            .tx
-            .current
-            .as_mut()
-            .map(|c| std::mem::take(&mut c.markers))
-            .unwrap_or_default();
         // The origin may be bound to one session at a time: lend it to the
         // streamed session for its commit, then take it back.
         release_origin(&mut self.pipe.conn, &self.origin.name)
             .await
             .map_err(|e| self.origin_error(e))?;
-        apply.commit_streamed(c.end_lsn, c.commit_time).await?;
+        let (counts, markers) = t
+            .commit(c.end_lsn, c.commit_time)
+            .await
+            .map_err(|e| self.named(e))?;
         acquire_origin(&mut self.pipe.conn, &self.origin.name)
             .await
             .map_err(|e| self.origin_error(e))?;
@@ -431,6 +566,20 @@ impl Applier {
     async fn close(mut self) -> Result<(), ApplyError> {
         self.discard_open_transaction().await?;
         Ok(())
+    }
+
+    /// A streamed session's error, named with this stream's database where
+    /// the session could not name it.
+    fn named(&self, e: ApplyError) -> ApplyError {
+        match e {
+            ApplyError::Protocol { database, detail } if database.is_empty() => {
+                ApplyError::Protocol {
+                    database: self.opts.database.clone(),
+                    detail,
+                }
+            }
+            e => e,
+        }
     }
 
     fn spill_error(&self, xid: u32, e: std::io::Error) -> ApplyError {

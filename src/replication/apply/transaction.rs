@@ -7,7 +7,7 @@
 use super::origin::Origin;
 use super::pipeline::{Op, Pipeline, RoundError};
 use super::progress::{CommittedGroup, OpCounts};
-use super::{Applier, ApplyError, Marker};
+use super::{Applier, ApplyError, Marker, SourceTxn};
 use crate::replication::Lsn;
 use crate::replication::pgoutput::{Begin, Commit};
 use crate::wire::messages::TxStatus;
@@ -18,7 +18,10 @@ const STMT_XID: &str = "pgshift_xid";
 
 /// The source transaction being received.
 pub(super) struct Current {
+    /// The commit LSN; unknown (`Lsn(u64::MAX)`) for a streamed transaction
+    /// still in progress.
     pub(super) commit_lsn: Lsn,
+    pub(super) xid: u32,
     pub(super) commit_time: i64,
     pub(super) skip: bool,
     pub(super) markers: Vec<String>,
@@ -91,6 +94,7 @@ impl Applier {
         }
         self.tx.current = Some(Current {
             commit_lsn: b.final_lsn,
+            xid: b.xid,
             commit_time: b.commit_time,
             skip,
             markers: Vec::new(),
@@ -182,6 +186,14 @@ impl Applier {
         }
     }
 
+    /// Names the source transaction of a change that carried `commit_lsn`.
+    fn source_txn(&self, commit_lsn: Lsn) -> SourceTxn {
+        match &self.tx.current {
+            Some(c) if commit_lsn == Lsn(u64::MAX) => SourceTxn::InProgress { xid: c.xid },
+            _ => SourceTxn::Committed(commit_lsn),
+        }
+    }
+
     pub(super) fn round_error(&self, e: RoundError) -> ApplyError {
         let database = self.opts.database.clone();
         match e {
@@ -192,14 +204,14 @@ impl Applier {
             RoundError::Server { op, error } => match op {
                 Some(op) if op.table.is_some() => ApplyError::Row {
                     database,
-                    commit_lsn: op.commit_lsn,
+                    transaction: self.source_txn(op.commit_lsn),
                     table: op.table.as_deref().unwrap_or_default().to_string(),
                     op: op.what,
                     error: Box::new(error),
                 },
                 other => ApplyError::Row {
                     database,
-                    commit_lsn: self.tx.group.last_commit_lsn,
+                    transaction: self.source_txn(self.tx.group.last_commit_lsn),
                     table: "-".into(),
                     op: other.map_or("statement", |o| o.what),
                     error: Box::new(error),
@@ -207,7 +219,7 @@ impl Applier {
             },
             RoundError::RowCount { op, rows } => ApplyError::RowNotFound {
                 database,
-                commit_lsn: op.commit_lsn,
+                transaction: self.source_txn(op.commit_lsn),
                 table: op.table.as_deref().unwrap_or_default().to_string(),
                 op: op.what,
                 rows,
