@@ -290,6 +290,10 @@ enum StepError {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PhaseReport {
     pub phase: String,
+    /// When the phase began (RFC 3339, microseconds): lines the phases up
+    /// with what clients saw, as some overlap (sequences during the marker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
     pub seconds: f64,
     pub outcome: PhaseOutcome,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -448,12 +452,15 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
         outcome: PhaseOutcome,
         detail: Option<String>,
     ) {
-        self.record_took(phase, started.elapsed(), outcome, detail);
+        self.record_took(phase, started, started.elapsed(), outcome, detail);
     }
 
+    /// Records a phase that began at `began` and took `took` (it may have
+    /// ended before now: phases run side by side).
     fn record_took(
         &mut self,
         phase: &'static str,
+        began: Instant,
         took: Duration,
         outcome: PhaseOutcome,
         detail: Option<String>,
@@ -471,8 +478,13 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
             detail = detail.as_deref().unwrap_or(""),
             "cutover phase"
         );
+        let started_at = chrono::TimeDelta::from_std(began.elapsed())
+            .ok()
+            .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
         self.report.phases.push(PhaseReport {
             phase: phase.to_string(),
+            started_at,
             seconds,
             outcome,
             detail,
@@ -692,6 +704,8 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
         let (id, timeout) = (self.report.id.clone(), self.cfg.catchup_timeout.0);
         let rec = self.fence.clone().unwrap_or_default();
         let spare = host.source_backend_pids();
+        // All three start now; each took its own time.
+        let began = Instant::now();
         let ((marker, marker_took), (seqs, seqs_took), (check, check_took)) = tokio::join!(
             async {
                 let t = Instant::now();
@@ -721,12 +735,19 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
         );
         let check = match check {
             Ok(detail) => {
-                self.record_took("fence_check", check_took, PhaseOutcome::Ok, Some(detail));
+                self.record_took(
+                    "fence_check",
+                    began,
+                    check_took,
+                    PhaseOutcome::Ok,
+                    Some(detail),
+                );
                 Ok(())
             }
             Err(e) => {
                 self.record_took(
                     "fence_check",
+                    began,
                     check_took,
                     PhaseOutcome::Failed,
                     Some(e.to_string()),
@@ -738,13 +759,14 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
         };
         let marker = match marker {
             Ok(()) => {
-                self.record_took("marker", marker_took, PhaseOutcome::Ok, None);
+                self.record_took("marker", began, marker_took, PhaseOutcome::Ok, None);
                 Ok(())
             }
             Err(e) => {
                 let reason = format!("target did not catch up: {e}");
                 self.record_took(
                     "marker",
+                    began,
                     marker_took,
                     PhaseOutcome::Timeout,
                     Some(reason.clone()),
@@ -761,6 +783,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
             Ok(n) => {
                 self.record_took(
                     "sequences",
+                    began,
                     seqs_took,
                     PhaseOutcome::Ok,
                     Some(format!("{n} sequence(s), while the marker was awaited")),
@@ -770,6 +793,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
             Err(e) => {
                 self.record_took(
                     "sequences",
+                    began,
                     seqs_took,
                     PhaseOutcome::Failed,
                     Some(e.to_string()),
