@@ -59,7 +59,7 @@ start_cluster() {
 listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = '$WORK'
-max_connections = 200
+max_connections = ${MAX_CONNECTIONS:-200}
 shared_buffers = ${SHARED_BUFFERS:-256MB}
 maintenance_work_mem = 256MB
 wal_level = logical
@@ -95,7 +95,7 @@ add_history_key() { # PORT DB
   q "$1" "$2" "ALTER TABLE pgbench_history ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY" >/dev/null
 }
 
-# write_pgshift_config FILE SOURCE_PORT TARGET_PORT DB MODE → sets SHIFT_PORT, ADMIN_PORT.
+# write_pgshift_config FILE SOURCE_PORT TARGET_PORT "DB [DB...]" MODE → sets SHIFT_PORT, ADMIN_PORT.
 write_pgshift_config() {
   SHIFT_PORT=$(free_port); ADMIN_PORT=$(free_port)
   cat > "$1" <<CONF
@@ -113,7 +113,7 @@ url = "postgres://postgres:$PW@127.0.0.1:$3/postgres?sslmode=disable"
 listen = "127.0.0.1:$ADMIN_PORT"
 [migration]
 name = "bench"
-databases = ["$4"]
+databases = [$(printf '"%s", ' $4 | sed 's/, $//')]
 mode = "$5"
 copy_jobs = ${COPY_JOBS:-2}
 ${EXTRA_MIGRATION_CONF:-}

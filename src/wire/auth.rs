@@ -1,6 +1,8 @@
 //! Authentication, server side (the proxy checking its clients: SCRAM-SHA-256,
 //! md5) and client side helpers (pgshift logging into a server).
 
+use std::collections::HashMap;
+
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{Hmac, KeyInit, Mac};
@@ -71,6 +73,128 @@ impl ScramVerifier {
             stored_key,
             server_key,
         }
+    }
+}
+
+/// The keys a password yields for one salt and iteration count: what PBKDF2
+/// costs. A server sends a role the same salt at every login, so they are
+/// remembered: a pool of logins (pre-warming hundreds of backends, each on
+/// the relay thread of its session) pays PBKDF2 once per role, not once per
+/// backend. Keyed by the password's hash, never the password; bounded.
+fn client_keys(password: &str, salt: &[u8], iterations: u32) -> ([u8; 32], [u8; 32]) {
+    type Key = ([u8; 32], Vec<u8>, u32);
+    type Keys = std::sync::Mutex<HashMap<Key, ([u8; 32], [u8; 32])>>;
+    static KEYS: std::sync::LazyLock<Keys> = std::sync::LazyLock::new(Default::default);
+    let key: Key = (Sha256::digest(password).into(), salt.to_vec(), iterations);
+    if let Some(k) = KEYS.lock().ok().and_then(|m| m.get(&key).copied()) {
+        return k;
+    }
+    // SASLprep; PostgreSQL falls back to the raw bytes when it fails.
+    let normalized = stringprep::saslprep(password)
+        .map(|c| c.into_owned())
+        .unwrap_or_else(|_| password.to_string());
+    let salted = hi(normalized.as_bytes(), salt, iterations);
+    let keys = (hmac(&salted, b"Client Key"), hmac(&salted, b"Server Key"));
+    if let Ok(mut m) = KEYS.lock() {
+        if m.len() >= 256 {
+            m.clear();
+        }
+        m.insert(key, keys);
+    }
+    keys
+}
+
+/// Client side of one SCRAM-SHA-256 exchange (no channel binding): pgshift
+/// logging into a server.
+pub(crate) struct ScramClient {
+    password: String,
+    client_first_bare: String,
+    nonce: String,
+    /// After the server-first-message: the AuthMessage and the server key.
+    expect: Option<(String, [u8; 32])>,
+}
+
+impl std::fmt::Debug for ScramClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramClient(***)")
+    }
+}
+
+impl ScramClient {
+    /// Starts an exchange; returns it and the client-first-message.
+    pub fn start(password: &str) -> (ScramClient, String) {
+        let mut raw = [0u8; 18];
+        rand::fill(&mut raw[..]);
+        let nonce = B64.encode(raw);
+        // The user name is the startup packet's; PostgreSQL ignores this one.
+        let client_first_bare = format!("n=,r={nonce}");
+        let first = format!("n,,{client_first_bare}");
+        (
+            ScramClient {
+                password: password.to_string(),
+                client_first_bare,
+                nonce,
+                expect: None,
+            },
+            first,
+        )
+    }
+
+    /// Takes the server-first-message; returns the client-final-message.
+    pub fn server_first(&mut self, msg: &[u8]) -> Result<String, WireError> {
+        let msg = std::str::from_utf8(msg)
+            .map_err(|_| WireError::Protocol("SCRAM server-first-message is not UTF-8".into()))?;
+        let field = |name: &str| msg.split(',').find_map(|kv| kv.strip_prefix(name));
+        let bad = |what: &str| WireError::Protocol(format!("SCRAM server-first-message: {what}"));
+        let nonce = field("r=").ok_or_else(|| bad("no nonce"))?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() <= self.nonce.len() {
+            return Err(bad("the nonce does not extend the client's"));
+        }
+        let salt = field("s=")
+            .and_then(|s| B64.decode(s).ok())
+            .ok_or_else(|| bad("no valid salt"))?;
+        let iterations: u32 = field("i=")
+            .and_then(|i| i.parse().ok())
+            .filter(|i| *i > 0)
+            .ok_or_else(|| bad("no valid iteration count"))?;
+        let (client_key, server_key) = client_keys(&self.password, &salt, iterations);
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("{},{msg},{without_proof}", self.client_first_bare);
+        let stored_key: [u8; 32] = Sha256::digest(client_key).into();
+        let signature = hmac(&stored_key, auth_message.as_bytes());
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(signature.iter())
+            .map(|(k, s)| k ^ s)
+            .collect();
+        self.expect = Some((auth_message, server_key));
+        Ok(format!("{without_proof},p={}", B64.encode(proof)))
+    }
+
+    /// Checks the server-final-message: the server knew the password too.
+    pub fn server_final(self, msg: &[u8]) -> Result<(), WireError> {
+        let msg = std::str::from_utf8(msg)
+            .map_err(|_| WireError::Protocol("SCRAM server-final-message is not UTF-8".into()))?;
+        if let Some(e) = msg.strip_prefix("e=") {
+            return Err(WireError::Auth(format!("the server ended SCRAM: {e}")));
+        }
+        let (auth_message, server_key) = self
+            .expect
+            .ok_or_else(|| WireError::Protocol("SCRAM final message before the first".into()))?;
+        let v = msg
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("v="))
+            .and_then(|v| B64.decode(v).ok())
+            .ok_or_else(|| {
+                WireError::Protocol("SCRAM server-final-message has no verifier".into())
+            })?;
+        let expected = hmac(&server_key, auth_message.as_bytes());
+        if v.as_slice() != expected.as_slice() {
+            return Err(WireError::Auth(
+                "server signature invalid: the server does not know the password".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -189,6 +313,32 @@ pub(crate) fn md5_check(user: &str, password: &str, salt: [u8; 4], response: &[u
 mod tests {
     use super::*;
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+
+    #[test]
+    fn scram_client_against_the_server_side() {
+        let v = ScramVerifier::from_password("pencil");
+        for _ in 0..2 {
+            // The second login takes the keys from the cache.
+            let (mut client, first) = ScramClient::start("pencil");
+            let (server, server_first) = ScramServer::start(&v, first.as_bytes()).unwrap();
+            let fin = client.server_first(server_first.as_bytes()).unwrap();
+            let server_final = server.finish(fin.as_bytes()).unwrap();
+            client.server_final(server_final.as_bytes()).unwrap();
+        }
+        // A wrong password is refused by the server.
+        let (mut client, first) = ScramClient::start("pen");
+        let (server, server_first) = ScramServer::start(&v, first.as_bytes()).unwrap();
+        let fin = client.server_first(server_first.as_bytes()).unwrap();
+        assert!(server.finish(fin.as_bytes()).is_err());
+        // A server that does not know the password is refused by the client.
+        let other = ScramVerifier::with_salt("other", v.salt.clone(), v.iterations);
+        let (mut client, first) = ScramClient::start("pencil");
+        let (server, server_first) = ScramServer::start(&other, first.as_bytes()).unwrap();
+        let fin = client.server_first(server_first.as_bytes()).unwrap();
+        assert!(server.finish(fin.as_bytes()).is_err());
+        let (mut client, _) = ScramClient::start("pencil");
+        assert!(client.server_first(b"r=forged,s=AAAA,i=4096").is_err());
+    }
 
     #[test]
     fn scram_against_postgres_protocol_client() {

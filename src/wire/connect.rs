@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
 use super::WireError;
+use super::auth::ScramClient;
 use super::frame::{FrameReader, get_cstr};
 use super::messages::{self, ErrorFields, TxStatus};
 use super::stream::PgStream;
@@ -245,7 +245,7 @@ async fn authenticate(
             ))
         })
     };
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<ScramClient> = None;
     loop {
         let f = reader.read_required(stream).await?;
         match f.tag() {
@@ -291,10 +291,10 @@ async fn authenticate(
                         "server offers no supported SASL mechanism ({mechs:?})"
                     )));
                 }
-                let s = ScramSha256::new(need_pw()?.as_bytes(), ChannelBinding::unsupported());
+                let (s, first) = ScramClient::start(need_pw()?);
                 postgres_protocol::message::frontend::sasl_initial_response(
                     "SCRAM-SHA-256",
-                    s.message(),
+                    first.as_bytes(),
                     &mut out,
                 )?;
                 scram = Some(s);
@@ -303,15 +303,14 @@ async fn authenticate(
                 let s = scram
                     .as_mut()
                     .ok_or_else(|| WireError::Protocol("SASLContinue without SASL".into()))?;
-                s.update(body).map_err(|e| WireError::Auth(e.to_string()))?;
-                postgres_protocol::message::frontend::sasl_response(s.message(), &mut out)?;
+                let fin = s.server_first(body)?;
+                postgres_protocol::message::frontend::sasl_response(fin.as_bytes(), &mut out)?;
             }
             12 => {
                 let s = scram
-                    .as_mut()
+                    .take()
                     .ok_or_else(|| WireError::Protocol("SASLFinal without SASL".into()))?;
-                s.finish(body)
-                    .map_err(|e| WireError::Auth(format!("server signature invalid: {e}")))?;
+                s.server_final(body)?;
                 continue;
             }
             other => {
