@@ -135,9 +135,17 @@ pub(crate) async fn set_armed(
 }
 
 /// How long dropping one table's trigger may wait for its lock, per try: a
-/// waiting DROP holds up every later query on the table behind it.
-const DROP_LOCK_TIMEOUT: &str = "50ms";
-const DROP_TRIES: u32 = 20;
+/// waiting DROP holds up every later query on the table behind it, so a try
+/// must cost clients no more than a few milliseconds (at 50 ms, with 500
+/// sessions just moved onto cold backends, the tries queued clients into a
+/// one-second convoy). Tries are spaced out, up to about half a minute in
+/// all; the switch is done by then and the trigger is disarmed meanwhile.
+const DROP_LOCK_TIMEOUT: &str = "5ms";
+const DROP_TRIES: u32 = 40;
+/// The wait before try `n` (from 0): 20 ms doubling, at most a second.
+fn drop_backoff(n: u32) -> std::time::Duration {
+    std::time::Duration::from_millis((20u64 << n.min(6)).min(1000))
+}
 
 /// Drops the guard, disarmed first: each table's trigger in a transaction
 /// of its own with a short `lock_timeout` (retried: clients may be running
@@ -174,8 +182,7 @@ pub async fn remove(target: &Client, own_role: &str) -> Result<(), GuardError> {
                     // End the failed transaction so the connection stays usable.
                     let _ = target.batch_execute("ROLLBACK").await;
                     last = Some(crate::db::describe(&e));
-                    tokio::time::sleep(std::time::Duration::from_millis(20 << attempt.min(4)))
-                        .await;
+                    tokio::time::sleep(drop_backoff(attempt)).await;
                 }
             }
         }
