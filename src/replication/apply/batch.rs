@@ -1,7 +1,8 @@
 //! Net-change batching: the row changes of a group of source transactions,
 //! folded per table and key into one net change per row, then applied as
-//! one statement per table and operation (`unnest` of one array per column)
-//! instead of one statement per change.
+//! one statement per table and operation (inserts by `COPY`, updates and
+//! deletes by `unnest` of one array per column) instead of one statement
+//! per change.
 //!
 //! Why it is exact: the group commits as one target transaction, so only
 //! its end state is ever visible; rows of a table are independent when the

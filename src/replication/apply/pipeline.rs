@@ -9,6 +9,7 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::AsyncWriteExt;
 
 use crate::replication::Lsn;
+use crate::replication::pgoutput::{Tuple, TupleValue};
 use crate::wire::messages::TxStatus;
 use crate::wire::{ErrorFields, FrameReader, ServerConnection, WireError};
 
@@ -116,6 +117,43 @@ impl Pipeline {
         self.ops.push(op);
     }
 
+    /// Queues `COPY … FROM STDIN` (`sql`) with `rows` as its data, in text
+    /// format: Parse / Bind / Execute of the unnamed statement, then the
+    /// data and CopyDone, answered like any statement (its tag counts the
+    /// rows). If anything before it fails, the server discards the data
+    /// with the rest of the round up to Sync.
+    pub fn copy_in<'a>(&mut self, sql: &str, rows: impl Iterator<Item = &'a Tuple>, op: Op) {
+        /// CopyData messages of about this size.
+        const CHUNK: usize = 64 * 1024;
+        self.parse("", sql, &[]);
+        let start = self.begin_message(b'B');
+        self.out.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]);
+        self.end_message(start);
+        self.out.extend_from_slice(b"E\0\0\0\x09\0\0\0\0\0");
+        let mut data = self.begin_message(b'd');
+        for row in rows {
+            for (i, v) in row.0.iter().enumerate() {
+                if i > 0 {
+                    self.out.put_u8(b'\t');
+                }
+                match v {
+                    TupleValue::Text(b) | TupleValue::Binary(b) => put_copy_text(&mut self.out, b),
+                    TupleValue::Null | TupleValue::UnchangedToast => {
+                        self.out.extend_from_slice(b"\\N")
+                    }
+                }
+            }
+            self.out.put_u8(b'\n');
+            if self.out.len() - data > CHUNK {
+                self.end_message(data);
+                data = self.begin_message(b'd');
+            }
+        }
+        self.end_message(data);
+        self.out.extend_from_slice(b"c\0\0\0\x04");
+        self.ops.push(op);
+    }
+
     fn begin_message(&mut self, tag: u8) -> usize {
         let start = self.out.len();
         self.out.put_u8(tag);
@@ -216,6 +254,26 @@ fn affected_rows(body: &[u8]) -> Option<u64> {
     std::str::from_utf8(last).ok()?.parse().ok()
 }
 
+/// A value in COPY's text format: backslash, newline, carriage return and
+/// tab escaped (so no line can read as the end-of-data marker either).
+fn put_copy_text(out: &mut BytesMut, v: &[u8]) {
+    let mut from = 0;
+    for (i, b) in v.iter().enumerate() {
+        let escaped = match b {
+            b'\\' => b'\\',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            _ => continue,
+        };
+        out.extend_from_slice(&v[from..i]);
+        out.put_u8(b'\\');
+        out.put_u8(escaped);
+        from = i + 1;
+    }
+    out.extend_from_slice(&v[from..]);
+}
+
 fn put_cstr(out: &mut BytesMut, s: &str) {
     out.extend_from_slice(s.as_bytes());
     out.put_u8(0);
@@ -223,7 +281,17 @@ fn put_cstr(out: &mut BytesMut, s: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::affected_rows;
+    use super::{affected_rows, put_copy_text};
+
+    #[test]
+    fn copy_text_escapes_what_would_end_a_field_or_a_line() {
+        let mut out = bytes::BytesMut::new();
+        put_copy_text(&mut out, b"a\tb\nc\\d\re \\.");
+        assert_eq!(&out[..], b"a\\tb\\nc\\\\d\\re \\\\.");
+        let mut out = bytes::BytesMut::new();
+        put_copy_text(&mut out, "plain é".as_bytes());
+        assert_eq!(&out[..], "plain é".as_bytes());
+    }
 
     #[test]
     fn row_counts_from_command_tags() {
@@ -231,6 +299,7 @@ mod tests {
         assert_eq!(affected_rows(b"UPDATE 0\0"), Some(0));
         assert_eq!(affected_rows(b"DELETE 12\0"), Some(12));
         assert_eq!(affected_rows(b"TRUNCATE TABLE\0"), None);
+        assert_eq!(affected_rows(b"COPY 10000\0"), Some(10000));
         assert_eq!(affected_rows(b""), None);
     }
 }

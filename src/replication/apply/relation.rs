@@ -417,9 +417,22 @@ impl RelEntry {
         )
     }
 
+    /// `COPY` of every source column into the target table, for a batch
+    /// of inserts. Like `INSERT … OVERRIDING SYSTEM VALUE`, COPY writes
+    /// the given values into identity columns.
+    pub(crate) fn copy_sql(&self) -> String {
+        let names: Vec<String> = self
+            .source
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect();
+        format!("COPY {} ({}) FROM STDIN", self.quoted, names.join(", "))
+    }
+
     /// The SQL of a net-change batch statement: one `text[]` parameter per
-    /// column (all columns for insert and update, the key columns for
-    /// delete), unnested and cast to the column types.
+    /// column (all columns for update, the key columns for delete),
+    /// unnested and cast to the column types; for inserts, their `COPY`.
     pub(crate) fn batch_sql(&self, kind: BatchKind) -> (String, Vec<u32>) {
         const TEXT_ARRAY: u32 = 1009;
         let target = self.target.as_ref().expect("resolved before batching");
@@ -456,16 +469,8 @@ impl RelEntry {
                 .join(" AND ")
         };
         let sql = match kind {
-            BatchKind::Insert => {
-                let names: Vec<String> = cols.iter().map(|c| quote_ident(&c.name)).collect();
-                let values: Vec<String> = (0..cols.len()).map(|c| value(c, c)).collect();
-                format!(
-                    "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {from}",
-                    self.quoted,
-                    names.join(", "),
-                    values.join(", ")
-                )
-            }
+            // Inserts go by COPY, which takes no parameters.
+            BatchKind::Insert => return (self.copy_sql(), Vec::new()),
             BatchKind::Update => {
                 let sets: Vec<String> = (0..cols.len())
                     .filter(|c| !cols[*c].key)
