@@ -148,6 +148,9 @@ run_pgshift() {
   SECS=$(elapsed "$t")
   # VmHWM: the process's peak resident set since it started.
   RSS_MB=$(awk '/VmHWM/{printf "%.0f", $2/1024}' "/proc/$SHIFT_PID/status")
+  # pgshift's own CPU time (user + system) over the run, to tell its share
+  # from the servers'.
+  CPU_S=$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' "/proc/$SHIFT_PID/stat")
   PHASES=$(phases "$WORK/pgshift-copy.log")
   stop_pgshift
 }
@@ -209,7 +212,7 @@ for shape in $SHAPES; do
   for rep in $(seq "$REPS"); do
     for m in $METHODS; do
       fresh_target
-      SECS= RSS_MB= PHASES=
+      SECS= RSS_MB= PHASES= CPU_S=
       if "run_$m"; then
         ok=ok; check_target "$TGT" || ok=incomplete
       else
@@ -217,10 +220,10 @@ for shape in $SHAPES; do
       fi
       clean_source
       extra=""
-      [ "$m" = pgshift ] && extra=" peak RSS ${RSS_MB} MB; $PHASES"
+      [ "$m" = pgshift ] && extra=" peak RSS ${RSS_MB} MB, CPU ${CPU_S}s; $PHASES"
       echo "  $shape rep $rep  $m: ${SECS}s ($ok)$extra" >&2
       echo "$m $rep $SECS $ok ${RSS_MB:-0}" >> "$RES"
-      [ "$m" = pgshift ] && echo "$shape rep $rep: $PHASES" >> "$WORK/phases.txt"
+      [ "$m" = pgshift ] && echo "$shape rep $rep: $PHASES pgshift_cpu=$CPU_S" >> "$WORK/phases.txt"
     done
   done
   {
@@ -243,5 +246,5 @@ done
 # (report.py splits there) and pgshift's phases.
 cat "$SUMMARY"
 echo
-echo "pgshift phases (seconds since start, from its log: slot created, pre-data restored, post-data dumped, data copied, indexes/constraints done, streaming)"
+echo "pgshift phases (seconds since start, from its log: slot created, pre-data restored, post-data dumped, data copied, indexes/constraints done, streaming; pgshift's own CPU seconds)"
 cat "$WORK/phases.txt"
