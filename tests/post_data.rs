@@ -273,3 +273,38 @@ fn newest_source_v18_to_v18() {
 fn same_version_v15() {
     pair(15, 15);
 }
+
+/// An index the target cannot build fails the migration, and the error
+/// names that index (a setting of the target's role makes the index
+/// expression raise there, never on the source).
+#[test]
+fn a_failed_index_build_names_the_index() {
+    let (src, tgt) = (Cluster::start(), Cluster::start());
+    let schema = "
+        CREATE FUNCTION picky(v int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+        BEGIN
+          IF current_setting('pgshift_test.refuse', true) = 'on' THEN
+            RAISE EXCEPTION 'picky refuses to index %', v;
+          END IF;
+          RETURN v;
+        END $$;
+        CREATE TABLE fine(id int PRIMARY KEY);
+        CREATE TABLE refused(id int PRIMARY KEY, v int);
+        CREATE INDEX refused_picky ON refused (public.picky(v));
+        INSERT INTO fine SELECT generate_series(1, 10);
+        INSERT INTO refused SELECT i, i FROM generate_series(1, 10) i;";
+    src.create_db("shop");
+    src.psql("shop", schema);
+    tgt.psql(
+        "postgres",
+        &format!("ALTER ROLE {SUPERUSER} SET pgshift_test.refuse = 'on'"),
+    );
+    let p = Pgshift::start(&src, &tgt, &migration("postdatafail", &["shop"], ""));
+    let s = p.wait_state("Failed", STARTUP);
+    let text = s.to_string();
+    assert!(
+        text.contains("refused_picky; Type: INDEX; Schema: public")
+            && text.contains("picky refuses to index"),
+        "the error names the index and the server's message: {s:#}"
+    );
+}

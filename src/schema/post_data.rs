@@ -206,6 +206,9 @@ impl PostDataArchive {
                 "--single-transaction".into(),
                 "-o".into(),
                 "/dev/null".into(),
+                // Stdin as a file: psql then says at which line it stopped.
+                "-f".into(),
+                "-".into(),
             ],
             &target.with_dbname(db),
             Some(POST_DATA_OPTIONS),
