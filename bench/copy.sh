@@ -223,7 +223,7 @@ for shape in $SHAPES; do
       [ "$m" = pgshift ] && extra=" peak RSS ${RSS_MB} MB, CPU ${CPU_S}s; $PHASES"
       echo "  $shape rep $rep  $m: ${SECS}s ($ok)$extra" >&2
       echo "$m $rep $SECS $ok ${RSS_MB:-0}" >> "$RES"
-      [ "$m" = pgshift ] && echo "$shape rep $rep: $PHASES pgshift_cpu=$CPU_S" >> "$WORK/phases.txt"
+      [ "$m" = pgshift ] && echo "$shape $rep $PHASES $CPU_S" >> "$WORK/phases.txt"
     done
   done
   {
@@ -246,5 +246,8 @@ done
 # (report.py splits there) and pgshift's phases.
 cat "$SUMMARY"
 echo
-echo "pgshift phases (seconds since start, from its log: slot created, pre-data restored, post-data dumped, data copied, indexes/constraints done, streaming; pgshift's own CPU seconds)"
-cat "$WORK/phases.txt"
+echo "pgshift phases: seconds since its start when its log shows the slot created, pre-data restored, post-data dumped, every table copied, every index and constraint done, streaming; its own CPU seconds"
+printf '%-8s %4s %6s %9s %10s %7s %8s %10s %8s\n' shape rep slot pre_data post_dump copied indexes streaming cpu_s
+awk '{v["slot"]=v["pre_data"]=v["post_dump"]=v["copied"]=v["indexes"]=v["streaming"]="-";
+      for (i = 3; i < NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      printf "%-8s %4s %6s %9s %10s %7s %8s %10s %8s\n", $1, $2, v["slot"], v["pre_data"], v["post_dump"], v["copied"], v["indexes"], v["streaming"], $NF}' "$WORK/phases.txt"
