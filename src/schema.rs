@@ -22,9 +22,8 @@ use crate::pg::Version;
 use crate::pgbin::{ClientTools, ToolsFit};
 
 mod post_data;
-pub use post_data::{
-    PostDataArchive, PostDataProgress, PostDataReport, PostDataState, can_restore_per_table,
-    restore_during_copy,
+pub(crate) use post_data::{
+    PostDataArchive, PostDataProgress, can_restore_per_table, restore_during_copy,
 };
 
 #[derive(Debug, Error)]

@@ -59,7 +59,7 @@ impl SourceTable {
 /// A table whose data is all on the target, as the copy announces it
 /// (`CopyProgress::table_events`) to whoever builds its indexes.
 #[derive(Clone, Debug)]
-pub struct CopiedTable {
+pub(crate) struct CopiedTable {
     /// The table's OID on the source.
     pub oid: u32,
     /// `schema.table`, for people.

@@ -24,8 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Endpoint, MigrationConfig};
 use crate::db::{self, DbError, quote_literal};
-pub use crate::pg::tables::CopiedTable;
-use crate::pg::tables::{SourceTable, list_tables};
+use crate::pg::tables::{CopiedTable, SourceTable, list_tables};
 
 /// A split table is cut into at most this many ranges.
 const MAX_PARTS: u64 = 256;
@@ -254,7 +253,7 @@ impl CopyProgress {
     /// target (so its indexes can be built while the others copy). The
     /// receiver sees the channel close when the copy ends, successfully or
     /// not; one subscriber (a later call replaces the earlier one).
-    pub fn table_events(&self) -> tokio::sync::mpsc::UnboundedReceiver<CopiedTable> {
+    pub(crate) fn table_events(&self) -> tokio::sync::mpsc::UnboundedReceiver<CopiedTable> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.lock().copied_tx = Some(tx);
         rx

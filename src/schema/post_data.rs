@@ -54,7 +54,7 @@ struct TocItem {
 }
 
 /// The post-data section of one database, dumped at the snapshot.
-pub struct PostDataArchive {
+pub(crate) struct PostDataArchive {
     database: String,
     /// Removed when the archive is dropped.
     file: tempfile::TempPath,
@@ -67,7 +67,7 @@ pub struct PostDataArchive {
 /// Whether the plan's client programs can restore post-data per table
 /// (pg_restore next to its pg_dump). Without it, post-data is restored in
 /// one step after the copy.
-pub fn can_restore_per_table(plan: &DumpPlan) -> bool {
+pub(crate) fn can_restore_per_table(plan: &DumpPlan) -> bool {
     let p = plan.program("pg_restore");
     !p.contains('/') || std::path::Path::new(&p).is_file()
 }
@@ -77,7 +77,7 @@ impl PostDataArchive {
     /// file and reads its table of contents; the source's catalog, read in
     /// the same snapshot, tells which table each index and constraint
     /// belongs to.
-    pub async fn dump(
+    pub(crate) async fn dump(
         source: &Endpoint,
         db: &str,
         snapshot: Option<&str>,
@@ -318,13 +318,13 @@ fn failed_object(sql: &[u8], stderr: &str) -> Option<String> {
 
 /// Progress of one database's post-data, for `/status` and the log.
 #[derive(Debug, Default)]
-pub struct PostDataProgress {
+pub(crate) struct PostDataProgress {
     inner: Mutex<PostDataState>,
 }
 
 /// A point-in-time view of [`PostDataProgress`].
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct PostDataState {
+pub(crate) struct PostDataState {
     /// Items in the post-data section (indexes, constraints, triggers …).
     pub items_total: usize,
     /// Items restored so far.
@@ -340,7 +340,7 @@ pub struct PostDataState {
 }
 
 impl PostDataProgress {
-    pub fn new() -> Arc<PostDataProgress> {
+    pub(crate) fn new() -> Arc<PostDataProgress> {
         Arc::new(PostDataProgress::default())
     }
 
@@ -348,7 +348,7 @@ impl PostDataProgress {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn snapshot(&self) -> PostDataState {
+    pub(crate) fn snapshot(&self) -> PostDataState {
         self.lock().clone()
     }
 }
@@ -357,7 +357,7 @@ impl PostDataProgress {
 /// `copied`, at most `jobs` restores at a time, until the copy ends (the
 /// channel closes); then everything else, in one transaction. Stops at
 /// the first failure (naming the object) or when `cancel` fires.
-pub async fn restore_during_copy(
+pub(crate) async fn restore_during_copy(
     archive: Arc<PostDataArchive>,
     target: &Endpoint,
     jobs: usize,
@@ -480,7 +480,7 @@ pub async fn restore_during_copy(
 
 /// What [`restore_during_copy`] did.
 #[derive(Clone, Debug, Serialize)]
-pub struct PostDataReport {
+pub(crate) struct PostDataReport {
     pub items: usize,
     /// Items restored with their table's data.
     pub per_table_items: usize,
