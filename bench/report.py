@@ -20,7 +20,8 @@ here = os.path.dirname(os.path.abspath(__file__))
 
 TITLES = {
     "proxy_overhead": ("Proxy overhead", "pgbench through pgshift vs directly vs through PgBouncer (session mode)."),
-    "copy": ("Initial copy", "Schema + data + indexes of a pgbench database onto an empty target."),
+    "copy": ("Initial copy", "Schema + data + indexes onto an empty target: pgbench scale 100, and 200 small "
+             "tables plus one larger than them together."),
     "apply": ("Apply throughput", "Draining a TPC-B backlog, and streaming under a live load."),
     "large_txn": ("One large transaction", "One large INSERT (a million rows by default): from the source's COMMIT to the rows "
                   "visible on the target, pgshift vs native logical replication with streaming; pgshift's peak RSS."),

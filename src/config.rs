@@ -310,6 +310,11 @@ pub struct MigrationConfig {
     pub copy_jobs: usize,
     #[serde(default = "default_split")]
     pub split_tables_larger_than: ByteSize,
+    /// Concurrent post-data restores during the copy (each table's indexes
+    /// and index-backed constraints, built as soon as its data is in);
+    /// unset: `copy_jobs`. See [`MigrationConfig::index_jobs`].
+    #[serde(default)]
+    pub index_jobs: Option<usize>,
     /// Only these tables ("schema.table", globs with `*`). Empty: all.
     #[serde(default)]
     pub tables: Vec<String>,
@@ -322,6 +327,16 @@ pub struct MigrationConfig {
     /// best fit found (see [`crate::pgbin::client_tool_dirs`]).
     #[serde(default)]
     pub pg_bin: Option<std::path::PathBuf>,
+}
+
+impl MigrationConfig {
+    /// How many tables' indexes may be built at once while the copy goes
+    /// on. Defaults to `copy_jobs`: an index build is CPU and I/O work of
+    /// the same order as a table copy, so as many builders as copiers keeps
+    /// the target busy without oversubscribing it.
+    pub fn index_jobs(&self) -> usize {
+        self.index_jobs.unwrap_or(self.copy_jobs)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
@@ -860,6 +875,12 @@ fn validate_migration(m: &MigrationConfig) -> Result<(), ConfigError> {
     if m.copy_jobs == 0 || m.copy_jobs > 64 {
         return Err(ConfigError::invalid(
             "migration.copy_jobs",
+            "must be between 1 and 64",
+        ));
+    }
+    if m.index_jobs.is_some_and(|j| j == 0 || j > 64) {
+        return Err(ConfigError::invalid(
+            "migration.index_jobs",
             "must be between 1 and 64",
         ));
     }

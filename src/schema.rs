@@ -21,6 +21,11 @@ use crate::filter::TableFilter;
 use crate::pg::Version;
 use crate::pgbin::{ClientTools, ToolsFit};
 
+mod post_data;
+pub(crate) use post_data::{
+    PostDataArchive, PostDataProgress, can_restore_per_table, restore_during_copy,
+};
+
 #[derive(Debug, Error)]
 pub enum SchemaError {
     #[error("{0}")]
@@ -55,6 +60,16 @@ pub enum SchemaError {
         program: String,
         source: std::io::Error,
     },
+    #[error("restoring the post-data of {database}: {object}: {message}")]
+    PostData {
+        database: String,
+        /// The item that failed ("name; Type: INDEX; Schema: public"), or
+        /// the batch's items when psql did not say.
+        object: String,
+        message: String,
+    },
+    #[error("the schema copy was canceled")]
+    Canceled,
     #[error("{step} failed ({program} {status}): {stderr}")]
     Program {
         step: String,
@@ -281,6 +296,17 @@ pub struct DumpPlan {
 }
 
 impl DumpPlan {
+    /// SQL from this plan's pg_dump or pg_restore as the target can run it:
+    /// with a pg_dump newer than the target, without the SET lines for
+    /// parameters the target does not have.
+    /// Returns the SQL and the parameters left out.
+    fn for_target(&self, sql: Vec<u8>) -> (Vec<u8>, Vec<String>) {
+        match &self.target_settings {
+            Some(known) => crate::pg::settings::drop_unknown_settings(&sql, known),
+            None => (sql, Vec::new()),
+        }
+    }
+
     /// The path of client program `name` to run.
     fn program(&self, name: &str) -> String {
         if self.tools.dir.as_os_str().is_empty() {
@@ -494,6 +520,30 @@ pub async fn dump_section(
     plan: &DumpPlan,
     section: Section,
 ) -> Result<SchemaDump, SchemaError> {
+    let args = dump_args(snapshot, plan, section);
+    let sql = run_program(
+        &plan.program("pg_dump"),
+        &args,
+        &source.with_dbname(db),
+        None,
+        &format!("pg_dump {} of {db}", section.as_str()),
+    )
+    .await?;
+    let (sql, dropped) = plan.for_target(sql);
+    if !dropped.is_empty() {
+        tracing::info!(database = db, parameters = ?dropped, pg_dump = %plan.tools.describe(),
+            "left out of the dump: parameters the target does not have");
+    }
+    Ok(SchemaDump {
+        database: db.to_string(),
+        section,
+        sql,
+        psql: plan.program("psql"),
+    })
+}
+
+/// pg_dump's arguments for one schema section of the migration.
+fn dump_args(snapshot: Option<&str>, plan: &DumpPlan, section: Section) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--schema-only".into(),
         format!("--section={}", section.as_str()),
@@ -519,31 +569,7 @@ pub async fn dump_section(
         args.push("--no-owner".into());
         args.push("--no-privileges".into());
     }
-    let sql = run_program(
-        &plan.program("pg_dump"),
-        &args,
-        &source.with_dbname(db),
-        None,
-        &format!("pg_dump {} of {db}", section.as_str()),
-    )
-    .await?;
-    let sql = match &plan.target_settings {
-        Some(known) => {
-            let (sql, dropped) = crate::pg::settings::drop_unknown_settings(&sql, known);
-            if !dropped.is_empty() {
-                tracing::info!(database = db, parameters = ?dropped, pg_dump = %plan.tools.describe(),
-                    "left out of the dump: parameters the target does not have");
-            }
-            sql
-        }
-        None => sql,
-    };
-    Ok(SchemaDump {
-        database: db.to_string(),
-        section,
-        sql,
-        psql: plan.program("psql"),
-    })
+    args
 }
 
 /// Restores a dumped section into the same-named target database, in one
@@ -551,8 +577,7 @@ pub async fn dump_section(
 pub async fn restore_section(target: &Endpoint, dump: &SchemaDump) -> Result<(), SchemaError> {
     let started = std::time::Instant::now();
     // Index builds dominate post-data: give them memory and parallel workers.
-    let options = (dump.section == Section::PostData)
-        .then_some("-c maintenance_work_mem=256MB -c max_parallel_maintenance_workers=4");
+    let options = (dump.section == Section::PostData).then_some(post_data::POST_DATA_OPTIONS);
     let psql_args: Vec<String> = [
         "-X",
         "-q",

@@ -322,9 +322,24 @@ impl Pipeline {
         )
         .await
         .map_err(step(db, "planning the schema dump"))?;
-        schema::dump_restore_pre_data(source, target, db, Some(&snapshot), &plan)
-            .await
-            .map_err(step(db, "copying the schema (pre-data)"))?;
+        // Post-data is dumped at the snapshot while pre-data is restored;
+        // each table's indexes are then built as soon as its data is in.
+        let per_table = schema::can_restore_per_table(&plan);
+        let pre_data = schema::dump_restore_pre_data(source, target, db, Some(&snapshot), &plan);
+        let post_data = async {
+            if per_table {
+                schema::PostDataArchive::dump(source, db, Some(&snapshot), &plan)
+                    .await
+                    .map(Some)
+            } else {
+                tracing::warn!(database = db, tools = %plan.tools.describe(),
+                    "no pg_restore next to pg_dump: post-data is restored after the whole copy");
+                Ok(None)
+            }
+        };
+        let (pre, post) = tokio::join!(pre_data, post_data);
+        pre.map_err(step(db, "copying the schema (pre-data)"))?;
+        let archive = post.map_err(step(db, "dumping the schema (post-data)"))?;
 
         let progress = CopyProgress::new(db, self.copy_metrics.clone());
         let p = progress.clone();
@@ -333,33 +348,109 @@ impl Pipeline {
             "copy",
             Arc::new(move || serde_json::to_value(p.snapshot()).unwrap_or_default()),
         );
-        // copy_database logs its own summary line.
-        copy::copy_database(
-            source,
-            target,
-            db,
-            &snapshot,
-            &CopyOptions::from_config(self.cfg()),
-            progress,
-            self.cancel.clone(),
-        )
-        .await
-        .map_err(|e| {
-            if self.cancel.is_cancelled() {
-                PipelineError::Shutdown
-            } else {
-                step(db, "copying data")(e)
-            }
-        })?;
-
-        schema::dump_restore_post_data(source, target, db, Some(&snapshot), &plan)
-            .await
-            .map_err(step(
+        let opts = CopyOptions::from_config(self.cfg());
+        let Some(archive) = archive else {
+            // copy_database logs its own summary line.
+            copy::copy_database(
+                source,
+                target,
                 db,
-                "copying the schema (post-data: indexes, constraints, triggers)",
-            ))?;
+                &snapshot,
+                &opts,
+                progress,
+                self.cancel.clone(),
+            )
+            .await
+            .map_err(|e| self.copy_error(db, e))?;
+            schema::dump_restore_post_data(source, target, db, Some(&snapshot), &plan)
+                .await
+                .map_err(step(
+                    db,
+                    "copying the schema (post-data: indexes, constraints, triggers)",
+                ))?;
+            return self
+                .after_copy(db, repl, snapshot_holder, consistent_point)
+                .await;
+        };
+
+        let post_progress = schema::PostDataProgress::new();
+        let pp = post_progress.clone();
+        self.migration.attach(
+            db,
+            "post_data",
+            Arc::new(move || serde_json::to_value(pp.snapshot()).unwrap_or_default()),
+        );
+        let events = progress.table_events();
+        // Either side failing stops the other; the first real error is reported.
+        let stop = self.cancel.child_token();
+        let copy = async {
+            let r =
+                copy::copy_database(source, target, db, &snapshot, &opts, progress, stop.clone())
+                    .await;
+            if r.is_err() {
+                stop.cancel();
+            }
+            r
+        };
+        let build = async {
+            let r = schema::restore_during_copy(
+                Arc::new(archive),
+                &target.with_dbname(db),
+                self.cfg().index_jobs(),
+                events,
+                post_progress,
+                stop.clone(),
+            )
+            .await;
+            if r.is_err() {
+                stop.cancel();
+            }
+            r
+        };
+        let (copied, built) = tokio::join!(copy, build);
+        if self.cancel.is_cancelled() {
+            return Err(PipelineError::Shutdown);
+        }
+        let post_step = "copying the schema (post-data: indexes, constraints, triggers)";
+        match (copied, built) {
+            (_, Err(e)) if !matches!(e, schema::SchemaError::Canceled) => {
+                return Err(step(db, post_step)(e));
+            }
+            (Err(e), _) => return Err(self.copy_error(db, e)),
+            (Ok(_), Err(e)) => return Err(step(db, post_step)(e)),
+            (Ok(_), Ok(report)) => tracing::info!(
+                database = db,
+                items = report.items,
+                per_table_items = report.per_table_items,
+                tables_during_copy = report.tables_during_copy,
+                rest_items = report.rest_items,
+                rest_seconds = format!("{:.2}", report.rest_seconds),
+                "post-data restored"
+            ),
+        }
+        self.after_copy(db, repl, snapshot_holder, consistent_point)
+            .await
+    }
+
+    fn copy_error(&self, db: &str, e: copy::CopyError) -> PipelineError {
+        if self.cancel.is_cancelled() {
+            PipelineError::Shutdown
+        } else {
+            step(db, "copying data")(e)
+        }
+    }
+
+    /// Sequences and materialized views once the data and post-data are
+    /// in; then the snapshot is released.
+    async fn after_copy(
+        &self,
+        db: &str,
+        repl: Option<ReplicationConnection>,
+        snapshot_holder: Option<tokio_postgres::Client>,
+        consistent_point: Option<Lsn>,
+    ) -> Result<Option<Lsn>, PipelineError> {
         self.sync_sequences(db).await?;
-        schema::refresh_materialized_views(target, db, "after the copy")
+        schema::refresh_materialized_views(&self.ctx.config.target, db, "after the copy")
             .await
             .map_err(step(db, "refreshing materialized views"))?;
 

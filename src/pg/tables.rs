@@ -31,6 +31,8 @@ const FIRST_NORMAL_OID: u32 = 16384;
 /// A source table to copy.
 #[derive(Clone, Debug)]
 pub struct SourceTable {
+    /// The table's OID on the source (what its post-data items hang off).
+    pub oid: u32,
     pub schema: String,
     pub name: String,
     /// Heap + TOAST bytes on the source.
@@ -52,6 +54,16 @@ impl SourceTable {
     pub fn quoted(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
     }
+}
+
+/// A table whose data is all on the target, as the copy announces it
+/// (`CopyProgress::table_events`) to whoever builds its indexes.
+#[derive(Clone, Debug)]
+pub(crate) struct CopiedTable {
+    /// The table's OID on the source.
+    pub oid: u32,
+    /// `schema.table`, for people.
+    pub table: String,
 }
 
 struct TypeInfo {
@@ -120,8 +132,10 @@ pub async fn list_tables(
         if !filter.includes(&schema, &name) {
             continue;
         }
-        oids.push(r.get::<_, u32>(0));
+        let oid = r.get::<_, u32>(0);
+        oids.push(oid);
         tables.push(SourceTable {
+            oid,
             schema,
             name,
             size_bytes: r.get::<_, i64>(3).max(0) as u64,

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Endpoint, MigrationConfig};
 use crate::db::{self, DbError, quote_literal};
-use crate::pg::tables::{SourceTable, list_tables};
+use crate::pg::tables::{CopiedTable, SourceTable, list_tables};
 
 /// A split table is cut into at most this many ranges.
 const MAX_PARTS: u64 = 256;
@@ -177,6 +177,9 @@ impl CopyMetrics {
 
 struct ProgressInner {
     tables: Vec<TableProgress>,
+    oids: Vec<u32>,
+    /// Where completed tables are announced; dropped when the copy ends.
+    copied_tx: Option<tokio::sync::mpsc::UnboundedSender<CopiedTable>>,
     started: Vec<Option<Instant>>,
     started_at: Option<Instant>,
     finished_seconds: Option<f64>,
@@ -232,6 +235,8 @@ impl CopyProgress {
             metrics,
             inner: Mutex::new(ProgressInner {
                 tables: vec![],
+                oids: vec![],
+                copied_tx: None,
                 started: vec![],
                 started_at: None,
                 finished_seconds: None,
@@ -242,6 +247,16 @@ impl CopyProgress {
 
     pub fn database(&self) -> &str {
         &self.database
+    }
+
+    /// Announces every table as soon as all its data is committed on the
+    /// target (so its indexes can be built while the others copy). The
+    /// receiver sees the channel close when the copy ends, successfully or
+    /// not; one subscriber (a later call replaces the earlier one).
+    pub(crate) fn table_events(&self) -> tokio::sync::mpsc::UnboundedReceiver<CopiedTable> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.lock().copied_tx = Some(tx);
+        rx
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ProgressInner> {
@@ -300,6 +315,7 @@ impl CopyProgress {
                 error: None,
             })
             .collect();
+        g.oids = tables.iter().map(|t| t.oid).collect();
         g.started = vec![None; tables.len()];
         g.started_at = Some(Instant::now());
         g.finished_seconds = None;
@@ -365,6 +381,14 @@ impl CopyProgress {
             .filter(|t| t.state == TableState::Copied)
             .count();
         let total = g.tables.len();
+        if let Some(tx) = &g.copied_tx {
+            // A receiver that is gone (post-data failed) stops nothing here:
+            // the copy is being canceled by then.
+            let _ = tx.send(CopiedTable {
+                oid: g.oids[i],
+                table: table.clone(),
+            });
+        }
         drop(g);
         if self.bar.is_hidden() {
             tracing::info!(database = %self.database, table = %table, rows, bytes, seconds = format!("{seconds:.2}"), "table copied");
@@ -382,6 +406,7 @@ impl CopyProgress {
     fn finish(&self) {
         let mut g = self.lock();
         g.finished_seconds = g.started_at.map(|s| s.elapsed().as_secs_f64());
+        g.copied_tx = None;
         drop(g);
         self.bar.finish();
     }
@@ -516,7 +541,14 @@ pub async fn copy_database(
     let started = Instant::now();
     let source = source.with_dbname(db);
     let target = target.with_dbname(db);
-    let (tables, items) = plan(&source, &target, snapshot, opts).await?;
+    let (tables, items) = match plan(&source, &target, snapshot, opts).await {
+        Ok(planned) => planned,
+        Err(e) => {
+            // Ends the table events too: their receiver must not wait on.
+            progress.finish();
+            return Err(e);
+        }
+    };
     let parts: Vec<u32> = (0..tables.len())
         .map(|i| items.iter().filter(|w| w.table == i).count() as u32)
         .collect();
@@ -754,6 +786,7 @@ mod tests {
     #[test]
     fn split_decision() {
         let t = SourceTable {
+            oid: 0,
             schema: "s".into(),
             name: "t".into(),
             size_bytes: 10 << 20,
