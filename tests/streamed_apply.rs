@@ -688,3 +688,36 @@ async fn a_row_the_target_refuses_in_a_streamed_transaction_is_named_and_nothing
         stream.stop().await;
     }
 }
+
+/// A streamed transaction whose own session cannot connect (here the target
+/// database refuses new connections; at a cutover, sessions moving to the
+/// target may have taken every slot) is spilled to a file and applied at
+/// its commit on apply's own session, exactly once: apply does not stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_transaction_without_a_session_of_its_own_is_spilled() {
+    for major in VERSIONS {
+        if !version_or_skip(major, "streamed without a session") {
+            continue;
+        }
+        let s = setup(major, SCHEMA, false).await;
+        let reg = prometheus::Registry::new();
+        let stream = start(&s.cfg, &reg);
+        caught_up(&stream, "connected").await;
+        s.target
+            .psql("postgres", "ALTER DATABASE app ALLOW_CONNECTIONS false");
+        s.source.psql(
+            DB,
+            "INSERT INTO t SELECT g, 'no session', repeat('n', 200) FROM generate_series(1, 3000) g",
+        );
+        let spilled = wait_until(WAIT, || {
+            metric(&reg, "pgshift_apply_spilled_transactions_total") >= 1.0
+        });
+        s.target
+            .psql("postgres", "ALTER DATABASE app ALLOW_CONNECTIONS true");
+        assert!(spilled, "not spilled: {:?}", stream.status.last_error());
+        caught_up(&stream, "spilled").await;
+        assert_same(&s);
+        assert_eq!(s.target.psql(DB, "SELECT count(*) FROM t"), "3000");
+        stream.stop().await;
+    }
+}

@@ -366,29 +366,40 @@ impl Applier {
     }
 
     /// A new streamed transaction: a session of its own while the pool has
-    /// one, else a spill file.
+    /// one and the target lets it connect, else a spill file.
     async fn open_streamed(&mut self, xid: u32) -> Result<(), ApplyError> {
         if self.streamed.live.len() < self.opts.streamed_sessions {
-            let mut apply = Applier::connect_child(&self.target, &self.opts, &self.origin).await?;
-            apply.begin(Begin {
-                // Unknown until Stream Commit, which decides whether the
-                // transaction is applied or skipped.
-                final_lsn: Lsn(u64::MAX),
-                commit_time: 0,
+            match Applier::connect_child(&self.target, &self.opts, &self.origin).await {
+                Ok(mut apply) => {
+                    apply.begin(Begin {
+                        // Unknown until Stream Commit, which decides whether
+                        // the transaction is applied or skipped.
+                        final_lsn: Lsn(u64::MAX),
+                        commit_time: 0,
+                        xid,
+                    })?;
+                    self.streamed
+                        .live
+                        .insert(xid, Box::new(LiveTxn::start(apply, xid)));
+                    return Ok(());
+                }
+                // E.g. no connection slot left (sessions moving at a
+                // cutover take them): the main session is enough.
+                Err(e) => tracing::warn!(
+                    database = %self.opts.database,
+                    xid,
+                    "cannot open a target session for a streamed transaction ({e}): it is spilled to a temporary file and applied at its commit"
+                ),
+            }
+        } else {
+            tracing::info!(
+                database = %self.opts.database,
                 xid,
-            })?;
-            self.streamed
-                .live
-                .insert(xid, Box::new(LiveTxn::start(apply, xid)));
-            return Ok(());
+                open = self.streamed.len(),
+                sessions = self.opts.streamed_sessions,
+                "more streamed transactions are open than apply has sessions for: this one is spilled to a temporary file and applied at its commit"
+            );
         }
-        tracing::info!(
-            database = %self.opts.database,
-            xid,
-            open = self.streamed.len(),
-            sessions = self.opts.streamed_sessions,
-            "more streamed transactions are open than apply has sessions for: this one is spilled to a temporary file and applied at its commit"
-        );
         self.progress.spilled(&self.opts.database);
         let file = tempfile::tempfile().map_err(|e| self.spill_error(xid, e))?;
         self.streamed.spilled.insert(
