@@ -39,8 +39,13 @@ use super::sessions::{BackendRef, NewSession, SessionInfo};
 use crate::wire::messages::{self, TxStatus};
 use crate::wire::{PgStream, ServerConnection, WireError};
 
-const CLIENT_READ_RESERVE: usize = 16 * 1024;
-const SERVER_READ_RESERVE: usize = 64 * 1024;
+/// Read buffers start at this size and return to it when the session is
+/// idle: an idle session holds two small buffers, not the largest burst it
+/// ever read (10,000 idle sessions cost 10,000 × both buffers).
+const IDLE_READ: usize = 2 * 1024;
+/// A read that fills its buffer grows the next one fourfold, up to these.
+const CLIENT_READ_MAX: usize = 16 * 1024;
+const SERVER_READ_MAX: usize = 64 * 1024;
 
 /// Runs a session to its end.
 pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
@@ -94,8 +99,7 @@ pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
         return;
     }
     let max = shared.limits.max_message_size;
-    let mut cbuf = leftover;
-    cbuf.reserve(CLIENT_READ_RESERVE);
+    let cbuf = leftover;
     let ServerConnection {
         stream: server,
         reader,
@@ -115,12 +119,16 @@ pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
         sbuf: reader.buf,
         c_out: Outgoing::default(),
         s_out: Outgoing::default(),
+        c_read: ReadSize::new(CLIENT_READ_MAX),
+        s_read: ReadSize::new(SERVER_READ_MAX),
         cscan: Scanner::new(max),
         sscan: Scanner::new(max),
         st: State::new(status, server_params),
         entered: false,
         requests: 0,
     };
+    // The startup's buffers were sized for authentication.
+    s.shrink_idle();
     let end = s.relay().await;
     s.finish(end).await;
 }
@@ -321,6 +329,8 @@ pub(super) struct Session {
     /// The scanned head of `sbuf` not yet written to the client. The move
     /// works on `sbuf` only when this is empty ([`Session::flush_out`]).
     s_out: Outgoing,
+    c_read: ReadSize,
+    s_read: ReadSize,
     cscan: Scanner,
     pub(super) sscan: Scanner,
     pub(super) st: State,
@@ -331,9 +341,44 @@ pub(super) struct Session {
     pub(super) requests: u64,
 }
 
-fn reserve(buf: &mut BytesMut, amount: usize) {
-    if buf.capacity() - buf.len() < amount / 4 {
-        buf.reserve(amount);
+/// How much one direction reads at a time.
+struct ReadSize {
+    want: usize,
+    max: usize,
+    /// Room in the buffer when the last read was polled.
+    room: usize,
+}
+
+impl ReadSize {
+    fn new(max: usize) -> ReadSize {
+        ReadSize {
+            want: IDLE_READ,
+            max,
+            room: 0,
+        }
+    }
+
+    /// Makes room in `buf` for the next read.
+    fn reserve(&mut self, buf: &mut BytesMut) {
+        if buf.capacity() - buf.len() < self.want / 4 {
+            buf.reserve(self.want);
+        }
+        self.room = buf.capacity() - buf.len();
+    }
+
+    /// A read of `n` bytes came in: one that filled the room asks for more.
+    fn read(&mut self, n: usize) {
+        if n >= self.room {
+            self.want = (self.want * 4).min(self.max);
+        }
+    }
+
+    /// Back to the idle size: `buf` (empty) is let go if it grew.
+    fn shrink(&mut self, buf: &mut BytesMut) {
+        self.want = IDLE_READ;
+        if buf.is_empty() && buf.capacity() > IDLE_READ {
+            *buf = BytesMut::new();
+        }
     }
 }
 
@@ -401,10 +446,10 @@ impl Session {
         let mut server_first = true;
         loop {
             if self.c_out.idle() {
-                reserve(&mut self.cbuf, CLIENT_READ_RESERVE);
+                self.c_read.reserve(&mut self.cbuf);
             }
             if self.s_out.idle() {
-                reserve(&mut self.sbuf, SERVER_READ_RESERVE);
+                self.s_read.reserve(&mut self.sbuf);
             }
             server_first = !server_first;
             let event = std::future::poll_fn(|cx| {
@@ -448,9 +493,15 @@ impl Session {
             .await;
             let end = match event {
                 Event::Client(Ok(0) | Err(_)) => Some(self.client_gone().await),
-                Event::Client(Ok(_)) => self.on_client_data().await,
+                Event::Client(Ok(n)) => {
+                    self.c_read.read(n);
+                    self.on_client_data().await
+                }
                 Event::Server(Ok(0) | Err(_)) => Some(self.server_lost().await),
-                Event::Server(Ok(_)) => self.on_server_data().await,
+                Event::Server(Ok(n)) => {
+                    self.s_read.read(n);
+                    self.on_server_data().await
+                }
                 Event::ClientWrite => Some(self.client_gone().await),
                 Event::ServerWrite => Some(self.server_lost().await),
                 Event::Wake => self.on_wake().await,
@@ -458,6 +509,17 @@ impl Session {
             if let Some(end) = end {
                 return end;
             }
+        }
+    }
+
+    /// Between transactions: read buffers back to their idle size (those
+    /// holding bytes stay as they are).
+    fn shrink_idle(&mut self) {
+        if self.c_out.idle() {
+            self.c_read.shrink(&mut self.cbuf);
+        }
+        if self.s_out.idle() {
+            self.s_read.shrink(&mut self.sbuf);
         }
     }
 
@@ -578,6 +640,7 @@ impl Session {
             if let Some(end) = self.flush_out().await {
                 return Some(end);
             }
+            self.shrink_idle();
             if self.shared.is_draining() {
                 return Some(self.close_for_shutdown().await);
             }
