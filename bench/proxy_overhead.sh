@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Proxy overhead: pgbench direct vs through pgshift vs through PgBouncer
 # (session mode), select-only and TPC-B, -M simple and -M prepared, each
-# repeated REPS times; prints TPS, mean latency and the ratios
-# pgshift/direct and pgshift/PgBouncer.
+# repeated REPS times; clients on TCP, and on each proxy's Unix-domain
+# socket (pgshift's proxy.unix_socket_dir, PgBouncer's unix_socket_dir;
+# both proxies reach the server over TCP either way). Prints TPS, mean
+# latency and the ratios pgshift/direct and pgshift/PgBouncer (per
+# transport, averaged and per repetition).
 #
 #   bench/proxy_overhead.sh            # defaults: scale 10, 8 clients, 20 s, 3 reps
 #   DURATION=30 REPS=5 bench/proxy_overhead.sh
@@ -19,7 +22,7 @@ DURATION=${DURATION:-20}
 REPS=${REPS:-3}
 WORKLOADS=${WORKLOADS:-select-only tpcb}
 MODES=${MODES:-simple prepared}
-TARGETS=${TARGETS:-direct pgshift pgbouncer}
+TARGETS=${TARGETS:-direct pgshift pgbouncer pgshift-unix pgbouncer-unix}
 PGBIN=${PGBIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PGSHIFT=${PGSHIFT:-$ROOT/target/release/pgshift}
@@ -67,6 +70,7 @@ export PGPASSWORD=$PW PGSSLMODE=disable PGUSER=postgres
 cat > "$WORK/pgshift.toml" <<CONF
 [proxy]
 listen = "127.0.0.1:$SHIFT_PORT"
+unix_socket_dir = "$WORK"
 auth = "scram-sha-256"
 [[proxy.users]]
 name = "postgres"
@@ -91,7 +95,7 @@ postgres = host=127.0.0.1 port=$PG_PORT dbname=postgres
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $BOUNCER_PORT
-unix_socket_dir =
+unix_socket_dir = $WORK
 auth_type = scram-sha-256
 auth_file = $WORK/userlist.txt
 pool_mode = session
@@ -112,9 +116,9 @@ for port in $SHIFT_PORT $BOUNCER_PORT; do
 done
 
 # One pgbench run: prints "tps latency_ms".
-run() { # port mode select_only
-  local extra=(); [ "$3" = 1 ] && extra=(-S)
-  "$PGBIN/pgbench" -h 127.0.0.1 -p "$1" -M "$2" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" -n \
+run() { # host port mode select_only
+  local extra=(); [ "$4" = 1 ] && extra=(-S)
+  "$PGBIN/pgbench" -h "$1" -p "$2" -M "$3" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" -n \
     "${extra[@]}" postgres 2>&1 |
     awk '/^tps = /{tps=$3} /^latency average = /{lat=$4} /failed transactions: [1-9]/{print "FAILED"; exit 1} END{print tps, lat}'
 }
@@ -128,8 +132,11 @@ for rep in $(seq "$REPS"); do
     sel=0; [ "$workload" = select-only ] && sel=1
     for mode in $MODES; do
       for target in $TARGETS; do
-        case $target in direct) port=$PG_PORT ;; pgshift) port=$SHIFT_PORT ;; pgbouncer) port=$BOUNCER_PORT ;; esac
-        read -r tps lat < <(run "$port" "$mode" "$sel")
+        host=127.0.0.1; case $target in *-unix) host=$WORK ;; esac
+        case $target in
+          direct) port=$PG_PORT ;; pgshift*) port=$SHIFT_PORT ;; pgbouncer*) port=$BOUNCER_PORT ;;
+        esac
+        read -r tps lat < <(run "$host" "$port" "$mode" "$sel")
         echo "$workload $mode $target $rep $tps $lat" | tee -a "$RESULTS" >&2
       done
     done
@@ -137,17 +144,25 @@ for rep in $(seq "$REPS"); do
 done
 
 echo
-printf '%-12s %-9s %12s %12s %12s %9s %9s %9s %9s\n' workload mode direct_tps pgshift_tps bouncer_tps \
-  shift/dir shift/pgb lat_shift lat_pgb
+# direct_tps is direct over TCP for both transports (the server's own
+# socket trusts local clients: no SCRAM, not the same work).
+printf '%-12s %-9s %-9s %12s %12s %12s %9s %9s %9s %9s %s\n' workload mode transport direct_tps pgshift_tps \
+  bouncer_tps shift/dir shift/pgb lat_shift lat_pgb shift/pgb_per_rep
 for workload in $WORKLOADS; do
   for mode in $MODES; do
-    awk -v w="$workload" -v m="$mode" '
-      $1==w && $2==m { tps[$3]+=$5; lat[$3]+=$6; n[$3]++ }
-      END {
-        if (!n["direct"] || !n["pgshift"] || !n["pgbouncer"]) { print w, m, "(not all targets ran)"; exit }
-        d=tps["direct"]/n["direct"]; s=tps["pgshift"]/n["pgshift"]; b=tps["pgbouncer"]/n["pgbouncer"];
-        printf "%-12s %-9s %12.0f %12.0f %12.0f %9.2f %9.2f %8.3fms %8.3fms\n", w, m, d, s, b, s/d, s/b,
-          lat["pgshift"]/n["pgshift"], lat["pgbouncer"]/n["pgbouncer"]
-      }' "$RESULTS"
+    for transport in tcp unix; do
+      awk -v w="$workload" -v m="$mode" -v t="$transport" '
+        function key(target) { return t == "unix" ? target "-unix" : target }
+        $1==w && $2==m { tps[$3]+=$5; lat[$3]+=$6; n[$3]++; rep[$3, $4]=$5; if ($4 > reps) reps=$4 }
+        END {
+          s_=key("pgshift"); b_=key("pgbouncer")
+          if (!n["direct"] || !n[s_] || !n[b_]) { exit }
+          d=tps["direct"]/n["direct"]; s=tps[s_]/n[s_]; b=tps[b_]/n[b_];
+          per=""
+          for (r=1; r<=reps; r++) if (rep[b_, r] > 0) per=per (per=="" ? "" : "/") sprintf("%.2f", rep[s_, r]/rep[b_, r])
+          printf "%-12s %-9s %-9s %12.0f %12.0f %12.0f %9.2f %9.2f %8.3fms %8.3fms %s\n", w, m, t, d, s, b, s/d, s/b,
+            lat[s_]/n[s_], lat[b_]/n[b_], per
+        }' "$RESULTS"
+    done
   done
 done

@@ -20,6 +20,9 @@ here = os.path.dirname(os.path.abspath(__file__))
 
 TITLES = {
     "proxy_overhead": ("Proxy overhead", "pgbench through pgshift vs directly vs through PgBouncer (session mode)."),
+    "idle_sessions": ("Idle sessions", "N idle client connections (startup and SCRAM done) through pgshift, then "
+                      "through PgBouncer (session mode): each proxy's RSS per session, (peak RSS with N open "
+                      "- RSS before) / N."),
     "copy": ("Initial copy", "Schema + data + indexes onto an empty target: pgbench scale 100, and 200 small "
              "tables plus one larger than them together."),
     "apply": ("Apply throughput", "Draining a TPC-B backlog, and streaming under a live load."),
@@ -93,7 +96,7 @@ print("**Machine**: " + ", ".join(x for x in [
 note = notes()
 if note.get("summary"):
     print(note["summary"] + "\n")
-for name in ["proxy_overhead", "copy", "apply", "large_txn", "cutover", "fuzz"]:
+for name in ["proxy_overhead", "idle_sessions", "copy", "apply", "large_txn", "cutover", "fuzz"]:
     title, what = TITLES[name]
     print(f"## {title} (`bench/{name}.sh`)\n")
     print(what + "\n")
@@ -105,9 +108,9 @@ for name in ["proxy_overhead", "copy", "apply", "large_txn", "cutover", "fuzz"]:
     commit = read(name, "commit")
     print(f"Run: {date}" + (f", commit `{commit}`" if commit else "")
           + f"; load average before it: `{load.split('load average:')[-1].strip() if load else '?'}`\n")
-    # proxy_overhead and copy print a preamble (settings, source size) first.
+    # proxy_overhead, idle_sessions and copy print a preamble (settings, source size) first.
     head, summary = "", txt
-    if name in ("proxy_overhead", "copy"):
+    if name in ("proxy_overhead", "idle_sessions", "copy"):
         head, _, summary = txt.partition("\n\n")
     if head:
         print("\n".join("    " + l for l in head.splitlines()) + "\n")

@@ -12,7 +12,7 @@
 # NAME.cmd (the exact command); JSON lines in bench/results/*.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ONLY=${ONLY:-proxy_overhead copy apply large_txn cutover lag_run fuzz}
+ONLY=${ONLY:-proxy_overhead idle_sessions copy apply large_txn cutover lag_run fuzz}
 OUT=bench/results/latest
 mkdir -p "$OUT"
 cargo build --release --quiet
@@ -20,6 +20,7 @@ export NO_BUILD=1
 
 declare -A ENVS=(
   [proxy_overhead]="${PROXY_ENV:-}"
+  [idle_sessions]="${IDLE_ENV:-}"
   [copy]="${COPY_ENV:-}"
   [apply]="${APPLY_ENV:-}"
   [large_txn]="${LARGE_TXN_ENV:-}"
@@ -29,6 +30,7 @@ declare -A ENVS=(
 )
 if [ -n "${QUICK:-}" ]; then
   ENVS[proxy_overhead]=${PROXY_ENV:-"DURATION=10 REPS=2"}
+  ENVS[idle_sessions]=${IDLE_ENV:-"N=2000"}
   ENVS[copy]=${COPY_ENV:-"SCALE=20"}
   ENVS[apply]=${APPLY_ENV:-"N=50000 REPS=2 LIVE_SECONDS=20"}
   ENVS[large_txn]=${LARGE_TXN_ENV:-"ROWS=500000"}

@@ -236,6 +236,9 @@ pub struct ProxyConfig {
     /// Threads relaying client sessions (0: one per CPU core).
     #[serde(default)]
     pub relay_threads: usize,
+    /// A directory for a Unix-domain socket `.s.PGSQL.<port>` (port: the
+    /// one of `listen`), beside the TCP listener.
+    pub unix_socket_dir: Option<PathBuf>,
     #[serde(default)]
     pub users: Vec<ProxyUser>,
 }
@@ -648,6 +651,13 @@ impl Config {
                 env,
             )?));
         }
+        if let Some(p) = &file.proxy.unix_socket_dir {
+            file.proxy.unix_socket_dir = Some(PathBuf::from(expand(
+                "proxy.unix_socket_dir",
+                &p.to_string_lossy(),
+                env,
+            )?));
+        }
         file.source.url = Secret(expand_conn("source.url", file.source.url.expose(), env)?);
         file.target.url = Secret(expand_conn("target.url", file.target.url.expose(), env)?);
         file.admin.listen = expand("admin.listen", &file.admin.listen, env)?;
@@ -669,6 +679,7 @@ impl Config {
         let target = Endpoint::parse("target.url", file.target.url.expose())?;
 
         validate_proxy(&file.proxy)?;
+        validate_unix_socket_dir(&file.proxy, proxy_listen.port())?;
         if let Some(m) = &file.migration {
             validate_migration(m)?;
             // The control schema lives in the target URL's database; overwriting a
@@ -749,6 +760,42 @@ fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
         .map_err(|e| ConfigError::invalid(key, format!("`{s}` is not a host:port address ({e})")))?
         .next()
         .ok_or_else(|| ConfigError::invalid(key, format!("`{s}` resolves to no address")))
+}
+
+/// The Unix-domain socket file for `port` in `dir`, named as PostgreSQL and
+/// PgBouncer name theirs.
+pub fn unix_socket_path(dir: &Path, port: u16) -> PathBuf {
+    dir.join(format!(".s.PGSQL.{port}"))
+}
+
+/// `sun_path` is 108 bytes on Linux, the terminating NUL included.
+const MAX_UNIX_SOCKET_PATH: usize = 107;
+
+/// The socket's path must fit in `sun_path`; an empty value is a mistake
+/// (an unset variable), not "no socket" — that is leaving the key out.
+fn validate_unix_socket_dir(p: &ProxyConfig, port: u16) -> Result<(), ConfigError> {
+    let Some(dir) = &p.unix_socket_dir else {
+        return Ok(());
+    };
+    if dir.as_os_str().is_empty() {
+        return Err(ConfigError::invalid(
+            "proxy.unix_socket_dir",
+            "is empty; name a directory or remove the key",
+        ));
+    }
+    let path = unix_socket_path(dir, port);
+    let len = path.as_os_str().len();
+    if len > MAX_UNIX_SOCKET_PATH {
+        return Err(ConfigError::invalid(
+            "proxy.unix_socket_dir",
+            format!(
+                "the socket path {} is {len} bytes long; the limit is {} (choose a shorter directory)",
+                path.display(),
+                MAX_UNIX_SOCKET_PATH
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_proxy(p: &ProxyConfig) -> Result<(), ConfigError> {

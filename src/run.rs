@@ -35,6 +35,7 @@ pub struct Running {
     pub ctx: Arc<Context>,
     pub proxy: crate::proxy::ProxyHandle,
     proxy_task: JoinHandle<()>,
+    unix_task: Option<JoinHandle<()>>,
     admin_task: JoinHandle<std::io::Result<()>>,
     migration_task: Option<JoinHandle<()>>,
 }
@@ -45,6 +46,9 @@ impl Running {
     pub async fn shutdown(self) {
         self.ctx.shutdown.cancel();
         let _ = self.proxy_task.await;
+        if let Some(u) = self.unix_task {
+            let _ = u.await;
+        }
         if let Some(m) = self.migration_task {
             let _ = m.await;
         }
@@ -53,13 +57,22 @@ impl Running {
     }
 }
 
-/// Starts pgshift from a resolved config: both ports are bound before
-/// anything starts, so a port in use refuses the start cleanly and names its
-/// key; the migration's persisted state is read before the proxy serves, so
+/// Starts pgshift from a resolved config: both ports (and the proxy's Unix
+/// socket) are bound before anything starts, so a port in use refuses the
+/// start cleanly and names its key; the migration's persisted state is read before the proxy serves, so
 /// a switched migration routes to the target from the first connection.
 pub async fn start(config: Config) -> Result<Running, RunError> {
     let proxy_listener = bind("proxy.listen", config.proxy_listen).await?;
     let admin_listener = bind("admin.listen", config.admin_listen).await?;
+    // Named after the port the proxy listens on (the one bound, should the
+    // config ask for any free port).
+    let unix_socket = match &config.proxy().unix_socket_dir {
+        Some(dir) => Some(
+            crate::proxy::UnixSocket::bind(dir, proxy_listener.local_addr()?.port())
+                .map_err(crate::proxy::ProxyError::from)?,
+        ),
+        None => None,
+    };
     let ctx = Context::new(config);
     let proxy = crate::proxy::Proxy::build(ctx.clone())?;
     let p = proxy.clone();
@@ -69,10 +82,12 @@ pub async fn start(config: Config) -> Result<Running, RunError> {
     let admin_task = tokio::spawn(crate::admin::serve(admin_listener, router, ctx.clone()));
     // On shutdown the proxy task stops accepting and drains for proxy.shutdown_timeout.
     let proxy_task = proxy.serve(proxy_listener);
+    let unix_task = unix_socket.map(|s| proxy.serve_unix(s));
     Ok(Running {
         ctx,
         proxy,
         proxy_task,
+        unix_task,
         admin_task,
         migration_task,
     })

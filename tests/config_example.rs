@@ -55,6 +55,7 @@ fn example_config_mentions_every_key() {
         "shutdown_timeout",
         "server_connect_timeout",
         "relay_threads",
+        "unix_socket_dir",
         "name",
         "password",
         "url",
@@ -92,9 +93,14 @@ fn example_config_mentions_every_key() {
     // Commented-out optional keys still parse when enabled.
     let enabled = EXAMPLE
         .replace("# token =", "token =")
-        .replace("# window =", "window =");
+        .replace("# window =", "window =")
+        .replace("# unix_socket_dir =", "unix_socket_dir =");
     let c = Config::from_toml(&enabled, &env).unwrap();
     assert!(c.file.admin.token.is_some() && c.cutover().window.is_some());
+    assert_eq!(
+        c.proxy().unix_socket_dir.as_deref(),
+        Some(std::path::Path::new("/var/run/pgshift"))
+    );
 }
 
 /// Runs the pgshift binary with the example's variables set (and `extra_env`).

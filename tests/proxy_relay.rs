@@ -310,3 +310,113 @@ async fn psql_ctrl_c_cancels_through_the_proxy() {
     // Cancelled, not run to its end.
     assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
 }
+
+/// Each direction of a session's relay progresses on its own (issue 16):
+/// a client streams a COPY IN and reads nothing until it has sent all of
+/// it, while the server sends a 2 kB NOTICE per 100-byte row. A relay that
+/// waits for the server to take a client chunk before it forwards the
+/// server's messages stalls here: while it waits, the server produces 20×
+/// that chunk in NOTICEs, blocks writing them once the sockets between them
+/// are full, and stops reading. (The relay before this test stalled at
+/// 50,000 rows and got through 20,000.) The client's receive buffer is made
+/// large enough for every NOTICE (about 125 MB), so a direct connection
+/// would not stall either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_while_the_server_floods_notices_does_not_stall() {
+    use std::os::fd::AsRawFd;
+    use tokio::io::AsyncWriteExt;
+    const ROWS: usize = 60_000;
+    const PAD: usize = 100;
+    const NOTICE: usize = 2_000;
+    let pg = Cluster::start();
+    pg.psql(
+        "postgres",
+        &format!(
+            "CREATE TABLE noisy (id int, pad text);
+             CREATE FUNCTION shout() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE NOTICE 'row % {}', NEW.id; RETURN NEW; END $$;
+             CREATE TRIGGER shout BEFORE INSERT ON noisy FOR EACH ROW EXECUTE FUNCTION shout();",
+            "n".repeat(NOTICE)
+        ),
+    );
+    let proxy = start_proxy_with(&pg, "trust", "").await;
+
+    // The client's receive buffer holds every NOTICE it does not read yet:
+    // SO_RCVBUFFORCE, past net.core.rmem_max (needs CAP_NET_ADMIN).
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    let size: libc::c_int = 256 << 20;
+    // SAFETY: a valid socket and a c_int option value of the right length.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "SO_RCVBUFFORCE: {} (the test needs CAP_NET_ADMIN)",
+        std::io::Error::last_os_error()
+    );
+    let mut s = sock
+        .connect(format!("127.0.0.1:{}", proxy.port).parse().unwrap())
+        .await
+        .unwrap();
+    let params = vec![
+        ("user".to_string(), SUPERUSER.to_string()),
+        ("database".to_string(), "postgres".to_string()),
+    ];
+    s.write_all(&pgshift::wire::messages::startup_message(&params))
+        .await
+        .unwrap();
+    while let Some((tag, body)) = read_msg(&mut s).await {
+        assert_ne!(tag, b'E', "{}", String::from_utf8_lossy(&body));
+        if tag == b'Z' {
+            break;
+        }
+    }
+
+    let run = async move {
+        use pgshift::wire::messages::message;
+        // Everything first: the query, every row, CopyDone — no reads.
+        s.write_all(&message(b'Q', b"COPY noisy FROM STDIN\0"))
+            .await
+            .unwrap();
+        let pad = "x".repeat(PAD);
+        let mut chunk = Vec::new();
+        for i in 0..ROWS {
+            chunk.extend_from_slice(&message(b'd', format!("{i}\t{pad}\n").as_bytes()));
+            if chunk.len() > 256 * 1024 {
+                s.write_all(&chunk).await.unwrap();
+                chunk.clear();
+            }
+        }
+        chunk.extend_from_slice(&message(b'c', b""));
+        s.write_all(&chunk).await.unwrap();
+        // Then everything the server said.
+        let (mut notices, mut done) = (0usize, String::new());
+        while let Some((tag, body)) = read_msg(&mut s).await {
+            match tag {
+                b'N' => notices += 1,
+                b'C' => done = String::from_utf8_lossy(&body).trim_end_matches('\0').into(),
+                b'E' => panic!("COPY failed: {}", String::from_utf8_lossy(&body)),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        (notices, done)
+    };
+    // A failsafe only: the relay either stalls for good or finishes.
+    let (notices, done) = tokio::time::timeout(Duration::from_secs(300), run)
+        .await
+        .expect("the relay stalled: COPY data and NOTICEs wait on each other");
+    assert_eq!(notices, ROWS);
+    assert_eq!(done, format!("COPY {ROWS}"));
+    assert_eq!(
+        pg.psql("postgres", "SELECT count(*) FROM noisy"),
+        ROWS.to_string()
+    );
+}

@@ -7,8 +7,39 @@
 //! server could have; replication connections are not proxied.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+
+/// Where a client connects from: a TCP address, or the Unix-domain socket
+/// (`proxy.unix_socket_dir`), which has no address worth naming — logs and
+/// `/status` say "unix", and all its clients count as one address for the
+/// per-address startup limit (they are processes on this host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    Unix,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(a) => a.fmt(f),
+            Peer::Unix => f.write_str("unix"),
+        }
+    }
+}
+
+impl Peer {
+    /// The key of the per-address startup limit: the IP address (None:
+    /// the Unix socket).
+    fn address(self) -> Option<IpAddr> {
+        match self {
+            // An IPv4 client on a dual-stack socket is one address, however written.
+            Peer::Tcp(a) => Some(a.ip().to_canonical()),
+            Peer::Unix => None,
+        }
+    }
+}
 
 /// PostgreSQL's NAMEDATALEN - 1: the longest user or database name.
 pub(crate) const MAX_NAME_BYTES: usize = 63;
@@ -38,7 +69,7 @@ impl Full {
 #[derive(Debug, Default)]
 struct Counts {
     total: usize,
-    by_address: HashMap<IpAddr, usize>,
+    by_address: HashMap<Option<IpAddr>, usize>,
 }
 
 /// The startup slots.
@@ -58,10 +89,9 @@ impl StartupSlots {
         })
     }
 
-    /// A slot for a connection from `ip`, released when dropped.
-    pub(crate) fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<StartupSlot, Full> {
-        // An IPv4 client on a dual-stack socket is one address, however written.
-        let ip = ip.to_canonical();
+    /// A slot for a connection from `peer`, released when dropped.
+    pub(crate) fn acquire(self: &Arc<Self>, peer: Peer) -> Result<StartupSlot, Full> {
+        let ip = peer.address();
         let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if c.total >= self.max_total {
             return Err(Full::Total(self.max_total));
@@ -89,7 +119,7 @@ impl StartupSlots {
 #[derive(Debug)]
 pub(crate) struct StartupSlot {
     slots: Arc<StartupSlots>,
-    ip: IpAddr,
+    ip: Option<IpAddr>,
 }
 
 impl Drop for StartupSlot {
@@ -213,8 +243,8 @@ mod tests {
     #[test]
     fn slots_per_address_and_total() {
         let s = StartupSlots::new(3, 2);
-        let a: IpAddr = "127.0.0.2".parse().unwrap();
-        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let a = Peer::Tcp("127.0.0.2:5000".parse().unwrap());
+        let b = Peer::Tcp("127.0.0.3:5000".parse().unwrap());
         let a1 = s.acquire(a).unwrap();
         let _a2 = s.acquire(a).unwrap();
         assert_eq!(s.acquire(a).unwrap_err(), Full::PerAddress(2));
@@ -223,5 +253,18 @@ mod tests {
         drop(a1);
         assert!(s.acquire(b).is_ok());
         assert_eq!(s.in_use(), 2);
+    }
+
+    #[test]
+    fn unix_clients_are_one_address() {
+        let s = StartupSlots::new(3, 1);
+        let u1 = s.acquire(Peer::Unix).unwrap();
+        assert_eq!(s.acquire(Peer::Unix).unwrap_err(), Full::PerAddress(1));
+        let _t = s
+            .acquire(Peer::Tcp("127.0.0.1:1".parse().unwrap()))
+            .unwrap();
+        drop(u1);
+        assert!(s.acquire(Peer::Unix).is_ok());
+        assert_eq!(Peer::Unix.to_string(), "unix");
     }
 }

@@ -4,16 +4,16 @@
 //! only an authenticated client takes a place under
 //! `proxy.max_client_connections`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 
 use super::Shared;
-use super::admission::{self, StartupSlot};
+use super::admission::{self, Peer, StartupSlot};
+use super::unix::UnixSocket;
 use crate::wire::frame::{FrameReader, read_startup_packet};
 use crate::wire::messages::StartupPacket;
 use crate::wire::{ErrorFields, PgStream, WireError};
@@ -29,7 +29,7 @@ pub(crate) struct Authed {
     pub params: Vec<(String, String)>,
     pub user: String,
     pub database: String,
-    pub peer: SocketAddr,
+    pub peer: Peer,
     pub slot: ClientSlot,
 }
 
@@ -61,27 +61,100 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             _ = shared.stop_accepting.cancelled() => break,
             _ = shared.ctx.shutdown.cancelled() => break,
             r = listener.accept() => match r {
-                Ok((tcp, peer)) => {
-                    shared.metrics.client_connections_total.inc();
-                    match shared.startup_slots.acquire(peer.ip()) {
-                        Ok(slot) => hand_over(&shared, tcp, peer, slot),
-                        Err(full) => refuse_full(&shared, &tcp, peer, full),
-                    }
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
+                Ok((tcp, peer)) => admit(&shared, Accepted::Tcp(tcp), Peer::Tcp(peer)),
+                Err(e) => accept_failed(e).await,
             }
         }
     }
     tracing::info!("proxy stopped accepting connections");
 }
 
+/// The accept loop of the Unix-domain socket: the same path from here on as
+/// a TCP client's, but TLS is never offered (as PostgreSQL does not on its
+/// sockets). The socket file is removed when the loop ends.
+pub(crate) async fn accept_unix_loop(shared: Arc<Shared>, socket: UnixSocket) {
+    let listener = match socket.listener() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(path = %socket.path().display(), "cannot poll the Unix socket: {e}");
+            return;
+        }
+    };
+    tracing::info!(path = %socket.path().display(), "proxy listening");
+    loop {
+        tokio::select! {
+            _ = shared.stop_accepting.cancelled() => break,
+            _ = shared.ctx.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((unix, _)) => admit(&shared, Accepted::Unix(unix), Peer::Unix),
+                Err(e) => accept_failed(e).await,
+            }
+        }
+    }
+    drop(listener);
+    drop(socket);
+}
+
+/// Out of file descriptors and the like: back off, keep serving.
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!("accept failed: {e}");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+}
+
+/// An accepted connection, before it moves to its relay thread.
+enum Accepted {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// The same, detached from the accepting thread's poller.
+enum Detached {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Accepted {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Accepted::Tcp(s) => s.try_write(buf),
+            Accepted::Unix(s) => s.try_write(buf),
+        }
+    }
+
+    fn detach(self) -> std::io::Result<Detached> {
+        Ok(match self {
+            Accepted::Tcp(s) => Detached::Tcp(s.into_std()?),
+            Accepted::Unix(s) => Detached::Unix(s.into_std()?),
+        })
+    }
+}
+
+impl Detached {
+    /// Registers the socket with the current thread's poller.
+    fn attach(self) -> std::io::Result<PgStream> {
+        Ok(match self {
+            Detached::Tcp(s) => {
+                let tcp = TcpStream::from_std(s)?;
+                let _ = tcp.set_nodelay(true);
+                PgStream::Plain(tcp)
+            }
+            Detached::Unix(s) => PgStream::Unix(UnixStream::from_std(s)?),
+        })
+    }
+}
+
+/// Takes a startup slot for the connection, or refuses it.
+fn admit(shared: &Arc<Shared>, conn: Accepted, peer: Peer) {
+    shared.metrics.client_connections_total.inc();
+    match shared.startup_slots.acquire(peer) {
+        Ok(slot) => hand_over(shared, conn, peer, slot),
+        Err(full) => refuse_full(shared, &conn, peer, full),
+    }
+}
+
 /// Refuses a connection over a startup limit at once, without reading from
 /// it: a flood costs an accept and a close each.
-fn refuse_full(shared: &Shared, tcp: &TcpStream, peer: SocketAddr, full: admission::Full) {
+fn refuse_full(shared: &Shared, conn: &Accepted, peer: Peer, full: admission::Full) {
     shared.metrics.error("startup_limit");
     // A flood must not flood the log too: one warning per interval.
     static LAST_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -92,15 +165,15 @@ fn refuse_full(shared: &Shared, tcp: &TcpStream, peer: SocketAddr, full: admissi
     }
     let frame = ErrorFields::new("FATAL", "53300", full.message()).to_frame();
     // A fresh socket's send buffer takes this at once; if not, the close says enough.
-    let _ = tcp.try_write(&frame);
+    let _ = conn.try_write(&frame);
 }
 
 /// Moves an accepted connection to a relay thread ([`super::workers`]): its
 /// socket is registered with that thread's poller, so the session never
 /// wakes another thread.
-fn hand_over(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, slot: StartupSlot) {
-    let tcp = match tcp.into_std() {
-        Ok(t) => t,
+fn hand_over(shared: &Arc<Shared>, conn: Accepted, peer: Peer, slot: StartupSlot) {
+    let conn = match conn.detach() {
+        Ok(c) => c,
         Err(e) => {
             tracing::warn!(%peer, "cannot hand the connection to a relay thread: {e}");
             return;
@@ -108,8 +181,8 @@ fn hand_over(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, slot: Start
     };
     let shared = shared.clone();
     shared.workers.next().clone().spawn(async move {
-        match TcpStream::from_std(tcp) {
-            Ok(tcp) => handle(shared, tcp, peer, slot).await,
+        match conn.attach() {
+            Ok(stream) => handle(shared, stream, peer, slot).await,
             Err(e) => {
                 tracing::warn!(%peer, "cannot register the connection on a relay thread: {e}")
             }
@@ -117,11 +190,10 @@ fn hand_over(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr, slot: Start
     });
 }
 
-async fn handle(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, slot: StartupSlot) {
-    let _ = tcp.set_nodelay(true);
+async fn handle(shared: Arc<Shared>, stream: PgStream, peer: Peer, slot: StartupSlot) {
     let limit = shared.limits.startup_timeout;
     let started = {
-        let startup = startup(&shared, tcp, peer);
+        let startup = startup(&shared, stream, peer);
         tokio::pin!(startup);
         tokio::select! {
             r = &mut startup => r,
@@ -151,8 +223,8 @@ pub(crate) async fn reject(stream: &mut PgStream, code: &str, message: &str) {
 
 /// Negotiation, authentication and the client limit. None: the connection
 /// is done (cancel request, rejected, or gone).
-async fn startup(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Option<Authed> {
-    let (mut stream, params) = negotiate(shared, PgStream::Plain(tcp), peer).await?;
+async fn startup(shared: &Arc<Shared>, stream: PgStream, peer: Peer) -> Option<Authed> {
+    let (mut stream, params) = negotiate(shared, stream, peer).await?;
     let (user, database) = match admission::check_startup(&params) {
         Ok(names) => names,
         Err(refusal) => {
@@ -219,7 +291,7 @@ async fn startup(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Opti
 async fn negotiate(
     shared: &Arc<Shared>,
     mut stream: PgStream,
-    peer: SocketAddr,
+    peer: Peer,
 ) -> Option<(PgStream, Vec<(String, String)>)> {
     let mut ssl_answered = false;
     let mut gss_answered = false;
@@ -267,10 +339,16 @@ async fn negotiate(
     }
 }
 
-/// Answers an SSLRequest: 'S' and a TLS handshake when configured, else 'N'.
-async fn upgrade_tls(shared: &Arc<Shared>, stream: PgStream, peer: SocketAddr) -> Option<PgStream> {
-    let PgStream::Plain(mut tcp) = stream else {
-        return None;
+/// Answers an SSLRequest: 'S' and a TLS handshake when configured, else
+/// 'N'; always 'N' on the Unix socket, as PostgreSQL answers there.
+async fn upgrade_tls(shared: &Arc<Shared>, stream: PgStream, peer: Peer) -> Option<PgStream> {
+    let mut tcp = match stream {
+        PgStream::Plain(tcp) => tcp,
+        PgStream::Unix(mut unix) => {
+            unix.write_all(b"N").await.ok()?;
+            return Some(PgStream::Unix(unix));
+        }
+        PgStream::Tls(_) => return None,
     };
     let Some(cfg) = shared.tls.clone() else {
         tcp.write_all(b"N").await.ok()?;

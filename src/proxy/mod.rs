@@ -21,6 +21,7 @@ pub(crate) mod scan;
 mod session;
 mod sessions;
 pub(crate) mod sqltext;
+pub mod unix;
 mod workers;
 
 use std::sync::Arc;
@@ -33,12 +34,14 @@ use tokio::task::JoinHandle;
 use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
+pub use admission::Peer;
 pub(crate) use gate::Gate;
 pub(crate) use metrics::ProxyMetrics;
 pub use route::Route;
 pub(crate) use route::Router;
 pub use sessions::Registry;
 pub(crate) use sessions::SessionInfo;
+pub use unix::{UnixSocket, UnixSocketError};
 
 use crate::config::ConfigError;
 use crate::context::Context;
@@ -49,6 +52,8 @@ pub enum ProxyError {
     Config(#[from] ConfigError),
     #[error("cannot start the proxy's relay threads: {0}")]
     Threads(std::io::Error),
+    #[error("{0}")]
+    UnixSocket(#[from] UnixSocketError),
 }
 
 /// Limits from `[proxy]`, resolved once.
@@ -196,6 +201,12 @@ impl ProxyHandle {
                 handle.shutdown(shared.limits.shutdown_timeout).await;
             }
         })
+    }
+
+    /// Accepts clients on the Unix-domain socket too (see [`unix`]); the
+    /// task ends when the proxy stops accepting, removing the socket file.
+    pub fn serve_unix(&self, socket: UnixSocket) -> JoinHandle<()> {
+        tokio::spawn(listener::accept_unix_loop(self.shared.clone(), socket))
     }
 
     pub fn router(&self) -> &Router {

@@ -2,7 +2,7 @@
 //! both ways until either side ends.
 //!
 //! The relay forwards the original bytes. Per read it scans frame headers
-//! ([`Scanner`]) and writes the whole scanned chunk at once; it reads only
+//! ([`Scanner`]) and hands the whole scanned chunk to the other side; it reads only
 //! ReadyForQuery and ParameterStatus from the server, the tags of client
 //! messages and the bodies of the client's Parse messages (see
 //! [`super::moving::unnamed`]). Between requests (after ReadyForQuery 'I'
@@ -10,13 +10,22 @@
 //! there it passes the pause gate and moves to a new route
 //! ([`super::moving`]). Idle sessions move as soon as the route is swapped,
 //! even with the gate closed.
+//!
+//! The two directions progress independently: while a chunk waits for the
+//! server to take it, the server's messages still flow to the client, and
+//! the other way round (a client streaming COPY data while the server sends
+//! a NOTICE per row would otherwise wait on a server that waits on the
+//! relay). Each direction holds one chunk at a time, so memory stays
+//! bounded: a side that does not read stops only its own direction. At
+//! transaction boundaries, before the relay acts on its own (gate, move,
+//! shutdown), both chunks are written out.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
 use super::Shared;
@@ -30,8 +39,13 @@ use super::sessions::{BackendRef, NewSession, SessionInfo};
 use crate::wire::messages::{self, TxStatus};
 use crate::wire::{PgStream, ServerConnection, WireError};
 
-const CLIENT_READ_RESERVE: usize = 16 * 1024;
-const SERVER_READ_RESERVE: usize = 64 * 1024;
+/// Read buffers start at this size and return to it when the session is
+/// idle: an idle session holds two small buffers, not the largest burst it
+/// ever read (10,000 idle sessions cost 10,000 × both buffers).
+const IDLE_READ: usize = 2 * 1024;
+/// A read that fills its buffer grows the next one fourfold, up to these.
+const CLIENT_READ_MAX: usize = 16 * 1024;
+const SERVER_READ_MAX: usize = 64 * 1024;
 
 /// Runs a session to its end.
 pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
@@ -85,8 +99,7 @@ pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
         return;
     }
     let max = shared.limits.max_message_size;
-    let mut cbuf = leftover;
-    cbuf.reserve(CLIENT_READ_RESERVE);
+    let cbuf = leftover;
     let ServerConnection {
         stream: server,
         reader,
@@ -104,12 +117,18 @@ pub(crate) async fn run(shared: Arc<Shared>, a: Authed) {
         route,
         cbuf,
         sbuf: reader.buf,
+        c_out: Outgoing::default(),
+        s_out: Outgoing::default(),
+        c_read: ReadSize::new(CLIENT_READ_MAX),
+        s_read: ReadSize::new(SERVER_READ_MAX),
         cscan: Scanner::new(max),
         sscan: Scanner::new(max),
         st: State::new(status, server_params),
         entered: false,
         requests: 0,
     };
+    // The startup's buffers were sized for authentication.
+    s.shrink_idle();
     let end = s.relay().await;
     s.finish(end).await;
 }
@@ -305,6 +324,13 @@ pub(super) struct Session {
     pub(super) route: Arc<Route>,
     cbuf: BytesMut,
     pub(super) sbuf: BytesMut,
+    /// The scanned head of `cbuf` not yet written to the server.
+    c_out: Outgoing,
+    /// The scanned head of `sbuf` not yet written to the client. The move
+    /// works on `sbuf` only when this is empty ([`Session::flush_out`]).
+    s_out: Outgoing,
+    c_read: ReadSize,
+    s_read: ReadSize,
     cscan: Scanner,
     pub(super) sscan: Scanner,
     pub(super) st: State,
@@ -315,9 +341,89 @@ pub(super) struct Session {
     pub(super) requests: u64,
 }
 
-fn reserve(buf: &mut BytesMut, amount: usize) {
-    if buf.capacity() - buf.len() < amount / 4 {
-        buf.reserve(amount);
+/// How much one direction reads at a time.
+struct ReadSize {
+    want: usize,
+    max: usize,
+    /// Room in the buffer when the last read was polled.
+    room: usize,
+}
+
+impl ReadSize {
+    fn new(max: usize) -> ReadSize {
+        ReadSize {
+            want: IDLE_READ,
+            max,
+            room: 0,
+        }
+    }
+
+    /// Makes room in `buf` for the next read.
+    fn reserve(&mut self, buf: &mut BytesMut) {
+        if buf.capacity() - buf.len() < self.want / 4 {
+            buf.reserve(self.want);
+        }
+        self.room = buf.capacity() - buf.len();
+    }
+
+    /// A read of `n` bytes came in: one that filled the room asks for more.
+    fn read(&mut self, n: usize) {
+        if n >= self.room {
+            self.want = (self.want * 4).min(self.max);
+        }
+    }
+
+    /// Back to the idle size: `buf` (empty) is let go if it grew.
+    fn shrink(&mut self, buf: &mut BytesMut) {
+        self.want = IDLE_READ;
+        if buf.is_empty() && buf.capacity() > IDLE_READ {
+            *buf = BytesMut::new();
+        }
+    }
+}
+
+/// One direction's chunk on its way out: the head of its buffer.
+#[derive(Default)]
+struct Outgoing {
+    /// Bytes at the head of the buffer still to write.
+    len: usize,
+    /// Written, not yet flushed (TLS buffers inside the stream).
+    unflushed: bool,
+}
+
+impl Outgoing {
+    /// Nothing waits to go out: the direction may read again.
+    fn idle(&self) -> bool {
+        self.len == 0 && !self.unflushed
+    }
+
+    /// Writes what it can of `buf`'s head to `w` without waiting. Ready(Ok)
+    /// when the chunk is out and flushed.
+    fn poll_send(
+        &mut self,
+        w: &mut PgStream,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while self.len > 0 {
+            match Pin::new(&mut *w).poll_write(cx, &buf[..self.len]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(k)) => {
+                    buf.advance(k);
+                    self.len -= k;
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.unflushed {
+            std::task::ready!(Pin::new(&mut *w).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -325,18 +431,26 @@ fn reserve(buf: &mut BytesMut, amount: usize) {
 enum Event {
     Client(std::io::Result<usize>),
     Server(std::io::Result<usize>),
+    /// Writing to the client failed.
+    ClientWrite,
+    /// Writing to the server failed.
+    ServerWrite,
     Wake,
 }
 
 impl Session {
     async fn relay(&mut self) -> End {
         let info = self.info.clone();
-        // Which direction is polled first; alternates so a side that always
+        // Which direction is read first; alternates so a side that always
         // has data cannot starve the other.
         let mut server_first = true;
         loop {
-            reserve(&mut self.cbuf, CLIENT_READ_RESERVE);
-            reserve(&mut self.sbuf, SERVER_READ_RESERVE);
+            if self.c_out.idle() {
+                self.c_read.reserve(&mut self.cbuf);
+            }
+            if self.s_out.idle() {
+                self.s_read.reserve(&mut self.sbuf);
+            }
             server_first = !server_first;
             let event = std::future::poll_fn(|cx| {
                 // First, so a session whose sockets always have data still
@@ -344,10 +458,30 @@ impl Session {
                 if info.wake.poll(cx).is_ready() {
                     return Poll::Ready(Event::Wake);
                 }
+                // Chunks on their way out, each on its own: one side not
+                // reading holds up only the direction toward it.
+                if let Poll::Ready(Err(_)) =
+                    self.c_out.poll_send(&mut self.server, &mut self.cbuf, cx)
+                {
+                    return Poll::Ready(Event::ServerWrite);
+                }
+                if let Poll::Ready(Err(_)) =
+                    self.s_out.poll_send(&mut self.client, &mut self.sbuf, cx)
+                {
+                    return Poll::Ready(Event::ClientWrite);
+                }
+                // A direction reads again once its last chunk is out.
+                let (c_idle, s_idle) = (self.c_out.idle(), self.s_out.idle());
                 let mut server = |cx: &mut Context<'_>| {
+                    if !s_idle {
+                        return Poll::Pending;
+                    }
                     poll_read_buf(Pin::new(&mut self.server), cx, &mut self.sbuf).map(Event::Server)
                 };
                 let mut client = |cx: &mut Context<'_>| {
+                    if !c_idle {
+                        return Poll::Pending;
+                    }
                     poll_read_buf(Pin::new(&mut self.client), cx, &mut self.cbuf).map(Event::Client)
                 };
                 let first = if server_first { server(cx) } else { client(cx) };
@@ -359,14 +493,62 @@ impl Session {
             .await;
             let end = match event {
                 Event::Client(Ok(0) | Err(_)) => Some(self.client_gone().await),
-                Event::Client(Ok(_)) => self.on_client_data().await,
+                Event::Client(Ok(n)) => {
+                    self.c_read.read(n);
+                    self.on_client_data().await
+                }
                 Event::Server(Ok(0) | Err(_)) => Some(self.server_lost().await),
-                Event::Server(Ok(_)) => self.on_server_data().await,
+                Event::Server(Ok(n)) => {
+                    self.s_read.read(n);
+                    self.on_server_data().await
+                }
+                Event::ClientWrite => Some(self.client_gone().await),
+                Event::ServerWrite => Some(self.server_lost().await),
                 Event::Wake => self.on_wake().await,
             };
             if let Some(end) = end {
                 return end;
             }
+        }
+    }
+
+    /// Between transactions: read buffers back to their idle size (those
+    /// holding bytes stay as they are).
+    fn shrink_idle(&mut self) {
+        if self.c_out.idle() {
+            self.c_read.shrink(&mut self.cbuf);
+        }
+        if self.s_out.idle() {
+            self.s_read.shrink(&mut self.sbuf);
+        }
+    }
+
+    /// Writes out both directions' chunks, before the relay acts on its own
+    /// (the gate, a move, closing the session) on a quiet session.
+    async fn flush_out(&mut self) -> Option<End> {
+        let (c, s) = (&mut self.c_out, &mut self.s_out);
+        let (server, client) = (&mut self.server, &mut self.client);
+        let (cbuf, sbuf) = (&mut self.cbuf, &mut self.sbuf);
+        let r = std::future::poll_fn(|cx| {
+            let to_server = c.poll_send(server, cbuf, cx);
+            if let Poll::Ready(Err(_)) = to_server {
+                return Poll::Ready(Err(Event::ServerWrite));
+            }
+            let to_client = s.poll_send(client, sbuf, cx);
+            if let Poll::Ready(Err(_)) = to_client {
+                return Poll::Ready(Err(Event::ClientWrite));
+            }
+            if to_server.is_ready() && to_client.is_ready() {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        match r {
+            Ok(()) => None,
+            Err(Event::ServerWrite) => Some(self.server_lost().await),
+            Err(_) => Some(self.client_gone().await),
         }
     }
 
@@ -383,6 +565,9 @@ impl Session {
             // Busy: drain and route are looked at again at the boundary.
             return None;
         }
+        if let Some(end) = self.flush_out().await {
+            return Some(end);
+        }
         if self.shared.is_draining() {
             return Some(self.close_for_shutdown().await);
         }
@@ -394,10 +579,15 @@ impl Session {
 
     /// Forwards what the client sent; at a boundary it first passes the gate.
     async fn on_client_data(&mut self) -> Option<End> {
-        if !self.entered
-            && let Some(end) = self.begin_request().await
-        {
-            return Some(end);
+        if !self.entered {
+            // The rest of the last response goes out first: the request may
+            // wait at the gate or move to another backend.
+            if let Some(end) = self.flush_out().await {
+                return Some(end);
+            }
+            if let Some(end) = self.begin_request().await {
+                return Some(end);
+            }
         }
         let st = &mut self.st;
         let n = match self.cscan.scan(&self.cbuf, client_reads, |tag, body| {
@@ -406,16 +596,9 @@ impl Session {
             Ok(n) => n,
             Err(e) => return Some(self.client_protocol_error(e).await),
         };
-        if n > 0 {
-            if write_chunk(&mut self.server, &self.cbuf[..n])
-                .await
-                .is_err()
-            {
-                return Some(self.server_lost().await);
-            }
-            self.cbuf.advance(n);
-            self.st.bytes_c2s += n as u64;
-        }
+        // Written by the relay loop, while the server's messages keep flowing.
+        self.c_out.len = n;
+        self.st.bytes_c2s += n as u64;
         None
     }
 
@@ -450,16 +633,14 @@ impl Session {
                 left = true;
             }
         }
-        if n > 0 {
-            if write_chunk(&mut self.client, &self.sbuf[..n])
-                .await
-                .is_err()
-            {
-                return Some(self.client_gone().await);
-            }
-            self.sbuf.advance(n);
-        }
+        self.s_out.len = n;
         if left {
+            // At the boundary the relay may act on its own: the response
+            // reaches the client first.
+            if let Some(end) = self.flush_out().await {
+                return Some(end);
+            }
+            self.shrink_idle();
             if self.shared.is_draining() {
                 return Some(self.close_for_shutdown().await);
             }
@@ -586,8 +767,18 @@ impl Session {
         End::Closed
     }
 
-    /// Sends a FATAL error to the client if that does not cut a message in two.
+    /// Sends a FATAL error to the client if that does not cut a message in
+    /// two (after what the relay still had for the client).
     pub(super) async fn fatal(&mut self, code: &str, message: &str) {
+        if !self.s_out.idle() {
+            let (s, client, sbuf) = (&mut self.s_out, &mut self.client, &mut self.sbuf);
+            if std::future::poll_fn(|cx| s.poll_send(client, sbuf, cx))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
         if self.sscan.at_boundary() {
             let frame = crate::wire::ErrorFields::new("FATAL", code, message).to_frame();
             let _ = write_chunk(&mut self.client, &frame).await;
@@ -620,7 +811,13 @@ impl Session {
         }
         self.flush_metrics();
         let _ = self.client.shutdown().await;
-        if end != End::Terminated && self.cscan.at_boundary() && !self.st.terminated {
+        // Not after a chunk written in part: the server would read the
+        // Terminate as the rest of a message.
+        if end != End::Terminated
+            && self.cscan.at_boundary()
+            && self.c_out.idle()
+            && !self.st.terminated
+        {
             // Tell the server goodbye instead of an abrupt EOF.
             let _ = self.server.write_all(&messages::message(b'X', &[])).await;
         }

@@ -2,7 +2,6 @@
 //! map from proxy-issued cancel keys to the real backend.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -33,7 +32,7 @@ pub struct SessionInfo {
     pub user: String,
     pub database: String,
     pub application_name: String,
-    pub peer: Option<SocketAddr>,
+    pub peer: Option<super::admission::Peer>,
     /// Startup parameters (user, database, options, …) every backend of
     /// this session is opened with.
     pub(crate) startup: Vec<(String, String)>,
@@ -156,7 +155,7 @@ pub(crate) struct NewSession {
     pub user: String,
     pub database: String,
     pub application_name: String,
-    pub peer: Option<SocketAddr>,
+    pub peer: Option<super::admission::Peer>,
     pub startup: Vec<(String, String)>,
     pub status: TxStatus,
     pub backend: BackendRef,

@@ -102,20 +102,60 @@ pub async fn start_proxy(source: &Cluster) -> TestProxy {
     start_proxy_with(source, "scram-sha-256", "").await
 }
 
+/// A proxy that also listens on a Unix-domain socket in `dir`.
+pub struct UnixProxy {
+    pub proxy: TestProxy,
+    pub dir: tempfile::TempDir,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl UnixProxy {
+    /// The socket's directory, as `psql -h` and libpq's `host` take it.
+    pub fn host(&self) -> String {
+        self.dir.path().to_string_lossy().into_owned()
+    }
+    /// The socket file.
+    pub fn socket(&self) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join(format!(".s.PGSQL.{}", self.proxy.port))
+    }
+    /// A key-value connection string over the socket.
+    pub fn conninfo(&self, user: &str, pw: &str, db: &str) -> String {
+        format!(
+            "host={} port={} user={user} password={pw} dbname={db}",
+            self.host(),
+            self.proxy.port
+        )
+    }
+}
+
+/// [`start_proxy_with`], plus the Unix socket, served as `pgshift run` serves it.
+pub async fn start_proxy_unix(source: &Cluster, auth: &str) -> UnixProxy {
+    let proxy = start_proxy_with(source, auth, "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = pgshift::proxy::UnixSocket::bind(dir.path(), proxy.port).expect("bind socket");
+    let task = proxy.handle.serve_unix(socket);
+    UnixProxy { proxy, dir, task }
+}
+
 /// Runs psql through the proxy with a script on stdin; returns (success, stdout, stderr).
 pub fn psql_via(port: u16, user: &str, pw: &str, db: &str, script: &str) -> (bool, String, String) {
+    psql_at("127.0.0.1", port, user, pw, db, script)
+}
+
+/// [`psql_via`] with `-h host` (an address, or a socket directory).
+pub fn psql_at(
+    host: &str,
+    port: u16,
+    user: &str,
+    pw: &str,
+    db: &str,
+    script: &str,
+) -> (bool, String, String) {
     use std::io::Write;
     let mut child = std::process::Command::new(pg_program("psql"))
-        .args([
-            "-X",
-            "-q",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-        ])
+        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", host])
         .arg("-p")
         .arg(port.to_string())
         .arg("-U")
