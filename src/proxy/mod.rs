@@ -100,6 +100,8 @@ pub(crate) struct Shared {
     pub(crate) prewarm: arc_swap::ArcSwapOption<Route>,
     /// The threads sessions run on.
     pub(crate) workers: workers::Workers,
+    /// Old backends being closed after a switch (see `moving::swap`).
+    pub(crate) retiring: tokio::sync::Semaphore,
 }
 
 pub struct Proxy;
@@ -159,6 +161,7 @@ impl Proxy {
             kill: CancellationToken::new(),
             moves_failed: std::sync::atomic::AtomicU64::new(0),
             prewarm: arc_swap::ArcSwapOption::empty(),
+            retiring: tokio::sync::Semaphore::new(moving::RETIRE_AT_ONCE),
             workers: workers::Workers::start(relay_threads(cfg.relay_threads))
                 .map_err(ProxyError::Threads)?,
             ctx,

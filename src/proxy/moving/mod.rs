@@ -28,6 +28,11 @@
 //! takes that backend, or when it is discarded (cutover aborted, session
 //! ended). A session that moved is Idle again, on its new route.
 
+/// Old backends closed at once after a switch, and the pause each one
+/// leaves before the next (see `swap::retire`): 500 closed in ~1 s.
+pub(crate) const RETIRE_AT_ONCE: usize = 2;
+const RETIRE_SPACING: std::time::Duration = std::time::Duration::from_millis(4);
+
 pub(super) mod prewarm;
 mod replay;
 mod stage;
