@@ -230,7 +230,7 @@ pub fn pgoutput(data: &[u8]) {
 #[doc(hidden)]
 pub fn sqltext(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
-    let stmts = crate::proxy::sqltext::statements(&text);
+    let stmts = crate::sqltext::statements(&text);
     for s in &stmts {
         assert!(!s.is_empty(), "an empty statement was returned");
     }

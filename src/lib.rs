@@ -24,6 +24,7 @@ pub mod proxy;
 pub mod replication;
 pub mod run;
 pub mod schema;
+pub(crate) mod sqltext;
 pub mod telemetry;
 pub mod validate;
 pub mod verify;
