@@ -245,6 +245,55 @@ pub fn sqltext(data: &[u8]) {
     }
 }
 
+/// The statement of `query` (a `current_query()` string) that fired the
+/// `nth` (0-based) `ddl_command_end` event trigger with `TG_TAG = tag` in
+/// it; None when no statement of the string has that tag (the command ran
+/// inside a DO block or a function).
+#[doc(hidden)]
+pub fn ddl_pick(query: &str, tag: &str, nth: usize) -> Option<String> {
+    crate::sqltext::pick_statement(query, tag, nth).map(str::to_string)
+}
+
+/// DDL replication's query strings: picking a command out of a string by
+/// tag, and classifying the statements.
+#[doc(hidden)]
+pub fn ddl(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    for s in crate::sqltext::statements(&text) {
+        assert!(!s.is_empty(), "an empty statement was returned");
+        let _ = crate::sqltext::runs_outside_transaction(s);
+        let _ = crate::sqltext::is_enum_add_value(s);
+        if let Some(tag) = crate::sqltext::ddl_command_tag(s) {
+            assert!(
+                crate::sqltext::command_tag_matches(s, &tag),
+                "a statement does not match its own tag"
+            );
+        }
+    }
+    for tag in [
+        "ALTER TABLE",
+        "CREATE TABLE",
+        "CREATE TABLE AS",
+        "SELECT INTO",
+        "CREATE FUNCTION",
+        "GRANT",
+        "COMMENT",
+    ] {
+        for nth in 0..3 {
+            if let Some(s) = ddl_pick(&text, tag, nth) {
+                assert!(
+                    text.contains(&s),
+                    "a picked statement is not part of the query"
+                );
+                assert!(
+                    crate::sqltext::command_tag_matches(&s, tag),
+                    "a picked statement does not have the tag"
+                );
+            }
+        }
+    }
+}
+
 /// Values the config's `${VAR}` references find.
 fn env(name: &str) -> Option<String> {
     match name {

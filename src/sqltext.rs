@@ -1,9 +1,12 @@
 //! Just enough SQL lexing to cut statements out of a query string: quotes,
 //! dollar quotes, comments, parentheses and the `BEGIN ATOMIC … END` bodies
 //! of SQL-standard functions, as psql's scanner (src/fe_utils/psqlscan.l)
-//! sees them.
+//! sees them; and which DDL command tag a statement has.
 //!
-//! Used by the proxy (re-creating prepared statements on a session move).
+//! Used by the proxy (re-creating prepared statements on a session move)
+//! and by DDL replication, which receives the whole `current_query()` of
+//! the transaction that ran a DDL command, its tag and how many earlier
+//! firings of that tag the string had, and must replay that command alone.
 
 /// A token of SQL text, as far as splitting and tagging need one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +161,209 @@ pub(crate) fn first_words(stmt: &str, n: usize) -> Vec<String> {
         at = skip_space(b, at + len);
     }
     words
+}
+
+/// The words of `stmt` outside parentheses, upper case.
+fn top_words(stmt: &str) -> Vec<String> {
+    let mut depth = 0usize;
+    let mut words = Vec::new();
+    lex(stmt, |tok, _| match tok {
+        Tok::Open => depth += 1,
+        Tok::Close => depth = depth.saturating_sub(1),
+        Tok::Word(w) if depth == 0 => words.push(w.to_ascii_uppercase()),
+        _ => {}
+    });
+    words
+}
+
+/// Objects named by more than one word, after CREATE/ALTER/DROP.
+const PHRASES: &[&[&str]] = &[
+    &["MATERIALIZED", "VIEW"],
+    &["FOREIGN", "TABLE"],
+    &["FOREIGN", "DATA", "WRAPPER"],
+    &["TEXT", "SEARCH", "CONFIGURATION"],
+    &["TEXT", "SEARCH", "DICTIONARY"],
+    &["TEXT", "SEARCH", "PARSER"],
+    &["TEXT", "SEARCH", "TEMPLATE"],
+    &["OPERATOR", "CLASS"],
+    &["OPERATOR", "FAMILY"],
+    &["USER", "MAPPING"],
+    &["ACCESS", "METHOD"],
+    &["EVENT", "TRIGGER"],
+    &["DEFAULT", "PRIVILEGES"],
+    &["LARGE", "OBJECT"],
+];
+
+/// Words between CREATE and the object that do not change the tag.
+const CREATE_MODIFIERS: &[&str] = &[
+    "OR",
+    "REPLACE",
+    "UNIQUE",
+    "TEMP",
+    "TEMPORARY",
+    "UNLOGGED",
+    "GLOBAL",
+    "LOCAL",
+    "RECURSIVE",
+    "CONSTRAINT",
+    "TRUSTED",
+    "PROCEDURAL",
+    "DEFAULT",
+];
+
+/// Objects whose commands never fire event triggers: shared objects, event
+/// triggers themselves, and ALTER SYSTEM.
+const NOT_FIRING: &[&str] = &[
+    "DATABASE",
+    "ROLE",
+    "USER",
+    "GROUP",
+    "TABLESPACE",
+    "EVENT TRIGGER",
+    "SYSTEM",
+];
+
+/// The object phrase of `words` (upper case), and how many words it takes.
+fn object_phrase(words: &[String]) -> Option<(String, usize)> {
+    for p in PHRASES {
+        if words.len() >= p.len() && words.iter().zip(p.iter()).all(|(w, p)| w == p) {
+            return Some((p.join(" "), p.len()));
+        }
+    }
+    words.first().map(|w| (w.clone(), 1))
+}
+
+/// The command tag PostgreSQL gives `stmt` when running it fires a
+/// `ddl_command_end` event trigger (`TG_TAG`); None when it fires none.
+pub(crate) fn ddl_command_tag(stmt: &str) -> Option<String> {
+    let words = top_words(stmt);
+    let verb = words.first()?.as_str();
+    match verb {
+        "CREATE" => {
+            let mut rest = &words[1..];
+            while rest.len() > 1 && CREATE_MODIFIERS.contains(&rest[0].as_str()) {
+                rest = &rest[1..];
+            }
+            let (object, _) = object_phrase(rest)?;
+            if NOT_FIRING.contains(&object.as_str()) {
+                return None;
+            }
+            if object == "TABLE" && rest.iter().any(|w| w == "AS") {
+                return Some("CREATE TABLE AS".into());
+            }
+            Some(format!("CREATE {object}"))
+        }
+        "ALTER" | "DROP" => {
+            let mut rest = &words[1..];
+            if rest.len() > 1 && rest[0] == "PROCEDURAL" {
+                rest = &rest[1..];
+            }
+            let (object, _) = object_phrase(rest)?;
+            if NOT_FIRING.contains(&object.as_str()) {
+                return None;
+            }
+            Some(format!("{verb} {object}"))
+        }
+        "IMPORT" if words.get(1..3) == Some(&["FOREIGN".into(), "SCHEMA".into()]) => {
+            Some("IMPORT FOREIGN SCHEMA".into())
+        }
+        "REFRESH" if words.get(1..3) == Some(&["MATERIALIZED".into(), "VIEW".into()]) => {
+            Some("REFRESH MATERIALIZED VIEW".into())
+        }
+        "COMMENT" | "SECURITY" => {
+            // COMMENT ON x …, SECURITY LABEL [FOR provider] ON x …
+            let on = words.iter().position(|w| w == "ON")?;
+            let (object, _) = object_phrase(&words[on + 1..])?;
+            if NOT_FIRING.contains(&object.as_str()) {
+                return None;
+            }
+            Some(
+                if verb == "COMMENT" {
+                    "COMMENT"
+                } else {
+                    "SECURITY LABEL"
+                }
+                .into(),
+            )
+        }
+        "GRANT" | "REVOKE" => {
+            // Object privileges only (GRANT … ON …), not role membership,
+            // and not on shared objects nor on parameters (15+).
+            let on = words.iter().position(|w| w == "ON")?;
+            let object = words.get(on + 1)?;
+            if NOT_FIRING.contains(&object.as_str()) || object == "PARAMETER" {
+                return None;
+            }
+            Some(verb.into())
+        }
+        "SELECT" | "WITH" => {
+            // SELECT … INTO t …, possibly after a WITH: the first verb at
+            // the top level is the main statement's.
+            const VERBS: [&str; 7] = [
+                "SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "VALUES", "TABLE",
+            ];
+            let main = words.iter().position(|w| VERBS.contains(&w.as_str()))?;
+            (words[main] == "SELECT" && words[main..].iter().any(|w| w == "INTO"))
+                .then(|| "SELECT INTO".into())
+        }
+        "REINDEX" => Some("REINDEX".into()),
+        _ => None,
+    }
+}
+
+/// Whether running `stmt` makes PostgreSQL fire a `ddl_command_end` event
+/// trigger with `TG_TAG = tag`.
+pub(crate) fn command_tag_matches(stmt: &str, tag: &str) -> bool {
+    ddl_command_tag(stmt).is_some_and(|t| t.eq_ignore_ascii_case(tag.trim()))
+}
+
+/// The `nth` (0-based) statement of `query` whose command tag is `tag`:
+/// the statement that fired the `nth` firing of `tag` in `query`. None when
+/// there is none, e.g. when the command ran inside a DO block or function.
+///
+/// The count cannot see commands run inside a statement: when a DO block or
+/// a function call fired `tag` earlier in the same string, the top-level
+/// statement that fires it next is firing `nth + 1` but the `nth` one here,
+/// so the caller gets a wrong statement (or None). A string with DO or a
+/// function call before a same-tag DDL needs another way to tell.
+pub(crate) fn pick_statement<'a>(query: &'a str, tag: &str, nth: usize) -> Option<&'a str> {
+    statements(query)
+        .into_iter()
+        .filter(|s| command_tag_matches(s, tag))
+        .nth(nth)
+}
+
+/// Statements that cannot run inside a transaction block: `CREATE [UNIQUE]
+/// INDEX CONCURRENTLY`, `DROP INDEX CONCURRENTLY`, `REINDEX … CONCURRENTLY`
+/// and `ALTER TABLE … DETACH PARTITION … CONCURRENTLY`.
+pub(crate) fn runs_outside_transaction(stmt: &str) -> bool {
+    let w = top_words(stmt);
+    let at = |i: usize, s: &str| w.get(i).is_some_and(|x| x == s);
+    match w.first().map(String::as_str) {
+        Some("CREATE") => {
+            let i = if at(1, "UNIQUE") { 2 } else { 1 };
+            at(i, "INDEX") && at(i + 1, "CONCURRENTLY")
+        }
+        Some("DROP") => at(1, "INDEX") && at(2, "CONCURRENTLY"),
+        // REINDEX [(options)] {INDEX|TABLE|SCHEMA|DATABASE|SYSTEM} CONCURRENTLY
+        Some("REINDEX") => at(2, "CONCURRENTLY"),
+        Some("ALTER") => {
+            at(1, "TABLE")
+                && w.windows(2)
+                    .any(|p| p[0] == "DETACH" && p[1] == "PARTITION")
+                && w.last().is_some_and(|x| x == "CONCURRENTLY")
+        }
+        _ => false,
+    }
+}
+
+/// `ALTER TYPE x ADD VALUE …` (a new enum label).
+pub(crate) fn is_enum_add_value(stmt: &str) -> bool {
+    let w = top_words(stmt);
+    w.len() >= 4
+        && w[0] == "ALTER"
+        && w[1] == "TYPE"
+        && w[2..].windows(2).any(|p| p[0] == "ADD" && p[1] == "VALUE")
 }
 
 fn push_trimmed<'a>(out: &mut Vec<&'a str>, s: &'a str) {
@@ -322,5 +528,204 @@ mod tests {
         // A plpgsql body's BEGIN is inside its dollar quote.
         let q = "CREATE FUNCTION h() RETURNS void LANGUAGE plpgsql AS $b$ BEGIN ALTER TABLE t ADD c int; END $b$";
         assert_eq!(statements(&format!("{q}; SELECT 1")), vec![q, "SELECT 1"]);
+    }
+
+    fn tag(stmt: &str) -> Option<String> {
+        ddl_command_tag(stmt)
+    }
+
+    #[test]
+    fn command_tags() {
+        let cases: &[(&str, Option<&str>)] = &[
+            ("ALTER TABLE t ADD c int", Some("ALTER TABLE")),
+            ("/* x */ -- y\n alter\ttable t drop c", Some("ALTER TABLE")),
+            (
+                "CREATE UNIQUE INDEX CONCURRENTLY i ON t (a)",
+                Some("CREATE INDEX"),
+            ),
+            (
+                "CREATE OR REPLACE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
+                Some("CREATE FUNCTION"),
+            ),
+            (
+                "CREATE GLOBAL TEMPORARY TABLE t (a int)",
+                Some("CREATE TABLE"),
+            ),
+            (
+                "CREATE UNLOGGED TABLE t (a int GENERATED ALWAYS AS (1) STORED)",
+                Some("CREATE TABLE"),
+            ),
+            (
+                "CREATE TABLE t2 PARTITION OF t FOR VALUES IN (1)",
+                Some("CREATE TABLE"),
+            ),
+            ("CREATE TABLE t AS SELECT 1", Some("CREATE TABLE AS")),
+            (
+                "CREATE TEMP TABLE IF NOT EXISTS \"x\" (a, b) AS EXECUTE p(1)",
+                Some("CREATE TABLE AS"),
+            ),
+            ("CREATE TABLE \"as\" (\"as\" int)", Some("CREATE TABLE")),
+            (
+                "CREATE RECURSIVE VIEW v (n) AS SELECT 1",
+                Some("CREATE VIEW"),
+            ),
+            (
+                "CREATE MATERIALIZED VIEW m AS SELECT 1",
+                Some("CREATE MATERIALIZED VIEW"),
+            ),
+            (
+                "CREATE CONSTRAINT TRIGGER x AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()",
+                Some("CREATE TRIGGER"),
+            ),
+            (
+                "CREATE TRUSTED PROCEDURAL LANGUAGE l HANDLER h",
+                Some("CREATE LANGUAGE"),
+            ),
+            (
+                "CREATE DEFAULT CONVERSION c FOR 'LATIN1' TO 'UTF8' FROM f",
+                Some("CREATE CONVERSION"),
+            ),
+            (
+                "CREATE TEXT SEARCH CONFIGURATION c (COPY = english)",
+                Some("CREATE TEXT SEARCH CONFIGURATION"),
+            ),
+            (
+                "CREATE FOREIGN DATA WRAPPER w",
+                Some("CREATE FOREIGN DATA WRAPPER"),
+            ),
+            (
+                "DROP MATERIALIZED VIEW IF EXISTS m",
+                Some("DROP MATERIALIZED VIEW"),
+            ),
+            ("DROP PROCEDURAL LANGUAGE l", Some("DROP LANGUAGE")),
+            (
+                "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC",
+                Some("ALTER DEFAULT PRIVILEGES"),
+            ),
+            ("SELECT a INTO TEMP t2 FROM t", Some("SELECT INTO")),
+            (
+                "WITH x AS (SELECT 1 AS a) SELECT a INTO t2 FROM x",
+                Some("SELECT INTO"),
+            ),
+            ("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x", None),
+            ("SELECT 'INTO' FROM t", None),
+            ("SELECT \"into\" FROM t", None),
+            ("GRANT SELECT (a), UPDATE ON t TO u", Some("GRANT")),
+            (
+                "REVOKE ALL ON ALL TABLES IN SCHEMA public FROM u",
+                Some("REVOKE"),
+            ),
+            ("GRANT r TO u WITH ADMIN OPTION", None),
+            ("REVOKE r FROM u", None),
+            ("GRANT CONNECT ON DATABASE d TO u", None),
+            ("GRANT CREATE ON TABLESPACE s TO u", None),
+            ("GRANT SET ON PARAMETER work_mem TO u", None),
+            ("COMMENT ON TABLE t IS 'x;y'", Some("COMMENT")),
+            ("COMMENT ON COLUMN t.a IS NULL", Some("COMMENT")),
+            ("COMMENT ON DATABASE d IS 'x'", None),
+            ("COMMENT ON ROLE r IS 'x'", None),
+            ("COMMENT ON TABLESPACE s IS 'x'", None),
+            ("CREATE ROLE r", None),
+            ("CREATE USER u", None),
+            (
+                "CREATE USER MAPPING FOR u SERVER s",
+                Some("CREATE USER MAPPING"),
+            ),
+            ("ALTER DATABASE d SET work_mem = '1MB'", None),
+            (
+                "CREATE EVENT TRIGGER e ON ddl_command_end EXECUTE FUNCTION f()",
+                None,
+            ),
+            ("ALTER SYSTEM SET work_mem = '1MB'", None),
+            (
+                "DO $$ BEGIN EXECUTE 'ALTER TABLE t ADD c int'; END $$",
+                None,
+            ),
+            ("SELECT f()", None),
+            ("INSERT INTO t VALUES (1)", None),
+            ("\"ALTER\" TABLE t", None),
+            ("", None),
+        ];
+        for (stmt, want) in cases {
+            assert_eq!(tag(stmt).as_deref(), *want, "{stmt}");
+        }
+        assert!(command_tag_matches(
+            "create table t (a int)",
+            "CREATE TABLE"
+        ));
+        assert!(!command_tag_matches(
+            "create table t as select 1",
+            "CREATE TABLE"
+        ));
+    }
+
+    #[test]
+    fn picks_the_nth_statement_of_a_tag() {
+        let f = "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $body$ BEGIN \
+                 ALTER TABLE t ADD x int; END $body$";
+        let a = "CREATE FUNCTION g(int) RETURNS int LANGUAGE sql BEGIN ATOMIC \
+                 SELECT CASE WHEN $1 > 0 THEN 1 END; SELECT 2; END";
+        let q = format!(
+            "INSERT INTO t VALUES ('a;ALTER TABLE t ADD y int'); /* ALTER TABLE t; /* nested; */ */ \
+             ALTER TABLE \"select;\" ADD c int; SELECT E'\\';ALTER TABLE t ADD z int;'; {f}; \
+             SELECT $q$;ALTER TABLE x$q$; alter table t rename c to \"ALTER TABLE\"; {a}; \
+             INSERT INTO t VALUES (2)"
+        );
+        assert_eq!(
+            pick_statement(&q, "ALTER TABLE", 0),
+            Some("/* ALTER TABLE t; /* nested; */ */ ALTER TABLE \"select;\" ADD c int")
+        );
+        assert_eq!(
+            pick_statement(&q, "ALTER TABLE", 1),
+            Some("alter table t rename c to \"ALTER TABLE\"")
+        );
+        assert_eq!(pick_statement(&q, "ALTER TABLE", 2), None);
+        assert_eq!(pick_statement(&q, "CREATE FUNCTION", 0), Some(f));
+        assert_eq!(pick_statement(&q, "CREATE FUNCTION", 1), Some(a));
+        assert_eq!(pick_statement(&q, "CREATE TABLE", 0), None);
+        assert_eq!(
+            pick_statement(
+                "DO $$ BEGIN EXECUTE 'CREATE TABLE x ()'; END $$",
+                "CREATE TABLE",
+                0
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn outside_transaction_and_enum_values() {
+        for s in [
+            "CREATE INDEX CONCURRENTLY i ON t (a)",
+            "create unique index concurrently on t (a)",
+            "DROP INDEX CONCURRENTLY IF EXISTS i",
+            "REINDEX TABLE CONCURRENTLY t",
+            "REINDEX (VERBOSE) INDEX CONCURRENTLY i",
+            "ALTER TABLE p DETACH PARTITION c CONCURRENTLY",
+        ] {
+            assert!(runs_outside_transaction(s), "{s}");
+        }
+        for s in [
+            "CREATE INDEX i ON t (a)",
+            "CREATE INDEX \"concurrently\" ON t (a)",
+            "DROP INDEX i",
+            "REINDEX TABLE t",
+            "ALTER TABLE p DETACH PARTITION c",
+            "ALTER TABLE p DETACH PARTITION c FINALIZE",
+            "SELECT 'CREATE INDEX CONCURRENTLY'",
+        ] {
+            assert!(!runs_outside_transaction(s), "{s}");
+        }
+        assert!(is_enum_add_value(
+            "ALTER TYPE mood ADD VALUE 'x' BEFORE 'y'"
+        ));
+        assert!(is_enum_add_value(
+            "alter type s.\"T\" add value if not exists 'x'"
+        ));
+        assert!(!is_enum_add_value(
+            "ALTER TYPE mood RENAME VALUE 'a' TO 'b'"
+        ));
+        assert!(!is_enum_add_value("ALTER TYPE c ADD ATTRIBUTE value int"));
+        assert!(!is_enum_add_value("ALTER TABLE t ADD value int"));
     }
 }

@@ -421,6 +421,73 @@ pub fn sqltext(rng: &mut Rng) -> Vec<u8> {
     s.into_bytes()
 }
 
+/// A query string of DDL and other statements, built from the tokens the
+/// splitter and the command tags care about.
+pub fn ddl(rng: &mut Rng) -> Vec<u8> {
+    const TOKENS: [&str; 52] = [
+        "CREATE",
+        "create",
+        "OR",
+        "REPLACE",
+        "FUNCTION",
+        "PROCEDURE",
+        "SCHEMA",
+        "TABLE",
+        "AS",
+        "ALTER",
+        "DROP",
+        "INDEX",
+        "CONCURRENTLY",
+        "UNIQUE",
+        "TYPE",
+        "ADD",
+        "VALUE",
+        "DETACH",
+        "PARTITION",
+        "SELECT",
+        "INTO",
+        "WITH",
+        "GRANT",
+        "REVOKE",
+        "ON",
+        "TO",
+        "COMMENT",
+        "BEGIN",
+        "ATOMIC",
+        "CASE",
+        "END",
+        "DO",
+        "t",
+        "(",
+        ")",
+        "'",
+        "E'",
+        "\\'",
+        "\"",
+        "$$",
+        "$f$",
+        "$1",
+        "--",
+        "\n",
+        "/*",
+        "*/",
+        ";",
+        ";",
+        ".",
+        "é",
+        "\u{1F600}",
+        "\t",
+    ];
+    let mut s = String::new();
+    for _ in 0..rng.below(60) {
+        s.push_str(TOKENS[rng.below(TOKENS.len())]);
+        if rng.chance(2, 3) {
+            s.push(' ');
+        }
+    }
+    s.into_bytes()
+}
+
 /// A config file: every section, values often written with `${VAR}`
 /// references, durations, sizes and windows in their several spellings.
 pub fn config(rng: &mut Rng) -> Vec<u8> {

@@ -36,7 +36,7 @@ fn config_cap(len: usize) -> usize {
     256 * 1024 + 64 * len
 }
 
-static TARGETS: [Target; 6] = [
+static TARGETS: [Target; 7] = [
     Target {
         name: "frontend",
         generate: inputs::frontend,
@@ -65,6 +65,12 @@ static TARGETS: [Target; 6] = [
         name: "sqltext",
         generate: inputs::sqltext,
         run: pgshift::fuzzing::sqltext,
+        alloc_cap: copy_cap,
+    },
+    Target {
+        name: "ddl",
+        generate: inputs::ddl,
+        run: pgshift::fuzzing::ddl,
         alloc_cap: copy_cap,
     },
     Target {
@@ -146,6 +152,11 @@ fn pgoutput() {
 #[test]
 fn sqltext() {
     suite("sqltext");
+}
+
+#[test]
+fn ddl() {
+    suite("ddl");
 }
 
 #[test]
