@@ -321,11 +321,12 @@ pub(crate) fn command_tag_matches(stmt: &str, tag: &str) -> bool {
 /// the statement that fired the `nth` firing of `tag` in `query`. None when
 /// there is none, e.g. when the command ran inside a DO block or function.
 ///
-/// The count cannot see commands run inside a statement: when a DO block or
-/// a function call fired `tag` earlier in the same string, the top-level
-/// statement that fires it next is firing `nth + 1` but the `nth` one here,
-/// so the caller gets a wrong statement (or None). A string with DO or a
-/// function call before a same-tag DDL needs another way to tell.
+/// Commands run inside a statement (a DO block, a function call) count
+/// towards `nth` but cannot be picked: after such a firing of `tag`, a
+/// later top-level statement with `tag` comes with an `nth` one too high,
+/// and the earlier firing gets that statement instead (tests/ddl_tags.rs
+/// shows it). A string with DO or a function call before a DDL of the same
+/// tag needs another way to tell.
 pub(crate) fn pick_statement<'a>(query: &'a str, tag: &str, nth: usize) -> Option<&'a str> {
     statements(query)
         .into_iter()
