@@ -330,6 +330,25 @@ pub struct MigrationConfig {
     /// best fit found (see [`crate::pgbin::client_tool_dirs`]).
     #[serde(default)]
     pub pg_bin: Option<std::path::PathBuf>,
+    /// Schema changes on the source during the migration (see [`DdlSetting`]).
+    #[serde(default)]
+    pub ddl: DdlSetting,
+}
+
+/// `[migration] ddl`: what a schema change on the source does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DdlSetting {
+    /// `replicate` when the source lets pgshift's user create event
+    /// triggers, else `stop` (validation says which and why).
+    #[default]
+    Auto,
+    /// Captured on the source by event triggers and applied on the target
+    /// in stream order; validation fails if the source does not allow it.
+    Replicate,
+    /// A schema change stops apply with the source's definition and a
+    /// ready command (`pgshift ddl apply`).
+    Stop,
 }
 
 impl MigrationConfig {

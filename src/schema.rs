@@ -301,6 +301,7 @@ impl DumpPlan {
     /// parameters the target does not have.
     /// Returns the SQL and the parameters left out.
     fn for_target(&self, sql: Vec<u8>) -> (Vec<u8>, Vec<String>) {
+        let sql = without_ddl_capture(sql);
         match &self.target_settings {
             Some(known) => crate::pg::settings::drop_unknown_settings(&sql, known),
             None => (sql, Vec::new()),
@@ -540,6 +541,33 @@ pub async fn dump_section(
         sql,
         psql: plan.program("psql"),
     })
+}
+
+/// A dump without pgshift's DDL capture on the source: its event
+/// triggers are the database's (no schema), so `--exclude-schema=pgshift`
+/// leaves them in, and their functions are not on the target.
+fn without_ddl_capture(sql: Vec<u8>) -> Vec<u8> {
+    let text = String::from_utf8_lossy(&sql);
+    if !text.contains("EVENT TRIGGER pgshift_ddl_") {
+        return sql;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut skipping = false;
+    for line in text.split_inclusive('\n') {
+        if line.starts_with("CREATE EVENT TRIGGER pgshift_ddl_")
+            || line.starts_with("ALTER EVENT TRIGGER pgshift_ddl_")
+            || line.starts_with("COMMENT ON EVENT TRIGGER pgshift_ddl_")
+        {
+            skipping = true;
+        }
+        if !skipping {
+            out.push_str(line);
+        }
+        if skipping && line.trim_end().ends_with(';') {
+            skipping = false;
+        }
+    }
+    out.into_bytes()
 }
 
 /// pg_dump's arguments for one schema section of the migration.

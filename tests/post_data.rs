@@ -74,37 +74,6 @@ fn client(major: i32, program: &str) -> PathBuf {
         .unwrap_or_else(|| pg_program(program))
 }
 
-/// `pg_dump --schema-only` of `db` without comments, blank lines, psql's
-/// per-dump `\restrict` keys and the target's write guard (pgshift's until
-/// the cutover): the schema, statement by statement.
-fn schema_of(c: &Cluster, db: &str, pg_dump: &PathBuf) -> String {
-    let out = Command::new(pg_dump)
-        .args(["--schema-only", "--no-publications", "--no-subscriptions"])
-        .args(["--exclude-schema=pgshift", "--exclude-schema=pgshift_guard"])
-        .args(["-d", &c.url(db)])
-        .output()
-        .expect("run pg_dump");
-    assert!(
-        out.status.success(),
-        "pg_dump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| {
-            !l.is_empty()
-                && !l.starts_with("--")
-                && !l.starts_with("\\restrict")
-                && !l.starts_with("\\unrestrict")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-        .split(";\n")
-        .filter(|statement| !statement.contains("pgshift_guard"))
-        .collect::<Vec<_>>()
-        .join(";\n")
-}
-
 fn pair(source: i32, target: i32) {
     let test = format!("post_data {source}->{target}");
     let Some((src, tgt)) = start_pair(source, target, &test) else {

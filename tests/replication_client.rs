@@ -446,6 +446,7 @@ async fn errors_are_typed_and_cleanup_is_idempotent() {
             slot_dropped: true,
             publication_dropped: true,
             marker_table_dropped: false,
+            ddl_capture_removed: false,
         }
     );
     assert!(slot_state(&db, &names.slot).await.unwrap().is_none());

@@ -104,6 +104,7 @@ async fn prepare(source: &Cluster, target: &Cluster, table_list: bool) -> Stream
         source: ep,
         target: pgshift::config::Endpoint::parse("target.url", &target.url("postgres")).unwrap(),
         consistent_point: slot.consistent_point,
+        ddl: None,
     }
 }
 
@@ -256,6 +257,7 @@ async fn cleanup_drops_the_marker_table_on_a_fenced_source() {
             slot_dropped: true,
             publication_dropped: true,
             marker_table_dropped: true,
+            ddl_capture_removed: false,
         }
     );
     let tables = |c: &Cluster| {

@@ -78,6 +78,7 @@ async fn setup(major: i32, schema: &str, corpus: bool) -> Setup {
         source: ep,
         target: Endpoint::parse("target.url", &target.url("postgres")).unwrap(),
         consistent_point: slot.consistent_point,
+        ddl: None,
     };
     Setup {
         source,

@@ -40,6 +40,7 @@ async fn prepare(source: &Cluster, target: &Cluster, db: &str, schema: &str) -> 
         source: ep,
         target: pgshift::config::Endpoint::parse("target.url", &target.url("postgres")).unwrap(),
         consistent_point: slot.consistent_point,
+        ddl: None,
     }
 }
 
@@ -130,6 +131,7 @@ async fn converges_under_mixed_load() {
         source: ep,
         target: pgshift::config::Endpoint::parse("target.url", &target.url("postgres")).unwrap(),
         consistent_point: slot.consistent_point,
+        ddl: None,
     };
     let stream = DatabaseStream::start(cfg, metrics());
 

@@ -276,8 +276,14 @@ impl Pipeline {
                 .await
                 .map_err(step(db, "creating the cutover marker table"))?;
             let mut tables = self.publication_tables(&src_db, db).await?;
-            if let (Some(list), Some(t)) = (tables.as_mut(), marker_table) {
-                list.push(t);
+            // DDL is captured from before the slot exists: no schema change
+            // can fall between the copy's snapshot and the capture.
+            let ddl_table = self
+                .install_ddl_capture(&src_db, db, &names, tables.is_some())
+                .await?;
+            if let Some(list) = tables.as_mut() {
+                list.extend(marker_table);
+                list.extend(ddl_table);
             }
             crate::replication::publication::create_publication(
                 &src_db,
@@ -460,6 +466,85 @@ impl Pipeline {
         }
         drop(snapshot_holder);
         Ok(consistent_point)
+    }
+
+    /// Installs the DDL capture on a source database per `[migration] ddl`;
+    /// returns the table its events travel in when the publication must
+    /// list it (sources before 14).
+    async fn install_ddl_capture(
+        &self,
+        src: &tokio_postgres::Client,
+        db: &str,
+        names: &ReplicationNames,
+        listed: bool,
+    ) -> Result<Option<String>, PipelineError> {
+        use crate::config::DdlSetting;
+        use crate::replication::ddl::capture;
+        let setting = self.cfg().ddl;
+        if setting == DdlSetting::Stop {
+            return Ok(None);
+        }
+        if setting == DdlSetting::Auto
+            && let Some(why) = capture::probe(src)
+                .await
+                .map_err(step(db, "checking whether DDL can be captured"))?
+        {
+            tracing::warn!(
+                database = db,
+                "schema changes on the source will stop apply (ddl = \"stop\"): the source refuses event triggers to this user: {why}"
+            );
+            return Ok(None);
+        }
+        let version = crate::pg::Version::of(src)
+            .await
+            .map_err(step(db, "reading the source version"))?;
+        let cnames = capture::CaptureNames::new(names);
+        let filter = TableFilter::from_migration(self.cfg());
+        let spec = capture::CaptureSpec {
+            names: &cnames,
+            transport: capture::transport(version),
+            listed: listed.then_some(&filter),
+        };
+        capture::install(src, &spec)
+            .await
+            .map_err(step(db, "installing the DDL capture"))?;
+        tracing::info!(
+            database = db,
+            "DDL capture installed on the source: schema changes are applied on the target in stream order"
+        );
+        Ok(
+            (spec.transport == crate::pg::replication::MarkerTransport::Row)
+                .then(|| cnames.row_table()),
+        )
+    }
+
+    /// Removes the DDL capture from every source database (at the end of a
+    /// cutover, whether or not the slots are kept). Notes for the log.
+    pub(crate) async fn remove_ddl_capture(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        for db in &self.cfg().databases {
+            let names = ReplicationNames::new(&self.cfg().name, db);
+            let r = async {
+                let c = crate::db::connect(
+                    &self.ctx.config.source.with_dbname(db),
+                    "source (DDL capture)",
+                )
+                .await
+                .map_err(crate::replication::client::ReplicationError::from)?;
+                crate::replication::ddl::capture::remove(
+                    &c,
+                    &crate::replication::ddl::capture::CaptureNames::new(&names),
+                )
+                .await
+            }
+            .await;
+            match r {
+                Ok(true) => notes.push(format!("{db}: DDL capture removed")),
+                Ok(false) => {}
+                Err(e) => notes.push(format!("{db}: removing the DDL capture failed: {e}")),
+            }
+        }
+        notes
     }
 
     /// The tables to publish: None for all tables (no filters).

@@ -65,6 +65,8 @@ pub struct Runner {
     /// state only says CompletingMigration once the attempt's task runs, and
     /// a second request in between must not start a second attempt.
     cutover_running: Arc<AtomicBool>,
+    /// DDL replication's shared state (status, operator decisions).
+    ddl: Arc<crate::replication::ddl::DdlControl>,
 }
 
 /// Opens the migration (before the proxy serves, so a switched migration
@@ -93,6 +95,11 @@ pub async fn start(
     }
     ctx.status
         .register("last_cutover", Arc::new(last_cutover.clone()));
+    let ddl = Arc::new(crate::replication::ddl::DdlControl::new(
+        cfg.ddl,
+        Some(&ctx.registry),
+    ));
+    ctx.status.register("ddl", ddl.clone());
     let runner = Arc::new(Runner {
         pipeline: Pipeline {
             ctx: ctx.clone(),
@@ -107,6 +114,7 @@ pub async fn start(
         cutover_metrics: CutoverMetrics::new(&ctx.registry),
         last_cutover,
         cutover_running: Arc::new(AtomicBool::new(false)),
+        ddl,
     });
     Ok(Some(tokio::spawn(runner.drive(rx))))
 }
@@ -324,6 +332,10 @@ impl Runner {
                     source: c.source.clone(),
                     target: c.target.clone(),
                     consistent_point: s.consistent_point.unwrap_or(Lsn::ZERO),
+                    ddl: Some(crate::replication::stream::StreamDdl {
+                        control: self.ddl.clone(),
+                        filter: crate::filter::TableFilter::from_migration(&m.cfg),
+                    }),
                 },
                 self.stream_metrics.clone(),
             );
@@ -896,6 +908,14 @@ impl CutoverHost for Runner {
         }
         // Lifted at the switch; now its triggers go (each locks its table briefly).
         let mut errors = self.remove_target_guards().await;
+        // The source's DDL capture goes whether or not the slots stay.
+        for note in self.pipeline.remove_ddl_capture().await {
+            if note.contains("failed") {
+                errors.push(note);
+            } else {
+                tracing::info!("{note}");
+            }
+        }
         if drop_slot {
             for note in self.pipeline.release_source().await {
                 if note.contains("failed") {

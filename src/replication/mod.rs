@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod client;
 pub mod copy;
+pub mod ddl;
 mod lsn;
 pub mod marker;
 pub mod names;

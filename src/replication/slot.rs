@@ -149,6 +149,8 @@ pub struct Cleanup {
     pub publication_dropped: bool,
     /// The cutover marker table (sources before 14).
     pub marker_table_dropped: bool,
+    /// The DDL capture (event triggers, functions, tables).
+    pub ddl_capture_removed: bool,
 }
 
 /// Drops the slot, publication and marker table of (`migration`,
@@ -184,10 +186,15 @@ pub async fn cleanup(
         })?;
     let slot_dropped = drop_slot_if_exists(&client, &names.slot, true).await?;
     let publication_dropped = drop_publication(&client, &names.publication).await?;
+    // Before the marker table, whose removal drops the schema once empty.
+    let ddl_capture_removed =
+        super::ddl::capture::remove(&client, &super::ddl::capture::CaptureNames::new(&names))
+            .await?;
     let marker_table_dropped = super::marker::drop_table(&client, &names).await?;
     Ok(Cleanup {
         slot_dropped,
         publication_dropped,
         marker_table_dropped,
+        ddl_capture_removed,
     })
 }

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Lsn;
-use super::apply::{Applier, ApplyError, ApplyMetrics, ApplyOptions, Marker};
+use super::apply::{Applier, ApplyDdl, ApplyError, ApplyMetrics, ApplyOptions, Marker};
 use super::client::{ReplicationConnection, ReplicationError, ReplicationMessage, StreamOptions};
 use super::marker::MarkerConnection;
 use super::names::ReplicationNames;
@@ -340,7 +340,8 @@ impl StreamStatus {
 
     /// The target holds `confirmed`: the stream is healthy unless it has
     /// not yet passed the point where it last broke.
-    fn confirmed(&self, confirmed: Lsn) {
+    /// Returns whether this recovered the stream from an error.
+    fn confirmed(&self, confirmed: Lsn) -> bool {
         let recovered = self.with(|l| {
             l.applied = l.applied.max(confirmed);
             match l.recover_at {
@@ -363,6 +364,7 @@ impl StreamStatus {
             }
             self.set_state(StreamState::Streaming);
         }
+        recovered.is_some_and(|r| r > 0)
     }
 
     /// A session ended with `err`; the next attempt is in `backoff`.
@@ -426,6 +428,16 @@ pub struct StreamConfig {
     pub target: Endpoint,
     /// Where the copy ended (the slot's consistent point).
     pub consistent_point: Lsn,
+    /// DDL replication (`[migration] ddl`); None: none configured here.
+    pub ddl: Option<StreamDdl>,
+}
+
+/// What a stream needs for DDL: the shared control, the migration's table
+/// filter, and whether the source captures DDL.
+#[derive(Clone)]
+pub struct StreamDdl {
+    pub control: Arc<crate::replication::ddl::DdlControl>,
+    pub filter: crate::filter::TableFilter,
 }
 
 /// A running stream for one database.
@@ -580,6 +592,40 @@ impl Drop for DatabaseStream {
     }
 }
 
+/// Apply's DDL options for a session: in replicate mode, the capture's
+/// names and the key that signs its events, read from the source.
+async fn ddl_options(cfg: &StreamConfig) -> Result<Option<ApplyDdl>, StreamError> {
+    use crate::replication::ddl::capture;
+    let Some(d) = &cfg.ddl else {
+        return Ok(None);
+    };
+    if d.control.setting == crate::config::DdlSetting::Stop {
+        d.control.set_capturing(&cfg.database, false);
+        return Ok(None);
+    }
+    let names = capture::CaptureNames::new(&ReplicationNames::new(&cfg.migration, &cfg.database));
+    let src = crate::db::connect(
+        &cfg.source.with_dbname(&cfg.database),
+        "source (DDL capture)",
+    )
+    .await
+    .map_err(ReplicationError::from)?;
+    let key = capture::read_key(&src, &names).await?;
+    d.control.export(&cfg.database);
+    d.control.set_capturing(&cfg.database, key.is_some());
+    let Some(key) = key else {
+        // Not installed (the source forbids event triggers): a schema
+        // change shows as a mismatch and stops apply.
+        return Ok(None);
+    };
+    Ok(Some(ApplyDdl {
+        control: d.control.clone(),
+        names,
+        key: Some(key.0),
+        filter: d.filter.clone(),
+    }))
+}
+
 /// The outer loop: run a session, and on any error wait and start again
 /// from the origin position.
 async fn run_with_retries(
@@ -609,6 +655,18 @@ async fn run_with_retries(
             .with_label_values(&[&cfg.database, err.kind()])
             .inc();
         let attempt = status.failed(&err, backoff);
+        let ddl = cfg.ddl.as_ref().map(|d| d.control.clone());
+        if let (Some(control), StreamError::Apply(e)) = (&ddl, &err)
+            && let Some(stop) = e.ddl_stop()
+        {
+            control.stopped(stop);
+        }
+        let retry_now = async {
+            match &ddl {
+                Some(c) => c.retry.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tracing::warn!(
             database = %cfg.database,
             kind = err.kind(),
@@ -618,6 +676,8 @@ async fn run_with_retries(
         );
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
+            // `pgshift ddl retry|skip|apply`: try again now.
+            _ = retry_now => {}
             _ = stop.cancelled() => { status.set_state(StreamState::Stopped); break; }
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -636,6 +696,7 @@ async fn session(
     status.connecting();
     let mut apply_opts = ApplyOptions::new(&cfg.migration, db);
     apply_opts.source = Some(cfg.source.with_dbname(db));
+    apply_opts.ddl = ddl_options(cfg).await?;
     let mut applier = Applier::connect(
         &cfg.target.with_dbname(db),
         apply_opts,
@@ -718,7 +779,12 @@ async fn session(
         // Apply also commits on its own (a full group): what the target
         // holds is at least its committed position, also while a backlog
         // keeps the branches that confirm from running.
-        status.confirmed(confirmed.max(applier.applied_position()));
+        if status.confirmed(confirmed.max(applier.applied_position()))
+            && let Some(d) = &cfg.ddl
+        {
+            // Past the point where a schema change stopped it.
+            d.control.resumed(db);
+        }
         metrics
             .applied_lsn
             .with_label_values(&[db])

@@ -241,6 +241,8 @@ impl PostDataArchive {
 fn parse_toc(toc: &str) -> Vec<TocItem> {
     toc.lines()
         .filter(|l| !l.trim_start().starts_with(';') && !l.trim().is_empty())
+        // pgshift's DDL capture on the source is not the application's.
+        .filter(|l| !l.contains(" EVENT TRIGGER - pgshift_ddl_"))
         .filter_map(|l| {
             let (_, rest) = l.split_once(';')?;
             let mut f = rest.trim_start().splitn(3, ' ');

@@ -628,3 +628,39 @@ pub fn ensure_psycopg() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `pg_dump --schema-only` of `db` without comments, blank lines, psql's
+/// per-dump `\restrict` keys and pgshift's own objects (the target's write
+/// guard until the cutover, the source's DDL capture and marker tables):
+/// the schema, statement by statement, comparable between source and target.
+pub fn schema_of(c: &Cluster, db: &str, pg_dump: &std::path::Path) -> String {
+    let out = Command::new(pg_dump)
+        .args(["--schema-only", "--no-publications", "--no-subscriptions"])
+        .args(["--exclude-schema=pgshift", "--exclude-schema=pgshift_guard"])
+        .args(["-d", &c.url(db)])
+        .output()
+        .expect("run pg_dump");
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with("--")
+                && !l.starts_with("\\restrict")
+                && !l.starts_with("\\unrestrict")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .split(";\n")
+        .map(|statement| statement.trim_end_matches(';'))
+        .filter(|statement| {
+            !statement.contains("pgshift_guard")
+                && !(statement.contains("EVENT TRIGGER") && statement.contains("pgshift_ddl_"))
+        })
+        .collect::<Vec<_>>()
+        .join(";\n")
+}

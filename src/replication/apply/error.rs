@@ -54,6 +54,29 @@ pub enum ApplyError {
         op: &'static str,
         rows: u64,
     },
+    /// A DDL command replicated from the source that the target refused.
+    #[error(
+        "the target refused DDL {id} of the source transaction {transaction} in database {database}: {error}; the command: {statement}. Apply is stopped: change the target so the command can run and run `pgshift ddl retry --database {database}`, or apply the change by hand and run `pgshift ddl skip --database {database}`"
+    )]
+    Ddl {
+        database: String,
+        transaction: SourceTxn,
+        /// The capture's event id, for `ddl skip`.
+        id: String,
+        statement: String,
+        error: Box<ErrorFields>,
+    },
+    /// A DDL command pgshift cannot reproduce on the target.
+    #[error(
+        "cannot replicate DDL {id} of the source transaction {transaction} in database {database}: {reason}; the source ran: {query}. Apply is stopped: make the same change on the target by hand, then run `pgshift ddl skip --database {database}`"
+    )]
+    DdlUnsupported {
+        database: String,
+        transaction: SourceTxn,
+        id: String,
+        query: String,
+        reason: String,
+    },
     /// A streamed transaction spilled to a temporary file (the pool of
     /// streamed sessions was full) could not be written or read back.
     #[error(
@@ -106,11 +129,48 @@ impl ApplyError {
     /// schema error needs an operator.
     pub fn is_transient(&self) -> bool {
         match self {
-            ApplyError::Row { error, .. } => {
+            ApplyError::Row { error, .. } | ApplyError::Ddl { error, .. } => {
                 ["40", "53", "55", "57", "58", "08"].contains(&error.code.get(..2).unwrap_or(""))
             }
-            ApplyError::SchemaMismatch { .. } | ApplyError::RowNotFound { .. } => false,
+            ApplyError::SchemaMismatch { .. }
+            | ApplyError::RowNotFound { .. }
+            | ApplyError::DdlUnsupported { .. } => false,
             _ => true,
+        }
+    }
+}
+
+impl ApplyError {
+    /// What an operator can act on when apply stopped on a schema change:
+    /// the DDL the target refused or could not get, or (without DDL
+    /// capture) the table that no longer matches and the ready command.
+    pub fn ddl_stop(&self) -> Option<crate::replication::ddl::DdlStop> {
+        use crate::replication::ddl::DdlStop;
+        match self {
+            ApplyError::Ddl {
+                database,
+                id,
+                statement,
+                ..
+            } => Some(DdlStop {
+                database: database.clone(),
+                id: Some(id.clone()),
+                statement: Some(statement.clone()),
+                error: self.to_string(),
+            }),
+            ApplyError::DdlUnsupported { database, id, .. } => Some(DdlStop {
+                database: database.clone(),
+                id: Some(id.clone()),
+                statement: None,
+                error: self.to_string(),
+            }),
+            ApplyError::SchemaMismatch { database, fix, .. } => Some(DdlStop {
+                database: database.clone(),
+                id: None,
+                statement: fix.clone(),
+                error: self.to_string(),
+            }),
+            _ => None,
         }
     }
 }

@@ -44,6 +44,7 @@
 
 mod batch;
 mod batching;
+mod ddl;
 mod error;
 mod markers;
 mod origin;
@@ -72,6 +73,7 @@ use crate::config::Endpoint;
 use crate::wire::messages::TxStatus;
 use crate::wire::{ConnectOptions, ServerConnection, WireError};
 
+pub use self::ddl::ApplyDdl;
 pub use self::error::{ApplyError, SourceTxn};
 pub(crate) use self::markers::Marker;
 pub use self::markers::wait_for_marker;
@@ -105,6 +107,9 @@ pub struct ApplyOptions {
     /// are applied as they arrive; more open at once are spilled to a
     /// temporary file and applied at their commit.
     pub streamed_sessions: usize,
+    /// DDL events of the source's capture, applied in stream order; None:
+    /// no capture (a schema change shows up as a mismatch).
+    pub ddl: Option<ApplyDdl>,
 }
 
 impl ApplyOptions {
@@ -123,6 +128,7 @@ impl ApplyOptions {
             net_batching: true,
             source: None,
             streamed_sessions: 4,
+            ddl: None,
         }
     }
 }
@@ -144,6 +150,8 @@ pub struct Applier {
     /// A streamed transaction's session (see `streamed`): holds no origin
     /// and keeps no messages to re-apply.
     child: bool,
+    /// The target's major version, once read (DDL).
+    target_major: Option<i32>,
 }
 
 impl Applier {
@@ -207,6 +215,7 @@ impl Applier {
             stopped: false,
             target: target.clone(),
             child,
+            target_major: None,
         }
     }
 
@@ -415,7 +424,12 @@ impl Applier {
             }
             PgOutputMessage::Delete(d) => self.row(d.relation, RowChange::Delete(d.old)).await,
             PgOutputMessage::Truncate(t) => self.truncate(t).await,
-            PgOutputMessage::Message(m) => self.message(m),
+            PgOutputMessage::Message(m) => {
+                if self.ddl_message(&m).await? {
+                    return Ok(());
+                }
+                self.message(m)
+            }
             PgOutputMessage::StreamStart(s) => self.stream_start(s).await,
             PgOutputMessage::StreamStop => Err(self.protocol("Stream Stop outside a stream")),
             PgOutputMessage::StreamAbort(a) => self.stream_abort(a).await,

@@ -64,6 +64,15 @@ impl Relations {
         name
     }
 
+    /// After DDL on the target: every relation's target side is looked up
+    /// again, and its statements prepared anew, at its next change.
+    pub(super) fn after_ddl(&mut self) {
+        for r in self.map.values_mut() {
+            r.target = None;
+        }
+        self.forget_statements();
+    }
+
     /// Forgets every prepared statement: the Parses that were queued are
     /// gone with the queue, so each is prepared anew on next use.
     pub(super) fn forget_statements(&mut self) {
@@ -219,6 +228,13 @@ impl Applier {
         let Some(commit_lsn) = self.applying()? else {
             return Ok(());
         };
+        let new = match &change {
+            RowChange::Insert(n) | RowChange::Update(_, n) => Some(n),
+            RowChange::Delete(_) => None,
+        };
+        if self.ddl_row(oid, new).await? {
+            return Ok(());
+        }
         if self.own_row(oid, &change)? {
             return Ok(());
         }

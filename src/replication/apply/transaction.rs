@@ -28,6 +28,10 @@ pub(super) struct Current {
     pub(super) counts: OpCounts,
     /// Statements of this transaction already queued or sent.
     pub(super) statements: usize,
+    /// It ran DDL on the target: the group commits with it.
+    pub(super) ddl: bool,
+    /// What its DDL command being received dropped (its `drop` event).
+    pub(super) dropped: Vec<crate::replication::ddl::DdlObject>,
 }
 
 /// Complete source transactions applied in the open target transaction.
@@ -100,6 +104,8 @@ impl Applier {
             markers: Vec::new(),
             counts: OpCounts::default(),
             statements: 0,
+            ddl: false,
+            dropped: Vec::new(),
         });
         Ok(())
     }
@@ -138,7 +144,10 @@ impl Applier {
                 .max_net_batch_transactions
                 .max(self.opts.max_batch_transactions)
         };
-        if g.transactions as usize >= limit
+        // After DDL the next transaction may use what it made (an enum
+        // value added, which must be committed first).
+        if cur.ddl
+            || g.transactions as usize >= limit
             || self.pipe.queued_bytes() + self.batching.batch.bytes >= self.opts.max_round_bytes
         {
             self.commit_group().await?;

@@ -1,0 +1,322 @@
+//! Schema changes during a migration: DDL run on the source is captured by
+//! pgshift's event triggers and applied on the target in stream order,
+//! between the data changes before and after it. Each step of a typical
+//! application migration runs on the source under load through the proxy;
+//! after each, source and target are equal row by row and in schema.
+
+mod common;
+mod e2e_common;
+use common::*;
+use e2e_common::*;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const STARTUP: Duration = Duration::from_secs(180);
+const STALL: Duration = Duration::from_secs(120);
+
+fn pg_dump_for(major: i32) -> PathBuf {
+    client_bin_for(major)
+        .map(|d| d.join("pg_dump"))
+        .unwrap_or_else(|| pg_program("pg_dump"))
+}
+
+/// The application's schema before the migration.
+fn populate(src: &Cluster) {
+    src.create_db("shop");
+    src.psql(
+        "shop",
+        "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+         CREATE SCHEMA sales;
+         CREATE TABLE orders(id bigserial PRIMARY KEY, amount numeric(10,2) NOT NULL,
+                             legacy text, mood mood NOT NULL DEFAULT 'ok');
+         CREATE TABLE events(id int, at date, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+         CREATE TABLE events_2024 PARTITION OF events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+         CREATE TABLE big(id int PRIMARY KEY, v int NOT NULL);
+         CREATE TABLE writes(id bigint PRIMARY KEY);
+         INSERT INTO orders(amount, legacy) SELECT g, 'l' || g FROM generate_series(1, 2000) g;
+         INSERT INTO events SELECT g, date '2024-01-01' + g FROM generate_series(1, 200) g;
+         INSERT INTO big SELECT g, g FROM generate_series(1, 100000) g;
+         GRANT ALL ON ALL TABLES IN SCHEMA public TO app;
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app;",
+    );
+}
+
+/// The steps of a typical application migration, each one client string
+/// (simple query: several statements run as one transaction unless they
+/// say otherwise), with data before and after the DDL in the same string
+/// where the trap is there.
+fn steps(source_major: i32) -> Vec<(&'static str, String)> {
+    let mut s: Vec<(&'static str, String)> = vec![
+        (
+            "add a column with a default",
+            "ALTER TABLE orders ADD COLUMN status text DEFAULT 'new'".into(),
+        ),
+        (
+            "backfill it in batches",
+            "UPDATE orders SET status = 'old' WHERE id <= 700;
+             UPDATE orders SET status = 'old' WHERE id > 700 AND id <= 1400;
+             UPDATE orders SET status = 'old' WHERE id > 1400"
+                .into(),
+        ),
+        (
+            "add NOT NULL",
+            "ALTER TABLE orders ALTER COLUMN status SET NOT NULL".into(),
+        ),
+        (
+            "create an index concurrently",
+            "CREATE INDEX CONCURRENTLY orders_status_idx ON orders (status)".into(),
+        ),
+        (
+            "create a table and insert into it in the same transaction",
+            "BEGIN;
+             CREATE TABLE audit(id bigserial PRIMARY KEY, order_id bigint REFERENCES orders(id), note text);
+             INSERT INTO audit(order_id, note) SELECT id, 'created' FROM orders WHERE id <= 50;
+             COMMIT"
+                .into(),
+        ),
+        (
+            "rename a column and write with the new name at once",
+            "INSERT INTO orders(amount, status) VALUES (1.5, 'before');
+             ALTER TABLE orders RENAME COLUMN amount TO total;
+             INSERT INTO orders(total, status) VALUES (2.5, 'after');
+             UPDATE orders SET total = total + 1 WHERE id <= 10"
+                .into(),
+        ),
+        ("drop a column", "ALTER TABLE orders DROP COLUMN legacy".into()),
+        (
+            "add an enum value",
+            "ALTER TYPE mood ADD VALUE 'ecstatic'".into(),
+        ),
+        (
+            "use the new enum value",
+            "INSERT INTO orders(total, status, mood) VALUES (3, 'x', 'ecstatic')".into(),
+        ),
+        (
+            "create a partition and route rows to it",
+            "CREATE TABLE events_2025 PARTITION OF events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+             INSERT INTO events SELECT g, date '2025-01-01' + g FROM generate_series(1, 100) g"
+                .into(),
+        ),
+        (
+            "several statements in one string, DDL among data",
+            "INSERT INTO audit(note) VALUES ('one');
+             ALTER TABLE audit ADD COLUMN seen boolean;
+             UPDATE audit SET seen = true WHERE id <= 10;
+             CREATE SEQUENCE ticket_no START 500;
+             INSERT INTO audit(note, seen) VALUES ('two', false)"
+                .into(),
+        ),
+        (
+            "DDL inside a DO block",
+            "DO $$ BEGIN EXECUTE 'CREATE INDEX audit_note_idx ON audit (note)'; END $$".into(),
+        ),
+        (
+            "names resolved by search_path",
+            "SET search_path = sales, public;
+             CREATE TABLE regions(id int PRIMARY KEY, name text);
+             INSERT INTO regions VALUES (1, 'north'), (2, 'south');
+             CREATE INDEX ON orders (mood)"
+                .into(),
+        ),
+        (
+            "views, functions, triggers, comments, grants",
+            "CREATE VIEW open_orders AS SELECT id, total FROM orders WHERE status <> 'done';
+             CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN NEW.note := coalesce(NEW.note, 'touched'); RETURN NEW; END $f$;
+             CREATE TRIGGER audit_touch BEFORE INSERT ON audit FOR EACH ROW EXECUTE FUNCTION touch();
+             COMMENT ON TABLE orders IS 'customer orders; see ''audit''';
+             GRANT SELECT ON open_orders TO app;
+             INSERT INTO audit(note) VALUES (NULL)"
+                .into(),
+        ),
+        (
+            "a table rewrite on a large table",
+            "ALTER TABLE big ALTER COLUMN v TYPE bigint; UPDATE big SET v = v * 3 WHERE id % 1000 = 0".into(),
+        ),
+        (
+            "drop what is no longer needed",
+            "DROP VIEW open_orders; DROP INDEX orders_status_idx; ALTER TABLE audit DROP COLUMN seen".into(),
+        ),
+    ];
+    if source_major >= 14 {
+        // Detached without blocking writers (14+), which cannot run in a
+        // transaction block.
+        s.push((
+            "detach a partition concurrently",
+            "ALTER TABLE events DETACH PARTITION events_2024 CONCURRENTLY".into(),
+        ));
+    }
+    s
+}
+
+/// Waits until the target has everything the source has, then compares
+/// both row by row and in schema.
+fn assert_same(p: &Pgshift, src: &Cluster, tgt: &Cluster, pg_dump: &PathBuf, step: &str) {
+    p.wait_caught_up(src, &["shop"], STALL);
+    assert_eq!(
+        schema_of(src, "shop", pg_dump),
+        schema_of(tgt, "shop", pg_dump),
+        "schemas differ after: {step}\n{}",
+        p.current_log()
+    );
+    let set = comparable_floats(src, tgt);
+    assert_eq!(
+        table_fingerprints_with(src, "shop", &set),
+        table_fingerprints_with(tgt, "shop", &set),
+        "rows differ after: {step}"
+    );
+}
+
+fn pgbench(args: &[&str], port: u16) -> std::process::Output {
+    Command::new(pg_program("pgbench"))
+        .args(args)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            APP_USER,
+            "shop",
+        ])
+        .env("PGPASSWORD", APP_PW)
+        .env("PGSSLMODE", "disable")
+        .output()
+        .expect("run pgbench")
+}
+
+fn event_triggers(c: &Cluster) -> String {
+    c.psql(
+        "shop",
+        "SELECT coalesce(string_agg(evtname, ','), '') FROM pg_event_trigger WHERE evtname LIKE 'pgshift%'",
+    )
+}
+
+/// The whole migration set under load, then a cutover with persistent
+/// prepared sessions; the capture is gone from the source afterwards.
+fn application_migration(source: i32, target: i32) {
+    let test = format!("ddl {source}->{target}");
+    let Some((src, tgt)) = start_pair(source, target, &test) else {
+        return;
+    };
+    populate(&src);
+    let o = Command::new(pg_program("pgbench"))
+        .args(["-i", "-q", "-s", "1", "-h"])
+        .arg(&src.socket_dir)
+        .args(["-p", &src.port.to_string(), "-U", "postgres", "shop"])
+        .output()
+        .expect("pgbench -i");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    src.psql(
+        "shop",
+        "ALTER TABLE pgbench_history ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY;
+         GRANT ALL ON ALL TABLES IN SCHEMA public TO app; GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO app;",
+    );
+    let p = Pgshift::start(&src, &tgt, &migration("ddl", &["shop"], ""));
+    p.wait_substate("WaitingForUserAction", "WaitingForCutoverTrigger", STARTUP);
+    assert!(
+        !event_triggers(&src).is_empty(),
+        "the capture is installed on the source"
+    );
+    let status = p.status().unwrap();
+    assert_eq!(status["ddl"]["capturing"]["shop"], true, "{status}");
+    let pg_dump = pg_dump_for(target);
+    assert_same(&p, &src, &tgt, &pg_dump, "the copy");
+
+    // Each step runs beside a TPC-B burst through the proxy (prepared
+    // statements); the comparison waits for the burst to end.
+    let port = p.proxy_port;
+    let with_load = |sql: &str| {
+        let load = std::thread::spawn(move || {
+            pgbench(&["-c", "2", "-T", "2", "-M", "prepared", "-n"], port)
+        });
+        src.psql("shop", sql);
+        let o = load.join().unwrap();
+        assert!(
+            o.status.success(),
+            "pgbench: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    for (what, sql) in steps(source) {
+        with_load(&sql);
+        assert_same(&p, &src, &tgt, &pg_dump, what);
+    }
+    // DDL on a table pgbench writes, while it writes.
+    with_load("ALTER TABLE pgbench_history ADD COLUMN note text DEFAULT 'x'");
+    assert_same(
+        &p,
+        &src,
+        &tgt,
+        &pg_dump,
+        "DDL on a table under the TPC-B load",
+    );
+    let status = p.status().unwrap();
+    let applied = status["ddl"]["commands"]["shop"]["applied"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(applied >= 20, "DDL applied: {status}");
+    assert!(
+        status["ddl"]["commands"]["shop"]["failed"].is_null(),
+        "{status}"
+    );
+    let metrics = http(p.admin_port, "GET", "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("pgshift_ddl_commands_total{database=\"shop\",outcome=\"applied\"}"),
+        "{metrics}"
+    );
+
+    // Cutover with persistent prepared sessions writing.
+    let stop = Arc::new(AtomicBool::new(false));
+    let last = Arc::new(AtomicI64::new(0));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let writer = {
+        let (stop, last, seen) = (stop.clone(), last.clone(), seen.clone());
+        std::thread::spawn(move || proxied_prepared_writer(port, "shop", stop, last, seen))
+    };
+    wait_until(Duration::from_secs(60), || {
+        last.load(Ordering::Relaxed) > 20
+    });
+    let o = p.cli(&["cutover", "--wait"]);
+    assert!(o.status.success(), "cutover: {}\n{}", out_text(&o), p.log());
+    let after = last.load(Ordering::Relaxed);
+    wait_until(Duration::from_secs(60), || {
+        last.load(Ordering::Relaxed) > after + 20
+    });
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(
+        seen.lock().unwrap().errors.is_empty(),
+        "{:?}",
+        seen.lock().unwrap().errors
+    );
+    let n = last.load(Ordering::Relaxed);
+    assert_eq!(
+        tgt.psql("shop", "SELECT count(*) || ',' || max(id) FROM writes"),
+        format!("{n},{n}"),
+        "every acknowledged write on the target exactly once"
+    );
+    assert_eq!(
+        event_triggers(&src),
+        "",
+        "the capture is removed at cutover"
+    );
+}
+
+#[test]
+fn ddl_replicates_an_application_migration_15() {
+    application_migration(15, 15);
+}
+
+#[test]
+fn ddl_replicates_an_application_migration_from_the_oldest_to_the_newest() {
+    application_migration(11, 18);
+}
+
+#[test]
+fn ddl_replicates_an_application_migration_18() {
+    application_migration(18, 18);
+}
