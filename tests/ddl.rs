@@ -9,7 +9,7 @@ mod e2e_common;
 use common::*;
 use e2e_common::*;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -154,7 +154,7 @@ fn steps(source_major: i32) -> Vec<(&'static str, String)> {
 
 /// Waits until the target has everything the source has, then compares
 /// both row by row and in schema.
-fn assert_same(p: &Pgshift, src: &Cluster, tgt: &Cluster, pg_dump: &PathBuf, step: &str) {
+fn assert_same(p: &Pgshift, src: &Cluster, tgt: &Cluster, pg_dump: &Path, step: &str) {
     p.wait_caught_up(src, &["shop"], STALL);
     assert_eq!(
         schema_of(src, "shop", pg_dump),

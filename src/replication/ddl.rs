@@ -123,7 +123,7 @@ pub fn read_event(json: &[u8]) -> Result<DdlEvent, EventError> {
 }
 
 fn decode_hex(s: &[u8]) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     s.chunks(2)

@@ -658,8 +658,9 @@ pub fn schema_of(c: &Cluster, db: &str, pg_dump: &std::path::Path) -> String {
         .split(";\n")
         .map(|statement| statement.trim_end_matches(';'))
         .filter(|statement| {
-            !statement.contains("pgshift_guard")
-                && !(statement.contains("EVENT TRIGGER") && statement.contains("pgshift_ddl_"))
+            let own_trigger =
+                statement.contains("EVENT TRIGGER") && statement.contains("pgshift_ddl_");
+            !statement.contains("pgshift_guard") && !own_trigger
         })
         .collect::<Vec<_>>()
         .join(";\n")
