@@ -1,14 +1,44 @@
 //! Operator commands arriving over the admin API (`POST /cutover`,
-//! `POST /cancel`), handed to the migration runner over a channel so the
+//! `POST /cancel`, `POST /ddl/{skip,retry,apply}`), handed to the migration runner over a channel so the
 //! HTTP layer knows nothing about how they are carried out.
 
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CommandKind {
     Cutover,
     Cancel,
+    /// What to do about the schema change that stopped apply in
+    /// `database` (None: the one database where apply is stopped).
+    Ddl {
+        action: DdlAction,
+        database: Option<String>,
+    },
+}
+
+/// `pgshift ddl …`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DdlAction {
+    /// Go on without the DDL command that stopped apply (the operator
+    /// made the change on the target by hand, or does not want it).
+    Skip,
+    /// Try the command again now (the operator changed the target).
+    Retry,
+    /// Run the ready command of a table that no longer matches (`ddl =
+    /// "stop"`) on the target, then go on.
+    Apply,
+}
+
+impl DdlAction {
+    pub fn parse(s: &str) -> Option<DdlAction> {
+        match s {
+            "skip" => Some(DdlAction::Skip),
+            "retry" => Some(DdlAction::Retry),
+            "apply" => Some(DdlAction::Apply),
+            _ => None,
+        }
+    }
 }
 
 /// Why a command was refused; becomes an HTTP status and a message.

@@ -111,6 +111,20 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// What to do about a schema change that stopped apply: `retry` it now
+    /// (after changing the target), `skip` the replicated DDL command (made
+    /// by hand, or not wanted), or `apply` the ready command of a table that
+    /// no longer matches (`[migration] ddl = "stop"`).
+    Ddl {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// skip, retry or apply.
+        #[arg(value_parser = ["skip", "retry", "apply"])]
+        action: String,
+        /// The database (default: the one where apply is stopped).
+        #[arg(long, short = 'd')]
+        database: Option<String>,
+    },
     /// Cancel the migration (before the point of no return): releases the
     /// slot and publication on the source and leaves the target as it is.
     Cancel {
@@ -153,6 +167,11 @@ fn main() -> ExitCode {
             Command::Status { admin, json, watch } => status(admin, json, watch).await,
             Command::Cutover { admin, wait } => cutover(admin, wait).await,
             Command::Cancel { admin } => cancel(admin).await,
+            Command::Ddl {
+                admin,
+                action,
+                database,
+            } => ddl(admin, &action, database.as_deref()).await,
             Command::Validate { config, json } => Ok(pgshift::validate::cli(&config, json).await),
             Command::Verify {
                 config,
@@ -270,6 +289,33 @@ async fn cutover(a: AdminArgs, wait: bool) -> CliResult {
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+async fn ddl(a: AdminArgs, action: &str, database: Option<&str>) -> CliResult {
+    let client = admin_client(&a)?;
+    let path = match database {
+        Some(db) => format!("/ddl/{action}?database={}", url_encode(db)),
+        None => format!("/ddl/{action}"),
+    };
+    let r = client.post(&path).await?;
+    println!(
+        "{}: {}",
+        r.get("database").and_then(|d| d.as_str()).unwrap_or("-"),
+        r.get("message").and_then(|m| m.as_str()).unwrap_or("done")
+    );
+    Ok(0)
+}
+
+/// Percent-encodes a query parameter's value.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 async fn cancel(a: AdminArgs) -> CliResult {

@@ -7,6 +7,7 @@
 //! exists on the target when its contents must be inspected.
 
 mod database;
+mod ddl;
 mod fence;
 mod objects;
 mod render;
@@ -189,6 +190,7 @@ pub(crate) async fn validate_resuming(config: &Config, own_copies: &[String]) ->
     checks.extend(server::target_checks(target.as_ref(), source.as_ref(), m, &config.target).await);
     checks.push(server::pg_dump_check(source.as_ref(), target.as_ref(), m.pg_bin.as_deref()).await);
     checks.extend(fence::checks(source.as_ref(), config).await);
+    checks.extend(ddl::checks(source.as_ref(), m).await);
 
     let mut env = database::Environment::load(m, source.as_ref(), target.as_ref()).await;
     env.own_copies = own_copies.iter().cloned().collect();
@@ -238,6 +240,7 @@ Checks:
   - a pg_dump (with psql) at least the source's major version, preferably the target's
   - the cutover's fence: the roles it sets NOLOGIN on the source, those it cannot, roles that
     also use other databases, and logins it never covers (superusers, pgshift's own user)
+  - DDL capture ([migration] ddl): whether the source user may create event triggers
 
 Exit status:
   0  no check failed (warnings allowed)

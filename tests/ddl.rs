@@ -157,7 +157,7 @@ fn steps(source_major: i32) -> Vec<(&'static str, String)> {
 fn assert_same(p: &Pgshift, src: &Cluster, tgt: &Cluster, pg_dump: &Path, step: &str) {
     p.wait_caught_up(src, &["shop"], STALL);
     assert_eq!(
-        schema_of(src, "shop", pg_dump),
+        reference_schema(src, tgt, pg_dump),
         schema_of(tgt, "shop", pg_dump),
         "schemas differ after: {step}\n{}",
         p.current_log()
@@ -168,6 +168,60 @@ fn assert_same(p: &Pgshift, src: &Cluster, tgt: &Cluster, pg_dump: &Path, step: 
         table_fingerprints_with(tgt, "shop", &set),
         "rows differ after: {step}"
     );
+}
+
+/// The source's schema as the target's server prints it: of the source
+/// itself when both are one major version, else of a fresh restore of the
+/// source's schema into `shop_ref` on the target (views, triggers and
+/// constraints print differently across versions).
+fn reference_schema(src: &Cluster, tgt: &Cluster, pg_dump: &Path) -> String {
+    if src.major() == tgt.major() {
+        return schema_of(src, "shop", pg_dump);
+    }
+    tgt.psql("postgres", "DROP DATABASE IF EXISTS shop_ref");
+    tgt.create_db("shop_ref");
+    let dump = Command::new(pg_dump)
+        .args(["--schema-only", "--no-publications", "--no-subscriptions"])
+        .args(["--exclude-schema=pgshift", "-d", &src.url("shop")])
+        .output()
+        .expect("pg_dump the source");
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    // pgshift's event triggers on the source have no functions here.
+    let sql: String = String::from_utf8_lossy(&dump.stdout)
+        .split(";\n")
+        .filter(|st| !st.contains("pgshift_ddl_"))
+        .collect::<Vec<_>>()
+        .join(";\n");
+    let psql = pg_dump.with_file_name("psql");
+    let mut child = Command::new(&psql)
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &tgt.url("shop_ref"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run psql");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sql.as_bytes())
+        .unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "restoring the source's schema"
+    );
+    schema_of(tgt, "shop_ref", pg_dump)
 }
 
 fn pgbench(args: &[&str], port: u16) -> std::process::Output {
@@ -319,4 +373,159 @@ fn ddl_replicates_an_application_migration_from_the_oldest_to_the_newest() {
 #[test]
 fn ddl_replicates_an_application_migration_18() {
     application_migration(18, 18);
+}
+
+/// A small database for the operator's cases.
+fn small(src: &Cluster) {
+    src.create_db("shop");
+    src.psql(
+        "shop",
+        "CREATE TABLE t(id int PRIMARY KEY, a int);
+         INSERT INTO t SELECT g, g FROM generate_series(1, 100) g;",
+    );
+}
+
+fn wait_ddl_stopped(p: &Pgshift, what: &str) -> serde_json::Value {
+    p.wait_status(what, STALL, |s| {
+        s["databases"]["shop"]["stream"]["state"] == "apply_stopped"
+            && s["ddl"]["stopped"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+    })
+}
+
+/// A command the target refuses stops apply with the command and the
+/// source transaction; `ddl retry` runs it again once the target is fixed,
+/// `ddl skip` goes on without it. Nothing written meanwhile is lost.
+#[test]
+fn a_ddl_the_target_refuses_stops_apply_until_the_operator_decides() {
+    let Some((src, tgt)) = start_pair(14, 18, "ddl refused") else {
+        return;
+    };
+    small(&src);
+    let p = Pgshift::start(&src, &tgt, &migration("ddl-refused", &["shop"], ""));
+    p.wait_substate("WaitingForUserAction", "WaitingForCutoverTrigger", STARTUP);
+    let pg_dump = pg_dump_for(18);
+
+    // Retry: the target has a table of that name already.
+    tgt.psql("shop", "CREATE TABLE blocker(x text)");
+    src.psql(
+        "shop",
+        "CREATE TABLE blocker(id int PRIMARY KEY); INSERT INTO blocker VALUES (1);
+         INSERT INTO t VALUES (101, 101)",
+    );
+    let s = wait_ddl_stopped(&p, "apply stopped on CREATE TABLE blocker");
+    let err = s["databases"]["shop"]["stream"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        err.contains("CREATE TABLE blocker") && err.contains("already exists"),
+        "{err}"
+    );
+    assert!(err.contains("pgshift ddl retry"), "{err}");
+    assert_eq!(
+        tgt.psql("shop", "SELECT count(*) FROM t"),
+        "100",
+        "nothing of the transaction applied"
+    );
+    src.psql("shop", "INSERT INTO t VALUES (102, 102)");
+    tgt.psql("shop", "DROP TABLE blocker");
+    let o = p.cli(&["ddl", "retry"]);
+    assert!(o.status.success(), "{}", out_text(&o));
+    assert_same(&p, &src, &tgt, &pg_dump, "ddl retry");
+
+    // Skip: the operator already made the same index by hand.
+    tgt.psql("shop", "CREATE INDEX t_a_idx ON t (a)");
+    src.psql(
+        "shop",
+        "CREATE INDEX t_a_idx ON t (a); INSERT INTO t VALUES (103, 103)",
+    );
+    let s = wait_ddl_stopped(&p, "apply stopped on CREATE INDEX t_a_idx");
+    let id = s["ddl"]["stopped"][0]["id"].as_str().unwrap().to_string();
+    // `ddl apply` is for a table that no longer matches, not for this.
+    let o = p.cli(&["ddl", "apply", "--database", "shop"]);
+    assert!(!o.status.success(), "{}", out_text(&o));
+    let o = p.cli(&["ddl", "skip", "--database", "shop"]);
+    assert!(o.status.success(), "{}", out_text(&o));
+    assert_same(&p, &src, &tgt, &pg_dump, "ddl skip");
+    let s = p.status().unwrap();
+    let recent = s["ddl"]["recent"].as_array().unwrap();
+    assert!(
+        recent
+            .iter()
+            .any(|r| r["id"] == id.as_str() && r["outcome"] == "skipped"),
+        "{s}"
+    );
+    assert!(
+        s["ddl"]["commands"]["shop"]["failed"].as_u64().unwrap() >= 2,
+        "{s}"
+    );
+    let o = p.cli(&["ddl", "retry"]);
+    assert!(
+        !o.status.success(),
+        "nothing is stopped any more: {}",
+        out_text(&o)
+    );
+}
+
+/// `ddl = "stop"`: no capture; a schema change stops apply with the
+/// source's definition and a ready command, which `ddl apply` runs.
+#[test]
+fn ddl_stop_mode_offers_a_ready_command() {
+    let Some((src, tgt)) = start_pair(15, 15, "ddl stop") else {
+        return;
+    };
+    small(&src);
+    let p = Pgshift::start(
+        &src,
+        &tgt,
+        &migration("ddl-stop", &["shop"], "ddl = \"stop\""),
+    );
+    p.wait_substate("WaitingForUserAction", "WaitingForCutoverTrigger", STARTUP);
+    assert_eq!(event_triggers(&src), "", "no capture in stop mode");
+    src.psql(
+        "shop",
+        "ALTER TABLE t ADD COLUMN b text NOT NULL DEFAULT 'x'; INSERT INTO t VALUES (101, 1, 'y')",
+    );
+    let s = wait_ddl_stopped(&p, "apply stopped on the new column");
+    let stop = &s["ddl"]["stopped"][0];
+    assert_eq!(
+        stop["statement"].as_str().unwrap(),
+        "ALTER TABLE \"public\".\"t\" ADD COLUMN \"b\" text DEFAULT 'x'::text NOT NULL;",
+        "{s}"
+    );
+    let o = p.cli(&["ddl", "skip"]);
+    assert!(!o.status.success(), "nothing to skip: {}", out_text(&o));
+    let o = p.cli(&["ddl", "apply"]);
+    assert!(o.status.success(), "{}", out_text(&o));
+    assert_same(&p, &src, &tgt, &pg_dump_for(15), "ddl apply");
+}
+
+/// Cancel removes the capture from the source.
+#[test]
+fn cancel_removes_the_capture() {
+    let Some((src, tgt)) = start_pair(12, 15, "ddl cancel") else {
+        return;
+    };
+    small(&src);
+    let p = Pgshift::start(&src, &tgt, &migration("ddl-cancel", &["shop"], ""));
+    p.wait_substate("WaitingForUserAction", "WaitingForCutoverTrigger", STARTUP);
+    assert_ne!(event_triggers(&src), "");
+    src.psql(
+        "shop",
+        "ALTER TABLE t ADD COLUMN b int; INSERT INTO t VALUES (101, 1, 2)",
+    );
+    assert_same(&p, &src, &tgt, &pg_dump_for(15), "add a column on 12");
+    let o = p.cli(&["cancel"]);
+    assert!(o.status.success(), "{}", out_text(&o));
+    p.wait_state("Canceled", STARTUP);
+    assert_eq!(event_triggers(&src), "");
+    assert_eq!(
+        src.psql(
+            "shop",
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'pgshift'"
+        ),
+        "0"
+    );
 }

@@ -31,6 +31,7 @@ pub(crate) fn base_router(ctx: Arc<Context>) -> Router {
         .route("/status", get(status_handler))
         .route("/cutover", post(cutover_handler))
         .route("/cancel", post(cancel_handler))
+        .route("/ddl/{action}", post(ddl_handler))
         .with_state(ctx)
 }
 
@@ -104,6 +105,31 @@ async fn cancel_handler(
     headers: HeaderMap,
 ) -> axum::response::Response {
     command(&ctx, &headers, commands::CommandKind::Cancel).await
+}
+
+/// `POST /ddl/{skip,retry,apply}[?database=DB]`.
+async fn ddl_handler(
+    State(ctx): State<Arc<Context>>,
+    axum::extract::Path(action): axum::extract::Path<String>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    let Some(action) = commands::DdlAction::parse(&action) else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(
+                serde_json::json!({"error": "unknown DDL action: use skip, retry or apply"}),
+            ),
+        )
+            .into_response();
+    };
+    let database = q.get("database").cloned();
+    command(
+        &ctx,
+        &headers,
+        commands::CommandKind::Ddl { action, database },
+    )
+    .await
 }
 
 /// Checks access (see the module comment) and hands the command to the

@@ -118,6 +118,26 @@ pub async fn install(target: &Client) -> Result<usize, GuardError> {
     Ok(tables.len())
 }
 
+/// A statement that guards the tables of the connected database that lack
+/// the guard, where it is installed (nothing where it is not): apply runs
+/// it after replicated DDL that created tables, in the same transaction.
+pub fn guard_new_tables_sql() -> String {
+    "DO $pgshift_guard$ DECLARE r record; BEGIN
+       IF pg_catalog.to_regprocedure('pgshift_guard.refuse()') IS NULL THEN RETURN; END IF;
+       FOR r IN SELECT n.nspname, c.relname FROM pg_catalog.pg_class c
+                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                 WHERE c.relkind IN ('r', 'p')
+                   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pgshift', 'pgshift_guard')
+                   AND n.nspname NOT LIKE 'pg\\_%'
+                   AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                                    WHERE t.tgrelid = c.oid AND t.tgname = 'pgshift_guard')
+       LOOP
+         EXECUTE pg_catalog.format('CREATE TRIGGER pgshift_guard BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %I.%I FOR EACH STATEMENT EXECUTE PROCEDURE pgshift_guard.refuse()', r.nspname, r.relname);
+       END LOOP;
+     END $pgshift_guard$"
+        .to_string()
+}
+
 /// Arms (`true`) or disarms the guard where it is installed: one statement,
 /// effective for every session's next write. `own_role` is the user
 /// `target` is connected as.

@@ -485,7 +485,7 @@ impl Pipeline {
             return Ok(None);
         }
         if setting == DdlSetting::Auto
-            && let Some(why) = capture::probe(src)
+            && let Some(why) = crate::pg::event_trigger::refusal(src)
                 .await
                 .map_err(step(db, "checking whether DDL can be captured"))?
         {

@@ -335,6 +335,8 @@ impl Runner {
                     ddl: Some(crate::replication::stream::StreamDdl {
                         control: self.ddl.clone(),
                         filter: crate::filter::TableFilter::from_migration(&m.cfg),
+                        // Tables DDL creates are guarded like the copied ones.
+                        after_create: Some(crate::cutover::guard::guard_new_tables_sql()),
                     }),
                 },
                 self.stream_metrics.clone(),
@@ -403,8 +405,88 @@ impl Runner {
                 Ok(_) => self.clone().start_cutover("manual"),
             },
             CommandKind::Cancel => self.cancel().await,
+            CommandKind::Ddl { action, database } => self.ddl_command(action, database).await,
         };
         let _ = cmd.reply.send(reply);
+    }
+
+    /// `pgshift ddl skip|retry|apply`: what to do about the schema change
+    /// that stopped apply in a database.
+    async fn ddl_command(
+        &self,
+        action: crate::commands::DdlAction,
+        database: Option<String>,
+    ) -> Result<serde_json::Value, CommandError> {
+        use crate::commands::DdlAction;
+        let stopped = self.ddl.stopped_databases();
+        let db = match database {
+            Some(db) => db,
+            None if stopped.len() == 1 => stopped[0].clone(),
+            None if stopped.is_empty() => {
+                return Err(CommandError::Conflict(
+                    "apply is not stopped on a schema change in any database".into(),
+                ));
+            }
+            None => {
+                return Err(CommandError::Conflict(format!(
+                    "apply is stopped on a schema change in several databases ({}): name one with --database",
+                    stopped.join(", ")
+                )));
+            }
+        };
+        let Some(stop) = self.ddl.stop_of(&db) else {
+            return Err(CommandError::Conflict(format!(
+                "apply is not stopped on a schema change in database {db}"
+            )));
+        };
+        match action {
+            DdlAction::Retry => {
+                tracing::info!(database = %db, "DDL retry requested by the operator");
+                self.ddl.retry_now(&db);
+                Ok(json!({"database": db, "message": "apply tries again now"}))
+            }
+            DdlAction::Skip => {
+                let Some(id) = stop.id else {
+                    return Err(CommandError::Conflict(format!(
+                        "apply in database {db} stopped on a table that no longer matches the target, not on a replicated DDL command: run `pgshift ddl apply` to run the ready command, or change the target by hand and run `pgshift ddl retry`"
+                    )));
+                };
+                tracing::warn!(database = %db, id = %id, "DDL skipped by the operator");
+                self.ddl.skip(&db, &id);
+                Ok(
+                    json!({"database": db, "skipped": id, "statement": stop.statement,
+                          "message": "the command is skipped; apply goes on"}),
+                )
+            }
+            DdlAction::Apply => {
+                let (None, Some(sql)) = (&stop.id, &stop.statement) else {
+                    return Err(CommandError::Conflict(match stop.id {
+                        Some(_) => format!(
+                            "apply in database {db} stopped on a replicated DDL command the target refused: change the target and run `pgshift ddl retry`, or `pgshift ddl skip`"
+                        ),
+                        None => format!(
+                            "there is no ready command for database {db}: {}; change the target by hand, then run `pgshift ddl retry`",
+                            stop.error
+                        ),
+                    }));
+                };
+                let target = self.ctx().config.target.with_dbname(&db);
+                let client = crate::db::connect(&target, "target (ddl apply)")
+                    .await
+                    .map_err(|e| CommandError::Failed(e.to_string()))?;
+                client.batch_execute(sql).await.map_err(|e| {
+                    CommandError::Failed(format!(
+                        "running on the target database {db}: {sql}: {}",
+                        crate::db::describe(&e)
+                    ))
+                })?;
+                tracing::info!(database = %db, "schema change applied on the target by the operator: {sql}");
+                self.ddl.retry_now(&db);
+                Ok(
+                    json!({"database": db, "applied": sql, "message": "applied on the target; apply goes on"}),
+                )
+            }
+        }
     }
 
     /// Starts a cutover in the background; the answer carries its id.

@@ -11,6 +11,7 @@
 //! - `catalog`: relations, columns, sequences, privileges
 //! - `settings`: configuration parameters a dump may set
 //! - `tables`: the tables a migration carries (copy, verify, publication)
+//! - `event_trigger`: whether a user may create event triggers (DDL capture)
 //!
 //! Each module's `probes` lists its version-dependent read-only queries, so a
 //! test can run every one of them against a live server of each version.
@@ -18,6 +19,7 @@
 pub(crate) mod activity;
 pub(crate) mod catalog;
 pub mod database;
+pub(crate) mod event_trigger;
 pub(crate) mod publication;
 pub mod settings;
 pub(crate) mod slot;

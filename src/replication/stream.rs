@@ -438,6 +438,8 @@ pub struct StreamConfig {
 pub struct StreamDdl {
     pub control: Arc<crate::replication::ddl::DdlControl>,
     pub filter: crate::filter::TableFilter,
+    /// Run on the target after DDL that created tables (see [`ApplyDdl`]).
+    pub after_create: Option<String>,
 }
 
 /// A running stream for one database.
@@ -623,6 +625,7 @@ async fn ddl_options(cfg: &StreamConfig) -> Result<Option<ApplyDdl>, StreamError
         names,
         key: Some(key.0),
         filter: d.filter.clone(),
+        after_create: d.after_create.clone(),
     }))
 }
 
@@ -661,9 +664,10 @@ async fn run_with_retries(
         {
             control.stopped(stop);
         }
+        let signal = ddl.as_ref().map(|c| c.retry_signal(&cfg.database));
         let retry_now = async {
-            match &ddl {
-                Some(c) => c.retry.notified().await,
+            match &signal {
+                Some(s) => s.notified().await,
                 None => std::future::pending().await,
             }
         };

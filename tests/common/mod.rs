@@ -632,7 +632,8 @@ pub fn ensure_psycopg() {
 /// `pg_dump --schema-only` of `db` without comments, blank lines, psql's
 /// per-dump `\restrict` keys and pgshift's own objects (the target's write
 /// guard until the cutover, the source's DDL capture and marker tables):
-/// the schema, statement by statement, comparable between source and target.
+/// the schema, statement by statement, comparable between source and target
+/// (also of two major versions).
 pub fn schema_of(c: &Cluster, db: &str, pg_dump: &std::path::Path) -> String {
     let out = Command::new(pg_dump)
         .args(["--schema-only", "--no-publications", "--no-subscriptions"])
@@ -657,6 +658,13 @@ pub fn schema_of(c: &Cluster, db: &str, pg_dump: &std::path::Path) -> String {
         .join("\n")
         .split(";\n")
         .map(|statement| statement.trim_end_matches(';'))
+        // What differs only by the server's version: 12+ dumps name the
+        // table access method; 11 prints triggers as EXECUTE PROCEDURE;
+        // 18 names NOT NULL constraints (a renamed column keeps its name).
+        .filter(|statement| !statement.starts_with("SET default_table_access_method"))
+        .map(|statement| {
+            unnamed_not_null(&statement.replace("EXECUTE PROCEDURE", "EXECUTE FUNCTION"))
+        })
         .filter(|statement| {
             let own_trigger =
                 statement.contains("EVENT TRIGGER") && statement.contains("pgshift_ddl_");
@@ -664,4 +672,24 @@ pub fn schema_of(c: &Cluster, db: &str, pg_dump: &std::path::Path) -> String {
         })
         .collect::<Vec<_>>()
         .join(";\n")
+}
+
+/// `col type CONSTRAINT name NOT NULL` as `col type NOT NULL` (18 names NOT
+/// NULL constraints; older servers have no such name to compare).
+fn unnamed_not_null(statement: &str) -> String {
+    let mut out = String::new();
+    let mut rest = statement;
+    while let Some(at) = rest.find(" CONSTRAINT ") {
+        let after = &rest[at + " CONSTRAINT ".len()..];
+        let name_end = after.find(' ').unwrap_or(after.len());
+        if after[name_end..].starts_with(" NOT NULL") {
+            out.push_str(&rest[..at]);
+            rest = &after[name_end..];
+        } else {
+            out.push_str(&rest[..at + 1]);
+            rest = &rest[at + 1..];
+        }
+    }
+    out.push_str(rest);
+    out
 }

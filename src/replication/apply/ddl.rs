@@ -33,6 +33,9 @@ pub struct ApplyDdl {
     /// The key that signs this capture's logical messages (14+).
     pub key: Option<Vec<u8>>,
     pub filter: TableFilter,
+    /// Run after DDL that created tables, in the same transaction (the
+    /// target's write guard, for the new tables).
+    pub after_create: Option<String>,
 }
 
 impl std::fmt::Debug for ApplyDdl {
@@ -252,7 +255,19 @@ impl Applier {
         self.open_group();
         self.round().await?;
         let (set, reset) = self.ddl_session(ev, true);
-        let sql = format!("{set}; {}; {reset}", statements.join(";\n"));
+        let mut sql = format!("{set}; {}; {reset}", statements.join(";\n"));
+        let creates = ev.objects.iter().any(|o| {
+            o.kind == "table"
+                && o.tag
+                    .as_deref()
+                    .is_some_and(|t| t.starts_with("CREATE TABLE") || t == "SELECT INTO")
+        });
+        if let Some(after) = self.opts.ddl.as_ref().and_then(|d| d.after_create.as_ref())
+            && creates
+        {
+            sql.push_str(";\n");
+            sql.push_str(after);
+        }
         self.ddl_exec(ev, statements, &sql).await?;
         self.rel.after_ddl();
         if let Some(c) = self.tx.current.as_mut() {

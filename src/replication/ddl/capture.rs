@@ -442,24 +442,6 @@ COMMIT;",
     Ok(was)
 }
 
-/// Whether the source lets this user create event triggers, tried in a
-/// transaction that is rolled back: None when it can, else the server's
-/// answer.
-pub async fn probe(client: &Client) -> Result<Option<String>, ReplicationError> {
-    let sql = "BEGIN;
-CREATE FUNCTION pg_temp.pgshift_probe() RETURNS event_trigger LANGUAGE plpgsql AS 'BEGIN END';
-CREATE EVENT TRIGGER pgshift_probe ON ddl_command_end EXECUTE FUNCTION pg_temp.pgshift_probe();";
-    let r = client.batch_execute(sql).await;
-    client
-        .batch_execute("ROLLBACK")
-        .await
-        .map_err(sql_err("rolling back the event trigger probe".into()))?;
-    match r {
-        Ok(()) => Ok(None),
-        Err(e) => Ok(Some(crate::db::describe(&e))),
-    }
-}
-
 /// Where this source's DDL events travel.
 pub(crate) fn transport(version: Version) -> MarkerTransport {
     version.marker_transport()

@@ -3,7 +3,7 @@
 //! operator's decisions (`pgshift ddl skip|retry|apply`).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prometheus::{IntCounterVec, Registry};
 use serde::Serialize;
@@ -54,8 +54,9 @@ pub struct DdlControl {
     pub setting: DdlSetting,
     inner: Mutex<Inner>,
     metric: Option<IntCounterVec>,
-    /// Woken by `ddl retry|skip|apply`: a stopped stream tries again now.
-    pub retry: Notify,
+    /// Per database, woken by `ddl retry|skip|apply`: a stopped stream
+    /// tries again now.
+    retry: Mutex<BTreeMap<String, Arc<Notify>>>,
 }
 
 pub(crate) const OUTCOMES: [&str; 5] = ["applied", "ignored", "skipped", "failed", "rejected"];
@@ -74,7 +75,7 @@ impl DdlControl {
             setting,
             inner: Mutex::new(Inner::default()),
             metric,
-            retry: Notify::new(),
+            retry: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -134,10 +135,26 @@ impl DdlControl {
         self.with(|i| i.stopped.keys().cloned().collect())
     }
 
-    /// The operator chose to skip event `id`.
-    pub fn skip(&self, id: &str) {
+    /// What wakes `database`'s stream from its wait before a retry.
+    pub fn retry_signal(&self, database: &str) -> Arc<Notify> {
+        self.retry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(database.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// `database`'s stream tries again now (a permit is kept if it is not
+    /// waiting yet).
+    pub fn retry_now(&self, database: &str) {
+        self.retry_signal(database).notify_one();
+    }
+
+    /// The operator chose to skip event `id` of `database`.
+    pub fn skip(&self, database: &str, id: &str) {
         self.with(|i| i.skip.insert(id.to_string()));
-        self.retry.notify_waiters();
+        self.retry_now(database);
     }
 
     /// Whether event `id` is to be skipped. Kept: a group applied again
