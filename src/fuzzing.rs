@@ -258,6 +258,14 @@ pub fn ddl_pick(query: &str, tag: &str, nth: usize) -> Option<String> {
 /// tag, and classifying the statements.
 #[doc(hidden)]
 pub fn ddl(data: &[u8]) {
+    // The bytes as a DDL event from the stream: a capture table row's JSON,
+    // a signed logical message, a bytea's text form.
+    use crate::replication::ddl;
+    if let Ok(ev) = ddl::read_event(data) {
+        let _ = ddl::plan(&ev, &ev.objects, &crate::filter::TableFilter::default(), 18);
+    }
+    let _ = ddl::read_signed(data, Some(&[7u8; 32]));
+    let _ = ddl::decode_bytea_text(data);
     let text = String::from_utf8_lossy(data);
     for s in crate::sqltext::statements(&text) {
         assert!(!s.is_empty(), "an empty statement was returned");

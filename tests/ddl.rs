@@ -529,3 +529,177 @@ fn cancel_removes_the_capture() {
         "0"
     );
 }
+
+/// With `tables` / `exclude_tables` the publication lists tables: a table
+/// created in the migrated set joins it in its own transaction, so rows
+/// inserted right after the CREATE flow; one outside the set is neither
+/// created on the target nor streamed.
+fn listed_publication(source: i32, target: i32) {
+    let Some((src, tgt)) = start_pair(source, target, "ddl listed publication") else {
+        return;
+    };
+    small(&src);
+    src.psql("shop", "CREATE SCHEMA scratch");
+    let p = Pgshift::start(
+        &src,
+        &tgt,
+        &migration("ddl-listed", &["shop"], "exclude_tables = [\"scratch.*\"]"),
+    );
+    p.wait_substate("WaitingForUserAction", "WaitingForCutoverTrigger", STARTUP);
+    src.psql(
+        "shop",
+        "CREATE TABLE fresh(id int PRIMARY KEY, v text); INSERT INTO fresh VALUES (1, 'a'), (2, 'b');
+         CREATE TABLE scratch.tmp(id int PRIMARY KEY); INSERT INTO scratch.tmp VALUES (1);
+         CREATE TABLE made AS SELECT g AS id FROM generate_series(1, 5) g;
+         ALTER TABLE made ADD PRIMARY KEY (id)",
+    );
+    src.psql(
+        "shop",
+        "INSERT INTO fresh VALUES (3, 'c'); INSERT INTO made VALUES (6)",
+    );
+    p.wait_caught_up(&src, &["shop"], STALL);
+    assert_eq!(
+        tgt.psql("shop", "SELECT string_agg(v, ',' ORDER BY id) FROM fresh"),
+        "a,b,c"
+    );
+    assert_eq!(tgt.psql("shop", "SELECT count(*) FROM made"), "6");
+    assert_eq!(
+        tgt.psql("shop", "SELECT to_regclass('scratch.tmp') IS NULL"),
+        "t",
+        "an excluded table is not created on the target"
+    );
+    let s = p.status().unwrap();
+    assert!(
+        s["ddl"]["commands"]["shop"]["ignored"].as_u64().unwrap() >= 1,
+        "{s}"
+    );
+}
+
+#[test]
+fn new_tables_join_a_listed_publication_11() {
+    listed_publication(11, 15);
+}
+
+#[test]
+fn new_tables_join_a_listed_publication_16() {
+    listed_publication(16, 18);
+}
+
+/// The core of an application migration from every source version the
+/// version matrix covers, to the newest target.
+#[test]
+fn ddl_from_every_source_version() {
+    for source in 11..=18 {
+        let Some((src, tgt)) = start_pair(source, 18, &format!("ddl from {source}")) else {
+            continue;
+        };
+        small(&src);
+        src.psql("shop", "CREATE TYPE mood AS ENUM ('ok')");
+        let p = Pgshift::start(&src, &tgt, &migration("ddl-every", &["shop"], ""));
+        p.wait_substate("WaitingForUserAction", "WaitingForCutoverTrigger", STARTUP);
+        let pg_dump = pg_dump_for(18);
+        for (what, sql) in [
+            (
+                "add a column and backfill it",
+                "ALTER TABLE t ADD COLUMN b text DEFAULT 'x'; UPDATE t SET b = 'y' WHERE id <= 10",
+            ),
+            (
+                "create an index concurrently",
+                "CREATE INDEX CONCURRENTLY t_b_idx ON t (b)",
+            ),
+            (
+                "create a table and use it in one transaction",
+                "BEGIN; CREATE TABLE u(id serial PRIMARY KEY, t_id int REFERENCES t(id));
+                 INSERT INTO u(t_id) VALUES (1), (2); COMMIT",
+            ),
+            (
+                "rename and write",
+                "ALTER TABLE t RENAME COLUMN a TO aa; INSERT INTO t(id, aa) VALUES (1000, 1)",
+            ),
+            ("add an enum value", "ALTER TYPE mood ADD VALUE 'great'"),
+            (
+                "use it",
+                "ALTER TABLE t ADD COLUMN m mood; UPDATE t SET m = 'great' WHERE id = 1",
+            ),
+            ("drop", "ALTER TABLE t DROP COLUMN b; DROP TABLE u"),
+        ] {
+            src.psql("shop", sql);
+            assert_same(&p, &src, &tgt, &pg_dump, &format!("{what} (from {source})"));
+        }
+    }
+}
+
+/// DDL in the middle of a transaction large enough to be streamed while
+/// in progress (14+): applied in that transaction's own target session,
+/// between its rows; a rollback to a savepoint undoes DDL too.
+#[test]
+fn ddl_inside_a_streamed_transaction() {
+    if !version_or_skip(16, "ddl streamed") {
+        return;
+    }
+    let src = Cluster::start_with(ClusterOptions {
+        version: Some(16),
+        conf: vec!["logical_decoding_work_mem = 64kB".into()],
+        ..Default::default()
+    });
+    let tgt = Cluster::start_version(16);
+    small(&src);
+    let p = Pgshift::start(&src, &tgt, &migration("ddl-streamed", &["shop"], ""));
+    p.wait_substate("WaitingForUserAction", "WaitingForCutoverTrigger", STARTUP);
+    src.psql(
+        "shop",
+        "BEGIN;
+         INSERT INTO t SELECT g, g FROM generate_series(1000, 20000) g;
+         ALTER TABLE t ADD COLUMN note text DEFAULT 'n';
+         INSERT INTO t SELECT g, g, 'after ' || g FROM generate_series(20001, 40000) g;
+         SAVEPOINT s;
+         ALTER TABLE t ADD COLUMN gone int;
+         INSERT INTO t SELECT g, g, 'gone', g FROM generate_series(40001, 41000) g;
+         ROLLBACK TO SAVEPOINT s;
+         CREATE TABLE side(id int PRIMARY KEY);
+         INSERT INTO side SELECT g FROM generate_series(1, 5000) g;
+         COMMIT",
+    );
+    assert_same(
+        &p,
+        &src,
+        &tgt,
+        &pg_dump_for(16),
+        "DDL in a streamed transaction",
+    );
+    let s = p.status().unwrap();
+    assert!(
+        s["ddl"]["commands"]["shop"]["applied"].as_u64().unwrap() >= 2,
+        "{s}"
+    );
+}
+
+/// A LATIN1 source: the event's text is UTF-8, apply's session speaks the
+/// source's encoding; non-ASCII names and literals arrive intact.
+#[test]
+fn ddl_in_a_latin1_database() {
+    let src = Cluster::start_with(ClusterOptions {
+        encoding: Some("LATIN1".into()),
+        ..Default::default()
+    });
+    let tgt = Cluster::start_with(ClusterOptions {
+        encoding: Some("LATIN1".into()),
+        ..Default::default()
+    });
+    small(&src);
+    let p = Pgshift::start(&src, &tgt, &migration("ddl-latin1", &["shop"], ""));
+    p.wait_substate("WaitingForUserAction", "WaitingForCutoverTrigger", STARTUP);
+    src.psql(
+        "shop",
+        "ALTER TABLE t ADD COLUMN \"café\" text DEFAULT 'crème brûlée';
+         CREATE TABLE \"Größe\"(id int PRIMARY KEY, v text DEFAULT 'ä');
+         INSERT INTO \"Größe\"(id) VALUES (1); INSERT INTO t(id, a) VALUES (500, 1)",
+    );
+    assert_same(
+        &p,
+        &src,
+        &tgt,
+        &pg_dump_for(15),
+        "DDL with non-ASCII names in LATIN1",
+    );
+}

@@ -201,6 +201,38 @@ pub fn render_status(doc: &Value) -> String {
             ));
         }
     }
+    if let Some(ddl) = doc.get("ddl").filter(|d| !d.is_null()) {
+        // Schema changes replicated (or stopped on), per database.
+        if let Some(counts) = ddl.get("commands").and_then(|c| c.as_object())
+            && !counts.is_empty()
+        {
+            out.push_str("\nddl       ");
+            let parts: Vec<String> = counts
+                .iter()
+                .map(|(db, c)| {
+                    let n: Vec<String> = c
+                        .as_object()
+                        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect())
+                        .unwrap_or_default();
+                    format!("{db}: {}", n.join(" "))
+                })
+                .collect();
+            out.push_str(&parts.join("  "));
+            out.push('\n');
+        }
+        for stop in ddl
+            .get("stopped")
+            .and_then(|a| a.as_array())
+            .into_iter()
+            .flatten()
+        {
+            out.push_str(&format!(
+                "ddl stopped  {}: {} (pgshift ddl retry|skip|apply)\n",
+                s(&stop["database"]),
+                s(&stop["error"])
+            ));
+        }
+    }
     if let Some(p) = doc.get("proxy").and_then(|p| p.as_object()) {
         out.push_str("\nproxy     ");
         let parts: Vec<String> = p
@@ -310,5 +342,18 @@ mod tests {
         let t = render_status(&doc);
         assert!(t.contains("apply_stopped (3)"), "{t}");
         assert!(t.contains("table t no longer matches the target"), "{t}");
+    }
+
+    #[test]
+    fn renders_ddl_counts_and_a_stop() {
+        let doc = json!({"state": "WaitingForUserAction", "substate": "WaitingForCutoverTrigger",
+            "ddl": {"commands": {"app": {"applied": 4, "failed": 1}},
+                    "stopped": [{"database": "app", "id": "7.1", "error": "the target refused DDL 7.1"}]}});
+        let t = render_status(&doc);
+        assert!(t.contains("app: applied=4 failed=1"), "{t}");
+        assert!(
+            t.contains("ddl stopped  app: the target refused DDL 7.1"),
+            "{t}"
+        );
     }
 }
