@@ -69,6 +69,9 @@ pub struct DdlEvent {
     pub kind: String,
     /// `<source xid>.<n>`: the n-th event of that source transaction.
     pub id: String,
+    /// The xid of the (sub)transaction that ran the command.
+    #[serde(default)]
+    pub sub: Option<u32>,
     pub tag: String,
     /// Earlier firings of `tag` in the same query string.
     #[serde(default)]
@@ -133,6 +136,26 @@ fn decode_hex(s: &[u8]) -> Option<Vec<u8>> {
             Some((hi * 16 + lo) as u8)
         })
         .collect()
+}
+
+/// The (sub)transaction xid a DDL event of the capture with message
+/// `prefix` names, read without checking its signature (only to place a
+/// savepoint; the event itself is verified when applied).
+pub fn event_subxact(
+    prefix: &str,
+    m: &crate::replication::pgoutput::LogicalMessage,
+) -> Option<u32> {
+    if !m.transactional || m.prefix != prefix {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct Sub {
+        sub: Option<u32>,
+    }
+    let space = m.content.iter().position(|&b| b == b' ')?;
+    serde_json::from_slice::<Sub>(&m.content[space + 1..])
+        .ok()?
+        .sub
 }
 
 /// Decodes a `bytea` column's text output (`\x…`).
@@ -466,6 +489,7 @@ mod tests {
             v: 1,
             kind: "end".into(),
             id: "1.1".into(),
+            sub: None,
             tag: tag.into(),
             nth,
             query: query.into(),

@@ -213,18 +213,32 @@ impl Applier {
         Ok(v)
     }
 
+    /// The event's text is UTF-8; apply's session speaks the source's
+    /// encoding. The server decodes a whole query message with the
+    /// encoding in force when it arrives, so the switch is a message of its
+    /// own, before the DDL (and back after it).
+    async fn ddl_encoding(&mut self, utf8: bool) -> Result<(), ApplyError> {
+        let sql = if utf8 {
+            "SET client_encoding = 'UTF8'"
+        } else {
+            "RESET client_encoding"
+        };
+        self.pipe
+            .conn
+            .simple_query(sql)
+            .await
+            .map(|_| ())
+            .map_err(|source| ApplyError::Connection {
+                database: self.opts.database.clone(),
+                source: Box::new(source),
+            })
+    }
+
     /// The settings a DDL statement runs under, and what undoes them.
     fn ddl_session(&self, ev: &DdlEvent, local: bool) -> (String, String) {
         let scope = if local { "SET LOCAL" } else { "SET" };
         let mut set = Vec::new();
         let mut reset = Vec::new();
-        if let Some(enc) = &self.opts.client_encoding
-            && !enc.eq_ignore_ascii_case("UTF8")
-        {
-            // The event's text is UTF-8.
-            set.push(format!("{scope} client_encoding = 'UTF8'"));
-            reset.push(format!("{scope} client_encoding = {}", quote_literal(enc)));
-        }
         let path = ev.search_path.as_deref().unwrap_or("");
         set.push(format!(
             "{scope} search_path = {}",
@@ -268,7 +282,12 @@ impl Applier {
             sql.push_str(";\n");
             sql.push_str(after);
         }
-        self.ddl_exec(ev, statements, &sql).await?;
+        self.ddl_encoding(true).await?;
+        let r = self.ddl_exec(ev, statements, &sql).await;
+        if r.is_ok() {
+            self.ddl_encoding(false).await?;
+        }
+        r?;
         self.rel.after_ddl();
         if let Some(c) = self.tx.current.as_mut() {
             c.ddl = true;
@@ -303,6 +322,7 @@ impl Applier {
             source: Box::new(source),
         };
         self.pipe.conn.simple_query(&set).await.map_err(conn_err)?;
+        self.ddl_encoding(true).await?;
         let mut r = Ok(());
         for s in statements {
             r = self.ddl_exec(ev, statements, s).await;
@@ -311,6 +331,7 @@ impl Applier {
             }
         }
         let undo = self.pipe.conn.simple_query(&reset).await;
+        self.ddl_encoding(false).await?;
         r?;
         undo.map_err(|source| ApplyError::Connection {
             database: self.opts.database.clone(),

@@ -182,7 +182,7 @@ async fn run_live(
     while let Some(cmd) = from.recv().await {
         match cmd {
             Cmd::Change(msg) => {
-                let sub = change_xid(&msg).filter(|s| *s != xid && *s != 0);
+                let sub = apply.change_subxact(&msg).filter(|s| *s != xid && *s != 0);
                 if let Some(sub) = sub
                     && !subxacts.contains(&sub)
                 {
@@ -307,7 +307,7 @@ impl Applier {
             let r = t.send(Cmd::Change(msg)).await;
             return r.map_err(|e| self.named(e));
         }
-        let sub = change_xid(&msg).filter(|s| *s != xid && *s != 0);
+        let sub = self.change_subxact(&msg).filter(|s| *s != xid && *s != 0);
         let Some(spill) = self.streamed.spilled.get_mut(&xid) else {
             return Err(self.protocol(format!("streamed block of unknown transaction {xid}")));
         };
@@ -657,6 +657,20 @@ fn message_kind(m: &PgOutputMessage) -> &'static str {
 }
 
 /// The xid a change inside a streamed block carries.
+impl Applier {
+    /// The (sub)transaction a streamed change belongs to. pgoutput names a
+    /// streamed logical message by its top-level transaction, so a DDL
+    /// event carries its own (a rollback to a savepoint undoes it too).
+    fn change_subxact(&self, m: &PgOutputMessage) -> Option<u32> {
+        if let (PgOutputMessage::Message(msg), Some(d)) = (m, &self.opts.ddl)
+            && let Some(sub) = crate::replication::ddl::event_subxact(&d.names.prefix, msg)
+        {
+            return Some(sub);
+        }
+        change_xid(m)
+    }
+}
+
 fn change_xid(m: &PgOutputMessage) -> Option<u32> {
     match m {
         PgOutputMessage::Insert(x) => x.xid,

@@ -78,6 +78,12 @@ impl CaptureNames {
         self.object("_key")
     }
 
+    /// An unlogged scratch table: a row written there tells the emitting
+    /// (sub)transaction's xid.
+    fn xid_table(&self) -> String {
+        self.object("_xid")
+    }
+
     fn trigger(&self, which: &str) -> String {
         quote_ident(&format!("pgshift_{}_{which}", self.stem))
     }
@@ -209,6 +215,8 @@ DECLARE
   nth int := 0;
   n int;
   r record;
+  sub bigint;
+  at tid;
 BEGIN
   IF dropping THEN
     SELECT json_agg(json_build_object('type', o.object_type, 'schema', o.schema_name,
@@ -274,16 +282,22 @@ BEGIN
     seq := jsonb_set(seq, ARRAY['c', tag], to_jsonb(nth + 1));
     PERFORM set_config({seq_guc}, seq::text, false);
   END IF;
+  -- The (sub)transaction that ran the command: pgoutput names a streamed
+  -- message by its top-level transaction only, and a rollback to a
+  -- savepoint must undo the command on the target too.
+  INSERT INTO {xid_table} VALUES (1) RETURNING ctid, xmin::text::bigint INTO at, sub;
+  DELETE FROM {xid_table} WHERE ctid = at;
   n := coalesce(nullif(current_setting({n_guc}, true), '')::int, 0) + 1;
   PERFORM set_config({n_guc}, n::text, true);
   {publish}
   ev := json_build_object('v', 1, 'kind', CASE WHEN dropping THEN 'drop' ELSE 'end' END,
-          'id', txid_current()::text || '.' || n::text, 'tag', tag, 'nth', nth, 'query', q,
+          'id', txid_current()::text || '.' || n::text, 'sub', sub, 'tag', tag, 'nth', nth, 'query', q,
           'search_path', schemas, 'role', role, 'objects', coalesce(objects, '[]'::json))::text;
   {send}
 END
 $pgshift$"#,
         emit = n.object("_emit"),
+        xid_table = n.xid_table(),
     )
 }
 
@@ -340,6 +354,8 @@ CREATE SCHEMA IF NOT EXISTS {schema};
 GRANT USAGE ON SCHEMA {schema} TO PUBLIC;
 CREATE TABLE IF NOT EXISTS {key_table} (key bytea NOT NULL, ikey bytea NOT NULL, okey bytea NOT NULL);
 REVOKE ALL ON {key_table} FROM PUBLIC;
+CREATE UNLOGGED TABLE IF NOT EXISTS {xid_table} (x int);
+REVOKE ALL ON {xid_table} FROM PUBLIC;
 INSERT INTO {key_table} SELECT {k}, {i}, {o} WHERE NOT EXISTS (SELECT FROM {key_table});
 {row_table}
 {emit};
@@ -352,6 +368,7 @@ CREATE EVENT TRIGGER {t_end} ON ddl_command_end EXECUTE FUNCTION {f_end}();
 CREATE EVENT TRIGGER {t_drop} ON sql_drop EXECUTE FUNCTION {f_drop}();
 COMMIT;",
         key_table = n.key_table(),
+        xid_table = n.xid_table(),
         k = bytea_literal(&key.0),
         i = bytea_literal(&ipad),
         o = bytea_literal(&opad),
@@ -422,6 +439,7 @@ DROP FUNCTION IF EXISTS {f_end}();
 DROP FUNCTION IF EXISTS {f_drop}();
 DROP FUNCTION IF EXISTS {emit}(text, text, text, boolean);
 DROP TABLE IF EXISTS {key_table};
+DROP TABLE IF EXISTS {xid_table};
 DROP TABLE IF EXISTS {row_table};
 COMMIT;",
         t_end = names.trigger("end"),
@@ -430,6 +448,7 @@ COMMIT;",
         f_drop = names.object("_drop"),
         emit = names.object("_emit"),
         key_table = names.key_table(),
+        xid_table = names.xid_table(),
         row_table = names.row_table(),
     );
     if let Err(e) = client.batch_execute(&sql).await {
