@@ -518,6 +518,11 @@ fn rebuild_table(ev: &DdlEvent, dropped: &[DdlObject], main: &[&DdlObject]) -> D
                     dropped_columns.push(names[2].clone());
                     continue;
                 }
+                // The table's own constraints: the reconcile drops those
+                // the source no longer has.
+                if o.kind == "table constraint" && dropped_table(o).as_ref() == Some(name) {
+                    continue;
+                }
                 match drop_statement(o) {
                     Some(s) => before.push(s),
                     None => {

@@ -142,17 +142,18 @@ pub fn table_def_sql(rel: &str) -> String {
     )
 }
 
-/// The query (json) that prints the sequence whose oid is `seq`.
+/// The query (json) that prints the sequence whose oid is `seq`. (Its
+/// aliases must not be names of the capture's plpgsql variables.)
 pub fn sequence_def_sql(seq: &str) -> String {
     format!(
         "(SELECT json_build_object('type', format_type(s.seqtypid, NULL), 'start', s.seqstart,
     'increment', s.seqincrement, 'min', s.seqmin, 'max', s.seqmax, 'cache', s.seqcache,
     'cycle', s.seqcycle,
-    'owned_by', (SELECT json_build_object('schema', n.nspname, 'table', r.relname,
+    'owned_by', (SELECT json_build_object('schema', sqn.nspname, 'table', sqr.relname,
                    'column', a.attname, 'identity', dep.deptype = 'i')
-                   FROM pg_depend dep JOIN pg_class r ON r.oid = dep.refobjid
-                   JOIN pg_namespace n ON n.oid = r.relnamespace
-                   JOIN pg_attribute a ON a.attrelid = r.oid AND a.attnum = dep.refobjsubid
+                   FROM pg_depend dep JOIN pg_class sqr ON sqr.oid = dep.refobjid
+                   JOIN pg_namespace sqn ON sqn.oid = sqr.relnamespace
+                   JOIN pg_attribute a ON a.attrelid = sqr.oid AND a.attnum = dep.refobjsubid
                   WHERE dep.classid = 'pg_class'::regclass AND dep.objid = s.seqrelid
                     AND dep.refclassid = 'pg_class'::regclass AND dep.deptype IN ('a', 'i')
                   LIMIT 1))
@@ -463,7 +464,9 @@ pub fn reconcile_statements(r: &Reconcile, target: &TableDef) -> Result<Vec<Stri
         let type_differs = s.type_name != c.type_name || s.collation != c.collation;
         let default_differs = s.generated.is_none() && s.default != c.default;
         let has_default = c.default.is_some() && c.generated.is_none();
-        if has_default && (default_differs || type_differs) {
+        // A default is dropped before a type change (it may not cast).
+        let drop_first = has_default && type_differs;
+        if drop_first || (has_default && default_differs && s.default.is_none()) {
             out.push(alter(format!("ALTER COLUMN {col} DROP DEFAULT")));
         }
         if type_differs {
@@ -479,7 +482,7 @@ pub fn reconcile_statements(r: &Reconcile, target: &TableDef) -> Result<Vec<Stri
         }
         if s.generated.is_none()
             && let Some(d) = &s.default
-            && (default_differs || type_differs)
+            && (default_differs || drop_first)
         {
             out.push(alter(format!("ALTER COLUMN {col} SET DEFAULT {d}")));
         }
@@ -544,7 +547,7 @@ pub fn reconcile_statements(r: &Reconcile, target: &TableDef) -> Result<Vec<Stri
             out.push(alter(format!("SET ({})", o.join(", "))));
         }
     }
-    if out.is_empty() {
+    if out.is_empty() && r.before.is_empty() {
         return Err(format!(
             "the command changed nothing of {t} that pgshift reconciles (columns, defaults, NOT NULL, identity, constraints, storage options)"
         ));
@@ -756,6 +759,27 @@ mod tests {
                 r#"ALTER TABLE "public"."t" ADD COLUMN "status" text DEFAULT 'new'::text NOT NULL"#,
                 r#"ALTER TABLE "public"."t" ADD CONSTRAINT "t_id_check" CHECK ((id > 0))"#,
             ]
+        );
+    }
+
+    #[test]
+    fn a_changed_default_is_set_and_a_removed_one_dropped() {
+        let mut old = col("s", "text");
+        old.default = Some("'new'::text".into());
+        let mut new = col("s", "text");
+        new.default = Some("'fresh'::text".into());
+        let target = table(vec![old], vec![]);
+        assert_eq!(
+            reconcile_statements(&reconcile(table(vec![new], vec![]), &[]), &target).unwrap(),
+            vec![r#"ALTER TABLE "public"."t" ALTER COLUMN "s" SET DEFAULT 'fresh'::text"#]
+        );
+        assert_eq!(
+            reconcile_statements(
+                &reconcile(table(vec![col("s", "text")], vec![]), &[]),
+                &target
+            )
+            .unwrap(),
+            vec![r#"ALTER TABLE "public"."t" ALTER COLUMN "s" DROP DEFAULT"#]
         );
     }
 
