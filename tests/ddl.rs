@@ -427,6 +427,20 @@ fn nested_steps(source_major: i32) -> Vec<(&'static str, String)> {
     s
 }
 
+/// A column line of pg_dump without its NOT NULL constraint's name
+/// (`c text CONSTRAINT t_c_not_null NOT NULL` → `c text NOT NULL`).
+fn unnamed_not_null(line: &str) -> String {
+    if let Some(i) = line.find(" CONSTRAINT ") {
+        let rest = &line[i + " CONSTRAINT ".len()..];
+        if let Some(j) = rest.find(' ')
+            && rest[j..].starts_with(" NOT NULL")
+        {
+            return format!("{}{}", &line[..i], &rest[j..]);
+        }
+    }
+    line.to_string()
+}
+
 fn ddl_nested(source: i32, target: i32) {
     let test = format!("ddl nested {source}->{target}");
     let Some((src, tgt)) = start_pair(source, target, &test) else {
@@ -436,22 +450,58 @@ fn ddl_nested(source: i32, target: i32) {
     let p = Pgshift::start(&src, &tgt, &migration("ddl-nested", &["shop"], ""));
     p.wait_substate("WaitingForUserAction", "WaitingForCutoverTrigger", STARTUP);
     let pg_dump = pg_dump_for(target);
-    assert_same(&p, &src, &tgt, &pg_dump, "the copy");
-    for (what, sql) in nested_steps(source) {
-        src.psql("shop", &sql);
-        // Seen twice in 4 runs: status said caught up (lag 0 sampled after
-        // the step) while apply committed the step's transaction a moment
-        // later; give the target's schema a few seconds before comparing.
+    // One pg_dump prints what a server before 12 has no notion of
+    // (`SET default_table_access_method`): left out of the comparison.
+    // PostgreSQL 18 names NOT NULL constraints, and a renamed column keeps
+    // its constraint's old name (replayed verbatim or rebuilt alike): a
+    // source before 18 has no such name to compare.
+    let names_not_null = source < 18 && target >= 18;
+    let schema = |c: &Cluster| {
+        let s = schema_of(c, "shop", &pg_dump)
+            .split(";\n")
+            .filter(|s| !s.starts_with("SET default_table_access_method"))
+            .collect::<Vec<_>>()
+            .join(";\n");
+        if names_not_null {
+            s.lines()
+                .map(unnamed_not_null)
+                .collect::<Vec<_>>()
+                .join("\n")
+        } else {
+            s
+        }
+    };
+    let same = |what: &str| {
+        // Seen twice in 4 runs on 15: status said caught up (lag 0
+        // sampled after the step) while apply committed the step's
+        // transaction a moment later; the target's schema gets a few
+        // seconds before the comparison.
         p.wait_caught_up(&src, &["shop"], STALL);
-        let source_schema = schema_of(&src, "shop", &pg_dump);
+        let source_schema = schema(&src);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while schema_of(&tgt, "shop", &pg_dump) != source_schema
-            && std::time::Instant::now() < deadline
-        {
+        let mut target_schema = schema(&tgt);
+        while target_schema != source_schema && std::time::Instant::now() < deadline {
             eprintln!("{what}: target schema not there yet after lag 0");
             std::thread::sleep(Duration::from_millis(200));
+            target_schema = schema(&tgt);
         }
-        assert_same(&p, &src, &tgt, &pg_dump, what);
+        assert_eq!(
+            source_schema,
+            target_schema,
+            "schemas differ after: {what}\n{}",
+            p.current_log()
+        );
+        let set = comparable_floats(&src, &tgt);
+        assert_eq!(
+            table_fingerprints_with(&src, "shop", &set),
+            table_fingerprints_with(&tgt, "shop", &set),
+            "rows differ after: {what}"
+        );
+    };
+    same("the copy");
+    for (what, sql) in nested_steps(source) {
+        src.psql("shop", &sql);
+        same(what);
     }
     let status = p.status().unwrap();
     assert!(
@@ -472,4 +522,9 @@ fn ddl_inside_do_blocks_and_functions() {
 #[test]
 fn ddl_inside_do_blocks_and_functions_from_the_oldest_to_the_newest() {
     ddl_nested(11, 18);
+}
+
+#[test]
+fn ddl_inside_do_blocks_and_functions_18() {
+    ddl_nested(18, 18);
 }
