@@ -504,6 +504,26 @@ fn ddl_nested(source: i32, target: i32) {
         p.current_log().contains("DDL applied (reconciled)"),
         "ALTER TABLE inside DO blocks is reconciled"
     );
+
+    // What the definition does not show (a partition attached to the
+    // table the command names) stops apply, saying why.
+    src.psql(
+        "shop",
+        "CREATE TABLE events_2027 (id int NOT NULL, at date NOT NULL);
+         DO $$ BEGIN
+           ALTER TABLE events ATTACH PARTITION events_2027 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01');
+         END $$",
+    );
+    let stopped = wait_until(STALL, || {
+        p.status().is_some_and(|s| {
+            let db = &s["databases"]["shop"];
+            db["stream"]["state"] == "apply_stopped"
+                && db.to_string().contains("inside a function or a DO block")
+        })
+    });
+    let status = p.status().unwrap_or_default();
+    assert!(stopped, "apply stops: {status}");
+    eprintln!("apply stopped: {}", status["databases"]["shop"]);
 }
 
 #[test]

@@ -549,7 +549,7 @@ pub fn reconcile_statements(r: &Reconcile, target: &TableDef) -> Result<Vec<Stri
     }
     if out.is_empty() && r.before.is_empty() {
         return Err(format!(
-            "the command changed nothing of {t} that pgshift reconciles (columns, defaults, NOT NULL, identity, constraints, storage options)"
+            "the command changed nothing of {t} that pgshift reconciles (columns, defaults, NOT NULL, identity, constraints, storage options), so it changed something else (a partition attached or detached, statistics, storage, triggers, replica identity, owner…)"
         ));
     }
     Ok(out)
