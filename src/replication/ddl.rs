@@ -8,11 +8,14 @@
 //! `search_path` and role. DDL run inside a function or a `DO` block has no
 //! statement of its own in the query string: it is rebuilt from the
 //! catalog where PostgreSQL can print the object (indexes, functions,
-//! procedures, views, triggers, drops); anything else stops apply with the
-//! source's query and a remedy.
+//! procedures, views, triggers, sequences, drops) and, for tables, from the
+//! definition the capture sends (`table`): a `CREATE TABLE`, or a reconcile
+//! of the target's table with the source's; anything else stops apply with
+//! the source's query and a remedy.
 
 pub mod capture;
 mod control;
+pub mod table;
 
 use std::collections::BTreeMap;
 
@@ -23,6 +26,8 @@ use crate::filter::TableFilter;
 use crate::sqltext;
 
 pub use self::control::{DdlControl, DdlRecord, DdlStop};
+use self::table::NewSequence;
+pub use self::table::{Reconcile, SequenceDef, TableDef};
 
 /// One object a DDL command created, altered or dropped.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -48,6 +53,16 @@ pub struct DdlObject {
     pub names: Option<Vec<String>>,
     #[serde(default)]
     pub args: Option<Vec<String>>,
+    /// A table's definition as the command left it (`table` and `table
+    /// column` objects).
+    #[serde(default)]
+    pub rel: Option<TableDef>,
+    /// A sequence's parameters (`sequence` objects).
+    #[serde(default)]
+    pub seq: Option<SequenceDef>,
+    /// The column of a `table column` object (a renamed column's new name).
+    #[serde(default)]
+    pub column: Option<String>,
 }
 
 fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -178,6 +193,10 @@ pub enum DdlPlan {
         /// from the catalog).
         verbatim: bool,
     },
+    /// Make the target's table match the source's definition: apply reads
+    /// the target's table inside the open transaction and runs the `ALTER
+    /// TABLE` statements [`table::reconcile_statements`] finds.
+    Reconcile(Box<Reconcile>),
     /// Cannot be reproduced: apply stops, naming it.
     Unsupported(String),
 }
@@ -370,6 +389,20 @@ fn dropped_table(o: &DdlObject) -> Option<TableName> {
 /// DDL run inside a function or a `DO` block: its statement is not in the
 /// query string, so it is rebuilt from what the catalog prints.
 fn rebuild(ev: &DdlEvent, dropped: &[DdlObject]) -> DdlPlan {
+    // The command's own objects, each printed by the catalog; sub-commands
+    // (a sequence a CREATE TABLE made) come with their owner.
+    let main: Vec<&DdlObject> = ev
+        .objects
+        .iter()
+        .filter(|o| o.tag.as_deref().is_none_or(|t| t == ev.tag))
+        .collect();
+    if !ev.tag.starts_with("DROP ")
+        && main
+            .iter()
+            .any(|o| matches!(o.kind.as_str(), "table" | "table column"))
+    {
+        return rebuild_table(ev, dropped, &main);
+    }
     let mut statements = Vec::new();
     if ev.tag.starts_with("DROP ") || !dropped.is_empty() {
         for o in dropped {
@@ -391,13 +424,6 @@ fn rebuild(ev: &DdlEvent, dropped: &[DdlObject]) -> DdlPlan {
             };
         }
     }
-    // The command's own objects, each printed by the catalog; sub-commands
-    // (a sequence a CREATE TABLE made) come with their owner.
-    let main: Vec<&DdlObject> = ev
-        .objects
-        .iter()
-        .filter(|o| o.tag.as_deref().is_none_or(|t| t == ev.tag))
-        .collect();
     if main.is_empty() {
         return DdlPlan::Unsupported(format!(
             "{} inside a function or a DO block, with nothing pgshift can rebuild",
@@ -405,9 +431,21 @@ fn rebuild(ev: &DdlEvent, dropped: &[DdlObject]) -> DdlPlan {
         ));
     }
     for o in main {
-        match &o.def {
-            Some(def) if !matches!(o.kind.as_str(), "table" | "table column") => {
+        match (&o.def, &o.seq, &o.table) {
+            (Some(def), _, _) if !matches!(o.kind.as_str(), "table" | "table column") => {
                 statements.push(def.clone())
+            }
+            (None, Some(seq), Some(name))
+                if o.kind == "sequence"
+                    && matches!(ev.tag.as_str(), "CREATE SEQUENCE" | "ALTER SEQUENCE") =>
+            {
+                let s = NewSequence {
+                    name: name.clone(),
+                    def: seq.clone(),
+                };
+                let verb = ev.tag.split(' ').next().unwrap_or("CREATE");
+                statements.push(table::sequence_statement(verb, &s));
+                statements.extend(table::owned_by_statement(&s));
             }
             _ => {
                 return DdlPlan::Unsupported(format!(
@@ -421,6 +459,115 @@ fn rebuild(ev: &DdlEvent, dropped: &[DdlObject]) -> DdlPlan {
         statements,
         alone: false,
         verbatim: false,
+    }
+}
+
+/// A table created or altered inside a function or a `DO` block, from the
+/// definition the capture sent: `CREATE TABLE` (after the sequences its
+/// serial columns made), or a reconcile for `ALTER TABLE`.
+fn rebuild_table(ev: &DdlEvent, dropped: &[DdlObject], main: &[&DdlObject]) -> DdlPlan {
+    let unsupported = |why: String| {
+        DdlPlan::Unsupported(format!("{} inside a function or a DO block: {why}", ev.tag))
+    };
+    let Some(obj) = main
+        .iter()
+        .find(|o| matches!(o.kind.as_str(), "table" | "table column"))
+    else {
+        return unsupported("no table".into());
+    };
+    let (Some(name), Some(def)) = (&obj.table, &obj.rel) else {
+        return unsupported(format!(
+            "{} {} came without its definition (a capture installed by an older pgshift)",
+            obj.kind, obj.identity
+        ));
+    };
+    if main.iter().any(|o| o.table.as_ref() != Some(name)) {
+        return unsupported("a command on several objects".into());
+    }
+    // Sequences the command made (serial and identity columns).
+    let mut sequences = Vec::new();
+    for o in ev
+        .objects
+        .iter()
+        .filter(|o| o.kind == "sequence" && o.tag.as_deref() == Some("CREATE SEQUENCE"))
+    {
+        match (&o.table, &o.seq) {
+            (Some(n), Some(seq)) => sequences.push(NewSequence {
+                name: n.clone(),
+                def: seq.clone(),
+            }),
+            _ => {
+                return unsupported(format!(
+                    "sequence {} came without its parameters",
+                    o.identity
+                ));
+            }
+        }
+    }
+    // Identity sequences are made by the column's own clause.
+    let serial: Vec<&NewSequence> = sequences
+        .iter()
+        .filter(|s| !s.def.owned_by.as_ref().is_some_and(|o| o.identity))
+        .collect();
+    let mut before: Vec<String> = serial
+        .iter()
+        .map(|s| table::sequence_statement("CREATE", s))
+        .collect();
+    let after: Vec<String> = serial
+        .iter()
+        .filter_map(|s| table::owned_by_statement(s))
+        .collect();
+    match ev.tag.as_str() {
+        "CREATE TABLE" if dropped.is_empty() => match table::create_table(name, def, &sequences) {
+            Ok(create) => {
+                before.push(create);
+                before.extend(after);
+                DdlPlan::Run {
+                    statements: before,
+                    alone: false,
+                    verbatim: false,
+                }
+            }
+            Err(why) => unsupported(why),
+        },
+        "ALTER TABLE" => {
+            let mut dropped_columns = Vec::new();
+            for o in dropped {
+                let names = o.names.as_deref().unwrap_or_default();
+                if o.kind == "table column"
+                    && names.len() == 3
+                    && dropped_table(o).as_ref() == Some(name)
+                {
+                    dropped_columns.push(names[2].clone());
+                    continue;
+                }
+                // The table's own constraints: the reconcile drops those
+                // the source no longer has.
+                if o.kind == "table constraint" && dropped_table(o).as_ref() == Some(name) {
+                    continue;
+                }
+                match drop_statement(o) {
+                    Some(s) => before.push(s),
+                    None => {
+                        return unsupported(format!("dropping {} {}", o.kind, o.identity));
+                    }
+                }
+            }
+            let renamed_to = main
+                .iter()
+                .find(|o| o.kind == "table column")
+                .and_then(|o| o.column.clone());
+            DdlPlan::Reconcile(Box::new(Reconcile {
+                table: name.clone(),
+                definition: def.clone(),
+                dropped_columns,
+                renamed_to,
+                sequences,
+                before,
+                after,
+            }))
+        }
+        _ => unsupported(format!("{} {}", obj.kind, obj.identity)),
     }
 }
 

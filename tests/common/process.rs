@@ -322,8 +322,10 @@ impl Pgshift {
     /// against a source position read now: lag is sampled once a second,
     /// and a sample from before the last write would say 0 too early.
     pub fn wait_caught_up(&self, source: &Cluster, dbs: &[&str], stall: Duration) -> Value {
+        // The insert position: with synchronous_commit = off (the test
+        // clusters') a commit not yet written is past pg_current_wal_lsn().
         let now: Lsn = source
-            .psql("postgres", "SELECT pg_current_wal_lsn()")
+            .psql("postgres", "SELECT pg_current_wal_insert_lsn()")
             .parse()
             .expect("an LSN");
         // A slow machine applies slowly: wait while apply moves on, fail

@@ -20,7 +20,8 @@ use super::{Applier, ApplyError, SourceTxn};
 use crate::db::quote_literal;
 use crate::filter::TableFilter;
 use crate::replication::ddl::{
-    self, DdlControl, DdlEvent, DdlObject, DdlPlan, DdlRecord, capture::CaptureNames,
+    self, DdlControl, DdlEvent, DdlObject, DdlPlan, DdlRecord, Reconcile, TableDef,
+    capture::CaptureNames, table,
 };
 use crate::replication::pgoutput::{LogicalMessage, TupleValue};
 use crate::wire::WireError;
@@ -160,6 +161,19 @@ impl Applier {
                     reason,
                 })
             }
+            DdlPlan::Reconcile(r) => match self.ddl_reconcile(&ev, &r).await {
+                Ok(statements) => {
+                    let text = statements.join(";\n");
+                    tracing::info!(database = %self.opts.database, id = %ev.id, tag = %ev.tag,
+                        "DDL applied (reconciled): {text}");
+                    self.ddl_record(&ev.id, &ev.tag, text, "applied");
+                    Ok(())
+                }
+                Err(e) => {
+                    self.ddl_record(&ev.id, &ev.tag, ev.query.clone(), "failed");
+                    Err(e)
+                }
+            },
             DdlPlan::Run {
                 statements, alone, ..
             } => {
@@ -213,27 +227,6 @@ impl Applier {
         Ok(v)
     }
 
-    /// The event's text is UTF-8; apply's session speaks the source's
-    /// encoding. The server decodes a whole query message with the
-    /// encoding in force when it arrives, so the switch is a message of its
-    /// own, before the DDL (and back after it).
-    async fn ddl_encoding(&mut self, utf8: bool) -> Result<(), ApplyError> {
-        let sql = if utf8 {
-            "SET client_encoding = 'UTF8'"
-        } else {
-            "RESET client_encoding"
-        };
-        self.pipe
-            .conn
-            .simple_query(sql)
-            .await
-            .map(|_| ())
-            .map_err(|source| ApplyError::Connection {
-                database: self.opts.database.clone(),
-                source: Box::new(source),
-            })
-    }
-
     /// The settings a DDL statement runs under, and what undoes them.
     fn ddl_session(&self, ev: &DdlEvent, local: bool) -> (String, String) {
         let scope = if local { "SET LOCAL" } else { "SET" };
@@ -282,17 +275,87 @@ impl Applier {
             sql.push_str(";\n");
             sql.push_str(after);
         }
-        self.ddl_encoding(true).await?;
-        let r = self.ddl_exec(ev, statements, &sql).await;
-        if r.is_ok() {
-            self.ddl_encoding(false).await?;
-        }
-        r?;
+        self.ddl_exec(ev, statements, &sql).await?;
         self.rel.after_ddl();
         if let Some(c) = self.tx.current.as_mut() {
             c.ddl = true;
         }
         Ok(())
+    }
+
+    /// An `ALTER TABLE` run inside a function or a `DO` block: reads the
+    /// target's table inside the open transaction (after what runs before
+    /// it: sequences, other dropped objects) and runs what makes it match
+    /// the source's. Returns the statements run.
+    async fn ddl_reconcile(
+        &mut self,
+        ev: &DdlEvent,
+        r: &Reconcile,
+    ) -> Result<Vec<String>, ApplyError> {
+        self.flush_batch().await?;
+        self.open_group();
+        self.round().await?;
+        let (set, reset) = self.ddl_session(ev, true);
+        if !r.before.is_empty() {
+            let sql = format!("{set}; {}; {reset}", r.before.join(";\n"));
+            self.ddl_exec(ev, &r.before, &sql).await?;
+        }
+        // Printed as the source's capture prints it.
+        let read = format!(
+            "SET LOCAL search_path = pg_catalog, pg_temp; SELECT {}::text; SET LOCAL search_path TO DEFAULT",
+            table::table_def_sql(&format!(
+                "pg_catalog.to_regclass({})",
+                quote_literal(&table::qualified(&r.table))
+            ))
+        );
+        let rows = self.ddl_query(ev, &read).await?;
+        let json = rows.first().and_then(|row| row.first().cloned().flatten());
+        let target: Option<TableDef> = json.and_then(|j| serde_json::from_str(&j).ok());
+        let unsupported = |reason: String| ApplyError::DdlUnsupported {
+            database: self.opts.database.clone(),
+            transaction: self.ddl_txn(),
+            id: ev.id.clone(),
+            query: ev.query.clone(),
+            reason: format!("{} inside a function or a DO block: {reason}", ev.tag),
+        };
+        let Some(target) = target else {
+            return Err(unsupported(format!(
+                "table {} is not on the target (renamed or moved on the source?)",
+                table::qualified(&r.table)
+            )));
+        };
+        let mut statements = table::reconcile_statements(r, &target).map_err(unsupported)?;
+        statements.extend(r.after.iter().cloned());
+        let sql = format!("{set}; {}; {reset}", statements.join(";\n"));
+        self.ddl_exec(ev, &statements, &sql).await?;
+        self.rel.after_ddl();
+        if let Some(c) = self.tx.current.as_mut() {
+            c.ddl = true;
+        }
+        let mut all = r.before.clone();
+        all.extend(statements);
+        Ok(all)
+    }
+
+    async fn ddl_query(
+        &mut self,
+        ev: &DdlEvent,
+        sql: &str,
+    ) -> Result<Vec<Vec<Option<String>>>, ApplyError> {
+        match self.pipe.conn.simple_query(sql).await {
+            Ok(rows) => Ok(rows),
+            Err(WireError::Server(error)) => Err(ApplyError::Ddl {
+                database: self.opts.database.clone(),
+                transaction: self.ddl_txn(),
+                id: ev.id.clone(),
+                statement: sql.to_string(),
+                error: Box::new(error),
+            }),
+            Err(source) => Err(ApplyError::Connection {
+                database: self.opts.database.clone(),
+                source: Box::new(source),
+            }),
+        }
     }
 
     /// Runs DDL that cannot run in a transaction block, between groups.
@@ -322,7 +385,6 @@ impl Applier {
             source: Box::new(source),
         };
         self.pipe.conn.simple_query(&set).await.map_err(conn_err)?;
-        self.ddl_encoding(true).await?;
         let mut r = Ok(());
         for s in statements {
             r = self.ddl_exec(ev, statements, s).await;
@@ -331,7 +393,6 @@ impl Applier {
             }
         }
         let undo = self.pipe.conn.simple_query(&reset).await;
-        self.ddl_encoding(false).await?;
         r?;
         undo.map_err(|source| ApplyError::Connection {
             database: self.opts.database.clone(),

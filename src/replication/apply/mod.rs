@@ -93,8 +93,10 @@ pub struct ApplyOptions {
     pub max_net_batch_transactions: usize,
     /// Send queued statements once this many bytes are queued.
     pub max_round_bytes: usize,
-    /// `client_encoding` of the target session (the source's encoding, in
-    /// which pgoutput delivers text); None leaves the server default.
+    /// `client_encoding` of the target session: the encoding text arrives
+    /// in (the replication connection asks for UTF8, so pgoutput's names
+    /// and values, and DDL events, are UTF-8 whatever the databases'
+    /// encoding); None leaves the server default (the database's).
     pub client_encoding: Option<String>,
     /// Fold the row changes of a group into one net change per row, applied
     /// as one statement per table and operation (see `batch`).
@@ -124,7 +126,7 @@ impl ApplyOptions {
             max_batch_transactions: 100,
             max_net_batch_transactions: 1000,
             max_round_bytes: 512 * 1024,
-            client_encoding: None,
+            client_encoding: Some("UTF8".into()),
             net_batching: true,
             source: None,
             streamed_sessions: 4,

@@ -246,7 +246,13 @@ BEGIN
                       WHEN c.classid = 'pg_proc'::regclass THEN pg_get_functiondef(c.objid)
                       WHEN c.classid = 'pg_trigger'::regclass THEN pg_get_triggerdef(c.objid)
                       WHEN c.object_type = 'view' THEN 'CREATE OR REPLACE VIEW ' || c.object_identity || ' AS ' || pg_get_viewdef(c.objid)
-                    END)),
+                    END,
+             'rel', CASE WHEN c.classid = 'pg_class'::regclass AND c.object_type IN ('table', 'table column')
+                      THEN {table_def} END,
+             'column', CASE WHEN c.classid = 'pg_class'::regclass AND c.objsubid > 0
+                      THEN (SELECT a.attname FROM pg_attribute a WHERE a.attrelid = c.objid AND a.attnum = c.objsubid) END,
+             'seq', CASE WHEN c.classid = 'pg_class'::regclass AND c.object_type = 'sequence'
+                      THEN {seq_def} END)),
            count(*)
       INTO objects, kept
       FROM pg_event_trigger_ddl_commands() c
@@ -298,6 +304,8 @@ END
 $pgshift$"#,
         emit = n.object("_emit"),
         xid_table = n.xid_table(),
+        table_def = super::table::table_def_sql("c.objid"),
+        seq_def = super::table::sequence_def_sql("c.objid"),
     )
 }
 
