@@ -137,8 +137,30 @@ fn steps(source_major: i32) -> Vec<(&'static str, String)> {
             "ALTER TABLE big ALTER COLUMN v TYPE bigint; UPDATE big SET v = v * 3 WHERE id % 1000 = 0".into(),
         ),
         (
+            "schemas, types, materialized views, procedures, sequences, revokes, partitions",
+            "CREATE SCHEMA billing;
+             CREATE TYPE billing.addr AS (street text, city text);
+             CREATE TABLE billing.invoices(id int PRIMARY KEY, ship_to billing.addr, amount numeric);
+             INSERT INTO billing.invoices VALUES (1, ROW('Main St', 'Oslo'), 10);
+             CREATE MATERIALIZED VIEW order_totals AS SELECT mood, count(*) AS n FROM orders GROUP BY mood;
+             CREATE PROCEDURE close_order(order_id bigint) LANGUAGE sql AS $p$ UPDATE orders SET status = 'done' WHERE id = order_id $p$;
+             CALL close_order(1);
+             ALTER SEQUENCE ticket_no INCREMENT BY 5;
+             REVOKE SELECT ON open_orders FROM app;
+             ALTER TABLE events DETACH PARTITION events_2025;
+             ALTER TABLE events ATTACH PARTITION events_2025 FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+             CREATE TEMP TABLE scratch(x int); INSERT INTO scratch VALUES (1); DROP TABLE scratch"
+                .into(),
+        ),
+        (
+            "drop an index concurrently",
+            "DROP INDEX CONCURRENTLY audit_note_idx".into(),
+        ),
+        (
             "drop what is no longer needed",
-            "DROP VIEW open_orders; DROP INDEX orders_status_idx; ALTER TABLE audit DROP COLUMN seen".into(),
+            "DROP VIEW open_orders; DROP INDEX orders_status_idx; ALTER TABLE audit DROP COLUMN seen;
+             DROP SEQUENCE ticket_no; DROP PROCEDURE close_order(bigint)"
+                .into(),
         ),
     ];
     if source_major >= 14 {
@@ -178,49 +200,7 @@ fn reference_schema(src: &Cluster, tgt: &Cluster, pg_dump: &Path) -> String {
     if src.major() == tgt.major() {
         return schema_of(src, "shop", pg_dump);
     }
-    tgt.psql("postgres", "DROP DATABASE IF EXISTS shop_ref");
-    tgt.create_db("shop_ref");
-    let dump = Command::new(pg_dump)
-        .args(["--schema-only", "--no-publications", "--no-subscriptions"])
-        .args(["--exclude-schema=pgshift", "-d", &src.url("shop")])
-        .output()
-        .expect("pg_dump the source");
-    assert!(
-        dump.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    // pgshift's event triggers on the source have no functions here.
-    let sql: String = String::from_utf8_lossy(&dump.stdout)
-        .split(";\n")
-        .filter(|st| !st.contains("pgshift_ddl_"))
-        .collect::<Vec<_>>()
-        .join(";\n");
-    let psql = pg_dump.with_file_name("psql");
-    let mut child = Command::new(&psql)
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            &tgt.url("shop_ref"),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("run psql");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(sql.as_bytes())
-        .unwrap();
-    assert!(
-        child.wait().unwrap().success(),
-        "restoring the source's schema"
-    );
+    restore_schema_reference(src, "shop", tgt, "shop_ref", pg_dump);
     schema_of(tgt, "shop_ref", pg_dump)
 }
 

@@ -10,7 +10,6 @@ mod common;
 use common::*;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 const STARTUP: Duration = Duration::from_secs(180);
@@ -175,42 +174,7 @@ fn pair(source: i32, target: i32) {
     // The schema is exactly a plain pg_dump --schema-only restore's, made
     // on the target server by the same pg_dump.
     let pg_dump = client(target, "pg_dump");
-    tgt.create_db("shop_ref");
-    let dump = Command::new(&pg_dump)
-        .args(["--schema-only", "--no-publications", "--no-subscriptions"])
-        .args([
-            "--exclude-schema=pgshift",
-            "--no-tablespaces",
-            "-d",
-            &src.url("shop"),
-        ])
-        .output()
-        .expect("run pg_dump");
-    assert!(
-        dump.status.success(),
-        "{test}: {}",
-        String::from_utf8_lossy(&dump.stderr)
-    );
-    let mut psql = Command::new(client(target, "psql"))
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-o",
-            "/dev/null",
-            "-d",
-            &tgt.url("shop_ref"),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("run psql");
-    std::io::Write::write_all(psql.stdin.as_mut().unwrap(), &dump.stdout).unwrap();
-    drop(psql.stdin.take());
-    assert!(
-        psql.wait().unwrap().success(),
-        "{test}: restoring the reference"
-    );
+    restore_schema_reference(&src, "shop", &tgt, "shop_ref", &pg_dump);
     let copied = schema_of(&tgt, "shop", &pg_dump);
     assert_eq!(
         copied,

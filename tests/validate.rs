@@ -623,6 +623,41 @@ async fn non_superusers_get_the_grants_they_need() {
     assert!(!report.has_failures(), "{report:#?}");
 }
 
+/// DDL capture needs a source user that may create event triggers: with
+/// `ddl = "auto"` a user that may not is a warning (schema changes will
+/// stop apply), with `replicate` a failure, with `stop` nothing to check.
+#[tokio::test]
+async fn ddl_capture_needs_a_user_that_may_create_event_triggers() {
+    let (src, dst) = pair_with_app(ClusterOptions::default());
+    let as_app = |extra: &str| {
+        config_for_urls(
+            &src.url_as(APP_USER, APP_PW, "postgres"),
+            &dst.url("postgres"),
+            &migration_body(&["app"], extra),
+        )
+    };
+    let report = report_for(&as_app("")).await;
+    assert_eq!(status_of(&report, "ddl_capture", "source"), Status::Warning);
+    let row = report.get("ddl_capture", "source").unwrap();
+    assert!(
+        row.found.contains("may not create event triggers") && row.found.contains("\"stop\""),
+        "{row:?}"
+    );
+    assert!(action_of(&report, "ddl_capture", "source").contains("ALTER ROLE \"app\" SUPERUSER"));
+    let report = report_for(&as_app("ddl = \"replicate\"")).await;
+    assert_eq!(status_of(&report, "ddl_capture", "source"), Status::Failed);
+    let report = report_for(&as_app("ddl = \"stop\"")).await;
+    assert_eq!(
+        status_of(&report, "ddl_capture", "source"),
+        Status::Succeeded
+    );
+    let report = report_for(&pair_config(&src, &dst, &["app"], "ddl = \"replicate\"")).await;
+    assert_eq!(
+        status_of(&report, "ddl_capture", "source"),
+        Status::Succeeded
+    );
+}
+
 #[tokio::test]
 async fn unreachable_or_refused_servers_are_failed_rows() {
     let dst = Cluster::start();

@@ -303,7 +303,9 @@ fn pick(ev: &DdlEvent) -> Option<&str> {
         .objects
         .iter()
         .flat_map(|o| {
-            let own = o.identity.rsplit('.').next().map(|n| n.trim_matches('"'));
+            // `schema.name`, `schema.table.column`, `schema.f(integer)`.
+            let path = o.identity.split('(').next().unwrap_or_default();
+            let own = path.rsplit('.').next().map(|n| n.trim_matches('"'));
             own.into_iter()
                 .chain(o.table.as_ref().map(|t| t.name.as_str()))
         })

@@ -693,3 +693,52 @@ fn unnamed_not_null(statement: &str) -> String {
     out.push_str(rest);
     out
 }
+
+/// Restores the schema of `src`'s database `db` into a new database
+/// `into` on `tgt`, as a plain `pg_dump --schema-only | psql` would (with
+/// `pg_dump` and the psql beside it): the reference a migrated schema is
+/// compared with across versions. pgshift's own objects on the source are
+/// left out (the marker and capture tables' schema, and the capture's
+/// event triggers, which are the database's and whose functions are in it).
+pub fn restore_schema_reference(
+    src: &Cluster,
+    db: &str,
+    tgt: &Cluster,
+    into: &str,
+    pg_dump: &std::path::Path,
+) {
+    tgt.psql("postgres", &format!("DROP DATABASE IF EXISTS \"{into}\""));
+    tgt.create_db(into);
+    let dump = Command::new(pg_dump)
+        .args(["--schema-only", "--no-publications", "--no-subscriptions"])
+        .args([
+            "--exclude-schema=pgshift",
+            "--no-tablespaces",
+            "-d",
+            &src.url(db),
+        ])
+        .output()
+        .expect("run pg_dump");
+    assert!(
+        dump.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
+    let sql: String = String::from_utf8_lossy(&dump.stdout)
+        .split(";\n")
+        .filter(|statement| !statement.contains("pgshift_ddl_"))
+        .collect::<Vec<_>>()
+        .join(";\n");
+    let mut psql = Command::new(pg_dump.with_file_name("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-o", "/dev/null"])
+        .args(["-d", &tgt.url(into)])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    std::io::Write::write_all(psql.stdin.as_mut().unwrap(), sql.as_bytes()).unwrap();
+    drop(psql.stdin.take());
+    assert!(
+        psql.wait().unwrap().success(),
+        "restoring the schema of {db} into {into}"
+    );
+}
