@@ -411,40 +411,19 @@ pub fn sqltext(rng: &mut Rng) -> Vec<u8> {
         "\u{1F600}",
         "\t",
     ];
+    words(rng, &TOKENS, 40).into_bytes()
+}
+
+/// Up to `most` of `tokens`, mostly space-separated.
+fn words(rng: &mut Rng, tokens: &[&str], most: usize) -> String {
     let mut s = String::new();
-    for _ in 0..rng.below(40) {
-        s.push_str(TOKENS[rng.below(TOKENS.len())]);
+    for _ in 0..rng.below(most) {
+        s.push_str(tokens[rng.below(tokens.len())]);
         if rng.chance(2, 3) {
             s.push(' ');
         }
     }
-    if rng.chance(1, 3) {
-        // As a captured DDL event (a capture table row's JSON).
-        const TAGS: [&str; 5] = [
-            "ALTER TABLE",
-            "CREATE TABLE",
-            "CREATE INDEX",
-            "DROP TABLE",
-            "GRANT",
-        ];
-        const KINDS: [&str; 5] = ["table", "index", "table column", "function", "trigger"];
-        let object = format!(
-            r#"{{"tag":"{}","type":"{}","schema":"public","identity":"public.t","table":{{"schema":"public","name":"t"}},"def":null,"names":["public","t","c"]}}"#,
-            TAGS[rng.below(TAGS.len())],
-            KINDS[rng.below(KINDS.len())]
-        );
-        return format!(
-            r#"{{"v":1,"kind":"{}","id":"1.{}","tag":"{}","nth":{},"query":{},"search_path":null,"role":null,"objects":[{}]}}"#,
-            if rng.chance(1, 4) { "drop" } else { "end" },
-            rng.below(5),
-            TAGS[rng.below(TAGS.len())],
-            rng.below(4),
-            serde_json::to_string(&s).unwrap_or_default(),
-            if rng.chance(1, 2) { object } else { String::new() }
-        )
-        .into_bytes();
-    }
-    s.into_bytes()
+    s
 }
 
 /// A query string of DDL and other statements, built from the tokens the
@@ -504,13 +483,7 @@ pub fn ddl(rng: &mut Rng) -> Vec<u8> {
         "\u{1F600}",
         "\t",
     ];
-    let mut s = String::new();
-    for _ in 0..rng.below(60) {
-        s.push_str(TOKENS[rng.below(TOKENS.len())]);
-        if rng.chance(2, 3) {
-            s.push(' ');
-        }
-    }
+    let s = words(rng, &TOKENS, 60);
     if rng.chance(1, 3) {
         // As a captured DDL event (a capture table row's JSON).
         const TAGS: [&str; 5] = [
