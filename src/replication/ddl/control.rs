@@ -109,6 +109,13 @@ impl DdlControl {
             if rec.outcome != "failed" {
                 i.stopped.remove(&rec.database);
             }
+            // A command that keeps failing (apply retries it) is listed once.
+            let again = i.recent.back().is_some_and(|r| {
+                r.database == rec.database && r.id == rec.id && r.outcome == rec.outcome
+            });
+            if again {
+                i.recent.pop_back();
+            }
             i.recent.push_back(rec);
             while i.recent.len() > RECENT {
                 i.recent.pop_front();
@@ -184,5 +191,43 @@ impl DdlControl {
 impl crate::telemetry::status::Report for DdlControl {
     fn report(&self) -> Value {
         DdlControl::report(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, outcome: &'static str) -> DdlRecord {
+        DdlRecord {
+            database: "app".into(),
+            id: id.into(),
+            tag: "ALTER TABLE".into(),
+            statement: "ALTER TABLE t ADD c int".into(),
+            outcome,
+            at: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_command_that_keeps_failing_is_counted_each_time_and_listed_once() {
+        let c = DdlControl::new(DdlSetting::Auto, None);
+        c.stopped(DdlStop {
+            database: "app".into(),
+            id: Some("7.1".into()),
+            statement: None,
+            error: "refused".into(),
+        });
+        c.record(rec("7.1", "failed"));
+        c.record(rec("7.1", "failed"));
+        let r = c.report();
+        assert_eq!(r["commands"]["app"]["failed"], 2);
+        assert_eq!(r["recent"].as_array().unwrap().len(), 1);
+        assert_eq!(c.stopped_databases(), vec!["app".to_string()]);
+        c.skip("app", "7.1");
+        assert!(c.is_skipped("7.1"));
+        c.record(rec("7.1", "skipped"));
+        assert!(c.stopped_databases().is_empty());
+        assert_eq!(c.report()["recent"].as_array().unwrap().len(), 2);
     }
 }
