@@ -860,3 +860,73 @@ fn ddl_inside_do_blocks_and_functions_from_the_oldest_to_the_newest() {
 fn ddl_inside_do_blocks_and_functions_18() {
     ddl_nested(18, 18);
 }
+
+/// `kill -9` of pgshift while DDL and rows keep coming on the source: the
+/// restarted apply resumes from the replication origin and applies each
+/// command exactly once (a rebuilt concurrent index is not built twice).
+#[test]
+fn ddl_survives_a_kill_and_restart() {
+    let Some((src, tgt)) = start_pair(15, 15, "ddl kill") else {
+        return;
+    };
+    small(&src);
+    let mut p = Pgshift::start(&src, &tgt, &migration("ddl-kill", &["shop"], ""));
+    p.wait_substate("WaitingForUserAction", "WaitingForCutoverTrigger", STARTUP);
+    let pg_dump = pg_dump_for(15);
+    src.psql(
+        "shop",
+        "ALTER TABLE t ADD COLUMN b int DEFAULT 1; INSERT INTO t VALUES (101, 1, 2)",
+    );
+    src.psql("shop", "CREATE INDEX CONCURRENTLY t_b_idx ON t (b)");
+    // Killed at once, with the commands above possibly half applied.
+    p.kill();
+    src.psql(
+        "shop",
+        "CREATE TABLE u(id int PRIMARY KEY); INSERT INTO u VALUES (1), (2);
+         ALTER TABLE t RENAME COLUMN b TO bb; INSERT INTO t VALUES (102, 2, 3)",
+    );
+    src.psql("shop", "CREATE INDEX CONCURRENTLY u_id_idx ON u (id)");
+    p.restart();
+    assert_same(&p, &src, &tgt, &pg_dump, "DDL across a kill -9 and restart");
+    p.kill();
+    p.restart();
+    src.psql(
+        "shop",
+        "INSERT INTO u VALUES (3); ALTER TABLE u ADD COLUMN v text",
+    );
+    assert_same(&p, &src, &tgt, &pg_dump, "after a second restart");
+}
+
+/// Anyone may emit a logical message with the capture's prefix: one that
+/// pgshift's capture did not sign is never run on the target, and apply
+/// goes on (counted as rejected).
+#[test]
+fn a_forged_ddl_message_is_never_run() {
+    let Some((src, tgt)) = start_pair(16, 16, "ddl forged") else {
+        return;
+    };
+    small(&src);
+    let p = Pgshift::start(&src, &tgt, &migration("ddl-forged", &["shop"], ""));
+    p.wait_substate("WaitingForUserAction", "WaitingForCutoverTrigger", STARTUP);
+    let stem = src.psql(
+        "shop",
+        "SELECT substring(evtname from 'pgshift_(ddl_[0-9a-f]+)_end') FROM pg_event_trigger WHERE evtname LIKE 'pgshift_ddl_%_end'",
+    );
+    let prefix = format!("pgshift-ddl:{}", stem.trim_start_matches("ddl_"));
+    let event = r#"{"v":1,"kind":"end","id":"1.1","tag":"DROP TABLE","nth":0,"query":"DROP TABLE t","objects":[]}"#;
+    src.psql(
+        "shop",
+        &format!(
+            "SET ROLE app;
+             SELECT pg_logical_emit_message(true, '{prefix}', '{} {event}');
+             SELECT pg_logical_emit_message(true, '{prefix}', '{event}');
+             RESET ROLE;
+             INSERT INTO t VALUES (101, 101)",
+            "00".repeat(32)
+        ),
+    );
+    assert_same(&p, &src, &tgt, &pg_dump_for(16), "forged DDL messages");
+    assert_eq!(tgt.psql("shop", "SELECT count(*) FROM t"), "101");
+    let s = p.status().unwrap();
+    assert_eq!(s["ddl"]["commands"]["shop"]["rejected"], 2, "{s}");
+}
