@@ -502,7 +502,7 @@ impl Pipeline {
         let filter = TableFilter::from_migration(self.cfg());
         let spec = capture::CaptureSpec {
             names: &cnames,
-            transport: capture::transport(version),
+            transport: version.marker_transport(),
             listed: listed.then_some(&filter),
         };
         capture::install(src, &spec)

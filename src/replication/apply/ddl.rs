@@ -137,7 +137,7 @@ impl Applier {
         }
         let dropped = std::mem::take(&mut cur.dropped);
         let d = self.opts.ddl.clone().expect("DDL events need DDL options");
-        let target_major = self.target_major().await?;
+        let target_major = self.target_major();
         let plan = ddl::plan(&ev, &dropped, &d.filter, target_major);
         if d.control.is_skipped(&ev.id) {
             tracing::warn!(database = %self.opts.database, id = %ev.id, tag = %ev.tag,
@@ -209,22 +209,16 @@ impl Applier {
         }
     }
 
-    /// The target's major version, read once per session.
-    async fn target_major(&mut self) -> Result<i32, ApplyError> {
-        if let Some(v) = self.target_major {
-            return Ok(v);
-        }
-        let v = self
-            .pipe
+    /// The target's major version, from the session's server_version.
+    fn target_major(&self) -> i32 {
+        self.pipe
             .conn
             .params
             .iter()
             .find(|(k, _)| k == "server_version")
             .and_then(|(_, v)| crate::pg::Version::from_server_version(v))
             .map(|v| v.major())
-            .unwrap_or(0);
-        self.target_major = Some(v);
-        Ok(v)
+            .unwrap_or(0)
     }
 
     /// The settings a DDL statement runs under, and what undoes them.

@@ -152,8 +152,6 @@ pub struct Applier {
     /// A streamed transaction's session (see `streamed`): holds no origin
     /// and keeps no messages to re-apply.
     child: bool,
-    /// The target's major version, once read (DDL).
-    target_major: Option<i32>,
 }
 
 impl Applier {
@@ -217,7 +215,6 @@ impl Applier {
             stopped: false,
             target: target.clone(),
             child,
-            target_major: None,
         }
     }
 

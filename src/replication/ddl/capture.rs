@@ -26,7 +26,6 @@ use tokio_postgres::Client;
 
 use crate::db::{quote_ident, quote_literal};
 use crate::filter::TableFilter;
-use crate::pg::Version;
 use crate::pg::replication::MarkerTransport;
 use crate::replication::client::ReplicationError;
 use crate::replication::marker::MARKER_SCHEMA;
@@ -467,11 +466,6 @@ COMMIT;",
         ))(e));
     }
     Ok(was)
-}
-
-/// Where this source's DDL events travel.
-pub(crate) fn transport(version: Version) -> MarkerTransport {
-    version.marker_transport()
 }
 
 #[cfg(test)]
