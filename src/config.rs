@@ -472,6 +472,80 @@ impl Default for CutoverConfig {
     }
 }
 
+/// What this process does in its fleet (every pgshift with the same
+/// migration name and target control database).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FleetRole {
+    /// Runs its proxy, and leads (validation, copy, streaming, cutover)
+    /// when no other member does.
+    #[default]
+    Auto,
+    /// Runs its proxy, never leads.
+    Proxy,
+    /// Leads when no other member does; runs no proxy.
+    Replication,
+}
+
+impl FleetRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FleetRole::Auto => "auto",
+            FleetRole::Proxy => "proxy",
+            FleetRole::Replication => "replication",
+        }
+    }
+    pub fn may_lead(self) -> bool {
+        self != FleetRole::Proxy
+    }
+    pub fn serves_proxy(self) -> bool {
+        self != FleetRole::Replication
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    #[serde(default)]
+    pub role: FleetRole,
+    /// This member's name in the fleet. Unset: the host name (the pod's
+    /// name in Kubernetes) and the proxy port.
+    pub member_id: Option<String>,
+    /// How often a member writes its heartbeat.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval: HumanDuration,
+    /// A member whose heartbeat is older than this is gone: a cutover
+    /// leaves it out (its sessions are not spared by the fence).
+    #[serde(default = "default_member_timeout")]
+    pub member_timeout: HumanDuration,
+    /// A member holding its gate for a cutover whose decision it cannot
+    /// read for this long ends its held sessions with an error.
+    #[serde(default = "default_decision_timeout")]
+    pub decision_timeout: HumanDuration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            role: FleetRole::Auto,
+            member_id: None,
+            heartbeat_interval: default_heartbeat(),
+            member_timeout: default_member_timeout(),
+            decision_timeout: default_decision_timeout(),
+        }
+    }
+}
+
+fn default_heartbeat() -> HumanDuration {
+    HumanDuration(Duration::from_millis(500))
+}
+fn default_member_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_decision_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
 /// The file as written.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -484,6 +558,8 @@ pub struct FileConfig {
     pub migration: Option<MigrationConfig>,
     #[serde(default)]
     pub cutover: CutoverConfig,
+    #[serde(default)]
+    pub fleet: FleetConfig,
 }
 
 impl crate::wire::connect::ConnectOptions {
@@ -715,6 +791,10 @@ impl Config {
             }
         }
         validate_cutover(&file.cutover)?;
+        if let Some(id) = &file.fleet.member_id {
+            file.fleet.member_id = Some(expand("fleet.member_id", id, env)?);
+        }
+        validate_fleet(&file.fleet)?;
 
         Ok(Config {
             file,
@@ -736,6 +816,10 @@ impl Config {
 
     pub fn cutover(&self) -> &CutoverConfig {
         &self.file.cutover
+    }
+
+    pub fn fleet(&self) -> &FleetConfig {
+        &self.file.fleet
     }
 
     /// The password the proxy uses for `user` (None: not a configured user).
@@ -953,6 +1037,36 @@ fn validate_migration(m: &MigrationConfig) -> Result<(), ConfigError> {
     if m.split_tables_larger_than.0 == 0 {
         return Err(ConfigError::invalid(
             "migration.split_tables_larger_than",
+            "must be larger than 0",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_fleet(f: &FleetConfig) -> Result<(), ConfigError> {
+    if let Some(id) = &f.member_id
+        && (id.is_empty() || id.len() > 63 || id.chars().any(char::is_control))
+    {
+        return Err(ConfigError::invalid(
+            "fleet.member_id",
+            "must be 1-63 printable characters",
+        ));
+    }
+    if f.heartbeat_interval.0.is_zero() {
+        return Err(ConfigError::invalid(
+            "fleet.heartbeat_interval",
+            "must be larger than 0",
+        ));
+    }
+    if f.member_timeout.0 < f.heartbeat_interval.0 * 3 {
+        return Err(ConfigError::invalid(
+            "fleet.member_timeout",
+            "must be at least three heartbeat_intervals",
+        ));
+    }
+    if f.decision_timeout.0.is_zero() {
+        return Err(ConfigError::invalid(
+            "fleet.decision_timeout",
             "must be larger than 0",
         ));
     }

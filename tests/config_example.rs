@@ -81,6 +81,11 @@ fn example_config_mentions_every_key() {
         "verify",
         "fence_roles",
         "drop_slot_after_cutover",
+        "role",
+        "member_id",
+        "heartbeat_interval",
+        "member_timeout",
+        "decision_timeout",
     ];
     for k in keys {
         assert!(
