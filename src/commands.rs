@@ -17,6 +17,31 @@ pub enum CommandKind {
     },
 }
 
+impl CommandKind {
+    /// As relayed through the control schema from a fleet member to the leader.
+    pub(crate) fn to_json(&self) -> Value {
+        match self {
+            CommandKind::Cutover => serde_json::json!({"kind": "cutover"}),
+            CommandKind::Cancel => serde_json::json!({"kind": "cancel"}),
+            CommandKind::Ddl { action, database } => {
+                serde_json::json!({"kind": "ddl", "action": action.as_str(), "database": database})
+            }
+        }
+    }
+
+    pub(crate) fn from_json(v: &Value) -> Option<CommandKind> {
+        match v["kind"].as_str()? {
+            "cutover" => Some(CommandKind::Cutover),
+            "cancel" => Some(CommandKind::Cancel),
+            "ddl" => Some(CommandKind::Ddl {
+                action: DdlAction::parse(v["action"].as_str()?)?,
+                database: v["database"].as_str().map(str::to_string),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// `pgshift ddl …`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DdlAction {
@@ -31,6 +56,14 @@ pub enum DdlAction {
 }
 
 impl DdlAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DdlAction::Skip => "skip",
+            DdlAction::Retry => "retry",
+            DdlAction::Apply => "apply",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<DdlAction> {
         match s {
             "skip" => Some(DdlAction::Skip),

@@ -28,6 +28,24 @@ pub enum DbError {
 /// connection on a background task. `what` names the connection in errors
 /// ("source database app").
 pub async fn connect(ep: &Endpoint, what: &str) -> Result<Client, DbError> {
+    connect_with(ep, what, None).await
+}
+
+/// [`connect`], handing the server's notifications (LISTEN) to `notify`
+/// as (channel, payload).
+pub(crate) async fn connect_listening(
+    ep: &Endpoint,
+    what: &str,
+    notify: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+) -> Result<Client, DbError> {
+    connect_with(ep, what, Some(notify)).await
+}
+
+async fn connect_with(
+    ep: &Endpoint,
+    what: &str,
+    notify: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
+) -> Result<Client, DbError> {
     let config =
         match ep.sslmode {
             // Never used for a handshake: tokio-postgres is told sslmode=disable.
@@ -49,7 +67,7 @@ pub async fn connect(ep: &Endpoint, what: &str) -> Result<Client, DbError> {
             addr: ep.display(),
             source,
         })?;
-    tokio::spawn(drive(conn, what.to_string()));
+    tokio::spawn(drive(conn, what.to_string(), notify));
     Ok(client)
 }
 
@@ -57,8 +75,11 @@ pub async fn connect(ep: &Endpoint, what: &str) -> Result<Client, DbError> {
 /// the connection's `label`: at DEBUG, WARNINGs at WARN. (Awaiting the
 /// connection itself would log every NOTICE at INFO, e.g. each
 /// `DROP … IF EXISTS` that found nothing.)
-pub(crate) async fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>, label: String)
-where
+pub(crate) async fn drive<S, T>(
+    mut conn: tokio_postgres::Connection<S, T>,
+    label: String,
+    notify: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -73,7 +94,11 @@ where
                     tracing::debug!(connection = %label, "{}: {}", n.severity(), n.message());
                 }
             }
-            // Notifications: pgshift LISTENs nowhere.
+            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                if let Some(tx) = &notify {
+                    let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+                }
+            }
             Ok(_) => {}
             Err(e) => {
                 tracing::debug!(connection = %label, "connection ended: {e}");

@@ -280,7 +280,7 @@ async fn client_loop(url: String, stats: Arc<LoadStats>, scale: u32, seed: u64) 
     let client = loop {
         match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
             Ok((c, conn)) => {
-                tokio::spawn(crate::db::drive(conn, "demo client".into()));
+                tokio::spawn(crate::db::drive(conn, "demo client".into(), None));
                 break c;
             }
             Err(e) => {

@@ -13,6 +13,7 @@ pub mod cutover;
 pub mod db;
 pub mod demo;
 pub mod filter;
+pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod localpg;

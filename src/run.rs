@@ -34,10 +34,12 @@ pub async fn bind(key: &str, addr: std::net::SocketAddr) -> Result<TcpListener, 
 pub struct Running {
     pub ctx: Arc<Context>,
     pub proxy: crate::proxy::ProxyHandle,
-    proxy_task: JoinHandle<()>,
+    /// This process's membership of its migration's fleet (None: a plain proxy).
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
+    proxy_task: Option<JoinHandle<()>>,
     unix_task: Option<JoinHandle<()>>,
     admin_task: JoinHandle<std::io::Result<()>>,
-    migration_task: Option<JoinHandle<()>>,
+    fleet_tasks: Option<crate::fleet::FleetTasks>,
 }
 
 impl Running {
@@ -45,12 +47,16 @@ impl Running {
     /// (`proxy.shutdown_timeout`), the migration stops its streams.
     pub async fn shutdown(self) {
         self.ctx.shutdown.cancel();
-        let _ = self.proxy_task.await;
+        if let Some(p) = self.proxy_task {
+            let _ = p.await;
+        }
         if let Some(u) = self.unix_task {
             let _ = u.await;
         }
-        if let Some(m) = self.migration_task {
-            let _ = m.await;
+        // The member leaves the fleet after its sessions have drained, so
+        // a cutover never counts on a member that is going.
+        if let Some(f) = self.fleet_tasks {
+            f.join().await;
         }
         let _ = self.admin_task.await;
         tracing::info!("pgshift stopped");
@@ -62,34 +68,44 @@ impl Running {
 /// start cleanly and names its key; the migration's persisted state is read before the proxy serves, so
 /// a switched migration routes to the target from the first connection.
 pub async fn start(config: Config) -> Result<Running, RunError> {
-    let proxy_listener = bind("proxy.listen", config.proxy_listen).await?;
+    // A replication-only fleet member serves no clients.
+    let serves = config.migration().is_none() || config.fleet().role.serves_proxy();
+    let proxy_listener = if serves {
+        Some(bind("proxy.listen", config.proxy_listen).await?)
+    } else {
+        None
+    };
     let admin_listener = bind("admin.listen", config.admin_listen).await?;
     // Named after the port the proxy listens on (the one bound, should the
     // config ask for any free port).
-    let unix_socket = match &config.proxy().unix_socket_dir {
-        Some(dir) => Some(
-            crate::proxy::UnixSocket::bind(dir, proxy_listener.local_addr()?.port())
+    let unix_socket = match (&config.proxy().unix_socket_dir, &proxy_listener) {
+        (Some(dir), Some(l)) => Some(
+            crate::proxy::UnixSocket::bind(dir, l.local_addr()?.port())
                 .map_err(crate::proxy::ProxyError::from)?,
         ),
-        None => None,
+        _ => None,
     };
     let ctx = Context::new(config);
     let proxy = crate::proxy::Proxy::build(ctx.clone())?;
     let p = proxy.clone();
     ctx.status.register("proxy", Arc::new(move || p.status()));
-    let migration_task = crate::migration::runner::start(&ctx, &proxy).await?;
+    let (fleet, fleet_tasks) = match crate::fleet::Fleet::start(&ctx, &proxy).await? {
+        Some((f, t)) => (Some(f), Some(t)),
+        None => (None, None),
+    };
     let router = crate::admin::base_router(ctx.clone());
     let admin_task = tokio::spawn(crate::admin::serve(admin_listener, router, ctx.clone()));
     // On shutdown the proxy task stops accepting and drains for proxy.shutdown_timeout.
-    let proxy_task = proxy.serve(proxy_listener);
+    let proxy_task = proxy_listener.map(|l| proxy.serve(l));
     let unix_task = unix_socket.map(|s| proxy.serve_unix(s));
     Ok(Running {
         ctx,
         proxy,
+        fleet,
         proxy_task,
         unix_task,
         admin_task,
-        migration_task,
+        fleet_tasks,
     })
 }
 

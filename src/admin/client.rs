@@ -243,6 +243,9 @@ pub fn render_status(doc: &Value) -> String {
         out.push_str(&parts.join("  "));
         out.push('\n');
     }
+    if let Some(f) = doc.get("fleet").filter(|f| f.is_object()) {
+        render_fleet(&mut out, f, &s);
+    }
     if doc.get("redacted") == Some(&Value::Bool(true)) {
         out.push_str(
             "\n(limited view without the admin token: errors, reasons, addresses and user names are left out; \
@@ -275,6 +278,60 @@ pub fn render_status(doc: &Value) -> String {
         }
     }
     out
+}
+
+/// The fleet's members: one line each.
+fn render_fleet(out: &mut String, f: &Value, s: &dyn Fn(&Value) -> String) {
+    let me = f["member"].as_str().unwrap_or("");
+    out.push_str(&format!(
+        "\nfleet     this member {} ({}, role {})\n",
+        if me.is_empty() { "-" } else { me },
+        if f["leader"] == Value::Bool(true) {
+            "leader"
+        } else {
+            "follower"
+        },
+        s(&f["role"])
+    ));
+    if let Some(h) = f.get("holding").filter(|h| !h.is_null()) {
+        out.push_str(&format!(
+            "          holding its clients for cutover {} ({:.1}s)\n",
+            s(&h["attempt"]),
+            h["seconds"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    let members = f["members"].as_array().cloned().unwrap_or_default();
+    if members.is_empty() {
+        return;
+    }
+    out.push_str(&format!(
+        "{:<28} {:<12} {:<9} {:>8} {:>6} {:>10} {:<7} STATE\n",
+        "MEMBER", "ROLE", "LEADS", "SESSIONS", "IN TX", "HEARTBEAT", "ROUTE"
+    ));
+    for m in members {
+        let state = match (m["alive"].as_bool(), m["paused"].as_bool()) {
+            (Some(false), _) => "gone",
+            (_, Some(true)) => "paused",
+            _ => "alive",
+        };
+        let line = format!(
+            "{:<28} {:<12} {:<9} {:>8} {:>6} {:>9.1}s {:<7} {:<7}",
+            s(&m["id"]),
+            s(&m["role"]),
+            if m["leader"] == Value::Bool(true) {
+                "yes"
+            } else {
+                "-"
+            },
+            s(&m["sessions"]),
+            s(&m["in_transaction"]),
+            m["heartbeat_age_seconds"].as_f64().unwrap_or(0.0),
+            s(&m["route"]),
+            state
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
 }
 
 /// 1536 → "1.5 kB".
@@ -331,6 +388,34 @@ mod tests {
         );
         assert!(t.contains("3/3") && t.contains("2.0 kB"), "{t}");
         assert_eq!(human_bytes(100.0), "100 B");
+    }
+
+    #[test]
+    fn renders_the_fleet() {
+        let doc = json!({"fleet": {"member": "b", "role": "auto", "leader": false,
+            "holding": {"attempt": "c1", "seconds": 0.2},
+            "members": [
+                {"id": "a", "role": "auto", "leader": true, "sessions": 4, "in_transaction": 1,
+                 "heartbeat_age_seconds": 0.3, "route": "source", "paused": false, "alive": true},
+                {"id": "b", "role": "proxy", "leader": false, "sessions": 2, "in_transaction": 0,
+                 "heartbeat_age_seconds": 0.1, "route": "source", "paused": true, "alive": true},
+                {"id": "c", "role": "auto", "leader": false, "sessions": 0, "in_transaction": 0,
+                 "heartbeat_age_seconds": 9.0, "route": "source", "paused": false, "alive": false}]}});
+        let t = render_status(&doc);
+        assert!(t.contains("this member b (follower, role auto)"), "{t}");
+        assert!(t.contains("holding its clients for cutover c1"), "{t}");
+        let line = |id: &str| {
+            t.lines()
+                .find(|l| l.starts_with(&format!("{id} ")))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert!(
+            line("a").contains("yes") && line("a").ends_with("alive"),
+            "{t}"
+        );
+        assert!(line("b").trim_end().ends_with("paused"), "{t}");
+        assert!(line("c").trim_end().ends_with("gone"), "{t}");
     }
 
     #[test]

@@ -131,6 +131,11 @@ pub trait CutoverHost: Send + Sync {
     /// its state from the source): the moment to close the gate. False on
     /// timeout.
     fn wait_quiet(&self, timeout: Duration) -> impl Future<Output = bool> + Send;
+    /// What the drain phase reports besides its outcome (e.g. the fleet
+    /// members drained, or those that were not).
+    fn drain_note(&self) -> Option<String> {
+        None
+    }
     /// Cancels the running query of every session inside a transaction.
     fn cancel_in_transaction(&self) -> impl Future<Output = usize> + Send;
     /// Closes every session still inside a transaction (with an ErrorResponse).
@@ -559,16 +564,20 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
     async fn drain(&mut self) -> Result<(), Abort> {
         let t = Instant::now();
         if self.host.wait_idle(self.cfg.drain_timeout.0).await {
-            self.record("drain", t, PhaseOutcome::Ok, None);
+            let note = self.host.drain_note();
+            self.record("drain", t, PhaseOutcome::Ok, note);
             return Ok(());
         }
         let open = self.host.in_transaction();
         match self.cfg.on_drain_timeout {
             OnDrainTimeout::Abort => {
-                let reason = format!(
+                let mut reason = format!(
                     "{open} session(s) still inside a transaction after drain_timeout {:?}",
                     self.cfg.drain_timeout.0
                 );
+                if let Some(note) = self.host.drain_note() {
+                    reason = format!("{reason}; {note}");
+                }
                 self.record("drain", t, PhaseOutcome::Timeout, Some(reason.clone()));
                 Err(Abort { reason })
             }

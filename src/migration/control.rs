@@ -67,7 +67,60 @@ CREATE TABLE IF NOT EXISTS pgshift.event (
     substate  text NOT NULL,
     message   text
 );
+CREATE TABLE IF NOT EXISTS pgshift.member (
+    migration      text NOT NULL,
+    id             text NOT NULL,
+    role           text NOT NULL,
+    leader         boolean NOT NULL DEFAULT false,
+    version        text NOT NULL,
+    proxy_addr     text,
+    admin_addr     text,
+    started_at     timestamptz NOT NULL,
+    heartbeat_at   timestamptz NOT NULL DEFAULT now(),
+    backend_pid    integer NOT NULL,
+    backend_start  timestamptz NOT NULL,
+    sessions       integer NOT NULL DEFAULT 0,
+    in_transaction integer NOT NULL DEFAULT 0,
+    route          text NOT NULL DEFAULT 'source',
+    paused         boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (migration, id)
+);
+CREATE TABLE IF NOT EXISTS pgshift.fleet_step (
+    migration text PRIMARY KEY,
+    attempt   text NOT NULL,
+    seq       integer NOT NULL,
+    step      text NOT NULL,
+    at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS pgshift.fleet_ack (
+    migration text NOT NULL,
+    attempt   text NOT NULL,
+    member    text NOT NULL,
+    step      text NOT NULL,
+    detail    jsonb NOT NULL,
+    at        timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (migration, attempt, member, step)
+);
+CREATE TABLE IF NOT EXISTS pgshift.fleet_request (
+    id          bigserial PRIMARY KEY,
+    migration   text NOT NULL,
+    member      text NOT NULL,
+    command     jsonb NOT NULL,
+    at          timestamptz NOT NULL DEFAULT now(),
+    answer      jsonb,
+    answered_at timestamptz
+);
 "#;
+
+/// Creates the control schema if needed (concurrent first starts serialise
+/// on a transaction-level advisory lock).
+pub(crate) async fn ensure_schema(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL client_min_messages = warning; SELECT pg_advisory_xact_lock(hashtext('pgshift:schema')::bigint); {SCHEMA_SQL} COMMIT;"
+        ))
+        .await
+}
 
 /// The persisted migration row.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -141,12 +194,7 @@ impl ControlStore {
         if !locked {
             return Err(ControlError::Locked(migration.to_string()));
         }
-        // Serialise schema creation between concurrent first starts.
-        store
-            .client
-            .batch_execute(&format!(
-                "BEGIN; SET LOCAL client_min_messages = warning; SELECT pg_advisory_xact_lock(hashtext('pgshift:schema')::bigint); {SCHEMA_SQL} COMMIT;"
-            ))
+        ensure_schema(&store.client)
             .await
             .map_err(|e| store.sql(e))?;
         Ok(store)
@@ -265,9 +313,14 @@ impl ControlStore {
         let report = report.to_string();
         self.client
             .execute(
-                "INSERT INTO pgshift.cutover_attempt (migration, id, finished_at, outcome, reason, report)
-                 VALUES ($1, $2, now(), $3, $4, $5::text::jsonb)
-                 ON CONFLICT (migration, id) DO UPDATE SET finished_at = now(), outcome = $3, reason = $4, report = $5::text::jsonb",
+                // Fleet members holding their gates for this attempt wait
+                // for its outcome: told at once.
+                "WITH a AS (
+                   INSERT INTO pgshift.cutover_attempt (migration, id, finished_at, outcome, reason, report)
+                   VALUES ($1, $2, now(), $3, $4, $5::text::jsonb)
+                   ON CONFLICT (migration, id) DO UPDATE SET finished_at = now(), outcome = $3, reason = $4, report = $5::text::jsonb
+                   RETURNING 1)
+                 SELECT pg_notify('pgshift_fleet', $1) FROM a",
                 &[&self.migration, &id, &outcome, &reason, &report],
             )
             .await

@@ -47,6 +47,16 @@ impl Migration {
         ctx: &Arc<Context>,
         cfg: &MigrationConfig,
     ) -> Result<Arc<Migration>, ControlError> {
+        Migration::open_with(ctx, cfg, state_metric(&ctx.registry)).await
+    }
+
+    /// [`Migration::open`] with the state metric registered once by the
+    /// caller (a fleet member may lead several times in its life).
+    pub(crate) async fn open_with(
+        ctx: &Arc<Context>,
+        cfg: &MigrationConfig,
+        state_metric: IntGaugeVec,
+    ) -> Result<Arc<Migration>, ControlError> {
         let control = ControlStore::open(&ctx.config.target, &cfg.name).await?;
         let row = match control.load().await? {
             Some(mut row) => {
@@ -109,12 +119,6 @@ impl Migration {
                 },
             );
         }
-        let state_metric = crate::telemetry::metrics::int_gauge_vec(
-            &ctx.registry,
-            "pgshift_migration_state",
-            "1 for the migration's current state and substate, 0 otherwise",
-            &["state", "substate"],
-        );
         let m = Arc::new(Migration {
             cfg: cfg.clone(),
             control,
@@ -122,8 +126,14 @@ impl Migration {
             state_metric,
         });
         m.export_state();
-        ctx.status.register_top(m.clone());
+        ctx.status.register_top("migration", m.clone());
         Ok(m)
+    }
+
+    /// The control store's connection ended: this process no longer holds
+    /// the migration's lock (another fleet member may take it).
+    pub(crate) fn control_lost(&self) -> bool {
+        self.control.client().is_closed()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -238,6 +248,16 @@ impl Migration {
             e.providers.insert(key.to_string(), provider);
         }
     }
+}
+
+/// `pgshift_migration_state`, registered once per process.
+pub(crate) fn state_metric(reg: &prometheus::Registry) -> IntGaugeVec {
+    crate::telemetry::metrics::int_gauge_vec(
+        reg,
+        "pgshift_migration_state",
+        "1 for the migration's current state and substate, 0 otherwise",
+        &["state", "substate"],
+    )
 }
 
 impl Report for Migration {

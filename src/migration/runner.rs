@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::Mutex;
@@ -22,6 +22,7 @@ use crate::cutover::guard;
 use crate::cutover::protocol::{
     self, CutoverHost, CutoverMetrics, HostError, LastCutover, Outcome,
 };
+use crate::fleet::Fleet;
 use crate::proxy::ProxyHandle;
 use crate::proxy::route::Route;
 use crate::replication::Lsn;
@@ -67,80 +68,113 @@ pub struct Runner {
     cutover_running: Arc<AtomicBool>,
     /// DDL replication's shared state (status, operator decisions).
     ddl: Arc<crate::replication::ddl::DdlControl>,
+    /// The fleet this member leads: the cutover takes every member along.
+    fleet: Arc<Fleet>,
+    /// Ends this leader term (shutdown, or the lock lost).
+    stop: CancellationToken,
 }
 
-/// Opens the migration (before the proxy serves, so a switched migration
-/// routes to the target from the first connection) and starts its task.
-pub async fn start(
-    ctx: &Arc<Context>,
-    proxy: &ProxyHandle,
-) -> Result<Option<JoinHandle<()>>, super::ControlError> {
-    let Some(cfg) = ctx.config.migration().cloned() else {
-        return Ok(None);
-    };
-    let migration = open_with_retry(ctx, &cfg).await?;
-    if migration.switched() {
-        proxy
-            .router()
-            .swap(Route::from_endpoint("target", &ctx.config.target));
-        tracing::info!("migration already switched: every session goes to the target");
-    }
-    let (tx, rx) = crate::commands::channel();
-    let _ = ctx.commands.set(tx);
-    let last_cutover = LastCutover::default();
-    if let Ok(Some(doc)) = migration.control().last_cutover_attempt().await
-        && let Ok(r) = serde_json::from_value(doc)
-    {
-        last_cutover.set(r);
-    }
-    ctx.status
-        .register("last_cutover", Arc::new(last_cutover.clone()));
-    let ddl = Arc::new(crate::replication::ddl::DdlControl::new(
-        cfg.ddl,
-        Some(&ctx.registry),
-    ));
-    ctx.status.register("ddl", ddl.clone());
-    let runner = Arc::new(Runner {
-        pipeline: Pipeline {
-            ctx: ctx.clone(),
-            migration,
-            proxy: proxy.clone(),
-            cancel: ctx.shutdown.child_token(),
+/// What a leader's runner registers (metrics, status providers, DDL
+/// control): made once per process, for every term this member leads.
+pub(crate) struct LeaderParts {
+    stream_metrics: StreamMetrics,
+    cutover_metrics: CutoverMetrics,
+    copy_metrics: Option<crate::replication::copy::CopyMetrics>,
+    last_cutover: LastCutover,
+    ddl: Arc<crate::replication::ddl::DdlControl>,
+    state_metric: prometheus::IntGaugeVec,
+}
+
+impl LeaderParts {
+    pub(crate) fn new(ctx: &Arc<Context>, cfg: &crate::config::MigrationConfig) -> LeaderParts {
+        let last_cutover = LastCutover::default();
+        ctx.status
+            .register("last_cutover", Arc::new(last_cutover.clone()));
+        let ddl = Arc::new(crate::replication::ddl::DdlControl::new(
+            cfg.ddl,
+            Some(&ctx.registry),
+        ));
+        ctx.status.register("ddl", ddl.clone());
+        LeaderParts {
+            stream_metrics: StreamMetrics::register(&ctx.registry),
+            cutover_metrics: CutoverMetrics::new(&ctx.registry),
             copy_metrics: crate::replication::copy::CopyMetrics::register(&ctx.registry).ok(),
-        },
-        streams: Mutex::new(Vec::new()),
-        cutover_conns: std::sync::Mutex::new(None),
-        stream_metrics: StreamMetrics::register(&ctx.registry),
-        cutover_metrics: CutoverMetrics::new(&ctx.registry),
-        last_cutover,
-        cutover_running: Arc::new(AtomicBool::new(false)),
-        ddl,
-    });
-    Ok(Some(tokio::spawn(runner.drive(rx))))
+            last_cutover,
+            ddl,
+            state_metric: super::state_metric(&ctx.registry),
+        }
+    }
+
+    pub(crate) fn state_metric(&self) -> prometheus::IntGaugeVec {
+        self.state_metric.clone()
+    }
+
+    /// `/status` → `last_cutover` (a follower copies the leader's record).
+    pub(crate) fn last_cutover(&self) -> &LastCutover {
+        &self.last_cutover
+    }
 }
 
-async fn open_with_retry(
-    ctx: &Arc<Context>,
-    cfg: &crate::config::MigrationConfig,
-) -> Result<Arc<Migration>, super::ControlError> {
-    let deadline = Instant::now() + super::pipeline::CONTROL_WAIT;
-    loop {
-        match Migration::open(ctx, cfg).await {
-            Ok(m) => return Ok(m),
-            Err(e @ super::ControlError::Connect(_)) if Instant::now() < deadline => {
-                tracing::warn!("waiting for the target's control schema: {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            // A pgshift restarted right after a crash: the dead process's
-            // backend on the target may not have noticed yet and still holds
-            // the lock for a moment. A live second pgshift keeps it and is
-            // refused after the wait.
-            Err(e @ super::ControlError::Locked(_)) if Instant::now() < deadline => {
-                tracing::warn!("{e}; waiting for it to be released");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => return Err(e),
+/// A member's time as the fleet's leader: its runner, stopped when the
+/// member stops leading (its control connection, and with it the
+/// migration's lock, is gone) or at shutdown.
+pub(crate) struct LeaderTerm {
+    migration: Arc<Migration>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+    commands: crate::commands::CommandSender,
+}
+
+impl LeaderTerm {
+    /// Starts the runner on an opened migration (this member holds its lock).
+    pub(crate) fn start(
+        ctx: &Arc<Context>,
+        proxy: &ProxyHandle,
+        parts: &LeaderParts,
+        fleet: &Arc<Fleet>,
+        migration: Arc<Migration>,
+    ) -> LeaderTerm {
+        let stop = ctx.shutdown.child_token();
+        let (tx, rx) = crate::commands::channel();
+        let runner = Arc::new(Runner {
+            pipeline: Pipeline {
+                ctx: ctx.clone(),
+                migration: migration.clone(),
+                proxy: proxy.clone(),
+                cancel: stop.child_token(),
+                copy_metrics: parts.copy_metrics.clone(),
+            },
+            streams: Mutex::new(Vec::new()),
+            cutover_conns: std::sync::Mutex::new(None),
+            stream_metrics: parts.stream_metrics.clone(),
+            cutover_metrics: parts.cutover_metrics.clone(),
+            last_cutover: parts.last_cutover.clone(),
+            cutover_running: Arc::new(AtomicBool::new(false)),
+            ddl: parts.ddl.clone(),
+            fleet: fleet.clone(),
+            stop: stop.clone(),
+        });
+        LeaderTerm {
+            migration,
+            stop,
+            task: tokio::spawn(runner.drive(rx)),
+            commands: tx,
         }
+    }
+
+    /// The control connection ended: the lock is gone.
+    pub(crate) fn lost(&self) -> bool {
+        self.migration.control_lost()
+    }
+
+    pub(crate) fn commands(&self) -> crate::commands::CommandSender {
+        self.commands.clone()
+    }
+
+    /// Stops the runner and waits for its streams to stop.
+    pub(crate) async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
     }
 }
 
@@ -155,13 +189,18 @@ impl Runner {
 
     /// Resumes from the persisted state, then serves commands until shutdown.
     async fn drive(self: Arc<Self>, mut commands: CommandReceiver) {
+        if let Ok(Some(doc)) = self.migration().control().last_cutover_attempt().await
+            && let Ok(r) = serde_json::from_value(doc)
+        {
+            self.last_cutover.set(r);
+        }
         let work = self.clone();
         let mut progress = tokio::spawn(async move { work.resume().await });
         let mut progress_done = false;
         let mut auto = tokio::time::interval(Duration::from_secs(1));
         let mut ready = tokio::time::interval(Duration::from_millis(200));
         let mut window_attempts = 0u32;
-        let shutdown = self.ctx().shutdown.clone();
+        let shutdown = self.stop.clone();
         loop {
             tokio::select! {
                 r = &mut progress, if !progress_done => {
@@ -298,6 +337,7 @@ impl Runner {
             let reason = format!(
                 "cutover {id} was interrupted by a pgshift restart before the switch; the gate is open and the fence (if any) lifted"
             );
+
             // Keep the phases it got through: they tell where it stopped.
             if !report.is_object() {
                 report = json!({"id": id, "phases": []});
@@ -307,6 +347,8 @@ impl Runner {
             m.control()
                 .save_cutover_attempt(&id, Outcome::Interrupted.as_str(), Some(&reason), &report)
                 .await?;
+            // Members still holding their gates for it open them now.
+            self.fleet.announce_interrupted(&id).await;
             if let Ok(r) = serde_json::from_value(report) {
                 self.last_cutover.set(r);
             }
@@ -520,6 +562,8 @@ impl Runner {
             // Cleared however the attempt ends, also if its task panics.
             let _running = running;
             let ctx = this.ctx().clone();
+            let round = this.fleet.begin_round(&id2).await;
+            tracing::info!(cutover = %id2, members = round_members(&this.fleet), "fleet cutover: every live member takes part");
             protocol::run(
                 &ctx,
                 this.migration().as_ref(),
@@ -529,6 +573,8 @@ impl Runner {
                 id2,
             )
             .await;
+            drop(round);
+            this.fleet.end_round();
         });
         Ok(json!({"id": id, "message": "cutover started"}))
     }
@@ -758,7 +804,10 @@ impl Runner {
             used: (slots.used - 1).max(0),
             ..slots
         };
-        let sessions = i32::try_from(self.pipeline.proxy.sessions().len()).unwrap_or(i32::MAX);
+        // Every member's sessions move to the target.
+        let sessions = i32::try_from(self.pipeline.proxy.sessions().len())
+            .unwrap_or(i32::MAX)
+            .saturating_add(self.fleet.remote_sessions());
         let own = i32::try_from(self.migration().cfg.databases.len()).unwrap_or(i32::MAX);
         if sessions.saturating_add(own) > slots.free() {
             return Err(HostError::NoRoom {
@@ -768,6 +817,43 @@ impl Runner {
             });
         }
         Ok(())
+    }
+
+    /// Each move is bounded by twice the connect timeout; waiting a little
+    /// longer lets every session either move or be dropped before the gate
+    /// opens, so the counts are final.
+    fn move_timeout(&self) -> Duration {
+        self.ctx().config.proxy().server_connect_timeout.0 * 2 + Duration::from_secs(1)
+    }
+
+    /// Members that did not confirm the switch keep their gates closed
+    /// until they read it; their sessions' source backends, spared by the
+    /// fence, are ended now, so none of them can write on the source
+    /// whatever that member does later.
+    async fn end_late_members(&self, late: &[String]) {
+        let pids = self.fleet.source_pids_of(late);
+        tracing::warn!(
+            members = %late.join(", "),
+            backends = pids.len(),
+            "fleet: member(s) did not confirm the switch; ending their sessions' backends on the source"
+        );
+        let Ok(conns) = self.cutover_conns() else {
+            return;
+        };
+        let Some(db) = conns.dbs.first() else { return };
+        if let Err(e) = db
+            .source
+            .execute(
+                "SELECT pg_terminate_backend(p) FROM unnest($1::int4[]) AS p",
+                &[&pids],
+            )
+            .await
+        {
+            tracing::error!(
+                "cannot end late members' backends on the source: {}",
+                crate::db::describe(&e)
+            );
+        }
     }
 
     fn cutover_conns(&self) -> Result<Arc<CutoverConns>, HostError> {
@@ -832,10 +918,15 @@ impl CutoverHost for Runner {
     }
 
     async fn prewarm(&self) -> usize {
-        self.pipeline
-            .proxy
-            .prewarm(Route::from_endpoint("target", &self.ctx().config.target))
-            .await
+        self.fleet.post("prewarm");
+        let timeout = self.move_timeout();
+        let (local, remote) = tokio::join!(
+            self.pipeline
+                .proxy
+                .prewarm(Route::from_endpoint("target", &self.ctx().config.target)),
+            self.fleet.wait_prewarmed(timeout)
+        );
+        local + remote
     }
 
     fn discard_prewarm(&self) {
@@ -844,20 +935,35 @@ impl CutoverHost for Runner {
 
     fn close_gate(&self) {
         self.pipeline.proxy.gate().close();
+        self.fleet.post("gate");
     }
 
     fn open_gate(&self) {
+        // Only an abort reopens on the source; members read the attempt's
+        // outcome before they do.
         self.pipeline.proxy.gate().open();
+        self.fleet.post("abort");
     }
 
     fn in_transaction(&self) -> usize {
-        self.pipeline.proxy.gate().sessions_in_transaction()
+        self.pipeline.proxy.gate().sessions_in_transaction() + self.fleet.remote_in_transaction()
     }
 
     async fn wait_idle(&self, timeout: Duration) -> bool {
-        tokio::time::timeout(timeout, self.pipeline.proxy.gate().drained())
-            .await
-            .is_ok()
+        let (local, members) = tokio::join!(
+            tokio::time::timeout(timeout, self.pipeline.proxy.gate().drained()),
+            self.fleet.wait_drained(timeout)
+        );
+        local.is_ok() && members
+    }
+
+    fn drain_note(&self) -> Option<String> {
+        let late = self.fleet.not_drained();
+        if late.is_empty() {
+            self.fleet.drain_note()
+        } else {
+            Some(format!("member(s) not drained: {}", late.join(", ")))
+        }
     }
 
     async fn wait_quiet(&self, timeout: Duration) -> bool {
@@ -865,10 +971,12 @@ impl CutoverHost for Runner {
     }
 
     async fn cancel_in_transaction(&self) -> usize {
+        self.fleet.post("cancel");
         self.pipeline.proxy.cancel_busy_sessions().await
     }
 
     async fn terminate_in_transaction(&self) -> usize {
+        self.fleet.post("terminate");
         self.pipeline.proxy.terminate_busy_sessions(
             "terminating connection: pgshift cutover could not wait for this transaction",
         )
@@ -883,6 +991,7 @@ impl CutoverHost for Runner {
             .map(|s| s.backend())
             .filter(|b| b.route.name == "source")
             .map(|b| b.pid)
+            .chain(self.fleet.remote_source_pids())
             .collect()
     }
 
@@ -969,19 +1078,24 @@ impl CutoverHost for Runner {
 
     async fn switch_to_target(&self) -> (u64, u64) {
         let proxy = &self.pipeline.proxy;
-        // Each move is bounded by twice the connect timeout; waiting a little
-        // longer lets every session either move or be dropped before the
-        // gate opens, so the counts are final.
-        let timeout =
-            self.ctx().config.proxy().server_connect_timeout.0 * 2 + Duration::from_secs(1);
-        let counts = proxy
+        // The switch is committed: the members move at the same time.
+        self.fleet.post("switch");
+        let timeout = self.move_timeout();
+        let (moved, dropped) = proxy
             .switch_to(
                 Route::from_endpoint("target", &self.ctx().config.target),
                 timeout,
             )
             .await;
         proxy.gate().open();
-        counts
+        if self.fleet.participants() == 0 {
+            return (moved, dropped);
+        }
+        let members = self.fleet.wait_switched(timeout).await;
+        if !members.late.is_empty() {
+            self.end_late_members(&members.late).await;
+        }
+        (moved + members.moved, dropped + members.dropped)
     }
 
     async fn finish_replication(&self, drop_slot: bool) -> Result<(), HostError> {
@@ -1056,6 +1170,7 @@ fn streams_health(streams: &[DatabaseStream]) -> Result<(), HostError> {
     )
 }
 
-pub fn child_token(ctx: &Arc<Context>) -> CancellationToken {
-    ctx.shutdown.child_token()
+/// The members taking part, this one included.
+fn round_members(fleet: &Fleet) -> usize {
+    fleet.participants() + 1
 }

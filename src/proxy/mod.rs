@@ -343,6 +343,15 @@ impl ProxyHandle {
         busy.len()
     }
 
+    /// Closes every session with an ErrorResponse carrying `message`.
+    pub(crate) fn terminate_all(&self, message: &str) -> usize {
+        let all = self.sessions().sessions();
+        for s in &all {
+            s.terminate(message);
+        }
+        all.len()
+    }
+
     /// What `/status` shows under `proxy`.
     pub fn status(&self) -> serde_json::Value {
         let gate = self.gate();

@@ -21,15 +21,20 @@ impl<F: Fn() -> Value + Send + Sync> Report for F {
 #[derive(Default)]
 pub struct StatusBoard {
     /// Merged into the top level of the document (keys of their object).
-    top: RwLock<Vec<Arc<dyn Report>>>,
+    top: RwLock<BTreeMap<String, Arc<dyn Report>>>,
     /// Shown under their own key.
     sections: RwLock<BTreeMap<String, Arc<dyn Report>>>,
 }
 
 impl StatusBoard {
-    /// Registers a provider whose object's keys appear at the top level.
-    pub(crate) fn register_top(&self, r: Arc<dyn Report>) {
-        self.top.write().unwrap_or_else(|e| e.into_inner()).push(r);
+    /// Registers (or replaces) a provider whose object's keys appear at
+    /// the top level; `key` names it for replacing (e.g. the migration's
+    /// own view while this member leads, the fleet's copy while it follows).
+    pub(crate) fn register_top(&self, key: &str, r: Arc<dyn Report>) {
+        self.top
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), r);
     }
 
     /// Registers (or replaces) the provider shown under `key`.
@@ -43,7 +48,7 @@ impl StatusBoard {
     /// The whole document.
     pub fn render(&self) -> Value {
         let mut doc = Map::new();
-        for r in self.top.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        for r in self.top.read().unwrap_or_else(|e| e.into_inner()).values() {
             if let Value::Object(m) = r.report() {
                 doc.extend(m);
             }
@@ -80,6 +85,9 @@ const PUBLIC_TEXT: &[&str] = &[
     "applied_lsn",
     "source_lsn",
     "consistent_point",
+    "role",
+    "version",
+    "started_at",
 ];
 
 /// The document without addresses, user names or free text: numbers,
@@ -118,9 +126,10 @@ mod tests {
     #[test]
     fn merges_top_and_sections() {
         let b = StatusBoard::default();
-        b.register_top(Arc::new(
-            || json!({"state": "InProgress", "substate": "MigratingData"}),
-        ));
+        b.register_top(
+            "m",
+            Arc::new(|| json!({"state": "InProgress", "substate": "MigratingData"})),
+        );
         b.register("proxy", Arc::new(|| json!({"sessions": 3})));
         let d = b.render();
         assert_eq!(d["state"], "InProgress");
