@@ -516,3 +516,47 @@ async fn a_member_killed_in_the_drain_and_one_stopped_through_the_switch() {
     let (_, port) = write_one(&late.url(DB), "late").await.unwrap();
     assert_eq!(port, i32::from(pair.target.port));
 }
+
+/// The fleet's tables, notifications and liveness checks on the oldest and
+/// newest supported servers (the control schema lives on the target, 15 at
+/// the oldest; the source 11 at the oldest): a follower relays the cutover
+/// and moves its writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_cuts_over_on_the_oldest_and_newest_versions() {
+    for (from, to) in [(11, 15), (18, 18)] {
+        if !version_or_skip(from, "fleet cutover") || !version_or_skip(to, "fleet cutover") {
+            continue;
+        }
+        let major = format!("{from}→{to}");
+        let opts = |v| ClusterOptions {
+            version: Some(v),
+            ..ClusterOptions::default()
+        };
+        let pair = Pair::start_with(opts(from), opts(to));
+        let cutover = "drain_timeout = \"60s\"\ncatchup_timeout = \"120s\"";
+        let lead = launch(&pair, "lead", cutover, &[]);
+        lead.wait_streaming_async(DB).await;
+        let follow = launch(&pair, "follow", cutover, &[]);
+        follow.wait_up();
+        wait_members(&lead, 2);
+        let w = Writer::start(&follow.url(DB), "follow").await;
+        w.wait_more(5).await;
+        let out = follow.cli_async(&["cutover", "--wait"]).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{major}: {}\n{}",
+            out_text(&out),
+            lead.log()
+        );
+        assert!(
+            wait_until(Duration::from_secs(60), || route(&follow) == "target"),
+            "{major}: {}",
+            follow.log()
+        );
+        w.wait_more(5).await;
+        let r = w.finish().await;
+        assert!(r.errors.is_empty(), "{major}: {:?}", r.errors);
+        check_writes(&pair, &[("follow".into(), r)]);
+    }
+}

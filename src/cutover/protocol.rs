@@ -173,6 +173,12 @@ pub trait CutoverHost: Send + Sync {
     /// Swaps the route to the target, moves idle sessions, opens the gate.
     /// Returns (sessions moved, sessions dropped).
     fn switch_to_target(&self) -> impl Future<Output = (u64, u64)> + Send;
+    /// After the gate opened: other proxies taking part (a fleet's
+    /// members) confirm their own switch; returns their (moved, dropped)
+    /// sessions and a note for the report, or None when there are none.
+    fn confirm_switch(&self) -> impl Future<Output = Option<(u64, u64, String)>> + Send {
+        async { None }
+    }
     /// After the switch: stops streaming and releases the source's slot and
     /// publication (when configured).
     fn finish_replication(
@@ -850,9 +856,15 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
             .await
             .map_err(StepError::PersistSwitch)?;
         let persisted = t.elapsed() - lifted;
-        let (moved, dropped) = self.host.switch_to_target().await;
+        let (mut moved, mut dropped) = self.host.switch_to_target().await;
         let switched = t.elapsed() - persisted - lifted;
         let pause = self.gate_closed_at.map(|g| g.elapsed().as_secs_f64());
+        // Not part of this proxy's pause: its gate is open.
+        let members = self.host.confirm_switch().await;
+        if let Some((m, d, _)) = &members {
+            moved += m;
+            dropped += d;
+        }
         self.report.pause_seconds = pause;
         self.report.sessions_moved = moved;
         self.report.sessions_dropped = dropped;
@@ -870,7 +882,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
                 lifted.as_secs_f64() * 1000.0,
                 persisted.as_secs_f64() * 1000.0,
                 switched.as_secs_f64() * 1000.0
-            )),
+            ) + &members.map(|(_, _, note)| format!("; {note}")).unwrap_or_default()),
         );
         Ok(())
     }

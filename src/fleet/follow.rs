@@ -108,6 +108,15 @@ impl Fleet {
     /// Closes the gate for `attempt` (once) and answers `drained` when
     /// this member's sessions are out of their transactions.
     fn hold_for(self: &Arc<Self>, attempt: &str) {
+        if self
+            .decided
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            == Some(attempt)
+        {
+            return;
+        }
         {
             let mut hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
             if hold.as_ref().is_some_and(|h| h.attempt == attempt) {
@@ -195,10 +204,12 @@ impl Fleet {
         }
     }
 
+    /// Ends the hold on `attempt`'s decision; later steps of it change nothing.
     fn take_hold(&self, attempt: &str) -> bool {
         let mut hold = self.hold.lock().unwrap_or_else(|e| e.into_inner());
         if hold.as_ref().is_some_and(|h| h.attempt == attempt) {
             *hold = None;
+            *self.decided.lock().unwrap_or_else(|e| e.into_inner()) = Some(attempt.to_string());
             return true;
         }
         false

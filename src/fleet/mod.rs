@@ -114,6 +114,9 @@ pub struct Fleet {
     /// The migration's row as last read, for /status while following.
     row: std::sync::Mutex<Value>,
     hold: std::sync::Mutex<Option<Hold>>,
+    /// The last attempt whose decision this member acted on: a step of it
+    /// arriving late (after the notification of its outcome) is history.
+    decided: std::sync::Mutex<Option<String>>,
     /// The last step this member acted on: (attempt, seq).
     seen: std::sync::Mutex<Option<(String, i32)>>,
     /// The leader's current cutover round.
@@ -191,6 +194,7 @@ impl Fleet {
             members: std::sync::Mutex::new(Vec::new()),
             row: std::sync::Mutex::new(Value::Null),
             hold: std::sync::Mutex::new(None),
+            decided: std::sync::Mutex::new(None),
             seen: std::sync::Mutex::new(None),
             round: std::sync::Mutex::new(None),
             posts,

@@ -1088,14 +1088,28 @@ impl CutoverHost for Runner {
             )
             .await;
         proxy.gate().open();
+        (moved, dropped)
+    }
+
+    async fn confirm_switch(&self) -> Option<(u64, u64, String)> {
         if self.fleet.participants() == 0 {
-            return (moved, dropped);
+            return None;
         }
-        let members = self.fleet.wait_switched(timeout).await;
+        let members = self.fleet.wait_switched(self.move_timeout()).await;
         if !members.late.is_empty() {
             self.end_late_members(&members.late).await;
         }
-        (moved + members.moved, dropped + members.dropped)
+        let mut note = format!("{} other member(s) switched", members.pauses.len());
+        if let Some(max) = members.pauses.values().copied().reduce(f64::max) {
+            note.push_str(&format!(", their longest pause {:.1} ms", max * 1000.0));
+        }
+        if !members.late.is_empty() {
+            note.push_str(&format!(
+                "; late, their source backends ended: {}",
+                members.late.join(", ")
+            ));
+        }
+        Some((members.moved, members.dropped, note))
     }
 
     async fn finish_replication(&self, drop_slot: bool) -> Result<(), HostError> {
