@@ -24,7 +24,42 @@
 # clients run -M simple (BOUNCER_MODE), and pgshift is also measured with
 # -M simple (pgshift_simple) for a like-for-like row; in session mode its PAUSE waits for
 # the clients to disconnect, which pgbench's persistent clients never do.
+#
+# Fleet mode (MEMBERS set, SYSTEMS=fleet or FLEET=1): one cutover moving a
+# fleet of N pgshift members (README, "A fleet of sidecars"), for each N in
+# MEMBERS (default "1 4 8") and each rep (reps outer, member counts inner, so
+# that the machine's drift hits every N alike), on a fresh pair each time:
+# members m0..mN-1 share [migration] name and target, each with its own proxy
+# and admin port; m0 starts first and leads (streaming), the others start
+# once it streams, and the load starts when m0 sees N live members. Each
+# member's proxy carries its own pgbench -M prepared load (CLIENTS clients,
+# RATE/N tx/s: RATE is the fleet's total here). Mid-run one POST /cutover
+# goes to member CUTOVER_VIA (default: the last one, a follower when N > 1,
+# which relays it to the leader). Per member its pause (gate closed →
+# opened): the leader's from last_cutover.pause_seconds, a follower's from
+# its own fleet.last_cutover.pause_seconds; the fleet's pause per rep is the
+# largest member's. Reports per N the p50 and max of that over reps, the p50
+# of every member's pause, failed transactions and aborted clients, and the
+# ratio p50(largest N) / p50(1 member). A rep counts as succeeded when
+# every member reports the switch, none was late or left out, all are on
+# the target and the target got rows the source did not. Flagged on
+# stderr: a follower whose own pause differs from the leader's record of
+# it, and a member that closed its gate more than once in the cutover
+# (column "reclosed"). Defaults there: REPS=3, SCALE=1, CLIENTS=2 per
+# member, RATE=100 in all, DURATION=15 (about 5 minutes).
+# JSON lines ("bench":"cutover_fleet") go to bench/results/cutover.jsonl.
+#
+#   MEMBERS="1 4 8" bench/cutover.sh
+#   MEMBERS="1 8" REPS=5 RATE=200 bench/cutover.sh
 set -euo pipefail
+FLEET=${FLEET:-}
+{ [ -n "${MEMBERS:-}" ] || [ "${SYSTEMS:-}" = fleet ]; } && FLEET=1
+if [ -n "$FLEET" ]; then
+  MEMBERS=${MEMBERS:-1 4 8}
+  SYSTEMS=fleet
+  REPS=${REPS:-3} SCALE=${SCALE:-1} CLIENTS=${CLIENTS:-2} DURATION=${DURATION:-15}
+  CUTOVER_VIA=${CUTOVER_VIA:-last}
+fi
 REPS=${REPS:-5}
 SCALE=${SCALE:-5}
 CLIENTS=${CLIENTS:-4}
@@ -39,7 +74,7 @@ source "$(dirname "$0")/lib.sh"
 # Every session holds a client socket, a backend and a pre-warmed backend.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 build_pgshift
-command -v pgbouncer >/dev/null || { echo "pgbouncer not found (apt-get install -y pgbouncer): compared with nothing" >&2; SYSTEMS=pgshift; }
+[ -n "$FLEET" ] || command -v pgbouncer >/dev/null || { echo "pgbouncer not found (apt-get install -y pgbouncer): compared with nothing" >&2; SYSTEMS=pgshift; }
 
 # A fresh source (pgbench data) and an empty target.
 fresh_pair() {
@@ -187,6 +222,215 @@ CONF
   kill "$bpid" 2>/dev/null || true; wait "$bpid" 2>/dev/null || true
   echo "pgbouncer $1 $outcome $pause $(client_stats "$prefix") $(phase_stalls "$WORK/bouncer-$1.json" "$prefix")" | tee -a "$RES" >&2
 }
+
+# ---- Fleet mode: one cutover moving N members' sessions -------------------
+
+# stop_members: SIGTERM to every member at once, then wait for each.
+stop_members() {
+  local p
+  for p in "${M_PID[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${M_PID[@]}"; do SHIFT_PID=$p; stop_pgshift; done
+}
+
+member_logs() { # why: the tail of every member's log
+  local i
+  echo "  !! fleet of $N_MEMBERS: $1; log tails:" >&2
+  for i in "${!M_LOG[@]}"; do echo "  -- m$i" >&2; tail -8 "${M_LOG[$i]}" | sed 's/^/     /' >&2; done
+}
+
+run_fleet() { # N rep
+  local n=$1 rep=$2 i label="fleet$1"
+  N_MEMBERS=$n
+  fresh_pair
+  M_SHIFT=() M_ADMIN=() M_PID=() M_CFG=() M_LOG=()
+  for i in $(seq 0 $((n - 1))); do
+    write_pgshift_config "$WORK/fleet-m$i.toml" "$SRC" "$TGT" "$DBS" online
+    cat >> "$WORK/fleet-m$i.toml" <<CONF
+[fleet]
+member_id = "m$i"
+role = "auto"
+heartbeat_interval = "${HEARTBEAT_INTERVAL:-500ms}"
+member_timeout = "${MEMBER_TIMEOUT:-5s}"
+CONF
+    M_SHIFT+=("$SHIFT_PORT") M_ADMIN+=("$ADMIN_PORT") M_CFG+=("$WORK/fleet-m$i.toml")
+    M_LOG+=("$WORK/pgshift-$label-$rep-m$i.log")
+  done
+  # m0 leads: it copies and streams before the others join.
+  start_pgshift "${M_CFG[0]}" "${M_LOG[0]}"; M_PID+=("$SHIFT_PID")
+  wait_status "${M_ADMIN[0]}" 's.get("substate")=="WaitingForCutoverTrigger" and s["fleet"]["leader"]' 600 >/dev/null ||
+    { member_logs "m0 did not reach streaming as the leader"; stop_members; return 1; }
+  for i in $(seq 1 $((n - 1))); do
+    start_pgshift "${M_CFG[$i]}" "${M_LOG[$i]}"; M_PID+=("$SHIFT_PID")
+  done
+  wait_status "${M_ADMIN[0]}" "sum(1 for m in s['fleet']['members'] if m['alive']) == $n" 120 >/dev/null ||
+    { member_logs "m0 does not see $n live members"; stop_members; return 1; }
+  for i in $(seq 1 $((n - 1))); do
+    wait_status "${M_ADMIN[$i]}" "s['fleet']['member'] == 'm$i' and not s['fleet']['leader'] and any(m['leader'] and m['alive'] for m in s['fleet']['members'])" 60 >/dev/null ||
+      { member_logs "m$i does not follow a live leader"; stop_members; return 1; }
+  done
+  # One load per member through its own proxy: RATE/N tx/s each.
+  local prefix="$WORK/pgb-$label-$rep" per_rate all=()
+  per_rate=$(python3 -c 'import sys; print(f"{float(sys.argv[1]) / int(sys.argv[2]):g}")' "$RATE" "$n")
+  for i in $(seq 0 $((n - 1))); do
+    RATE=$per_rate load "${M_SHIFT[$i]}" prepared "$prefix-m$i"
+    all+=("${LOAD_PIDS[@]}")
+  done
+  LOAD_PIDS=("${all[@]}")
+  sleep $((DURATION / 2))
+  local via=$CUTOVER_VIA
+  { [ "$via" = last ] || [ "$via" -ge "$n" ]; } && via=$((n - 1))
+  curl -s -X POST "http://127.0.0.1:${M_ADMIN[$via]}/cutover" > "$WORK/cutover-answer.json" 2>&1 || true
+  grep -q '"error"' "$WORK/cutover-answer.json" && echo "  !! POST /cutover to m$via: $(cat "$WORK/cutover-answer.json")" >&2
+  # Done on the leader: switched and every follower's answer in (or the
+  # attempt ended without the switch).
+  wait_status "${M_ADMIN[0]}" "(s.get('state') == 'Succeeded' and ($n == 1 or ((s['fleet'].get('last_cutover') or {}).get('outcome') is not None))) or (s.get('last_cutover') or {}).get('outcome') in ('aborted', 'failed')" 120 >/dev/null || true
+  for i in $(seq 1 $((n - 1))); do
+    wait_status "${M_ADMIN[$i]}" "(s['fleet'].get('last_cutover') or {}).get('outcome') is not None" 20 >/dev/null 2>&1 || true
+  done
+  # Routes in /status's member list are as of each member's last heartbeat.
+  wait_status "${M_ADMIN[0]}" "sum(1 for m in s['fleet']['members'] if m['alive'] and m['route'] == 'target') == $n" 10 >/dev/null 2>&1 || true
+  for i in $(seq 0 $((n - 1))); do status_json "${M_ADMIN[$i]}" > "$WORK/status-$label-$rep-m$i.json" || echo '{}' > "$WORK/status-$label-$rep-m$i.json"; done
+  cp "$WORK/status-$label-$rep-m0.json" "$WORK/status-$label-$rep.json"
+  local phases
+  phases=$(python3 -c '
+import json,sys; c=json.load(open(sys.argv[1])).get("last_cutover") or {}
+print(",".join("%s=%.1f" % (p["phase"], p["seconds"] * 1000) for p in c.get("phases", [])) or "-")' "$WORK/status-$label-$rep.json")
+  echo "  $label $rep phases (ms): $phases" >&2
+  echo "$label $rep $phases" >> "$RESULTS_DIR/cutover-phases.txt"
+  wait_load
+  sleep 1
+  stop_members
+  # The load really moved: the target got rows the source did not.
+  local after_src after_tgt moved=yes
+  after_src=$(q "$SRC" "$DB" "SELECT max(id) FROM pgbench_history")
+  after_tgt=$(q "$TGT" "$DB" "SELECT max(id) FROM pgbench_history")
+  [ "${after_tgt:-0}" -gt "${after_src:-0}" ] || moved=no
+  # One cutover closes each member's gate once; a member that closed it
+  # again held its clients twice (flagged, and counted as "reclosed").
+  local reclosed=0 c
+  for i in $(seq 0 $((n - 1))); do
+    c=$(grep -c 'proxy pause gate closed' "${M_LOG[$i]}" || true)
+    [ "${c:-0}" -le 1 ] || { reclosed=$((reclosed + 1)); echo "  !! m$i closed its gate $c times in one cutover: ${M_LOG[$i]}" >&2; }
+  done
+  # outcome fleet_pause leader_pause m0=s,m1=s,... on_target/n
+  local outcome fpause lpause pauses routes
+  read -r outcome fpause lpause pauses routes < <(python3 - "$n" "$WORK/status-$label-$rep" <<'PY'
+import json, sys
+n, base = int(sys.argv[1]), sys.argv[2]
+docs = [json.load(open(f"{base}-m{i}.json")) for i in range(n)]
+lead = docs[0]
+lc = lead.get("last_cutover") or {}
+lf = (lead.get("fleet") or {}).get("last_cutover") or {}
+pauses, ok = {}, lc.get("outcome") == "succeeded" and lead.get("state") == "Succeeded"
+if lc.get("pause_seconds") is not None:
+    pauses["m0"] = float(lc["pause_seconds"])
+for i, d in enumerate(docs[1:], 1):
+    own = (d.get("fleet") or {}).get("last_cutover") or {}
+    if own.get("outcome") != "succeeded":
+        ok = False
+    p = own.get("pause_seconds")
+    if p is None:  # the leader's record of it
+        p = (lf.get("pauses_seconds") or {}).get(f"m{i}")
+    if p is None:
+        ok = False
+    else:
+        pauses[f"m{i}"] = float(p)
+        q = (lf.get("pauses_seconds") or {}).get(f"m{i}")
+        if q is not None and abs(q - float(p)) > 1e-6:
+            print(f"  !! m{i}: own pause {p} != leader's record {q}", file=sys.stderr)
+if n > 1 and (lf.get("late") or lf.get("excluded")):
+    ok = False
+    print(f"  !! late {lf.get('late')} excluded {lf.get('excluded')}", file=sys.stderr)
+members = (lead.get("fleet") or {}).get("members") or []
+on_target = sum(1 for m in members if m.get("route") == "target")
+if on_target != n:
+    ok = False
+outcome = "succeeded" if ok else (lc.get("outcome") or "none")
+if not ok and outcome == "succeeded":
+    outcome = "partial"
+fleet = max(pauses.values()) if pauses else 0
+print(outcome, f"{fleet:.6f}", f"{pauses.get('m0', 0):.6f}",
+      ",".join(f"{k}={v:.6f}" for k, v in pauses.items()) or "-", f"{on_target}/{n}")
+PY
+)
+  [ "$moved" = yes ] || { echo "  !! load did not move to the target" >&2; [ "$outcome" = succeeded ] && outcome=not-moved; }
+  [ "$outcome" = succeeded ] || member_logs "cutover $outcome (members on the target: $routes)"
+  echo "$label $rep $outcome $fpause $lpause $pauses $routes $(client_stats "$prefix") $(phase_stalls "$WORK/status-$label-$rep.json" "$prefix") reclosed=$reclosed" | tee -a "$RES" >&2
+}
+
+fleet_main() {
+  echo "fleet cutover under load: members $MEMBERS, pgbench TPC-B scale $SCALE on $DBS, $CLIENTS clients per member, $RATE tx/s in all (split evenly), ${DURATION}s, cutover at $((DURATION / 2))s via member $CUTOVER_VIA, $REPS reps" >&2
+  echo "  columns: fleetN rep outcome fleet_pause_s leader_pause_s member_pauses_s on_target processed failed aborted_clients spike_ms p50_ms stall_per_phase_ms reclosed" >&2
+  local rep n
+  for rep in $(seq "$REPS"); do
+    for n in $MEMBERS; do
+      run_fleet "$n" "$rep" || echo "fleet$n $rep error 0 0 - 0/$n 0 0 0 0 0" | tee -a "$RES" >&2
+    done
+  done
+  local cmd="MEMBERS='$MEMBERS' REPS=$REPS SCALE=$SCALE CLIENTS=$CLIENTS RATE=$RATE DURATION=$DURATION DBS='$DBS' bench/cutover.sh"
+  echo
+  echo "fleet cutover pause (gate closed → opened), $REPS reps per member count; fleet = the largest member's pause in a rep; member = every member's pause"
+  python3 - "$RES" "$MEMBERS" "$cmd" "$(machine_json)" "$CLIENTS" "$RATE" "$RESULTS_DIR/cutover.jsonl" <<'PY'
+import json, statistics, sys
+res, members, cmd, machine, clients, rate, out = sys.argv[1:]
+rows = [l.split() for l in open(res) if l.strip()]
+ms = lambda v: f"{v * 1000:.1f}"
+print(f"{'members':>7} {'ok/reps':>7} {'fleet_p50_ms':>12} {'fleet_max_ms':>12} {'member_p50_ms':>13} "
+      f"{'leader_p50_ms':>13} {'follower_p50_ms':>15} {'failed':>6} {'aborted':>7} {'spike_max_ms':>12} {'stall_pause_ms':>14} {'reclosed':>8}")
+p50 = {}
+summary = []
+for n in members.split():
+    r = [x for x in rows if x[0] == f"fleet{n}"]
+    ok = [x for x in r if x[2] == "succeeded"]
+    fleet = sorted(float(x[3]) for x in ok)
+    allp, lead, fol = [], [], []
+    for x in ok:
+        for kv in x[5].split(","):
+            k, _, v = kv.partition("=")
+            if v:
+                allp.append(float(v))
+                (lead if k == "m0" else fol).append(float(v))
+    failed = sum(int(x[8]) for x in r if len(x) > 9)
+    aborted = sum(int(x[9]) for x in r if len(x) > 9)
+    spike = max((float(x[10]) for x in r if len(x) > 10), default=0)
+    stall = 0.0
+    for x in r:
+        if len(x) > 12:
+            for kv in x[12].split(","):
+                k, _, v = kv.partition("=")
+                if k == "pause" and v:
+                    stall = max(stall, float(v))
+    reclosed = sum(int(x[13].partition("=")[2] or 0) for x in r if len(x) > 13 and x[13].startswith("reclosed="))
+    med = statistics.median(fleet) if fleet else None
+    p50[n] = med
+    md = lambda v: statistics.median(v) if v else None
+    f = lambda v: ms(v) if v is not None else "-"
+    print(f"{n:>7} {len(ok)}/{len(r):<5} {f(med):>12} {f(max(fleet) if fleet else None):>12} {f(md(allp)):>13} "
+          f"{f(md(lead)):>13} {f(md(fol)):>15} {failed:>6} {aborted:>7} {spike:>12.1f} {stall:>14.1f} {reclosed:>8}")
+    summary.append({"bench": "cutover_fleet", "members": int(n), "reps": len(r), "succeeded": len(ok),
+                    "fleet_pause_p50_s": med, "fleet_pause_max_s": max(fleet) if fleet else None,
+                    "fleet_pauses_s": fleet, "member_pause_p50_s": md(allp), "leader_pause_p50_s": md(lead),
+                    "follower_pause_p50_s": md(fol), "failed_tx": failed, "aborted_clients": aborted,
+                    "spike_max_ms": spike, "stall_pause_max_ms": stall, "members_reclosed": reclosed, "clients_per_member": int(clients),
+                    "rate_total": float(rate), "command": cmd, "machine": json.loads(machine)})
+ns = members.split()
+one, big = ns[0], ns[-1]
+if p50.get(one) and p50.get(big) is not None and one != big:
+    ratio = p50[big] / p50[one]
+    print(f"ratio fleet p50 {big} members / {one}: {ratio:.2f} (goal <= 2.00: {'met' if ratio <= 2 else 'NOT met'}); "
+          f"{big}-member p50 {p50[big] * 1000:.1f} ms (goal <= 50 ms: {'met' if p50[big] <= 0.05 else 'NOT met'})")
+    for s in summary:
+        s["ratio_to_" + one] = round(s["fleet_pause_p50_s"] / p50[one], 3) if s["fleet_pause_p50_s"] is not None else None
+failed = sum(s["failed_tx"] for s in summary)
+print(f"failed transactions in all: {failed} (goal 0: {'met' if failed == 0 else 'NOT met'}); "
+      f"aborted clients: {sum(s['aborted_clients'] for s in summary)}")
+with open(out, "a") as fh:
+    for s in summary:
+        fh.write(json.dumps(s) + "\n")
+PY
+}
+
+if [ -n "$FLEET" ]; then fleet_main; exit 0; fi
 
 echo "cutover under load: pgbench TPC-B scale $SCALE on $DBS, $CLIENTS clients at $RATE tx/s each for ${DURATION}s, cutover at $((DURATION / 2))s, $REPS reps" >&2
 echo "  columns: system rep outcome pause_s processed failed aborted_clients spike_ms p50_ms stall_per_phase_ms" >&2
