@@ -560,3 +560,199 @@ async fn a_fleet_cuts_over_on_the_oldest_and_newest_versions() {
         check_writes(&pair, &[("follow".into(), r)]);
     }
 }
+
+/// A member alive but not drained in time (a transaction left open through
+/// it) aborts the cutover for the whole fleet: every gate reopens on the
+/// source, the fence is lifted, clients go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_not_drained_in_time_aborts_for_all() {
+    let pair = Pair::start();
+    let cutover = "drain_timeout = \"2s\"\ncatchup_timeout = \"120s\"";
+    let lead = launch(&pair, "lead", cutover, &[]);
+    lead.wait_streaming_async(DB).await;
+    let busy = launch(&pair, "busy", cutover, &[]);
+    busy.wait_up();
+    wait_members(&lead, 2);
+    let w = Writer::start(&lead.url(DB), "lead").await;
+    w.wait_more(5).await;
+    let open_tx = connect(&busy.url(DB)).await;
+    open_tx
+        .batch_execute("BEGIN; INSERT INTO ledger (client) VALUES ('held open')")
+        .await
+        .unwrap();
+    let out = busy.cli_async(&["cutover", "--wait"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", out_text(&out));
+    let last = lead.last_cutover_async().await;
+    assert_eq!(last["outcome"], "aborted", "{last:#}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not drained: busy"),
+        "{last:#}"
+    );
+    // Both gates open on the source; the held transaction commits there.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            [&lead, &busy].iter().all(|m| {
+                m.status().is_some_and(|s| {
+                    s["proxy"]["paused"] == Value::Bool(false) && s["proxy"]["route"] == "source"
+                })
+            })
+        }),
+        "{}",
+        busy.log()
+    );
+    open_tx.batch_execute("COMMIT").await.unwrap();
+    assert!(!Pair::fenced(&pair.source));
+    w.wait_more(5).await;
+    let (_, port) = write_one(&busy.url(DB), "after the abort").await.unwrap();
+    assert_eq!(port, i32::from(pair.source.port));
+    let r = w.finish().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert!(
+        r.committed
+            .iter()
+            .all(|c| c.1 == i32::from(pair.source.port))
+    );
+}
+
+/// A TCP forwarder to a local port that a test can cut (every connection
+/// closed, new ones refused) and restore: a member losing its target.
+struct Forwarder {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    kill: tokio::sync::watch::Sender<u64>,
+}
+
+impl Forwarder {
+    async fn start(to: u16) -> Forwarder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let kill = tokio::sync::watch::Sender::new(0u64);
+        let (c, k) = (cut.clone(), kill.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let mut rx = k.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Forwarder { port, cut, kill }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.kill.send_modify(|v| *v += 1);
+    }
+
+    fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A member that loses the target during the cutover keeps its gate
+/// closed; after `decision_timeout` its clients get a clear error (never a
+/// write on the source); once it reaches the target again it reads the
+/// decision and serves on the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_loses_the_target_never_writes_on_the_source() {
+    let pair = Pair::start();
+    let hold = tempfile::tempdir().unwrap();
+    let drained_file = hold.path().join("drained");
+    let fp = format!("hold:drain:{}", drained_file.display());
+    let cutover = "drain_timeout = \"30s\"\ncatchup_timeout = \"120s\"";
+    let lead = launch(&pair, "lead", cutover, &[("PGSHIFT_FAILPOINT", &fp)]);
+    lead.wait_streaming_async(DB).await;
+    // The straggler reaches the target (control schema and, after the
+    // switch, its clients' backends) through a forwarder the test cuts.
+    let fwd = Forwarder::start(pair.target.port).await;
+    let (proxy_port, admin_port) = (free_port(), free_port());
+    let text = config_text(
+        &pair.source,
+        &pair.target,
+        proxy_port,
+        admin_port,
+        &format!(
+            "{}decision_timeout = \"2s\"\n",
+            member_extra("straggler", cutover)
+        ),
+    )
+    .replace(
+        &format!("127.0.0.1:{}/", pair.target.port),
+        &format!("127.0.0.1:{}/", fwd.port),
+    );
+    let straggler = Pgshift::launch_config(&text, proxy_port, admin_port, &[]);
+    straggler.wait_up();
+    wait_members(&lead, 2);
+    let ws = Writer::start(&straggler.url(DB), "straggler").await;
+    ws.wait_more(5).await;
+
+    let started = lead.cli_async(&["cutover"]).await;
+    assert_eq!(started.status.code(), Some(0), "{}", out_text(&started));
+    // Drained everywhere, the leader holds (test hook); the straggler
+    // loses the target, then the leader goes on and switches.
+    assert!(
+        wait_until(Duration::from_secs(60), || answered(
+            &pair.target,
+            "straggler",
+            "drained"
+        )),
+        "{}",
+        straggler.log()
+    );
+    fwd.cut();
+    std::fs::write(&drained_file, "").unwrap();
+    let last = lead
+        .wait_status_async("cutover ended", Duration::from_secs(180), |s| {
+            s["last_cutover"]["outcome"]
+                .as_str()
+                .is_some_and(|o| o != "running")
+        })
+        .await;
+    assert_eq!(
+        last["last_cutover"]["outcome"], "succeeded",
+        "{:#}",
+        last["last_cutover"]
+    );
+    // The straggler's client got the clear error, not a write on the source.
+    let r = ws.finish().await;
+    assert!(
+        r.errors.iter().any(|e| e.contains("lost contact")),
+        "{:?}\n{}",
+        r.errors,
+        straggler.log()
+    );
+    assert!(
+        r.committed
+            .iter()
+            .all(|c| c.1 == i32::from(pair.source.port)),
+        "{:?}",
+        r.committed
+    );
+    check_writes(&pair, &[("straggler".into(), r)]);
+    // Back in touch, it reads the decision and serves on the target.
+    fwd.restore();
+    assert!(
+        wait_until(Duration::from_secs(60), || route(&straggler) == "target"
+            && straggler
+                .status()
+                .is_some_and(|s| s["proxy"]["paused"] == Value::Bool(false))),
+        "{}",
+        straggler.log()
+    );
+    let (_, port) = write_one(&straggler.url(DB), "after").await.unwrap();
+    assert_eq!(port, i32::from(pair.target.port));
+}

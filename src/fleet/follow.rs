@@ -41,12 +41,18 @@ impl Fleet {
         }
     }
 
-    /// Acts on a step posted since the last one this member acted on.
+    /// Acts on a step posted since the last one this member acted on (read
+    /// at a heartbeat, should its notification have been missed).
     pub(super) async fn follow(self: &Arc<Self>) {
         let Some(c) = self.client() else { return };
         let Ok(Some(step)) = self.store(&c).step().await else {
             return;
         };
+        self.follow_step(step).await;
+    }
+
+    /// Acts on `step` unless it was acted on already.
+    pub(super) async fn follow_step(self: &Arc<Self>, step: super::store::Step) {
         {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((a, s)) = seen.as_ref()
@@ -64,7 +70,17 @@ impl Fleet {
                 let f = self.clone();
                 tokio::spawn(async move { f.prewarm(attempt).await });
             }
-            "gate" | "switch" => self.hold_for(&attempt),
+            "gate" => self.hold_for(&attempt),
+            // The leader posts `switch` only after its "switched" has
+            // committed: the step is the decision itself.
+            "switch" => {
+                self.hold_for(&attempt);
+                let h = self.hold.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if let Some(h) = h.filter(|h| h.attempt == attempt) {
+                    self.switch_over(&h).await;
+                }
+                return;
+            }
             "cancel" => {
                 self.hold_for(&attempt);
                 let n = self.proxy.cancel_busy_sessions().await;

@@ -99,19 +99,19 @@ impl Fleet {
         let deadline = Instant::now() + timeout;
         let mut wake = self.wake.subscribe();
         loop {
-            let answers: BTreeMap<String, Value> = match self.client() {
+            let rows = match self.client() {
                 Some(c) => self
                     .store(&c)
-                    .acks(&r.attempt, step)
+                    .answers(&r.attempt, step, self.timeout_ms())
                     .await
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect(),
-                None => BTreeMap::new(),
+                    .unwrap_or_default(),
+                None => Vec::new(),
             };
-            self.read_members().await;
-            let members = self.members();
-            let gone = |id: &str| !members.iter().any(|m| m.id == id && m.alive);
+            let answers: BTreeMap<String, Value> = rows
+                .iter()
+                .filter_map(|(m, _, a)| a.clone().map(|a| (m.clone(), a)))
+                .collect();
+            let gone = |id: &str| !rows.iter().any(|(m, alive, _)| m == id && *alive);
             let (mut missing, mut departed) = (Vec::new(), Vec::new());
             for p in &r.participants {
                 if answers.contains_key(p) {

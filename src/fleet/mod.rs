@@ -318,10 +318,11 @@ impl Fleet {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => self.tick(&tx).await,
                 Some((_, payload)) = rx.recv() => {
-                    if payload == self.migration {
-                        self.wake.send_modify(|v| *v += 1);
-                        self.react().await;
-                    }
+                    let Some(note) = store::Note::parse(&payload, &self.migration) else {
+                        continue;
+                    };
+                    self.wake.send_modify(|v| *v += 1);
+                    self.on_note(note).await;
                 }
             }
         }
@@ -348,6 +349,18 @@ impl Fleet {
             && !self.live_leader_elsewhere()
         {
             self.try_lead().await;
+        }
+    }
+
+    /// A notification: only what concerns this member's role is acted on
+    /// (answers and relayed commands wake the leader's waits through
+    /// `wake`; followers ignore each other's answers).
+    async fn on_note(self: &Arc<Self>, note: store::Note) {
+        match note {
+            store::Note::Step(step) if !self.is_leader() => self.follow_step(step).await,
+            store::Note::Attempt if !self.is_leader() => self.check_hold().await,
+            store::Note::Request if self.is_leader() => self.serve_requests().await,
+            _ => {}
         }
     }
 

@@ -3,8 +3,9 @@
 //! heartbeat, the cutover step the leader posted last, each member's
 //! answers to it, and commands relayed from a follower to the leader.
 //! Every write that others wait for is followed by a NOTIFY on
-//! [`CHANNEL`] (payload: the migration's name), so they learn it at once;
-//! they poll too, should a notification be lost with a connection.
+//! [`CHANNEL`] (payload: `<migration>:<kind>[:…]`, see [`Note`]), so they
+//! learn it at once; they poll too, should a notification be lost with a
+//! connection.
 
 use serde::Serialize;
 use serde_json::Value;
@@ -12,6 +13,42 @@ use tokio_postgres::Client;
 
 /// The channel every member LISTENs on.
 pub(crate) const CHANNEL: &str = "pgshift_fleet";
+
+/// What a notification on [`CHANNEL`] says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Note {
+    /// The leader posted a step (carried whole: followers act without a read).
+    Step(Step),
+    /// A member answered a step (the leader waits for these).
+    Ack,
+    /// A follower relayed a command / the leader answered one.
+    Request,
+    Answer,
+    /// A cutover attempt's outcome was recorded (`migration::control`).
+    Attempt,
+}
+
+impl Note {
+    /// Parses a payload; None when it is another migration's (or unknown).
+    pub(crate) fn parse(payload: &str, migration: &str) -> Option<Note> {
+        let rest = payload.strip_prefix(migration)?.strip_prefix(':')?;
+        let (kind, rest) = rest.split_once(':').unwrap_or((rest, ""));
+        Some(match kind {
+            "step" => {
+                let mut parts = rest.splitn(3, ':');
+                let seq = parts.next()?.parse().ok()?;
+                let step = parts.next()?.to_string();
+                let attempt = parts.next()?.to_string();
+                Note::Step(Step { attempt, seq, step })
+            }
+            "ack" => Note::Ack,
+            "request" => Note::Request,
+            "answer" => Note::Answer,
+            "attempt" => Note::Attempt,
+            _ => return None,
+        })
+    }
+}
 
 /// One row of `pgshift.member`, as others see it.
 #[derive(Clone, Debug, Serialize)]
@@ -176,7 +213,7 @@ impl Store<'_> {
                    INSERT INTO pgshift.fleet_step (migration, attempt, seq, step) VALUES ($1, $2, $3, $4)
                    ON CONFLICT (migration) DO UPDATE SET attempt = $2, seq = $3, step = $4, at = now()
                    RETURNING 1)
-                 SELECT pg_notify($5, $1) FROM s",
+                 SELECT pg_notify($5, $1 || ':step:' || $3 || ':' || $4 || ':' || $2) FROM s",
                 &[&self.migration, &attempt, &seq, &step, &CHANNEL],
             )
             .await?;
@@ -213,7 +250,7 @@ impl Store<'_> {
                    VALUES ($1, $2, $3, $4, $5::text::jsonb)
                    ON CONFLICT (migration, attempt, member, step) DO UPDATE SET detail = $5::text::jsonb, at = now()
                    RETURNING 1)
-                 SELECT pg_notify($6, $1) FROM a",
+                 SELECT pg_notify($6, $1 || ':ack') FROM a",
                 &[
                     &self.migration,
                     &attempt,
@@ -227,25 +264,38 @@ impl Store<'_> {
         Ok(())
     }
 
-    /// Every member's answer to `step` of `attempt`.
-    pub(crate) async fn acks(
+    /// Every registered member with whether it is alive and its answer to
+    /// `step` of `attempt` (one round trip: the leader asks often during
+    /// a drain), and answers of members no longer registered.
+    pub(crate) async fn answers(
         &self,
         attempt: &str,
         step: &str,
-    ) -> Result<Vec<(String, Value)>, tokio_postgres::Error> {
+        timeout_ms: i64,
+    ) -> Result<Vec<(String, bool, Option<Value>)>, tokio_postgres::Error> {
         let rows = self
             .client
             .query(
-                "SELECT member, detail::text FROM pgshift.fleet_ack
-                  WHERE migration = $1 AND attempt = $2 AND step = $3",
-                &[&self.migration, &attempt, &step],
+                "SELECT coalesce(m.id, a.member),
+                        coalesce(m.heartbeat_at > now() - make_interval(secs => $4::float8 / 1000)
+                          AND EXISTS (SELECT 1 FROM pg_stat_activity s
+                                       WHERE s.pid = m.backend_pid AND s.backend_start = m.backend_start), false),
+                        a.detail::text
+                   FROM (SELECT * FROM pgshift.member WHERE migration = $1) m
+                   FULL JOIN (SELECT * FROM pgshift.fleet_ack WHERE migration = $1 AND attempt = $2 AND step = $3) a
+                     ON a.member = m.id",
+                &[&self.migration, &attempt, &step, &(timeout_ms as f64)],
             )
             .await?;
         Ok(rows
             .iter()
             .map(|r| {
-                let d: String = r.get(1);
-                (r.get(0), serde_json::from_str(&d).unwrap_or(Value::Null))
+                let d: Option<String> = r.get(2);
+                (
+                    r.get(0),
+                    r.get(1),
+                    d.map(|d| serde_json::from_str(&d).unwrap_or(Value::Null)),
+                )
             })
             .collect())
     }
@@ -305,7 +355,7 @@ impl Store<'_> {
                 "WITH r AS (
                    INSERT INTO pgshift.fleet_request (migration, member, command)
                    VALUES ($1, $2, $3::text::jsonb) RETURNING id)
-                 SELECT id, pg_notify($4, $1) FROM r",
+                 SELECT id, pg_notify($4, $1 || ':request') FROM r",
                 &[&self.migration, &self.member, &command, &CHANNEL],
             )
             .await?;
@@ -367,7 +417,7 @@ impl Store<'_> {
                 "WITH a AS (
                    UPDATE pgshift.fleet_request SET answer = $2::text::jsonb, answered_at = now()
                     WHERE id = $1 RETURNING migration)
-                 SELECT pg_notify($3, migration) FROM a",
+                 SELECT pg_notify($3, migration || ':answer') FROM a",
                 &[&id, &answer, &CHANNEL],
             )
             .await?;

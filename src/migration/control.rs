@@ -320,7 +320,7 @@ impl ControlStore {
                    VALUES ($1, $2, now(), $3, $4, $5::text::jsonb)
                    ON CONFLICT (migration, id) DO UPDATE SET finished_at = now(), outcome = $3, reason = $4, report = $5::text::jsonb
                    RETURNING 1)
-                 SELECT pg_notify('pgshift_fleet', $1) FROM a",
+                 SELECT pg_notify('pgshift_fleet', $1 || ':attempt') FROM a",
                 &[&self.migration, &id, &outcome, &reason, &report],
             )
             .await
