@@ -756,3 +756,57 @@ async fn a_member_that_loses_the_target_never_writes_on_the_source() {
     let (_, port) = write_one(&straggler.url(DB), "after").await.unwrap();
     assert_eq!(port, i32::from(pair.target.port));
 }
+
+/// Roles: a replication-only member leads and serves no clients; a
+/// proxy-only member serves and never leads. With the replication member
+/// gone, nothing leads and a command to the proxy member says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_member_leads_and_proxy_members_serve() {
+    let pair = Pair::start();
+    let cutover = "drain_timeout = \"60s\"\ncatchup_timeout = \"120s\"";
+    let with_role = |id: &str, role: &str| {
+        Pgshift::launch(
+            &pair.source,
+            &pair.target,
+            &format!("{}role = \"{role}\"\n", member_extra(id, cutover)),
+            &[],
+        )
+    };
+    let mut repl = with_role("repl", "replication");
+    repl.wait_streaming_async(DB).await;
+    assert!(is_leader(&repl));
+    // No proxy on the replication member.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", repl.proxy_port)).is_err());
+    let proxy = with_role("proxy", "proxy");
+    proxy.wait_up();
+    wait_members(&repl, 2);
+    let w = Writer::start(&proxy.url(DB), "proxy").await;
+    w.wait_more(5).await;
+    let out = proxy.cli_async(&["cutover", "--wait"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        out_text(&out),
+        repl.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || route(&proxy) == "target"),
+        "{}",
+        proxy.log()
+    );
+    w.wait_more(5).await;
+    let r = w.finish().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    check_writes(&pair, &[("proxy".into(), r)]);
+    // The replication member goes; the proxy member never leads.
+    repl.kill();
+    wait_members(&proxy, 1);
+    assert!(!is_leader(&proxy));
+    let out = proxy.cli_async(&["cancel"]).await;
+    assert!(
+        out_text(&out).contains("no member of the fleet leads"),
+        "{}",
+        out_text(&out)
+    );
+}
