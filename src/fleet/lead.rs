@@ -27,6 +27,8 @@ pub(crate) struct Round {
     /// Members left out because they are gone (heartbeat expired or
     /// control session ended).
     excluded: std::sync::Mutex<BTreeSet<String>>,
+    /// Answers carried by notifications, by step then member.
+    noted: std::sync::Mutex<BTreeMap<String, BTreeMap<String, Value>>>,
 }
 
 /// What the members did at the switch.
@@ -57,6 +59,7 @@ impl Fleet {
             pids: Default::default(),
             drained: Default::default(),
             excluded: Default::default(),
+            noted: Default::default(),
         });
         *self.round.lock().unwrap_or_else(|e| e.into_inner()) = Some(round.clone());
         round
@@ -87,6 +90,19 @@ impl Fleet {
             .sum()
     }
 
+    /// An answer a notification carried (read again from the table at the
+    /// next poll, should one be lost).
+    pub(super) fn note_answer(&self, a: super::store::Answer) {
+        if let Some(r) = self.round().filter(|r| r.attempt == a.attempt) {
+            r.noted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(a.step)
+                .or_default()
+                .insert(a.member, a.detail);
+        }
+    }
+
     /// Waits until every participant answered `step` or is gone, at most
     /// `timeout`; returns the answers (also of members that joined), the
     /// participants that did neither, and those gone without answering.
@@ -98,19 +114,29 @@ impl Fleet {
     ) -> (BTreeMap<String, Value>, Vec<String>, Vec<String>) {
         let deadline = Instant::now() + timeout;
         let mut wake = self.wake.subscribe();
+        // Answers come with their notifications; the table (and who is
+        // alive) is read at the start and at every poll.
+        let mut rows = Vec::new();
+        let mut read_at: Option<Instant> = None;
         loop {
-            let rows = match self.client() {
-                Some(c) => self
-                    .store(&c)
-                    .answers(&r.attempt, step, self.timeout_ms())
-                    .await
-                    .unwrap_or_default(),
-                None => Vec::new(),
-            };
-            let answers: BTreeMap<String, Value> = rows
+            if read_at.is_none_or(|t| t.elapsed() >= POLL) {
+                rows = match self.client() {
+                    Some(c) => self
+                        .store(&c)
+                        .answers(&r.attempt, step, self.timeout_ms())
+                        .await
+                        .unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                read_at = Some(Instant::now());
+            }
+            let mut answers: BTreeMap<String, Value> = rows
                 .iter()
                 .filter_map(|(m, _, a)| a.clone().map(|a| (m.clone(), a)))
                 .collect();
+            if let Some(noted) = r.noted.lock().unwrap_or_else(|e| e.into_inner()).get(step) {
+                answers.extend(noted.clone());
+            }
             let gone = |id: &str| !rows.iter().any(|(m, alive, _)| m == id && *alive);
             let (mut missing, mut departed) = (Vec::new(), Vec::new());
             for p in &r.participants {

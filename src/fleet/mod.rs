@@ -292,8 +292,16 @@ impl Fleet {
         crate::migration::control::ensure_schema(&client)
             .await
             .map_err(sql)?;
+        // Heartbeats, steps and answers are messages, not state: a target
+        // crash ends the cutover anyway, and the one durable decision
+        // ("switched") is committed synchronously on the leader's control
+        // connection. Not waiting for a WAL flush at each hop keeps the
+        // fleet's pause close to one member's.
         client
-            .batch_execute(&format!("LISTEN {}", store::CHANNEL))
+            .batch_execute(&format!(
+                "SET synchronous_commit = off; LISTEN {}",
+                store::CHANNEL
+            ))
             .await
             .map_err(sql)?;
         self.conn.store(Some(Arc::new(client)));
@@ -321,6 +329,12 @@ impl Fleet {
                     let Some(note) = store::Note::parse(&payload, &self.migration) else {
                         continue;
                     };
+                    // An answer is recorded before the waits wake to look.
+                    if let store::Note::Ack(Some(a)) = &note
+                        && self.is_leader()
+                    {
+                        self.note_answer(a.clone());
+                    }
                     self.wake.send_modify(|v| *v += 1);
                     self.on_note(note).await;
                 }

@@ -19,8 +19,9 @@ pub(crate) const CHANNEL: &str = "pgshift_fleet";
 pub(crate) enum Note {
     /// The leader posted a step (carried whole: followers act without a read).
     Step(Step),
-    /// A member answered a step (the leader waits for these).
-    Ack,
+    /// A member answered a step (the leader waits for these), with the
+    /// answer itself when it fits in a notification.
+    Ack(Option<Answer>),
     /// A follower relayed a command / the leader answered one.
     Request,
     Answer,
@@ -41,7 +42,21 @@ impl Note {
                 let attempt = parts.next()?.to_string();
                 Note::Step(Step { attempt, seq, step })
             }
-            "ack" => Note::Ack,
+            "ack" if rest.is_empty() => Note::Ack(None),
+            "ack" => {
+                let mut parts = rest.splitn(3, ':');
+                let step = parts.next()?.to_string();
+                let attempt = parts.next()?.to_string();
+                let body: Value = serde_json::from_str(parts.next()?).ok()?;
+                let member = body.get("member")?.as_str()?.to_string();
+                let detail = body.get("detail")?.clone();
+                Note::Ack(Some(Answer {
+                    attempt,
+                    step,
+                    member,
+                    detail,
+                }))
+            }
             "request" => Note::Request,
             "answer" => Note::Answer,
             "attempt" => Note::Attempt,
@@ -49,6 +64,18 @@ impl Note {
         })
     }
 }
+
+/// A member's answer to a step, as carried by a notification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Answer {
+    pub attempt: String,
+    pub step: String,
+    pub member: String,
+    pub detail: Value,
+}
+
+/// Largest notification payload sent (PostgreSQL refuses 8000 bytes).
+const MAX_PAYLOAD: i32 = 7900;
 
 /// One row of `pgshift.member`, as others see it.
 #[derive(Clone, Debug, Serialize)]
@@ -242,6 +269,9 @@ impl Store<'_> {
         step: &str,
         detail: &Value,
     ) -> Result<(), tokio_postgres::Error> {
+        // The notification carries the answer (when it fits): the leader
+        // needs no read to learn it.
+        let body = serde_json::json!({"member": self.member, "detail": detail}).to_string();
         let detail = detail.to_string();
         self.client
             .execute(
@@ -249,8 +279,10 @@ impl Store<'_> {
                    INSERT INTO pgshift.fleet_ack (migration, attempt, member, step, detail)
                    VALUES ($1, $2, $3, $4, $5::text::jsonb)
                    ON CONFLICT (migration, attempt, member, step) DO UPDATE SET detail = $5::text::jsonb, at = now()
-                   RETURNING 1)
-                 SELECT pg_notify($6, $1 || ':ack') FROM a",
+                   RETURNING 1),
+                 p AS (SELECT $1 || ':ack:' || $4 || ':' || $2 || ':' || $7 AS full)
+                 SELECT pg_notify($6, CASE WHEN octet_length(p.full) < $8 THEN p.full ELSE $1 || ':ack' END)
+                   FROM a, p",
                 &[
                     &self.migration,
                     &attempt,
@@ -258,6 +290,8 @@ impl Store<'_> {
                     &step,
                     &detail,
                     &CHANNEL,
+                    &body,
+                    &MAX_PAYLOAD,
                 ],
             )
             .await?;
@@ -422,5 +456,39 @@ impl Store<'_> {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_parse_and_keep_to_their_migration() {
+        assert_eq!(
+            Note::parse("cut:step:3:gate:20261207T1-5", "cut"),
+            Some(Note::Step(Step {
+                attempt: "20261207T1-5".into(),
+                seq: 3,
+                step: "gate".into()
+            }))
+        );
+        // Another migration whose name starts with this one's.
+        assert_eq!(Note::parse("cutover:step:3:gate:a", "cut"), None);
+        assert_eq!(Note::parse("other:attempt", "cut"), None);
+        assert_eq!(Note::parse("cut:attempt", "cut"), Some(Note::Attempt));
+        assert_eq!(Note::parse("cut:ack", "cut"), Some(Note::Ack(None)));
+        // A member id with a colon (host:port) travels inside the JSON.
+        let body = serde_json::json!({"member": "pod-1:6432", "detail": {"pids": [1, 2]}});
+        match Note::parse(&format!("cut:ack:drained:a-1:{body}"), "cut") {
+            Some(Note::Ack(Some(a))) => {
+                assert_eq!((a.step.as_str(), a.attempt.as_str()), ("drained", "a-1"));
+                assert_eq!(a.member, "pod-1:6432");
+                assert_eq!(a.detail["pids"][1], 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(Note::parse("cut:step:x:gate:a", "cut"), None);
+        assert_eq!(Note::parse("cut:nonsense", "cut"), None);
     }
 }
