@@ -8,24 +8,7 @@ mod cutover_common;
 use common::*;
 use cutover_common::*;
 
-use std::process::Command;
 use std::time::Duration;
-
-/// Makes sure `import psycopg` works, installing `psycopg[binary]` if needed.
-/// pgbench TPC-B tables in `shop` (scale 1), history with a key so it streams.
-fn pgbench_init(pair: &Pair) {
-    let out = Command::new(pg_program("pgbench"))
-        .args(["-i", "-q", "-s", "1", "-h"])
-        .arg(&pair.source.socket_dir)
-        .args(["-p", &pair.source.port.to_string(), "-U", APP_USER, DB])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "pgbench -i: {}", out_text(&out));
-    pair.source.psql(
-        DB,
-        "ALTER TABLE pgbench_history ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-    );
-}
 
 /// Row count and checksum of `table` rows with `id <= max_id`.
 fn fingerprint_upto(c: &Cluster, table: &str, max_id: i64) -> String {

@@ -65,21 +65,6 @@ fn route(p: &Pgshift) -> String {
         .unwrap_or_default()
 }
 
-/// pgbench TPC-B tables in `shop` (scale 1), history with a key so it streams.
-fn pgbench_init(pair: &Pair) {
-    let out = Command::new(pg_program("pgbench"))
-        .args(["-i", "-q", "-s", "1", "-h"])
-        .arg(&pair.source.socket_dir)
-        .args(["-p", &pair.source.port.to_string(), "-U", APP_USER, DB])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "pgbench -i: {}", out_text(&out));
-    pair.source.psql(
-        DB,
-        "ALTER TABLE pgbench_history ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-    );
-}
-
 /// pgbench `-M prepared` through `port` at a low rate until killed.
 fn pgbench(port: u16) -> tokio::process::Child {
     tokio::process::Command::new(pg_program("pgbench"))
@@ -539,26 +524,33 @@ async fn a_fleet_cuts_over_on_the_oldest_and_newest_versions() {
         let follow = launch(&pair, "follow", cutover, &[]);
         follow.wait_up();
         wait_members(&lead, 2);
-        let w = Writer::start(&follow.url(DB), "follow").await;
-        w.wait_more(5).await;
-        let out = follow.cli_async(&["cutover", "--wait"]).await;
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{major}: {}\n{}",
-            out_text(&out),
-            lead.log()
-        );
-        assert!(
-            wait_until(Duration::from_secs(60), || route(&follow) == "target"),
-            "{major}: {}",
-            follow.log()
-        );
-        w.wait_more(5).await;
-        let r = w.finish().await;
-        assert!(r.errors.is_empty(), "{major}: {:?}", r.errors);
-        check_writes(&pair, &[("follow".into(), r)]);
+        eprintln!("{major}");
+        cut_over_through(&pair, &lead, &follow).await;
     }
+}
+
+/// A writer through `follower`, a cutover asked of it: the writer goes on
+/// on the target without an error, every write exactly once.
+async fn cut_over_through(pair: &Pair, leader: &Pgshift, follower: &Pgshift) {
+    let w = Writer::start(&follower.url(DB), "follower").await;
+    w.wait_more(5).await;
+    let out = follower.cli_async(&["cutover", "--wait"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        out_text(&out),
+        leader.log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || route(follower) == "target"),
+        "{}",
+        follower.log()
+    );
+    w.wait_more(5).await;
+    let r = w.finish().await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    check_writes(pair, &[("follower".into(), r)]);
 }
 
 /// A member alive but not drained in time (a transaction left open through
@@ -780,25 +772,7 @@ async fn a_replication_member_leads_and_proxy_members_serve() {
     let proxy = with_role("proxy", "proxy");
     proxy.wait_up();
     wait_members(&repl, 2);
-    let w = Writer::start(&proxy.url(DB), "proxy").await;
-    w.wait_more(5).await;
-    let out = proxy.cli_async(&["cutover", "--wait"]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}\n{}",
-        out_text(&out),
-        repl.log()
-    );
-    assert!(
-        wait_until(Duration::from_secs(60), || route(&proxy) == "target"),
-        "{}",
-        proxy.log()
-    );
-    w.wait_more(5).await;
-    let r = w.finish().await;
-    assert!(r.errors.is_empty(), "{:?}", r.errors);
-    check_writes(&pair, &[("proxy".into(), r)]);
+    cut_over_through(&pair, &repl, &proxy).await;
     // The replication member goes; the proxy member never leads.
     repl.kill();
     wait_members(&proxy, 1);

@@ -315,31 +315,21 @@ impl Fleet {
     async fn run(
         self: Arc<Self>,
         tx: mpsc::UnboundedSender<(String, String)>,
-        mut rx: mpsc::UnboundedReceiver<(String, String)>,
+        rx: mpsc::UnboundedReceiver<(String, String)>,
         leave: tokio_util::sync::CancellationToken,
     ) {
-        let shutdown = leave;
+        // Notifications are handled as they come, also while a heartbeat's
+        // reads are on their way: a step must not wait for a tick.
+        let notes = tokio::spawn(self.clone().notes(rx));
         let mut tick = tokio::time::interval(self.cfg().heartbeat_interval.0);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = leave.cancelled() => break,
                 _ = tick.tick() => self.tick(&tx).await,
-                Some((_, payload)) = rx.recv() => {
-                    let Some(note) = store::Note::parse(&payload, &self.migration) else {
-                        continue;
-                    };
-                    // An answer is recorded before the waits wake to look.
-                    if let store::Note::Ack(Some(a)) = &note
-                        && self.is_leader()
-                    {
-                        self.note_answer(a.clone());
-                    }
-                    self.wake.send_modify(|v| *v += 1);
-                    self.on_note(note).await;
-                }
             }
         }
+        notes.abort();
         self.leave().await;
     }
 
@@ -363,6 +353,22 @@ impl Fleet {
             && !self.live_leader_elsewhere()
         {
             self.try_lead().await;
+        }
+    }
+
+    async fn notes(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<(String, String)>) {
+        while let Some((_, payload)) = rx.recv().await {
+            let Some(note) = store::Note::parse(&payload, &self.migration) else {
+                continue;
+            };
+            // An answer is recorded before the waits wake to look.
+            if let store::Note::Ack(Some(a)) = &note
+                && self.is_leader()
+            {
+                self.note_answer(a.clone());
+            }
+            self.wake.send_modify(|v| *v += 1);
+            self.on_note(note).await;
         }
     }
 
@@ -616,14 +622,7 @@ impl Fleet {
 
     /// The proxy's sessions' source backends (the fence spares them).
     fn source_pids(&self) -> Vec<i32> {
-        self.proxy
-            .sessions()
-            .sessions()
-            .iter()
-            .map(|s| s.backend())
-            .filter(|b| b.route.name == "source")
-            .map(|b| b.pid)
-            .collect()
+        self.proxy.source_backend_pids()
     }
 
     fn target_route(&self) -> Route {

@@ -983,16 +983,9 @@ impl CutoverHost for Runner {
     }
 
     fn source_backend_pids(&self) -> Vec<i32> {
-        self.pipeline
-            .proxy
-            .sessions()
-            .sessions()
-            .iter()
-            .map(|s| s.backend())
-            .filter(|b| b.route.name == "source")
-            .map(|b| b.pid)
-            .chain(self.fleet.remote_source_pids())
-            .collect()
+        let mut pids = self.pipeline.proxy.source_backend_pids();
+        pids.extend(self.fleet.remote_source_pids());
+        pids
     }
 
     async fn emit_markers(&self, id: &str) -> Result<(), HostError> {

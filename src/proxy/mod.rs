@@ -343,6 +343,17 @@ impl ProxyHandle {
         busy.len()
     }
 
+    /// Source backends of the live sessions (the fence spares them).
+    pub fn source_backend_pids(&self) -> Vec<i32> {
+        self.sessions()
+            .sessions()
+            .iter()
+            .map(|s| s.backend())
+            .filter(|b| b.route.name == "source")
+            .map(|b| b.pid)
+            .collect()
+    }
+
     /// Closes every session with an ErrorResponse carrying `message`.
     pub(crate) fn terminate_all(&self, message: &str) -> usize {
         let all = self.sessions().sessions();

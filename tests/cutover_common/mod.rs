@@ -281,3 +281,18 @@ impl Held {
         blocker
     }
 }
+
+/// pgbench TPC-B tables in `shop` (scale 1), history with a key so it streams.
+pub fn pgbench_init(pair: &Pair) {
+    let out = std::process::Command::new(pg_program("pgbench"))
+        .args(["-i", "-q", "-s", "1", "-h"])
+        .arg(&pair.source.socket_dir)
+        .args(["-p", &pair.source.port.to_string(), "-U", APP_USER, DB])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pgbench -i: {}", out_text(&out));
+    pair.source.psql(
+        DB,
+        "ALTER TABLE pgbench_history ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    );
+}
