@@ -267,6 +267,18 @@ impl Fleet {
         self.ack(&h.attempt, "switched", &detail).await;
     }
 
+    /// The notification sent by the commit of "switched": the decision.
+    pub(super) async fn decided_switched(&self) {
+        if let Some(row) = self.row.lock().unwrap_or_else(|e| e.into_inner()).as_object_mut() {
+            row.insert("switched".into(), serde_json::Value::Bool(true));
+        }
+        let h = self.hold.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match h {
+            Some(h) => self.switch_over(&h).await,
+            None => self.follow_switch().await,
+        }
+    }
+
     /// A member that was not holding when the migration switched (it
     /// joined, or missed the cutover): its sessions go to the target now.
     /// Their source backends were ended by the fence unless spared, so a

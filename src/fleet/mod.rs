@@ -379,6 +379,7 @@ impl Fleet {
         match note {
             store::Note::Step(step) if !self.is_leader() => self.follow_step(step).await,
             store::Note::Attempt if !self.is_leader() => self.check_hold().await,
+            store::Note::Switched if !self.is_leader() => self.decided_switched().await,
             store::Note::Request if self.is_leader() => self.serve_requests().await,
             _ => {}
         }

@@ -27,6 +27,8 @@ pub(crate) enum Note {
     Answer,
     /// A cutover attempt's outcome was recorded (`migration::control`).
     Attempt,
+    /// The migration's "switched" committed (sent by that very commit).
+    Switched,
 }
 
 impl Note {
@@ -60,6 +62,7 @@ impl Note {
             "request" => Note::Request,
             "answer" => Note::Answer,
             "attempt" => Note::Attempt,
+            "switched" => Note::Switched,
             _ => return None,
         })
     }

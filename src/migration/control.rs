@@ -151,14 +151,19 @@ pub struct ControlStore {
     save_stmt: tokio::sync::OnceCell<tokio_postgres::Statement>,
 }
 
+/// Saves the row and its event; once switched, the commit also tells the
+/// fleet's members (`pgshift_fleet`, `<migration>:switched`): the decision
+/// reaches them with its own commit.
 const SAVE_SQL: &str = "WITH up AS (
    INSERT INTO pgshift.migration (name, state, substate, reason, mode, switched)
    VALUES ($1, $2, $3, $4, $5, $6)
    ON CONFLICT (name) DO UPDATE SET state = $2, substate = $3, reason = $4,
      mode = $5, switched = $6, updated_at = now()
-   RETURNING 1)
- INSERT INTO pgshift.event (migration, state, substate, message)
- SELECT $1, $2, $3, $4 FROM up";
+   RETURNING 1),
+ ev AS (
+   INSERT INTO pgshift.event (migration, state, substate, message)
+   SELECT $1, $2, $3, $4 FROM up RETURNING 1)
+ SELECT pg_notify('pgshift_fleet', $1 || ':switched') FROM ev WHERE $6";
 
 impl ControlStore {
     /// Connects, creates the schema if needed and takes the migration's
