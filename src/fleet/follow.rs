@@ -269,7 +269,12 @@ impl Fleet {
 
     /// The notification sent by the commit of "switched": the decision.
     pub(super) async fn decided_switched(&self) {
-        if let Some(row) = self.row.lock().unwrap_or_else(|e| e.into_inner()).as_object_mut() {
+        if let Some(row) = self
+            .row
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_object_mut()
+        {
             row.insert("switched".into(), serde_json::Value::Bool(true));
         }
         let h = self.hold.lock().unwrap_or_else(|e| e.into_inner()).clone();
