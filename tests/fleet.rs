@@ -565,6 +565,14 @@ async fn a_member_not_drained_in_time_aborts_for_all() {
     let busy = launch(&pair, "busy", cutover, &[]);
     busy.wait_up();
     wait_members(&lead, 2);
+    // A second process with the same member_id is refused, naming the key.
+    let mut twin = launch(&pair, "busy", cutover, &[]);
+    assert_ne!(twin.wait_exit(Duration::from_secs(60)), Some(0));
+    assert!(
+        twin.log().contains("fleet.member_id `busy` is in use"),
+        "{}",
+        twin.log()
+    );
     let w = Writer::start(&lead.url(DB), "lead").await;
     w.wait_more(5).await;
     let open_tx = connect(&busy.url(DB)).await;

@@ -203,6 +203,7 @@ impl Fleet {
             serving: std::sync::Mutex::new(Default::default()),
         });
         fleet.connect_first(&tx).await?;
+        fleet.check_id_free().await?;
         let f = fleet.clone();
         ctx.status.register("fleet", Arc::new(move || f.report()));
         let f = fleet.clone();
@@ -274,6 +275,33 @@ impl Fleet {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Refuses to join under an id a live member uses. A member restarted
+    /// after a crash may find its old session still on the target for a
+    /// moment: that one goes within `member_timeout`.
+    async fn check_id_free(&self) -> Result<(), crate::migration::ControlError> {
+        let deadline = Instant::now() + self.cfg().member_timeout.0;
+        loop {
+            let Some(client) = self.client() else {
+                return Ok(());
+            };
+            let in_use = self
+                .store(&client)
+                .id_in_use(self.timeout_ms())
+                .await
+                .map_err(|source| crate::migration::ControlError::Sql {
+                    addr: self.ctx.config.target.display(),
+                    source,
+                })?;
+            if !in_use {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(crate::migration::ControlError::MemberInUse(self.id.clone()));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 

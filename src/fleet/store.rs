@@ -171,6 +171,23 @@ impl Store<'_> {
         Ok(())
     }
 
+    /// Another live session registered this member's id (two processes
+    /// configured with the same `member_id`).
+    pub(crate) async fn id_in_use(&self, timeout_ms: i64) -> Result<bool, tokio_postgres::Error> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pgshift.member m
+                   WHERE m.migration = $1 AND m.id = $2 AND m.backend_pid <> pg_backend_pid()
+                     AND m.heartbeat_at > now() - make_interval(secs => $3::float8 / 1000)
+                     AND EXISTS (SELECT 1 FROM pg_stat_activity a
+                                  WHERE a.pid = m.backend_pid AND a.backend_start = m.backend_start))",
+                &[&self.migration, &self.member, &(timeout_ms as f64)],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
     /// Leaves the fleet (SIGTERM).
     pub(crate) async fn deregister(&self) -> Result<(), tokio_postgres::Error> {
         self.client

@@ -23,6 +23,10 @@ pub enum ControlError {
         "another pgshift process is already running migration `{0}` (it holds the control lock on the target); stop it first"
     )]
     Locked(String),
+    #[error(
+        "fleet.member_id `{0}` is in use by another running pgshift of this migration; give every member its own (unset, it is the host name and the proxy port)"
+    )]
+    MemberInUse(String),
     #[error("control schema holds an invalid value: {0}")]
     Corrupt(#[from] super::state::UnknownName),
 }
