@@ -1137,6 +1137,33 @@ url = "postgres://postgres:pw@127.0.0.1:5433/postgres"
     }
 
     #[test]
+    fn fleet_settings_are_checked_naming_the_key() {
+        let with = |fleet: &str| Config::from_toml(&format!("{MINIMAL}[fleet]\n{fleet}\n"), &env);
+        let c = with("role = \"proxy\"\nmember_id = \"${APP_PASSWORD}-x\"").unwrap();
+        assert_eq!(c.fleet().role, FleetRole::Proxy);
+        assert!(!c.fleet().role.may_lead());
+        assert_eq!(c.fleet().member_id.as_deref(), Some("s3cret-x"));
+        assert_eq!(
+            Config::from_toml(MINIMAL, &env).unwrap().fleet().role,
+            FleetRole::Auto
+        );
+        for (fleet, key) in [
+            ("member_id = \"\"", "fleet.member_id"),
+            ("heartbeat_interval = \"0s\"", "fleet.heartbeat_interval"),
+            (
+                "heartbeat_interval = \"2s\"\nmember_timeout = \"5s\"",
+                "fleet.member_timeout",
+            ),
+            ("decision_timeout = \"0s\"", "fleet.decision_timeout"),
+        ] {
+            let e = with(fleet).unwrap_err().to_string();
+            assert!(e.contains(key), "{fleet}: {e}");
+        }
+        let e = with("role = \"boss\"").unwrap_err().to_string();
+        assert!(e.contains("role"), "{e}");
+    }
+
+    #[test]
     fn loads_minimal_with_env() {
         let c = Config::from_toml(MINIMAL, &env).unwrap();
         assert_eq!(c.proxy().auth, AuthMethod::Md5);
