@@ -9,6 +9,10 @@ use tokio::sync::{mpsc, oneshot};
 pub enum CommandKind {
     Cutover,
     Cancel,
+    /// Back to the source after a cutover (the rollback window is open).
+    Rollback,
+    /// Ends the rollback window.
+    Complete,
     /// What to do about the schema change that stopped apply in
     /// `database` (None: the one database where apply is stopped).
     Ddl {
@@ -23,6 +27,8 @@ impl CommandKind {
         match self {
             CommandKind::Cutover => serde_json::json!({"kind": "cutover"}),
             CommandKind::Cancel => serde_json::json!({"kind": "cancel"}),
+            CommandKind::Rollback => serde_json::json!({"kind": "rollback"}),
+            CommandKind::Complete => serde_json::json!({"kind": "complete"}),
             CommandKind::Ddl { action, database } => {
                 serde_json::json!({"kind": "ddl", "action": action.as_str(), "database": database})
             }
@@ -33,6 +39,8 @@ impl CommandKind {
         match v["kind"].as_str()? {
             "cutover" => Some(CommandKind::Cutover),
             "cancel" => Some(CommandKind::Cancel),
+            "rollback" => Some(CommandKind::Rollback),
+            "complete" => Some(CommandKind::Complete),
             "ddl" => Some(CommandKind::Ddl {
                 action: DdlAction::parse(v["action"].as_str()?)?,
                 database: v["database"].as_str().map(str::to_string),

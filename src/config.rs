@@ -449,9 +449,26 @@ pub struct CutoverConfig {
     /// role that can reach a migrated database (superusers included when listed).
     #[serde(default)]
     pub fence_roles: Vec<String>,
-    /// Drop the slot and publication on the source after the switch.
+    /// Drop the slot and publication on the source after the switch (with
+    /// `rollback`, when the rollback window ends).
     #[serde(default = "default_true")]
     pub drop_slot_after_cutover: bool,
+    /// Keep a way back: reverse replication (target → source) from the
+    /// switch, and `pgshift rollback` until `pgshift complete` ends the window.
+    #[serde(default = "default_true")]
+    pub rollback: bool,
+    /// The rollback window ends by itself this long after the switch
+    /// (unset: only `pgshift complete` or `rollback_max_retained_wal` end it).
+    pub rollback_window: Option<HumanDuration>,
+    /// The rollback window ends by itself when the reverse slot holds back
+    /// more WAL than this on the target, so a forgotten window cannot fill
+    /// its disk.
+    #[serde(default = "default_rollback_wal")]
+    pub rollback_max_retained_wal: ByteSize,
+}
+
+fn default_rollback_wal() -> ByteSize {
+    ByteSize(10 << 30)
 }
 
 impl Default for CutoverConfig {
@@ -468,6 +485,9 @@ impl Default for CutoverConfig {
             verify: CutoverVerify::Off,
             fence_roles: vec![],
             drop_slot_after_cutover: true,
+            rollback: true,
+            rollback_window: None,
+            rollback_max_retained_wal: default_rollback_wal(),
         }
     }
 }

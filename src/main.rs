@@ -125,6 +125,22 @@ enum Command {
         #[arg(long, short = 'd')]
         database: Option<String>,
     },
+    /// Go back to the source after a cutover (while the rollback window is
+    /// open): the cutover protocol in reverse; clients keep their connections.
+    Rollback {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Follow the rollback to its end, printing each phase.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// End the rollback window: drops the reverse slots and publications on
+    /// the target and what the source kept for a rollback; the migration is
+    /// Succeeded / Completed.
+    Complete {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Cancel the migration (before the point of no return): releases the
     /// slot and publication on the source and leaves the target as it is.
     Cancel {
@@ -165,7 +181,9 @@ fn main() -> ExitCode {
             .await
             .map_err(Into::into),
             Command::Status { admin, json, watch } => status(admin, json, watch).await,
-            Command::Cutover { admin, wait } => cutover(admin, wait).await,
+            Command::Cutover { admin, wait } => attempt(admin, wait, Attempt::Cutover).await,
+            Command::Rollback { admin, wait } => attempt(admin, wait, Attempt::Rollback).await,
+            Command::Complete { admin } => complete(admin).await,
             Command::Cancel { admin } => cancel(admin).await,
             Command::Ddl {
                 admin,
@@ -243,22 +261,46 @@ async fn status(a: AdminArgs, json: bool, watch: Option<u64>) -> CliResult {
     }
 }
 
-async fn cutover(a: AdminArgs, wait: bool) -> CliResult {
+#[derive(Clone, Copy)]
+enum Attempt {
+    Cutover,
+    Rollback,
+}
+
+/// `pgshift cutover` and `pgshift rollback`: starts the attempt, and with
+/// `--wait` follows it phase by phase.
+async fn attempt(a: AdminArgs, wait: bool, kind: Attempt) -> CliResult {
+    let (name, path, key, to, stay) = match kind {
+        Attempt::Cutover => (
+            "cutover",
+            "/cutover",
+            "last_cutover",
+            "the target",
+            "the source",
+        ),
+        Attempt::Rollback => (
+            "rollback",
+            "/rollback",
+            "last_rollback",
+            "the source",
+            "the target",
+        ),
+    };
     let client = admin_client(&a)?;
-    let started = client.post("/cutover").await?;
+    let started = client.post(path).await?;
     let id = started
         .get("id")
         .and_then(|v| v.as_str())
         .unwrap_or("")
         .to_string();
-    println!("cutover {id} started");
+    println!("{name} {id} started");
     if !wait {
         return Ok(0);
     }
     let mut printed = 0usize;
     loop {
         let doc = client.get("/status").await?;
-        let c = &doc["last_cutover"];
+        let c = &doc[key];
         let same = c.get("id").and_then(|v| v.as_str()) == Some(id.as_str());
         if same {
             if let Some(phases) = c.get("phases").and_then(|p| p.as_array()) {
@@ -274,12 +316,12 @@ async fn cutover(a: AdminArgs, wait: bool) -> CliResult {
             }
             match c.get("outcome").and_then(|o| o.as_str()) {
                 Some("succeeded") => {
-                    println!("cutover succeeded: every session now runs on the target");
+                    println!("{name} succeeded: every session now runs on {to}");
                     return Ok(0);
                 }
                 Some(o) if o != "running" => {
                     println!(
-                        "cutover {o}: {} (clients stay on the source)",
+                        "{name} {o}: {} (clients stay on {stay})",
                         c["reason"].as_str().unwrap_or("no reason recorded")
                     );
                     return Ok(1);
@@ -316,6 +358,18 @@ fn url_encode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+async fn complete(a: AdminArgs) -> CliResult {
+    let client = admin_client(&a)?;
+    let r = client.post("/complete").await?;
+    println!(
+        "{}",
+        r.get("message")
+            .and_then(|m| m.as_str())
+            .unwrap_or("rollback window ended")
+    );
+    Ok(0)
 }
 
 async fn cancel(a: AdminArgs) -> CliResult {

@@ -731,6 +731,7 @@ async fn the_stream_commits_whenever_its_input_runs_empty() {
         target: p.target(),
         consistent_point: start,
         ddl: None,
+        drop_origin: None,
     };
     let stream = DatabaseStream::start(cfg, StreamMetrics::register(&prometheus::Registry::new()));
     p.run(&["INSERT INTO t SELECT g, 'a' FROM generate_series(1, 100) g"])

@@ -105,6 +105,7 @@ async fn prepare(source: &Cluster, target: &Cluster, table_list: bool) -> Stream
         target: pgshift::config::Endpoint::parse("target.url", &target.url("postgres")).unwrap(),
         consistent_point: slot.consistent_point,
         ddl: None,
+        drop_origin: None,
     }
 }
 

@@ -79,6 +79,7 @@ async fn setup(major: i32, schema: &str, corpus: bool) -> Setup {
         target: Endpoint::parse("target.url", &target.url("postgres")).unwrap(),
         consistent_point: slot.consistent_point,
         ddl: None,
+        drop_origin: None,
     };
     Setup {
         source,

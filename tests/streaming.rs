@@ -41,6 +41,7 @@ async fn prepare(source: &Cluster, target: &Cluster, db: &str, schema: &str) -> 
         target: pgshift::config::Endpoint::parse("target.url", &target.url("postgres")).unwrap(),
         consistent_point: slot.consistent_point,
         ddl: None,
+        drop_origin: None,
     }
 }
 
@@ -132,6 +133,7 @@ async fn converges_under_mixed_load() {
         target: pgshift::config::Endpoint::parse("target.url", &target.url("postgres")).unwrap(),
         consistent_point: slot.consistent_point,
         ddl: None,
+        drop_origin: None,
     };
     let stream = DatabaseStream::start(cfg, metrics());
 

@@ -31,6 +31,8 @@ pub(crate) fn base_router(ctx: Arc<Context>) -> Router {
         .route("/status", get(status_handler))
         .route("/cutover", post(cutover_handler))
         .route("/cancel", post(cancel_handler))
+        .route("/rollback", post(rollback_handler))
+        .route("/complete", post(complete_handler))
         .route("/ddl/{action}", post(ddl_handler))
         .with_state(ctx)
 }
@@ -98,6 +100,20 @@ async fn cutover_handler(
     headers: HeaderMap,
 ) -> axum::response::Response {
     command(&ctx, &headers, commands::CommandKind::Cutover).await
+}
+
+async fn rollback_handler(
+    State(ctx): State<Arc<Context>>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    command(&ctx, &headers, commands::CommandKind::Rollback).await
+}
+
+async fn complete_handler(
+    State(ctx): State<Arc<Context>>,
+    headers: HeaderMap,
+) -> axum::response::Response {
+    command(&ctx, &headers, commands::CommandKind::Complete).await
 }
 
 async fn cancel_handler(

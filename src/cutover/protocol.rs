@@ -223,8 +223,12 @@ pub trait CutoverLedger: Send + Sync {
         doc: &Value,
     ) -> impl Future<Output = Result<(), LedgerError>> + Send;
     /// The point of no return, persisted (synchronously) before any session
-    /// moves: a restart never comes back on the source.
-    fn mark_switched(&self) -> impl Future<Output = Result<(), LedgerError>> + Send;
+    /// moves: a restart never comes back on the side left. `fence` is what
+    /// the attempt put up on that side (a rollback lifts it).
+    fn mark_switched(
+        &self,
+        fence: &FenceRecord,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
     /// Moves the migration to where it goes after the attempt.
     fn end(&self, next: AfterAttempt) -> impl Future<Output = Result<(), LedgerError>> + Send;
 }
@@ -260,6 +264,24 @@ impl Outcome {
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Which way an attempt moves the clients: the cutover (source → target)
+/// or a rollback (target → source, after a cutover). The runbook is the
+/// same; the side fenced is the one the clients leave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Cutover,
+    Rollback,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Cutover => "cutover",
+            Direction::Rollback => "rollback",
+        }
     }
 }
 
@@ -336,33 +358,45 @@ pub struct CutoverMetrics {
 
 impl CutoverMetrics {
     pub fn new(reg: &prometheus::Registry) -> CutoverMetrics {
+        CutoverMetrics::for_direction(reg, Direction::Cutover)
+    }
+
+    /// `pgshift_cutover_…` or `pgshift_rollback_…`.
+    pub fn for_direction(reg: &prometheus::Registry, d: Direction) -> CutoverMetrics {
         use crate::telemetry::metrics as m;
+        let (kind, to) = match d {
+            Direction::Cutover => ("cutover", "the target"),
+            Direction::Rollback => ("rollback", "the source"),
+        };
+        let name = |suffix: &str| format!("pgshift_{kind}_{suffix}");
         CutoverMetrics {
             phase_seconds: m::gauge_vec(
                 reg,
-                "pgshift_cutover_phase_seconds",
-                "Duration of each phase of the last cutover attempt, in seconds",
+                &name("phase_seconds"),
+                &format!("Duration of each phase of the last {kind} attempt, in seconds"),
                 &["phase"],
             ),
             pause_seconds: m::gauge(
                 reg,
-                "pgshift_cutover_pause_seconds",
-                "Write pause of the last cutover attempt (gate closed to gate opened), in seconds",
+                &name("pause_seconds"),
+                &format!(
+                    "Write pause of the last {kind} attempt (gate closed to gate opened), in seconds"
+                ),
             ),
             attempts: m::int_counter_vec(
                 reg,
-                "pgshift_cutover_attempts_total",
-                "Cutover attempts by outcome (succeeded, aborted, failed)",
+                &name("attempts_total"),
+                &format!("{kind} attempts by outcome (succeeded, aborted, failed)"),
                 &["outcome"],
             ),
             moved: m::int_counter(
                 reg,
-                "pgshift_cutover_sessions_moved_total",
-                "Client sessions moved to the target at cutover",
+                &name("sessions_moved_total"),
+                &format!("Client sessions moved to {to} at {kind}"),
             ),
             dropped: m::int_counter(
                 reg,
-                "pgshift_cutover_sessions_dropped_total",
+                &name("sessions_dropped_total"),
                 "Client sessions that could not move (temporary tables or functions, WITH HOLD cursors, session advisory locks) and were closed",
             ),
         }
@@ -433,6 +467,9 @@ struct Abort {
 /// One cutover attempt in progress.
 struct Attempt<'a, H: CutoverHost, L: CutoverLedger> {
     ctx: &'a Arc<Context>,
+    direction: Direction,
+    /// The server the clients leave: fenced by the attempt.
+    from: crate::config::Endpoint,
     ledger: &'a L,
     host: &'a H,
     cfg: &'a CutoverConfig,
@@ -483,6 +520,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
             .set(seconds);
         tracing::info!(
             cutover = %self.report.id,
+            kind = self.direction.as_str(),
             phase,
             seconds = format!("{seconds:.3}"),
             outcome = outcome.as_str(),
@@ -676,8 +714,14 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
             .await
     }
 
-    /// Test hook, see [`failpoint`].
+    /// Test hook, see [`failpoint`] (a rollback's phases are named
+    /// `rollback-<phase>` there).
     async fn failpoint(&self, phase: &str) {
+        let phase = match self.direction {
+            Direction::Cutover => phase.to_string(),
+            Direction::Rollback => format!("rollback-{phase}"),
+        };
+        let phase = phase.as_str();
         match failpoint() {
             Some(Failpoint::Stop(p)) if p == phase => {
                 tracing::warn!(
@@ -715,7 +759,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
         &mut self,
         admin: &tokio_postgres::Client,
     ) -> Result<(), Abort> {
-        let (host, ctx, cfg) = (self.host, self.ctx, self.cfg);
+        let (host, ctx, cfg, from) = (self.host, self.ctx, self.cfg, &self.from);
         let (id, timeout) = (self.report.id.clone(), self.cfg.catchup_timeout.0);
         let rec = self.fence.clone().unwrap_or_default();
         let spare = host.source_backend_pids();
@@ -737,14 +781,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
             async {
                 let t = Instant::now();
                 let users = &ctx.config.file.proxy.users;
-                let r = fence::verify(
-                    admin,
-                    &ctx.config.source,
-                    &rec,
-                    &cfg.fence_roles,
-                    &spare,
-                    users,
-                );
+                let r = fence::verify(admin, from, &rec, &cfg.fence_roles, &spare, users);
                 (r.await, t.elapsed())
             },
         );
@@ -822,7 +859,9 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
     }
 
     async fn verify(&mut self) -> Result<(), Abort> {
-        if self.cfg.verify == CutoverVerify::Off {
+        // A rollback goes back to a source that reverse replication kept
+        // current; it is verified outside any pause.
+        if self.cfg.verify == CutoverVerify::Off || self.direction == Direction::Rollback {
             return Ok(());
         }
         let t = Instant::now();
@@ -851,8 +890,9 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
             .await
             .map_err(StepError::Guard)?;
         let lifted = t.elapsed();
+        let fence = self.fence.clone().unwrap_or_default();
         self.ledger
-            .mark_switched()
+            .mark_switched(&fence)
             .await
             .map_err(StepError::PersistSwitch)?;
         let persisted = t.elapsed() - lifted;
@@ -917,7 +957,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
             tracing::error!(
                 "cannot lift the fence on the source ({first}); retrying on new connections"
             );
-            match fence::lift_until_done(&self.ctx.config.source, &rec, &self.ctx.shutdown).await {
+            match fence::lift_until_done(&self.from, &rec, &self.ctx.shutdown).await {
                 Some(n) => detail.push(format!(
                     "fence lifted on a new connection (attempt {n}; the first failed: {first})"
                 )),
@@ -951,9 +991,29 @@ pub async fn run<H: CutoverHost, L: CutoverLedger>(
     last: &LastCutover,
     id: String,
 ) -> CutoverReport {
+    run_as(Direction::Cutover, ctx, ledger, host, metrics, last, id).await
+}
+
+/// Runs one attempt of either direction to its end (a rollback: the host
+/// and ledger are the reverse direction's, the target is fenced).
+pub async fn run_as<H: CutoverHost, L: CutoverLedger>(
+    direction: Direction,
+    ctx: &Arc<Context>,
+    ledger: &L,
+    host: &H,
+    metrics: &CutoverMetrics,
+    last: &LastCutover,
+    id: String,
+) -> CutoverReport {
     let cfg = ctx.config.cutover().clone();
+    let from = match direction {
+        Direction::Cutover => ctx.config.source.clone(),
+        Direction::Rollback => ctx.config.target.clone(),
+    };
     let mut a = Attempt {
         ctx,
+        direction,
+        from,
         ledger,
         host,
         cfg: &cfg,
@@ -976,7 +1036,7 @@ pub async fn run<H: CutoverHost, L: CutoverLedger>(
         guard_lifted: false,
     };
     a.publish();
-    tracing::info!(cutover = %id, "cutover started");
+    tracing::info!(cutover = %id, kind = direction.as_str(), "{} started", direction.as_str());
     if let Err(e) = ledger.begin().await {
         a.report.outcome = Outcome::Failed;
         a.report.reason = Some(format!("cannot persist state: {e}"));
@@ -995,7 +1055,11 @@ pub async fn run<H: CutoverHost, L: CutoverLedger>(
         a.report.reason = Some(format!("replication is not healthy: {e}"));
         return finish(a).await;
     }
-    let admin = match crate::db::connect(&a.ctx.config.source, "source (cutover)").await {
+    let admin_label = match direction {
+        Direction::Cutover => "source (cutover)",
+        Direction::Rollback => "target (rollback)",
+    };
+    let admin = match crate::db::connect(&a.from, admin_label).await {
         Ok(c) => c,
         Err(e) => {
             a.abort(None, e.to_string()).await;
@@ -1109,10 +1173,12 @@ async fn finish<H: CutoverHost, L: CutoverLedger>(a: Attempt<'_, H, L>) -> Cutov
     }
     tracing::info!(
         cutover = %r.id,
+        kind = a.direction.as_str(),
         outcome = %r.outcome,
         pause_seconds = r.pause_seconds.map(|p| format!("{p:.3}")).unwrap_or_default(),
         reason = r.reason.as_deref().unwrap_or(""),
-        "cutover finished"
+        "{} finished",
+        a.direction.as_str()
     );
     r
 }

@@ -81,6 +81,15 @@ impl Fleet {
         self.round().map_or(0, |r| r.participants.len())
     }
 
+    /// Other live members that run a proxy (a rollback does not take
+    /// members along yet).
+    pub(crate) fn other_proxies(&self) -> usize {
+        self.members()
+            .iter()
+            .filter(|m| m.alive && m.id != self.id && m.role != "replication")
+            .count()
+    }
+
     /// Sessions on the other live members (for the target's room).
     pub(crate) fn remote_sessions(&self) -> i32 {
         self.members()

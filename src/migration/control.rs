@@ -6,8 +6,11 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio_postgres::Client;
 
+use std::collections::BTreeMap;
+
 use super::state::{DatabasePhase, State, Substate};
 use crate::config::Endpoint;
+use crate::cutover::fence::FenceRecord;
 use crate::db::{self, DbError};
 
 #[derive(Debug, Error)]
@@ -104,6 +107,18 @@ CREATE TABLE IF NOT EXISTS pgshift.fleet_ack (
     detail    jsonb NOT NULL,
     at        timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (migration, attempt, member, step)
+);
+CREATE TABLE IF NOT EXISTS pgshift.rollback_window (
+    migration      text PRIMARY KEY,
+    -- Each database's reverse slot position (created before the switch).
+    reverse_points jsonb NOT NULL,
+    opened_at      timestamptz,
+    -- The cutover's fence on the source, lifted by a rollback.
+    source_fence   jsonb,
+    -- A rollback's fence on the target, until its target is guarded again.
+    target_fence   jsonb,
+    closed_at      timestamptz,
+    closed_reason  text
 );
 CREATE TABLE IF NOT EXISTS pgshift.fleet_request (
     id          bigserial PRIMARY KEY,
@@ -362,16 +377,211 @@ impl ControlStore {
 
     /// The last cutover attempt's report, if any.
     pub async fn last_cutover_attempt(&self) -> Result<Option<serde_json::Value>, ControlError> {
+        self.last_attempt(false).await
+    }
+
+    /// The last rollback attempt's report, if any.
+    pub async fn last_rollback_attempt(&self) -> Result<Option<serde_json::Value>, ControlError> {
+        self.last_attempt(true).await
+    }
+
+    async fn last_attempt(
+        &self,
+        rollback: bool,
+    ) -> Result<Option<serde_json::Value>, ControlError> {
         let row = self
             .client
             .query_opt(
-                "SELECT report::text FROM pgshift.cutover_attempt WHERE migration = $1 ORDER BY started_at DESC LIMIT 1",
-                &[&self.migration],
+                "SELECT report::text FROM pgshift.cutover_attempt
+                 WHERE migration = $1 AND (id LIKE 'rollback-%') = $2
+                 ORDER BY started_at DESC LIMIT 1",
+                &[&self.migration, &rollback],
             )
             .await
             .map_err(|e| self.sql(e))?;
         Ok(row
             .and_then(|r| r.get::<_, Option<String>>(0))
             .and_then(|s| serde_json::from_str(&s).ok()))
+    }
+}
+
+/// The rollback window as persisted (`pgshift.rollback_window`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct WindowRow {
+    /// Database → reverse slot position on the target.
+    pub reverse_points: BTreeMap<String, String>,
+    /// Unix seconds.
+    pub opened_at: Option<f64>,
+    pub source_fence: Option<FenceRecord>,
+    pub target_fence: Option<FenceRecord>,
+    pub closed_at: Option<f64>,
+    pub closed_reason: Option<String>,
+}
+
+impl WindowRow {
+    /// Clients run on the target and a rollback can bring them back.
+    pub fn is_open(&self) -> bool {
+        self.opened_at.is_some() && self.closed_at.is_none()
+    }
+}
+
+impl ControlStore {
+    /// The rollback window's row, if a cutover prepared one.
+    pub(crate) async fn window(&self) -> Result<Option<WindowRow>, ControlError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT reverse_points::text, extract(epoch FROM opened_at)::float8,
+                        source_fence::text, target_fence::text,
+                        extract(epoch FROM closed_at)::float8, closed_reason
+                 FROM pgshift.rollback_window WHERE migration = $1",
+                &[&self.migration],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        let Some(r) = row else { return Ok(None) };
+        let json = |i: usize| -> Option<String> { r.get(i) };
+        Ok(Some(WindowRow {
+            reverse_points: json(0)
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or_default(),
+            opened_at: r.get(1),
+            source_fence: json(2).and_then(|s| serde_json::from_str(&s).ok()),
+            target_fence: json(3).and_then(|s| serde_json::from_str(&s).ok()),
+            closed_at: r.get(4),
+            closed_reason: r.get(5),
+        }))
+    }
+
+    /// Before a cutover's switch: where each database's reverse slot starts.
+    /// The window is not open until [`ControlStore::open_window`].
+    pub(crate) async fn prepare_window(
+        &self,
+        points: &BTreeMap<String, String>,
+    ) -> Result<(), ControlError> {
+        let points = serde_json::to_string(points).unwrap_or_default();
+        self.client
+            .execute(
+                "INSERT INTO pgshift.rollback_window (migration, reverse_points)
+                 VALUES ($1, $2::text::jsonb)
+                 ON CONFLICT (migration) DO UPDATE SET reverse_points = $2::text::jsonb,
+                   opened_at = NULL, source_fence = NULL, target_fence = NULL,
+                   closed_at = NULL, closed_reason = NULL",
+                &[&self.migration, &points],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// The cutover's point of no return with a way back: "switched" and the
+    /// open window (with the source's fence, which a rollback lifts), in one
+    /// synchronous transaction.
+    pub(crate) async fn switch_with_window(
+        &self,
+        row: &MigrationRow,
+        mode: &str,
+        source_fence: &FenceRecord,
+    ) -> Result<(), ControlError> {
+        let fence = serde_json::to_string(source_fence).unwrap_or_default();
+        self.client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| self.sql(e))?;
+        let r = async {
+            self.client
+                .execute(
+                    "UPDATE pgshift.rollback_window SET opened_at = now(), source_fence = $2::text::jsonb,
+                       target_fence = NULL, closed_at = NULL, closed_reason = NULL
+                     WHERE migration = $1",
+                    &[&self.migration, &fence],
+                )
+                .await
+                .map_err(|e| self.sql(e))?;
+            self.save(row, mode).await?;
+            self.client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| self.sql(e))
+        }
+        .await;
+        if r.is_err() {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        r
+    }
+
+    /// A rollback's point of no return: "switched" back to false with the
+    /// target's fence recorded (the rollback guards the target again and
+    /// lifts it), the window closed, in one synchronous transaction.
+    pub(crate) async fn switch_back(
+        &self,
+        row: &MigrationRow,
+        mode: &str,
+        target_fence: &FenceRecord,
+    ) -> Result<(), ControlError> {
+        let fence = serde_json::to_string(target_fence).unwrap_or_default();
+        self.client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|e| self.sql(e))?;
+        let r = async {
+            self.client
+                .execute(
+                    "UPDATE pgshift.rollback_window SET target_fence = $2::text::jsonb,
+                       closed_at = now(), closed_reason = 'rolled back'
+                     WHERE migration = $1",
+                    &[&self.migration, &fence],
+                )
+                .await
+                .map_err(|e| self.sql(e))?;
+            self.save(row, mode).await?;
+            self.client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| self.sql(e))
+        }
+        .await;
+        if r.is_err() {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        r
+    }
+
+    /// The target's fence after a rollback is gone (the target is guarded).
+    pub(crate) async fn clear_target_fence(&self) -> Result<(), ControlError> {
+        self.client
+            .execute(
+                "UPDATE pgshift.rollback_window SET target_fence = NULL WHERE migration = $1",
+                &[&self.migration],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Ends the window (`complete`, or its automatic end), saying why.
+    pub(crate) async fn close_window(&self, reason: &str) -> Result<(), ControlError> {
+        self.client
+            .execute(
+                "UPDATE pgshift.rollback_window SET closed_at = now(), closed_reason = $2
+                 WHERE migration = $1 AND closed_at IS NULL",
+                &[&self.migration, &reason],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// An attempt that prepared reverse slots but never switched leaves no window.
+    pub(crate) async fn forget_window(&self) -> Result<(), ControlError> {
+        self.client
+            .execute(
+                "DELETE FROM pgshift.rollback_window WHERE migration = $1 AND opened_at IS NULL",
+                &[&self.migration],
+            )
+            .await
+            .map_err(|e| self.sql(e))?;
+        Ok(())
     }
 }

@@ -5,6 +5,7 @@
 pub(crate) mod control;
 mod ledger;
 pub(crate) mod pipeline;
+mod rollback;
 pub mod runner;
 pub(crate) mod state;
 
@@ -18,7 +19,7 @@ use crate::config::MigrationConfig;
 use crate::context::Context;
 use crate::telemetry::status::Report;
 pub use control::ControlError;
-pub(crate) use control::{ControlStore, DatabaseRow, MigrationRow};
+pub(crate) use control::{ControlStore, DatabaseRow, MigrationRow, WindowRow};
 pub use state::{DatabasePhase, State, Substate};
 
 struct DbEntry {
@@ -30,6 +31,8 @@ struct DbEntry {
 struct Inner {
     row: MigrationRow,
     databases: BTreeMap<String, DbEntry>,
+    /// The rollback window, once a cutover prepared one.
+    window: Option<WindowRow>,
 }
 
 pub struct Migration {
@@ -97,6 +100,7 @@ impl Migration {
                 }
             }
         };
+        let window = control.window().await?;
         let persisted = control.databases().await?;
         let mut databases = BTreeMap::new();
         for db in &cfg.databases {
@@ -122,7 +126,11 @@ impl Migration {
         let m = Arc::new(Migration {
             cfg: cfg.clone(),
             control,
-            inner: RwLock::new(Inner { row, databases }),
+            inner: RwLock::new(Inner {
+                row,
+                databases,
+                window,
+            }),
             state_metric,
         });
         m.export_state();
@@ -219,6 +227,105 @@ impl Migration {
             i.row.clone()
         };
         self.control.save(&row, self.mode()).await
+    }
+
+    /// The rollback window as last persisted.
+    pub(crate) fn window(&self) -> Option<WindowRow> {
+        self.read().window.clone()
+    }
+
+    /// A cutover about to switch with a way back: each database's reverse
+    /// slot position, persisted before the switch.
+    pub(crate) async fn prepare_window(
+        &self,
+        points: BTreeMap<String, String>,
+    ) -> Result<(), ControlError> {
+        self.control.prepare_window(&points).await?;
+        self.write().window = Some(WindowRow {
+            reverse_points: points,
+            ..WindowRow::default()
+        });
+        Ok(())
+    }
+
+    /// The prepared window of an attempt that did not switch is gone.
+    pub(crate) async fn forget_window(&self) -> Result<(), ControlError> {
+        self.control.forget_window().await?;
+        let mut i = self.write();
+        if i.window.as_ref().is_some_and(|w| w.opened_at.is_none()) {
+            i.window = None;
+        }
+        Ok(())
+    }
+
+    /// The cutover's point of no return, with the window opened when one
+    /// was prepared (the source's fence recorded for a rollback).
+    pub(crate) async fn switch_forward(
+        &self,
+        source_fence: &crate::cutover::fence::FenceRecord,
+    ) -> Result<(), ControlError> {
+        let prepared = self.read().window.is_some();
+        if !prepared {
+            return self.mark_switched().await;
+        }
+        let row = {
+            let mut i = self.write();
+            i.row.switched = true;
+            i.row.clone()
+        };
+        self.control
+            .switch_with_window(&row, self.mode(), source_fence)
+            .await?;
+        if let Some(w) = self.write().window.as_mut() {
+            w.opened_at = Some(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+            w.source_fence = Some(source_fence.clone());
+            w.target_fence = None;
+            w.closed_at = None;
+            w.closed_reason = None;
+        }
+        Ok(())
+    }
+
+    /// A rollback's point of no return: clients go back to the source.
+    pub(crate) async fn switch_back(
+        &self,
+        target_fence: &crate::cutover::fence::FenceRecord,
+    ) -> Result<(), ControlError> {
+        let row = {
+            let mut i = self.write();
+            i.row.switched = false;
+            i.row.clone()
+        };
+        self.control
+            .switch_back(&row, self.mode(), target_fence)
+            .await?;
+        if let Some(w) = self.write().window.as_mut() {
+            w.target_fence = Some(target_fence.clone());
+            w.closed_at = Some(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+            w.closed_reason = Some("rolled back".into());
+        }
+        Ok(())
+    }
+
+    /// The target's fence after a rollback is lifted (the target guarded).
+    pub(crate) async fn clear_target_fence(&self) -> Result<(), ControlError> {
+        self.control.clear_target_fence().await?;
+        if let Some(w) = self.write().window.as_mut() {
+            w.target_fence = None;
+        }
+        Ok(())
+    }
+
+    /// Ends the rollback window (complete, or its automatic end).
+    pub(crate) async fn close_window(&self, reason: &str) -> Result<(), ControlError> {
+        self.control.close_window(reason).await?;
+        if let Some(w) = self.write().window.as_mut()
+            && w.closed_at.is_none()
+        {
+            w.closed_at = Some(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+            w.closed_reason = Some(reason.to_string());
+        }
+        Ok(())
     }
 
     pub fn database_row(&self, db: &str) -> Option<DatabaseRow> {

@@ -20,7 +20,7 @@ use crate::context::Context;
 use crate::cutover::fence::FenceRecord;
 use crate::cutover::guard;
 use crate::cutover::protocol::{
-    self, CutoverHost, CutoverMetrics, HostError, LastCutover, Outcome,
+    self, CutoverHost, CutoverMetrics, Direction, HostError, LastCutover, Outcome,
 };
 use crate::fleet::Fleet;
 use crate::proxy::ProxyHandle;
@@ -32,21 +32,24 @@ use crate::replication::stream::{DatabaseStream, StreamConfig, StreamMetrics};
 
 /// Connections the cutover uses inside the pause, opened (and their
 /// statements prepared) before it.
-struct CutoverConns {
-    dbs: Vec<CutoverDb>,
+pub(super) struct CutoverConns {
+    pub(super) dbs: Vec<CutoverDb>,
 }
 
-struct CutoverDb {
-    database: String,
-    marker: MarkerConnection,
+/// One database's connections of an attempt. `source` and `target` are
+/// the sides the clients leave and reach (a rollback's `source` is the
+/// target server).
+pub(super) struct CutoverDb {
+    pub(super) database: String,
+    pub(super) marker: MarkerConnection,
     /// Sequences: read on `source`, set on `target`.
-    source: tokio_postgres::Client,
-    target: tokio_postgres::Client,
-    sequences: crate::schema::SequenceSync,
+    pub(super) source: tokio_postgres::Client,
+    pub(super) target: tokio_postgres::Client,
+    pub(super) sequences: crate::schema::SequenceSync,
 }
 
 /// Clears [`Runner::cutover_running`] when the attempt's task ends.
-struct RunningGuard(Arc<AtomicBool>);
+pub(super) struct RunningGuard(pub(super) Arc<AtomicBool>);
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
@@ -55,21 +58,30 @@ impl Drop for RunningGuard {
 }
 
 pub struct Runner {
-    pipeline: Pipeline,
+    pub(super) pipeline: Pipeline,
     /// Shared by the cutover's steps that run at the same time.
     cutover_conns: std::sync::Mutex<Option<Arc<CutoverConns>>>,
     streams: Mutex<Vec<DatabaseStream>>,
+    /// Target → source, during the rollback window (`rollback.rs`).
+    pub(super) reverse: Mutex<Vec<DatabaseStream>>,
     stream_metrics: StreamMetrics,
+    pub(super) reverse_metrics: StreamMetrics,
     cutover_metrics: CutoverMetrics,
+    pub(super) rollback_metrics: CutoverMetrics,
     last_cutover: LastCutover,
-    /// Set from the moment a cutover is accepted until it has finished: the
-    /// state only says CompletingMigration once the attempt's task runs, and
-    /// a second request in between must not start a second attempt.
-    cutover_running: Arc<AtomicBool>,
+    pub(super) last_rollback: LastCutover,
+    /// Which way the running attempt moves the clients: the host's steps
+    /// act on that direction's streams, fence and route.
+    direction: std::sync::Mutex<Direction>,
+    /// Set from the moment a cutover (or rollback) is accepted until it has
+    /// finished: the state only says CompletingMigration once the attempt's
+    /// task runs, and a second request in between must not start a second
+    /// attempt.
+    pub(super) cutover_running: Arc<AtomicBool>,
     /// DDL replication's shared state (status, operator decisions).
     ddl: Arc<crate::replication::ddl::DdlControl>,
     /// The fleet this member leads: the cutover takes every member along.
-    fleet: Arc<Fleet>,
+    pub(super) fleet: Arc<Fleet>,
     /// Ends this leader term (shutdown, or the lock lost).
     stop: CancellationToken,
 }
@@ -78,9 +90,12 @@ pub struct Runner {
 /// control): made once per process, for every term this member leads.
 pub(crate) struct LeaderParts {
     stream_metrics: StreamMetrics,
+    reverse_metrics: StreamMetrics,
     cutover_metrics: CutoverMetrics,
+    rollback_metrics: CutoverMetrics,
     copy_metrics: Option<crate::replication::copy::CopyMetrics>,
     last_cutover: LastCutover,
+    last_rollback: LastCutover,
     ddl: Arc<crate::replication::ddl::DdlControl>,
     state_metric: prometheus::IntGaugeVec,
 }
@@ -90,6 +105,9 @@ impl LeaderParts {
         let last_cutover = LastCutover::default();
         ctx.status
             .register("last_cutover", Arc::new(last_cutover.clone()));
+        let last_rollback = LastCutover::default();
+        ctx.status
+            .register("last_rollback", Arc::new(last_rollback.clone()));
         let ddl = Arc::new(crate::replication::ddl::DdlControl::new(
             cfg.ddl,
             Some(&ctx.registry),
@@ -97,9 +115,16 @@ impl LeaderParts {
         ctx.status.register("ddl", ddl.clone());
         LeaderParts {
             stream_metrics: StreamMetrics::register(&ctx.registry),
+            reverse_metrics: StreamMetrics::register_as(
+                &ctx.registry,
+                "pgshift_reverse",
+                "Reverse replication (target to source, after the cutover): ",
+            ),
             cutover_metrics: CutoverMetrics::new(&ctx.registry),
+            rollback_metrics: CutoverMetrics::for_direction(&ctx.registry, Direction::Rollback),
             copy_metrics: crate::replication::copy::CopyMetrics::register(&ctx.registry).ok(),
             last_cutover,
+            last_rollback,
             ddl,
             state_metric: super::state_metric(&ctx.registry),
         }
@@ -136,6 +161,12 @@ impl LeaderTerm {
     ) -> LeaderTerm {
         let stop = ctx.shutdown.child_token();
         let (tx, rx) = crate::commands::channel();
+        ctx.status.register(
+            "rollback",
+            Arc::new(super::rollback::RollbackStatus {
+                migration: migration.clone(),
+            }),
+        );
         let runner = Arc::new(Runner {
             pipeline: Pipeline {
                 ctx: ctx.clone(),
@@ -145,10 +176,15 @@ impl LeaderTerm {
                 copy_metrics: parts.copy_metrics.clone(),
             },
             streams: Mutex::new(Vec::new()),
+            reverse: Mutex::new(Vec::new()),
             cutover_conns: std::sync::Mutex::new(None),
             stream_metrics: parts.stream_metrics.clone(),
+            reverse_metrics: parts.reverse_metrics.clone(),
             cutover_metrics: parts.cutover_metrics.clone(),
+            rollback_metrics: parts.rollback_metrics.clone(),
             last_cutover: parts.last_cutover.clone(),
+            last_rollback: parts.last_rollback.clone(),
+            direction: std::sync::Mutex::new(Direction::Cutover),
             cutover_running: Arc::new(AtomicBool::new(false)),
             ddl: parts.ddl.clone(),
             fleet: fleet.clone(),
@@ -179,12 +215,29 @@ impl LeaderTerm {
 }
 
 impl Runner {
-    fn ctx(&self) -> &Arc<Context> {
+    pub(super) fn ctx(&self) -> &Arc<Context> {
         &self.pipeline.ctx
     }
 
-    fn migration(&self) -> &Arc<Migration> {
+    pub(super) fn migration(&self) -> &Arc<Migration> {
         &self.pipeline.migration
+    }
+
+    fn direction(&self) -> Direction {
+        *self.direction.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn set_direction(&self, d: Direction) {
+        *self.direction.lock().unwrap_or_else(|e| e.into_inner()) = d;
+    }
+
+    /// The streams the running attempt waits on: forward for a cutover,
+    /// reverse for a rollback.
+    async fn attempt_streams(&self) -> tokio::sync::MutexGuard<'_, Vec<DatabaseStream>> {
+        match self.direction() {
+            Direction::Cutover => self.streams.lock().await,
+            Direction::Rollback => self.reverse.lock().await,
+        }
     }
 
     /// Resumes from the persisted state, then serves commands until shutdown.
@@ -193,6 +246,11 @@ impl Runner {
             && let Ok(r) = serde_json::from_value(doc)
         {
             self.last_cutover.set(r);
+        }
+        if let Ok(Some(doc)) = self.migration().control().last_rollback_attempt().await
+            && let Ok(r) = serde_json::from_value(doc)
+        {
+            self.last_rollback.set(r);
         }
         let work = self.clone();
         let mut progress = tokio::spawn(async move { work.resume().await });
@@ -214,7 +272,10 @@ impl Runner {
                 }
                 Some(cmd) = commands.recv() => self.command(cmd).await,
                 _ = ready.tick() => self.update_readiness().await,
-                _ = auto.tick() => self.auto_trigger(&mut window_attempts).await,
+                _ = auto.tick() => {
+                    self.auto_trigger(&mut window_attempts).await;
+                    self.auto_complete().await;
+                }
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -222,6 +283,7 @@ impl Runner {
         for s in self.streams.lock().await.drain(..) {
             s.stop().await;
         }
+        self.stop_reverse_streams().await;
     }
 
     async fn fail(&self, reason: String) {
@@ -239,12 +301,29 @@ impl Runner {
     async fn resume(&self) -> Result<(), PipelineError> {
         let m = self.migration();
         let (state, substate) = m.state();
+        let step = |e: HostError| PipelineError::Step {
+            db: "-".into(),
+            step: "resuming the rollback window",
+            message: e.to_string(),
+        };
         if m.switched() {
-            if state != State::Succeeded {
+            if substate == Substate::RollingBack {
+                // Stopped inside a rollback, before its switch.
+                self.undo_interrupted_rollback().await.map_err(step)?;
+            }
+            match m.state() {
+                (State::Succeeded, Substate::RollbackAvailable) => {
+                    self.start_reverse_streams().await
+                }
+                (State::Succeeded, _) => {}
                 // Stopped after the point of no return: finish the cleanup.
-                self.finish_after_switch().await?;
+                _ => self.finish_after_switch().await?,
             }
             return Ok(());
+        }
+        if m.window().is_some_and(|w| w.target_fence.is_some()) {
+            // Stopped after a rollback's switch, before its cleanup.
+            return self.resume_after_rollback().await.map_err(step);
         }
         let streaming = m.cfg.databases.iter().all(|db| {
             m.database_row(db)
@@ -307,7 +386,7 @@ impl Runner {
         }
     }
 
-    fn copied_databases(&self) -> Vec<Copied> {
+    pub(super) fn copied_databases(&self) -> Vec<Copied> {
         let m = self.migration();
         m.cfg
             .databases
@@ -359,9 +438,10 @@ impl Runner {
         Ok(())
     }
 
-    async fn start_streaming(&self, copied: Vec<Copied>) -> Result<(), PipelineError> {
+    pub(super) async fn start_streaming(&self, copied: Vec<Copied>) -> Result<(), PipelineError> {
         let m = self.migration();
         let c = &self.ctx().config;
+        let reverse = self.reverse_name();
         for s in &copied {
             self.guard_target(&s.database).await;
         }
@@ -380,6 +460,8 @@ impl Runner {
                         // Tables DDL creates are guarded like the copied ones.
                         after_create: Some(crate::cutover::guard::guard_new_tables_sql()),
                     }),
+                    // After a rollback: what reverse apply wrote on the source.
+                    drop_origin: Some(crate::replication::apply::origin_of(&reverse, &s.database)),
                 },
                 self.stream_metrics.clone(),
             );
@@ -447,6 +529,8 @@ impl Runner {
                 Ok(_) => self.clone().start_cutover("manual"),
             },
             CommandKind::Cancel => self.cancel().await,
+            CommandKind::Rollback => self.clone().start_rollback().await,
+            CommandKind::Complete => self.complete("completed by the operator").await,
             CommandKind::Ddl { action, database } => self.ddl_command(action, database).await,
         };
         let _ = cmd.reply.send(reply);
@@ -564,7 +648,8 @@ impl Runner {
             let ctx = this.ctx().clone();
             let round = this.fleet.begin_round(&id2).await;
             tracing::info!(cutover = %id2, members = round_members(&this.fleet), "fleet cutover: every live member takes part");
-            protocol::run(
+            this.set_direction(Direction::Cutover);
+            let report = protocol::run(
                 &ctx,
                 this.migration().as_ref(),
                 this.as_ref(),
@@ -575,6 +660,10 @@ impl Runner {
             .await;
             drop(round);
             this.fleet.end_round();
+            this.drop_cutover_conns();
+            if report.outcome != Outcome::Succeeded {
+                this.abandon_reverse().await;
+            }
         });
         Ok(json!({"id": id, "message": "cutover started"}))
     }
@@ -681,10 +770,42 @@ impl Runner {
                 message: e.to_string(),
             })?;
         self.close_switched_attempt().await?;
+        let window = self.migration().window().is_some_and(|w| w.is_open());
+        let substate = if window {
+            Substate::RollbackAvailable
+        } else {
+            Substate::Completed
+        };
         self.migration()
-            .transition(State::Succeeded, Substate::Completed, None)
+            .transition(State::Succeeded, substate, None)
             .await?;
         Ok(())
+    }
+
+    /// A rollback's attempt that reached its switch before pgshift
+    /// stopped: recorded as succeeded.
+    pub(super) async fn close_switched_attempt_of(&self, rollback: bool) {
+        let m = self.migration();
+        let Ok(Some((id, mut report))) = m.control().unfinished_cutover().await else {
+            return;
+        };
+        if id.starts_with("rollback-") != rollback {
+            return;
+        }
+        if !report.is_object() {
+            report = json!({"id": id, "phases": []});
+        }
+        report["outcome"] = json!(Outcome::Succeeded);
+        report["reason"] =
+            json!("pgshift restarted after the switch; cleanup finished after the restart");
+        let reason = report["reason"].as_str().map(str::to_string);
+        let _ = m
+            .control()
+            .save_cutover_attempt(&id, Outcome::Succeeded.as_str(), reason.as_deref(), &report)
+            .await;
+        if let Ok(r) = serde_json::from_value(report) {
+            self.last_rollback.set(r);
+        }
     }
 
     /// The attempt that reached the switch before pgshift stopped succeeded:
@@ -720,7 +841,7 @@ impl Runner {
     /// switch ([`guard`]). A guard that cannot go up (e.g. the target user
     /// may not create triggers) is logged: it protects against mistakes, the
     /// migration does not depend on it.
-    async fn guard_target(&self, db: &str) {
+    pub(super) async fn guard_target(&self, db: &str) {
         let target = &self.ctx().config.target;
         let r = match crate::db::connect(&target.with_dbname(db), "target (guard)").await {
             Ok(c) => guard::install(&c).await.map_err(|e| e.to_string()),
@@ -856,7 +977,20 @@ impl Runner {
         }
     }
 
-    fn cutover_conns(&self) -> Result<Arc<CutoverConns>, HostError> {
+    pub(super) fn set_cutover_conns(&self, dbs: Vec<CutoverDb>) {
+        *self.cutover_conns.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Arc::new(CutoverConns { dbs }));
+    }
+
+    /// The attempt is over: its connections close.
+    pub(super) fn drop_cutover_conns(&self) {
+        self.cutover_conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    pub(super) fn cutover_conns(&self) -> Result<Arc<CutoverConns>, HostError> {
         self.cutover_conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -867,8 +1001,16 @@ impl Runner {
 
 impl CutoverHost for Runner {
     async fn prepare(&self) -> Result<(), HostError> {
+        if self.direction() == Direction::Rollback {
+            return self.prepare_rollback().await;
+        }
         let c = &self.ctx().config;
         self.check_target_room().await?;
+        if c.cutover().rollback {
+            // Outside the pause, before the switch: nothing clients write
+            // on the target afterwards can be missed.
+            self.prepare_reverse().await?;
+        }
         let mut dbs = Vec::new();
         for db in &self.migration().cfg.databases {
             let names = ReplicationNames::new(&self.migration().cfg.name, db);
@@ -912,12 +1054,16 @@ impl CutoverHost for Runner {
                 sequences,
             });
         }
-        *self.cutover_conns.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Arc::new(CutoverConns { dbs }));
+        self.set_cutover_conns(dbs);
         Ok(())
     }
 
     async fn prewarm(&self) -> usize {
+        if self.direction() == Direction::Rollback {
+            // The fenced source takes no application login yet: sessions
+            // open their source backends at the switch.
+            return 0;
+        }
         self.fleet.post("prewarm");
         let timeout = self.move_timeout();
         let (local, remote) = tokio::join!(
@@ -983,13 +1129,16 @@ impl CutoverHost for Runner {
     }
 
     fn source_backend_pids(&self) -> Vec<i32> {
+        if self.direction() == Direction::Rollback {
+            return self.pipeline.proxy.backend_pids("target");
+        }
         let mut pids = self.pipeline.proxy.source_backend_pids();
         pids.extend(self.fleet.remote_source_pids());
         pids
     }
 
     async fn emit_markers(&self, id: &str) -> Result<(), HostError> {
-        let streams = self.streams.lock().await;
+        let streams = self.attempt_streams().await;
         let conns = self.cutover_conns()?;
         let emits = streams.iter().map(|s| async {
             match conns.dbs.iter().find(|c| c.database == s.database) {
@@ -1005,14 +1154,14 @@ impl CutoverHost for Runner {
     }
 
     async fn wait_markers(&self, id: &str, timeout: Duration) -> Result<(), HostError> {
-        let streams = self.streams.lock().await;
+        let streams = self.attempt_streams().await;
         let waits = streams.iter().map(|s| s.wait_marker(id, timeout));
         let results = futures_util::future::join_all(waits).await;
         HostError::join(results.into_iter().map(|r| r.map_err(HostError::from)))
     }
 
     async fn stream_health(&self) -> Result<(), HostError> {
-        let streams = self.streams.lock().await;
+        let streams = self.attempt_streams().await;
         streams_health(&streams)
     }
 
@@ -1060,10 +1209,16 @@ impl CutoverHost for Runner {
     }
 
     async fn lift_target_guard(&self) -> Result<(), HostError> {
+        if self.direction() == Direction::Rollback {
+            return self.lift_source_fence().await;
+        }
         self.set_guards(false).await
     }
 
     async fn rearm_target_guard(&self) {
+        if self.direction() == Direction::Rollback {
+            return self.refence_source().await;
+        }
         if let Err(e) = self.set_guards(true).await {
             tracing::error!("cannot guard the target again after an aborted switch: {e}");
         }
@@ -1071,15 +1226,17 @@ impl CutoverHost for Runner {
 
     async fn switch_to_target(&self) -> (u64, u64) {
         let proxy = &self.pipeline.proxy;
-        // The switch is committed: the members move at the same time.
-        self.fleet.post("switch");
+        let c = &self.ctx().config;
+        let route = match self.direction() {
+            Direction::Cutover => {
+                // The switch is committed: the members move at the same time.
+                self.fleet.post("switch");
+                Route::from_endpoint("target", &c.target)
+            }
+            Direction::Rollback => Route::from_endpoint("source", &c.source),
+        };
         let timeout = self.move_timeout();
-        let (moved, dropped) = proxy
-            .switch_to(
-                Route::from_endpoint("target", &self.ctx().config.target),
-                timeout,
-            )
-            .await;
+        let (moved, dropped) = proxy.switch_to(route, timeout).await;
         proxy.gate().open();
         (moved, dropped)
     }
@@ -1106,20 +1263,35 @@ impl CutoverHost for Runner {
     }
 
     async fn finish_replication(&self, drop_slot: bool) -> Result<(), HostError> {
+        if self.direction() == Direction::Rollback {
+            return self.finish_rollback().await;
+        }
         for s in self.streams.lock().await.drain(..) {
             s.stop().await;
         }
         // Lifted at the switch; now its triggers go (each locks its table briefly).
         let mut errors = self.remove_target_guards().await;
+        // With a rollback window the forward slot, publication and DDL
+        // capture stay until it ends: a rollback resumes from them.
+        let window = self.migration().window().is_some_and(|w| w.is_open());
+        if window {
+            self.start_reverse_streams().await;
+        }
         // The source's DDL capture goes whether or not the slots stay.
-        for note in self.pipeline.remove_ddl_capture().await {
+        for note in self
+            .pipeline
+            .remove_ddl_capture()
+            .await
+            .into_iter()
+            .filter(|_| !window)
+        {
             if note.contains("failed") {
                 errors.push(note);
             } else {
                 tracing::info!("{note}");
             }
         }
-        if drop_slot {
+        if drop_slot && !window {
             for note in self.pipeline.release_source().await {
                 if note.contains("failed") {
                     errors.push(note);
@@ -1166,7 +1338,7 @@ impl Runner {
 
 /// Ok when every stream is connected and applying; otherwise why not. No
 /// stream at all is not healthy.
-fn streams_health(streams: &[DatabaseStream]) -> Result<(), HostError> {
+pub(super) fn streams_health(streams: &[DatabaseStream]) -> Result<(), HostError> {
     if streams.is_empty() {
         return Err(HostError::NoStreams);
     }

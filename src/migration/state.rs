@@ -23,6 +23,11 @@ pub enum Substate {
     MigratingData,
     WaitingForCutoverTrigger,
     CompletingMigration,
+    /// Clients run on the target; the source is fenced and kept current by
+    /// reverse replication: `rollback` or `complete`.
+    RollbackAvailable,
+    /// A rollback attempt runs (the cutover protocol in reverse).
+    RollingBack,
     Completed,
     /// Terminal failure states carry no substate.
     None,
@@ -59,12 +64,14 @@ impl State {
 }
 
 impl Substate {
-    pub const ALL: [Substate; 7] = [
+    pub const ALL: [Substate; 9] = [
         Substate::PerformingPrerequisiteSteps,
         Substate::ValidationInProgress,
         Substate::MigratingData,
         Substate::WaitingForCutoverTrigger,
         Substate::CompletingMigration,
+        Substate::RollbackAvailable,
+        Substate::RollingBack,
         Substate::Completed,
         Substate::None,
     ];
@@ -76,6 +83,8 @@ impl Substate {
             Substate::MigratingData => "MigratingData",
             Substate::WaitingForCutoverTrigger => "WaitingForCutoverTrigger",
             Substate::CompletingMigration => "CompletingMigration",
+            Substate::RollbackAvailable => "RollbackAvailable",
+            Substate::RollingBack => "RollingBack",
             Substate::Completed => "Completed",
             Substate::None => "None",
         }

@@ -345,11 +345,17 @@ impl ProxyHandle {
 
     /// Source backends of the live sessions (the fence spares them).
     pub fn source_backend_pids(&self) -> Vec<i32> {
+        self.backend_pids("source")
+    }
+
+    /// Backends of the live sessions on the route named `route` ("source"
+    /// or "target": a rollback fences the target and spares these).
+    pub fn backend_pids(&self, route: &str) -> Vec<i32> {
         self.sessions()
             .sessions()
             .iter()
             .map(|s| s.backend())
-            .filter(|b| b.route.name == "source")
+            .filter(|b| b.route.name == route)
             .map(|b| b.pid)
             .collect()
     }

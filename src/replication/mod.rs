@@ -8,6 +8,7 @@ pub mod ddl;
 mod lsn;
 pub mod marker;
 pub mod names;
+mod origin_filter;
 pub mod pgoutput;
 pub mod publication;
 pub mod slot;

@@ -43,6 +43,13 @@ impl ReplicationNames {
     }
 }
 
+/// The name the reverse direction (target → source, after a cutover) of
+/// `migration` uses for its slot, publication and origin: its own, so the
+/// two directions never share an object.
+pub fn reverse_migration(migration: &str) -> String {
+    format!("{migration}/reverse")
+}
+
 fn derive_name(migration: &str, database: &str) -> String {
     let mut h = Sha256::new();
     h.update(migration.as_bytes());

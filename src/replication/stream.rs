@@ -19,6 +19,7 @@ use super::apply::{Applier, ApplyDdl, ApplyError, ApplyMetrics, ApplyOptions, Ma
 use super::client::{ReplicationConnection, ReplicationError, ReplicationMessage, StreamOptions};
 use super::marker::MarkerConnection;
 use super::names::ReplicationNames;
+use super::origin_filter::OriginFilter;
 use super::pgoutput::{DecodeError, Decoder};
 use crate::config::Endpoint;
 use crate::telemetry::status::Report;
@@ -38,51 +39,65 @@ pub struct StreamMetrics {
 
 impl StreamMetrics {
     pub fn register(reg: &prometheus::Registry) -> StreamMetrics {
+        StreamMetrics::register_as(reg, "pgshift", "")
+    }
+
+    /// The same metrics under another prefix (`pgshift_reverse` for the
+    /// reverse direction after a cutover), their help texts led by `about`.
+    pub fn register_as(reg: &prometheus::Registry, prefix: &str, about: &str) -> StreamMetrics {
         use crate::telemetry::metrics as m;
+        let name = |suffix: &str| format!("{prefix}_{suffix}");
+        let help = |text: &str| format!("{about}{text}");
         StreamMetrics {
             lag_bytes: m::int_gauge_vec(
                 reg,
-                "pgshift_replication_lag_bytes",
-                "Source pg_current_wal_lsn() minus the last LSN the target has committed, in bytes",
+                &name("replication_lag_bytes"),
+                &help(
+                    "Source pg_current_wal_lsn() minus the last LSN the target has committed, in bytes",
+                ),
                 &["database"],
             ),
             lag_seconds: m::gauge_vec(
                 reg,
-                "pgshift_replication_lag_seconds",
-                "Seconds since the target last held everything the source had (0 when nothing is pending)",
+                &name("replication_lag_seconds"),
+                &help(
+                    "Seconds since the target last held everything the source had (0 when nothing is pending)",
+                ),
                 &["database"],
             ),
             received_lsn: m::int_gauge_vec(
                 reg,
-                "pgshift_replication_received_lsn",
-                "Last WAL position received from the source, as a number (bytes)",
+                &name("replication_received_lsn"),
+                &help("Last WAL position received from the source, as a number (bytes)"),
                 &["database"],
             ),
             applied_lsn: m::int_gauge_vec(
                 reg,
-                "pgshift_replication_applied_lsn",
-                "Last WAL position the target has committed, as a number (bytes)",
+                &name("replication_applied_lsn"),
+                &help("Last WAL position the target has committed, as a number (bytes)"),
                 &["database"],
             ),
             slot_retained_bytes: m::int_gauge_vec(
                 reg,
-                "pgshift_replication_slot_retained_bytes",
-                "WAL the migration's replication slot holds back on the source, in bytes",
+                &name("replication_slot_retained_bytes"),
+                &help("WAL the migration's replication slot holds back on the source, in bytes"),
                 &["database"],
             ),
             errors: m::int_counter_vec(
                 reg,
-                "pgshift_replication_errors_total",
-                "Stream sessions ended by an error, by kind (source, target, apply, protocol)",
+                &name("replication_errors_total"),
+                &help(
+                    "Stream sessions ended by an error, by kind (source, target, apply, protocol)",
+                ),
                 &["database", "kind"],
             ),
             state: m::int_gauge_vec(
                 reg,
-                "pgshift_replication_stream_state",
-                "1 for the state each database's stream is in, 0 for the others",
+                &name("replication_stream_state"),
+                &help("1 for the state each database's stream is in, 0 for the others"),
                 &["database", "state"],
             ),
-            apply: ApplyMetrics::register(reg),
+            apply: ApplyMetrics::register_as(reg, prefix, about),
         }
     }
 }
@@ -285,6 +300,11 @@ impl StreamStatus {
         }
     }
 
+    /// WAL the stream's slot holds back on its source, in bytes (as last read).
+    pub fn retained_bytes(&self) -> u64 {
+        self.with(|l| l.slot_retained)
+    }
+
     pub fn lag_bytes(&self) -> u64 {
         self.with(|l| l.lag_bytes)
     }
@@ -430,6 +450,10 @@ pub struct StreamConfig {
     pub consistent_point: Lsn,
     /// DDL replication (`[migration] ddl`); None: none configured here.
     pub ddl: Option<StreamDdl>,
+    /// Transactions committed under this replication origin are not applied:
+    /// the other direction of the migration applied them (see
+    /// `origin_filter`). None: every transaction is applied.
+    pub drop_origin: Option<String>,
 }
 
 /// What a stream needs for DDL: the shared control, the migration's table
@@ -725,6 +749,7 @@ async fn session(
 
     // This session's stream is decoded here; apply gets typed messages.
     let mut decoder = Decoder::new();
+    let mut filter = cfg.drop_origin.clone().map(OriginFilter::new);
     // The position the target holds; only this is ever reported as flushed.
     let mut confirmed = applier.applied_position().max(start);
     let mut keepalive_end = Lsn::ZERO;
@@ -745,7 +770,23 @@ async fn session(
                     None => return Ok(()),
                     Some(ReplicationMessage::XLogData { data, .. }) => {
                         let msg = decoder.decode(data.clone())?;
-                        applier.handle_with_bytes(msg, Some(data)).await?;
+                        match filter.as_mut() {
+                            None => applier.handle_with_bytes(msg, Some(data)).await?,
+                            Some(f) => for (m, raw) in f.pass(msg, Some(data)) {
+                                applier.handle_with_bytes(m, raw).await?;
+                            },
+                        }
+                    }
+                    // Not while a transaction apply has not seen is open:
+                    // its end is not applied.
+                    Some(ReplicationMessage::Keepalive { reply_requested, .. })
+                        if filter.as_ref().is_some_and(OriginFilter::busy) =>
+                    {
+                        confirmed = commit_and_confirm(&mut applier, confirmed, Lsn::ZERO).await?;
+                        if reply_requested {
+                            let flushed = durable(&mut applier, Lsn::ZERO).await?;
+                            stream.send_status(confirmed, flushed, flushed, false).await.map_err(StreamError::Source)?;
+                        }
                     }
                     Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. }) => {
                         keepalive_end = keepalive_end.max(wal_end);

@@ -93,6 +93,12 @@ impl Pgshift {
         self.wait_up();
     }
 
+    /// [`Pgshift::restart`] with extra environment (e.g. the same failpoint).
+    pub fn restart_with(&mut self, env: &[(&str, &str)]) {
+        self.spawn_with(env);
+        self.wait_up();
+    }
+
     fn spawn_with(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none(), "pgshift is already running");
         self.runs += 1;

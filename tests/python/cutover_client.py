@@ -7,6 +7,7 @@ Runs until STOPFILE exists, then writes OUTFILE (JSON):
   failures: error texts of failed transactions
   prepared_before / prepared_after: names in pg_prepared_statements
   settings_after: the session settings it set before the cutover
+  listening_after: the channels it listens to at the end (it LISTENs first)
 """
 
 import json
@@ -24,6 +25,9 @@ committed, failures = [], []
 conn = psycopg.connect(dsn, prepare_threshold=0)
 conn.execute("SET search_path = public")
 conn.execute("SET statement_timeout = '31s'")
+# A LISTEN moves with the session: the channel is still listened to after
+# every switch (reported as listening_after).
+conn.execute("LISTEN pgshift_client")
 conn.commit()
 
 INSERT = "INSERT INTO ledger (client, note) VALUES (%s, %s) RETURNING id, inet_server_port()"
@@ -60,9 +64,10 @@ if not conn.closed:
         "statement_timeout": conn.execute("SHOW statement_timeout").fetchone()[0],
         "port": conn.execute("SELECT inet_server_port()").fetchone()[0],
     }
+    listening_after = [r[0] for r in conn.execute("SELECT pg_listening_channels()")]
     conn.commit()
 else:
-    prepared_after, settings_after = [], {}
+    prepared_after, settings_after, listening_after = [], {}, []
 
 with open(outfile, "w") as f:
     json.dump(
@@ -72,6 +77,7 @@ with open(outfile, "w") as f:
             "prepared_before": prepared_before,
             "prepared_after": prepared_after,
             "settings_after": settings_after,
+            "listening_after": listening_after,
         },
         f,
     )

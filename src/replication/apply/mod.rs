@@ -78,6 +78,12 @@ pub use self::error::{ApplyError, SourceTxn};
 pub(crate) use self::markers::Marker;
 pub use self::markers::wait_for_marker;
 pub(crate) use self::origin::OriginError;
+
+/// The replication origin apply commits under for (`migration`, `db`): the
+/// other direction's stream drops transactions of it.
+pub(crate) fn origin_of(migration: &str, db: &str) -> String {
+    origin_name(migration, db)
+}
 pub use self::progress::ApplyMetrics;
 pub(crate) use self::progress::{ApplyProgress, ApplyStats};
 
@@ -464,7 +470,9 @@ async fn open_session(target: &Endpoint, opts: &ApplyOptions) -> Result<Pipeline
     )
     .await
     .map_err(conn_err)?;
-    conn.simple_query("SET session_replication_role = replica; SET synchronous_commit = off")
+    conn.simple_query(
+        "SET session_replication_role = replica; SET synchronous_commit = off; SET default_transaction_read_only = off",
+    )
         .await
         .map_err(conn_err)?;
     Ok(Pipeline::new(conn))

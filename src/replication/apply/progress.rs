@@ -48,30 +48,41 @@ pub struct ApplyMetrics {
 
 impl ApplyMetrics {
     pub fn register(reg: &Registry) -> ApplyMetrics {
+        ApplyMetrics::register_as(reg, "pgshift", "")
+    }
+
+    /// Under another prefix, help texts led by `about` (the reverse direction).
+    pub fn register_as(reg: &Registry, prefix: &str, about: &str) -> ApplyMetrics {
         use crate::telemetry::metrics::int_counter_vec;
+        let name = |suffix: &str| format!("{prefix}_{suffix}");
+        let help = |text: &str| format!("{about}{text}");
         ApplyMetrics {
             transactions: int_counter_vec(
                 reg,
-                "pgshift_apply_transactions_total",
-                "Source transactions committed on the target",
+                &name("apply_transactions_total"),
+                &help("Source transactions committed on the target"),
                 &["database"],
             ),
             rows: int_counter_vec(
                 reg,
-                "pgshift_apply_rows_total",
-                "Row changes applied to the target, by operation (truncate counts relations)",
+                &name("apply_rows_total"),
+                &help(
+                    "Row changes applied to the target, by operation (truncate counts relations)",
+                ),
                 &["database", "op"],
             ),
             errors: int_counter_vec(
                 reg,
-                "pgshift_apply_errors_total",
-                "Errors that stopped apply",
+                &name("apply_errors_total"),
+                &help("Errors that stopped apply"),
                 &["database"],
             ),
             spilled: int_counter_vec(
                 reg,
-                "pgshift_apply_spilled_transactions_total",
-                "Streamed transactions spilled to a temporary file and applied at their commit, because every streamed apply session was busy",
+                &name("apply_spilled_transactions_total"),
+                &help(
+                    "Streamed transactions spilled to a temporary file and applied at their commit, because every streamed apply session was busy",
+                ),
                 &["database"],
             ),
         }

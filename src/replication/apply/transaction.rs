@@ -62,7 +62,9 @@ impl Transactions {
     pub(super) fn prepare(pipe: &mut Pipeline) {
         pipe.parse(STMT_BEGIN, "BEGIN", &[]);
         pipe.parse(STMT_COMMIT, "COMMIT", &[]);
-        pipe.parse(STMT_XID, "SELECT pg_current_xact_id()", &[]);
+        // txid_current(): also on servers before 13 (reverse apply writes
+        // to the source, of any supported version).
+        pipe.parse(STMT_XID, "SELECT txid_current()", &[]);
     }
 
     /// A statement of the open source transaction was queued.
