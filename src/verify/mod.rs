@@ -7,7 +7,16 @@
 //! sorts a whole table. A chunk's checksum is the sum of the rows' md5 hashes
 //! (as two 64-bit halves): order-independent inside the chunk, so it needs no
 //! sort at all, and it counts duplicate rows. Tables without a key are
-//! checked the same way in one piece.
+//! checked the same way in one piece. A mismatch names each differing range
+//! by its key bounds (`compare.rs`).
+//!
+//! [`verify_database_at`] compares the same way as of two held snapshots
+//! ([`HeldSnapshot`], `snapshot.rs`), one per side, taken at the switch
+//! point while clients are held: both sides may change afterwards (the
+//! target takes writes, reverse replication applies them to the source),
+//! and the comparison still reads each as it was then. [`VerifyProgress`]
+//! (`progress.rs`) shows how far a verification is, in /status, metrics and
+//! the log.
 
 use std::path::Path;
 
@@ -21,8 +30,19 @@ use crate::filter::TableFilter;
 use crate::pg::tables::{CatalogError, SourceTable, list_tables};
 use crate::pg::{self, Version};
 
+mod compare;
+mod progress;
+mod snapshot;
+
+use compare::{compare_checksums, compare_counts};
+pub use progress::VerifyProgress;
+pub use snapshot::{HeldSnapshot, SnapshotConnection, export_pair};
+
 /// Rows per checksum chunk.
 const CHUNK_ROWS: i64 = 100_000;
+
+/// Differing key ranges a table's result lists (the rest are counted).
+const MAX_RANGES: usize = 16;
 
 #[derive(Debug, Error)]
 pub enum VerifyError {
@@ -37,6 +57,8 @@ pub enum VerifyError {
         what: String,
         source: tokio_postgres::Error,
     },
+    #[error("{what}: {message}")]
+    Snapshot { what: String, message: String },
     #[error("no database to verify: give --database or list migration.databases in the config")]
     NoDatabases,
 }
@@ -63,8 +85,13 @@ pub struct TableVerify {
     pub source_rows: Option<i64>,
     pub target_rows: Option<i64>,
     pub matches: bool,
-    /// What differs, for a mismatch.
+    /// What differs, for a mismatch: the first differing ranges in words.
     pub detail: Option<String>,
+    /// Each differing key range (up to 16), e.g. `rows with (id) above
+    /// (1000) up to (2000) differ: source 1000 rows, target 999`, or
+    /// `the whole table differs: …` for a table without a key.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -123,11 +150,223 @@ pub async fn verify_database_with(
     db: &str,
     opts: &VerifyOptions,
 ) -> Result<VerifyReport, VerifyError> {
-    let (src, tgt) = connections(source, target, db).await?;
+    let sides = Sides::Live { source, target, db };
+    verify_tables(sides, opts, &VerifyProgress::new(db)).await
+}
+
+/// Compares every table of the snapshots' databases as of the two held
+/// snapshots: each side is read exactly as it was when its snapshot was
+/// exported, whatever was written since. The snapshots must stay held until
+/// this returns.
+pub async fn verify_database_at(
+    source: &HeldSnapshot,
+    target: &HeldSnapshot,
+    opts: &VerifyOptions,
+    progress: &VerifyProgress,
+) -> Result<VerifyReport, VerifyError> {
+    verify_tables(Sides::At { source, target }, opts, progress).await
+}
+
+/// Where a worker's pair of connections reads: the live databases, or the
+/// snapshots held on both.
+#[derive(Clone, Copy)]
+enum Sides<'a> {
+    Live {
+        source: &'a Endpoint,
+        target: &'a Endpoint,
+        db: &'a str,
+    },
+    At {
+        source: &'a HeldSnapshot,
+        target: &'a HeldSnapshot,
+    },
+}
+
+impl Sides<'_> {
+    fn database(&self) -> &str {
+        match self {
+            Sides::Live { db, .. } => db,
+            Sides::At { source, .. } => source.database(),
+        }
+    }
+
+    /// A connection to each side whose text output of values is the same
+    /// on both (floats: see [`pg::settings::comparable_float_digits`]).
+    async fn open(self) -> Result<Pair, VerifyError> {
+        let (src_ep, src_db, tgt_ep, tgt_db, snapshots) = match self {
+            Sides::Live { source, target, db } => (source, db, target, db, None),
+            Sides::At { source, target } => (
+                source.endpoint(),
+                source.database(),
+                target.endpoint(),
+                target.database(),
+                Some((source.id().to_string(), target.id().to_string())),
+            ),
+        };
+        let held = snapshots.is_some();
+        let (src, tgt) = tokio::try_join!(
+            connection(src_ep, src_db, "source", held),
+            connection(tgt_ep, tgt_db, "target", held)
+        )?;
+        let digits = pg::settings::comparable_float_digits(src.1, tgt.1);
+        for (c, side) in [(&src.0, "source"), (&tgt.0, "target")] {
+            c.batch_execute(&format!("SET extra_float_digits = {digits}"))
+                .await
+                .map_err(sql_err(format!("configuring the {side} connection")))?;
+        }
+        Ok(Pair {
+            src: src.0,
+            tgt: tgt.0,
+            snapshots,
+        })
+    }
+}
+
+/// A worker's connections. On snapshots, each table is read in a
+/// transaction of its own that imports the held snapshot: the same rows as
+/// one long transaction, but a table's lock is let go once it is compared,
+/// so replication into the live database (a TRUNCATE) waits for at most
+/// the table being compared.
+struct Pair {
+    src: Client,
+    tgt: Client,
+    /// The snapshot ids (source, target) when reading held snapshots.
+    snapshots: Option<(String, String)>,
+}
+
+impl Pair {
+    async fn begin(&self) -> Result<(), VerifyError> {
+        let Some((s, t)) = &self.snapshots else {
+            return Ok(());
+        };
+        let enter = |id: &str| {
+            format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+                quote_literal(id)
+            )
+        };
+        tokio::try_join!(
+            async {
+                self.src
+                    .batch_execute(&enter(s))
+                    .await
+                    .map_err(sql_err(format!("importing the source snapshot {s}")))
+            },
+            async {
+                self.tgt
+                    .batch_execute(&enter(t))
+                    .await
+                    .map_err(sql_err(format!("importing the target snapshot {t}")))
+            }
+        )?;
+        Ok(())
+    }
+
+    async fn end(&self) -> Result<(), VerifyError> {
+        if self.snapshots.is_none() {
+            return Ok(());
+        }
+        tokio::try_join!(
+            async {
+                self.src
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(sql_err("ending a source snapshot transaction"))
+            },
+            async {
+                self.tgt
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(sql_err("ending a target snapshot transaction"))
+            }
+        )?;
+        Ok(())
+    }
+
+    /// Compares one table (inside its snapshot transaction, if any).
+    async fn compare(
+        &self,
+        display: &str,
+        quoted: &str,
+        opts: &VerifyOptions,
+        progress: &VerifyProgress,
+    ) -> Result<TableVerify, VerifyError> {
+        self.begin().await?;
+        let (src, tgt) = (&self.src, &self.tgt);
+        let mut v = match opts.mode {
+            VerifyMode::Counts => compare_counts(src, tgt, display, quoted, progress).await?,
+            VerifyMode::Checksums => {
+                let rows = opts.chunk_rows.max(1);
+                compare_checksums(src, tgt, display, quoted, rows, progress).await?
+            }
+        };
+        if !v.matches && self.snapshots.is_some() {
+            for (c, side) in [(src, "source"), (tgt, "target")] {
+                if rewritten_since_snapshot(c, quoted, side).await? {
+                    let note = format!(
+                        "{display} was truncated or rewritten on the {side} after the snapshot \
+                         (TRUNCATE and rewriting ALTER TABLEs are not MVCC-safe: an older \
+                         snapshot sees the table empty), so this difference may not be real"
+                    );
+                    v.detail = Some(match v.detail.take() {
+                        Some(d) => format!("{d}; {note}"),
+                        None => note,
+                    });
+                }
+            }
+        }
+        self.end().await?;
+        Ok(v)
+    }
+}
+
+/// Whether a table's storage changed after the transaction's snapshot: its
+/// `pg_class` row as of the snapshot names another file than the current
+/// catalog does. Exact once the table is locked (it is, having been read).
+async fn rewritten_since_snapshot(
+    c: &Client,
+    quoted: &str,
+    side: &str,
+) -> Result<bool, VerifyError> {
+    let what = format!("checking whether {quoted} was rewritten on the {side}");
+    let row = c
+        .query_opt(
+            "SELECT coalesce(c.relfilenode <> pg_relation_filenode(c.oid), false) \
+             FROM pg_class c WHERE c.oid = $1::text::regclass",
+            &[&quoted],
+        )
+        .await
+        .map_err(sql_err(what.clone()))?;
+    match row {
+        Some(r) => r.try_get(0).map_err(sql_err(what)),
+        None => Ok(false),
+    }
+}
+
+/// Ends the progress however the verification ends.
+struct Finish<'a>(&'a VerifyProgress);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
+/// The comparison both entry points share: tables listed on both sides,
+/// `opts.jobs` of them compared at a time.
+async fn verify_tables(
+    sides: Sides<'_>,
+    opts: &VerifyOptions,
+    progress: &VerifyProgress,
+) -> Result<VerifyReport, VerifyError> {
+    let db = sides.database();
+    let first = sides.open().await?;
+    first.begin().await?;
     let (src_tables, tgt_tables) = tokio::try_join!(
-        list_tables(&src, &opts.filter),
-        list_tables(&tgt, &opts.filter)
+        list_tables(&first.src, &opts.filter),
+        list_tables(&first.tgt, &opts.filter)
     )?;
+    first.end().await?;
     let mut names: Vec<(String, String)> = src_tables
         .iter()
         .chain(&tgt_tables)
@@ -135,6 +374,8 @@ pub async fn verify_database_with(
         .collect();
     names.sort();
     names.dedup();
+    progress.start(names.len());
+    let _finish = Finish(progress);
     let mut results: Vec<Option<TableVerify>> = vec![None; names.len()];
     let mut work = std::collections::VecDeque::new();
     for (i, (schema, name)) in names.iter().enumerate() {
@@ -145,24 +386,27 @@ pub async fn verify_database_with(
             continue;
         }
         let side = if in_src { "target" } else { "source" };
-        results[i] = Some(TableVerify {
+        let v = TableVerify {
             table: format!("{schema}.{name}"),
             source_rows: None,
             target_rows: None,
             matches: false,
             detail: Some(format!("missing on the {side}")),
-        });
+            ranges: Vec::new(),
+        };
+        progress.end_table(&v);
+        results[i] = Some(v);
     }
     // The first pair of connections is one of the workers; the others open their own.
     let jobs = opts.jobs.clamp(1, work.len().max(1));
     let queue = std::sync::Mutex::new(work);
     let results = std::sync::Mutex::new(results);
-    let worker = |pair: Option<(Client, Client)>| {
+    let worker = |pair: Option<Pair>| {
         let (queue, results, names) = (&queue, &results, &names);
         async move {
-            let (src, tgt) = match pair {
+            let pair = match pair {
                 Some(p) => p,
-                None => connections(source, target, db).await?,
+                None => sides.open().await?,
             };
             loop {
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
@@ -170,22 +414,18 @@ pub async fn verify_database_with(
                 let (schema, name) = &names[i];
                 let display = format!("{schema}.{name}");
                 let quoted = format!("{}.{}", quote_ident(schema), quote_ident(name));
-                let v = match opts.mode {
-                    VerifyMode::Counts => compare_counts(&src, &tgt, &display, &quoted).await?,
-                    VerifyMode::Checksums => {
-                        compare_checksums(&src, &tgt, &display, &quoted, opts.chunk_rows.max(1))
-                            .await?
-                    }
-                };
+                progress.begin_table(&display);
+                let v = pair.compare(&display, &quoted, opts, progress).await?;
                 if !v.matches {
                     tracing::warn!(database = db, table = %v.table, detail = ?v.detail, "tables differ");
                 }
+                progress.end_table(&v);
                 results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(v);
             }
             Ok::<(), VerifyError>(())
         }
     };
-    let mut workers = vec![worker(Some((src, tgt)))];
+    let mut workers = vec![worker(Some(first))];
     workers.extend((1..jobs).map(|_| worker(None)));
     futures_util::future::try_join_all(workers).await?;
     let tables = results
@@ -201,212 +441,29 @@ pub async fn verify_database_with(
     })
 }
 
-/// A connection to each side whose text output of values is the same on
-/// both (floats: see [`pg::settings::comparable_float_digits`]).
-async fn connections(
-    source: &Endpoint,
-    target: &Endpoint,
+/// A connection to `db` with the output settings both sides share; `held`:
+/// it reads a held snapshot, so no timeout may end it early.
+async fn connection(
+    ep: &Endpoint,
     db: &str,
-) -> Result<(Client, Client), VerifyError> {
-    let (src, tgt) = tokio::try_join!(
-        connection(source, db, "source"),
-        connection(target, db, "target")
-    )?;
-    let digits = pg::settings::comparable_float_digits(src.1, tgt.1);
-    for (c, side) in [(&src.0, "source"), (&tgt.0, "target")] {
-        c.batch_execute(&format!("SET extra_float_digits = {digits}"))
-            .await
-            .map_err(sql_err(format!("configuring the {side} connection")))?;
-    }
-    Ok((src.0, tgt.0))
-}
-
-async fn connection(ep: &Endpoint, db: &str, side: &str) -> Result<(Client, Version), VerifyError> {
+    side: &str,
+    held: bool,
+) -> Result<(Client, Version), VerifyError> {
     let c = db::connect(&ep.with_dbname(db), &format!("{side} database {db}")).await?;
-    c.batch_execute(
-        "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres'; \
-         SET bytea_output = 'hex'",
-    )
-    .await
-    .map_err(sql_err(format!("configuring the {side} connection")))?;
     let version = Version::of(&c)
         .await
         .map_err(sql_err(format!("reading the {side} server's version")))?;
-    Ok((c, version))
-}
-
-async fn compare_counts(
-    src: &Client,
-    tgt: &Client,
-    table: &str,
-    quoted: &str,
-) -> Result<TableVerify, VerifyError> {
-    let sql = format!("SELECT count(*) FROM ONLY {quoted}");
-    let (s, t) = tokio::try_join!(
-        one_i64(src, &sql, format!("counting {table} on the source")),
-        one_i64(tgt, &sql, format!("counting {table} on the target"))
-    )?;
-    Ok(TableVerify {
-        table: table.to_string(),
-        source_rows: Some(s),
-        target_rows: Some(t),
-        matches: s == t,
-        detail: (s != t).then(|| "row counts differ".to_string()),
-    })
-}
-
-async fn one_i64(c: &Client, sql: &str, what: String) -> Result<i64, VerifyError> {
-    Ok(c.query_one(sql, &[]).await.map_err(sql_err(what))?.get(0))
-}
-
-/// Sum of the rows' md5 (two 64-bit halves), as text.
-const HASH_SUM: &str = "coalesce(sum(('x' || substr(h, 1, 16))::bit(64)::bigint::numeric), 0)::text \
-     || '/' || coalesce(sum(('x' || substr(h, 17, 16))::bit(64)::bigint::numeric), 0)::text";
-const ROW_HASH: &str = "md5(convert_to(x::text, 'UTF8'))";
-
-/// Primary key columns (quoted) and their types, in key order.
-async fn primary_key(c: &Client, quoted: &str) -> Result<Vec<(String, String)>, VerifyError> {
-    let rows = c
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
-             FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-             WHERE i.indrelid = $1::text::regclass AND i.indisprimary \
-             ORDER BY array_position(i.indkey::int2[], a.attnum)",
-            &[&quoted],
-        )
+    let mut settings = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
+         SET IntervalStyle = 'postgres'; SET bytea_output = 'hex'"
+        .to_string();
+    if held {
+        settings.push_str("; ");
+        settings.push_str(snapshot::keep_alive_settings(version));
+    }
+    c.batch_execute(&settings)
         .await
-        .map_err(sql_err(format!("reading the primary key of {quoted}")))?;
-    Ok(rows
-        .iter()
-        .map(|r| (quote_ident(r.get(0)), r.get(1)))
-        .collect())
-}
-
-async fn compare_checksums(
-    src: &Client,
-    tgt: &Client,
-    table: &str,
-    quoted: &str,
-    chunk_rows: i64,
-) -> Result<TableVerify, VerifyError> {
-    let key = primary_key(src, quoted).await?;
-    if key.is_empty() {
-        let sql = format!(
-            "SELECT count(*), {HASH_SUM} FROM (SELECT {ROW_HASH} AS h FROM ONLY {quoted} x) c"
-        );
-        let (s, t) = tokio::try_join!(
-            chunk(src, &sql, format!("checksumming {table} on the source")),
-            chunk(tgt, &sql, format!("checksumming {table} on the target"))
-        )?;
-        let matches = s == t;
-        return Ok(TableVerify {
-            table: table.to_string(),
-            source_rows: Some(s.0),
-            target_rows: Some(t.0),
-            matches,
-            detail: (!matches).then(|| describe(s.0, t.0, "table")),
-        });
-    }
-    let cols: Vec<String> = key.iter().map(|(c, _)| format!("x.{c}")).collect();
-    let row = format!("({})", cols.join(", "));
-    let aliases: Vec<String> = (0..key.len()).map(|i| format!("k{i}")).collect();
-    let mut lower: Option<Vec<String>> = None;
-    let (mut src_rows, mut tgt_rows) = (0i64, 0i64);
-    let mut first_diff: Option<String> = None;
-    loop {
-        let lower_cond = lower
-            .as_ref()
-            .map(|v| format!("{row} > {}", key_literal(&key, v)))
-            .unwrap_or_else(|| "true".into());
-        // `c` is read twice, so every version computes it once (12+ inlines
-        // only a CTE read once; 11 has no MATERIALIZED keyword).
-        let src_sql = format!(
-            "WITH c AS (SELECT {ROW_HASH} AS h, {keys} FROM ONLY {quoted} x \
-               WHERE {lower_cond} ORDER BY {order} LIMIT {chunk_rows}) \
-             SELECT count(*), {HASH_SUM}, \
-               (SELECT ARRAY[{key_text}] FROM c ORDER BY {desc} LIMIT 1) FROM c",
-            keys = cols
-                .iter()
-                .zip(&aliases)
-                .map(|(c, a)| format!("{c} AS {a}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            order = cols.join(", "),
-            key_text = aliases
-                .iter()
-                .map(|a| format!("{a}::text"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            desc = aliases
-                .iter()
-                .map(|a| format!("{a} DESC"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        );
-        let r = src
-            .query_one(&src_sql, &[])
-            .await
-            .map_err(sql_err(format!("checksumming {table} on the source")))?;
-        let s: (i64, String) = (r.get(0), r.get(1));
-        let upper: Option<Vec<String>> = r.get(2);
-        // The last chunk is open upwards, so extra target rows are counted too.
-        let last = s.0 < chunk_rows;
-        let upper_cond = match (&upper, last) {
-            (Some(u), false) => format!(" AND {row} <= {}", key_literal(&key, u)),
-            _ => String::new(),
-        };
-        let tgt_sql = format!(
-            "SELECT count(*), {HASH_SUM} FROM (SELECT {ROW_HASH} AS h FROM ONLY {quoted} x \
-               WHERE {lower_cond}{upper_cond}) c"
-        );
-        let t = chunk(tgt, &tgt_sql, format!("checksumming {table} on the target")).await?;
-        src_rows += s.0;
-        tgt_rows += t.0;
-        if s != t && first_diff.is_none() {
-            let from = lower
-                .as_ref()
-                .map(|v| v.join(","))
-                .unwrap_or_else(|| "start".into());
-            first_diff = Some(format!(
-                "{} in key range after ({from})",
-                describe(s.0, t.0, "rows")
-            ));
-        }
-        match upper {
-            Some(u) if !last => lower = Some(u),
-            _ => break,
-        }
-    }
-    Ok(TableVerify {
-        table: table.to_string(),
-        source_rows: Some(src_rows),
-        target_rows: Some(tgt_rows),
-        matches: first_diff.is_none(),
-        detail: first_diff,
-    })
-}
-
-fn describe(s: i64, t: i64, what: &str) -> String {
-    if s == t {
-        format!("{what} differ in content")
-    } else {
-        format!("{what} counts differ ({s} vs {t})")
-    }
-}
-
-/// `(v1::type1, v2::type2)` from key values as text.
-fn key_literal(key: &[(String, String)], values: &[String]) -> String {
-    let parts: Vec<String> = key
-        .iter()
-        .zip(values)
-        .map(|((_, ty), v)| format!("{}::{ty}", quote_literal(v)))
-        .collect();
-    format!("({})", parts.join(", "))
-}
-
-async fn chunk(c: &Client, sql: &str, what: String) -> Result<(i64, String), VerifyError> {
-    let r = c.query_one(sql, &[]).await.map_err(sql_err(what))?;
-    Ok((r.get(0), r.get(1)))
+        .map_err(sql_err(format!("configuring the {side} connection")))?;
+    Ok((c, version))
 }
 
 /// `pgshift verify`: verifies the configured (or given) databases, prints a
