@@ -21,6 +21,37 @@ pub(crate) fn int_gauge(reg: &Registry, name: &str, help: &str) -> IntGauge {
     m
 }
 
+/// An integer gauge with constant labels that describes the latest run of
+/// something that runs again (a verification of one database): registering
+/// the same name and labels again replaces the earlier gauge instead of
+/// failing, so the registry shows the latest run's value.
+pub(crate) fn int_gauge_latest(
+    reg: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[(&str, &str)],
+) -> IntGauge {
+    check(name);
+    let opts = labels.iter().fold(Opts::new(name, help), |o, (k, v)| {
+        o.const_label(k.to_string(), v.to_string())
+    });
+    let m = IntGauge::with_opts(opts).expect("valid metric");
+    match reg.register(Box::new(m.clone())) {
+        Ok(()) => {}
+        Err(prometheus::Error::AlreadyReg) => {
+            // Unregistering matches by description, which the new gauge shares.
+            let _ = reg.unregister(Box::new(m.clone()));
+            if let Err(e) = reg.register(Box::new(m.clone())) {
+                // Two runs replacing each other at the same instant: this
+                // one's value goes unexported, no reason to fail the run.
+                tracing::debug!("metric {name} not registered: {e}");
+            }
+        }
+        Err(e) => panic!("metric {name} conflicts with another of its name: {e}"),
+    }
+    m
+}
+
 pub(crate) fn int_gauge_vec(
     reg: &Registry,
     name: &str,
