@@ -443,8 +443,17 @@ pub struct CutoverConfig {
     pub pregate_catchup_timeout: HumanDuration,
     #[serde(default = "default_attempts")]
     pub max_attempts: u32,
+    /// Inside the pause (small databases only: the pause lasts as long).
     #[serde(default)]
     pub verify: CutoverVerify,
+    /// After the gate opens: every table compared as of snapshots taken at
+    /// the switch on both sides, clients running.
+    #[serde(default = "default_verify_after")]
+    pub verify_after: CutoverVerify,
+    /// A mismatch found by `verify_after` starts a rollback by itself
+    /// (while the rollback window is open).
+    #[serde(default)]
+    pub rollback_on_mismatch: bool,
     /// Roles set to NOLOGIN on the source while it is fenced, besides every
     /// role that can reach a migrated database (superusers included when listed).
     #[serde(default)]
@@ -467,6 +476,10 @@ pub struct CutoverConfig {
     pub rollback_max_retained_wal: ByteSize,
 }
 
+fn default_verify_after() -> CutoverVerify {
+    CutoverVerify::Checksums
+}
+
 fn default_rollback_wal() -> ByteSize {
     ByteSize(10 << 30)
 }
@@ -483,6 +496,8 @@ impl Default for CutoverConfig {
             pregate_catchup_timeout: default_pregate_catchup(),
             max_attempts: default_attempts(),
             verify: CutoverVerify::Off,
+            verify_after: default_verify_after(),
+            rollback_on_mismatch: false,
             fence_roles: vec![],
             drop_slot_after_cutover: true,
             rollback: true,

@@ -1,5 +1,6 @@
-//! `pgshift demo`: a whole online migration and cutover on throwaway local
-//! clusters, under a write load of its own through the proxy, with a live
+//! `pgshift demo`: a whole online migration, cutover, verification and
+//! rollback on throwaway local clusters, under a write load of its own
+//! through the proxy, with a live
 //! progress view and a report. Everything it starts is stopped and removed
 //! on exit, also on Ctrl-C.
 
@@ -117,7 +118,9 @@ struct LoadStats {
 
 pub async fn run(opts: DemoOptions) -> Result<u8, DemoError> {
     let started = Instant::now();
-    println!("pgshift demo: an online migration and cutover on two throwaway local clusters\n");
+    println!(
+        "pgshift demo: an online migration, cutover, verification and rollback on two throwaway local clusters\n"
+    );
 
     // 1. Two clusters and sample data.
     let bin = tokio::task::spawn_blocking(server_programs).await??;
@@ -264,7 +267,7 @@ copy_jobs = 4
 trigger = "manual"
 drain_timeout = "5s"
 catchup_timeout = "10s"
-verify = "counts"
+verify_after = "checksums"
 "#,
         proxy = crate::localpg::free_port(),
         admin = crate::localpg::free_port(),
@@ -376,6 +379,7 @@ async fn watch_migration(
     let mut watched = Watched::default();
     let mut streaming_since: Option<Instant> = None;
     let mut cutover_requested = false;
+    let mut rollback_requested = false;
     let mut last_line = Instant::now() - Duration::from_secs(10);
     let mut last_phase = String::new();
     loop {
@@ -415,6 +419,12 @@ async fn watch_migration(
                 stats.failed.load(Ordering::Relaxed)
             ),
             (_, "CompletingMigration") => "cutover in progress…".to_string(),
+            (_, "RollingBack") => "rollback in progress…".to_string(),
+            (_, "RollbackAvailable") => format!(
+                "on the target; reverse replication lag {}; verification after the switch: {}",
+                human_bytes(db["reverse_stream"]["lag_bytes"].as_f64().unwrap_or(0.0)),
+                doc["verify_after_switch"]["state"].as_str().unwrap_or("?")
+            ),
             _ => format!("{state} / {substate}"),
         };
         let phase = format!("{state}/{substate}");
@@ -429,6 +439,11 @@ async fn watch_migration(
             last_line = Instant::now();
         }
         match (state.as_str(), substate.as_str()) {
+            ("WaitingForUserAction", "WaitingForCutoverTrigger") if rollback_requested => {
+                // Rolled back: clients on the source, forward streaming again.
+                bar.finish_and_clear();
+                return Ok(watched);
+            }
             ("WaitingForUserAction", "WaitingForCutoverTrigger") => {
                 let since = *streaming_since.get_or_insert_with(Instant::now);
                 let last = &doc["last_cutover"];
@@ -441,8 +456,28 @@ async fn watch_migration(
                 // Caught up after streaming a while under load: cut over.
                 if !cutover_requested && since.elapsed() >= opts.stream_for && lag_b < 16 << 20 {
                     bar.println("• caught up: starting the cutover under load");
-                    request_cutover(ctx).await?;
+                    request(ctx, crate::commands::CommandKind::Cutover).await?;
                     cutover_requested = true;
+                }
+            }
+            ("Succeeded", "RollbackAvailable") => {
+                let last = &doc["last_rollback"];
+                if rollback_requested && last["outcome"].as_str() == Some("aborted") {
+                    bar.finish_and_clear();
+                    return Err(DemoError::CutoverAborted {
+                        reason: format!("rollback: {}", last["reason"].as_str().unwrap_or("?")),
+                    });
+                }
+                // The verification after the switch is done: roll back, under load.
+                let verified = doc["verify_after_switch"]["state"]
+                    .as_str()
+                    .unwrap_or("none");
+                if !rollback_requested && !matches!(verified, "running" | "none") {
+                    bar.println(format!(
+                        "• verification after the switch: {verified}; rolling back to the source under load"
+                    ));
+                    request(ctx, crate::commands::CommandKind::Rollback).await?;
+                    rollback_requested = true;
                 }
             }
             ("Succeeded", _) => {
@@ -461,15 +496,15 @@ async fn watch_migration(
     }
 }
 
-async fn request_cutover(ctx: &Arc<crate::Context>) -> Result<(), DemoError> {
+async fn request(
+    ctx: &Arc<crate::Context>,
+    kind: crate::commands::CommandKind,
+) -> Result<(), DemoError> {
     let tx = ctx.commands.get().ok_or(DemoError::NoRunner)?;
     let (reply, rx) = tokio::sync::oneshot::channel();
-    tx.send(crate::commands::AdminCommand {
-        kind: crate::commands::CommandKind::Cutover,
-        reply,
-    })
-    .await
-    .map_err(|_| DemoError::RunnerStopped)?;
+    tx.send(crate::commands::AdminCommand { kind, reply })
+        .await
+        .map_err(|_| DemoError::RunnerStopped)?;
     rx.await.map_err(|_| DemoError::RunnerStopped)??;
     Ok(())
 }
@@ -479,25 +514,26 @@ fn console_is_terminal() -> bool {
     std::io::stderr().is_terminal()
 }
 
-/// Every id a client saw committed is on the target, and no ledger row
-/// reached the source after the switch.
+/// Every id a client saw committed is on the source, where the rollback
+/// brought the clients back (those written on the target in between came
+/// back by reverse replication).
 async fn check_writes(
     source: &LocalCluster,
     target: &LocalCluster,
     stats: &LoadStats,
 ) -> Result<String, DemoError> {
     let ids = stats.ids.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let on_target = target.psql(DB, "SELECT string_agg(id::text, ',') FROM ledger")?;
-    let target_ids: std::collections::HashSet<i64> = on_target
+    let on_source = source.psql(DB, "SELECT string_agg(id::text, ',') FROM ledger")?;
+    let source_ids: std::collections::HashSet<i64> = on_source
         .split(',')
         .filter_map(|s| s.parse().ok())
         .collect();
     let missing: Vec<i64> = ids
         .iter()
-        .filter(|i| !target_ids.contains(i))
+        .filter(|i| !source_ids.contains(i))
         .copied()
         .collect();
-    let source_rows: i64 = source
+    let target_rows: i64 = target
         .psql(DB, "SELECT count(*) FROM ledger")?
         .parse()
         .unwrap_or(-1);
@@ -508,10 +544,27 @@ async fn check_writes(
         });
     }
     Ok(format!(
-        "all {} ledger rows clients saw committed are on the target ({} were written before the switch, on the source)",
+        "all {} ledger rows clients saw committed are on the source after the rollback (the target holds {})",
         ids.len(),
-        source_rows
+        target_rows
     ))
+}
+
+/// One attempt's outcome and phases.
+fn print_attempt(kind: &str, a: &Value) {
+    println!(
+        "{kind:<11} {} (id {})",
+        a["outcome"].as_str().unwrap_or("?"),
+        a["id"].as_str().unwrap_or("?")
+    );
+    for p in a["phases"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<11} {:>8.1} ms  {}",
+            p["phase"].as_str().unwrap_or(""),
+            p["seconds"].as_f64().unwrap_or(0.0) * 1000.0,
+            p["detail"].as_str().unwrap_or("")
+        );
+    }
 }
 
 fn print_report(
@@ -543,35 +596,21 @@ fn print_report(
         w.max_lag_seconds
     );
     let c = &doc["last_cutover"];
+    print_attempt("cutover", c);
+    let v = &doc["verify_after_switch"];
     println!(
-        "cutover     {} (id {})",
-        c["outcome"].as_str().unwrap_or("?"),
-        c["id"].as_str().unwrap_or("?")
+        "verify      {} ({}) as of the switch, after the gate opened, in {:.1}s; {} table(s) differ",
+        v["state"].as_str().unwrap_or("?"),
+        v["mode"].as_str().unwrap_or("-"),
+        v["seconds"].as_f64().unwrap_or(0.0),
+        v["mismatches"].as_array().map_or(0, Vec::len)
     );
-    if let Some(phases) = c["phases"].as_array() {
-        for p in phases {
-            println!(
-                "  {:<10} {:>8.1} ms  {}",
-                p["phase"].as_str().unwrap_or(""),
-                p["seconds"].as_f64().unwrap_or(0.0) * 1000.0,
-                p["detail"].as_str().unwrap_or("")
-            );
-        }
-    }
-    let pause_ms = c["pause_seconds"].as_f64().unwrap_or(0.0) * 1000.0;
-    let verify_ms: f64 = c["phases"]
-        .as_array()
-        .map(|p| {
-            p.iter()
-                .filter(|x| x["phase"] == "verify")
-                .map(|x| x["seconds"].as_f64().unwrap_or(0.0) * 1000.0)
-                .sum()
-        })
-        .unwrap_or(0.0);
+    let r = &doc["last_rollback"];
+    print_attempt("rollback", r);
     println!(
-        "pause       {pause_ms:.1} ms gate closed → opened ({:.1} ms without the optional verification, cutover.verify); \
-         the slowest client transaction took {:.1} ms",
-        pause_ms - verify_ms,
+        "pauses      cutover {:.1} ms, rollback {:.1} ms (gate closed → opened); the slowest client transaction took {:.1} ms",
+        c["pause_seconds"].as_f64().unwrap_or(0.0) * 1000.0,
+        r["pause_seconds"].as_f64().unwrap_or(0.0) * 1000.0,
         stats.max_latency_us.load(Ordering::Relaxed) as f64 / 1000.0
     );
     println!(

@@ -188,6 +188,7 @@ pub(crate) async fn validate_resuming(config: &Config, own_copies: &[String]) ->
 
     checks.extend(server::source_checks(source.as_ref(), m).await);
     checks.extend(server::target_checks(target.as_ref(), source.as_ref(), m, &config.target).await);
+    checks.extend(server::rollback_checks(target.as_ref(), m, config.cutover().rollback).await);
     checks.push(server::pg_dump_check(source.as_ref(), target.as_ref(), m.pg_bin.as_deref()).await);
     checks.extend(fence::checks(source.as_ref(), config).await);
     checks.extend(ddl::checks(source.as_ref(), m).await);

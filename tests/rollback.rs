@@ -421,3 +421,65 @@ async fn rollback_across_versions() {
         }
     }
 }
+
+/// A difference planted on the target inside the pause (after the marker,
+/// before the snapshot) is found by the verification after the switch,
+/// named with its table and key range; `rollback_on_mismatch` then brings
+/// the clients back to the source by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_after_the_switch_finds_a_planted_difference() {
+    let pair = Pair::start();
+    let release = tempfile::tempdir().unwrap();
+    let go = release.path().join("go");
+    let failpoint = format!("hold:sequences:{}", go.display());
+    let shift = pair.launch(
+        "",
+        &format!("{BOUNDS}\nrollback_on_mismatch = true"),
+        &[("PGSHIFT_FAILPOINT", failpoint.as_str())],
+    );
+    shift.wait_streaming_async(DB).await;
+    let writer = Writer::start(&shift.url(DB), "w").await;
+    writer.wait_more(10).await;
+    let out = shift.cli_admin(&["cutover"]);
+    assert!(out.status.success(), "{}", out_text(&out));
+    shift
+        .wait_status_async("held after the sequences", Duration::from_secs(300), |s| {
+            s["last_cutover"]["phases"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["phase"] == "sequences"))
+        })
+        .await;
+    // The source is fenced and the marker applied: a change made now on the
+    // target (as a superuser, whom the guard lets write) is a difference.
+    pair.target
+        .psql(DB, "UPDATE items SET name = 'planted' WHERE id = 7");
+    std::fs::write(&go, b"go").unwrap();
+    let s = wait_for(&shift, "the verification after the switch", |s| {
+        s["verify_after_switch"]["state"] == "mismatch"
+            || s["verify_after_switch"]["state"] == "match"
+    })
+    .await;
+    let v = &s["verify_after_switch"];
+    assert_eq!(v["state"], "mismatch", "{s}");
+    let m = v["mismatches"].as_array().unwrap();
+    assert_eq!(m.len(), 1, "{v}");
+    assert_eq!(m[0]["table"], "public.items", "{v}");
+    assert!(
+        m[0]["detail"].as_str().unwrap().contains("(id)"),
+        "the key range is named: {v}"
+    );
+    // rollback_on_mismatch: back on the source, the writer never failed.
+    let s = wait_for(&shift, "rolled back by itself", |s| {
+        s["last_rollback"]["outcome"] == "succeeded" && s["substate"] == "WaitingForCutoverTrigger"
+    })
+    .await;
+    assert!(s["last_rollback"]["id"].is_string());
+    writer.wait_more(10).await;
+    let w = writer.finish().await;
+    assert!(w.errors.is_empty(), "{:?}", w.errors);
+    assert_eq!(
+        w.committed.last().unwrap().1,
+        pair.source.port as i32,
+        "the writer ends on the source"
+    );
+}

@@ -164,6 +164,24 @@ pub trait CutoverHost: Send + Sync {
     /// Compares source and target while both are still.
     fn verify(&self, mode: CutoverVerify)
     -> impl Future<Output = Result<String, HostError>> + Send;
+    /// The attempt did not switch: lets go of what it prepared beside the
+    /// runbook (e.g. reverse slots, snapshots). Runs before the migration's
+    /// state says it is ready again.
+    fn abandon(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+    /// Inside the pause, after the marker: whatever the switch needs that
+    /// was prepared in the background is ready (e.g. reverse replication's
+    /// slots); an error aborts. Some(detail) to report, None: nothing to do.
+    fn before_switch(&self) -> impl Future<Output = Result<Option<String>, HostError>> + Send {
+        async { Ok(None) }
+    }
+    /// Inside the pause, once nothing more commits on the side left and the
+    /// other holds everything: snapshots of both, for a verification after
+    /// the gate opens. Some(detail) when taken, None when not configured.
+    fn hold_snapshots(&self) -> impl Future<Output = Result<Option<String>, HostError>> + Send {
+        async { Ok(None) }
+    }
     /// Inside the pause, just before the switch: lets application roles
     /// write on the target's migrated databases ([`super::guard`]), so the
     /// sessions write as soon as they move.
@@ -858,6 +876,37 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
         check.and(marker).and(seqs)
     }
 
+    async fn ready_to_switch(&mut self) -> Result<(), Abort> {
+        let t = Instant::now();
+        match self.host.before_switch().await {
+            Ok(None) => Ok(()),
+            Ok(Some(detail)) => {
+                self.record("reverse", t, PhaseOutcome::Ok, Some(detail));
+                Ok(())
+            }
+            Err(e) => {
+                self.record("reverse", t, PhaseOutcome::Failed, Some(e.to_string()));
+                Err(Abort {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Not a reason to abort: the clients' move does not depend on it; the
+    /// verification after the switch reports that it could not run.
+    async fn snapshots(&mut self) {
+        if self.direction == Direction::Rollback {
+            return;
+        }
+        let t = Instant::now();
+        match self.host.hold_snapshots().await {
+            Ok(None) => {}
+            Ok(Some(detail)) => self.record("snapshot", t, PhaseOutcome::Ok, Some(detail)),
+            Err(e) => self.record("snapshot", t, PhaseOutcome::Failed, Some(e.to_string())),
+        }
+    }
+
     async fn verify(&mut self) -> Result<(), Abort> {
         // A rollback goes back to a source that reverse replication kept
         // current; it is verified outside any pause.
@@ -1105,6 +1154,8 @@ pub async fn run_as<H: CutoverHost, L: CutoverLedger>(
         a.failpoint("fence").await;
         a.catch_up_and_sequences(&admin).await?;
         a.failpoint("sequences").await;
+        a.ready_to_switch().await?;
+        a.snapshots().await;
         a.verify().await?;
         a.failpoint("verify").await;
         Ok(())
@@ -1151,6 +1202,9 @@ async fn finish<H: CutoverHost, L: CutoverLedger>(a: Attempt<'_, H, L>) -> Cutov
         .await
     {
         tracing::error!("cannot record the cutover attempt: {e}");
+    }
+    if r.outcome != Outcome::Succeeded {
+        a.host.abandon().await;
     }
     let next = if r.outcome == Outcome::Succeeded {
         AfterAttempt::Succeeded

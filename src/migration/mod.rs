@@ -8,6 +8,7 @@ pub(crate) mod pipeline;
 mod rollback;
 pub mod runner;
 pub(crate) mod state;
+mod verify_after;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};

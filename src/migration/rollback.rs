@@ -54,14 +54,66 @@ impl Runner {
         reverse_migration(&self.migration().cfg.name)
     }
 
-    /// Inside the cutover's prepare: a publication and a fresh slot on the
-    /// target for every database, their positions persisted.
-    pub(super) async fn prepare_reverse(&self) -> Result<(), HostError> {
-        let c = &self.ctx().config;
-        let reverse = self.reverse_name();
-        let filter = crate::filter::TableFilter::from_migration(&self.migration().cfg);
+    /// At the cutover's prepare: the reverse publications and slots are
+    /// created in the background, while pre-warm and catch-up run (a slot
+    /// waits for every transaction open on the target when it starts, e.g.
+    /// apply's); the pause awaits them ([`Runner::reverse_ready`]).
+    pub(super) async fn prepare_reverse(&self) {
+        let task = tokio::spawn(create_reverse(
+            self.ctx().clone(),
+            self.migration().clone(),
+            self.reverse_name(),
+        ));
+        if let Some(old) = self.reverse_setup.lock().await.replace(task) {
+            old.abort();
+        }
+    }
+
+    /// Inside the pause, before the switch: the reverse slots exist (bounded
+    /// by `catchup_timeout`; the marker proved apply caught up, so only a
+    /// transaction left open on the target can still hold them up).
+    pub(super) async fn reverse_ready(&self) -> Result<Option<String>, HostError> {
+        let Some(task) = self.reverse_setup.lock().await.take() else {
+            return Ok(None);
+        };
+        let bound = self.ctx().config.cutover().catchup_timeout.0;
+        let abort = task.abort_handle();
+        match tokio::time::timeout(bound, task).await {
+            Ok(Ok(r)) => r.map(|n| Some(format!("{n} reverse slot(s) ready on the target"))),
+            Ok(Err(e)) => Err(HostError::Failed(format!(
+                "creating the reverse slots failed: {e}"
+            ))),
+            Err(_) => {
+                abort.abort();
+                Err(HostError::Failed(format!(
+                    "the reverse slots were not created within catchup_timeout {bound:?}: a transaction stayed open on the target"
+                )))
+            }
+        }
+    }
+
+    /// An attempt that prepared reverse slots and did not switch: drops them.
+    pub(super) async fn abandon_reverse(&self) {
+        if let Some(task) = self.reverse_setup.lock().await.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        self.drop_prepared_window().await;
+    }
+}
+
+/// Creates a publication and a fresh slot on the target for every
+/// database and persists their positions; returns how many.
+async fn create_reverse(
+    ctx: Arc<crate::context::Context>,
+    m: Arc<super::Migration>,
+    reverse: String,
+) -> Result<usize, HostError> {
+    {
+        let c = &ctx.config;
+        let filter = crate::filter::TableFilter::from_migration(&m.cfg);
         let mut points = BTreeMap::new();
-        for db in &self.migration().cfg.databases {
+        for db in &m.cfg.databases {
             let failed = |what: &str, e: String| {
                 HostError::Failed(format!(
                     "database {db}: {what} for reverse replication on the target: {e}"
@@ -103,19 +155,20 @@ impl Runner {
             .map_err(|e| failed("creating the slot", e.to_string()))?;
             points.insert(db.clone(), slot.consistent_point.to_string());
         }
-        self.migration()
-            .prepare_window(points)
+        let n = points.len();
+        m.prepare_window(points)
             .await
-            .map_err(|e| HostError::Failed(format!("cannot persist the rollback window: {e}")))
+            .map_err(|e| HostError::Failed(format!("cannot persist the rollback window: {e}")))?;
+        Ok(n)
     }
+}
 
-    /// An attempt that prepared reverse slots and did not switch: drops them.
-    pub(super) async fn abandon_reverse(&self) {
-        if self
-            .migration()
-            .window()
-            .is_none_or(|w| w.opened_at.is_some())
-        {
+impl Runner {
+    /// The prepared (never opened) window's slots and record are dropped.
+    async fn drop_prepared_window(&self) {
+        // Slots may exist before the window's record does: dropped
+        // unless a window is open (its slots are the live ones).
+        if self.migration().window().is_some_and(|w| w.is_open()) {
             return;
         }
         for note in self.drop_reverse_slots().await {
@@ -527,9 +580,24 @@ impl Runner {
         errors
     }
 
+    /// Every second: the window's metrics, and its automatic end.
+    pub(super) async fn window_tick(&self) {
+        let open = self
+            .migration()
+            .window()
+            .filter(|w| w.is_open())
+            .and_then(|w| w.opened_at);
+        let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+        self.window_metrics.open.set(i64::from(open.is_some()));
+        self.window_metrics
+            .open_seconds
+            .set(open.map_or(0.0, |t| (now - t).max(0.0)));
+        self.auto_complete().await;
+    }
+
     /// The window ends by itself after `rollback_window`, or when a reverse
     /// slot holds back more than `rollback_max_retained_wal` on the target.
-    pub(super) async fn auto_complete(&self) {
+    async fn auto_complete(&self) {
         let m = self.migration();
         if m.state() != (State::Succeeded, Substate::RollbackAvailable)
             || self.cutover_running.load(Ordering::SeqCst)
@@ -569,6 +637,31 @@ impl Runner {
     pub(super) async fn reverse_retained_bytes(&self) -> u64 {
         let reverse = self.reverse.lock().await;
         reverse.iter().map(|s| s.status.retained_bytes()).sum()
+    }
+}
+
+/// The rollback window's metrics.
+#[derive(Clone)]
+pub(crate) struct WindowMetrics {
+    open: prometheus::IntGauge,
+    open_seconds: prometheus::Gauge,
+}
+
+impl WindowMetrics {
+    pub(crate) fn register(reg: &prometheus::Registry) -> WindowMetrics {
+        use crate::telemetry::metrics as m;
+        WindowMetrics {
+            open: m::int_gauge(
+                reg,
+                "pgshift_rollback_window_open",
+                "1 while the rollback window is open (clients on the target, reverse replication keeping the source current)",
+            ),
+            open_seconds: m::gauge(
+                reg,
+                "pgshift_rollback_window_open_seconds",
+                "How long the open rollback window has been open, in seconds (0 when none is open)",
+            ),
+        }
     }
 }
 

@@ -70,6 +70,12 @@ pub struct Runner {
     pub(super) rollback_metrics: CutoverMetrics,
     last_cutover: LastCutover,
     pub(super) last_rollback: LastCutover,
+    /// The attempt's snapshots for the verification after the switch.
+    pub(super) snapshots: Mutex<super::verify_after::Snapshots>,
+    pub(super) verify_status: super::verify_after::VerifyAfter,
+    pub(super) window_metrics: super::rollback::WindowMetrics,
+    /// The reverse slots being created for the running cutover.
+    pub(super) reverse_setup: Mutex<Option<JoinHandle<Result<usize, HostError>>>>,
     /// Which way the running attempt moves the clients: the host's steps
     /// act on that direction's streams, fence and route.
     direction: std::sync::Mutex<Direction>,
@@ -96,6 +102,8 @@ pub(crate) struct LeaderParts {
     copy_metrics: Option<crate::replication::copy::CopyMetrics>,
     last_cutover: LastCutover,
     last_rollback: LastCutover,
+    verify_status: super::verify_after::VerifyAfter,
+    window_metrics: super::rollback::WindowMetrics,
     ddl: Arc<crate::replication::ddl::DdlControl>,
     state_metric: prometheus::IntGaugeVec,
 }
@@ -108,6 +116,9 @@ impl LeaderParts {
         let last_rollback = LastCutover::default();
         ctx.status
             .register("last_rollback", Arc::new(last_rollback.clone()));
+        let verify_status = super::verify_after::VerifyAfter::default();
+        ctx.status
+            .register("verify_after_switch", Arc::new(verify_status.clone()));
         let ddl = Arc::new(crate::replication::ddl::DdlControl::new(
             cfg.ddl,
             Some(&ctx.registry),
@@ -125,6 +136,8 @@ impl LeaderParts {
             copy_metrics: crate::replication::copy::CopyMetrics::register(&ctx.registry).ok(),
             last_cutover,
             last_rollback,
+            verify_status,
+            window_metrics: super::rollback::WindowMetrics::register(&ctx.registry),
             ddl,
             state_metric: super::state_metric(&ctx.registry),
         }
@@ -185,6 +198,10 @@ impl LeaderTerm {
             last_cutover: parts.last_cutover.clone(),
             last_rollback: parts.last_rollback.clone(),
             direction: std::sync::Mutex::new(Direction::Cutover),
+            snapshots: Mutex::new(Default::default()),
+            verify_status: parts.verify_status.clone(),
+            window_metrics: parts.window_metrics.clone(),
+            reverse_setup: Mutex::new(None),
             cutover_running: Arc::new(AtomicBool::new(false)),
             ddl: parts.ddl.clone(),
             fleet: fleet.clone(),
@@ -274,7 +291,7 @@ impl Runner {
                 _ = ready.tick() => self.update_readiness().await,
                 _ = auto.tick() => {
                     self.auto_trigger(&mut window_attempts).await;
-                    self.auto_complete().await;
+                    self.window_tick().await;
                 }
                 _ = shutdown.cancelled() => break,
             }
@@ -661,8 +678,8 @@ impl Runner {
             drop(round);
             this.fleet.end_round();
             this.drop_cutover_conns();
-            if report.outcome != Outcome::Succeeded {
-                this.abandon_reverse().await;
+            if report.outcome == Outcome::Succeeded {
+                this.spawn_verify_after(report.id.clone());
             }
         });
         Ok(json!({"id": id, "message": "cutover started"}))
@@ -929,7 +946,14 @@ impl Runner {
         let sessions = i32::try_from(self.pipeline.proxy.sessions().len())
             .unwrap_or(i32::MAX)
             .saturating_add(self.fleet.remote_sessions());
-        let own = i32::try_from(self.migration().cfg.databases.len()).unwrap_or(i32::MAX);
+        // The cutover's own connection per database, and the snapshot's
+        // for the verification after the switch.
+        let per_db = if self.ctx().config.cutover().verify_after == CutoverVerify::Off {
+            1
+        } else {
+            2
+        };
+        let own = i32::try_from(self.migration().cfg.databases.len() * per_db).unwrap_or(i32::MAX);
         if sessions.saturating_add(own) > slots.free() {
             return Err(HostError::NoRoom {
                 slots,
@@ -1007,9 +1031,12 @@ impl CutoverHost for Runner {
         let c = &self.ctx().config;
         self.check_target_room().await?;
         if c.cutover().rollback {
-            // Outside the pause, before the switch: nothing clients write
-            // on the target afterwards can be missed.
-            self.prepare_reverse().await?;
+            // Before the switch: nothing clients write on the target
+            // afterwards can be missed.
+            self.prepare_reverse().await;
+        }
+        if let Err(e) = self.connect_snapshots().await {
+            tracing::warn!("the verification after the switch will not run: {e}");
         }
         let mut dbs = Vec::new();
         for db in &self.migration().cfg.databases {
@@ -1206,6 +1233,24 @@ impl CutoverHost for Runner {
         } else {
             Err(HostError::Mismatch { tables: bad })
         }
+    }
+
+    async fn abandon(&self) {
+        if self.direction() == Direction::Cutover {
+            self.drop_snapshots().await;
+            self.abandon_reverse().await;
+        }
+    }
+
+    async fn before_switch(&self) -> Result<Option<String>, HostError> {
+        if self.direction() == Direction::Rollback {
+            return Ok(None);
+        }
+        self.reverse_ready().await
+    }
+
+    async fn hold_snapshots(&self) -> Result<Option<String>, HostError> {
+        self.export_snapshots().await
     }
 
     async fn lift_target_guard(&self) -> Result<(), HostError> {

@@ -229,43 +229,88 @@ pub(crate) async fn source_checks(source: Option<&Server>, m: &MigrationConfig) 
         return vec![];
     };
     let online = m.mode == MigrationMode::Online;
-    let mut out = vec![wal_level_check(s, online).await];
-    out.extend(slot_and_sender_checks(s, m.databases.len(), online).await);
+    let mut out = vec![wal_level_check(s, SOURCE, online).await];
+    out.extend(slot_and_sender_checks(s, SOURCE, m.databases.len(), online).await);
     out.push(replication_privilege_check(s, online));
     out
 }
 
-async fn wal_level_check(s: &Server, online: bool) -> Check {
-    const NAME: &str = "wal_level";
+/// What a replication check is about: the source (forward streaming) or
+/// the target (reverse replication during the rollback window).
+struct Side {
+    side: &'static str,
+    prefix: &'static str,
+    needs: &'static str,
+    not_needed: &'static str,
+    alternative: &'static str,
+}
+
+const SOURCE: Side = Side {
+    side: "source",
+    prefix: "",
+    needs: "online migration needs logical decoding (wal_level = logical)",
+    not_needed: "offline mode does not need",
+    alternative: "",
+};
+
+const TARGET: Side = Side {
+    side: "target",
+    prefix: "reverse_",
+    needs: "a rollback window ([cutover] rollback = true) needs logical decoding on the target (wal_level = logical)",
+    not_needed: "no rollback window ([cutover] rollback = false) does not need",
+    alternative: "; or set [cutover] rollback = false (no way back after the cutover)",
+};
+
+/// Reverse replication's needs on the target (a rollback window).
+pub(crate) async fn rollback_checks(
+    target: Option<&Server>,
+    m: &MigrationConfig,
+    rollback: bool,
+) -> Vec<Check> {
+    let Some(t) = target else {
+        return vec![];
+    };
+    if m.mode != MigrationMode::Online || !rollback {
+        return vec![];
+    }
+    let mut out = vec![wal_level_check(t, TARGET, rollback).await];
+    out.extend(slot_and_sender_checks(t, TARGET, m.databases.len(), rollback).await);
+    out
+}
+
+async fn wal_level_check(s: &Server, side: Side, required: bool) -> Check {
+    let name = format!("{}wal_level", side.prefix);
+    let name = name.as_str();
     let level: String = match s
         .client
         .query_one("SELECT current_setting('wal_level')", &[])
         .await
     {
         Ok(r) => r.get(0),
-        Err(e) => return query_failed(NAME, "source", e),
+        Err(e) => return query_failed(name, side.side, e),
     };
     if level == "logical" {
-        Check::succeeded(NAME, "source", "wal_level = logical")
-    } else if online {
+        Check::succeeded(name, side.side, "wal_level = logical")
+    } else if required {
         Check::failed(
-            NAME,
-            "source",
+            name,
+            side.side,
+            format!("wal_level = {level}; {}", side.needs),
             format!(
-                "wal_level = {level}; online migration needs logical decoding (wal_level = logical)"
+                "on the {0}: ALTER SYSTEM SET wal_level = logical; then restart the {0} server{1}",
+                side.side, side.alternative
             ),
-            "on the source: ALTER SYSTEM SET wal_level = logical; then restart the source server",
         )
     } else {
         Check::succeeded(
-            NAME,
-            "source",
-            format!("wal_level = {level} (offline mode does not need logical)"),
+            name,
+            side.side,
+            format!("wal_level = {level} ({} logical)", side.not_needed),
         )
     }
 }
 
-async fn slot_and_sender_checks(s: &Server, needed: usize, online: bool) -> Vec<Check> {
+async fn slot_and_sender_checks(s: &Server, side: Side, needed: usize, online: bool) -> Vec<Check> {
     let row = match s
         .client
         .query_one(
@@ -278,40 +323,44 @@ async fn slot_and_sender_checks(s: &Server, needed: usize, online: bool) -> Vec<
         .await
     {
         Ok(r) => r,
-        Err(e) => return vec![query_failed("replication_slots", "source", e)],
+        Err(e) => {
+            return vec![query_failed(
+                &format!("{}replication_slots", side.prefix),
+                side.side,
+                e,
+            )];
+        }
     };
     let needed = needed as i32;
     let (max_slots, used_slots, max_senders, used_senders): (i32, i32, i32, i32) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     vec![
         capacity_check(
-            "replication_slots",
+            &side,
+            &format!("{}replication_slots", side.prefix),
             "max_replication_slots",
             "slots",
-            max_slots,
-            used_slots,
-            needed,
+            (max_slots, used_slots, needed),
             online,
         ),
         capacity_check(
-            "wal_senders",
+            &side,
+            &format!("{}wal_senders", side.prefix),
             "max_wal_senders",
             "WAL senders",
-            max_senders,
-            used_senders,
-            needed,
+            (max_senders, used_senders, needed),
             online,
         ),
     ]
 }
 
+/// `(max, used, needed)` of a capacity.
 fn capacity_check(
+    side: &Side,
     name: &str,
     setting: &str,
     what: &str,
-    max: i32,
-    used: i32,
-    needed: i32,
+    (max, used, needed): (i32, i32, i32),
     online: bool,
 ) -> Check {
     let free = (max - used).max(0);
@@ -319,22 +368,24 @@ fn capacity_check(
         "{setting} = {max}, {used} in use, {free} free; the migration needs {needed} (one per database)"
     );
     if free >= needed {
-        Check::succeeded(name, "source", found)
+        Check::succeeded(name, side.side, found)
     } else if online {
         Check::failed(
             name,
-            "source",
+            side.side,
             found,
             format!(
-                "on the source: ALTER SYSTEM SET {setting} = {}; then restart the source server (or free unused {what})",
-                used + needed
+                "on the {0}: ALTER SYSTEM SET {setting} = {1}; then restart the {0} server (or free unused {what}){2}",
+                side.side,
+                used + needed,
+                side.alternative
             ),
         )
     } else {
         Check::succeeded(
             name,
-            "source",
-            format!("{found} (offline mode does not need them)"),
+            side.side,
+            format!("{found} ({} them)", side.not_needed),
         )
     }
 }

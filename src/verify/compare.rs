@@ -104,90 +104,22 @@ pub(super) async fn compare_checksums(
             ranges,
         });
     }
-    let cols: Vec<String> = key
-        .names
+    let scan = KeyScan::new(src, tgt, table, quoted, key, progress);
+    let chunks = scan.chunks(None, None, chunk_rows).await?;
+    let (src_rows, tgt_rows) = chunks
         .iter()
-        .map(|c| format!("x.{}", quote_ident(c)))
-        .collect();
-    let row = format!("({})", cols.join(", "));
-    let aliases: Vec<String> = (0..cols.len()).map(|i| format!("k{i}")).collect();
-    // `c` is read twice, so every version computes it once (12+ inlines
-    // only a CTE read once; 11 has no MATERIALIZED keyword).
-    let src_sql = |lower_cond: &str| {
-        format!(
-            "WITH c AS (SELECT {ROW_HASH} AS h, {keys} FROM ONLY {quoted} x \
-               WHERE {lower_cond} ORDER BY {order} LIMIT {chunk_rows}) \
-             SELECT count(*), {HASH_SUM}, \
-               (SELECT ARRAY[{key_text}] FROM c ORDER BY {desc} LIMIT 1) FROM c",
-            keys = cols
-                .iter()
-                .zip(&aliases)
-                .map(|(c, a)| format!("{c} AS {a}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            order = cols.join(", "),
-            key_text = aliases
-                .iter()
-                .map(|a| format!("{a}::text"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            desc = aliases
-                .iter()
-                .map(|a| format!("{a} DESC"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        )
-    };
-    let mut lower: Option<Vec<String>> = None;
-    let (mut src_rows, mut tgt_rows) = (0i64, 0i64);
+        .fold((0, 0), |(s, t), c| (s + c.source.0, t + c.target.0));
     let mut ranges = Vec::new();
     let mut more = 0usize;
-    loop {
-        let lower_cond = lower
-            .as_ref()
-            .map(|v| format!("{row} > {}", key_literal(&key.types, v)))
-            .unwrap_or_else(|| "true".into());
-        let what = format!("checksumming {table} on the source");
-        let r = src
-            .query_one(&src_sql(&lower_cond), &[])
-            .await
-            .map_err(sql_err(what.clone()))?;
-        let s: (i64, String) = (
-            r.try_get(0).map_err(sql_err(what.clone()))?,
-            r.try_get(1).map_err(sql_err(what.clone()))?,
-        );
-        // A key column is never NULL; a NULL here would be a server's
-        // surprise, not a reason to stop, so it reads as empty text.
-        let upper: Option<Vec<String>> = r
-            .try_get::<_, Option<Vec<Option<String>>>>(2)
-            .map_err(sql_err(what))?
-            .map(|v| v.into_iter().map(Option::unwrap_or_default).collect());
-        // The last chunk is open upwards, so extra target rows are counted too.
-        let last = s.0 < chunk_rows;
-        let upper = upper.filter(|_| !last);
-        let upper_cond = match &upper {
-            Some(u) => format!(" AND {row} <= {}", key_literal(&key.types, u)),
-            None => String::new(),
-        };
-        let tgt_sql = format!(
-            "SELECT count(*), {HASH_SUM} FROM (SELECT {ROW_HASH} AS h FROM ONLY {quoted} x \
-               WHERE {lower_cond}{upper_cond}) c"
-        );
-        let t = chunk(tgt, &tgt_sql, format!("checksumming {table} on the target")).await?;
-        progress.add_rows(s.0.max(t.0));
-        src_rows += s.0;
-        tgt_rows += t.0;
-        if s != t {
+    for c in chunks.iter().filter(|c| c.differs()) {
+        // A differing chunk is narrowed to the rows that differ.
+        for d in scan.narrow(c, chunk_rows).await? {
             if ranges.len() < MAX_RANGES {
-                let range = key_range(&key.names, lower.as_deref(), upper.as_deref());
-                ranges.push(differs(&range, s.0, t.0));
+                let range = key_range(&scan.key.names, d.lower.as_deref(), d.upper.as_deref());
+                ranges.push(differs(&range, d.source.0, d.target.0));
             } else {
                 more += 1;
             }
-        }
-        match upper {
-            Some(u) => lower = Some(u),
-            None => break,
         }
     }
     Ok(TableVerify {
@@ -198,6 +130,193 @@ pub(super) async fn compare_checksums(
         detail: summary(&ranges, more),
         ranges,
     })
+}
+
+/// One key range's count and checksum on each side: keys above `lower`
+/// (exclusive) up to `upper` (inclusive), open where None.
+struct Chunk {
+    lower: Option<Vec<String>>,
+    upper: Option<Vec<String>>,
+    source: (i64, String),
+    target: (i64, String),
+}
+
+impl Chunk {
+    fn differs(&self) -> bool {
+        self.source != self.target
+    }
+}
+
+/// Narrowing stops at ranges of this many source rows (or fewer).
+const NARROW_TO_ROWS: i64 = 1;
+/// A differing range is cut into this many pieces per narrowing step.
+const NARROW_PIECES: i64 = 64;
+/// Narrowing gives up past this many differing pieces in one step: the
+/// difference is spread out, the wider range says enough.
+const NARROW_MAX_PIECES: usize = 8;
+
+/// A keyed table compared in key ranges: the source defines each range
+/// (keyset pagination over the key), the target is asked for the same one.
+struct KeyScan<'a> {
+    src: &'a Client,
+    tgt: &'a Client,
+    table: &'a str,
+    quoted: &'a str,
+    key: Key,
+    /// `(x.k1, x.k2)` and the select list's `x.k1 AS k0, …`.
+    row: String,
+    keys: String,
+    order: String,
+    key_text: String,
+    desc: String,
+    progress: &'a VerifyProgress,
+}
+
+impl<'a> KeyScan<'a> {
+    fn new(
+        src: &'a Client,
+        tgt: &'a Client,
+        table: &'a str,
+        quoted: &'a str,
+        key: Key,
+        progress: &'a VerifyProgress,
+    ) -> KeyScan<'a> {
+        let cols: Vec<String> = key
+            .names
+            .iter()
+            .map(|c| format!("x.{}", quote_ident(c)))
+            .collect();
+        let aliases: Vec<String> = (0..cols.len()).map(|i| format!("k{i}")).collect();
+        let join = |v: Vec<String>| v.join(", ");
+        KeyScan {
+            row: format!("({})", cols.join(", ")),
+            keys: join(
+                cols.iter()
+                    .zip(&aliases)
+                    .map(|(c, a)| format!("{c} AS {a}"))
+                    .collect(),
+            ),
+            order: cols.join(", "),
+            key_text: join(aliases.iter().map(|a| format!("{a}::text")).collect()),
+            desc: join(aliases.iter().map(|a| format!("{a} DESC")).collect()),
+            src,
+            tgt,
+            table,
+            quoted,
+            key,
+            progress,
+        }
+    }
+
+    fn bound(&self, op: &str, v: &[String]) -> String {
+        format!("{} {op} {}", self.row, key_literal(&self.key.types, v))
+    }
+
+    /// The range (`from`, `to`] in chunks of `rows` source rows.
+    async fn chunks(
+        &self,
+        from: Option<Vec<String>>,
+        to: Option<Vec<String>>,
+        rows: i64,
+    ) -> Result<Vec<Chunk>, VerifyError> {
+        let (table, quoted) = (self.table, self.quoted);
+        let to_cond = to
+            .as_ref()
+            .map(|u| format!(" AND {}", self.bound("<=", u)))
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        let mut lower = from;
+        loop {
+            let lower_cond = lower
+                .as_ref()
+                .map(|v| self.bound(">", v))
+                .unwrap_or_else(|| "true".into());
+            // `c` is read twice, so every version computes it once (12+
+            // inlines only a CTE read once; 11 has no MATERIALIZED keyword).
+            let src_sql = format!(
+                "WITH c AS (SELECT {ROW_HASH} AS h, {keys} FROM ONLY {quoted} x \
+                   WHERE {lower_cond}{to_cond} ORDER BY {order} LIMIT {rows}) \
+                 SELECT count(*), {HASH_SUM}, \
+                   (SELECT ARRAY[{key_text}] FROM c ORDER BY {desc} LIMIT 1) FROM c",
+                keys = self.keys,
+                order = self.order,
+                key_text = self.key_text,
+                desc = self.desc,
+            );
+            let what = format!("checksumming {table} on the source");
+            let r = self
+                .src
+                .query_one(&src_sql, &[])
+                .await
+                .map_err(sql_err(what.clone()))?;
+            let s: (i64, String) = (
+                r.try_get(0).map_err(sql_err(what.clone()))?,
+                r.try_get(1).map_err(sql_err(what.clone()))?,
+            );
+            // A key column is never NULL; a NULL here would be a server's
+            // surprise, not a reason to stop, so it reads as empty text.
+            let upper: Option<Vec<String>> = r
+                .try_get::<_, Option<Vec<Option<String>>>>(2)
+                .map_err(sql_err(what))?
+                .map(|v| v.into_iter().map(Option::unwrap_or_default).collect());
+            // The last chunk reaches `to` (open upwards when None), so the
+            // target's extra rows there are counted too.
+            let last = s.0 < rows;
+            let upper = if last { to.clone() } else { upper };
+            let upper_cond = match &upper {
+                Some(u) => format!(" AND {}", self.bound("<=", u)),
+                None => String::new(),
+            };
+            let tgt_sql = format!(
+                "SELECT count(*), {HASH_SUM} FROM (SELECT {ROW_HASH} AS h FROM ONLY {quoted} x \
+                   WHERE {lower_cond}{upper_cond}) c"
+            );
+            let t = chunk(
+                self.tgt,
+                &tgt_sql,
+                format!("checksumming {table} on the target"),
+            )
+            .await?;
+            self.progress.add_rows(s.0.max(t.0));
+            let next = upper.clone();
+            out.push(Chunk {
+                lower: lower.clone(),
+                upper,
+                source: s,
+                target: t,
+            });
+            if last {
+                return Ok(out);
+            }
+            lower = next;
+        }
+    }
+
+    /// The pieces of a differing chunk that differ, cut down step by step
+    /// (each step one scan of the range in [`NARROW_PIECES`] pieces) to
+    /// [`NARROW_TO_ROWS`] source rows, while they are few.
+    async fn narrow(&self, c: &Chunk, rows: i64) -> Result<Vec<Chunk>, VerifyError> {
+        let mut size = rows;
+        let mut found = vec![Chunk {
+            lower: c.lower.clone(),
+            upper: c.upper.clone(),
+            source: c.source.clone(),
+            target: c.target.clone(),
+        }];
+        while size > NARROW_TO_ROWS {
+            size = (size / NARROW_PIECES).max(NARROW_TO_ROWS);
+            let mut next = Vec::new();
+            for f in &found {
+                let pieces = self.chunks(f.lower.clone(), f.upper.clone(), size).await?;
+                next.extend(pieces.into_iter().filter(Chunk::differs));
+            }
+            if next.is_empty() || next.len() > NARROW_MAX_PIECES {
+                break;
+            }
+            found = next;
+        }
+        Ok(found)
+    }
 }
 
 /// `(v1::type1, v2::type2)` from key values as text.
