@@ -20,6 +20,14 @@
 #   DBS="bench bench2" bench/cutover.sh                      # a load on each of two databases
 #   CLIENTS=500 RATE=100 SYSTEMS=pgshift MAX_CONNECTIONS=1200 bench/cutover.sh   # 500 sessions
 #
+# Rollback (ROLLBACK=1, the default for the pgshift rows): after the
+# cutover, once the verification after the switch (verify_after =
+# checksums, clients running) has finished, `pgshift rollback` at 3/4 of
+# the run, under the same load; its pause is reported next to the
+# cutover's (rollback/cutover ratio, goal <= 1.5), with the verification's
+# time and outcome and the snapshot phase inside the cutover's pause.
+#   SCALE=100 REPS=1 SYSTEMS=pgshift DURATION=120 bench/cutover.sh   # verification at scale 100
+#
 # PgBouncer 1.18 cannot keep prepared statements in transaction mode, so its
 # clients run -M simple (BOUNCER_MODE), and pgshift is also measured with
 # -M simple (pgshift_simple) for a like-for-like row; in session mode its PAUSE waits for
@@ -66,6 +74,7 @@ CLIENTS=${CLIENTS:-4}
 RATE=${RATE:-100}
 DURATION=${DURATION:-20}
 BOUNCER_MODE=${BOUNCER_MODE:-simple}
+ROLLBACK=${ROLLBACK:-1}
 SYSTEMS=${SYSTEMS:-pgshift pgshift_simple pgbouncer}
 # One pgbench load (CLIENTS clients at RATE tx/s) per database.
 DBS=${DBS:-bench}
@@ -126,6 +135,27 @@ print(f"{max(v):.1f} {v[len(v)//2]:.1f}" if v else "0 0")' | { read -r spike p50
 }
 
 RES="$WORK/cutover.txt"; : > "$RES"
+# label rep outcome pause_s verify_state verify_s snapshot_ms cutover_pause_s
+ROLLBACK_RES="$WORK/rollback.txt"; : > "$ROLLBACK_RES"
+
+# After a cutover at DURATION/2: waits for the verification after the
+# switch, rolls back at 3/4 of the run (load still running) and records the
+# rollback's pause.
+rollback_after() { # label rep started_at cutover_pause
+  local label=$1 rep=$2 started=$3 cpause=$4
+  wait_status "$ADMIN_PORT" '(s.get("verify_after_switch") or {}).get("state") not in (None, "none", "running")' 600 >/dev/null || true
+  local wait_s=$(( started + DURATION * 3 / 4 - $(date +%s) ))
+  [ "$wait_s" -gt 0 ] && sleep "$wait_s"
+  "$PGSHIFT" rollback --config "$WORK/cut.toml" >/dev/null 2>&1 || true
+  wait_status "$ADMIN_PORT" '(s.get("last_rollback") or {}).get("outcome") in ("succeeded","aborted","failed","interrupted")' 120 >/dev/null || true
+  status_json "$ADMIN_PORT" | python3 -c '
+import json,sys
+s=json.load(sys.stdin); r=s.get("last_rollback") or {}; v=s.get("verify_after_switch") or {}
+c=s.get("last_cutover") or {}
+snap=next((p["seconds"] * 1000 for p in c.get("phases", []) if p["phase"]=="snapshot"), 0)
+print(sys.argv[1], sys.argv[2], r.get("outcome","none"), r.get("pause_seconds") or 0, v.get("state","none"), v.get("seconds") or 0, f"{snap:.2f}", sys.argv[3])
+' "$label" "$rep" "$cpause" | tee -a "$ROLLBACK_RES" >&2
+}
 
 run_pgshift() { # rep [label mode]
   local label=${2:-pgshift} mode=${3:-prepared}
@@ -139,7 +169,8 @@ run_pgshift() { # rep [label mode]
   fi
   wait_status "$ADMIN_PORT" 's.get("substate")=="WaitingForCutoverTrigger"' 600 >/dev/null ||
     { tail -30 "$log" >&2; return 1; }
-  local prefix="$WORK/pgb-$label-$1"
+  local prefix="$WORK/pgb-$label-$1" started
+  started=$(date +%s)
   load "$SHIFT_PORT" "$mode" "$prefix"
   sleep $((DURATION / 2))
   "$PGSHIFT" cutover --config "$WORK/cut.toml" >/dev/null 2>&1 || true
@@ -155,6 +186,7 @@ import json,sys; c=json.load(sys.stdin).get("last_cutover") or {}
 print("  switch:", next((p.get("detail","") for p in c.get("phases",[]) if p["phase"]=="switch"), "-"))' >&2
   echo "$label $1 $phases" >> "$RESULTS_DIR/cutover-phases.txt"
   status_json "$ADMIN_PORT" > "$WORK/status-$label-$1.json"
+  [ "$ROLLBACK" = 1 ] && [ "$outcome" = succeeded ] && rollback_after "$label" "$1" "$started" "$pause"
   wait_load
   sleep 1
   if [ -n "$rec" ]; then kill "$rec"; wait "$rec" 2>/dev/null || true; cp "$WORK/lag.csv" "$RESULTS_DIR/lag-cutover-rep1.csv"; fi
@@ -481,4 +513,37 @@ done
 line=""
 for s in $SYSTEMS; do line="$line${line:+, }$s ${WORST[$s]:-?} ms"; done
 echo "worst per-phase stall: $line"
+if [ -s "$ROLLBACK_RES" ]; then
+  echo
+  echo "rollback under the same load, after the verification after the switch"
+  python3 - "$ROLLBACK_RES" "$CMD" "$M" "$RESULTS_DIR/cutover.jsonl" <<'PY'
+import json, statistics, sys
+res, cmd, machine, out = sys.argv[1:]
+rows = [l.split() for l in open(res) if l.strip()]
+print(f"{'system':<14} {'ok/reps':>7} {'rollback_p50_ms':>15} {'rollback_max_ms':>15} {'cutover_p50_ms':>14} {'ratio':>6} {'verify':>10} {'verify_s_p50':>12} {'snapshot_ms_max':>15}")
+with open(out, "a") as fh:
+    for sys_ in sorted({r[0] for r in rows}):
+        r = [x for x in rows if x[0] == sys_]
+        ok = [x for x in r if x[2] == "succeeded"]
+        rb = sorted(float(x[3]) for x in ok)
+        cut = sorted(float(x[7]) for x in r)
+        ver = [x[4] for x in r]
+        vs = [float(x[5]) for x in r if x[4] == "match"]
+        snap = max((float(x[6]) for x in r), default=0)
+        med = statistics.median(rb) if rb else None
+        cmed = statistics.median(cut) if cut else None
+        ratio = med / cmed if med and cmed else None
+        vstate = "match" if ver and all(v == "match" for v in ver) else ",".join(sorted(set(ver)))
+        f = lambda v: f"{v * 1000:.1f}" if v is not None else "-"
+        print(f"{sys_:<14} {len(ok)}/{len(r):<5} {f(med):>15} {f(max(rb) if rb else None):>15} {f(cmed):>14} "
+              f"{(f'{ratio:.2f}' if ratio else '-'):>6} {vstate:>10} {(f'{statistics.median(vs):.1f}' if vs else '-'):>12} {snap:>15.2f}")
+        if ratio:
+            print(f"  {sys_}: rollback/cutover pause p50 {ratio:.2f} (goal <= 1.50: {'met' if ratio <= 1.5 else 'NOT met'})")
+        fh.write(json.dumps({"bench": "rollback", "system": sys_, "reps": len(r), "succeeded": len(ok),
+                             "rollback_pause_median_s": med, "rollback_pause_max_s": max(rb) if rb else None,
+                             "cutover_pause_median_s": cmed, "ratio_rollback_to_cutover": ratio,
+                             "verify_after": vstate, "verify_seconds_median": statistics.median(vs) if vs else None,
+                             "snapshot_phase_max_ms": snap, "command": cmd, "machine": json.loads(machine)}) + "\n")
+PY
+fi
 exit 0

@@ -38,7 +38,7 @@ async fn auto_trigger_inside_the_window_fires() {
     drop(connect_retry(&shift.url(DB)).await); // the proxy is up
     let writer = Writer::start(&shift.url(DB), "w").await;
     let doc = shift
-        .wait_substate_async("Succeeded", "Completed", Duration::from_secs(300))
+        .wait_substate_async("Succeeded", "RollbackAvailable", Duration::from_secs(300))
         .await;
     assert_eq!(doc["switched"], true);
     assert_eq!(doc["last_cutover"]["outcome"], "succeeded");

@@ -45,7 +45,7 @@ async fn kill_after(phase: &str) {
     shift.spawn();
     if phase == "switch" {
         let doc = shift
-            .wait_substate_async("Succeeded", "Completed", Duration::from_secs(120))
+            .wait_substate_async("Succeeded", "RollbackAvailable", Duration::from_secs(120))
             .await;
         assert_eq!(doc["switched"], true);
         assert_eq!(

@@ -28,8 +28,9 @@ async fn cutover_under_pgbench_and_psycopg_load() {
     let shift = pair.launch(
         "",
         // Generous bounds: this test is about correctness; the abort paths
-        // are tested in cutover_abort.rs.
-        "drain_timeout = \"60s\"\ncatchup_timeout = \"120s\"\nverify = \"checksums\"",
+        // are tested in cutover_abort.rs. No rollback window, so nothing may
+        // reach the source after the switch (tests/rollback.rs has one).
+        "drain_timeout = \"60s\"\ncatchup_timeout = \"120s\"\nverify = \"checksums\"\nrollback = false",
         &[],
     );
     shift.wait_streaming_async(DB).await;
@@ -37,19 +38,7 @@ async fn cutover_under_pgbench_and_psycopg_load() {
     // pgbench: TPC-B through the proxy, prepared statements. It runs until
     // the test stops it after the checks (-T only as a safety net), so it is
     // still running at the switch however slow the machine is.
-    let mut pgbench = tokio::process::Command::new(pg_program("pgbench"))
-        .args([
-            "-M", "prepared", "-n", "-c", "2", "-j", "1", "-T", "100000", "-R", "150",
-        ])
-        .args(["-h", "127.0.0.1", "-p", &shift.proxy_port.to_string()])
-        .args(["-U", APP_USER, DB])
-        .env("PGPASSWORD", APP_PW)
-        .env("PGSSLMODE", "disable")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start pgbench");
+    let mut pgbench = pgbench_through(shift.proxy_port, 2, 150);
     let count = |c: &Cluster, sql: &str| -> i64 { c.psql(DB, sql).parse().unwrap() };
     let history = |c: &Cluster| count(c, "SELECT count(*) FROM pgbench_history");
     let psycopg_rows = |c: &Cluster, above: i64| {

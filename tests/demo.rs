@@ -1,5 +1,6 @@
-//! The README's first command: `pgshift demo` runs a whole online migration
-//! and cutover under load on throwaway clusters and reports it. Small scale.
+//! The README's first command: `pgshift demo` runs a whole online migration,
+//! cutover, verification and rollback under load on throwaway clusters and
+//! reports it. Small scale.
 
 mod common;
 use common::*;
@@ -28,7 +29,9 @@ fn demo_migrates_cuts_over_and_reports_with_no_failed_transaction() {
         "marker",
         "switch",
         " 0 failed",
-        "clients saw committed are on the target",
+        "verify      match",
+        "rollback    succeeded",
+        "clients saw committed are on the source after the rollback",
         "both clusters are stopped and removed",
     ] {
         assert!(

@@ -109,7 +109,16 @@ pub fn online_pair(source: i32, target: i32) {
         return;
     };
     populate(&src, source);
-    let mut p = Pgshift::start(&src, &tgt, &migration("versions", &["shop"], ""));
+    // No rollback window: the source must take no write after the switch
+    // (tests/rollback.rs covers reverse replication on 11 -> 15 and 18 -> 18).
+    let mut p = Pgshift::start(
+        &src,
+        &tgt,
+        &format!(
+            "{}\n[cutover]\nrollback = false\n",
+            migration("versions", &["shop"], "")
+        ),
+    );
     let s = p.wait_state("WaitingForUserAction", STARTUP);
     assert_eq!(s["databases"]["shop"]["phase"], "streaming", "{test}: {s}");
     assert_same(&format!("{test}: copy"), &src, &tgt, "shop", "r,m", 20);

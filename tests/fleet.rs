@@ -67,19 +67,7 @@ fn route(p: &Pgshift) -> String {
 
 /// pgbench `-M prepared` through `port` at a low rate until killed.
 fn pgbench(port: u16) -> tokio::process::Child {
-    tokio::process::Command::new(pg_program("pgbench"))
-        .args([
-            "-M", "prepared", "-n", "-c", "1", "-j", "1", "-T", "100000", "-R", "10",
-        ])
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-U", APP_USER, DB])
-        .env("PGPASSWORD", APP_PW)
-        .env("PGSSLMODE", "disable")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start pgbench")
+    pgbench_through(port, 1, 10)
 }
 
 /// Every acknowledged write is on the target once; nothing committed on

@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 use pgshift::commands::{AdminCommand, CommandKind};
 
 /// Metrics that only appear once something went wrong.
-const ONLY_AFTER_ERRORS: &[&str] = &["pgshift_proxy_errors_total", "pgshift_apply_errors_total"];
+const ONLY_AFTER_ERRORS: &[&str] = &[
+    "pgshift_proxy_errors_total",
+    "pgshift_apply_errors_total",
+    "pgshift_reverse_apply_errors_total",
+];
 
 fn readme_metrics() -> BTreeSet<String> {
     let readme =
@@ -166,9 +170,35 @@ async fn metrics_readme_and_dashboard_agree_after_a_real_cutover() {
     let doc = wait_state(&ctx, "Succeeded", Duration::from_secs(300)).await;
     assert_eq!(doc["last_cutover"]["outcome"], "succeeded", "{doc}");
     client
-        .execute("INSERT INTO orders (amount) VALUES (7)", &[])
+        .execute("INSERT INTO orders (amount) VALUES (777777)", &[])
         .await
         .unwrap();
+    // The verification after the switch and reverse replication run their
+    // course, then a rollback: every metric of the way back is exported.
+    let start = Instant::now();
+    loop {
+        let doc = ctx.status.render();
+        let verified = doc["verify_after_switch"]["state"] == "match";
+        let back = source.psql("shop", "SELECT count(*) FROM orders WHERE amount = 777777") == "1";
+        if verified && back {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(300), "{doc}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    ctx.commands
+        .get()
+        .unwrap()
+        .send(AdminCommand {
+            kind: CommandKind::Rollback,
+            reply,
+        })
+        .await
+        .unwrap();
+    rx.await.unwrap().unwrap();
+    let doc = wait_state(&ctx, "WaitingForUserAction", Duration::from_secs(300)).await;
+    assert_eq!(doc["last_rollback"]["outcome"], "succeeded", "{doc}");
 
     let text = scrape(admin).await;
     running.shutdown().await;
@@ -222,7 +252,13 @@ async fn metrics_readme_and_dashboard_agree_after_a_real_cutover() {
         text.contains("pgshift_cutover_attempts_total{outcome=\"succeeded\"} 1"),
         "{text}"
     );
-    assert!(text.contains("pgshift_migration_state{state=\"Succeeded\",substate=\"Completed\"} 1"));
+    assert!(
+        text.contains("pgshift_rollback_attempts_total{outcome=\"succeeded\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains(
+        "pgshift_migration_state{state=\"WaitingForUserAction\",substate=\"WaitingForCutoverTrigger\"} 1"
+    ));
 
     // promtool's own checker, when installed (CI installs it).
     if let Ok(mut child) = std::process::Command::new("promtool")

@@ -87,19 +87,7 @@ async fn rollback_under_load_and_cutover_again() {
     // records the server port of every acknowledged commit, pgbench -M
     // prepared, and psycopg with prepared statements, settings and LISTEN.
     let writer = Writer::start(&shift.url(DB), "writer").await;
-    let mut pgbench = tokio::process::Command::new(pg_program("pgbench"))
-        .args([
-            "-M", "prepared", "-n", "-c", "2", "-j", "1", "-T", "100000", "-R", "100",
-        ])
-        .args(["-h", "127.0.0.1", "-p", &shift.proxy_port.to_string()])
-        .args(["-U", APP_USER, DB])
-        .env("PGPASSWORD", APP_PW)
-        .env("PGSSLMODE", "disable")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start pgbench");
+    let mut pgbench = pgbench_through(shift.proxy_port, 2, 100);
     let stop = shift.dir.path().join("stop");
     let result = shift.dir.path().join("psycopg.json");
     let script = concat!(

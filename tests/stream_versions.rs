@@ -309,7 +309,8 @@ async fn cutover_from_13_to_16() {
             ..Default::default()
         },
     );
-    let shift = pair.launch("", "", &[]);
+    // No rollback window: nothing of pgshift's may stay on the source.
+    let shift = pair.launch("", "rollback = false", &[]);
     shift.wait_streaming_async(SHOP).await;
     let names = ReplicationNames::new("cut", SHOP);
     let marker_table = marker::qualified_table(&names);

@@ -185,4 +185,30 @@ fn every_column_type_survives_copy_stream_restart_and_cutover() {
         ),
         "the materialized view shows the switched data"
     );
+
+    // Phase 6: the way back. The corpus's changes made on the target after
+    // the switch reach the fenced source by reverse replication, every type
+    // as it is (the reordered table's columns by name).
+    run_file(&target, DB, "types_stream.sql", 300);
+    let end = target.psql(DB, "SELECT pg_current_wal_lsn()");
+    let reached = || {
+        let applied = p
+            .status()
+            .and_then(|s| {
+                s["databases"][DB]["reverse_stream"]["applied_lsn"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "0/0".into());
+        target.psql(
+            DB,
+            &format!("SELECT '{applied}'::pg_lsn >= '{end}'::pg_lsn"),
+        ) == "t"
+    };
+    assert!(
+        wait_until(CATCH_UP, reached),
+        "reverse replication did not catch up\n{}",
+        p.log()
+    );
+    assert_same("reverse replication", &source, &target, DB, "r", 13);
 }

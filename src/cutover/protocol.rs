@@ -1185,6 +1185,11 @@ pub async fn run_as<H: CutoverHost, L: CutoverLedger>(
 /// Persists the outcome and moves the migration to its next state.
 async fn finish<H: CutoverHost, L: CutoverLedger>(a: Attempt<'_, H, L>) -> CutoverReport {
     let r = a.report.clone();
+    // Before the outcome shows: whoever reads "aborted" finds the attempt
+    // over (clients were released by the abort already).
+    if r.outcome != Outcome::Succeeded && !a.fence_left_up {
+        a.host.abandon().await;
+    }
     a.metrics
         .attempts
         .with_label_values(&[r.outcome.as_str()])
@@ -1202,9 +1207,6 @@ async fn finish<H: CutoverHost, L: CutoverLedger>(a: Attempt<'_, H, L>) -> Cutov
         .await
     {
         tracing::error!("cannot record the cutover attempt: {e}");
-    }
-    if r.outcome != Outcome::Succeeded {
-        a.host.abandon().await;
     }
     let next = if r.outcome == Outcome::Succeeded {
         AfterAttempt::Succeeded

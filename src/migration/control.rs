@@ -484,18 +484,33 @@ impl ControlStore {
         source_fence: &FenceRecord,
     ) -> Result<(), ControlError> {
         let fence = serde_json::to_string(source_fence).unwrap_or_default();
+        self.with_state(
+            "UPDATE pgshift.rollback_window SET opened_at = now(), source_fence = $2::text::jsonb,
+               target_fence = NULL, closed_at = NULL, closed_reason = NULL
+             WHERE migration = $1",
+            &fence,
+            row,
+            mode,
+        )
+        .await
+    }
+
+    /// `sql` (with the migration and `value` as $1, $2) and the state's
+    /// save, in one transaction.
+    async fn with_state(
+        &self,
+        sql: &str,
+        value: &str,
+        row: &MigrationRow,
+        mode: &str,
+    ) -> Result<(), ControlError> {
         self.client
             .batch_execute("BEGIN")
             .await
             .map_err(|e| self.sql(e))?;
         let r = async {
             self.client
-                .execute(
-                    "UPDATE pgshift.rollback_window SET opened_at = now(), source_fence = $2::text::jsonb,
-                       target_fence = NULL, closed_at = NULL, closed_reason = NULL
-                     WHERE migration = $1",
-                    &[&self.migration, &fence],
-                )
+                .execute(sql, &[&self.migration, &value])
                 .await
                 .map_err(|e| self.sql(e))?;
             self.save(row, mode).await?;
@@ -521,31 +536,15 @@ impl ControlStore {
         target_fence: &FenceRecord,
     ) -> Result<(), ControlError> {
         let fence = serde_json::to_string(target_fence).unwrap_or_default();
-        self.client
-            .batch_execute("BEGIN")
-            .await
-            .map_err(|e| self.sql(e))?;
-        let r = async {
-            self.client
-                .execute(
-                    "UPDATE pgshift.rollback_window SET target_fence = $2::text::jsonb,
-                       closed_at = now(), closed_reason = 'rolled back'
-                     WHERE migration = $1",
-                    &[&self.migration, &fence],
-                )
-                .await
-                .map_err(|e| self.sql(e))?;
-            self.save(row, mode).await?;
-            self.client
-                .batch_execute("COMMIT")
-                .await
-                .map_err(|e| self.sql(e))
-        }
-        .await;
-        if r.is_err() {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-        }
-        r
+        self.with_state(
+            "UPDATE pgshift.rollback_window SET target_fence = $2::text::jsonb,
+               closed_at = now(), closed_reason = 'rolled back'
+             WHERE migration = $1",
+            &fence,
+            row,
+            mode,
+        )
+        .await
     }
 
     /// The target's fence after a rollback is gone (the target is guarded).

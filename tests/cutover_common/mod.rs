@@ -282,6 +282,25 @@ impl Held {
     }
 }
 
+/// pgbench TPC-B `-M prepared` through the proxy on `port` (persistent
+/// sessions), `clients` clients at `rate` tx/s in all, until killed (`-T`
+/// only as a safety net), so it still runs at every switch however slow the
+/// machine is.
+pub fn pgbench_through(port: u16, clients: u32, rate: u32) -> tokio::process::Child {
+    tokio::process::Command::new(pg_program("pgbench"))
+        .args(["-M", "prepared", "-n", "-j", "1", "-T", "100000"])
+        .args(["-c", &clients.to_string(), "-R", &rate.to_string()])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", APP_USER, DB])
+        .env("PGPASSWORD", APP_PW)
+        .env("PGSSLMODE", "disable")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start pgbench")
+}
+
 /// pgbench TPC-B tables in `shop` (scale 1), history with a key so it streams.
 pub fn pgbench_init(pair: &Pair) {
     let out = std::process::Command::new(pg_program("pgbench"))

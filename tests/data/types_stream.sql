@@ -45,7 +45,7 @@ INSERT INTO types_schema.dogs VALUES (:off + 4, 'fido', 'arf');
 UPDATE types_schema.animals SET name = name || '!';
 DELETE FROM types_schema.dogs WHERE id = 2;
 
-INSERT INTO types_schema.reordered VALUES (:off + 6, 'a6', 6, NULL);
+INSERT INTO types_schema.reordered (id, a, b, c) VALUES (:off + 6, 'a6', 6, NULL);
 UPDATE types_schema.reordered SET b = -b, c = NULL WHERE id = 1;
 DELETE FROM types_schema.reordered WHERE id = 2;
 
