@@ -290,11 +290,19 @@ async fn kill_during_reverse_streaming_and_rollback_pause() {
                 .is_some_and(|p| p.iter().any(|p| p["phase"] == "marker"))
         })
         .await;
-    assert!(
-        Pair::fenced(&pair.source),
-        "the source is fenced in the pause\n{}",
-        shift.log()
+    // The source is guarded, not fenced, by then (its backends were
+    // pre-warmed): an application write there is refused.
+    let direct = connect(&pair.source.url_as(APP_USER, APP_PW, DB)).await;
+    let refused = direct
+        .execute("INSERT INTO ledger (client) VALUES ('direct')", &[])
+        .await
+        .expect_err("an application write on the source in the rollback's pause");
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{refused:?}"
     );
+    drop(direct);
     shift.kill();
     shift.restart_with(&env);
     let s = wait_for(&shift, "back in the window", |s| {

@@ -170,10 +170,12 @@ pub trait CutoverHost: Send + Sync {
     fn abandon(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
-    /// Inside the pause, after the marker: whatever the switch needs that
-    /// was prepared in the background is ready (e.g. reverse replication's
-    /// slots); an error aborts. Some(detail) to report, None: nothing to do.
-    fn before_switch(&self) -> impl Future<Output = Result<Option<String>, HostError>> + Send {
+    /// After the catch-up, before the gate closes (not part of the pause):
+    /// whatever the switch needs that was prepared in the background is
+    /// ready (e.g. reverse replication's slots, which wait for the
+    /// transactions open on the target); an error ends the attempt before
+    /// any client waits. Some(detail) to report, None: nothing to do.
+    fn before_gate(&self) -> impl Future<Output = Result<Option<String>, HostError>> + Send {
         async { Ok(None) }
     }
     /// Inside the pause, once nothing more commits on the side left and the
@@ -878,7 +880,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
 
     async fn ready_to_switch(&mut self) -> Result<(), Abort> {
         let t = Instant::now();
-        match self.host.before_switch().await {
+        match self.host.before_gate().await {
             Ok(None) => Ok(()),
             Ok(Some(detail)) => {
                 self.record("reverse", t, PhaseOutcome::Ok, Some(detail));
@@ -1144,6 +1146,17 @@ pub async fn run_as<H: CutoverHost, L: CutoverLedger>(
         a.abort(Some(&admin), reason).await;
         return finish(a).await;
     }
+    // What was prepared beside (after the catch-up, whose failure says
+    // more); a long wait let a backlog grow: caught up again.
+    let t = Instant::now();
+    let ready = match a.ready_to_switch().await {
+        Ok(()) if t.elapsed() > CATCHUP_ROUND_FITS => a.catch_up_first().await,
+        r => r,
+    };
+    if let Err(Abort { reason }) = ready {
+        a.abort(Some(&admin), reason).await;
+        return finish(a).await;
+    }
     a.failpoint("catchup").await;
     a.gate().await;
     a.failpoint("gate").await;
@@ -1154,7 +1167,6 @@ pub async fn run_as<H: CutoverHost, L: CutoverLedger>(
         a.failpoint("fence").await;
         a.catch_up_and_sequences(&admin).await?;
         a.failpoint("sequences").await;
-        a.ready_to_switch().await?;
         a.snapshots().await;
         a.verify().await?;
         a.failpoint("verify").await;

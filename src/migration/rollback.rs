@@ -16,13 +16,15 @@
 //!   publication and the DDL capture stay on the source for the window, so
 //!   a rollback resumes forward streaming from where the cutover left it,
 //!   without a new copy.
-//! - A rollback fences the target, waits for a marker emitted there to be
-//!   applied on the source, copies sequences back, lifts the source's fence
-//!   and moves the sessions. The fenced source takes no application login
-//!   before that, so sessions are not pre-warmed there: each opens its
-//!   source backend at the switch. Afterwards the target is guarded again
-//!   (the trigger, not the fence: the next cutover pre-warms there), the
-//!   reverse slots dropped, and forward streaming resumes.
+//! - A rollback's prepare guards the source (the trigger, armed) and then
+//!   lifts its fence, so the sessions' source backends are pre-warmed as a
+//!   cutover's are on the target; the pause fences the target, waits for a
+//!   marker emitted there to be applied on the source, copies sequences
+//!   back, disarms the source's guard and moves the sessions. Afterwards
+//!   the source's guard is dropped, the target guarded again (the trigger,
+//!   not the fence: the next cutover pre-warms there), the reverse slots
+//!   dropped, and forward streaming resumes. An attempt that does not
+//!   switch fences the source again.
 //! - `complete` (or the window's automatic end) drops what the window kept:
 //!   reverse slots and publications on the target, the reverse origin on
 //!   the source, the forward slot, publication and DDL capture on the source.
@@ -38,6 +40,7 @@ use super::runner::{Runner, RunningGuard};
 use super::{State, Substate};
 use crate::commands::CommandError;
 use crate::cutover::fence::{self, FenceRecord};
+use crate::cutover::guard;
 use crate::cutover::protocol::{self, Direction, HostError, Outcome};
 use crate::replication::Lsn;
 use crate::replication::client::{ReplicationConnection, SnapshotAction};
@@ -57,7 +60,7 @@ impl Runner {
     /// At the cutover's prepare: the reverse publications and slots are
     /// created in the background, while pre-warm and catch-up run (a slot
     /// waits for every transaction open on the target when it starts, e.g.
-    /// apply's); the pause awaits them ([`Runner::reverse_ready`]).
+    /// apply's); the gate waits for them ([`Runner::reverse_ready`]).
     pub(super) async fn prepare_reverse(&self) {
         let task = tokio::spawn(create_reverse(
             self.ctx().clone(),
@@ -69,14 +72,15 @@ impl Runner {
         }
     }
 
-    /// Inside the pause, before the switch: the reverse slots exist (bounded
-    /// by `catchup_timeout`; the marker proved apply caught up, so only a
-    /// transaction left open on the target can still hold them up).
+    /// Before the gate closes: the reverse slots exist. A slot waits for
+    /// the transactions open on the target when it starts, and for the
+    /// server to log their end (every 15 s on a busy server): bounded by
+    /// `pregate_catchup_timeout`, clients still running.
     pub(super) async fn reverse_ready(&self) -> Result<Option<String>, HostError> {
         let Some(task) = self.reverse_setup.lock().await.take() else {
             return Ok(None);
         };
-        let bound = self.ctx().config.cutover().catchup_timeout.0;
+        let bound = self.ctx().config.cutover().pregate_catchup_timeout.0;
         let abort = task.abort_handle();
         match tokio::time::timeout(bound, task).await {
             Ok(Ok(r)) => r.map(|n| Some(format!("{n} reverse slot(s) ready on the target"))),
@@ -86,7 +90,7 @@ impl Runner {
             Err(_) => {
                 abort.abort();
                 Err(HostError::Failed(format!(
-                    "the reverse slots were not created within catchup_timeout {bound:?}: a transaction stayed open on the target"
+                    "the reverse slots were not created within pregate_catchup_timeout {bound:?}: a transaction stayed open on the target; clients were not paused"
                 )))
             }
         }
@@ -303,7 +307,10 @@ impl Runner {
 
     /// The rollback's prepare: the cutover's connections, the other way
     /// round (marker on the target, sequences read there and set on the
-    /// source, which the fence keeps read-only by default).
+    /// source, which the fence keeps read-only by default); then the source
+    /// guarded as the target is before a cutover (the guard's trigger, armed)
+    /// and its fence lifted, so the sessions' source backends can be
+    /// pre-warmed: until the switch, writes there come from pgshift only.
     pub(super) async fn prepare_rollback(&self) -> Result<(), HostError> {
         let c = &self.ctx().config;
         let reverse = self.reverse_name();
@@ -334,6 +341,13 @@ impl Runner {
                     database: db.clone(),
                     source,
                 })?;
+            // Before the fence comes down: without the guard it stays up.
+            guard::install(&to)
+                .await
+                .map_err(|source| HostError::Guard {
+                    database: db.clone(),
+                    source,
+                })?;
             dbs.push(super::runner::CutoverDb {
                 database: db.clone(),
                 marker,
@@ -342,8 +356,15 @@ impl Runner {
                 sequences,
             });
         }
+        let rec = self.source_fence()?;
+        let lifted = match dbs.first() {
+            Some(db) => fence::lift(&db.target, &rec)
+                .await
+                .map_err(|e| HostError::Failed(format!("lifting the source's fence: {e}"))),
+            None => Err(HostError::NotPrepared),
+        };
         self.set_cutover_conns(dbs);
-        Ok(())
+        lifted
     }
 
     /// The cutover's fence on the source, as the window recorded it.
@@ -356,20 +377,8 @@ impl Runner {
             })
     }
 
-    /// Inside the rollback's pause, just before its point of no return:
-    /// the source takes application logins and writes again.
-    pub(super) async fn lift_source_fence(&self) -> Result<(), HostError> {
-        let rec = self.source_fence()?;
-        let conns = self.cutover_conns()?;
-        let Some(db) = conns.dbs.first() else {
-            return Err(HostError::NotPrepared);
-        };
-        fence::lift(&db.target, &rec)
-            .await
-            .map_err(|e| HostError::Failed(format!("lifting the source's fence: {e}")))
-    }
-
-    /// The rollback did not switch after all: the source is fenced again.
+    /// The rollback did not switch after all: the source is fenced again
+    /// and its guard dropped.
     pub(super) async fn refence_source(&self) {
         let r = async {
             let mut rec = self.source_fence()?;
@@ -380,11 +389,34 @@ impl Runner {
                 .map_err(|e| HostError::Failed(e.to_string()))
         }
         .await;
-        if let Err(e) = r {
-            tracing::error!(
-                "cannot fence the source again after an aborted rollback: {e}; clients stay on the target, but the source takes writes: fix the cause and restart pgshift, which fences it again"
-            );
+        match r {
+            Ok(_) => {
+                for e in self.remove_source_guards().await {
+                    tracing::warn!("{e}");
+                }
+            }
+            Err(e) => tracing::error!(
+                "cannot fence the source again after an aborted rollback: {e}; clients stay on the target and the source's guard stays armed: fix the cause and restart pgshift, which fences it again"
+            ),
         }
+    }
+
+    /// The guard a rollback put on the source, dropped; what failed.
+    async fn remove_source_guards(&self) -> Vec<String> {
+        let source = &self.ctx().config.source;
+        let mut errors = Vec::new();
+        for db in &self.migration().cfg.databases {
+            let r = match crate::db::connect(&source.with_dbname(db), "source (guard)").await {
+                Ok(c) => guard::remove(&c, &source.user)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = r {
+                errors.push(format!("{db}: removing the source's guard failed: {e}"));
+            }
+        }
+        errors
     }
 
     /// After the rollback's switch: the target guarded (not fenced), the
@@ -393,6 +425,8 @@ impl Runner {
     pub(super) async fn finish_rollback(&self) -> Result<(), HostError> {
         self.stop_reverse_streams().await;
         let mut errors = self.drop_reverse_slots().await;
+        // Disarmed at the switch; now its triggers go.
+        errors.extend(self.remove_source_guards().await);
         errors.extend(self.unfence_target().await);
         let copied = self.copied_databases();
         if let Err(e) = self.start_streaming(copied).await {

@@ -896,11 +896,15 @@ impl Runner {
         errors
     }
 
-    /// Arms or disarms the guard on every database, on the cutover's own
-    /// target connections, all at once.
+    /// Arms or disarms the guard on every database, on the attempt's own
+    /// connections to the side the clients reach, all at once.
     async fn set_guards(&self, armed: bool) -> Result<(), HostError> {
         let conns = self.cutover_conns()?;
-        let user = &self.ctx().config.target.user;
+        // The side the clients reach (the source for a rollback).
+        let user = match self.direction() {
+            Direction::Cutover => &self.ctx().config.target.user,
+            Direction::Rollback => &self.ctx().config.source.user,
+        };
         let sets = conns
             .dbs
             .iter()
@@ -1087,9 +1091,12 @@ impl CutoverHost for Runner {
 
     async fn prewarm(&self) -> usize {
         if self.direction() == Direction::Rollback {
-            // The fenced source takes no application login yet: sessions
-            // open their source backends at the switch.
-            return 0;
+            // The rollback's prepare lifted the source's fence (guarded).
+            return self
+                .pipeline
+                .proxy
+                .prewarm(Route::from_endpoint("source", &self.ctx().config.source))
+                .await;
         }
         self.fleet.post("prewarm");
         let timeout = self.move_timeout();
@@ -1236,13 +1243,17 @@ impl CutoverHost for Runner {
     }
 
     async fn abandon(&self) {
-        if self.direction() == Direction::Cutover {
-            self.drop_snapshots().await;
-            self.abandon_reverse().await;
+        match self.direction() {
+            Direction::Cutover => {
+                self.drop_snapshots().await;
+                self.abandon_reverse().await;
+            }
+            // The source's fence was lifted at prepare: up again.
+            Direction::Rollback => self.refence_source().await,
         }
     }
 
-    async fn before_switch(&self) -> Result<Option<String>, HostError> {
+    async fn before_gate(&self) -> Result<Option<String>, HostError> {
         if self.direction() == Direction::Rollback {
             return Ok(None);
         }
@@ -1254,16 +1265,10 @@ impl CutoverHost for Runner {
     }
 
     async fn lift_target_guard(&self) -> Result<(), HostError> {
-        if self.direction() == Direction::Rollback {
-            return self.lift_source_fence().await;
-        }
         self.set_guards(false).await
     }
 
     async fn rearm_target_guard(&self) {
-        if self.direction() == Direction::Rollback {
-            return self.refence_source().await;
-        }
         if let Err(e) = self.set_guards(true).await {
             tracing::error!("cannot guard the target again after an aborted switch: {e}");
         }
