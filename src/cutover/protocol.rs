@@ -568,7 +568,13 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
             "prewarm",
             t,
             PhaseOutcome::Ok,
-            Some(format!("{n} backend(s) ready on the target")),
+            Some(format!(
+                "{n} backend(s) ready on the {}",
+                match self.direction {
+                    Direction::Cutover => "target",
+                    Direction::Rollback => "source",
+                }
+            )),
         );
     }
 
@@ -969,7 +975,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
             t,
             PhaseOutcome::Ok,
             Some(format!(
-                "{moved} session(s) moved, {dropped} dropped (target guard lifted in {:.1} ms, persisted in {:.1} ms, moved in {:.1} ms)",
+                "{moved} session(s) moved, {dropped} dropped (guard lifted in {:.1} ms, persisted in {:.1} ms, moved in {:.1} ms)",
                 lifted.as_secs_f64() * 1000.0,
                 persisted.as_secs_f64() * 1000.0,
                 switched.as_secs_f64() * 1000.0
