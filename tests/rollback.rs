@@ -375,6 +375,38 @@ async fn the_window_ends_by_itself() {
     );
 }
 
+/// The window also ends when the reverse slot holds back more WAL on the
+/// target than `rollback_max_retained_wal`: writes on the target make it
+/// grow, and the window's end drops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_window_ends_when_the_reverse_slot_holds_too_much() {
+    let pair = Pair::start();
+    let shift = pair.launch(
+        "",
+        &format!("{BOUNDS}\nrollback_max_retained_wal = \"64kB\""),
+        &[],
+    );
+    shift.wait_streaming_async(DB).await;
+    attempt(&shift, "cutover").await;
+    // Writes on the target through the proxy: WAL the reverse slot keeps
+    // until it is confirmed (and longer: its restart point moves only with
+    // the server's own snapshots of running transactions).
+    let writer = Writer::start(&shift.url(DB), "w").await;
+    let s = wait_for(&shift, "completed by itself", |s| {
+        s["substate"] == "Completed"
+    })
+    .await;
+    let w = writer.finish().await;
+    assert!(w.errors.is_empty(), "{:?}", w.errors);
+    assert!(
+        s["rollback"]["closed_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("rollback_max_retained_wal")),
+        "{s}"
+    );
+    assert_eq!(leftovers(&pair.target), "");
+}
+
 /// Oldest source and newest target, and newest on both sides: cutover,
 /// writes on the target, rollback, every write on the source once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
