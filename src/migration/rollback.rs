@@ -403,20 +403,8 @@ impl Runner {
 
     /// The guard a rollback put on the source, dropped; what failed.
     async fn remove_source_guards(&self) -> Vec<String> {
-        let source = &self.ctx().config.source;
-        let mut errors = Vec::new();
-        for db in &self.migration().cfg.databases {
-            let r = match crate::db::connect(&source.with_dbname(db), "source (guard)").await {
-                Ok(c) => guard::remove(&c, &source.user)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = r {
-                errors.push(format!("{db}: removing the source's guard failed: {e}"));
-            }
-        }
-        errors
+        self.remove_guards(&self.ctx().config.source, "source")
+            .await
     }
 
     /// After the rollback's switch: the target guarded (not fenced), the

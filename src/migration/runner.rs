@@ -880,17 +880,29 @@ impl Runner {
     /// Drops the target's guard on every migrated database (after the
     /// switch, or on cancel); returns what failed.
     async fn remove_target_guards(&self) -> Vec<String> {
-        let target = &self.ctx().config.target;
+        self.remove_guards(&self.ctx().config.target, "target")
+            .await
+    }
+
+    /// Drops the guard on every migrated database of `server` (the
+    /// target's after a cutover, the source's after a rollback); returns
+    /// what failed.
+    pub(super) async fn remove_guards(
+        &self,
+        server: &crate::config::Endpoint,
+        side: &str,
+    ) -> Vec<String> {
         let mut errors = Vec::new();
         for db in &self.migration().cfg.databases {
-            let r = match crate::db::connect(&target.with_dbname(db), "target (guard)").await {
-                Ok(c) => guard::remove(&c, &target.user)
+            let what = format!("{side} (guard)");
+            let r = match crate::db::connect(&server.with_dbname(db), &what).await {
+                Ok(c) => guard::remove(&c, &server.user)
                     .await
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             if let Err(e) = r {
-                errors.push(format!("{db}: removing the target's guard failed: {e}"));
+                errors.push(format!("{db}: removing the {side}'s guard failed: {e}"));
             }
         }
         errors
