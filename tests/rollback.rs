@@ -147,9 +147,10 @@ async fn rollback_under_load_and_cutover_again() {
         + &String::from_utf8_lossy(&bench.stderr);
     let w = writer.finish().await;
     assert!(w.errors.is_empty(), "writer errors: {:?}", w.errors);
+    // pgbench aborts a client at its first failed transaction and says so.
     assert!(
-        !bench_out.contains("failed") || bench_out.contains("failed transactions: 0"),
-        "pgbench: {bench_out}"
+        !bench_out.contains("aborted") && !bench_out.contains("ERROR"),
+        "pgbench failed across the switches: {bench_out}"
     );
 
     // Every acknowledged write is on the final target exactly once, and
