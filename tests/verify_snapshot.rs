@@ -183,8 +183,8 @@ async fn a_difference_is_reported_with_its_table_and_key_range() {
         big.ranges,
         [
             // Narrowed from the 1000-row chunks to the rows themselves.
-            "rows with (id) above (2499) up to (2500) differ: source 1 rows, target 0",
-            "rows with (id) above (4199) up to (4200) differ in content (1 rows on each side)",
+            "rows with (id) above (2499) up to (2500) differ: source 1 row, target 0",
+            "rows with (id) above (4199) up to (4200) differ in content (1 row on each side)",
         ],
         "{big:?}"
     );
@@ -212,7 +212,7 @@ async fn a_difference_is_reported_with_its_table_and_key_range() {
     // Narrowed to the deleted row: the key before it, and the row itself.
     assert_eq!(
         range,
-        r#"rows with (tenant, "Order No") above (5, 'o-69') up to (5, 'o-7') differ: source 1 rows, target 0"#
+        r#"rows with (tenant, "Order No") above (5, 'o-69') up to (5, 'o-7') differ: source 1 row, target 0"#
     );
     assert_eq!(
         table(&r, "public.nokey").ranges,
@@ -242,7 +242,7 @@ async fn oldest_source_to_newest_target() {
     assert_eq!(bad, ["public.big"], "{r:?}");
     assert_eq!(
         table(&r, "public.big").ranges,
-        ["rows with (id) above (9) up to (10) differ in content (1 rows on each side)"]
+        ["rows with (id) above (9) up to (10) differ in content (1 row on each side)"]
     );
     let counts = verify_database_at(&s, &t, &options(VerifyMode::Counts), &progress)
         .await

@@ -364,6 +364,15 @@ pub(super) fn key_range(
     s
 }
 
+/// `1 row`, `N rows`.
+fn rows(n: i64) -> String {
+    if n == 1 {
+        "1 row".into()
+    } else {
+        format!("{n} rows")
+    }
+}
+
 /// `<range> differ: source N rows, target M` (or the same count, other content).
 pub(super) fn differs(range: &str, s: i64, t: i64) -> String {
     let verb = if range == "the whole table" {
@@ -372,9 +381,9 @@ pub(super) fn differs(range: &str, s: i64, t: i64) -> String {
         "differ"
     };
     if s == t {
-        format!("{range} {verb} in content ({s} rows on each side)")
+        format!("{range} {verb} in content ({} on each side)", rows(s))
     } else {
-        format!("{range} {verb}: source {s} rows, target {t}")
+        format!("{range} {verb}: source {}, target {t}", rows(s))
     }
 }
 
@@ -517,6 +526,10 @@ mod tests {
         assert_eq!(
             differs("the whole table", 3, 3),
             "the whole table differs in content (3 rows on each side)"
+        );
+        assert_eq!(
+            differs("the whole table", 1, 0),
+            "the whole table differs: source 1 row, target 0"
         );
         let r = v(&["a", "b", "c", "d"]);
         assert_eq!(summary(&r, 2).unwrap(), "a; b; c; and 3 more range(s)");
