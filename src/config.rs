@@ -1143,6 +1143,18 @@ fn validate_cutover(c: &CutoverConfig) -> Result<(), ConfigError> {
             "must be larger than 0",
         ));
     }
+    if c.rollback_window.is_some_and(|w| w.0.is_zero()) {
+        return Err(ConfigError::invalid(
+            "cutover.rollback_window",
+            "must be larger than 0 (leave it out to keep the window until `pgshift complete`)",
+        ));
+    }
+    if c.rollback_max_retained_wal.0 == 0 {
+        return Err(ConfigError::invalid(
+            "cutover.rollback_max_retained_wal",
+            "must be larger than 0",
+        ));
+    }
     Ok(())
 }
 
@@ -1196,6 +1208,43 @@ url = "postgres://postgres:pw@127.0.0.1:5433/postgres"
         }
         let e = with("role = \"boss\"").unwrap_err().to_string();
         assert!(e.contains("role"), "{e}");
+    }
+
+    #[test]
+    fn rollback_settings_are_checked_naming_the_key() {
+        let with =
+            |cutover: &str| Config::from_toml(&format!("{MINIMAL}[cutover]\n{cutover}\n"), &env);
+        let c = Config::from_toml(MINIMAL, &env).unwrap();
+        let cut = c.cutover();
+        assert!(cut.rollback);
+        assert_eq!(cut.rollback_window.map(|w| w.0), None);
+        assert_eq!(cut.rollback_max_retained_wal.0, 10 << 30);
+        assert_eq!(cut.verify_after, CutoverVerify::Checksums);
+        assert!(!cut.rollback_on_mismatch);
+        let c = with("rollback = false\nrollback_window = \"7d\"\nverify_after = \"off\"").unwrap();
+        assert!(!c.cutover().rollback);
+        assert_eq!(
+            c.cutover().rollback_window.map(|w| w.0),
+            Some(Duration::from_secs(7 * 86400))
+        );
+        assert_eq!(c.cutover().verify_after, CutoverVerify::Off);
+        for (cutover, key) in [
+            ("rollback_window = \"0s\"", "cutover.rollback_window"),
+            ("rollback_window = \"soon\"", "rollback_window"),
+            (
+                "rollback_max_retained_wal = \"0\"",
+                "cutover.rollback_max_retained_wal",
+            ),
+            (
+                "rollback_max_retained_wal = \"lots\"",
+                "rollback_max_retained_wal",
+            ),
+            ("verify_after = \"all\"", "verify_after"),
+            ("rollback = \"yes\"", "rollback"),
+        ] {
+            let e = with(cutover).unwrap_err().to_string();
+            assert!(e.contains(key), "{cutover}: {e}");
+        }
     }
 
     #[test]

@@ -366,14 +366,16 @@ async fn the_window_ends_by_itself() {
     );
     assert_eq!(leftovers(&pair.target), "");
     assert_eq!(leftovers(&pair.source), "");
-    // And rollback is refused with a clear reason.
-    let out = shift.cli_admin(&["rollback"]);
-    assert!(!out.status.success());
-    assert!(
-        out_text(&out).contains("RollbackAvailable"),
-        "{}",
-        out_text(&out)
-    );
+    // And rollback and complete are refused with a clear reason.
+    for cmd in ["rollback", "complete"] {
+        let out = shift.cli_admin(&[cmd]);
+        assert!(!out.status.success(), "{cmd}");
+        let text = out_text(&out);
+        assert!(
+            text.contains("409") && text.contains("Succeeded/Completed"),
+            "{cmd}: {text}"
+        );
+    }
 }
 
 /// The window also ends when the reverse slot holds back more WAL on the
