@@ -561,6 +561,19 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
         self.publish();
     }
 
+    /// Records `phase` as ended (failed or timed out) for `reason`, the
+    /// reason the attempt is abandoned.
+    fn abort_at(
+        &mut self,
+        phase: &'static str,
+        t: Instant,
+        outcome: PhaseOutcome,
+        reason: String,
+    ) -> Abort {
+        self.record(phase, t, outcome, Some(reason.clone()));
+        Abort { reason }
+    }
+
     async fn prewarm(&mut self) {
         let t = Instant::now();
         let n = self.host.prewarm().await;
@@ -607,8 +620,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
                     ),
                     Ok(()) => e.to_string(),
                 };
-                self.record("catchup", t, PhaseOutcome::Failed, Some(reason.clone()));
-                return Err(Abort { reason });
+                return Err(self.abort_at("catchup", t, PhaseOutcome::Failed, reason));
             }
             if round.elapsed() <= CATCHUP_ROUND_FITS || t.elapsed() >= bound {
                 let detail = (rounds > 1).then(|| format!("{rounds} rounds"));
@@ -648,8 +660,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
                 if let Some(note) = self.host.drain_note() {
                     reason = format!("{reason}; {note}");
                 }
-                self.record("drain", t, PhaseOutcome::Timeout, Some(reason.clone()));
-                Err(Abort { reason })
+                Err(self.abort_at("drain", t, PhaseOutcome::Timeout, reason))
             }
             OnDrainTimeout::Cancel => {
                 let canceled = self.host.cancel_in_transaction().await;
@@ -664,8 +675,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
                 if !self.host.wait_idle(grace).await {
                     let reason =
                         format!("sessions still inside a transaction after cancel: {detail}");
-                    self.record("drain", t, PhaseOutcome::Timeout, Some(reason.clone()));
-                    return Err(Abort { reason });
+                    return Err(self.abort_at("drain", t, PhaseOutcome::Timeout, reason));
                 }
                 self.record("drain", t, PhaseOutcome::Ok, Some(detail));
                 Ok(())
@@ -694,8 +704,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
         let t = Instant::now();
         let Some(mut rec) = self.planned_fence.take() else {
             let reason = "the fence was not planned".to_string();
-            self.record("fence", t, PhaseOutcome::Failed, Some(reason.clone()));
-            return Err(Abort { reason });
+            return Err(self.abort_at("fence", t, PhaseOutcome::Failed, reason));
         };
         // From here on an abort lifts it, also when only part of it went up.
         self.fence = Some(rec.clone());
@@ -708,8 +717,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
                     // persisted before the gate closed must say what to restore.
                     if let Err(e) = self.persist_running(Some(&rec)).await {
                         let reason = format!("cannot persist the corrected fence record: {e}");
-                        self.record("fence", t, PhaseOutcome::Failed, Some(reason.clone()));
-                        return Err(Abort { reason });
+                        return Err(self.abort_at("fence", t, PhaseOutcome::Failed, reason));
                     }
                 }
                 let detail = format!(
@@ -719,12 +727,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
                 self.record("fence", t, PhaseOutcome::Ok, Some(detail));
                 Ok(())
             }
-            Err(e) => {
-                self.record("fence", t, PhaseOutcome::Failed, Some(e.to_string()));
-                Err(Abort {
-                    reason: e.to_string(),
-                })
-            }
+            Err(e) => Err(self.abort_at("fence", t, PhaseOutcome::Failed, e.to_string())),
         }
     }
 
@@ -892,12 +895,7 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
                 self.record("reverse", t, PhaseOutcome::Ok, Some(detail));
                 Ok(())
             }
-            Err(e) => {
-                self.record("reverse", t, PhaseOutcome::Failed, Some(e.to_string()));
-                Err(Abort {
-                    reason: e.to_string(),
-                })
-            }
+            Err(e) => Err(self.abort_at("reverse", t, PhaseOutcome::Failed, e.to_string())),
         }
     }
 
