@@ -50,7 +50,7 @@
 # of every member's pause, failed transactions and aborted clients, and the
 # ratio p50(largest N) / p50(1 member). A rep counts as succeeded when
 # every member reports the switch, none was late or left out, all are on
-# the target and the target got rows the source did not. Flagged on
+# the target and the target got rows after the switch. Flagged on
 # stderr: a follower whose own pause differs from the leader's record of
 # it, and a member that closed its gate more than once in the cutover
 # (column "reclosed"). Defaults there: REPS=3, SCALE=1, CLIENTS=2 per
@@ -329,14 +329,15 @@ import json,sys; c=json.load(open(sys.argv[1])).get("last_cutover") or {}
 print(",".join("%s=%.1f" % (p["phase"], p["seconds"] * 1000) for p in c.get("phases", [])) or "-")' "$WORK/status-$label-$rep.json")
   echo "  $label $rep phases (ms): $phases" >&2
   echo "$label $rep $phases" >> "$RESULTS_DIR/cutover-phases.txt"
+  # The load really moved: the target gets rows after the switch (the
+  # source gets them too, by reverse replication, so it is no reference).
+  local at_switch after_tgt moved=yes
+  at_switch=$(q "$TGT" "$DB" "SELECT coalesce(max(id), 0) FROM pgbench_history")
   wait_load
   sleep 1
   stop_members
-  # The load really moved: the target got rows the source did not.
-  local after_src after_tgt moved=yes
-  after_src=$(q "$SRC" "$DB" "SELECT max(id) FROM pgbench_history")
-  after_tgt=$(q "$TGT" "$DB" "SELECT max(id) FROM pgbench_history")
-  [ "${after_tgt:-0}" -gt "${after_src:-0}" ] || moved=no
+  after_tgt=$(q "$TGT" "$DB" "SELECT coalesce(max(id), 0) FROM pgbench_history")
+  [ "${after_tgt:-0}" -gt "${at_switch:-0}" ] || moved=no
   # One cutover closes each member's gate once; a member that closed it
   # again held its clients twice (flagged, and counted as "reclosed").
   local reclosed=0 c

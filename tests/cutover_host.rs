@@ -121,7 +121,7 @@ impl CutoverHost for FakeHost {
         self.call("discard_prewarm");
     }
 
-    fn close_gate(&self) {
+    async fn close_gate(&self) {
         self.call("close_gate");
         self.gate_closed.store(true, Ordering::SeqCst);
     }

@@ -119,8 +119,9 @@ pub trait CutoverHost: Send + Sync {
     fn prewarm(&self) -> impl Future<Output = usize> + Send;
     /// The switch will not happen: closes the pre-warmed backends.
     fn discard_prewarm(&self);
-    /// Holds every session's next transaction (idle ones at their next request).
-    fn close_gate(&self);
+    /// Holds every session's next transaction (idle ones at their next
+    /// request); other proxies taking part are told first.
+    fn close_gate(&self) -> impl Future<Output = ()> + Send;
     /// Releases held sessions on whatever the route points at.
     fn open_gate(&self);
     /// Sessions still inside a transaction.
@@ -638,8 +639,9 @@ impl<H: CutoverHost, L: CutoverLedger> Attempt<'_, H, L> {
         // is paused after QUIET_WAIT all the same.
         let _ = self.host.wait_quiet(QUIET_WAIT).await;
         let t = Instant::now();
-        self.host.close_gate();
-        self.gate_closed_at = Some(t);
+        self.host.close_gate().await;
+        // The pause starts when this proxy's gate closes.
+        self.gate_closed_at = Some(Instant::now());
         self.record("gate", t, PhaseOutcome::Ok, None);
     }
 

@@ -116,8 +116,11 @@ impl Fleet {
             tracing::warn!(cutover = %attempt, "fleet: cannot answer {step}: no connection to the control database");
             return;
         };
-        if let Err(e) = self.store(&c).ack(attempt, step, detail).await {
-            tracing::warn!(cutover = %attempt, "fleet: cannot answer {step}: {}", crate::db::describe(&e));
+        match self.store(&c).ack(attempt, step, detail).await {
+            Ok(()) => tracing::debug!(cutover = %attempt, "fleet: answered {step}"),
+            Err(e) => {
+                tracing::warn!(cutover = %attempt, "fleet: cannot answer {step}: {}", crate::db::describe(&e))
+            }
         }
     }
 
@@ -167,6 +170,7 @@ impl Fleet {
                 "pids": f.source_pids(),
                 "sessions": f.proxy.sessions().len(),
             });
+            tracing::debug!(cutover = %attempt, "fleet: drained");
             f.ack(&attempt, "drained", &detail).await;
         });
     }

@@ -13,6 +13,16 @@ use super::Fleet;
 
 /// How often an answer is looked for when no notification comes.
 const POLL: Duration = Duration::from_millis(100);
+/// How often the answers are read while the leader waits for them: the
+/// drain's and the switch's are inside (or right after) the pause.
+fn answer_poll(step: &str) -> Duration {
+    match step {
+        "drained" | "switched" => Duration::from_millis(2),
+        _ => Duration::from_millis(20),
+    }
+}
+/// How long after the switch the `switch` step is posted at the latest.
+const SWITCH_STEP_AFTER: Duration = Duration::from_millis(50);
 
 /// One cutover attempt across the fleet.
 pub(crate) struct Round {
@@ -27,8 +37,6 @@ pub(crate) struct Round {
     /// Members left out because they are gone (heartbeat expired or
     /// control session ended).
     excluded: std::sync::Mutex<BTreeSet<String>>,
-    /// Answers carried by notifications, by step then member.
-    noted: std::sync::Mutex<BTreeMap<String, BTreeMap<String, Value>>>,
 }
 
 /// What the members did at the switch.
@@ -59,7 +67,6 @@ impl Fleet {
             pids: Default::default(),
             drained: Default::default(),
             excluded: Default::default(),
-            noted: Default::default(),
         });
         *self.round.lock().unwrap_or_else(|e| e.into_inner()) = Some(round.clone());
         round
@@ -71,9 +78,31 @@ impl Fleet {
 
     /// Posts the round's next step (in order, without waiting).
     pub(crate) fn post(&self, step: &str) {
+        self.send_post(step, None);
+    }
+
+    /// Posts the round's next step and waits, at most `max`, until it is
+    /// committed: the members are being told. Returns at once when no
+    /// other member takes part.
+    pub(crate) async fn post_and_wait(&self, step: &str, max: Duration) {
+        if self.participants() == 0 {
+            self.post(step);
+            return;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send_post(step, Some(tx));
+        let _ = tokio::time::timeout(max, rx).await;
+    }
+
+    fn send_post(&self, step: &str, done: Option<tokio::sync::oneshot::Sender<()>>) {
         let Some(r) = self.round() else { return };
         let seq = r.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        let _ = self.posts.send((r.attempt.clone(), seq, step.to_string()));
+        let _ = self.posts.send(super::Post {
+            attempt: r.attempt.clone(),
+            seq,
+            step: step.to_string(),
+            done,
+        });
     }
 
     /// Members that take part.
@@ -99,19 +128,6 @@ impl Fleet {
             .sum()
     }
 
-    /// An answer a notification carried (read again from the table at the
-    /// next poll, should one be lost).
-    pub(super) fn note_answer(&self, a: super::store::Answer) {
-        if let Some(r) = self.round().filter(|r| r.attempt == a.attempt) {
-            r.noted
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(a.step)
-                .or_default()
-                .insert(a.member, a.detail);
-        }
-    }
-
     /// Waits until every participant answered `step` or is gone, at most
     /// `timeout`; returns the answers (also of members that joined), the
     /// participants that did neither, and those gone without answering.
@@ -122,11 +138,13 @@ impl Fleet {
         timeout: Duration,
     ) -> (BTreeMap<String, Value>, Vec<String>, Vec<String>) {
         let deadline = Instant::now() + timeout;
-        let mut wake = self.wake.subscribe();
-        // Answers come with their notifications; the table (and who is
-        // alive) is read at the start and at every poll.
+        // Who is alive (and the answers) is read at the start and at every
+        // POLL; in between only the answers, every few ms (answers are not
+        // notified, see `store`).
+        let every = answer_poll(step);
         let mut rows = Vec::new();
         let mut read_at: Option<Instant> = None;
+        let mut answers: BTreeMap<String, Value> = BTreeMap::new();
         loop {
             if read_at.is_none_or(|t| t.elapsed() >= POLL) {
                 rows = match self.client() {
@@ -138,13 +156,14 @@ impl Fleet {
                     None => Vec::new(),
                 };
                 read_at = Some(Instant::now());
-            }
-            let mut answers: BTreeMap<String, Value> = rows
-                .iter()
-                .filter_map(|(m, _, a)| a.clone().map(|a| (m.clone(), a)))
-                .collect();
-            if let Some(noted) = r.noted.lock().unwrap_or_else(|e| e.into_inner()).get(step) {
-                answers.extend(noted.clone());
+                answers.extend(
+                    rows.iter()
+                        .filter_map(|(m, _, a)| a.clone().map(|a| (m.clone(), a))),
+                );
+            } else if let Some(c) = self.client()
+                && let Ok(acks) = self.store(&c).acks(&r.attempt, step).await
+            {
+                answers.extend(acks);
             }
             let gone = |id: &str| !rows.iter().any(|(m, alive, _)| m == id && *alive);
             let (mut missing, mut departed) = (Vec::new(), Vec::new());
@@ -175,7 +194,7 @@ impl Fleet {
             if missing.is_empty() || Instant::now() >= deadline {
                 return (answers, missing, departed);
             }
-            self.wait_wake(&mut wake, POLL, deadline).await;
+            tokio::time::sleep_until(deadline.min(Instant::now() + every).into()).await;
         }
     }
 
@@ -295,7 +314,18 @@ impl Fleet {
         let Some(r) = self.round() else {
             return FleetSwitch::default();
         };
-        let (answers, mut late, departed) = self.answers(&r, "switched", timeout).await;
+        // The decision's own notification moves the members; the `switch`
+        // step (a record, and a nudge for a member that missed it) follows
+        // once they answered or a moment passed, not competing with their
+        // moves for the machine.
+        let grace = timeout.min(SWITCH_STEP_AFTER);
+        let (mut answers, mut late, mut departed) = self.answers(&r, "switched", grace).await;
+        self.post("switch");
+        if !late.is_empty() {
+            (answers, late, departed) = self
+                .answers(&r, "switched", timeout.saturating_sub(grace))
+                .await;
+        }
         // Gone or silent, a member that drained still has spared backends
         // on the source: both are late.
         late.extend(departed);

@@ -121,12 +121,21 @@ pub struct Fleet {
     seen: std::sync::Mutex<Option<(String, i32)>>,
     /// The leader's current cutover round.
     round: std::sync::Mutex<Option<Arc<Round>>>,
-    posts: mpsc::UnboundedSender<(String, i32, String)>,
+    posts: mpsc::UnboundedSender<Post>,
     metrics: FleetMetrics,
     /// The last fleet cutover as this member lived it (status).
     last: std::sync::Mutex<Value>,
     /// Relayed requests this leader has taken on.
     serving: std::sync::Mutex<std::collections::HashSet<i64>>,
+}
+
+/// A cutover step for the poster task to write, in order; `done` hears
+/// when it is committed (and so notified).
+struct Post {
+    attempt: String,
+    seq: i32,
+    step: String,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// The fleet member's tasks.
@@ -389,12 +398,6 @@ impl Fleet {
             let Some(note) = store::Note::parse(&payload, &self.migration) else {
                 continue;
             };
-            // An answer is recorded before the waits wake to look.
-            if let store::Note::Ack(Some(a)) = &note
-                && self.is_leader()
-            {
-                self.note_answer(a.clone());
-            }
             self.wake.send_modify(|v| *v += 1);
             self.on_note(note).await;
         }
@@ -615,8 +618,14 @@ impl Fleet {
     }
 
     /// Posts steps in the order the leader's runner asked for them.
-    async fn poster(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<(String, i32, String)>) {
-        while let Some((attempt, seq, step)) = rx.recv().await {
+    async fn poster(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Post>) {
+        while let Some(Post {
+            attempt,
+            seq,
+            step,
+            done,
+        }) = rx.recv().await
+        {
             let mut tries = 0;
             loop {
                 tries += 1;
@@ -629,7 +638,12 @@ impl Fleet {
                     None => Err("no connection to the control database".into()),
                 };
                 match r {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        if let Some(done) = done {
+                            let _ = done.send(());
+                        }
+                        break;
+                    }
                     Err(e) if tries < 20 => {
                         tracing::warn!("fleet: cannot post cutover step {step}: {e}; retrying");
                         tokio::time::sleep(Duration::from_millis(100)).await;

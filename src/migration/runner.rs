@@ -30,6 +30,11 @@ use crate::replication::marker::MarkerConnection;
 use crate::replication::names::ReplicationNames;
 use crate::replication::stream::{DatabaseStream, StreamConfig, StreamMetrics};
 
+/// How long the leader waits for its `gate` step to reach the members
+/// before it closes its own gate all the same (a slow control database
+/// then makes the members close after it, as they did before).
+const GATE_STEP_WAIT: Duration = Duration::from_millis(50);
+
 /// Connections the cutover uses inside the pause, opened (and their
 /// statements prepared) before it.
 pub(super) struct CutoverConns {
@@ -1125,9 +1130,11 @@ impl CutoverHost for Runner {
         self.pipeline.proxy.discard_prewarm();
     }
 
-    fn close_gate(&self) {
+    async fn close_gate(&self) {
+        // The members are told first: each closes its gate as this one
+        // does, so the drain waits for one hop less.
+        self.fleet.post_and_wait("gate", GATE_STEP_WAIT).await;
         self.pipeline.proxy.gate().close();
-        self.fleet.post("gate");
     }
 
     fn open_gate(&self) {
@@ -1290,11 +1297,9 @@ impl CutoverHost for Runner {
         let proxy = &self.pipeline.proxy;
         let c = &self.ctx().config;
         let route = match self.direction() {
-            Direction::Cutover => {
-                // The switch is committed: the members move at the same time.
-                self.fleet.post("switch");
-                Route::from_endpoint("target", &c.target)
-            }
+            // The switch is committed: the members move at the same time
+            // (its commit notified them).
+            Direction::Cutover => Route::from_endpoint("target", &c.target),
             Direction::Rollback => Route::from_endpoint("source", &c.source),
         };
         let timeout = self.move_timeout();

@@ -32,6 +32,8 @@
 /// leaves before the next (see `swap::retire`): 500 closed in ~1 s.
 pub(crate) const RETIRE_AT_ONCE: usize = 2;
 const RETIRE_SPACING: std::time::Duration = std::time::Duration::from_millis(4);
+/// How long after the gate opened the first old backend closes.
+const RETIRE_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub(super) mod prewarm;
 mod replay;

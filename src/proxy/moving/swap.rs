@@ -240,12 +240,16 @@ impl Session {
     }
 }
 
-/// Closes a backend the session moved away from, once the gate is open: a
-/// server process exiting takes CPU the paused sessions' moves are waiting
-/// for (on a small machine, milliseconds of the pause).
+/// Closes a backend the session moved away from, a moment after the gate
+/// opened: a server process exiting takes CPU the paused sessions' moves
+/// are waiting for (on a small machine, milliseconds of the pause), and
+/// so do the moves of a fleet's other members, which open a few ms later.
 async fn retire(shared: Arc<Shared>, old: PgStream) {
     tokio::select! {
-        _ = shared.gate.opened() => {}
+        _ = async {
+            shared.gate.opened().await;
+            tokio::time::sleep(super::RETIRE_AFTER).await;
+        } => {}
         _ = shared.kill.cancelled() => {}
     }
     // Paced: hundreds of backends exiting at once take the old server's
