@@ -190,6 +190,18 @@ async fn a_difference_is_reported_with_its_table_and_key_range() {
     );
     assert_eq!(big.detail.as_deref(), Some(big.ranges.join("; ").as_str()));
     assert_eq!(progress.tables_mismatched(), 1);
+    // Paced as after a switch (one table at a time, a rest after each
+    // chunk): the same findings.
+    let paced = VerifyOptions {
+        jobs: 1,
+        pace: 1.0,
+        ..options(VerifyMode::Checksums)
+    };
+    let again = verify_database_at(&s, &t, &paced, &VerifyProgress::new(DB))
+        .await
+        .unwrap();
+    assert_eq!(table(&again, "public.big").ranges, big.ranges);
+    assert_eq!(again.mismatches().count(), 1, "{again:?}");
     drop((s, t));
 
     // A composite key's range names both columns; a keyless table is

@@ -176,15 +176,21 @@ impl Runner {
         });
         tracing::info!(cutover = %cutover, databases = held.len(), "verifying every table as of the switch, clients running");
         let filter = crate::filter::TableFilter::from_migration(&self.migration().cfg);
+        // Gently: the clients have just moved and run beside it. One table
+        // at a time, one database after the other, resting after each
+        // chunk as long as it took (with four tables and two databases at
+        // once, a client's transaction in the second after the switch took
+        // up to 146 ms on 2 cores; 33–61 ms without the verification).
         let opts = VerifyOptions {
             filter,
+            jobs: 1,
+            pace: 1.0,
             ..VerifyOptions::new(mode)
         };
-        let runs = held
-            .iter()
-            .zip(&progress)
-            .map(|((s, t), p)| verify::verify_database_at(s, t, &opts, p));
-        let results = futures_util::future::join_all(runs).await;
+        let mut results = Vec::new();
+        for ((s, t), p) in held.iter().zip(&progress) {
+            results.push(verify::verify_database_at(s, t, &opts, p).await);
+        }
         drop(held);
         let mut mismatches = Vec::new();
         let mut error = None;

@@ -79,6 +79,7 @@ pub(super) async fn compare_checksums(
     table: &str,
     quoted: &str,
     chunk_rows: i64,
+    pace: f64,
     progress: &VerifyProgress,
 ) -> Result<TableVerify, VerifyError> {
     let key = primary_key(src, quoted).await?;
@@ -104,7 +105,8 @@ pub(super) async fn compare_checksums(
             ranges,
         });
     }
-    let scan = KeyScan::new(src, tgt, table, quoted, key, progress);
+    let mut scan = KeyScan::new(src, tgt, table, quoted, key, progress);
+    scan.pace = pace;
     let chunks = scan.chunks(None, None, chunk_rows).await?;
     let (src_rows, tgt_rows) = chunks
         .iter()
@@ -170,6 +172,8 @@ struct KeyScan<'a> {
     key_text: String,
     desc: String,
     progress: &'a VerifyProgress,
+    /// Rest after each chunk, in multiples of the chunk's time.
+    pace: f64,
 }
 
 impl<'a> KeyScan<'a> {
@@ -199,6 +203,7 @@ impl<'a> KeyScan<'a> {
             order: cols.join(", "),
             key_text: join(aliases.iter().map(|a| format!("{a}::text")).collect()),
             desc: join(aliases.iter().map(|a| format!("{a} DESC")).collect()),
+            pace: 0.0,
             src,
             tgt,
             table,
@@ -227,6 +232,7 @@ impl<'a> KeyScan<'a> {
         let mut out = Vec::new();
         let mut lower = from;
         loop {
+            let started = std::time::Instant::now();
             let lower_cond = lower
                 .as_ref()
                 .map(|v| self.bound(">", v))
@@ -287,6 +293,9 @@ impl<'a> KeyScan<'a> {
             });
             if last {
                 return Ok(out);
+            }
+            if self.pace > 0.0 {
+                tokio::time::sleep(started.elapsed().mul_f64(self.pace)).await;
             }
             lower = next;
         }

@@ -120,6 +120,10 @@ pub struct VerifyOptions {
     pub chunk_rows: i64,
     /// Tables compared at the same time (each with a source and a target connection).
     pub jobs: usize,
+    /// After each checksum chunk, a rest this many times as long as the
+    /// chunk took (0: none; 1: the comparison keeps each side's backend
+    /// busy at most half the time).
+    pub pace: f64,
 }
 
 impl VerifyOptions {
@@ -129,6 +133,7 @@ impl VerifyOptions {
             filter: TableFilter::default(),
             chunk_rows: CHUNK_ROWS,
             jobs: 4,
+            pace: 0.0,
         }
     }
 }
@@ -297,7 +302,7 @@ impl Pair {
             VerifyMode::Counts => compare_counts(src, tgt, display, quoted, progress).await?,
             VerifyMode::Checksums => {
                 let rows = opts.chunk_rows.max(1);
-                compare_checksums(src, tgt, display, quoted, rows, progress).await?
+                compare_checksums(src, tgt, display, quoted, rows, opts.pace, progress).await?
             }
         };
         if !v.matches && self.snapshots.is_some() {
