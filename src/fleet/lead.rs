@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::Fleet;
 
-/// How often an answer is looked for when no notification comes.
+/// How often the leader reads who is alive while it waits for answers.
 const POLL: Duration = Duration::from_millis(100);
 /// How often the answers are read while the leader waits for them: the
 /// drain's and the switch's are inside (or right after) the pause.
