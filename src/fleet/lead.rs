@@ -14,10 +14,12 @@ use super::Fleet;
 /// How often the leader reads who is alive while it waits for answers.
 const POLL: Duration = Duration::from_millis(100);
 /// How often the answers are read while the leader waits for them: the
-/// drain's and the switch's are inside (or right after) the pause.
-fn answer_poll(step: &str) -> Duration {
+/// drain's and the switch's are inside (or right after) the pause, so
+/// every 2 ms at first; a wait that goes on (a member in a long
+/// transaction, or stopped) reads every 20 ms.
+fn answer_poll(step: &str, waited: Duration) -> Duration {
     match step {
-        "drained" | "switched" => Duration::from_millis(2),
+        "drained" | "switched" if waited < Duration::from_millis(250) => Duration::from_millis(2),
         _ => Duration::from_millis(20),
     }
 }
@@ -137,11 +139,11 @@ impl Fleet {
         step: &str,
         timeout: Duration,
     ) -> (BTreeMap<String, Value>, Vec<String>, Vec<String>) {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         // Who is alive (and the answers) is read at the start and at every
         // POLL; in between only the answers, every few ms (answers are not
         // notified, see `store`).
-        let every = answer_poll(step);
         let mut rows = Vec::new();
         let mut read_at: Option<Instant> = None;
         let mut answers: BTreeMap<String, Value> = BTreeMap::new();
@@ -194,6 +196,7 @@ impl Fleet {
             if missing.is_empty() || Instant::now() >= deadline {
                 return (answers, missing, departed);
             }
+            let every = answer_poll(step, started.elapsed());
             tokio::time::sleep_until(deadline.min(Instant::now() + every).into()).await;
         }
     }
