@@ -120,9 +120,10 @@ pub struct VerifyOptions {
     pub chunk_rows: i64,
     /// Tables compared at the same time (each with a source and a target connection).
     pub jobs: usize,
-    /// After each checksum chunk, a rest this many times as long as the
-    /// chunk took (0: none; 1: the comparison keeps each side's backend
-    /// busy at most half the time).
+    /// After each checksum chunk (and the set-up), a rest this many times
+    /// as long as it took (0: none; 1: the comparison keeps each side's
+    /// backend busy at most half the time); paced, the two sides'
+    /// connections are opened one after the other.
     pub pace: f64,
 }
 
@@ -197,7 +198,7 @@ impl Sides<'_> {
 
     /// A connection to each side whose text output of values is the same
     /// on both (floats: see [`pg::settings::comparable_float_digits`]).
-    async fn open(self) -> Result<Pair, VerifyError> {
+    async fn open(self, paced: bool) -> Result<Pair, VerifyError> {
         let (src_ep, src_db, tgt_ep, tgt_db, snapshots) = match self {
             Sides::Live { source, target, db } => (source, db, target, db, None),
             Sides::At { source, target } => (
@@ -209,10 +210,17 @@ impl Sides<'_> {
             ),
         };
         let held = snapshots.is_some();
-        let (src, tgt) = tokio::try_join!(
-            connection(src_ep, src_db, "source", held),
-            connection(tgt_ep, tgt_db, "target", held)
-        )?;
+        let (src, tgt) = if paced {
+            // One backend start-up (fork, authentication, cold caches) at a
+            // time: paced work must not come as a burst.
+            let src = connection(src_ep, src_db, "source", held).await?;
+            (src, connection(tgt_ep, tgt_db, "target", held).await?)
+        } else {
+            tokio::try_join!(
+                connection(src_ep, src_db, "source", held),
+                connection(tgt_ep, tgt_db, "target", held)
+            )?
+        };
         let digits = pg::settings::comparable_float_digits(src.1, tgt.1);
         for (c, side) in [(&src.0, "source"), (&tgt.0, "target")] {
             c.batch_execute(&format!("SET extra_float_digits = {digits}"))
@@ -365,13 +373,20 @@ async fn verify_tables(
     progress: &VerifyProgress,
 ) -> Result<VerifyReport, VerifyError> {
     let db = sides.database();
-    let first = sides.open().await?;
+    let paced = opts.pace > 0.0;
+    let started = std::time::Instant::now();
+    let first = sides.open(paced).await?;
     first.begin().await?;
     let (src_tables, tgt_tables) = tokio::try_join!(
         list_tables(&first.src, &opts.filter),
         list_tables(&first.tgt, &opts.filter)
     )?;
     first.end().await?;
+    if paced {
+        // The set-up is work like a chunk's (two cold backends' catalog
+        // reads): the same rest after it.
+        tokio::time::sleep(started.elapsed().mul_f64(opts.pace)).await;
+    }
     let mut names: Vec<(String, String)> = src_tables
         .iter()
         .chain(&tgt_tables)
@@ -411,7 +426,7 @@ async fn verify_tables(
         async move {
             let pair = match pair {
                 Some(p) => p,
-                None => sides.open().await?,
+                None => sides.open(paced).await?,
             };
             loop {
                 let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
