@@ -15,11 +15,19 @@ use crate::proxy::backend;
 use crate::proxy::route::Route;
 use crate::proxy::sessions::SessionInfo;
 
-/// Backends opened at once, so a few thousand sessions do not storm the
-/// target with simultaneous authentications and backend start-ups (with
-/// 500 sessions, 16 at once held clients up to 0.5 s on a shared host; 4
-/// at once, ~0.15 s, and pre-warming took no longer).
-const CONCURRENCY: usize = 4;
+/// Backends warmed at once: each is opened, then its session's state is
+/// replayed there (a cold backend's first statements load its caches), and
+/// only then is the next one started. Warm-up is CPU on the target that the
+/// clients do not wait for, so it goes at a pace that leaves them room: the
+/// clients' transactions slow down with every process that competes with
+/// them (two databases, 8 sessions, on 2 shared cores: 4 opened at once and
+/// every replay at once held clients up to 75 ms; with 500 sessions, 16 at
+/// once held them up to 0.5 s).
+const CONCURRENCY: usize = 2;
+
+/// How long one warm-up waits for its session to stage before the next
+/// starts anyway (a session inside a long transaction stages at its end).
+const STAGE_ONE_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Parks a backend on `route` for every live session not already on it;
 /// returns how many are parked when all attempts have ended.
@@ -33,7 +41,15 @@ pub(crate) async fn all(shared: &Arc<Shared>, route: Route) -> usize {
         let (shared, s, route, limit) = (shared.clone(), s.clone(), route.clone(), limit.clone());
         let open = async move {
             let _permit = limit.acquire().await;
-            one(&shared, &s, &route).await
+            let parked = one(&shared, &s, &route).await;
+            if parked {
+                let staged = || s.is_closed() || s.moving.settled_for(&route);
+                shared
+                    .sessions
+                    .wait_changed_until(STAGE_ONE_WAIT, staged)
+                    .await;
+            }
+            parked
         };
         // On the session's relay thread, which will poll the backend.
         match runtime {
