@@ -28,10 +28,10 @@
 //! takes that backend, or when it is discarded (cutover aborted, session
 //! ended). A session that moved is Idle again, on its new route.
 
-/// Old backends closed at once after a switch, and the pause each one
-/// leaves before the next (see `swap::retire`): 500 closed in ~1 s.
-pub(crate) const RETIRE_AT_ONCE: usize = 2;
-const RETIRE_SPACING: std::time::Duration = std::time::Duration::from_millis(4);
+/// Old backends closed at once after a switch (see `swap::retire`).
+pub(crate) const RETIRE_AT_ONCE: usize = 1;
+/// How long closing one old backend waits for its process to be gone.
+const RETIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long after the gate opened the first old backend closes.
 const RETIRE_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 

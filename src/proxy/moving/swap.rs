@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::replay::{self, Link, Replayed, SessionState};
 use super::stage::{replay_onto, restore_on, still_staged};
@@ -252,17 +252,34 @@ async fn retire(shared: Arc<Shared>, old: PgStream) {
         } => {}
         _ = shared.kill.cancelled() => {}
     }
-    // Paced: hundreds of backends exiting at once take the old server's
-    // CPU all together (on a shared host, everyone's: 500 at once held
-    // clients on the new server for ~0.7 s); a few at a time spread that out.
+    // Paced: a server process's exit is CPU on the old server (on a shared
+    // host, everyone's): 500 at once held clients on the new server for
+    // ~0.7 s, and even 8 sent off a few ms apart held every client for
+    // 30-50 ms. One at a time, each waited for until it is gone, with a
+    // rest as long as its exit took: at most half a core.
     let Ok(_turn) = shared.retiring.acquire().await else {
-        return terminate(old).await;
+        terminate(old).await;
+        return;
     };
-    terminate(old).await;
-    tokio::time::sleep(super::RETIRE_SPACING).await;
+    let took = terminate(old).await;
+    tokio::time::sleep(took).await;
 }
 
-async fn terminate(mut old: PgStream) {
+/// Tells an old backend to end and waits until it has (its socket closes
+/// as the process exits), at most [`super::RETIRE_WAIT`]; returns how long
+/// that took.
+async fn terminate(mut old: PgStream) -> Duration {
+    let started = Instant::now();
     let _ = old.write_all(&messages::message(b'X', &[])).await;
     let _ = old.shutdown().await;
+    let mut sink = [0u8; 256];
+    let _ = tokio::time::timeout(super::RETIRE_WAIT, async {
+        while let Ok(n) = old.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    started.elapsed()
 }
