@@ -333,6 +333,17 @@ pub struct MigrationConfig {
     /// Schema changes on the source during the migration (see [`DdlSetting`]).
     #[serde(default)]
     pub ddl: DdlSetting,
+    /// The most of an open transaction pgshift's walsenders hold before
+    /// streaming it (14+): a large transaction's rows are visible on the
+    /// target at most about this much of it after its commit. Lowers the
+    /// servers' own `logical_decoding_work_mem` for pgshift's connections
+    /// only, never raises it.
+    #[serde(default = "default_decoding_work_mem")]
+    pub logical_decoding_work_mem: ByteSize,
+}
+
+fn default_decoding_work_mem() -> ByteSize {
+    ByteSize(8 << 20)
 }
 
 /// `[migration] ddl`: what a schema change on the source does.
@@ -1067,6 +1078,12 @@ fn validate_migration(m: &MigrationConfig) -> Result<(), ConfigError> {
         return Err(ConfigError::invalid(
             "migration.index_jobs",
             "must be between 1 and 64",
+        ));
+    }
+    if !(64 << 10..=1 << 40).contains(&m.logical_decoding_work_mem.0) {
+        return Err(ConfigError::invalid(
+            "migration.logical_decoding_work_mem",
+            "must be between 64kB (PostgreSQL's minimum) and 1TB",
         ));
     }
     if m.split_tables_larger_than.0 == 0 {

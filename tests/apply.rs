@@ -732,6 +732,7 @@ async fn the_stream_commits_whenever_its_input_runs_empty() {
         consistent_point: start,
         ddl: None,
         drop_origin: None,
+        decoding_work_mem: None,
     };
     let stream = DatabaseStream::start(cfg, StreamMetrics::register(&prometheus::Registry::new()));
     p.run(&["INSERT INTO t SELECT g, 'a' FROM generate_series(1, 100) g"])

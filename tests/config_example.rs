@@ -36,7 +36,16 @@ fn example_config_parses_with_its_defaults() {
     let m = c.migration().unwrap();
     assert_eq!(m.mode, MigrationMode::Online);
     assert_eq!(m.copy_jobs, 4);
+    assert_eq!(m.logical_decoding_work_mem.0, 8 << 20);
     assert_eq!(c.cutover().max_attempts, 3);
+    // Below PostgreSQL's minimum: refused, naming the key.
+    let small = EXAMPLE.replace(
+        "logical_decoding_work_mem = \"8MB\"",
+        "logical_decoding_work_mem = \"16kB\"",
+    );
+    assert_ne!(small, EXAMPLE);
+    let e = Config::from_toml(&small, &env).unwrap_err().to_string();
+    assert!(e.contains("migration.logical_decoding_work_mem"), "{e}");
 }
 
 #[test]
@@ -66,6 +75,7 @@ fn example_config_mentions_every_key() {
         "overwrite",
         "copy_jobs",
         "split_tables_larger_than",
+        "logical_decoding_work_mem",
         "tables",
         "exclude_tables",
         "copy_roles",

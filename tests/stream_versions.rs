@@ -106,6 +106,7 @@ async fn prepare(source: &Cluster, target: &Cluster, table_list: bool) -> Stream
         consistent_point: slot.consistent_point,
         ddl: None,
         drop_origin: None,
+        decoding_work_mem: None,
     }
 }
 

@@ -80,6 +80,7 @@ async fn setup(major: i32, schema: &str, corpus: bool) -> Setup {
         consistent_point: slot.consistent_point,
         ddl: None,
         drop_origin: None,
+        decoding_work_mem: None,
     };
     Setup {
         source,
@@ -565,6 +566,44 @@ async fn kill9_of_pgshift_mid_stream_then_restart() {
         assert_eq!(target.psql(DB, "SELECT count(*) FROM t"), "4000");
         assert_eq!(target.psql(DB, "SELECT count(*) FROM nokey"), "1001");
         p.terminate();
+    }
+}
+
+/// pgshift lowers its own walsender's logical_decoding_work_mem (the
+/// server's stays as it is): a transaction far below the server's 64MB but
+/// above pgshift's setting is streamed and applied while still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgshift_streams_blocks_smaller_than_the_servers_setting() {
+    for major in VERSIONS {
+        if !version_or_skip(major, "decoding work mem") {
+            continue;
+        }
+        let mut s = setup(major, SCHEMA, false).await;
+        s.source.psql(
+            "postgres",
+            "ALTER SYSTEM SET logical_decoding_work_mem = '64MB'",
+        );
+        s.source.psql("postgres", "SELECT pg_reload_conf()");
+        s.cfg.decoding_work_mem = Some(256 << 10);
+        let reg = prometheus::Registry::new();
+        let stream = start(&s.cfg, &reg);
+        let c = s.source.client(DB).await;
+        caught_up(&stream, "before").await;
+        c.batch_execute(
+            "BEGIN; INSERT INTO t SELECT g, 'open', repeat('o', 100) FROM generate_series(1, 20000) g;",
+        )
+        .await
+        .unwrap();
+        wait_open_sessions(&s.target, 1, "a few MB, open on the source");
+        assert_eq!(stream.status.report()["streamed_transactions_open"], 1);
+        assert_eq!(s.target.psql(DB, "SELECT count(*) FROM t"), "0");
+        // Only pgshift's walsender runs with the lower setting.
+        assert_eq!(s.source.psql(DB, "SHOW logical_decoding_work_mem"), "64MB");
+        c.batch_execute("COMMIT").await.unwrap();
+        caught_up(&stream, "after").await;
+        assert_same(&s);
+        assert_eq!(s.target.psql(DB, "SELECT count(*) FROM t"), "20000");
+        stream.stop().await;
     }
 }
 

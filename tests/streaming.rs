@@ -42,6 +42,7 @@ async fn prepare(source: &Cluster, target: &Cluster, db: &str, schema: &str) -> 
         consistent_point: slot.consistent_point,
         ddl: None,
         drop_origin: None,
+        decoding_work_mem: None,
     }
 }
 
@@ -134,6 +135,7 @@ async fn converges_under_mixed_load() {
         consistent_point: slot.consistent_point,
         ddl: None,
         drop_origin: None,
+        decoding_work_mem: None,
     };
     let stream = DatabaseStream::start(cfg, metrics());
 

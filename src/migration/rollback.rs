@@ -223,6 +223,7 @@ impl Runner {
                     consistent_point: point,
                     ddl: None,
                     drop_origin: Some(crate::replication::apply::origin_of(&m.cfg.name, db)),
+                    decoding_work_mem: Some(m.cfg.logical_decoding_work_mem.0),
                 },
                 self.reverse_metrics.clone(),
             );

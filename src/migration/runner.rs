@@ -484,6 +484,7 @@ impl Runner {
                     }),
                     // After a rollback: what reverse apply wrote on the source.
                     drop_origin: Some(crate::replication::apply::origin_of(&reverse, &s.database)),
+                    decoding_work_mem: Some(m.cfg.logical_decoding_work_mem.0),
                 },
                 self.stream_metrics.clone(),
             );

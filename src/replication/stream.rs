@@ -454,6 +454,10 @@ pub struct StreamConfig {
     /// the other direction of the migration applied them (see
     /// `origin_filter`). None: every transaction is applied.
     pub drop_origin: Option<String>,
+    /// `[migration] logical_decoding_work_mem`: the most of an open
+    /// transaction the source's walsender holds before streaming it (14+;
+    /// only ever lowered). None: the server's setting.
+    pub decoding_work_mem: Option<u64>,
 }
 
 /// What a stream needs for DDL: the shared control, the migration's table
@@ -739,7 +743,8 @@ async fn session(
         .map_err(StreamError::Source)?;
     let version = conn.server_version().ok_or(StreamError::NoServerVersion)?;
     // Markers are logical messages on 14+, rows of the marker table before.
-    let opts = StreamOptions::for_server(&names.slot, start, &names.publication, version);
+    let mut opts = StreamOptions::for_server(&names.slot, start, &names.publication, version);
+    opts.decoding_work_mem = cfg.decoding_work_mem;
     let mut stream = conn
         .start_replication(&opts)
         .await
