@@ -43,7 +43,7 @@ stop_pgshift
 # Native: schema, subscription, initial sync, disable.
 q "$NAT" postgres "CREATE DATABASE $DB"
 "$PGBIN/pg_dump" -h 127.0.0.1 -p "$SRC" -s "$DB" | "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$NAT" -d "$DB" >/dev/null
-q "$SRC" "$DB" "CREATE PUBLICATION bench_pub FOR ALL TABLES" >/dev/null
+bench_pub "$SRC" "$DB"
 q "$NAT" "$DB" "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port=$SRC dbname=$DB user=postgres password=$PW' PUBLICATION bench_pub" >/dev/null
 until [ "$(q "$NAT" "$DB" "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'")" = 0 ]; do sleep 0.2; done
 

@@ -182,7 +182,7 @@ run_pgcopydb() {
 run_native() {
   q "$TGT" postgres "CREATE DATABASE $DB"
   "$PGBIN/pg_dump" -h 127.0.0.1 -p "$SRC" -s "$DB" | "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$TGT" -d "$DB" >/dev/null
-  q "$SRC" "$DB" "CREATE PUBLICATION bench_pub FOR ALL TABLES" >/dev/null
+  bench_pub "$SRC" "$DB"
   local t
   t=$(now)
   q "$TGT" "$DB" "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port=$SRC dbname=$DB user=postgres password=$PW' PUBLICATION bench_pub" >/dev/null

@@ -207,7 +207,7 @@ run_pgbouncer() { # rep
     q "$SRC" "$db" "CREATE TABLE bench_switch_marker (id int PRIMARY KEY)"
     q "$TGT" postgres "CREATE DATABASE $db"
     "$PGBIN/pg_dump" -h 127.0.0.1 -p "$SRC" -s "$db" | "$PGBIN/psql" -X -q -h 127.0.0.1 -p "$TGT" -d "$db" >/dev/null
-    q "$SRC" "$db" "CREATE PUBLICATION bench_pub FOR ALL TABLES" >/dev/null
+    bench_pub "$SRC" "$db"
     q "$TGT" "$db" "CREATE SUBSCRIPTION bench_sub_$db CONNECTION 'host=127.0.0.1 port=$SRC dbname=$db user=postgres password=$PW' PUBLICATION bench_pub" >/dev/null
     lines="$lines$db = host=127.0.0.1 port=$SRC dbname=$db"$'\n'
   done

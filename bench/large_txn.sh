@@ -43,7 +43,7 @@ wait_status "$ADMIN_PORT" 's.get("substate")=="WaitingForCutoverTrigger"' 1800 >
 # pgshift runs.
 q "$NAT" postgres "CREATE DATABASE $DB"
 q "$NAT" "$DB" "$SCHEMA"
-q "$SRC" "$DB" "CREATE PUBLICATION bench_pub FOR ALL TABLES" >/dev/null
+bench_pub "$SRC" "$DB"
 q "$NAT" "$DB" "CREATE SUBSCRIPTION bench_sub CONNECTION 'host=127.0.0.1 port=$SRC dbname=$DB user=postgres password=$PW' PUBLICATION bench_pub WITH (streaming = $STREAMING)" >/dev/null
 until [ "$(q "$NAT" "$DB" "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'")" = 0 ]; do sleep 0.2; done
 

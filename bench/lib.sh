@@ -88,6 +88,17 @@ stop_cluster() { # NAME
 # psql against a port: q PORT DB SQL → unaligned, tuples only.
 q() { PGOPTIONS="-c client_min_messages=warning" "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$1" -d "$2" -At -c "$3"; }
 
+# bench_pub PORT DB: the peer's publication of the database's own tables.
+# Not FOR ALL TABLES: that would publish pgshift's tables on the source
+# too (schema pgshift), which a subscriber does not have (16+ refuses at
+# CREATE SUBSCRIPTION, earlier ones never finish the initial sync).
+bench_pub() {
+  local tables
+  tables=$(q "$1" "$2" "SELECT string_agg(format('%I.%I', schemaname, tablename), ', ')
+    FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'pgshift')")
+  q "$1" "$2" "CREATE PUBLICATION bench_pub FOR TABLE $tables" >/dev/null
+}
+
 # pgbench's history table has no key; give it one so that every method can
 # replicate it (UPDATE/DELETE need a replica identity, pgshift refuses
 # tables without one in online mode).
