@@ -9,6 +9,7 @@
 #
 #   bench/proxy_overhead.sh            # defaults: scale 10, 8 clients, 20 s, 3 reps
 #   DURATION=30 REPS=5 bench/proxy_overhead.sh
+#   RELAY_THREADS=1 TARGETS="pgshift-unix pgbouncer-unix" bench/proxy_overhead.sh
 #
 # Needs PostgreSQL server programs (initdb, pg_ctl), pgbench and pgbouncer
 # (Debian: apt-get install -y postgresql pgbouncer). Runs as root too (the
@@ -72,6 +73,7 @@ cat > "$WORK/pgshift.toml" <<CONF
 listen = "127.0.0.1:$SHIFT_PORT"
 unix_socket_dir = "$WORK"
 auth = "scram-sha-256"
+${RELAY_THREADS:+relay_threads = $RELAY_THREADS}
 [[proxy.users]]
 name = "postgres"
 password = "$PW"
